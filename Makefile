@@ -1,0 +1,54 @@
+# One command for each habit. Every target installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export TESTCONTAINERS_RYUK_DISABLED ?= true
+
+.PHONY: help venv host images test test-unit lint format demo bench clean
+
+help:
+	@echo "make demo       set up everything, then run the demo"
+	@echo "make test       set up everything, then run the whole test suite"
+	@echo "make test-unit  unit tests only (no services)"
+	@echo "make lint       ruff (lint and format check) and mypy"
+	@echo "make format     rewrite the code with ruff format"
+	@echo "make bench      run the benchmarks"
+	@echo "make images     build the images (skipped when up to date)"
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+host:
+	bash compose/setup-host.sh
+
+images: venv host
+	$(BIN)/python compose/images/build.py
+
+test: images
+	$(BIN)/pytest
+
+test-unit: venv
+	$(BIN)/pytest -m unit
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: images
+	bash compose/demo.sh
+
+bench: images
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,206 @@
+"""Every message on the wire, as frozen msgspec structs in tagged unions.
+
+The envelope is flat: each message carries its header fields (``message_id``, ``kind``,
+``schema_version``, ``sent_at``; ``run_id`` and ``attempt`` on run messages) beside its body
+fields, and ``kind`` is the union's tag. One JSON object, decoded in one pass by a typed
+decoder, with no second field to keep in step with the tag.
+
+Compatibility rules: a new field always has a default; unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated
+
+import msgspec
+
+#: Version of the wire contract written by this code. Additive changes keep it.
+SCHEMA_VERSION = 1
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+Attempt = Annotated[int, msgspec.Meta(ge=1)]
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+ExitCode = Annotated[int, msgspec.Meta(ge=-1, le=255)]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    """Header fields every message carries."""
+
+    message_id: uuid.UUID = msgspec.field(default_factory=uuid.uuid4)
+    schema_version: Annotated[int, msgspec.Meta(ge=1)] = SCHEMA_VERSION
+    sent_at: AwareDatetime = msgspec.field(default_factory=_now)
+
+
+class RunMessage(Message, frozen=True, kw_only=True):
+    """A message about one run."""
+
+    run_id: uuid.UUID
+
+
+class AttemptMessage(RunMessage, frozen=True, kw_only=True):
+    """A message about one attempt of a run; the attempt is part of every idempotency key."""
+
+    attempt: Attempt
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class SubmitRun(RunMessage, frozen=True, kw_only=True, tag="SubmitRun"):
+    """Ask the control plane for a new run. The client chooses ``run_id``.
+
+    ``idempotency_key`` makes repeated submissions one run; when absent, ``run_id`` is the key.
+    """
+
+    image: NonEmpty
+    command: tuple[str, ...] = ()
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    queue: NonEmpty = "default"
+    idempotency_key: NonEmpty | None = None
+    tags: dict[str, str] = msgspec.field(default_factory=dict)
+    max_runtime_s: Seconds | None = None
+
+
+class CancelRun(RunMessage, frozen=True, kw_only=True, tag="CancelRun"):
+    """Ask the control plane to cancel a run."""
+
+    reason: str = ""
+
+
+Request = SubmitRun | CancelRun
+
+# ------------------------------------------------------------------------- instructions
+
+
+class LaunchRun(AttemptMessage, frozen=True, kw_only=True, tag="LaunchRun"):
+    """Tell an agent to start one attempt of a run in a container of its own."""
+
+    image: NonEmpty
+    command: tuple[str, ...] = ()
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    tags: dict[str, str] = msgspec.field(default_factory=dict)
+    max_runtime_s: Seconds | None = None
+
+
+class TerminateRun(AttemptMessage, frozen=True, kw_only=True, tag="TerminateRun"):
+    """Tell an agent to stop an attempt: SIGTERM, then SIGKILL after ``grace_s``."""
+
+    reason: str = ""
+    grace_s: Seconds = 30.0
+
+
+Instruction = LaunchRun | TerminateRun
+
+# ------------------------------------------------------------------------------- events
+
+
+class FailureReason(enum.StrEnum):
+    """Why an attempt failed."""
+
+    EXIT_CODE = "EXIT_CODE"
+    IMAGE_NOT_FOUND = "IMAGE_NOT_FOUND"
+    LAUNCH_ERROR = "LAUNCH_ERROR"
+    START_TIMEOUT = "START_TIMEOUT"
+    AGENT_LOST = "AGENT_LOST"
+    UNEXPECTED_TERMINATION = "UNEXPECTED_TERMINATION"
+    OOM = "OOM"
+    MAX_RUNTIME = "MAX_RUNTIME"
+    CANCEL_TIMEOUT = "CANCEL_TIMEOUT"
+
+
+class RunLaunched(AttemptMessage, frozen=True, kw_only=True, tag="RunLaunched"):
+    """The agent created (or adopted) the attempt's container."""
+
+    agent_id: NonEmpty
+    container_id: NonEmpty
+    container_name: NonEmpty
+
+
+class RunStarted(AttemptMessage, frozen=True, kw_only=True, tag="RunStarted"):
+    """The attempt's container is running."""
+
+    agent_id: NonEmpty
+    container_id: NonEmpty
+    started_at: AwareDatetime | None = None
+
+
+class RunSucceeded(AttemptMessage, frozen=True, kw_only=True, tag="RunSucceeded"):
+    """The attempt's container exited 0."""
+
+    agent_id: NonEmpty
+    exit_code: ExitCode = 0
+    output_tail: tuple[str, ...] = ()
+    finished_at: AwareDatetime | None = None
+
+
+class RunFailed(AttemptMessage, frozen=True, kw_only=True, tag="RunFailed"):
+    """The attempt failed; ``reason`` says how, ``exit_code`` is set when there was one."""
+
+    reason: FailureReason
+    agent_id: str | None = None
+    exit_code: ExitCode | None = None
+    output_tail: tuple[str, ...] = ()
+    message: str = ""
+    finished_at: AwareDatetime | None = None
+
+
+class ContainerState(msgspec.Struct, frozen=True, kw_only=True):
+    """One in-flight attempt as its agent sees it, in a heartbeat."""
+
+    run_id: uuid.UUID
+    attempt: Attempt
+    container_id: str | None = None
+    state: NonEmpty
+    exit_code: ExitCode | None = None
+
+
+class AgentHeartbeat(Message, frozen=True, kw_only=True, tag="AgentHeartbeat"):
+    """An agent is alive; sent every heartbeat interval with what it is running."""
+
+    agent_id: NonEmpty
+    sequence: Annotated[int, msgspec.Meta(ge=0)]
+    queues: tuple[str, ...] = ()
+    max_concurrent: Annotated[int, msgspec.Meta(ge=0)] = 0
+    interval_s: Seconds = 2.0
+    in_flight: tuple[ContainerState, ...] = ()
+    draining: bool = False
+
+
+RunEvent = RunLaunched | RunStarted | RunSucceeded | RunFailed
+Event = RunLaunched | RunStarted | RunSucceeded | RunFailed | AgentHeartbeat
+AnyMessage = (
+    SubmitRun
+    | CancelRun
+    | LaunchRun
+    | TerminateRun
+    | RunLaunched
+    | RunStarted
+    | RunSucceeded
+    | RunFailed
+    | AgentHeartbeat
+)
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    SubmitRun,
+    CancelRun,
+    LaunchRun,
+    TerminateRun,
+    RunLaunched,
+    RunStarted,
+    RunSucceeded,
+    RunFailed,
+    AgentHeartbeat,
+)
+
+
+def kind_of(message: Message) -> str:
+    """The ``kind`` tag a message is sent with."""
+    return str(type(message).__struct_config__.tag)

@@ -1,0 +1,44 @@
+"""Preflight checks of what an agent needs on its host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+import aiormq.exceptions
+import docker
+import docker.errors
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Whether a dependency answered, and what it said."""
+
+    ok: bool
+    detail: str
+
+
+def check_docker() -> CheckResult:
+    """The local Docker engine answers; report its version."""
+    try:
+        client = docker.from_env(timeout=10)
+        try:
+            info = client.version()
+        finally:
+            client.close()
+    except docker.errors.DockerException as exc:
+        return CheckResult(False, f"no Docker engine answers: {exc}")
+    return CheckResult(True, f"engine {info.get('Version')} (API {info.get('ApiVersion')})")
+
+
+async def check_broker(amqp_url: str) -> CheckResult:
+    """A connection to the broker opens; report the server's product and version."""
+    try:
+        connection = await aio_pika.connect(amqp_url, timeout=10)
+    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        return CheckResult(False, f"cannot connect to the broker: {exc!r}")
+    async with connection:
+        props = connection.transport.connection.server_properties if connection.transport else {}
+        product = props.get("product", "broker")
+        version = props.get("version", "?")
+        return CheckResult(True, f"{product!s} {version!s}")
