@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
+import uuid
 from importlib.metadata import version as _dist_version
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from .errors import DispatcherError
 
 app = typer.Typer(
     name="dispatcher",
@@ -22,6 +28,28 @@ schemas_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(schemas_app, name="schemas")
+db_app = typer.Typer(help="The control plane's PostgreSQL database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+runs_app = typer.Typer(help="Inspect runs (reads PostgreSQL).", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+AmqpUrl = Annotated[
+    str,
+    typer.Option(envvar="HD_AMQP_URL", help="Broker URL, amqp://user:pass@host:5672/ ."),
+]
+DatabaseUrl = Annotated[
+    str,
+    typer.Option(envvar="HD_DATABASE_URL", help="PostgreSQL URL, postgresql://user:pass@host/db ."),
+]
+DatabaseSchema = Annotated[
+    str | None,
+    typer.Option(envvar="HD_DATABASE_SCHEMA", help="Schema holding the tables (default: public)."),
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
 
 
 def package_version() -> str:
@@ -63,6 +91,276 @@ def schemas_export(
     for path in written:
         typer.echo(str(path))
     typer.echo(f"{len(written)} schema files written to {directory}", err=True)
+
+
+@app.command()
+def serve(
+    amqp_url: AmqpUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+    components: Annotated[
+        str,
+        typer.Option(
+            envvar="HD_COMPONENTS",
+            help="Comma-separated components to run: intake, relay, status (default: all).",
+        ),
+    ] = "intake,relay,status",
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run the control plane: take submissions, dispatch runs, record their events."""
+    from .process import run_until_signalled, setup_logging
+    from .service import serve as serve_forever
+    from .settings import ControlPlaneSettings
+
+    try:
+        settings = ControlPlaneSettings.from_env(
+            amqp_url=amqp_url or None,
+            database_url=database_url or None,
+            database_schema=database_schema,
+            components=tuple(c.strip() for c in components.split(",") if c.strip()),
+        )
+    except DispatcherError as exc:
+        raise _fail(str(exc)) from None
+    setup_logging(log_level)
+    try:
+        run_until_signalled(lambda stop: serve_forever(settings, stop))
+    except DispatcherError as exc:
+        raise _fail(str(exc), 1) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(database_url: DatabaseUrl = "", database_schema: DatabaseSchema = None) -> None:
+    """Apply the database migrations not applied yet (serve also does this at start)."""
+    from .store import Store
+
+    if not database_url:
+        raise _fail("no database: pass --database-url or set HD_DATABASE_URL")
+
+    async def upgrade() -> list[int]:
+        store = await Store.open(database_url, schema=database_schema, min_size=1, max_size=1)
+        try:
+            return await store.upgrade()
+        finally:
+            await store.close()
+
+    try:
+        applied = asyncio.run(upgrade())
+    except DispatcherError as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(f"applied migrations {applied}" if applied else "database is up to date")
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _fail(f"--env takes KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def submit(
+    command: Annotated[
+        list[str] | None, typer.Argument(help="Command and arguments, after `--`.")
+    ] = None,
+    image: Annotated[str, typer.Option(help="Image to run (must exist on the agent's host).")] = "",
+    queue: Annotated[str, typer.Option(help="Agent queue to send the run to.")] = "default",
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Submissions with the same key make one run.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the run; exit with its exit code.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after SECONDS.")] = 3600,
+    amqp_url: AmqpUrl = "",
+) -> None:
+    """Submit a run: `dispatcher submit --image IMG [--wait] -- CMD ARGS`. Prints the run id."""
+    from .client import Client, wait_for_outcome
+
+    if not image:
+        raise _fail("--image is required")
+    if not amqp_url:
+        raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
+    environment = _parse_env(env or [])
+
+    async def go() -> int:
+        async with Client(amqp_url) as client:
+            run_id = uuid.uuid4()
+            follower = await client.follow({run_id}) if wait else None
+            await client.submit(
+                image,
+                command or [],
+                env=environment,
+                queue=queue,
+                idempotency_key=idempotency_key,
+                run_id=run_id,
+            )
+            typer.echo(str(run_id))
+            if follower is None:
+                return 0
+            outcome = await wait_for_outcome(follower, run_id, timeout, _show_progress)
+            for line in outcome.output_tail:
+                typer.echo(f"  | {line}", err=True)
+            verdict = "SUCCESS" if outcome.succeeded else f"FAILURE ({outcome.reason})"
+            code = "" if outcome.exit_code is None else f", exit code {outcome.exit_code}"
+            typer.echo(f"run {run_id}: {verdict}{code}", err=True)
+            return outcome.process_exit_code
+
+    try:
+        raise typer.Exit(asyncio.run(go()))
+    except TimeoutError:
+        raise _fail(f"the run did not finish within {timeout:g} s", 124) from None
+    except DispatcherError as exc:
+        raise _fail(str(exc), 1) from None
+
+
+def _show_progress(event: object) -> None:
+    from schemas import RunLaunched, RunStarted
+
+    if isinstance(event, RunLaunched):
+        typer.echo(f"run {event.run_id}: launched on agent {event.agent_id}", err=True)
+    elif isinstance(event, RunStarted):
+        typer.echo(f"run {event.run_id}: started", err=True)
+
+
+def _open_store(database_url: str, database_schema: str | None):  # type: ignore[no-untyped-def]
+    from .store import Store
+
+    if not database_url:
+        raise _fail("no database: pass --database-url or set HD_DATABASE_URL")
+    return Store.open(database_url, schema=database_schema, min_size=1, max_size=2)
+
+
+@runs_app.command("list")
+def runs_list(
+    state: Annotated[
+        str | None, typer.Option(help="Only runs in this state (QUEUED, STARTED, FAILURE, ...).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """List runs, newest first."""
+    from .states import RunState
+
+    try:
+        wanted = RunState(state.upper()) if state else None
+    except ValueError:
+        raise _fail(
+            f"unknown state {state!r}; one of {', '.join(s.value for s in RunState)}"
+        ) from None
+
+    async def go() -> list[dict[str, object]]:
+        store = await _open_store(database_url, database_schema)
+        try:
+            rows = await store.list_runs(wanted, limit)
+        finally:
+            await store.close()
+        return [
+            {
+                "run_id": str(r.run_id),
+                "state": r.state.value,
+                "attempt": r.attempt,
+                "image": r.image,
+                "queue": r.queue,
+                "exit_code": r.exit_code,
+                "failure_reason": r.failure_reason,
+                "agent_id": r.agent_id,
+                "created_at": r.created_at.isoformat(),
+            }
+            for r in rows
+        ]
+
+    try:
+        runs = asyncio.run(go())
+    except DispatcherError as exc:
+        raise _fail(str(exc), 1) from None
+    if as_json:
+        typer.echo(json.dumps(runs, indent=2))
+        return
+    typer.echo(f"{'RUN':36}  {'STATE':9}  {'EXIT':>4}  {'CREATED':19}  IMAGE")
+    for run in runs:
+        exit_code = "" if run["exit_code"] is None else str(run["exit_code"])
+        created = str(run["created_at"])[:19].replace("T", " ")
+        typer.echo(
+            f"{run['run_id']:36}  {run['state']:9}  {exit_code:>4}  {created}  {run['image']}"
+        )
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix of it).")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Show one run: its state history, exit code and output tail."""
+
+    async def go():  # type: ignore[no-untyped-def]
+        store = await _open_store(database_url, database_schema)
+        try:
+            run = await store.find_run(run_id)
+            return run, await store.run_events(run.run_id)
+        finally:
+            await store.close()
+
+    try:
+        run, events = asyncio.run(go())
+    except DispatcherError as exc:
+        raise _fail(str(exc), 1) from None
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "run_id": str(run.run_id),
+                    "state": run.state.value,
+                    "attempt": run.attempt,
+                    "image": run.image,
+                    "command": run.command,
+                    "queue": run.queue,
+                    "exit_code": run.exit_code,
+                    "failure_reason": run.failure_reason,
+                    "failure_message": run.failure_message,
+                    "agent_id": run.agent_id,
+                    "container_id": run.container_id,
+                    "output_tail": run.output_tail,
+                    "events": [
+                        {
+                            "kind": e.kind,
+                            "attempt": e.attempt,
+                            "from": e.from_state,
+                            "to": e.to_state,
+                            "at": e.recorded_at.isoformat(),
+                        }
+                        for e in events
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    typer.echo(f"run       {run.run_id}")
+    typer.echo(f"state     {run.state.value} (attempt {run.attempt})")
+    typer.echo(f"image     {run.image}  command {json.dumps(run.command)}")
+    typer.echo(f"queue     {run.queue}  agent {run.agent_id or '-'}")
+    if run.exit_code is not None:
+        typer.echo(f"exit code {run.exit_code}")
+    if run.failure_reason:
+        typer.echo(f"failure   {run.failure_reason}: {run.failure_message or ''}")
+    typer.echo("history")
+    for e in events:
+        change = f"{e.from_state or '-'} -> {e.to_state}" if e.to_state else "(no change)"
+        typer.echo(f"  {e.recorded_at.isoformat(timespec='milliseconds')}  {e.kind:13} {change}")
+    if run.output_tail:
+        typer.echo("output (last lines)")
+        for line in run.output_tail:
+            typer.echo(f"  | {line}")
 
 
 def main() -> None:

@@ -53,3 +53,52 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         return cls(images=ImageNames.from_env(env))
+
+
+#: Components ``dispatcher serve`` can run; all by default.
+CONTROL_PLANE_COMPONENTS = ("intake", "relay", "status")
+
+
+@dataclass(frozen=True)
+class ControlPlaneSettings:
+    """Settings of ``dispatcher serve``."""
+
+    amqp_url: str
+    database_url: str
+    #: Run only some components (e.g. the relay in a process of its own).
+    components: tuple[str, ...] = CONTROL_PLANE_COMPONENTS
+    #: Table schema to use (tests isolate themselves so); None is the database's default.
+    database_schema: str | None = None
+    intake_prefetch: int = 512
+    relay_batch: int = 500
+    #: How long a graceful shutdown waits for in-flight work.
+    shutdown_grace_s: float = 10.0
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: object
+    ) -> ControlPlaneSettings:
+        """Environment first (HD_AMQP_URL, HD_DATABASE_URL, ...), then explicit overrides."""
+        from .errors import ConfigError
+
+        env = os.environ if env is None else env
+        values: dict[str, object] = {
+            "amqp_url": env.get("HD_AMQP_URL", ""),
+            "database_url": env.get("HD_DATABASE_URL", ""),
+            "database_schema": env.get("HD_DATABASE_SCHEMA") or None,
+        }
+        if components := env.get("HD_COMPONENTS"):
+            values["components"] = tuple(c.strip() for c in components.split(",") if c.strip())
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        if not settings.amqp_url:
+            raise ConfigError("no broker: pass --amqp-url or set HD_AMQP_URL")
+        if not settings.database_url:
+            raise ConfigError("no database: pass --database-url or set HD_DATABASE_URL")
+        unknown = set(settings.components) - set(CONTROL_PLANE_COMPONENTS)
+        if unknown or not settings.components:
+            raise ConfigError(
+                f"unknown component(s) {', '.join(sorted(unknown)) or '(none given)'}; "
+                f"choose from {', '.join(CONTROL_PLANE_COMPONENTS)}"
+            )
+        return settings

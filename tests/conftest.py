@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -97,12 +98,15 @@ def _start_rabbitmq(image: str) -> tuple[Any, str]:
     except ImportError:  # testcontainers before the community split
         from testcontainers.rabbitmq import RabbitMqContainer
 
-    container = RabbitMqContainer(image, username="hd", password="hd").with_kwargs(
-        labels=labels_for_tests()
+    container = (
+        RabbitMqContainer(image, username="hd", password="hd")
+        .with_exposed_ports(15672)
+        .with_kwargs(labels=labels_for_tests())
     )
     container.start()
     params = container.get_connection_params()
-    return container, f"amqp://hd:hd@{params.host}:{params.port}/"
+    management = f"http://hd:hd@{params.host}:{container.get_exposed_port(15672)}"
+    return container, f"amqp://hd:hd@{params.host}:{params.port}/ {management}"
 
 
 def _start_postgres(image: str) -> tuple[Any, str]:
@@ -126,7 +130,7 @@ def _service_starts(
     starts: dict[str, Future[tuple[Any, str]] | str] = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
         if url := os.environ.get("HD_TEST_AMQP_URL"):
-            starts["rabbitmq"] = url
+            starts["rabbitmq"] = f"{url} {os.environ.get('HD_TEST_AMQP_MANAGEMENT_URL', '')}"
         else:
             _require_image(docker_client, images.rabbitmq)
             starts["rabbitmq"] = pool.submit(_start_rabbitmq, images.rabbitmq)
@@ -153,9 +157,42 @@ def _service_url(starts: dict[str, Future[tuple[Any, str]] | str], name: str) ->
 
 
 @pytest.fixture(scope="session")
-def amqp_url(_service_starts: dict[str, Future[tuple[Any, str]] | str]) -> str:
-    """URL of a real RabbitMQ broker shared by the session."""
-    return _service_url(_service_starts, "rabbitmq")
+def broker(_service_starts: dict[str, Future[tuple[Any, str]] | str]) -> tuple[str, str]:
+    """(AMQP URL, management URL or "") of the RabbitMQ broker shared by the session."""
+    amqp, _, management = _service_url(_service_starts, "rabbitmq").partition(" ")
+    return amqp, management.strip()
+
+
+@pytest.fixture(scope="session")
+def amqp_url(broker: tuple[str, str]) -> str:
+    """URL of a real RabbitMQ broker shared by the session (its default vhost)."""
+    return broker[0]
+
+
+@pytest.fixture
+def vhost_url(broker: tuple[str, str], unique: str) -> Iterator[str]:
+    """An AMQP URL on a fresh virtual host of the shared broker, deleted after the test.
+
+    Every exchange and queue name of the project is fixed, so tests that run the real
+    components isolate themselves by virtual host.
+    """
+    amqp, management = broker
+    if not management:
+        yield amqp  # no management API given: share the default vhost
+        return
+    from tests.support import management_request
+
+    name = f"t-{unique}"
+    management_request(management, "PUT", f"/api/vhosts/{name}")
+    user = urllib.parse.urlsplit(amqp).username or "guest"
+    management_request(
+        management,
+        "PUT",
+        f"/api/permissions/{name}/{user}",
+        {"configure": ".*", "write": ".*", "read": ".*"},
+    )
+    yield f"{amqp.rstrip('/')}/{name}"
+    management_request(management, "DELETE", f"/api/vhosts/{name}")
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,63 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command()
+def run(
+    amqp_url: Annotated[
+        str, typer.Option(envvar="HD_AMQP_URL", help="Broker URL, amqp://user:pass@host:5672/ .")
+    ] = "",
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue", "-q", help="Agent queue to consume; repeatable (default: default)."
+        ),
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Runs at once on this host (default 4).", min=1)
+    ] = None,
+    agent_id: Annotated[
+        str | None, typer.Option(envvar="HD_AGENT_ID", help="This agent's id (default: hostname).")
+    ] = None,
+    heartbeat_interval: Annotated[
+        float | None, typer.Option(help="Seconds between heartbeats (default 2).")
+    ] = None,
+    keep_finished: Annotated[
+        bool, typer.Option("--keep-finished", help="Keep finished containers (default: remove).")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run the agent: consume launch instructions, run containers, report their status.
+
+    SIGTERM or Ctrl-C stops consuming, finishes what is being published and exits 0;
+    running containers keep running and are adopted by the agent's next start.
+    """
+    from dispatcher.errors import DispatcherError
+    from dispatcher.process import run_until_signalled, setup_logging
+
+    from .agent import Agent
+    from .errors import AgentError
+    from .settings import AgentSettings
+
+    try:
+        settings = AgentSettings.from_env(
+            amqp_url=amqp_url or None,
+            queues=tuple(queue) if queue else None,
+            max_concurrent=max_concurrent,
+            agent_id=agent_id,
+            heartbeat_interval_s=heartbeat_interval,
+            keep_finished=keep_finished or None,
+        )
+    except AgentError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    setup_logging(log_level)
+    try:
+        run_until_signalled(lambda stop: Agent(settings).run(stop))
+    except (AgentError, DispatcherError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     """Entry point of the ``worker-agent`` console script."""
     app()

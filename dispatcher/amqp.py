@@ -1,0 +1,364 @@
+"""The broker adapter: aio-pika behind a few small functions and classes.
+
+Everything that touches aio-pika lives here, so that the rest of the code sees typed messages,
+``BrokerUnavailable`` and nothing of the driver. Used by the control plane, the monitor and the
+agent alike (one distribution, one adapter).
+
+- ``declare_topology`` declares every exchange and queue idempotently.
+- ``Publisher`` publishes with publisher confirms and persistent delivery, retrying through a
+  reconnect until a deadline.
+- ``Consumer`` takes deliveries, decodes each once at the boundary, dead-letters poison input
+  once with a reason, and hands batches of decoded messages to a handler; it acks only after
+  the handler returned, that is after the effect is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import aiormq.exceptions
+
+from schemas import Decoder, Message, SchemaError, encode, kind_of
+from schemas.topology import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_QUEUE_HEADER,
+    DEAD_LETTER_REASON_HEADER,
+    INSTRUCTIONS_EXCHANGE,
+    REQUESTS_EXCHANGE,
+    REQUESTS_QUEUE,
+    REQUESTS_ROUTING_KEY,
+    STATUS_EXCHANGE,
+    STATUS_MONITOR_QUEUE,
+    STATUS_STORE_QUEUE,
+    instructions_queue,
+)
+
+from .errors import BrokerUnavailable, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Exceptions that mean "the connection or channel is gone; try again after a reconnect".
+TRANSIENT = (
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aio_pika.exceptions.ChannelClosed,
+    aio_pika.exceptions.ConnectionClosed,
+    RuntimeError,  # aio-pika raises it for a publish on a closed channel
+)
+_QUORUM = {"x-queue-type": "quorum"}
+
+
+async def connect(
+    url: str, name: str, timeout: float = 30.0
+) -> aio_pika.abc.AbstractRobustConnection:
+    """A connection that reconnects by itself and restores its channels and consumers."""
+    try:
+        return await aio_pika.connect_robust(
+            url, timeout=timeout, client_properties={"connection_name": name}
+        )
+    except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
+        raise BrokerUnavailable(f"cannot connect to the broker: {exc!r}") from exc
+
+
+async def declare_topology(
+    channel: aio_pika.abc.AbstractChannel, agent_queues: Sequence[str] = ()
+) -> None:
+    """Declare every exchange and queue of the project; safe to call any number of times."""
+    direct, topic, fanout = (
+        aio_pika.ExchangeType.DIRECT,
+        aio_pika.ExchangeType.TOPIC,
+        aio_pika.ExchangeType.FANOUT,
+    )
+    dead = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, fanout, durable=True)
+    dead_queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True, arguments=_QUORUM)
+    await dead_queue.bind(dead, routing_key="")
+
+    requests = await channel.declare_exchange(REQUESTS_EXCHANGE, direct, durable=True)
+    requests_queue = await channel.declare_queue(REQUESTS_QUEUE, durable=True, arguments=_QUORUM)
+    await requests_queue.bind(requests, routing_key=REQUESTS_ROUTING_KEY)
+
+    await channel.declare_exchange(INSTRUCTIONS_EXCHANGE, direct, durable=True)
+    for agent_queue in agent_queues:
+        await declare_instructions_queue(channel, agent_queue)
+
+    status = await channel.declare_exchange(STATUS_EXCHANGE, topic, durable=True)
+    for queue_name in (STATUS_STORE_QUEUE, STATUS_MONITOR_QUEUE):
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=_QUORUM)
+        await queue.bind(status, routing_key="run.*")
+        await queue.bind(status, routing_key="agent.*")
+
+
+async def declare_instructions_queue(
+    channel: aio_pika.abc.AbstractChannel, agent_queue: str
+) -> str:
+    """Declare the quorum queue of one agent queue name and bind it; returns its name."""
+    exchange = await channel.get_exchange(INSTRUCTIONS_EXCHANGE, ensure=False)
+    name = instructions_queue(agent_queue)
+    queue = await channel.declare_queue(name, durable=True, arguments=_QUORUM)
+    await queue.bind(exchange, routing_key=agent_queue)
+    return name
+
+
+class Publisher:
+    """Publishes with confirms and persistent delivery on a channel of its own."""
+
+    def __init__(
+        self, connection: aio_pika.abc.AbstractRobustConnection, retry_deadline_s: float = 30.0
+    ) -> None:
+        self._connection = connection
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._lock = asyncio.Lock()
+        self.retry_deadline_s = retry_deadline_s
+
+    async def channel(self) -> aio_pika.abc.AbstractChannel:
+        async with self._lock:
+            if self._channel is None or self._channel.is_closed:
+                self._channel = await self._connection.channel(publisher_confirms=True)
+                self._exchanges.clear()
+            return self._channel
+
+    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        channel = await self.channel()
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = await channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: Message,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish one message and wait for the broker's confirm."""
+        await self.publish_raw(
+            exchange,
+            routing_key,
+            encode(message),
+            headers=headers,
+            message_id=str(message.message_id),
+            kind=kind_of(message),
+        )
+
+    async def publish_raw(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        kind: str | None = None,
+    ) -> None:
+        """Publish bytes as they are (dead letters, tests); confirmed and persistent."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_deadline_s
+        delay = 0.1
+        while True:
+            try:
+                target = await self._exchange(exchange)
+                await target.publish(
+                    aio_pika.Message(
+                        body,
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=message_id,
+                        type=kind,
+                        headers=headers or {},
+                    ),
+                    routing_key=routing_key,
+                )
+                return
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise BrokerUnavailable(
+                    f"the broker refused a publish to {exchange}: {exc}"
+                ) from exc
+            except TRANSIENT as exc:
+                if loop.time() + delay > deadline:
+                    raise BrokerUnavailable(
+                        f"publish to {exchange} not confirmed within {self.retry_deadline_s} s: {exc!r}"
+                    ) from exc
+                log.warning("publish to %s failed (%r); retrying in %.1f s", exchange, exc, delay)
+                self._channel = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def dead_letter(
+        self, message: aio_pika.abc.AbstractIncomingMessage, queue: str, reason: str
+    ) -> None:
+        """Send a poison message to the dead-letter queue with its reason; confirmed."""
+        headers = dict(message.headers or {})
+        headers[DEAD_LETTER_REASON_HEADER] = reason[:1000]
+        headers[DEAD_LETTER_QUEUE_HEADER] = queue
+        await self.publish_raw(
+            DEAD_LETTER_EXCHANGE,
+            queue,
+            message.body,
+            headers=headers,
+            message_id=message.message_id,
+        )
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+        self._channel = None
+
+
+@dataclass(frozen=True)
+class Delivery(Generic[T]):
+    """A decoded message and the delivery it came in (for ack, nack and redelivery checks)."""
+
+    message: T
+    raw: aio_pika.abc.AbstractIncomingMessage
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self.raw.redelivered)
+
+
+BatchHandler = Callable[[list[Delivery[T]]], Awaitable[None]]
+
+
+class Consumer(Generic[T]):
+    """Consume one queue; decode at the boundary; hand batches to a handler; ack after it.
+
+    Deliveries that arrive while the handler works are handled together next time, so that
+    the batch grows with the load and a lone message waits for nothing. A payload that cannot
+    be decoded is dead-lettered once with the reason and acked; the consumer goes on.
+    If the handler raises ``StoreUnavailable`` the batch is requeued after a pause; any other
+    error is narrowed down by handling the batch one message at a time, and a message that
+    still fails is dead-lettered with the error as its reason.
+    """
+
+    def __init__(
+        self,
+        connection: aio_pika.abc.AbstractRobustConnection,
+        queue: str,
+        decoder: Decoder[T],
+        handler: BatchHandler[T],
+        publisher: Publisher,
+        prefetch: int = 256,
+        max_batch: int = 256,
+    ) -> None:
+        self.queue_name = queue
+        self._connection = connection
+        self._decoder = decoder
+        self._handler = handler
+        self._publisher = publisher
+        self._prefetch = prefetch
+        self._max_batch = max_batch
+        self._pending: list[aio_pika.abc.AbstractIncomingMessage] = []
+        self._wake = asyncio.Event()
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._tag: str | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Begin consuming (deliveries queue up until ``run`` handles them)."""
+        try:
+            self._channel = await self._connection.channel()
+            await self._channel.set_qos(prefetch_count=self._prefetch)
+            self._queue = await self._channel.get_queue(self.queue_name, ensure=False)
+            self._tag = await self._queue.consume(self._on_message)
+        except TRANSIENT as exc:
+            raise BrokerUnavailable(f"cannot consume {self.queue_name}: {exc!r}") from exc
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self._pending.append(message)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Handle batches until ``stop``; returns once what had arrived is handled."""
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._pending[: self._max_batch]
+            del self._pending[: len(batch)]
+            await self._handle(batch)
+
+    async def stop(self) -> None:
+        """Stop taking deliveries; ``run`` finishes what it holds and returns."""
+        self._stopping = True
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except TRANSIENT:
+                pass
+            self._tag = None
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Close the channel; unacked deliveries go back to the queue. Idempotent."""
+        if self._channel is not None and not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except TRANSIENT:
+                pass
+        self._channel = None
+
+    async def _handle(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
+        good: list[Delivery[T]] = []
+        for raw in batch:
+            try:
+                good.append(Delivery(self._decoder.decode(raw.body), raw))
+            except SchemaError as exc:
+                log.warning("%s: dead-lettering an undecodable message: %s", self.queue_name, exc)
+                await self._publisher.dead_letter(raw, self.queue_name, str(exc))
+                await settle(raw.ack())
+        if not good:
+            return
+        try:
+            await self._handler(good)
+        except StoreUnavailable as exc:
+            log.error("%s: store unavailable (%s); requeueing %d", self.queue_name, exc, len(good))
+            await asyncio.sleep(1.0)
+            for delivery in good:
+                await settle(delivery.raw.nack(requeue=True))
+            return
+        except Exception:
+            if len(good) == 1:
+                log.exception("%s: handler failed; dead-lettering the message", self.queue_name)
+                reason = f"handler error: {_describe_current_exception()}"
+                await self._publisher.dead_letter(good[0].raw, self.queue_name, reason)
+                await settle(good[0].raw.ack())
+                return
+            for delivery in good:
+                await self._handle([delivery.raw])
+            return
+        for delivery in good:
+            await settle(delivery.raw.ack())
+
+
+def _describe_current_exception() -> str:
+    import sys
+
+    exc = sys.exc_info()[1]
+    return f"{type(exc).__name__}: {exc}" if exc else "unknown"
+
+
+async def settle(operation: Awaitable[None]) -> None:
+    """Ack or nack; a delivery from a channel that has since closed is requeued by the broker."""
+    try:
+        await operation
+    except TRANSIENT as exc:
+        log.debug("could not settle a delivery (%r); the broker will redeliver it", exc)

@@ -1,0 +1,175 @@
+"""The Python client, for scripts: submit runs and follow them with only the AMQP URL.
+
+async with Client("amqp://user:pass@host/") as client:
+    run_id = await client.submit("busybox", ["sh", "-c", "echo hi"])
+    outcome = await client.wait(run_id)       # after follow(); see submit_and_wait
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import aio_pika
+import aio_pika.abc
+
+from schemas import (
+    Event,
+    RunEvent,
+    RunFailed,
+    RunSucceeded,
+    SchemaError,
+    SubmitRun,
+    event_decoder,
+)
+from schemas.topology import REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, STATUS_EXCHANGE
+
+from . import amqp
+from .amqp import Publisher
+from .errors import BrokerUnavailable
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended, as its final event said."""
+
+    run_id: uuid.UUID
+    succeeded: bool
+    exit_code: int | None
+    reason: str | None
+    output_tail: tuple[str, ...]
+    message: str = ""
+
+    @property
+    def process_exit_code(self) -> int:
+        """What a command-line tool waiting for this run should exit with."""
+        if self.succeeded:
+            return 0
+        return self.exit_code if self.exit_code not in (None, 0) else 1  # type: ignore[return-value]
+
+
+class Follower:
+    """Status events of chosen runs, from a private queue bound before submitting."""
+
+    def __init__(self, queue: aio_pika.abc.AbstractQueue, run_ids: set[uuid.UUID]) -> None:
+        self._queue = queue
+        self.run_ids = run_ids
+        self._decoder = event_decoder()
+
+    async def events(self) -> AsyncIterator[RunEvent]:
+        async with self._queue.iterator() as messages:
+            async for raw in messages:
+                await raw.ack()
+                try:
+                    event: Event = self._decoder.decode(raw.body)
+                except SchemaError:
+                    continue
+                if getattr(event, "run_id", None) in self.run_ids:
+                    yield event  # type: ignore[misc]
+
+
+class Client:
+    """Submits runs and follows their events; needs only the broker."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self._url = amqp_url
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._publisher: Publisher | None = None
+
+    async def __aenter__(self) -> Client:
+        self._connection = await amqp.connect(self._url, "dispatcher-client")
+        async with self._connection.channel() as channel:
+            await amqp.declare_topology(channel)
+        self._publisher = Publisher(self._connection)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Idempotent; safe before ``__aenter__``."""
+        if self._publisher is not None:
+            await self._publisher.close()
+            self._publisher = None
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def submit(
+        self,
+        image: str,
+        command: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        queue: str = "default",
+        idempotency_key: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        run_id: uuid.UUID | None = None,
+    ) -> uuid.UUID:
+        """Submit a run; returns its id once the broker has confirmed the request."""
+        if self._publisher is None:
+            raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
+        message = SubmitRun(
+            run_id=run_id or uuid.uuid4(),
+            image=image,
+            command=tuple(command),
+            env=dict(env or {}),
+            queue=queue,
+            idempotency_key=idempotency_key,
+            tags=dict(tags or {}),
+        )
+        await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
+        return message.run_id
+
+    async def follow(self, run_ids: set[uuid.UUID] | None = None) -> Follower:
+        """Start receiving run events (bind before submitting, so that none is missed)."""
+        if self._connection is None:
+            raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
+        channel = await self._connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(STATUS_EXCHANGE, routing_key="run.*")
+        return Follower(queue, set(run_ids or ()))
+
+    async def submit_and_wait(
+        self,
+        image: str,
+        command: Sequence[str] = (),
+        timeout: float | None = None,
+        **kwargs: object,
+    ) -> RunOutcome:
+        """Submit a run and wait for its final event."""
+        run_id = uuid.uuid4()
+        follower = await self.follow({run_id})
+        await self.submit(image, command, run_id=run_id, **kwargs)  # type: ignore[arg-type]
+        return await wait_for_outcome(follower, run_id, timeout)
+
+
+async def wait_for_outcome(
+    follower: Follower,
+    run_id: uuid.UUID,
+    timeout: float | None,
+    on_event: Callable[[RunEvent], None] | None = None,
+) -> RunOutcome:
+    """Wait for the run's final event; ``on_event`` sees every event of it on the way."""
+
+    async def until_final() -> RunOutcome:
+        async for event in follower.events():
+            if event.run_id != run_id:
+                continue
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, RunSucceeded | RunFailed):
+                return outcome_of(event)
+        raise BrokerUnavailable("the status stream ended")
+
+    return await asyncio.wait_for(until_final(), timeout)
+
+
+def outcome_of(event: RunSucceeded | RunFailed) -> RunOutcome:
+    if isinstance(event, RunSucceeded):
+        return RunOutcome(event.run_id, True, event.exit_code, None, event.output_tail)
+    return RunOutcome(
+        event.run_id, False, event.exit_code, event.reason.value, event.output_tail, event.message
+    )

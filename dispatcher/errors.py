@@ -1,0 +1,27 @@
+"""Errors of the control plane: one root, a shallow hierarchy.
+
+Adapters translate driver exceptions (aio-pika, asyncpg, docker) into these; nothing above
+an adapter catches a driver's exception.
+"""
+
+from __future__ import annotations
+
+
+class DispatcherError(Exception):
+    """Root of every error raised by ``dispatcher``."""
+
+
+class ConfigError(DispatcherError):
+    """A setting or an argument is invalid; the message says which and why."""
+
+
+class BrokerUnavailable(DispatcherError):
+    """The broker cannot be reached, or a publish was not confirmed in time."""
+
+
+class StoreUnavailable(DispatcherError):
+    """PostgreSQL cannot be reached; the operation may be retried."""
+
+
+class RunNotFound(DispatcherError):
+    """No run has the given id."""

@@ -1,0 +1,112 @@
+"""Database migrations: an ordered list of SQL steps, applied once each, under a lock."""
+
+from __future__ import annotations
+
+import asyncpg
+
+#: Never edit a step that has shipped; append a new one.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "runs, run events, outbox, agents",
+        """
+        CREATE TABLE runs (
+            run_id          uuid PRIMARY KEY,
+            idempotency_key text NOT NULL UNIQUE,
+            queue           text NOT NULL,
+            image           text NOT NULL,
+            command         jsonb NOT NULL,
+            env             jsonb NOT NULL,
+            tags            jsonb NOT NULL,
+            max_runtime_s   double precision,
+            state           text NOT NULL,
+            attempt         integer NOT NULL DEFAULT 1,
+            agent_id        text,
+            container_id    text,
+            exit_code       integer,
+            failure_reason  text,
+            failure_message text,
+            output_tail     jsonb NOT NULL DEFAULT '[]',
+            created_at      timestamptz NOT NULL DEFAULT now(),
+            updated_at      timestamptz NOT NULL DEFAULT now(),
+            started_at      timestamptz,
+            finished_at     timestamptz
+        );
+        CREATE INDEX runs_state_created ON runs (state, created_at DESC);
+        CREATE INDEX runs_created ON runs (created_at DESC);
+
+        -- Append-only: every transition (and every event received) is one row.
+        CREATE TABLE run_events (
+            seq         bigserial PRIMARY KEY,
+            event_id    uuid NOT NULL UNIQUE,
+            run_id      uuid NOT NULL REFERENCES runs (run_id),
+            attempt     integer NOT NULL,
+            kind        text NOT NULL,
+            from_state  text,
+            to_state    text,
+            payload     jsonb NOT NULL,
+            recorded_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX run_events_run ON run_events (run_id, seq);
+
+        -- Transactional outbox: written with the run, published by the relay.
+        CREATE TABLE outbox (
+            id          bigserial PRIMARY KEY,
+            message_id  uuid NOT NULL UNIQUE,
+            run_id      uuid NOT NULL,
+            attempt     integer NOT NULL,
+            exchange    text NOT NULL,
+            routing_key text NOT NULL,
+            kind        text NOT NULL,
+            payload     bytea NOT NULL,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            sent_at     timestamptz
+        );
+        CREATE INDEX outbox_unsent ON outbox (id) WHERE sent_at IS NULL;
+
+        CREATE TABLE agents (
+            agent_id          text PRIMARY KEY,
+            queues            jsonb NOT NULL DEFAULT '[]',
+            max_concurrent    integer NOT NULL DEFAULT 0,
+            in_flight         jsonb NOT NULL DEFAULT '[]',
+            last_sequence     bigint NOT NULL DEFAULT 0,
+            first_seen_at     timestamptz NOT NULL DEFAULT now(),
+            last_heartbeat_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+)
+
+_LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time
+
+
+async def upgrade(connection: asyncpg.Connection) -> list[int]:
+    """Apply every migration not yet applied; returns the versions applied now."""
+    applied_now: list[int] = []
+    await connection.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await connection.execute(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        )
+        done = {
+            row["version"]
+            for row in await connection.fetch("SELECT version FROM schema_migrations")
+        }
+        for version, name, sql in MIGRATIONS:
+            if version in done:
+                continue
+            async with connection.transaction():
+                await connection.execute(sql)
+                await connection.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+                )
+            applied_now.append(version)
+    finally:
+        await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return applied_now

@@ -1,0 +1,491 @@
+"""The store: PostgreSQL through asyncpg, the one source of truth of the control plane.
+
+Only this module speaks SQL. asyncpg's connection errors become ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from schemas import (
+    AgentHeartbeat,
+    Event,
+    LaunchRun,
+    RunFailed,
+    RunLaunched,
+    RunStarted,
+    RunSucceeded,
+    SubmitRun,
+    encode,
+)
+from schemas.topology import INSTRUCTIONS_EXCHANGE
+
+from . import migrations
+from .errors import RunNotFound, StoreUnavailable
+from .states import TERMINAL, RunState, next_state
+
+log = logging.getLogger(__name__)
+
+#: NOTIFY channel that wakes the outbox relay.
+OUTBOX_CHANNEL = "hd_outbox"
+
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+)
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    exchange: str
+    routing_key: str
+    kind: str
+    message_id: uuid.UUID
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class RunEventRow:
+    seq: int
+    kind: str
+    attempt: int
+    from_state: str | None
+    to_state: str | None
+    recorded_at: datetime
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: uuid.UUID
+    idempotency_key: str
+    queue: str
+    image: str
+    command: list[str]
+    state: RunState
+    attempt: int
+    agent_id: str | None
+    container_id: str | None
+    exit_code: int | None
+    failure_reason: str | None
+    failure_message: str | None
+    output_tail: list[str]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    tags: dict[str, str]
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> RunRow:
+        return cls(
+            run_id=record["run_id"],
+            idempotency_key=record["idempotency_key"],
+            queue=record["queue"],
+            image=record["image"],
+            command=json.loads(record["command"]),
+            state=RunState(record["state"]),
+            attempt=record["attempt"],
+            agent_id=record["agent_id"],
+            container_id=record["container_id"],
+            exit_code=record["exit_code"],
+            failure_reason=record["failure_reason"],
+            failure_message=record["failure_message"],
+            output_tail=json.loads(record["output_tail"]),
+            created_at=record["created_at"],
+            updated_at=record["updated_at"],
+            started_at=record["started_at"],
+            finished_at=record["finished_at"],
+            tags=json.loads(record["tags"]),
+        )
+
+
+def _launch_for(submit: SubmitRun, attempt: int) -> LaunchRun:
+    return LaunchRun(
+        run_id=submit.run_id,
+        attempt=attempt,
+        image=submit.image,
+        command=submit.command,
+        env=submit.env,
+        tags=submit.tags,
+        max_runtime_s=submit.max_runtime_s,
+    )
+
+
+class Store:
+    """Runs, their events, the outbox and agents, in PostgreSQL."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str, schema: str | None) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._schema = schema
+
+    @classmethod
+    async def open(
+        cls, dsn: str, schema: str | None = None, min_size: int = 2, max_size: int = 10
+    ) -> Store:
+        """Connect (a pool); ``schema`` puts every table in that schema (tests isolate so)."""
+        settings = {"search_path": schema} if schema else {}
+        try:
+            pool = await asyncpg.create_pool(
+                dsn, min_size=min_size, max_size=max_size, server_settings=settings, timeout=30
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}") from exc
+        assert pool is not None
+        return cls(pool, dsn, schema)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self._pool.acquire() as connection:
+                yield connection
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+
+    async def upgrade(self) -> list[int]:
+        """Apply pending migrations."""
+        async with self._connection() as connection:
+            if self._schema:
+                await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+            return await migrations.upgrade(connection)
+
+    # ------------------------------------------------------------------ submissions
+
+    async def create_runs(self, submissions: Sequence[SubmitRun]) -> list[uuid.UUID]:
+        """Create runs with their LaunchRun outbox rows in one transaction.
+
+        A submission whose run id or idempotency key exists already creates nothing; the ids
+        of the runs created now are returned.
+        """
+        if not submissions:
+            return []
+        async with self._connection() as connection, connection.transaction():
+            created = await connection.fetch(
+                """
+                INSERT INTO runs (run_id, idempotency_key, queue, image, command, env, tags,
+                                  max_runtime_s, state)
+                SELECT r.run_id, r.key, r.queue, r.image, r.command::jsonb, r.env::jsonb,
+                       r.tags::jsonb, r.max_runtime_s, 'QUEUED'
+                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                            $6::text[], $7::text[], $8::float8[])
+                     AS r(run_id, key, queue, image, command, env, tags, max_runtime_s)
+                ON CONFLICT DO NOTHING
+                RETURNING run_id
+                """,
+                [s.run_id for s in submissions],
+                [s.idempotency_key or str(s.run_id) for s in submissions],
+                [s.queue for s in submissions],
+                [s.image for s in submissions],
+                [json.dumps(list(s.command)) for s in submissions],
+                [json.dumps(s.env) for s in submissions],
+                [json.dumps(s.tags) for s in submissions],
+                [s.max_runtime_s for s in submissions],
+            )
+            created_ids = {record["run_id"] for record in created}
+            fresh = [s for s in submissions if s.run_id in created_ids]
+            if not fresh:
+                return []
+            # The same run id may come twice in one batch; keep the first.
+            seen: set[uuid.UUID] = set()
+            fresh = [s for s in fresh if not (s.run_id in seen or seen.add(s.run_id))]
+            launches = [_launch_for(s, 1) for s in fresh]
+            await connection.execute(
+                """
+                INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state,
+                                        payload)
+                SELECT e.event_id, e.run_id, 1, 'SubmitRun', NULL, 'QUEUED', e.payload::jsonb
+                FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS e(event_id, run_id, payload)
+                ON CONFLICT (event_id) DO NOTHING
+                """,
+                [s.message_id for s in fresh],
+                [s.run_id for s in fresh],
+                [_payload_json(s) for s in fresh],
+            )
+            await self._insert_outbox(
+                connection, [(f, launch) for f, launch in zip(fresh, launches, strict=True)]
+            )
+            return [s.run_id for s in fresh]
+
+    async def _insert_outbox(
+        self, connection: asyncpg.Connection, items: Sequence[tuple[SubmitRun, LaunchRun]]
+    ) -> None:
+        await connection.execute(
+            """
+            INSERT INTO outbox (message_id, run_id, attempt, exchange, routing_key, kind, payload)
+            SELECT o.message_id, o.run_id, o.attempt, $1, o.routing_key, 'LaunchRun', o.payload
+            FROM unnest($2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::bytea[])
+                 AS o(message_id, run_id, attempt, routing_key, payload)
+            """,
+            INSTRUCTIONS_EXCHANGE,
+            [launch.message_id for _, launch in items],
+            [launch.run_id for _, launch in items],
+            [launch.attempt for _, launch in items],
+            [submit.queue for submit, _ in items],
+            [encode(launch) for _, launch in items],
+        )
+        # Delivered at commit: the relay wakes with no polling delay.
+        await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+
+    # ------------------------------------------------------------------- the outbox
+
+    async def publish_outbox(
+        self, publish: Callable[[Sequence[OutboxRow]], Awaitable[None]], limit: int = 500
+    ) -> int:
+        """Hand up to ``limit`` unsent rows to ``publish``; mark them sent once it returns.
+
+        Rows are locked while they are published (SKIP LOCKED lets a second relay take other
+        rows). If the process dies after publishing and before the commit, the rows are sent
+        again: consumers are idempotent on the message id and the container name.
+        """
+        async with self._connection() as connection, connection.transaction():
+            records = await connection.fetch(
+                """
+                SELECT id, exchange, routing_key, kind, message_id, payload FROM outbox
+                WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+                """,
+                limit,
+            )
+            if not records:
+                return 0
+            rows = [
+                OutboxRow(
+                    r["id"],
+                    r["exchange"],
+                    r["routing_key"],
+                    r["kind"],
+                    r["message_id"],
+                    r["payload"],
+                )
+                for r in records
+            ]
+            await publish(rows)
+            await connection.execute(
+                "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])",
+                [r.id for r in rows],
+            )
+            return len(rows)
+
+    @asynccontextmanager
+    async def listen_outbox(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """A dedicated LISTEN connection; yields a function that waits for the next NOTIFY."""
+        import asyncio
+
+        settings = {"search_path": self._schema} if self._schema else {}
+        try:
+            connection = await asyncpg.connect(self._dsn, server_settings=settings, timeout=30)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}") from exc
+        wake = asyncio.Event()
+
+        def on_notify(*_: object) -> None:
+            wake.set()
+
+        async def wait(timeout: float = 5.0) -> None:
+            try:
+                await asyncio.wait_for(wake.wait(), timeout)
+            except TimeoutError:
+                if connection.is_closed():
+                    raise StoreUnavailable("the LISTEN connection closed") from None
+            wake.clear()
+
+        try:
+            await connection.add_listener(OUTBOX_CHANNEL, on_notify)
+            yield wait
+        finally:
+            if not connection.is_closed():
+                try:
+                    await connection.close(timeout=5)
+                except _UNAVAILABLE:
+                    connection.terminate()
+
+    # --------------------------------------------------------------------- events
+
+    async def apply_events(self, events: Sequence[Event]) -> int:
+        """Apply status events idempotently in one transaction; returns state changes made."""
+        changes = 0
+        async with self._connection() as connection, connection.transaction():
+            for event in events:
+                if isinstance(event, AgentHeartbeat):
+                    await self._record_heartbeat(connection, event)
+                elif await self._apply_run_event(connection, event):
+                    changes += 1
+        return changes
+
+    async def _apply_run_event(
+        self,
+        connection: asyncpg.Connection,
+        event: RunLaunched | RunStarted | RunSucceeded | RunFailed,
+    ) -> bool:
+        run = await connection.fetchrow(
+            "SELECT state, attempt FROM runs WHERE run_id = $1 FOR UPDATE", event.run_id
+        )
+        if run is None:
+            log.warning("event %s for unknown run %s ignored", type(event).__name__, event.run_id)
+            return False
+        current = RunState(run["state"])
+        new = next_state(current, event) if event.attempt == run["attempt"] else None
+        inserted = await connection.fetchval(
+            """
+            INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state, payload)
+            VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+            ON CONFLICT (event_id) DO NOTHING
+            RETURNING seq
+            """,
+            event.message_id,
+            event.run_id,
+            event.attempt,
+            type(event).__name__,
+            current.value if new else None,
+            new.value if new else None,
+            _payload_json(event),
+        )
+        if inserted is None or new is None:
+            return False  # a redelivered event, a stale attempt, or no transition
+        await self._update_run(connection, event, new)
+        return True
+
+    async def _update_run(
+        self,
+        connection: asyncpg.Connection,
+        event: RunLaunched | RunStarted | RunSucceeded | RunFailed,
+        new: RunState,
+    ) -> None:
+        agent_id = getattr(event, "agent_id", None)
+        container_id = getattr(event, "container_id", None)
+        exit_code = getattr(event, "exit_code", None)
+        tail = list(getattr(event, "output_tail", ()))
+        reason = event.reason.value if isinstance(event, RunFailed) else None
+        message = event.message if isinstance(event, RunFailed) else None
+        finished = new in TERMINAL
+        await connection.execute(
+            """
+            UPDATE runs SET
+                state = $2,
+                agent_id = COALESCE($3, agent_id),
+                container_id = COALESCE($4, container_id),
+                exit_code = CASE WHEN $5 THEN $6 ELSE exit_code END,
+                failure_reason = COALESCE($7, failure_reason),
+                failure_message = COALESCE($8, failure_message),
+                output_tail = CASE WHEN $5 THEN $9::jsonb ELSE output_tail END,
+                started_at = CASE WHEN $2 = 'STARTED' THEN COALESCE(started_at, now())
+                                  ELSE started_at END,
+                finished_at = CASE WHEN $5 THEN now() ELSE finished_at END,
+                updated_at = now()
+            WHERE run_id = $1
+            """,
+            event.run_id,
+            new.value,
+            agent_id,
+            container_id,
+            finished,
+            exit_code,
+            reason,
+            message,
+            json.dumps(tail),
+        )
+
+    async def _record_heartbeat(self, connection: asyncpg.Connection, beat: AgentHeartbeat) -> None:
+        await connection.execute(
+            """
+            INSERT INTO agents (agent_id, queues, max_concurrent, in_flight, last_sequence,
+                                last_heartbeat_at)
+            VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, now())
+            ON CONFLICT (agent_id) DO UPDATE SET
+                queues = EXCLUDED.queues, max_concurrent = EXCLUDED.max_concurrent,
+                in_flight = EXCLUDED.in_flight, last_sequence = EXCLUDED.last_sequence,
+                last_heartbeat_at = now()
+            """,
+            beat.agent_id,
+            json.dumps(list(beat.queues)),
+            beat.max_concurrent,
+            msgspec.json.encode(beat.in_flight).decode(),
+            beat.sequence,
+        )
+
+    # -------------------------------------------------------------------- reading
+
+    async def get_run(self, run_id: uuid.UUID) -> RunRow:
+        async with self._connection() as connection:
+            record = await connection.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+        if record is None:
+            raise RunNotFound(f"no run {run_id}")
+        return RunRow.from_record(record)
+
+    async def find_run(self, prefix: str) -> RunRow:
+        """A run by id or unambiguous id prefix (as printed by ``runs list``)."""
+        try:
+            return await self.get_run(uuid.UUID(prefix))
+        except ValueError:
+            pass
+        async with self._connection() as connection:
+            records = await connection.fetch(
+                "SELECT * FROM runs WHERE run_id::text LIKE $1 || '%' LIMIT 2", prefix.lower()
+            )
+        if not records:
+            raise RunNotFound(f"no run with id {prefix!r}")
+        if len(records) > 1:
+            raise RunNotFound(f"run id prefix {prefix!r} is ambiguous; give more characters")
+        return RunRow.from_record(records[0])
+
+    async def list_runs(self, state: RunState | None = None, limit: int = 50) -> list[RunRow]:
+        async with self._connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT * FROM runs WHERE ($1::text IS NULL OR state = $1)
+                ORDER BY created_at DESC, run_id LIMIT $2
+                """,
+                state.value if state else None,
+                limit,
+            )
+        return [RunRow.from_record(r) for r in records]
+
+    async def run_events(self, run_id: uuid.UUID) -> list[RunEventRow]:
+        async with self._connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT seq, kind, attempt, from_state, to_state, recorded_at, payload
+                FROM run_events WHERE run_id = $1 ORDER BY seq
+                """,
+                run_id,
+            )
+        return [
+            RunEventRow(
+                r["seq"],
+                r["kind"],
+                r["attempt"],
+                r["from_state"],
+                r["to_state"],
+                r["recorded_at"],
+                json.loads(r["payload"]),
+            )
+            for r in records
+        ]
+
+    async def count_unsent(self) -> int:
+        async with self._connection() as connection:
+            return int(
+                await connection.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+            )
+
+
+def _payload_json(message: msgspec.Struct) -> str:
+    return msgspec.json.encode(message).decode()

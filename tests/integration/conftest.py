@@ -1,0 +1,154 @@
+"""Fixtures that run the project's real processes against the session's services."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import docker
+import pytest
+
+from dispatcher.client import Client
+from dispatcher.store import Store
+from tests.conftest import SESSION_ID
+from tests.support import Proc
+from worker_agent.runtime import LABEL_AGENT, LABEL_RUN
+
+
+class Stack:
+    """The control plane and agents of one test, isolated by vhost, schema and queue."""
+
+    def __init__(
+        self,
+        amqp_url: str,
+        database_url: str,
+        schema: str,
+        unique: str,
+        logs: Path,
+        docker_client: docker.DockerClient,
+        run_image: str,
+    ) -> None:
+        self.amqp_url = amqp_url
+        self.database_url = database_url
+        self.schema = schema
+        self.queue = f"q-{unique}"
+        self.unique = unique
+        self.logs = logs
+        self.docker = docker_client
+        self.run_image = run_image
+        self.processes: list[Proc] = []
+        self.agent_ids: set[str] = set()
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "HD_AMQP_URL": self.amqp_url,
+            "HD_DATABASE_URL": self.database_url,
+            "HD_DATABASE_SCHEMA": self.schema,
+        }
+
+    async def start_control_plane(self, components: str = "intake,relay,status") -> Proc:
+        n = len(self.processes)
+        proc = Proc(
+            "dispatcher",
+            ["serve", "--components", components, "--log-level", "DEBUG"],
+            self.logs / f"control-plane-{n}.log",
+            self._env(),
+        ).start()
+        self.processes.append(proc)
+        await proc.wait_for_output("control plane running", timeout=60)
+        return proc
+
+    def agent_id(self, n: int = 0) -> str:
+        return f"t-{SESSION_ID}-{self.unique}-{n}"
+
+    async def start_agent(
+        self, n: int = 0, max_concurrent: int = 4, extra: tuple[str, ...] = ()
+    ) -> Proc:
+        agent_id = self.agent_id(n)
+        self.agent_ids.add(agent_id)
+        proc = Proc(
+            "worker_agent",
+            [
+                "run",
+                "--queue", self.queue,
+                "--agent-id", agent_id,
+                "--max-concurrent", str(max_concurrent),
+                "--heartbeat-interval", "0.5",
+                "--log-level", "DEBUG",
+                *extra,
+            ],
+            self.logs / f"agent-{agent_id}-{len(self.processes)}.log",
+            self._env(),
+        ).start()
+        self.processes.append(proc)
+        await proc.wait_for_output("consuming", timeout=60)
+        return proc
+
+    def client(self) -> Client:
+        return Client(self.amqp_url)
+
+    def containers_of(self, run_id: uuid.UUID) -> list[docker.models.containers.Container]:
+        return self.docker.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run_id}"})
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        for agent_id in self.agent_ids:
+            for container in self.docker.containers.list(
+                all=True, filters={"label": f"{LABEL_AGENT}={agent_id}"}
+            ):
+                container.remove(force=True)
+
+    def dump_logs(self) -> str:
+        return "\n".join(
+            f"==== {p.log_path.name}\n{p.output()[-4000:]}" for p in self.processes
+        )
+
+
+@pytest.fixture
+async def schema(database_url: str, unique: str) -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL schema for one test; dropped afterwards."""
+    name = f"t_{unique}"
+    yield name
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def store(database_url: str, schema: str) -> AsyncIterator[Store]:
+    """The store on the test's schema, migrated."""
+    opened = await Store.open(database_url, schema=schema)
+    await opened.upgrade()
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def stack(
+    vhost_url: str,
+    database_url: str,
+    schema: str,
+    unique: str,
+    tmp_path: Path,
+    docker_client: docker.DockerClient,
+    run_image: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[Stack]:
+    built = Stack(vhost_url, database_url, schema, unique, tmp_path, docker_client, run_image)
+    yield built
+    built.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(built.dump_logs())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -1,0 +1,69 @@
+"""The dispatch path end to end: script → RabbitMQ → control plane → agent → Docker → back."""
+
+from __future__ import annotations
+
+import uuid
+
+from dispatcher.states import RunState
+from dispatcher.store import Store
+from tests.integration.conftest import Stack
+from tests.support import eventually
+
+
+async def wait_for_state(store: Store, run_id: uuid.UUID, *states: RunState, timeout: float = 60):
+    async def probe():  # type: ignore[no-untyped-def]
+        try:
+            run = await store.get_run(run_id)
+        except Exception:
+            return None
+        return run if run.state in states else None
+
+    return await eventually(probe, timeout, what=f"run {run_id} in {states}")
+
+
+async def test_a_submitted_run_succeeds_with_its_history_in_order(stack: Stack, store: Store) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent()
+    async with stack.client() as client:
+        run_id = await client.submit(
+            stack.run_image, ["sh", "-c", "echo hello from the run"], queue=stack.queue
+        )
+    run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE)
+    assert run.state == RunState.SUCCESS
+    assert run.exit_code == 0
+    assert run.output_tail == ["hello from the run"]
+    assert run.agent_id == stack.agent_id()
+    events = await store.run_events(run_id)
+    transitions = [(e.kind, e.from_state, e.to_state) for e in events if e.to_state]
+    assert transitions == [
+        ("SubmitRun", None, "QUEUED"),
+        ("RunLaunched", "QUEUED", "STARTING"),
+        ("RunStarted", "STARTING", "STARTED"),
+        ("RunSucceeded", "STARTED", "SUCCESS"),
+    ]
+    # Reported, then removed.
+    await eventually(
+        lambda: _async(not stack.containers_of(run_id)), 30, what="the container removed"
+    )
+
+
+async def test_a_run_that_exits_3_fails_with_its_exit_code_and_output(
+    stack: Stack, store: Store
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent()
+    async with stack.client() as client:
+        run_id = await client.submit(
+            stack.run_image,
+            ["sh", "-c", "for i in 1 2 3 4 5; do echo line $i; done; echo oops >&2; exit 3"],
+            queue=stack.queue,
+        )
+    run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE)
+    assert run.state == RunState.FAILURE
+    assert run.exit_code == 3
+    assert run.failure_reason == "EXIT_CODE"
+    assert run.output_tail == ["line 1", "line 2", "line 3", "line 4", "line 5", "oops"]
+
+
+async def _async(value):  # type: ignore[no-untyped-def]
+    return value

@@ -1,0 +1,5 @@
+"""`python -m worker_agent`: the worker-agent command."""
+
+from .cli import main
+
+main()

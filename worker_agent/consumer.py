@@ -1,0 +1,116 @@
+"""The instruction consumer: this agent's queues, with prefetch equal to its free slots."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import aio_pika.abc
+
+from dispatcher import amqp
+from dispatcher.amqp import Delivery, Publisher
+from dispatcher.errors import BrokerUnavailable
+from schemas import Instruction, SchemaError, instruction_decoder
+
+log = logging.getLogger(__name__)
+
+
+class InstructionConsumer:
+    """Consumes LaunchRun / TerminateRun from the agent's instruction queues.
+
+    The broker hands out at most as many unacknowledged instructions as the agent has free
+    slots: ``set_capacity`` re-subscribes with the new prefetch whenever the number changes,
+    and with no free slot the agent does not consume at all, so that other replicas take the
+    work. Undecodable instructions are dead-lettered once, with the reason.
+    """
+
+    def __init__(
+        self,
+        connection: aio_pika.abc.AbstractRobustConnection,
+        queues: tuple[str, ...],
+        publisher: Publisher,
+        handler: Callable[[Delivery[Instruction]], Awaitable[None]],
+    ) -> None:
+        self._connection = connection
+        self._agent_queues = queues
+        self._publisher = publisher
+        self._handler = handler
+        self._decoder = instruction_decoder()
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._queues: list[aio_pika.abc.AbstractQueue] = []
+        self._tags: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self._prefetch = 0
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False
+
+    async def start(self, capacity: int) -> None:
+        try:
+            self._channel = await self._connection.channel()
+            for agent_queue in self._agent_queues:
+                name = await amqp.declare_instructions_queue(self._channel, agent_queue)
+                self._queues.append(await self._channel.get_queue(name, ensure=False))
+        except amqp.TRANSIENT as exc:
+            raise BrokerUnavailable(f"cannot consume instructions: {exc!r}") from exc
+        await self.set_capacity(capacity)
+
+    async def set_capacity(self, free: int) -> None:
+        """Consume with prefetch = ``free``; stop consuming at 0."""
+        async with self._lock:
+            if self._stopped or free == self._prefetch or self._channel is None:
+                return
+            try:
+                await self._cancel_consumers()
+                self._prefetch = free
+                if free > 0:
+                    await self._channel.set_qos(prefetch_count=free)
+                    for queue in self._queues:
+                        tag = await queue.consume(self._on_message)
+                        self._tags.append((queue, tag))
+            except amqp.TRANSIENT as exc:
+                # The robust connection restores the channel, its qos and its consumers.
+                log.warning("could not change the prefetch to %d: %r", free, exc)
+
+    async def _cancel_consumers(self) -> None:
+        tags, self._tags = self._tags, []
+        for queue, tag in tags:
+            try:
+                await queue.cancel(tag)
+            except amqp.TRANSIENT as exc:
+                log.debug("cancel consumer %s: %r", tag, exc)
+
+    async def _on_message(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            instruction = self._decoder.decode(raw.body)
+        except SchemaError as exc:
+            queue = raw.routing_key or "instructions"
+            log.warning("dead-lettering an undecodable instruction: %s", exc)
+            await self._publisher.dead_letter(raw, f"hd.instructions.{queue}", str(exc))
+            await amqp.settle(raw.ack())
+            return
+        task = asyncio.create_task(self._handler(Delivery(instruction, raw)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        """Take no more instructions; those being handled go on."""
+        async with self._lock:
+            self._stopped = True
+            await self._cancel_consumers()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for the instructions being handled, at most ``timeout`` seconds."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def close(self) -> None:
+        """Close the channel; unacked instructions go back to their queue. Idempotent."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._channel is not None and not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except amqp.TRANSIENT:
+                pass
+        self._channel = None

@@ -1,0 +1,19 @@
+"""Errors of the agent: one root, a shallow hierarchy. The Docker adapter raises these."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of every error raised by ``worker_agent``."""
+
+
+class DockerUnavailable(AgentError):
+    """The Docker engine does not answer; the instruction is retried later, not lost."""
+
+
+class ImageMissing(AgentError):
+    """The image is not on this host and could not be pulled."""
+
+
+class LaunchFailed(AgentError):
+    """Docker refused to create or start the container (bad command, bad options...)."""

@@ -1,0 +1,66 @@
+"""Heartbeats: proof of life every interval, with what the agent is running."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from dispatcher.amqp import Publisher
+from dispatcher.errors import BrokerUnavailable
+from schemas import AgentHeartbeat, ContainerState
+from schemas.topology import HEARTBEAT_ROUTING_KEY, STATUS_EXCHANGE
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Publishes an AgentHeartbeat every ``interval_s`` until stopped.
+
+    It keeps beating through a graceful shutdown, so that a draining agent never looks dead.
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        agent_id: str,
+        queues: tuple[str, ...],
+        max_concurrent: int,
+        interval_s: float,
+        in_flight: Callable[[], tuple[ContainerState, ...]],
+        draining: Callable[[], bool],
+    ) -> None:
+        self._publisher = publisher
+        self._agent_id = agent_id
+        self._queues = queues
+        self._max_concurrent = max_concurrent
+        self._interval_s = interval_s
+        self._in_flight = in_flight
+        self._draining = draining
+        self.sequence = 0
+
+    async def beat(self) -> None:
+        """Publish one heartbeat now."""
+        message = AgentHeartbeat(
+            agent_id=self._agent_id,
+            sequence=self.sequence,
+            queues=self._queues,
+            max_concurrent=self._max_concurrent,
+            interval_s=self._interval_s,
+            in_flight=self._in_flight(),
+            draining=self._draining(),
+        )
+        self.sequence += 1
+        await self._publisher.publish(STATUS_EXCHANGE, HEARTBEAT_ROUTING_KEY, message)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            try:
+                await self.beat()
+            except BrokerUnavailable as exc:
+                log.warning("heartbeat not sent: %s", exc)
+            # Fixed-rate schedule: a slow publish does not stretch the interval.
+            next_at += self._interval_s
+            await asyncio.sleep(max(0.0, next_at - loop.time()))

@@ -1,0 +1,286 @@
+"""The container runtime: the Docker SDK behind async methods that never block the loop.
+
+Every SDK call runs in a worker thread. docker-py and requests exceptions are translated
+here into ``DockerUnavailable``, ``ImageMissing`` and ``LaunchFailed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from schemas import LaunchRun
+
+from .errors import DockerUnavailable, ImageMissing, LaunchFailed
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED_BY = "hybrid-dispatcher.managed-by"
+LABEL_AGENT = "hybrid-dispatcher.agent-id"
+LABEL_RUN = "hybrid-dispatcher.run-id"
+LABEL_ATTEMPT = "hybrid-dispatcher.attempt"
+MANAGED_BY = "worker-agent"
+
+_UNAVAILABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, OSError)
+
+
+def container_name(run_id: uuid.UUID, attempt: int) -> str:
+    """The one name an attempt's container can have: a second create of it fails."""
+    return f"hd-run-{run_id}-{attempt}"
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What the agent needs to know of one of its containers."""
+
+    id: str
+    name: str
+    run_id: uuid.UUID
+    attempt: int
+    status: str  # created, running, paused, restarting, removing, exited, dead
+    exit_code: int | None
+    oom_killed: bool
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("exited", "dead")
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> ContainerInfo:
+        labels = attrs["Config"]["Labels"] or {}
+        state = attrs["State"]
+        status = state.get("Status", "unknown")
+        return cls(
+            id=attrs["Id"],
+            name=attrs["Name"].lstrip("/"),
+            run_id=uuid.UUID(labels[LABEL_RUN]),
+            attempt=int(labels[LABEL_ATTEMPT]),
+            status=status,
+            exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
+            oom_killed=bool(state.get("OOMKilled")),
+        )
+
+
+class DockerRuntime:
+    """Creates, inspects and removes the agent's containers on the local engine."""
+
+    def __init__(self, agent_id: str, pull_timeout_s: float = 30.0) -> None:
+        self.agent_id = agent_id
+        self._pull_timeout_s = pull_timeout_s
+        self._client: docker.DockerClient | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _docker(self) -> docker.DockerClient:
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = docker.from_env(timeout=60, max_pool_size=16)
+                except docker.errors.DockerException as exc:
+                    raise DockerUnavailable(f"no Docker engine answers: {exc}") from exc
+            return self._client
+
+    async def _call(self, fn: Callable[[docker.DockerClient], Any]) -> Any:
+        def guarded() -> Any:
+            try:
+                return fn(self._docker())
+            except _UNAVAILABLE as exc:
+                raise DockerUnavailable(f"the Docker engine does not answer: {exc}") from exc
+
+        return await asyncio.to_thread(guarded)
+
+    def labels_for(self, launch: LaunchRun) -> dict[str, str]:
+        return {
+            LABEL_MANAGED_BY: MANAGED_BY,
+            LABEL_AGENT: self.agent_id,
+            LABEL_RUN: str(launch.run_id),
+            LABEL_ATTEMPT: str(launch.attempt),
+        }
+
+    # ------------------------------------------------------------------- actions
+
+    async def ping(self) -> str:
+        """The engine's version; raises DockerUnavailable when it does not answer."""
+        return str(await self._call(lambda client: client.version().get("Version", "?")))
+
+    async def launch(self, launch: LaunchRun) -> tuple[ContainerInfo, bool]:
+        """Start the attempt's container, or adopt the one that exists; (info, adopted)."""
+        return await self._call(lambda client: self._launch(client, launch))  # type: ignore[no-any-return]
+
+    def _launch(self, client: docker.DockerClient, launch: LaunchRun) -> tuple[ContainerInfo, bool]:
+        name = container_name(launch.run_id, launch.attempt)
+        adopted = True
+        try:
+            container = client.containers.get(name)
+        except docker.errors.NotFound:
+            adopted = False
+            self._ensure_image(client, launch.image)
+            try:
+                container = client.containers.create(
+                    launch.image,
+                    list(launch.command) or None,
+                    name=name,
+                    labels=self.labels_for(launch),
+                    environment=dict(launch.env),
+                    detach=True,
+                )
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: the name exists, a concurrent create won
+                    raise LaunchFailed(f"cannot create the container: {_explain(exc)}") from exc
+                adopted = True
+                container = client.containers.get(name)
+        if container.status == "created":
+            try:
+                container.start()
+            except docker.errors.APIError as exc:
+                raise LaunchFailed(f"cannot start the container: {_explain(exc)}") from exc
+        container.reload()
+        return ContainerInfo.from_attrs(container.attrs), adopted
+
+    def _ensure_image(self, client: docker.DockerClient, image: str) -> None:
+        try:
+            client.images.get(image)
+            return
+        except docker.errors.ImageNotFound:
+            pass
+        except docker.errors.APIError as exc:
+            raise ImageMissing(f"image {image!r} is invalid: {_explain(exc)}") from exc
+        log.info("image %s is not on this host; trying to pull it", image)
+        repository, _, tag = (
+            image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+        )
+        try:
+            puller = docker.APIClient(
+                base_url=client.api.base_url,
+                version=client.api.api_version,
+                timeout=self._pull_timeout_s,
+            )
+            try:
+                puller.pull(repository, tag=tag or "latest")
+            finally:
+                puller.close()
+            client.images.get(image)
+        except (docker.errors.APIError, docker.errors.ImageNotFound, *_UNAVAILABLE) as exc:
+            detail = _explain(exc) if isinstance(exc, docker.errors.APIError) else repr(exc)
+            raise ImageMissing(
+                f"image {image!r} is not on this host and cannot be pulled: {detail}"
+            ) from exc
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        """The container's current state, or None when it no longer exists."""
+
+        def get(client: docker.DockerClient) -> ContainerInfo | None:
+            try:
+                return ContainerInfo.from_attrs(client.api.inspect_container(container_id))
+            except docker.errors.NotFound:
+                return None
+
+        return await self._call(get)  # type: ignore[no-any-return]
+
+    async def output_tail(self, container_id: str, lines: int) -> tuple[str, ...]:
+        """The last ``lines`` lines of the container's output (stdout and stderr)."""
+
+        def tail(client: docker.DockerClient) -> tuple[str, ...]:
+            try:
+                raw = client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
+            except docker.errors.NotFound:
+                return ()
+            text = raw.decode("utf-8", errors="replace")
+            return tuple(line[:4000] for line in text.splitlines()[-lines:])
+
+        return await self._call(tail)  # type: ignore[no-any-return]
+
+    async def remove(self, container_id: str) -> None:
+        def remove(client: docker.DockerClient) -> None:
+            try:
+                client.api.remove_container(container_id, force=True, v=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                log.warning("could not remove container %s: %s", container_id[:12], _explain(exc))
+
+        await self._call(remove)
+
+    async def stop(self, container_id: str, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``."""
+
+        def stop(client: docker.DockerClient) -> None:
+            try:
+                client.api.stop(container_id, timeout=int(max(grace_s, 0)))
+            except docker.errors.NotFound:
+                pass
+
+        await self._call(stop)
+
+    async def list_managed(self) -> list[ContainerInfo]:
+        """Every container this agent labelled, whatever its state."""
+
+        def listing(client: docker.DockerClient) -> list[ContainerInfo]:
+            filters = {
+                "label": [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_AGENT}={self.agent_id}"]
+            }
+            found = []
+            for summary in client.api.containers(all=True, filters=filters):
+                try:
+                    found.append(
+                        ContainerInfo.from_attrs(client.api.inspect_container(summary["Id"]))
+                    )
+                except docker.errors.NotFound:
+                    continue
+            return found
+
+        return await self._call(listing)  # type: ignore[no-any-return]
+
+    def open_events(self, since: int | None) -> EventStream:
+        """This agent's container events, as a blocking stream (iterate it in a thread)."""
+        filters = {
+            "type": "container",
+            "label": [f"{LABEL_AGENT}={self.agent_id}"],
+            "event": ["start", "die", "oom"],
+        }
+        try:
+            client = docker.from_env(timeout=None)
+            stream = client.api.events(since=since, filters=filters, decode=True)
+        except (docker.errors.DockerException, *_UNAVAILABLE) as exc:
+            raise DockerUnavailable(f"cannot follow Docker events: {exc}") from exc
+        return EventStream(client, stream)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+def _explain(exc: docker.errors.APIError) -> str:
+    return str(exc.explanation or exc)
+
+
+class EventStream:
+    """A Docker events stream; ``close()`` from any thread ends the iteration."""
+
+    def __init__(self, client: docker.DockerClient, stream: Any) -> None:
+        self._client = client
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._stream
+        except _UNAVAILABLE as exc:
+            raise DockerUnavailable(f"the Docker events stream broke: {exc}") from exc
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._client.close()

@@ -1,0 +1,77 @@
+"""The container watcher: Docker's events stream, so that an exit is seen within milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import DockerUnavailable
+from .runtime import DockerRuntime, EventStream
+
+log = logging.getLogger(__name__)
+
+
+class ContainerWatcher:
+    """Calls ``on_exit(container_id)`` for every exit of this agent's containers.
+
+    Each time the stream (re)opens, ``on_resync`` runs first, so that an exit that happened
+    while nobody was watching (engine restart, agent restart) is still reported.
+    """
+
+    def __init__(
+        self,
+        runtime: DockerRuntime,
+        on_exit: Callable[[str], None],
+        on_resync: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._runtime = runtime
+        self._on_exit = on_exit
+        self._on_resync = on_resync
+        self._stream: EventStream | None = None
+        self._closed = False
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        since = int(time.time()) - 1
+        delay = 0.5
+        while not self._closed:
+            try:
+                self._stream = await asyncio.to_thread(self._runtime.open_events, since)
+                await self._on_resync()
+                self.connected.set()
+                delay = 0.5
+                await asyncio.to_thread(self._pump, self._stream, loop)
+            except DockerUnavailable as exc:
+                self.connected.clear()
+                if self._closed:
+                    return
+                log.error("Docker engine unreachable (%s); watching again in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            since = int(time.time()) - 1
+
+    def _pump(self, stream: EventStream, loop: asyncio.AbstractEventLoop) -> None:
+        for event in stream:
+            if self._closed:
+                return
+            loop.call_soon_threadsafe(self._dispatch, event)
+
+    def _dispatch(self, event: dict[str, Any]) -> None:
+        if event.get("status") == "die" or event.get("Action") == "die":
+            container_id = event.get("id") or event.get("Actor", {}).get("ID")
+            if container_id:
+                self._on_exit(container_id)
+
+    def close(self) -> None:
+        """Stop watching; safe to call more than once and before ``run``."""
+        self._closed = True
+        if self._stream is not None:
+            try:
+                self._stream.close()
+            except Exception as exc:  # the stream may already be broken
+                log.debug("closing the events stream: %r", exc)
+            self._stream = None
