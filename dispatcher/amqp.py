@@ -15,6 +15,7 @@ agent alike (one distribution, one adapter).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
+from pamqp.common import Arguments
 
 from schemas import Decoder, Message, SchemaError, encode, kind_of
 from schemas.topology import (
@@ -58,7 +60,7 @@ TRANSIENT = (
     aio_pika.exceptions.ConnectionClosed,
     RuntimeError,  # aio-pika raises it for a publish on a closed channel
 )
-_QUORUM = {"x-queue-type": "quorum"}
+_QUORUM: Arguments = {"x-queue-type": "quorum"}
 
 
 async def connect(
@@ -190,8 +192,9 @@ class Publisher:
                 ) from exc
             except TRANSIENT as exc:
                 if loop.time() + delay > deadline:
+                    waited = self.retry_deadline_s
                     raise BrokerUnavailable(
-                        f"publish to {exchange} not confirmed within {self.retry_deadline_s} s: {exc!r}"
+                        f"publish to {exchange} not confirmed within {waited} s: {exc!r}"
                     ) from exc
                 log.warning("publish to %s failed (%r); retrying in %.1f s", exchange, exc, delay)
                 self._channel = None
@@ -300,20 +303,16 @@ class Consumer(Generic[T]):
         """Stop taking deliveries; ``run`` finishes what it holds and returns."""
         self._stopping = True
         if self._queue is not None and self._tag is not None:
-            try:
+            with contextlib.suppress(*TRANSIENT):
                 await self._queue.cancel(self._tag)
-            except TRANSIENT:
-                pass
             self._tag = None
         self._wake.set()
 
     async def close(self) -> None:
         """Close the channel; unacked deliveries go back to the queue. Idempotent."""
         if self._channel is not None and not self._channel.is_closed:
-            try:
+            with contextlib.suppress(*TRANSIENT):
                 await self._channel.close()
-            except TRANSIENT:
-                pass
         self._channel = None
 
     async def _handle(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import uuid
 from importlib.metadata import version as _dist_version
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .errors import DispatcherError
+from .store import Store
 
 app = typer.Typer(
     name="dispatcher",
@@ -228,12 +228,11 @@ def _show_progress(event: object) -> None:
         typer.echo(f"run {event.run_id}: started", err=True)
 
 
-def _open_store(database_url: str, database_schema: str | None):  # type: ignore[no-untyped-def]
-    from .store import Store
+async def _open_store(database_url: str, database_schema: str | None) -> Store:
 
     if not database_url:
         raise _fail("no database: pass --database-url or set HD_DATABASE_URL")
-    return Store.open(database_url, schema=database_schema, min_size=1, max_size=2)
+    return await Store.open(database_url, schema=database_schema, min_size=1, max_size=2)
 
 
 @runs_app.command("list")
@@ -301,8 +300,9 @@ def runs_show(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Show one run: its state history, exit code and output tail."""
+    from .store import RunEventRow, RunRow
 
-    async def go():  # type: ignore[no-untyped-def]
+    async def go() -> tuple[RunRow, list[RunEventRow]]:
         store = await _open_store(database_url, database_schema)
         try:
             run = await store.find_run(run_id)

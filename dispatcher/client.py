@@ -47,7 +47,7 @@ class RunOutcome:
         """What a command-line tool waiting for this run should exit with."""
         if self.succeeded:
             return 0
-        return self.exit_code if self.exit_code not in (None, 0) else 1  # type: ignore[return-value]
+        return self.exit_code if self.exit_code else 1
 
 
 class Follower:

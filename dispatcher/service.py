@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
-from schemas import CancelRun, Event, Request, SubmitRun, event_decoder, request_decoder
+from schemas import Event, Request, SubmitRun, event_decoder, request_decoder
 from schemas.topology import REQUESTS_QUEUE, STATUS_STORE_QUEUE
 
 from . import amqp
@@ -51,7 +52,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             await store.apply_events([d.message for d in deliveries])
 
         consumers: list[Consumer[Request] | Consumer[Event]] = []
-        runners: list[asyncio.Task[None]] = []
+        runners: list[asyncio.Task[Any]] = []
         relay: OutboxRelay | None = None
         if "intake" in settings.components:
             consumers.append(
@@ -77,7 +78,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         log.info("control plane running: %s", ", ".join(settings.components))
 
         # Run until asked to stop or until a component fails.
-        stopper = asyncio.create_task(stop.wait(), name="stop")
+        stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([*runners, stopper], return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
 

@@ -205,8 +205,10 @@ class Store:
             if not fresh:
                 return []
             # The same run id may come twice in one batch; keep the first.
-            seen: set[uuid.UUID] = set()
-            fresh = [s for s in fresh if not (s.run_id in seen or seen.add(s.run_id))]
+            by_id: dict[uuid.UUID, SubmitRun] = {}
+            for submission in fresh:
+                by_id.setdefault(submission.run_id, submission)
+            fresh = list(by_id.values())
             launches = [_launch_for(s, 1) for s in fresh]
             await connection.execute(
                 """
@@ -285,7 +287,7 @@ class Store:
             return len(rows)
 
     @asynccontextmanager
-    async def listen_outbox(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    async def listen_outbox(self) -> AsyncIterator[Callable[[float], Awaitable[None]]]:
         """A dedicated LISTEN connection; yields a function that waits for the next NOTIFY."""
         import asyncio
 

@@ -318,35 +318,7 @@ class Agent:
                     "Docker engine unreachable while reporting run %s: %s", attempt.run_id, exc
                 )
                 await asyncio.sleep(1.0)
-        common = {
-            "run_id": attempt.run_id,
-            "attempt": attempt.attempt,
-            "agent_id": agent_id,
-            "output_tail": tail,
-        }
-        event: Message
-        if info is None:
-            event = RunFailed(
-                **common,
-                reason=FailureReason.UNEXPECTED_TERMINATION,
-                message="the container disappeared",
-            )  # type: ignore[arg-type]
-        elif info.oom_killed:
-            event = RunFailed(
-                **common,
-                reason=FailureReason.OOM,
-                exit_code=info.exit_code,
-                message="killed for memory",
-            )  # type: ignore[arg-type]
-        elif info.exit_code == 0:
-            event = RunSucceeded(**common)  # type: ignore[arg-type]
-        else:
-            event = RunFailed(
-                **common,
-                reason=FailureReason.EXIT_CODE,
-                exit_code=info.exit_code,
-                message=f"exited with code {info.exit_code}",
-            )  # type: ignore[arg-type]
+        event = final_event(attempt, agent_id, info, tail)
         attempt.state = "exited"
         await self._publish_until_sent(event)
         log.info(
@@ -408,3 +380,40 @@ class Agent:
             except BrokerUnavailable as exc:
                 log.error("could not publish %s (%s); retrying", type(event).__name__, exc)
                 await asyncio.sleep(1.0)
+
+
+def final_event(
+    attempt: Attempt, agent_id: str, info: ContainerInfo | None, tail: tuple[str, ...]
+) -> RunSucceeded | RunFailed:
+    """The event that reports how an attempt's container ended."""
+    run_id, number = attempt.run_id, attempt.attempt
+    if info is None:
+        return RunFailed(
+            run_id=run_id,
+            attempt=number,
+            agent_id=agent_id,
+            output_tail=tail,
+            reason=FailureReason.UNEXPECTED_TERMINATION,
+            message="the container disappeared",
+        )
+    if info.oom_killed:
+        return RunFailed(
+            run_id=run_id,
+            attempt=number,
+            agent_id=agent_id,
+            output_tail=tail,
+            reason=FailureReason.OOM,
+            exit_code=info.exit_code,
+            message="killed for memory",
+        )
+    if info.exit_code == 0:
+        return RunSucceeded(run_id=run_id, attempt=number, agent_id=agent_id, output_tail=tail)
+    return RunFailed(
+        run_id=run_id,
+        attempt=number,
+        agent_id=agent_id,
+        output_tail=tail,
+        reason=FailureReason.EXIT_CODE,
+        exit_code=info.exit_code,
+        message=f"exited with code {info.exit_code}",
+    )

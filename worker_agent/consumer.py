@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aio_pika.abc
 
@@ -30,7 +32,7 @@ class InstructionConsumer:
         connection: aio_pika.abc.AbstractRobustConnection,
         queues: tuple[str, ...],
         publisher: Publisher,
-        handler: Callable[[Delivery[Instruction]], Awaitable[None]],
+        handler: Callable[[Delivery[Instruction]], Coroutine[Any, Any, None]],
     ) -> None:
         self._connection = connection
         self._agent_queues = queues
@@ -109,8 +111,6 @@ class InstructionConsumer:
         for task in list(self._tasks):
             task.cancel()
         if self._channel is not None and not self._channel.is_closed:
-            try:
+            with contextlib.suppress(*amqp.TRANSIENT):
                 await self._channel.close()
-            except amqp.TRANSIENT:
-                pass
         self._channel = None

@@ -7,6 +7,7 @@ here into ``DockerUnavailable``, ``ImageMissing`` and ``LaunchFailed``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import uuid
@@ -215,10 +216,8 @@ class DockerRuntime:
         """SIGTERM, then SIGKILL after ``grace_s``."""
 
         def stop(client: docker.DockerClient) -> None:
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 client.api.stop(container_id, timeout=int(max(grace_s, 0)))
-            except docker.errors.NotFound:
-                pass
 
         await self._call(stop)
 

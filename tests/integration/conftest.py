@@ -72,11 +72,16 @@ class Stack:
             "worker_agent",
             [
                 "run",
-                "--queue", self.queue,
-                "--agent-id", agent_id,
-                "--max-concurrent", str(max_concurrent),
-                "--heartbeat-interval", "0.5",
-                "--log-level", "DEBUG",
+                "--queue",
+                self.queue,
+                "--agent-id",
+                agent_id,
+                "--max-concurrent",
+                str(max_concurrent),
+                "--heartbeat-interval",
+                "0.5",
+                "--log-level",
+                "DEBUG",
                 *extra,
             ],
             self.logs / f"agent-{agent_id}-{len(self.processes)}.log",
@@ -102,9 +107,7 @@ class Stack:
                 container.remove(force=True)
 
     def dump_logs(self) -> str:
-        return "\n".join(
-            f"==== {p.log_path.name}\n{p.output()[-4000:]}" for p in self.processes
-        )
+        return "\n".join(f"==== {p.log_path.name}\n{p.output()[-4000:]}" for p in self.processes)
 
 
 @pytest.fixture

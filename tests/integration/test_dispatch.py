@@ -21,7 +21,9 @@ async def wait_for_state(store: Store, run_id: uuid.UUID, *states: RunState, tim
     return await eventually(probe, timeout, what=f"run {run_id} in {states}")
 
 
-async def test_a_submitted_run_succeeds_with_its_history_in_order(stack: Stack, store: Store) -> None:
+async def test_a_submitted_run_succeeds_with_its_history_in_order(
+    stack: Stack, store: Store
+) -> None:
     await stack.start_control_plane()
     await stack.start_agent()
     async with stack.client() as client:

@@ -1,0 +1,134 @@
+"""Nothing lost, nothing duplicated: redeliveries, duplicates and processes killed mid-way."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+
+import aio_pika
+
+from dispatcher.states import RunState
+from dispatcher.store import Store
+from schemas import LaunchRun, SubmitRun, encode
+from schemas.topology import INSTRUCTIONS_EXCHANGE, REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY
+from tests.integration.conftest import Stack
+from tests.integration.test_dispatch import wait_for_state
+from tests.support import eventually
+
+
+async def publish_raw(url: str, exchange: str, routing_key: str, body: bytes) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        target = await channel.get_exchange(exchange, ensure=False)
+        await target.publish(
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key
+        )
+
+
+async def test_the_same_launch_delivered_twice_gives_one_container(
+    stack: Stack, store: Store
+) -> None:
+    await stack.start_control_plane()
+    agent = await stack.start_agent(extra=("--keep-finished",))
+    launch = LaunchRun(
+        run_id=uuid.uuid4(), attempt=1, image=stack.run_image, command=("sh", "-c", "sleep 1")
+    )
+    # Twice, back to back: the second arrives while the first is being launched or running.
+    await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, encode(launch))
+    await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, encode(launch))
+    await agent.wait_for_output(rf"run {launch.run_id} attempt 1 finished", timeout=60)
+    # And once more after it finished: acked, not run again.
+    await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, encode(launch))
+    await agent.wait_for_output(rf"run {launch.run_id} attempt 1 already finished here", 60)
+    containers = stack.containers_of(launch.run_id)
+    assert len(containers) == 1
+    assert containers[0].name == f"hd-run-{launch.run_id}-1"
+
+
+async def test_the_same_submission_published_twice_gives_one_run(
+    stack: Stack, store: Store
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent(extra=("--keep-finished",))
+    submit = SubmitRun(
+        run_id=uuid.uuid4(),
+        image=stack.run_image,
+        command=("true",),
+        queue=stack.queue,
+        idempotency_key=f"nightly-{stack.unique}",
+    )
+    # The same message twice, and a new message with the same idempotency key.
+    again = SubmitRun(
+        run_id=uuid.uuid4(),
+        image=stack.run_image,
+        command=("true",),
+        queue=stack.queue,
+        idempotency_key=f"nightly-{stack.unique}",
+    )
+    for message in (submit, submit, again):
+        await publish_raw(stack.amqp_url, REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, encode(message))
+    await wait_for_state(store, submit.run_id, RunState.SUCCESS)
+    runs = await store.list_runs()
+    assert [r.run_id for r in runs] == [submit.run_id]
+    assert len(stack.containers_of(submit.run_id)) == 1
+    assert stack.containers_of(again.run_id) == []
+
+
+async def test_control_plane_killed_between_commit_and_publish_dispatches_once(
+    stack: Stack, store: Store
+) -> None:
+    # The first control plane commits runs but has no relay: it dies with the outbox full.
+    first = await stack.start_control_plane(components="intake,status")
+    await stack.start_agent(extra=("--keep-finished",))
+    async with stack.client() as client:
+        run_ids = [
+            await client.submit(stack.run_image, ["sh", "-c", "echo once"], queue=stack.queue)
+            for _ in range(3)
+        ]
+    await eventually(lambda: _runs_queued(store, run_ids), 30, what="runs committed")
+    assert await store.count_unsent() == 3
+    first.kill()
+    # A restart picks up the unsent rows and dispatches each run exactly once.
+    await stack.start_control_plane()
+    for run_id in run_ids:
+        run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE)
+        assert run.state == RunState.SUCCESS
+        assert len(stack.containers_of(run_id)) == 1
+    assert await store.count_unsent() == 0
+
+
+async def _runs_queued(store: Store, run_ids: list[uuid.UUID]) -> bool:
+    runs = await store.list_runs(RunState.QUEUED)
+    return {r.run_id for r in runs} == set(run_ids)
+
+
+async def test_agent_killed_while_a_run_runs_adopts_it_after_restart(
+    stack: Stack, store: Store
+) -> None:
+    await stack.start_control_plane()
+    agent = await stack.start_agent()
+    async with stack.client() as client:
+        run_id = await client.submit(
+            stack.run_image, ["sh", "-c", "sleep 3; echo survived"], queue=stack.queue
+        )
+    await wait_for_state(store, run_id, RunState.STARTED)
+    [before] = stack.containers_of(run_id)
+    agent.kill()
+    await stack.start_agent(extra=("--keep-finished",))
+    run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE)
+    assert run.state == RunState.SUCCESS
+    assert run.output_tail == ["survived"]
+    [after] = stack.containers_of(run_id)
+    assert after.id == before.id
+
+
+async def test_agent_exits_0_on_sigterm(stack: Stack) -> None:
+    await stack.start_control_plane()
+    agent = await stack.start_agent()
+    agent.signal(signal.SIGTERM)
+    assert agent.process is not None
+    code = await asyncio.to_thread(agent.process.wait, 30)
+    assert code == 0
+    assert "stopped" in agent.output()
