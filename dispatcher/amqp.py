@@ -38,7 +38,6 @@ from schemas.topology import (
     REQUESTS_QUEUE,
     REQUESTS_ROUTING_KEY,
     STATUS_EXCHANGE,
-    STATUS_MONITOR_QUEUE,
     STATUS_STORE_QUEUE,
     instructions_queue,
 )
@@ -69,7 +68,10 @@ async def connect(
     """A connection that reconnects by itself and restores its channels and consumers."""
     try:
         return await aio_pika.connect_robust(
-            url, timeout=timeout, client_properties={"connection_name": name}
+            url,
+            timeout=timeout,
+            reconnect_interval=1.0,
+            client_properties={"connection_name": name},
         )
     except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
         raise BrokerUnavailable(f"cannot connect to the broker: {exc!r}") from exc
@@ -97,21 +99,34 @@ async def declare_topology(
         await declare_instructions_queue(channel, agent_queue)
 
     status = await channel.declare_exchange(STATUS_EXCHANGE, topic, durable=True)
-    for queue_name in (STATUS_STORE_QUEUE, STATUS_MONITOR_QUEUE):
-        queue = await channel.declare_queue(queue_name, durable=True, arguments=_QUORUM)
-        await queue.bind(status, routing_key="run.*")
-        await queue.bind(status, routing_key="agent.*")
+    # The failure monitor's queue is declared by the monitor itself: declared here, it would
+    # fill up with heartbeats wherever no monitor runs.
+    store_queue = await channel.declare_queue(STATUS_STORE_QUEUE, durable=True, arguments=_QUORUM)
+    await store_queue.bind(status, routing_key="run.*")
+    await store_queue.bind(status, routing_key="agent.*")
 
 
 async def declare_instructions_queue(
     channel: aio_pika.abc.AbstractChannel, agent_queue: str
-) -> str:
-    """Declare the quorum queue of one agent queue name and bind it; returns its name."""
+) -> aio_pika.abc.AbstractQueue:
+    """Declare the quorum queue of one agent queue name and bind it."""
     exchange = await channel.get_exchange(INSTRUCTIONS_EXCHANGE, ensure=False)
-    name = instructions_queue(agent_queue)
-    queue = await channel.declare_queue(name, durable=True, arguments=_QUORUM)
+    queue = await channel.declare_queue(
+        instructions_queue(agent_queue), durable=True, arguments=_QUORUM
+    )
     await queue.bind(exchange, routing_key=agent_queue)
-    return name
+    return queue
+
+
+async def declare_consumed_queue(
+    channel: aio_pika.abc.AbstractChannel, name: str
+) -> aio_pika.abc.AbstractQueue:
+    """A queue of the topology, declared (not just looked up) on ``channel``.
+
+    A robust channel restores after a reconnect only the queues declared on it, and with
+    them their consumers; a queue merely looked up would silently lose its consumer.
+    """
+    return await channel.declare_queue(name, durable=True, arguments=_QUORUM)
 
 
 class Publisher:
@@ -277,7 +292,7 @@ class Consumer(Generic[T]):
         try:
             self._channel = await self._connection.channel()
             await self._channel.set_qos(prefetch_count=self._prefetch)
-            self._queue = await self._channel.get_queue(self.queue_name, ensure=False)
+            self._queue = await declare_consumed_queue(self._channel, self.queue_name)
             self._tag = await self._queue.consume(self._on_message)
         except TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot consume {self.queue_name}: {exc!r}") from exc

@@ -171,10 +171,33 @@ class Agent:
     # ------------------------------------------------------------- instructions
 
     async def _on_instruction(self, delivery: Delivery[Instruction]) -> None:
-        if isinstance(delivery.message, LaunchRun):
-            await self._launch(delivery.message, delivery.raw)
-        elif isinstance(delivery.message, TerminateRun):
-            await self._terminate(delivery.message, delivery.raw)
+        message = delivery.message
+        try:
+            if isinstance(message, LaunchRun):
+                await self._launch(message, delivery.raw)
+            elif isinstance(message, TerminateRun):
+                await self._terminate(message, delivery.raw)
+        except Exception as exc:
+            # A defect must not hold a slot and an unacked instruction forever: report the
+            # attempt failed and go on with the next instruction.
+            log.exception(
+                "instruction %s for run %s failed", type(message).__name__, message.run_id
+            )
+            if isinstance(message, LaunchRun):
+                key = (message.run_id, message.attempt)
+                attempt = self.attempts.get(key)
+                if attempt is None or attempt.container_id is None:
+                    await self._publish_until_sent(
+                        RunFailed(
+                            run_id=message.run_id,
+                            attempt=message.attempt,
+                            agent_id=self.settings.agent_id,
+                            reason=FailureReason.LAUNCH_ERROR,
+                            message=f"agent error: {exc!r}",
+                        )
+                    )
+                    await self._release(key, finished=True)
+            await amqp.settle(delivery.raw.ack())
 
     async def _launch(self, launch: LaunchRun, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
         key = (launch.run_id, launch.attempt)

@@ -51,8 +51,8 @@ class InstructionConsumer:
         try:
             self._channel = await self._connection.channel()
             for agent_queue in self._agent_queues:
-                name = await amqp.declare_instructions_queue(self._channel, agent_queue)
-                self._queues.append(await self._channel.get_queue(name, ensure=False))
+                queue = await amqp.declare_instructions_queue(self._channel, agent_queue)
+                self._queues.append(queue)
         except amqp.TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot consume instructions: {exc!r}") from exc
         await self.set_capacity(capacity)

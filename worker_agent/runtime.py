@@ -97,6 +97,12 @@ class DockerRuntime:
                 return fn(self._docker())
             except _UNAVAILABLE as exc:
                 raise DockerUnavailable(f"the Docker engine does not answer: {exc}") from exc
+            except docker.errors.APIError as exc:
+                if exc.is_server_error():
+                    raise DockerUnavailable(f"the Docker engine failed: {_explain(exc)}") from exc
+                raise LaunchFailed(f"the Docker engine refused: {_explain(exc)}") from exc
+            except docker.errors.DockerException as exc:
+                raise DockerUnavailable(f"the Docker engine does not answer: {exc}") from exc
 
         return await asyncio.to_thread(guarded)
 
@@ -161,11 +167,7 @@ class DockerRuntime:
             image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
         )
         try:
-            puller = docker.APIClient(
-                base_url=client.api.base_url,
-                version=client.api.api_version,
-                timeout=self._pull_timeout_s,
-            )
+            puller = docker.from_env(timeout=int(self._pull_timeout_s)).api
             try:
                 puller.pull(repository, tag=tag or "latest")
             finally:

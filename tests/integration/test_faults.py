@@ -1,0 +1,78 @@
+"""Faults outside the project: missing images, broker connections cut."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+from dispatcher.states import RunState
+from dispatcher.store import Store
+from tests.integration.conftest import Stack
+from tests.integration.test_dispatch import wait_for_state
+from tests.support import eventually, management_request
+
+
+async def test_a_missing_image_fails_the_run_with_image_not_found(
+    stack: Stack, store: Store
+) -> None:
+    await stack.start_control_plane()
+    agent = await stack.start_agent()
+    async with stack.client() as client:
+        run_id = await client.submit(
+            f"hybrid-dispatcher/no-such-image:{stack.unique}", ["true"], queue=stack.queue
+        )
+    run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE, timeout=90)
+    assert run.state == RunState.FAILURE
+    assert run.failure_reason == "IMAGE_NOT_FOUND"
+    assert "no-such-image" in (run.failure_message or "")
+    assert stack.containers_of(run_id) == []
+    # The agent goes on with the next instruction.
+    async with stack.client() as client:
+        ok = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+    assert (await wait_for_state(store, ok, RunState.SUCCESS, RunState.FAILURE)).state == (
+        RunState.SUCCESS
+    )
+    assert agent.process is not None and agent.process.poll() is None
+
+
+def connections_of(management: str, vhost: str) -> list[str]:
+    """Names of the client connections of ``vhost`` (the management API lags a few seconds)."""
+    listing = management_request(management, "GET", "/api/connections")
+    return [c["name"] for c in listing if c.get("vhost") == vhost]
+
+
+def close_connections(management: str, names: list[str]) -> None:
+    for name in names:
+        quoted = urllib.parse.quote(name, safe="")
+        management_request(management, "DELETE", f"/api/connections/{quoted}")
+
+
+async def test_components_reconnect_after_the_broker_cuts_them_off(
+    stack: Stack, store: Store, broker: tuple[str, str]
+) -> None:
+    management = broker[1]
+    assert management, "this test needs the broker's management API"
+    vhost = urllib.parse.urlsplit(stack.amqp_url).path.lstrip("/")
+    await stack.start_control_plane()
+    await stack.start_agent()
+    async with stack.client() as client:
+        running = await client.submit(
+            stack.run_image, ["sh", "-c", "sleep 2; echo still here"], queue=stack.queue
+        )
+    await wait_for_state(store, running, RunState.STARTED)
+
+    async def listed() -> list[str]:
+        names = connections_of(management, vhost)
+        return names if len(names) >= 2 else []
+
+    # Cut once, both the control plane's and the agent's connection.
+    names = await eventually(listed, 30, what="the management API listing both connections")
+    close_connections(management, names)
+    # The run that was in flight is still reported, and new runs still flow.
+    run = await wait_for_state(store, running, RunState.SUCCESS, RunState.FAILURE, timeout=90)
+    assert run.state == RunState.SUCCESS
+    assert run.output_tail == ["still here"]
+    async with stack.client() as client:
+        after = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+    assert (await wait_for_state(store, after, RunState.SUCCESS, RunState.FAILURE)).state == (
+        RunState.SUCCESS
+    )
