@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The demo: bring up the stack with docker-compose and show that every service answers.
+# The demo: the whole stack with docker-compose, three runs submitted from the host, their
+# progress and final states. Exits 0 when all three end as expected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 PROJECT=${HD_DEMO_PROJECT:-hybrid-dispatcher-demo}
 COMPOSE=(docker-compose -f compose/docker-compose.yml -p "$PROJECT")
+RUN_IMAGE=${HD_IMAGE_RUN_TINY:-hybrid-dispatcher/run-tiny:latest}
+export HD_AMQP_URL="amqp://${HD_DEMO_AMQP_USER:-dispatcher}:${HD_DEMO_AMQP_PASSWORD:-dispatcher}@127.0.0.1:${HD_DEMO_AMQP_PORT:-5672}/"
+export HD_DATABASE_URL="postgresql://${HD_DEMO_DB_USER:-dispatcher}:${HD_DEMO_DB_PASSWORD:-dispatcher}@127.0.0.1:${HD_DEMO_DB_PORT:-5432}/dispatcher"
 log() { echo "[demo] $*"; }
 
-log "starting RabbitMQ and PostgreSQL (docker-compose project $PROJECT)"
-"${COMPOSE[@]}" up -d rabbitmq postgres
+log "starting RabbitMQ, PostgreSQL, the control plane and one agent (project $PROJECT)"
+"${COMPOSE[@]}" up -d
 
 wait_healthy() {
     local service=$1 id status
@@ -16,7 +20,7 @@ wait_healthy() {
     for i in $(seq 1 120); do
         status=$(docker inspect -f '{{.State.Health.Status}}' "$id")
         if [ "$status" = healthy ]; then
-            log "$service is healthy after ${i} s"
+            log "$service is healthy"
             return 0
         fi
         [ $((i % 10)) = 0 ] && log "waiting for $service ($status, ${i} s)"
@@ -28,9 +32,36 @@ wait_healthy() {
 }
 wait_healthy postgres
 wait_healthy rabbitmq
-
 "${COMPOSE[@]}" ps
-AMQP_URL="amqp://${HD_DEMO_AMQP_USER:-dispatcher}:${HD_DEMO_AMQP_PASSWORD:-dispatcher}@127.0.0.1:${HD_DEMO_AMQP_PORT:-5672}/"
-log "checking this host as an agent would see it"
-"$BIN/worker-agent" check --amqp-url "$AMQP_URL"
-log "the stack is up; stop it with: ${COMPOSE[*]} down"
+
+failures=0
+expect() {
+    local want=$1 label=$2; shift 2
+    log "submitting: $label"
+    set +e
+    "$BIN/dispatcher" submit --image "$RUN_IMAGE" --wait --timeout 120 -- "$@"
+    local got=$?
+    set -e
+    if [ "$got" = "$want" ]; then
+        log "as expected: exit code $got"
+    else
+        log "UNEXPECTED: exit code $got, wanted $want"
+        failures=$((failures + 1))
+    fi
+}
+expect 0 "a run that succeeds" sh -c 'echo hello from a container'
+expect 3 "a run that exits 3" sh -c 'echo about to fail; exit 3'
+expect 0 "a run that prints several lines" \
+    sh -c 'for i in 1 2 3 4 5; do echo "step $i of 5"; sleep 0.2; done'
+
+log "the runs as the control plane recorded them:"
+"$BIN/dispatcher" runs list --limit 3
+latest=$("$BIN/dispatcher" runs list --limit 1 --json | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)[0]["run_id"])')
+"$BIN/dispatcher" runs show "$latest"
+
+log "stop the stack with: ${COMPOSE[*]} down"
+if [ "$failures" -gt 0 ]; then
+    log "$failures run(s) did not end as expected"
+    exit 1
+fi
+log "all three runs ended as expected"
