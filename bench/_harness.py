@@ -1,0 +1,89 @@
+"""Shared set-up of the benchmarks: real services, real processes, percentiles.
+
+Services come from the project's images through testcontainers, unless HD_BENCH_AMQP_URL and
+HD_BENCH_DATABASE_URL name running ones (with HD_BENCH_AMQP_MANAGEMENT_URL for a fresh vhost).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+from dispatcher.settings import ImageNames  # noqa: E402
+from tests.support import Proc  # noqa: E402
+
+LABELS = {"hybrid-dispatcher.bench": "1"}
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def services() -> Iterator[tuple[str, str]]:
+    """(AMQP URL, database URL) of a RabbitMQ and a PostgreSQL for this benchmark."""
+    if os.environ.get("HD_BENCH_AMQP_URL") and os.environ.get("HD_BENCH_DATABASE_URL"):
+        yield os.environ["HD_BENCH_AMQP_URL"], os.environ["HD_BENCH_DATABASE_URL"]
+        return
+    from testcontainers.community.postgres import PostgresContainer
+    from testcontainers.community.rabbitmq import RabbitMqContainer
+
+    images = ImageNames.from_env()
+    progress("starting RabbitMQ and PostgreSQL")
+    rabbit = RabbitMqContainer(images.rabbitmq, username="hd", password="hd").with_kwargs(
+        labels=LABELS
+    )
+    postgres = PostgresContainer(
+        images.postgres, username="hd", password="hd", dbname="hd", driver=None
+    ).with_kwargs(labels=LABELS)
+    with rabbit, postgres:
+        params = rabbit.get_connection_params()
+        yield f"amqp://hd:hd@{params.host}:{params.port}/", postgres.get_connection_url()
+
+
+class Processes:
+    """Control plane and agent processes of one benchmark, stopped on exit."""
+
+    def __init__(self, amqp_url: str, database_url: str) -> None:
+        self.env = {
+            "HD_AMQP_URL": amqp_url,
+            "HD_DATABASE_URL": database_url,
+            "HD_DATABASE_SCHEMA": f"bench_{uuid.uuid4().hex[:8]}",
+        }
+        self.logs = Path(tempfile.mkdtemp(prefix="hd-bench-"))
+        self.started: list[Proc] = []
+
+    def start(self, module: str, args: list[str]) -> Proc:
+        proc = Proc(module, args, self.logs / f"{module}-{len(self.started)}.log", self.env)
+        self.started.append(proc.start())
+        return proc
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for proc in reversed(self.started):
+            proc.stop()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    return statistics.quantiles(ordered, n=100, method="inclusive")[int(p) - 1]
+
+
+def report(figures: dict[str, object]) -> None:
+    """The benchmark's result: one JSON object, always the last line printed."""
+    print(json.dumps(figures, sort_keys=True), flush=True)

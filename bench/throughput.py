@@ -1,0 +1,144 @@
+"""Dispatch throughput: submissions persisted and dispatched per second, against raw publishing.
+
+    python bench/throughput.py [--runs N]
+
+Floor: aio-pika publishes with publisher confirms, persistent, to a quorum queue, from one
+process (in flights of 500). System: N SubmitRun wait in the requests queue; the control plane
+(intake + outbox relay) starts, and the clock runs from its first line of work until every
+run is in PostgreSQL and every LaunchRun has been confirmed into the instructions queue.
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+
+import aio_pika
+import asyncpg
+from _harness import Processes, progress, report, services
+
+from dispatcher import amqp
+from schemas import SubmitRun, encode
+from schemas.topology import (
+    REQUESTS_EXCHANGE,
+    REQUESTS_ROUTING_KEY,
+    instructions_queue,
+)
+
+FLIGHT = 500
+
+
+async def publish_all(
+    channel: aio_pika.abc.AbstractChannel, exchange: str, key: str, bodies: list[bytes]
+) -> None:
+    target = await channel.get_exchange(exchange, ensure=False)
+    for start in range(0, len(bodies), FLIGHT):
+        await asyncio.gather(
+            *(
+                target.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), key
+                )
+                for body in bodies[start : start + FLIGHT]
+            )
+        )
+
+
+async def floor(url: str, n: int) -> float:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(
+            f"bench-floor-{uuid.uuid4().hex[:8]}",
+            arguments={"x-queue-type": "quorum"},
+            durable=True,
+        )
+        bodies = [encode(SubmitRun(run_id=uuid.uuid4(), image="busybox")) for _ in range(n)]
+        started = time.perf_counter()
+        await publish_all(channel, "", queue.name, bodies)
+        elapsed = time.perf_counter() - started
+        await queue.delete(if_unused=False, if_empty=False)
+    return n / elapsed
+
+
+async def preload(url: str, n: int, agent_queue: str) -> None:
+    connection = await amqp.connect(url, "bench-preload")
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await amqp.declare_topology(channel, (agent_queue,))
+        bodies = [
+            encode(
+                SubmitRun(
+                    run_id=uuid.uuid4(), image="busybox", queue=agent_queue, command=("true",)
+                )
+            )
+            for _ in range(n)
+        ]
+        await publish_all(channel, REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, bodies)
+
+
+async def dispatched(url: str, agent_queue: str) -> int:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(instructions_queue(agent_queue), passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+async def persisted(database_url: str, schema: str) -> int:
+    connection = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    try:
+        return int(await connection.fetchval("SELECT count(*) FROM runs"))
+    finally:
+        await connection.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5000)
+    args = parser.parse_args()
+    n = args.runs
+    agent_queue = f"bench-{uuid.uuid4().hex[:8]}"
+    with services() as (amqp_url, database_url), Processes(amqp_url, database_url) as procs:
+        progress(f"floor: {n} confirmed persistent publishes")
+        asyncio.run(floor(amqp_url, 500))  # warm-up
+        floor_rate = asyncio.run(floor(amqp_url, n))
+        progress(f"floor: {floor_rate:.0f} msg/s; queueing {n} submissions for the control plane")
+        asyncio.run(preload(amqp_url, n, agent_queue))
+        # Migrations first, so that the clock measures the work, not the start-up.
+        procs.start("dispatcher", ["db", "upgrade"]).process.wait(60)  # type: ignore[union-attr]
+        proc = procs.start("dispatcher", ["serve", "--components", "intake,relay"])
+        asyncio.run(proc.wait_for_output("control plane running", timeout=60))
+        started = time.perf_counter()
+
+        async def follow() -> float:
+            last = -1
+            while True:
+                count = await dispatched(amqp_url, agent_queue)
+                if count != last:
+                    progress(f"dispatched {count}/{n}")
+                    last = count
+                if count >= n:
+                    return time.perf_counter() - started
+                await asyncio.sleep(0.05)
+
+        elapsed = asyncio.run(follow())
+        rows = asyncio.run(persisted(database_url, procs.env["HD_DATABASE_SCHEMA"]))
+    system_rate = n / elapsed
+    figures = {
+        "benchmark": "throughput",
+        "runs": n,
+        "floor_publish_confirmed_per_s": round(floor_rate),
+        "system_dispatched_per_s": round(system_rate),
+        "ratio": round(system_rate / floor_rate, 2),
+        "runs_persisted": rows,
+        "target_at_least_1000_per_s": system_rate >= 1000,
+    }
+    progress(f"control plane: {system_rate:.0f} runs/s persisted and dispatched")
+    report(figures)
+
+
+if __name__ == "__main__":
+    main()
