@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,22 +12,27 @@ import pytest
 
 from schemas import ALL_MESSAGES
 
+# The commands read HD_* variables; the tests decide every input themselves.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("HD_")}
+
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from dispatcher.cli import main; main()", *args],
+        [sys.executable, "-m", "dispatcher", *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=CLEAN_ENV,
     )
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from worker_agent.cli import main; main()", *args],
+        [sys.executable, "-m", "worker_agent", *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=CLEAN_ENV,
     )
 
 
@@ -75,3 +81,31 @@ def test_bad_usage_explains(args: tuple[str, ...]) -> None:
     result = run(*args)
     assert result.returncode != 0
     assert "Usage" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("submit", "--amqp-url", "amqp://x/", "--", "true"), "--image is required"),
+        (("submit", "--image", "busybox", "--", "true"), "no broker"),
+        (
+            ("submit", "--image", "busybox", "--amqp-url", "amqp://x/", "--env", "NOEQUALS"),
+            "KEY=VALUE",
+        ),
+        (("serve", "--amqp-url", "amqp://x/"), "no database"),
+        (("runs", "list", "--state", "NAPPING", "--database-url", "postgresql://x/"), "state"),
+    ],
+)
+def test_dispatcher_explains_bad_input(args: tuple[str, ...], words: str) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert words in result.stderr
+
+
+def test_worker_agent_run_explains_bad_input() -> None:
+    result = run_agent("run", "--amqp-url", "amqp://x/", "--queue", "has space")
+    assert result.returncode == 2
+    assert "queue name" in result.stderr
+    result = run_agent("run", "--queue", "default")
+    assert result.returncode == 2
+    assert "no broker" in result.stderr
