@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from importlib.metadata import version as _dist_version
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .errors import DispatcherError
+from .process import version_option
 from .store import Store
 
 app = typer.Typer(
@@ -52,25 +52,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def package_version() -> str:
-    """The installed distribution's version."""
-    return _dist_version("hybrid-dispatcher")
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"dispatcher {package_version()}")
-        raise typer.Exit()
-
-
 @app.callback()
 def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version_callback, is_eager=True, help="Print the version."
-        ),
-    ] = False,
+    version: Annotated[bool, version_option("dispatcher")] = False,
 ) -> None:
     """Hybrid work dispatcher: control plane."""
 

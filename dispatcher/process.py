@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -39,3 +40,17 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
         await main(stop)
 
     asyncio.run(runner())
+
+
+def version_option(command: str) -> Any:
+    """A ``--version`` option for a typer callback that prints ``COMMAND VERSION`` and exits."""
+    from importlib.metadata import version
+
+    import typer
+
+    def show(value: bool) -> None:
+        if value:
+            typer.echo(f"{command} {version('hybrid-dispatcher')}")
+            raise typer.Exit()
+
+    return typer.Option("--version", callback=show, is_eager=True, help="Print the version.")

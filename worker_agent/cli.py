@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from importlib.metadata import version as _dist_version
 from typing import Annotated
 
 import typer
+
+from dispatcher.process import version_option
 
 app = typer.Typer(
     name="worker-agent",
@@ -20,20 +21,9 @@ app = typer.Typer(
 )
 
 
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"worker-agent {_dist_version('hybrid-dispatcher')}")
-        raise typer.Exit()
-
-
 @app.callback()
 def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version_callback, is_eager=True, help="Print the version."
-        ),
-    ] = False,
+    version: Annotated[bool, version_option("worker-agent")] = False,
 ) -> None:
     """Hybrid work dispatcher: agent."""
 

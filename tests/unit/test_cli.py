@@ -16,24 +16,22 @@ from schemas import ALL_MESSAGES
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("HD_")}
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dispatcher", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         timeout=60,
         env=CLEAN_ENV,
     )
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_module("dispatcher", *args)
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker_agent", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=CLEAN_ENV,
-    )
+    return run_module("worker_agent", *args)
 
 
 def test_dispatcher_help_lists_its_commands() -> None:
