@@ -109,3 +109,55 @@ class Proc:
             self._log_file.close()
             self._log_file = None
         return int(self.process.returncode)
+
+
+class DockerSocketProxy:
+    """A Unix-socket proxy to the Docker engine that a test can cut and restore.
+
+    An agent started with ``DOCKER_HOST=unix://<path>`` sees the engine vanish while the proxy
+    is down: open streams break and new connections are refused, as when dockerd stops.
+    """
+
+    def __init__(self, path: Path, target: str = "/var/run/docker.sock") -> None:
+        self.path = path
+        self.target = target
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def docker_host(self) -> str:
+        return f"unix://{self.path}"
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+
+    async def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+        self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            engine_reader, engine_writer = await asyncio.open_unix_connection(self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, engine_writer))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while chunk := await source.read(65536):
+                    sink.write(chunk)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+                self._writers.discard(sink)
+
+        await asyncio.gather(pipe(reader, engine_writer), pipe(engine_reader, writer))

@@ -64,7 +64,11 @@ class Stack:
         return f"t-{SESSION_ID}-{self.unique}-{n}"
 
     async def start_agent(
-        self, n: int = 0, max_concurrent: int = 4, extra: tuple[str, ...] = ()
+        self,
+        n: int = 0,
+        max_concurrent: int = 4,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Proc:
         agent_id = self.agent_id(n)
         self.agent_ids.add(agent_id)
@@ -85,7 +89,7 @@ class Stack:
                 *extra,
             ],
             self.logs / f"agent-{agent_id}-{len(self.processes)}.log",
-            self._env(),
+            {**self._env(), **(env or {})},
         ).start()
         self.processes.append(proc)
         await proc.wait_for_output("consuming", timeout=60)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import urllib.parse
+from pathlib import Path
 
 from dispatcher.states import RunState
 from dispatcher.store import Store
 from tests.integration.conftest import Stack
 from tests.integration.test_dispatch import wait_for_state
-from tests.support import eventually, management_request
+from tests.support import DockerSocketProxy, eventually, management_request
 
 
 async def test_a_missing_image_fails_the_run_with_image_not_found(
@@ -76,3 +77,25 @@ async def test_components_reconnect_after_the_broker_cuts_them_off(
     assert (await wait_for_state(store, after, RunState.SUCCESS, RunState.FAILURE)).state == (
         RunState.SUCCESS
     )
+
+
+async def test_an_instruction_waits_out_a_docker_outage(
+    stack: Stack, store: Store, tmp_path: Path
+) -> None:
+    proxy = DockerSocketProxy(tmp_path / "docker.sock")
+    await proxy.up()
+    await stack.start_control_plane()
+    agent = await stack.start_agent(env={"DOCKER_HOST": proxy.docker_host})
+    await proxy.down()
+    async with stack.client() as client:
+        run_id = await client.submit(stack.run_image, ["sh", "-c", "echo after"], queue=stack.queue)
+    # The agent says what is wrong and keeps the instruction.
+    await agent.wait_for_output(f"Docker engine unreachable, run {run_id} requeued", timeout=60)
+    assert (await store.get_run(run_id)).state == RunState.QUEUED
+    await proxy.up()
+    try:
+        run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE, timeout=90)
+    finally:
+        await proxy.down()
+    assert run.state == RunState.SUCCESS
+    assert run.output_tail == ["after"]
