@@ -29,6 +29,7 @@ from pamqp.common import Arguments
 
 from schemas import Decoder, Message, SchemaError, encode, kind_of
 from schemas.topology import (
+    CONTROL_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_QUEUE_HEADER,
@@ -39,6 +40,7 @@ from schemas.topology import (
     REQUESTS_ROUTING_KEY,
     STATUS_EXCHANGE,
     STATUS_STORE_QUEUE,
+    control_queue,
     instructions_queue,
 )
 
@@ -95,6 +97,7 @@ async def declare_topology(
     await requests_queue.bind(requests, routing_key=REQUESTS_ROUTING_KEY)
 
     await channel.declare_exchange(INSTRUCTIONS_EXCHANGE, direct, durable=True)
+    await channel.declare_exchange(CONTROL_EXCHANGE, direct, durable=True)
     for agent_queue in agent_queues:
         await declare_instructions_queue(channel, agent_queue)
 
@@ -115,6 +118,26 @@ async def declare_instructions_queue(
         instructions_queue(agent_queue), durable=True, arguments=_QUORUM
     )
     await queue.bind(exchange, routing_key=agent_queue)
+    return queue
+
+
+async def declare_control_queue(
+    channel: aio_pika.abc.AbstractChannel, agent_id: str
+) -> aio_pika.abc.AbstractQueue:
+    """Declare one agent's control queue (TerminateRun for that agent only) and bind it.
+
+    Instructions wait there while the agent is away, so that a returning agent is fenced.
+    An agent id that never comes back leaves a queue that expires after a week unused.
+    """
+    exchange = await channel.declare_exchange(
+        CONTROL_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    queue = await channel.declare_queue(
+        control_queue(agent_id),
+        durable=True,
+        arguments={"x-queue-type": "quorum", "x-expires": 7 * 24 * 3600 * 1000},
+    )
+    await queue.bind(exchange, routing_key=agent_id)
     return queue
 
 

@@ -75,6 +75,49 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        2,
+        "retries, timeouts, agent liveness, alerts",
+        """
+        ALTER TABLE runs
+            ADD COLUMN start_timeout_s  double precision,
+            ADD COLUMN max_retries      integer,
+            ADD COLUMN retry_on         jsonb,
+            ADD COLUMN memory_limit_mb  integer,
+            ADD COLUMN ready_check      jsonb NOT NULL DEFAULT '[]',
+            ADD COLUMN state_changed_at timestamptz NOT NULL DEFAULT now();
+        CREATE INDEX runs_active ON runs (state) WHERE state IN ('STARTING', 'STARTED');
+
+        -- A retry's LaunchRun waits for its backoff.
+        ALTER TABLE outbox ADD COLUMN not_before timestamptz;
+
+        ALTER TABLE agents
+            ADD COLUMN status     text NOT NULL DEFAULT 'ALIVE',
+            ADD COLUMN lost_at    timestamptz,
+            ADD COLUMN interval_s double precision NOT NULL DEFAULT 2;
+
+        -- One row per incident: the dedupe key makes a second alert for it impossible.
+        CREATE TABLE alerts (
+            id          bigserial PRIMARY KEY,
+            dedupe_key  text NOT NULL UNIQUE,
+            kind        text NOT NULL,
+            subject     text NOT NULL,
+            message     text NOT NULL,
+            payload     jsonb NOT NULL,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            logged_at   timestamptz
+        );
+        CREATE TABLE alert_deliveries (
+            alert_id        bigint NOT NULL REFERENCES alerts (id),
+            url             text NOT NULL,
+            attempts        integer NOT NULL DEFAULT 0,
+            delivered_at    timestamptz,
+            last_error      text,
+            next_attempt_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (alert_id, url)
+        );
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 import aio_pika.abc
 
-from .amqp import Publisher, declare_instructions_queue
+from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
+
+from .amqp import Publisher, declare_control_queue, declare_instructions_queue
 from .errors import BrokerUnavailable, StoreUnavailable
 from .store import OutboxRow, Store
 
@@ -19,7 +21,8 @@ class OutboxRelay:
     """Publishes unsent outbox rows with confirms, then marks them sent.
 
     It starts with whatever was left unsent (a crash loses nothing), then sleeps until a
-    NOTIFY from a committing transaction wakes it; ``idle_poll_s`` is only a safety net.
+    NOTIFY from a committing transaction wakes it; ``idle_poll_s`` is a safety net and the
+    pace at which delayed rows (retry backoff) become due.
     """
 
     def __init__(
@@ -27,13 +30,13 @@ class OutboxRelay:
         store: Store,
         publisher: Publisher,
         batch: int = 500,
-        idle_poll_s: float = 5.0,
+        idle_poll_s: float = 0.5,
     ) -> None:
         self._store = store
         self._publisher = publisher
         self._batch = batch
         self._idle_poll_s = idle_poll_s
-        self._declared: set[str] = set()
+        self._declared: set[tuple[str, str]] = set()
         self.published = 0
 
     async def run(self) -> None:
@@ -52,9 +55,9 @@ class OutboxRelay:
 
     async def _publish(self, rows: Sequence[OutboxRow]) -> None:
         channel = await self._publisher.channel()
-        for key in {row.routing_key for row in rows} - self._declared:
-            await _declare(channel, key)
-            self._declared.add(key)
+        for target in {(row.exchange, row.routing_key) for row in rows} - self._declared:
+            await _declare(channel, *target)
+            self._declared.add(target)
         await asyncio.gather(
             *(
                 self._publisher.publish_raw(
@@ -70,7 +73,10 @@ class OutboxRelay:
         log.debug("outbox relay: published %d", len(rows))
 
 
-async def _declare(channel: aio_pika.abc.AbstractChannel, agent_queue: str) -> None:
-    # The queue exists before the first LaunchRun for it, so that an agent started later
-    # finds its instructions waiting.
-    await declare_instructions_queue(channel, agent_queue)
+async def _declare(channel: aio_pika.abc.AbstractChannel, exchange: str, key: str) -> None:
+    # The queue exists before the first message for it, so that an agent started later (or
+    # coming back) finds its instructions waiting.
+    if exchange == INSTRUCTIONS_EXCHANGE:
+        await declare_instructions_queue(channel, key)
+    elif exchange == CONTROL_EXCHANGE:
+        await declare_control_queue(channel, key)

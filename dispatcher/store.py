@@ -20,18 +20,20 @@ import msgspec
 from schemas import (
     AgentHeartbeat,
     Event,
+    FailureReason,
     LaunchRun,
+    Message,
+    RunEvent,
     RunFailed,
-    RunLaunched,
-    RunStarted,
-    RunSucceeded,
     SubmitRun,
     encode,
+    kind_of,
 )
 from schemas.topology import INSTRUCTIONS_EXCHANGE
 
-from . import migrations
+from . import alerts, migrations
 from .errors import RunNotFound, StoreUnavailable
+from .retries import DEFAULT_MAX_RETRIES, DEFAULT_RETRY_ON, RetryPolicy, backoff_s
 from .states import TERMINAL, RunState, next_state
 
 log = logging.getLogger(__name__)
@@ -124,20 +126,30 @@ def _launch_for(submit: SubmitRun, attempt: int) -> LaunchRun:
         env=submit.env,
         tags=submit.tags,
         max_runtime_s=submit.max_runtime_s,
+        memory_limit_mb=submit.memory_limit_mb,
+        ready_check=submit.ready_check,
     )
 
 
 class Store:
     """Runs, their events, the outbox and agents, in PostgreSQL."""
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, schema: str | None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, dsn: str, schema: str | None, retry_backoff_s: float = 1.0
+    ) -> None:
         self._pool = pool
         self._dsn = dsn
         self._schema = schema
+        self.retry_backoff_s = retry_backoff_s
 
     @classmethod
     async def open(
-        cls, dsn: str, schema: str | None = None, min_size: int = 2, max_size: int = 10
+        cls,
+        dsn: str,
+        schema: str | None = None,
+        min_size: int = 2,
+        max_size: int = 10,
+        retry_backoff_s: float = 1.0,
     ) -> Store:
         """Connect (a pool); ``schema`` puts every table in that schema (tests isolate so)."""
         settings = {"search_path": schema} if schema else {}
@@ -148,7 +160,7 @@ class Store:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}") from exc
         assert pool is not None
-        return cls(pool, dsn, schema)
+        return cls(pool, dsn, schema, retry_backoff_s)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -182,12 +194,16 @@ class Store:
             created = await connection.fetch(
                 """
                 INSERT INTO runs (run_id, idempotency_key, queue, image, command, env, tags,
-                                  max_runtime_s, state)
+                                  max_runtime_s, start_timeout_s, max_retries, retry_on,
+                                  memory_limit_mb, ready_check, state)
                 SELECT r.run_id, r.key, r.queue, r.image, r.command::jsonb, r.env::jsonb,
-                       r.tags::jsonb, r.max_runtime_s, 'QUEUED'
+                       r.tags::jsonb, r.max_runtime_s, r.start_timeout_s, r.max_retries,
+                       r.retry_on::jsonb, r.memory_limit_mb, r.ready_check::jsonb, 'QUEUED'
                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                            $6::text[], $7::text[], $8::float8[])
-                     AS r(run_id, key, queue, image, command, env, tags, max_runtime_s)
+                            $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[],
+                            $11::text[], $12::int[], $13::text[])
+                     AS r(run_id, key, queue, image, command, env, tags, max_runtime_s,
+                          start_timeout_s, max_retries, retry_on, memory_limit_mb, ready_check)
                 ON CONFLICT DO NOTHING
                 RETURNING run_id
                 """,
@@ -199,6 +215,14 @@ class Store:
                 [json.dumps(s.env) for s in submissions],
                 [json.dumps(s.tags) for s in submissions],
                 [s.max_runtime_s for s in submissions],
+                [s.start_timeout_s for s in submissions],
+                [s.max_retries for s in submissions],
+                [
+                    json.dumps([r.value for r in s.retry_on]) if s.retry_on is not None else None
+                    for s in submissions
+                ],
+                [s.memory_limit_mb for s in submissions],
+                [json.dumps(list(s.ready_check)) for s in submissions],
             )
             created_ids = {record["run_id"] for record in created}
             fresh = [s for s in submissions if s.run_id in created_ids]
@@ -222,30 +246,14 @@ class Store:
                 [s.run_id for s in fresh],
                 [_payload_json(s) for s in fresh],
             )
-            await self._insert_outbox(
-                connection, [(f, launch) for f, launch in zip(fresh, launches, strict=True)]
+            await _insert_outbox(
+                connection,
+                [
+                    OutboxItem(launch, INSTRUCTIONS_EXCHANGE, submit.queue)
+                    for submit, launch in zip(fresh, launches, strict=True)
+                ],
             )
             return [s.run_id for s in fresh]
-
-    async def _insert_outbox(
-        self, connection: asyncpg.Connection, items: Sequence[tuple[SubmitRun, LaunchRun]]
-    ) -> None:
-        await connection.execute(
-            """
-            INSERT INTO outbox (message_id, run_id, attempt, exchange, routing_key, kind, payload)
-            SELECT o.message_id, o.run_id, o.attempt, $1, o.routing_key, 'LaunchRun', o.payload
-            FROM unnest($2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::bytea[])
-                 AS o(message_id, run_id, attempt, routing_key, payload)
-            """,
-            INSTRUCTIONS_EXCHANGE,
-            [launch.message_id for _, launch in items],
-            [launch.run_id for _, launch in items],
-            [launch.attempt for _, launch in items],
-            [submit.queue for submit, _ in items],
-            [encode(launch) for _, launch in items],
-        )
-        # Delivered at commit: the relay wakes with no polling delay.
-        await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}")
 
     # ------------------------------------------------------------------- the outbox
 
@@ -262,7 +270,8 @@ class Store:
             records = await connection.fetch(
                 """
                 SELECT id, exchange, routing_key, kind, message_id, payload FROM outbox
-                WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+                WHERE sent_at IS NULL AND (not_before IS NULL OR not_before <= now())
+                ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
                 """,
                 limit,
             )
@@ -332,44 +341,82 @@ class Store:
                     changes += 1
         return changes
 
-    async def _apply_run_event(
-        self,
-        connection: asyncpg.Connection,
-        event: RunLaunched | RunStarted | RunSucceeded | RunFailed,
-    ) -> bool:
+    async def _apply_run_event(self, connection: asyncpg.Connection, event: RunEvent) -> bool:
         run = await connection.fetchrow(
-            "SELECT state, attempt FROM runs WHERE run_id = $1 FOR UPDATE", event.run_id
+            "SELECT * FROM runs WHERE run_id = $1 FOR UPDATE", event.run_id
         )
         if run is None:
             log.warning("event %s for unknown run %s ignored", type(event).__name__, event.run_id)
             return False
         current = RunState(run["state"])
         new = next_state(current, event) if event.attempt == run["attempt"] else None
-        inserted = await connection.fetchval(
-            """
-            INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state, payload)
-            VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
-            ON CONFLICT (event_id) DO NOTHING
-            RETURNING seq
-            """,
-            event.message_id,
-            event.run_id,
-            event.attempt,
-            type(event).__name__,
-            current.value if new else None,
-            new.value if new else None,
-            _payload_json(event),
+        retry = (
+            new == RunState.FAILURE
+            and isinstance(event, RunFailed)
+            and _policy(run).retries(event.reason, event.attempt)
         )
-        if inserted is None or new is None:
+        if retry:
+            new = RunState.QUEUED
+        inserted = await _insert_event(connection, event, current if new else None, new)
+        if not inserted or new is None:
             return False  # a redelivered event, a stale attempt, or no transition
-        await self._update_run(connection, event, new)
+        if retry:
+            assert isinstance(event, RunFailed)
+            await self._schedule_retry(connection, run, event)
+        else:
+            await self._update_run(connection, event, new)
+            if new == RunState.FAILURE:
+                assert isinstance(event, RunFailed)
+                await alerts.raise_alert(
+                    connection,
+                    f"run-failed:{event.run_id}",
+                    "run_failed",
+                    f"run {event.run_id}",
+                    f"run {event.run_id} failed on attempt {event.attempt}: {event.reason.value}"
+                    + (f" (exit code {event.exit_code})" if event.exit_code is not None else ""),
+                    {
+                        "run_id": str(event.run_id),
+                        "attempt": event.attempt,
+                        "reason": event.reason.value,
+                        "exit_code": event.exit_code,
+                        "message": event.message,
+                    },
+                )
         return True
 
+    async def _schedule_retry(
+        self, connection: asyncpg.Connection, run: asyncpg.Record, failed: RunFailed
+    ) -> None:
+        """The next attempt: the run goes back to QUEUED and a delayed LaunchRun is written."""
+        attempt = failed.attempt + 1
+        delay = backoff_s(failed.attempt, self.retry_backoff_s)
+        await connection.execute(
+            """
+            UPDATE runs SET state = 'QUEUED', attempt = $2, agent_id = NULL, container_id = NULL,
+                exit_code = NULL, failure_reason = $3, failure_message = $4,
+                started_at = NULL, state_changed_at = now(), updated_at = now()
+            WHERE run_id = $1
+            """,
+            failed.run_id,
+            attempt,
+            failed.reason.value,
+            f"attempt {failed.attempt} failed ({failed.reason.value}); retrying",
+        )
+        launch = _launch_from_row(run, attempt)
+        await _insert_outbox(
+            connection, [OutboxItem(launch, INSTRUCTIONS_EXCHANGE, run["queue"], delay)]
+        )
+        log.info(
+            "run %s attempt %d failed (%s); attempt %d in %.1f s",
+            failed.run_id,
+            failed.attempt,
+            failed.reason.value,
+            attempt,
+            delay,
+        )
+
     async def _update_run(
-        self,
-        connection: asyncpg.Connection,
-        event: RunLaunched | RunStarted | RunSucceeded | RunFailed,
-        new: RunState,
+        self, connection: asyncpg.Connection, event: RunEvent, new: RunState
     ) -> None:
         agent_id = getattr(event, "agent_id", None)
         container_id = getattr(event, "container_id", None)
@@ -385,12 +432,13 @@ class Store:
                 agent_id = COALESCE($3, agent_id),
                 container_id = COALESCE($4, container_id),
                 exit_code = CASE WHEN $5 THEN $6 ELSE exit_code END,
-                failure_reason = COALESCE($7, failure_reason),
-                failure_message = COALESCE($8, failure_message),
+                failure_reason = CASE WHEN $5 THEN $7 ELSE failure_reason END,
+                failure_message = CASE WHEN $5 THEN $8 ELSE failure_message END,
                 output_tail = CASE WHEN $5 THEN $9::jsonb ELSE output_tail END,
                 started_at = CASE WHEN $2 = 'STARTED' THEN COALESCE(started_at, now())
                                   ELSE started_at END,
                 finished_at = CASE WHEN $5 THEN now() ELSE finished_at END,
+                state_changed_at = now(),
                 updated_at = now()
             WHERE run_id = $1
             """,
@@ -409,18 +457,19 @@ class Store:
         await connection.execute(
             """
             INSERT INTO agents (agent_id, queues, max_concurrent, in_flight, last_sequence,
-                                last_heartbeat_at)
-            VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, now())
+                                interval_s, last_heartbeat_at)
+            VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, $6, now())
             ON CONFLICT (agent_id) DO UPDATE SET
                 queues = EXCLUDED.queues, max_concurrent = EXCLUDED.max_concurrent,
                 in_flight = EXCLUDED.in_flight, last_sequence = EXCLUDED.last_sequence,
-                last_heartbeat_at = now()
+                interval_s = EXCLUDED.interval_s, last_heartbeat_at = now()
             """,
             beat.agent_id,
             json.dumps(list(beat.queues)),
             beat.max_concurrent,
             msgspec.json.encode(beat.in_flight).decode(),
             beat.sequence,
+            beat.interval_s,
         )
 
     # -------------------------------------------------------------------- reading
@@ -491,3 +540,90 @@ class Store:
 
 def _payload_json(message: msgspec.Struct) -> str:
     return msgspec.json.encode(message).decode()
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A message to publish once the transaction commits, after ``delay_s`` if given."""
+
+    message: Message
+    exchange: str
+    routing_key: str
+    delay_s: float = 0.0
+
+
+async def _insert_outbox(connection: asyncpg.Connection, items: Sequence[OutboxItem]) -> None:
+    """Write outbox rows; a row whose message id exists already is skipped (idempotent)."""
+    await connection.execute(
+        """
+        INSERT INTO outbox (message_id, run_id, attempt, exchange, routing_key, kind, payload,
+                            not_before)
+        SELECT o.message_id, o.run_id, o.attempt, o.exchange, o.routing_key, o.kind, o.payload,
+               CASE WHEN o.delay > 0 THEN now() + o.delay * interval '1 second' END
+        FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
+                    $7::bytea[], $8::float8[])
+             AS o(message_id, run_id, attempt, exchange, routing_key, kind, payload, delay)
+        ON CONFLICT (message_id) DO NOTHING
+        """,
+        [i.message.message_id for i in items],
+        [getattr(i.message, "run_id", None) for i in items],
+        [getattr(i.message, "attempt", 0) for i in items],
+        [i.exchange for i in items],
+        [i.routing_key for i in items],
+        [kind_of(i.message) for i in items],
+        [encode(i.message) for i in items],
+        [i.delay_s for i in items],
+    )
+    # Delivered at commit: the relay wakes with no polling delay.
+    await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+
+
+async def _insert_event(
+    connection: asyncpg.Connection,
+    event: RunEvent,
+    from_state: RunState | None,
+    to_state: RunState | None,
+) -> bool:
+    """Append an event; False when its id was recorded before (a redelivery)."""
+    seq = await connection.fetchval(
+        """
+        INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state, payload)
+        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING seq
+        """,
+        event.message_id,
+        event.run_id,
+        event.attempt,
+        type(event).__name__,
+        from_state.value if from_state else None,
+        to_state.value if to_state else None,
+        _payload_json(event),
+    )
+    return seq is not None
+
+
+def _policy(run: asyncpg.Record) -> RetryPolicy:
+    retry_on = run["retry_on"]
+    return RetryPolicy(
+        max_retries=DEFAULT_MAX_RETRIES if run["max_retries"] is None else run["max_retries"],
+        retry_on=(
+            DEFAULT_RETRY_ON
+            if retry_on is None
+            else tuple(FailureReason(r) for r in json.loads(retry_on))
+        ),
+    )
+
+
+def _launch_from_row(run: asyncpg.Record, attempt: int) -> LaunchRun:
+    return LaunchRun(
+        run_id=run["run_id"],
+        attempt=attempt,
+        image=run["image"],
+        command=tuple(json.loads(run["command"])),
+        env=json.loads(run["env"]),
+        tags=json.loads(run["tags"]),
+        max_runtime_s=run["max_runtime_s"],
+        memory_limit_mb=run["memory_limit_mb"],
+        ready_check=tuple(json.loads(run["ready_check"])),
+    )

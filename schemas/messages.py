@@ -51,6 +51,20 @@ class AttemptMessage(RunMessage, frozen=True, kw_only=True):
     attempt: Attempt
 
 
+class FailureReason(enum.StrEnum):
+    """Why an attempt failed."""
+
+    EXIT_CODE = "EXIT_CODE"
+    IMAGE_NOT_FOUND = "IMAGE_NOT_FOUND"
+    LAUNCH_ERROR = "LAUNCH_ERROR"
+    START_TIMEOUT = "START_TIMEOUT"
+    AGENT_LOST = "AGENT_LOST"
+    UNEXPECTED_TERMINATION = "UNEXPECTED_TERMINATION"
+    OOM = "OOM"
+    MAX_RUNTIME = "MAX_RUNTIME"
+    CANCEL_TIMEOUT = "CANCEL_TIMEOUT"
+
+
 # ----------------------------------------------------------------------------- requests
 
 
@@ -67,6 +81,14 @@ class SubmitRun(RunMessage, frozen=True, kw_only=True, tag="SubmitRun"):
     idempotency_key: NonEmpty | None = None
     tags: dict[str, str] = msgspec.field(default_factory=dict)
     max_runtime_s: Seconds | None = None
+    #: STARTING for longer than this fails the attempt (START_TIMEOUT); None: the default.
+    start_timeout_s: Seconds | None = None
+    #: Retries after a failure whose reason is in ``retry_on``; None: the default policy.
+    max_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    retry_on: tuple[FailureReason, ...] | None = None
+    memory_limit_mb: Annotated[int, msgspec.Meta(ge=6)] | None = None
+    #: A command run inside the container; the run is STARTED once it succeeds.
+    ready_check: tuple[str, ...] = ()
 
 
 class CancelRun(RunMessage, frozen=True, kw_only=True, tag="CancelRun"):
@@ -88,32 +110,24 @@ class LaunchRun(AttemptMessage, frozen=True, kw_only=True, tag="LaunchRun"):
     env: dict[str, str] = msgspec.field(default_factory=dict)
     tags: dict[str, str] = msgspec.field(default_factory=dict)
     max_runtime_s: Seconds | None = None
+    memory_limit_mb: Annotated[int, msgspec.Meta(ge=6)] | None = None
+    ready_check: tuple[str, ...] = ()
 
 
 class TerminateRun(AttemptMessage, frozen=True, kw_only=True, tag="TerminateRun"):
-    """Tell an agent to stop an attempt: SIGTERM, then SIGKILL after ``grace_s``."""
+    """Tell an agent to stop an attempt: SIGTERM, then SIGKILL after ``grace_s``.
+
+    ``failure_reason`` is what the agent reports for the attempt once it stopped.
+    """
 
     reason: str = ""
-    grace_s: Seconds = 30.0
+    grace_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    failure_reason: FailureReason | None = None
 
 
 Instruction = LaunchRun | TerminateRun
 
 # ------------------------------------------------------------------------------- events
-
-
-class FailureReason(enum.StrEnum):
-    """Why an attempt failed."""
-
-    EXIT_CODE = "EXIT_CODE"
-    IMAGE_NOT_FOUND = "IMAGE_NOT_FOUND"
-    LAUNCH_ERROR = "LAUNCH_ERROR"
-    START_TIMEOUT = "START_TIMEOUT"
-    AGENT_LOST = "AGENT_LOST"
-    UNEXPECTED_TERMINATION = "UNEXPECTED_TERMINATION"
-    OOM = "OOM"
-    MAX_RUNTIME = "MAX_RUNTIME"
-    CANCEL_TIMEOUT = "CANCEL_TIMEOUT"
 
 
 class RunLaunched(AttemptMessage, frozen=True, kw_only=True, tag="RunLaunched"):

@@ -18,6 +18,9 @@ REQUESTS_ROUTING_KEY: Final = "request"
 #: Direct exchange for LaunchRun / TerminateRun; routing key = agent queue name.
 INSTRUCTIONS_EXCHANGE: Final = "hd.instructions"
 
+#: Direct exchange for instructions to one agent (TerminateRun), routing key = agent id.
+CONTROL_EXCHANGE: Final = "hd.control"
+
 #: Topic exchange for run events (``run.<event>``) and heartbeats (``agent.heartbeat``).
 STATUS_EXCHANGE: Final = "hd.status"
 #: The control plane's queue on the status exchange (applies events to PostgreSQL).
@@ -43,6 +46,11 @@ _EVENT_KEYS: Final = {
     "RunFailed": "run.failed",
     "AgentHeartbeat": HEARTBEAT_ROUTING_KEY,
 }
+
+
+def control_queue(agent_id: str) -> str:
+    """The queue of instructions for one agent, whatever queues it consumes."""
+    return f"hd.control.{agent_id}"
 
 
 def instructions_queue(agent_queue: str) -> str:
