@@ -59,6 +59,11 @@ class Attempt:
     state: str = "launching"
     launched: asyncio.Event = field(default_factory=asyncio.Event)
     finishing: bool = False
+    #: RunStarted was reported (at once, or when the ready check passed).
+    started: bool = False
+    #: Set by a TerminateRun: what the attempt's end is reported as.
+    terminated: FailureReason | None = None
+    terminate_note: str = ""
 
 
 class Agent:
@@ -105,9 +110,11 @@ class Agent:
             self._in_flight,
             lambda: self._draining,
         )
-        watcher = ContainerWatcher(self.runtime, self._on_container_exit, self._resync)
+        watcher = ContainerWatcher(
+            self.runtime, self._on_container_exit, self._resync, self._on_container_ready
+        )
         self._consumer = InstructionConsumer(
-            connection, settings.queues, self._publisher, self._on_instruction
+            connection, settings.queues, self._publisher, self._on_instruction, settings.agent_id
         )
 
         # Start-up: watch Docker first (which adopts what this agent ran before), so that
@@ -210,7 +217,7 @@ class Agent:
             # A redelivery of an attempt this agent holds: report it again, then ack.
             await existing.launched.wait()
             if existing.container_id is not None:
-                await self._report_launched(launch, existing.container_id, existing.state)
+                await self._report_launched(launch, existing.container_id, existing.started)
             await amqp.settle(raw.ack())
             return
         if self._free_slots() == 0:
@@ -258,9 +265,10 @@ class Agent:
             return
         attempt.container_id = info.id
         attempt.state = info.status
+        attempt.started = info.ready
         self._by_container[info.id] = key
         try:
-            await self._report_launched(launch, info.id, info.status)
+            await self._report_launched(launch, info.id, attempt.started)
         except BrokerUnavailable as exc:
             # Not acked: the broker redelivers, and the redelivery adopts this container.
             log.error("could not report the launch of run %s: %s", launch.run_id, exc)
@@ -279,9 +287,9 @@ class Agent:
             self._on_container_exit(info.id)
 
     async def _report_launched(
-        self, launch: LaunchRun | ContainerInfo, container_id: str, status: str
+        self, launch: LaunchRun | ContainerInfo, container_id: str, started: bool
     ) -> None:
-        assert self._publisher is not None
+        """RunLaunched, and RunStarted when the container runs (and passed its ready check)."""
         agent_id = self.settings.agent_id
         run_id, attempt = launch.run_id, launch.attempt
         name = f"hd-run-{run_id}-{attempt}"
@@ -294,18 +302,49 @@ class Agent:
                 container_name=name,
             )
         )
-        if status != "created":
+        if started:
             await self._publish(
                 RunStarted(
                     run_id=run_id, attempt=attempt, agent_id=agent_id, container_id=container_id
                 )
             )
 
+    def _on_container_ready(self, container_id: str) -> None:
+        key = self._by_container.get(container_id)
+        attempt = self.attempts.get(key) if key else None
+        if attempt is None or attempt.started:
+            return
+        attempt.started = True
+
+        async def report() -> None:
+            await attempt.launched.wait()
+            await self._publish_until_sent(
+                RunStarted(
+                    run_id=attempt.run_id,
+                    attempt=attempt.attempt,
+                    agent_id=self.settings.agent_id,
+                    container_id=container_id,
+                )
+            )
+
+        task = asyncio.create_task(report())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _terminate(
         self, terminate: TerminateRun, raw: aio_pika.abc.AbstractIncomingMessage
     ) -> None:
+        """Stop an attempt's container; its end is reported with the reason given."""
         attempt = self.attempts.get((terminate.run_id, terminate.attempt))
-        if attempt is not None and attempt.container_id is not None:
+        if attempt is not None and attempt.container_id is not None and not attempt.finishing:
+            attempt.terminated = terminate.failure_reason or FailureReason.UNEXPECTED_TERMINATION
+            attempt.terminate_note = terminate.reason
+            log.info(
+                "terminating run %s attempt %d: %s",
+                terminate.run_id,
+                terminate.attempt,
+                terminate.reason or "asked to",
+            )
             try:
                 await self.runtime.stop(attempt.container_id, terminate.grace_s)
             except DockerUnavailable as exc:
@@ -382,7 +421,8 @@ class Agent:
                     *key,
                     info.status,
                 )
-                await self._report_launched(info, info.id, info.status)
+                attempt.started = info.ready
+                await self._report_launched(info, info.id, attempt.started)
                 attempt.launched.set()
             if info.finished:
                 self._on_container_exit(info.id)
@@ -410,6 +450,16 @@ def final_event(
 ) -> RunSucceeded | RunFailed:
     """The event that reports how an attempt's container ended."""
     run_id, number = attempt.run_id, attempt.attempt
+    if attempt.terminated is not None:
+        return RunFailed(
+            run_id=run_id,
+            attempt=number,
+            agent_id=agent_id,
+            output_tail=tail,
+            reason=attempt.terminated,
+            exit_code=info.exit_code if info else None,
+            message=f"terminated: {attempt.terminate_note or attempt.terminated.value}",
+        )
     if info is None:
         return RunFailed(
             run_id=run_id,

@@ -14,6 +14,7 @@ from dispatcher import amqp
 from dispatcher.amqp import Delivery, Publisher
 from dispatcher.errors import BrokerUnavailable
 from schemas import Instruction, SchemaError, instruction_decoder
+from schemas.topology import CONTROL_EXCHANGE, control_queue, instructions_queue
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ class InstructionConsumer:
         queues: tuple[str, ...],
         publisher: Publisher,
         handler: Callable[[Delivery[Instruction]], Coroutine[Any, Any, None]],
+        agent_id: str | None = None,
     ) -> None:
+        self._agent_id = agent_id
+        self._control_channel: aio_pika.abc.AbstractChannel | None = None
         self._connection = connection
         self._agent_queues = queues
         self._publisher = publisher
@@ -53,6 +57,12 @@ class InstructionConsumer:
             for agent_queue in self._agent_queues:
                 queue = await amqp.declare_instructions_queue(self._channel, agent_queue)
                 self._queues.append(queue)
+            if self._agent_id is not None:
+                # This agent's own queue (TerminateRun) is consumed whatever the free slots.
+                self._control_channel = await self._connection.channel()
+                await self._control_channel.set_qos(prefetch_count=32)
+                control = await amqp.declare_control_queue(self._control_channel, self._agent_id)
+                await control.consume(self._on_message)
         except amqp.TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot consume instructions: {exc!r}") from exc
         await self.set_capacity(capacity)
@@ -86,9 +96,13 @@ class InstructionConsumer:
         try:
             instruction = self._decoder.decode(raw.body)
         except SchemaError as exc:
-            queue = raw.routing_key or "instructions"
+            source = (
+                control_queue(raw.routing_key or "")
+                if raw.exchange == CONTROL_EXCHANGE
+                else instructions_queue(raw.routing_key or "")
+            )
             log.warning("dead-lettering an undecodable instruction: %s", exc)
-            await self._publisher.dead_letter(raw, f"hd.instructions.{queue}", str(exc))
+            await self._publisher.dead_letter(raw, source, str(exc))
             await amqp.settle(raw.ack())
             return
         task = asyncio.create_task(self._handler(Delivery(instruction, raw)))
@@ -110,7 +124,9 @@ class InstructionConsumer:
         """Close the channel; unacked instructions go back to their queue. Idempotent."""
         for task in list(self._tasks):
             task.cancel()
-        if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(*amqp.TRANSIENT):
-                await self._channel.close()
+        for channel in (self._channel, self._control_channel):
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(*amqp.TRANSIENT):
+                    await channel.close()
         self._channel = None
+        self._control_channel = None

@@ -50,6 +50,13 @@ class ContainerInfo:
     status: str  # created, running, paused, restarting, removing, exited, dead
     exit_code: int | None
     oom_killed: bool
+    #: "starting", "healthy" or "unhealthy" for a container with a ready check, else None.
+    health: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Running, and past its ready check if it has one."""
+        return self.status != "created" and self.health in (None, "healthy")
 
     @property
     def finished(self) -> bool:
@@ -68,6 +75,7 @@ class ContainerInfo:
             status=status,
             exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
             oom_killed=bool(state.get("OOMKilled")),
+            health=(state.get("Health") or {}).get("Status"),
         )
 
 
@@ -140,6 +148,7 @@ class DockerRuntime:
                     labels=self.labels_for(launch),
                     environment=dict(launch.env),
                     detach=True,
+                    **_limits(launch),
                 )
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:  # 409: the name exists, a concurrent create won
@@ -247,7 +256,7 @@ class DockerRuntime:
         filters = {
             "type": "container",
             "label": [f"{LABEL_AGENT}={self.agent_id}"],
-            "event": ["start", "die", "oom"],
+            "event": ["start", "die", "oom", "health_status"],
         }
         try:
             client = docker.from_env(timeout=None)
@@ -261,6 +270,23 @@ class DockerRuntime:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+def _limits(launch: LaunchRun) -> dict[str, Any]:
+    """Docker options for the run's memory limit and ready check."""
+    options: dict[str, Any] = {}
+    if launch.memory_limit_mb is not None:
+        # Swap counts against the same limit, so that the limit is the limit.
+        options["mem_limit"] = f"{launch.memory_limit_mb}m"
+        options["memswap_limit"] = f"{launch.memory_limit_mb}m"
+    if launch.ready_check:
+        options["healthcheck"] = {
+            "test": ["CMD", *launch.ready_check],
+            "interval": 250_000_000,  # ns
+            "timeout": 5_000_000_000,
+            "retries": 1,
+        }
+    return options
 
 
 def _explain(exc: docker.errors.APIError) -> str:

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class ContainerWatcher:
-    """Calls ``on_exit(container_id)`` for every exit of this agent's containers.
+    """Calls ``on_exit(container_id)`` for every exit of this agent's containers, and
+    ``on_healthy(container_id)`` when one passes its ready check.
 
     Each time the stream (re)opens, ``on_resync`` runs first, so that an exit that happened
     while nobody was watching (engine restart, agent restart) is still reported.
@@ -26,9 +27,11 @@ class ContainerWatcher:
         runtime: DockerRuntime,
         on_exit: Callable[[str], None],
         on_resync: Callable[[], Awaitable[None]],
+        on_healthy: Callable[[str], None],
     ) -> None:
         self._runtime = runtime
         self._on_exit = on_exit
+        self._on_healthy = on_healthy
         self._on_resync = on_resync
         self._stream: EventStream | None = None
         self._closed = False
@@ -61,10 +64,14 @@ class ContainerWatcher:
             loop.call_soon_threadsafe(self._dispatch, event)
 
     def _dispatch(self, event: dict[str, Any]) -> None:
-        if event.get("status") == "die" or event.get("Action") == "die":
-            container_id = event.get("id") or event.get("Actor", {}).get("ID")
-            if container_id:
-                self._on_exit(container_id)
+        action = event.get("Action") or event.get("status") or ""
+        container_id = event.get("id") or event.get("Actor", {}).get("ID")
+        if not container_id:
+            return
+        if action == "die":
+            self._on_exit(container_id)
+        elif action.replace(" ", "") == "health_status:healthy":
+            self._on_healthy(container_id)
 
     def close(self) -> None:
         """Stop watching; safe to call more than once and before ``run``."""
