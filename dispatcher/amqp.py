@@ -39,11 +39,13 @@ from schemas.topology import (
     REQUESTS_QUEUE,
     REQUESTS_ROUTING_KEY,
     STATUS_EXCHANGE,
+    STATUS_MONITOR_QUEUE,
     STATUS_STORE_QUEUE,
     control_queue,
     instructions_queue,
 )
 
+from . import metrics
 from .errors import BrokerUnavailable, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -141,15 +143,34 @@ async def declare_control_queue(
     return queue
 
 
+#: The failure monitor's queue is bounded: with no monitor running, old heartbeats are
+#: dropped rather than piling up.
+MONITOR_QUEUE_ARGUMENTS: Arguments = {
+    "x-queue-type": "quorum",
+    "x-max-length": 100_000,
+    "x-overflow": "drop-head",
+}
+
+
+async def declare_monitor_queue(channel: aio_pika.abc.AbstractChannel) -> None:
+    """Declare the failure monitor's queue on the status exchange (the monitor does this)."""
+    queue = await channel.declare_queue(
+        STATUS_MONITOR_QUEUE, durable=True, arguments=MONITOR_QUEUE_ARGUMENTS
+    )
+    exchange = await channel.get_exchange(STATUS_EXCHANGE, ensure=False)
+    await queue.bind(exchange, routing_key="run.*")
+    await queue.bind(exchange, routing_key="agent.*")
+
+
 async def declare_consumed_queue(
-    channel: aio_pika.abc.AbstractChannel, name: str
+    channel: aio_pika.abc.AbstractChannel, name: str, arguments: Arguments | None = None
 ) -> aio_pika.abc.AbstractQueue:
     """A queue of the topology, declared (not just looked up) on ``channel``.
 
     A robust channel restores after a reconnect only the queues declared on it, and with
     them their consumers; a queue merely looked up would silently lose its consumer.
     """
-    return await channel.declare_queue(name, durable=True, arguments=_QUORUM)
+    return await channel.declare_queue(name, durable=True, arguments=arguments or _QUORUM)
 
 
 class Publisher:
@@ -243,6 +264,7 @@ class Publisher:
         self, message: aio_pika.abc.AbstractIncomingMessage, queue: str, reason: str
     ) -> None:
         """Send a poison message to the dead-letter queue with its reason; confirmed."""
+        metrics.DEAD_LETTERED.labels(queue).inc()
         headers = dict(message.headers or {})
         headers[DEAD_LETTER_REASON_HEADER] = reason[:1000]
         headers[DEAD_LETTER_QUEUE_HEADER] = queue
@@ -295,8 +317,10 @@ class Consumer(Generic[T]):
         publisher: Publisher,
         prefetch: int = 256,
         max_batch: int = 256,
+        queue_arguments: Arguments | None = None,
     ) -> None:
         self.queue_name = queue
+        self._queue_arguments = queue_arguments
         self._connection = connection
         self._decoder = decoder
         self._handler = handler
@@ -315,7 +339,9 @@ class Consumer(Generic[T]):
         try:
             self._channel = await self._connection.channel()
             await self._channel.set_qos(prefetch_count=self._prefetch)
-            self._queue = await declare_consumed_queue(self._channel, self.queue_name)
+            self._queue = await declare_consumed_queue(
+                self._channel, self.queue_name, self._queue_arguments
+            )
             self._tag = await self._queue.consume(self._on_message)
         except TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot consume {self.queue_name}: {exc!r}") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import uuid
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .errors import DispatcherError
+from .metrics import serve_metrics
 from .process import version_option
 from .store import Store
 
@@ -89,6 +91,9 @@ def serve(
             help="Comma-separated components to run: intake, relay, status (default: all).",
         ),
     ] = "intake,relay,status",
+    metrics_port: Annotated[
+        int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
+    ] = 9464,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the control plane: take submissions, dispatch runs, record their events."""
@@ -106,8 +111,68 @@ def serve(
     except DispatcherError as exc:
         raise _fail(str(exc)) from None
     setup_logging(log_level)
+    serve_metrics(metrics_port)
     try:
         run_until_signalled(lambda stop: serve_forever(settings, stop))
+    except DispatcherError as exc:
+        raise _fail(str(exc), 1) from None
+
+
+@app.command()
+def monitor(
+    amqp_url: AmqpUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+    webhook: Annotated[
+        list[str] | None,
+        typer.Option("--webhook", help="URL that receives every alert as a JSON POST; repeatable."),
+    ] = None,
+    lost_after_beats: Annotated[
+        float | None,
+        typer.Option(help="Heartbeat intervals of silence before an agent is lost (default 3)."),
+    ] = None,
+    start_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds a run may stay STARTING, unless it says (default 180)."),
+    ] = None,
+    long_running: Annotated[
+        float | None, typer.Option(help="Alert once when a run runs longer (default 3600 s).")
+    ] = None,
+    retry_backoff: Annotated[
+        float | None, typer.Option(help="Seconds before a first retry; doubles (default 1).")
+    ] = None,
+    metrics_port: Annotated[
+        int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
+    ] = 9465,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run the failure monitor: lost agents, vanished runs, timeouts, retries and alerts.
+
+    Several may run: one is active (a PostgreSQL advisory lock), the others stand by and take
+    over when it stops.
+    """
+    from .monitor import run_monitor
+    from .process import run_until_signalled, setup_logging
+    from .settings import MonitorSettings
+
+    try:
+        settings = MonitorSettings.from_env(
+            amqp_url=amqp_url or None,
+            database_url=database_url or None,
+            database_schema=database_schema,
+            webhook_urls=tuple(webhook) if webhook else None,
+            lost_after_beats=lost_after_beats,
+            start_timeout_s=start_timeout,
+            long_running_s=long_running,
+            retry_backoff_s=retry_backoff,
+            metrics_port=metrics_port,
+        )
+    except DispatcherError as exc:
+        raise _fail(str(exc)) from None
+    setup_logging(log_level)
+    serve_metrics(settings.metrics_port)
+    try:
+        run_until_signalled(lambda stop: run_monitor(settings, stop))
     except DispatcherError as exc:
         raise _fail(str(exc), 1) from None
 
@@ -161,6 +226,20 @@ def submit(
         bool, typer.Option("--wait", help="Follow the run; exit with its exit code.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="With --wait: give up after SECONDS.")] = 3600,
+    max_runtime: Annotated[
+        float | None, typer.Option(help="Stop and fail the run after SECONDS running.")
+    ] = None,
+    start_timeout: Annotated[
+        float | None, typer.Option(help="Fail the run if not started after SECONDS.")
+    ] = None,
+    max_retries: Annotated[
+        int | None, typer.Option(help="Retries after a lost agent or a vanished container.")
+    ] = None,
+    memory_mb: Annotated[int | None, typer.Option(help="Memory limit of the container.")] = None,
+    ready_check: Annotated[
+        str | None,
+        typer.Option(help="Command run in the container; the run is STARTED once it succeeds."),
+    ] = None,
     amqp_url: AmqpUrl = "",
 ) -> None:
     """Submit a run: `dispatcher submit --image IMG [--wait] -- CMD ARGS`. Prints the run id."""
@@ -183,6 +262,11 @@ def submit(
                 queue=queue,
                 idempotency_key=idempotency_key,
                 run_id=run_id,
+                max_runtime_s=max_runtime,
+                start_timeout_s=start_timeout,
+                max_retries=max_retries,
+                memory_limit_mb=memory_mb,
+                ready_check=shlex.split(ready_check) if ready_check else (),
             )
             typer.echo(str(run_id))
             if follower is None:

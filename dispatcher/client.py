@@ -17,6 +17,7 @@ import aio_pika.abc
 
 from schemas import (
     Event,
+    FailureReason,
     RunEvent,
     RunFailed,
     RunSucceeded,
@@ -107,8 +108,20 @@ class Client:
         idempotency_key: str | None = None,
         tags: Mapping[str, str] | None = None,
         run_id: uuid.UUID | None = None,
+        max_runtime_s: float | None = None,
+        start_timeout_s: float | None = None,
+        max_retries: int | None = None,
+        retry_on: Sequence[FailureReason] | None = None,
+        memory_limit_mb: int | None = None,
+        ready_check: Sequence[str] = (),
     ) -> uuid.UUID:
-        """Submit a run; returns its id once the broker has confirmed the request."""
+        """Submit a run; returns its id once the broker has confirmed the request.
+
+        ``max_runtime_s``, ``start_timeout_s``: the failure monitor fails (and stops) the run
+        past them; ``max_retries`` and ``retry_on`` override the retry policy (AGENT_LOST and
+        UNEXPECTED_TERMINATION, twice); ``ready_check`` is a command run in the container,
+        and the run counts as STARTED once it succeeds.
+        """
         if self._publisher is None:
             raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
         message = SubmitRun(
@@ -119,6 +132,12 @@ class Client:
             queue=queue,
             idempotency_key=idempotency_key,
             tags=dict(tags or {}),
+            max_runtime_s=max_runtime_s,
+            start_timeout_s=start_timeout_s,
+            max_retries=max_retries,
+            retry_on=tuple(retry_on) if retry_on is not None else None,
+            memory_limit_mb=memory_limit_mb,
+            ready_check=tuple(ready_check),
         )
         await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
         return message.run_id

@@ -10,6 +10,7 @@ import aio_pika.abc
 
 from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
 
+from . import metrics
 from .amqp import Publisher, declare_control_queue, declare_instructions_queue
 from .errors import BrokerUnavailable, StoreUnavailable
 from .store import OutboxRow, Store
@@ -70,6 +71,7 @@ class OutboxRelay:
                 for row in rows
             )
         )
+        metrics.LAUNCHES.inc(sum(1 for row in rows if row.kind == "LaunchRun"))
         log.debug("outbox relay: published %d", len(rows))
 
 

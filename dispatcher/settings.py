@@ -102,3 +102,67 @@ class ControlPlaneSettings:
                 f"choose from {', '.join(CONTROL_PLANE_COMPONENTS)}"
             )
         return settings
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """Settings of ``dispatcher monitor``; each rule's threshold is here, with its default."""
+
+    amqp_url: str
+    database_url: str
+    database_schema: str | None = None
+    #: An agent is lost after this many heartbeat intervals without one (2 s x 3 = 6 s).
+    lost_after_beats: float = 3.0
+    #: STARTING longer than this (unless the run says otherwise) → START_TIMEOUT.
+    start_timeout_s: float = 180.0
+    #: A run missing from (or listed as exited in) this many heartbeats in a row → vanished.
+    vanished_after_beats: int = 3
+    #: Alert once when a run has been STARTED for longer than this.
+    long_running_s: float = 3600.0
+    #: How often the rules are evaluated.
+    sweep_interval_s: float = 0.5
+    #: How often a standby monitor tries to become the active one.
+    standby_poll_s: float = 1.0
+    #: Webhooks that receive every alert as a JSON POST.
+    webhook_urls: tuple[str, ...] = ()
+    #: Delay before the first retry of a failed attempt (doubles each time, with jitter).
+    retry_backoff_s: float = 1.0
+    metrics_port: int = 9465
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> MonitorSettings:
+        """Environment first (HD_AMQP_URL, HD_DATABASE_URL, HD_WEBHOOK_URLS...), then overrides."""
+        from .errors import ConfigError
+
+        env = os.environ if env is None else env
+        values: dict[str, object] = {
+            "amqp_url": env.get("HD_AMQP_URL", ""),
+            "database_url": env.get("HD_DATABASE_URL", ""),
+            "database_schema": env.get("HD_DATABASE_SCHEMA") or None,
+        }
+        if urls := env.get("HD_WEBHOOK_URLS"):
+            values["webhook_urls"] = tuple(u.strip() for u in urls.split(",") if u.strip())
+        numbers = {
+            "HD_LOST_AFTER_BEATS": "lost_after_beats",
+            "HD_START_TIMEOUT_S": "start_timeout_s",
+            "HD_LONG_RUNNING_S": "long_running_s",
+            "HD_RETRY_BACKOFF_S": "retry_backoff_s",
+        }
+        for name, key in numbers.items():
+            if raw := env.get(name):
+                try:
+                    values[key] = float(raw)
+                except ValueError:
+                    raise ConfigError(f"{name}={raw!r} is not a number") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        if not settings.amqp_url:
+            raise ConfigError("no broker: pass --amqp-url or set HD_AMQP_URL")
+        if not settings.database_url:
+            raise ConfigError("no database: pass --database-url or set HD_DATABASE_URL")
+        for url in settings.webhook_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"webhook URL {url!r} must start with http:// or https://")
+        if settings.lost_after_beats < 1:
+            raise ConfigError("--lost-after-beats must be at least 1")
+        return settings

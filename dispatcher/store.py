@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
 import asyncpg
 import msgspec
@@ -150,7 +150,7 @@ class Store:
         min_size: int = 2,
         max_size: int = 10,
         retry_backoff_s: float = 1.0,
-    ) -> Store:
+    ) -> Self:
         """Connect (a pool); ``schema`` puts every table in that schema (tests isolate so)."""
         settings = {"search_path": schema} if schema else {}
         try:
@@ -161,6 +161,10 @@ class Store:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}") from exc
         assert pool is not None
         return cls(pool, dsn, schema, retry_backoff_s)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
 
     async def close(self) -> None:
         await self._pool.close()
@@ -246,7 +250,7 @@ class Store:
                 [s.run_id for s in fresh],
                 [_payload_json(s) for s in fresh],
             )
-            await _insert_outbox(
+            await insert_outbox(
                 connection,
                 [
                     OutboxItem(launch, INSTRUCTIONS_EXCHANGE, submit.queue)
@@ -403,7 +407,7 @@ class Store:
             f"attempt {failed.attempt} failed ({failed.reason.value}); retrying",
         )
         launch = _launch_from_row(run, attempt)
-        await _insert_outbox(
+        await insert_outbox(
             connection, [OutboxItem(launch, INSTRUCTIONS_EXCHANGE, run["queue"], delay)]
         )
         log.info(
@@ -531,6 +535,13 @@ class Store:
             for r in records
         ]
 
+    async def count_by_state(self) -> dict[str, int]:
+        async with self._connection() as connection:
+            records = await connection.fetch("SELECT state, count(*) AS n FROM runs GROUP BY state")
+        counts = {state.value: 0 for state in RunState}
+        counts.update({r["state"]: int(r["n"]) for r in records})
+        return counts
+
     async def count_unsent(self) -> int:
         async with self._connection() as connection:
             return int(
@@ -552,9 +563,12 @@ class OutboxItem:
     delay_s: float = 0.0
 
 
-async def _insert_outbox(connection: asyncpg.Connection, items: Sequence[OutboxItem]) -> None:
-    """Write outbox rows; a row whose message id exists already is skipped (idempotent)."""
-    await connection.execute(
+async def insert_outbox(connection: asyncpg.Connection, items: Sequence[OutboxItem]) -> int:
+    """Write outbox rows; a row whose message id exists already is skipped (idempotent).
+
+    Returns how many rows were written.
+    """
+    status = await connection.execute(
         """
         INSERT INTO outbox (message_id, run_id, attempt, exchange, routing_key, kind, payload,
                             not_before)
@@ -574,8 +588,11 @@ async def _insert_outbox(connection: asyncpg.Connection, items: Sequence[OutboxI
         [encode(i.message) for i in items],
         [i.delay_s for i in items],
     )
-    # Delivered at commit: the relay wakes with no polling delay.
-    await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+    written = int(status.split()[-1])
+    if written:
+        # Delivered at commit: the relay wakes with no polling delay.
+        await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+    return written
 
 
 async def _insert_event(

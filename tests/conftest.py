@@ -13,6 +13,7 @@ skipped with the reason.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import urllib.parse
 import uuid
@@ -28,6 +29,8 @@ import pytest
 from dispatcher.settings import ImageNames
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+# pika (used by testcontainers' readiness probe) logs every refused try while RabbitMQ boots.
+logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 #: Every container a test creates carries this label, so that the session removes them all.
 TEST_LABEL = "hybrid-dispatcher.test"

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import aio_pika.abc
 
-from dispatcher import amqp
+from dispatcher import amqp, metrics
 from dispatcher.amqp import Delivery, Publisher
 from dispatcher.errors import BrokerUnavailable
 from schemas import (
@@ -276,6 +277,8 @@ class Agent:
             return
         await amqp.settle(raw.ack())
         attempt.launched.set()
+        if not adopted:
+            metrics.LAUNCHES.inc()
         log.info(
             "run %s attempt %d %s container %s",
             launch.run_id,
@@ -362,6 +365,7 @@ class Agent:
         if attempt is None or attempt.finishing:
             return
         attempt.finishing = True
+        attempt.state = "exited"
         task = asyncio.create_task(self._finish(attempt, container_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -383,8 +387,18 @@ class Agent:
         event = final_event(attempt, agent_id, info, tail)
         attempt.state = "exited"
         await self._publish_until_sent(event)
+        if info is not None and info.finished_at is not None:
+            delay = max(0.0, time.time() - info.finished_at)
+            metrics.DETECTION.labels("container_exit").observe(delay)
+            note = f" (reported {delay:.3f} s after the exit)"
+        else:
+            note = ""
         log.info(
-            "run %s attempt %d finished: %s", attempt.run_id, attempt.attempt, type(event).__name__
+            "run %s attempt %d finished: %s%s",
+            attempt.run_id,
+            attempt.attempt,
+            type(event).__name__,
+            note,
         )
         if not self.settings.keep_finished:
             with contextlib.suppress(DockerUnavailable):

@@ -71,6 +71,9 @@ def run(
     keep_finished: Annotated[
         bool, typer.Option("--keep-finished", help="Keep finished containers (default: remove).")
     ] = False,
+    metrics_port: Annotated[
+        int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
+    ] = 9466,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the agent: consume launch instructions, run containers, report their status.
@@ -79,6 +82,7 @@ def run(
     running containers keep running and are adopted by the agent's next start.
     """
     from dispatcher.errors import DispatcherError
+    from dispatcher.metrics import serve_metrics
     from dispatcher.process import run_until_signalled, setup_logging
 
     from .agent import Agent
@@ -98,6 +102,7 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     setup_logging(log_level)
+    serve_metrics(metrics_port)
     try:
         run_until_signalled(lambda stop: Agent(settings).run(stop))
     except (AgentError, DispatcherError) as exc:

@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import docker
@@ -52,6 +53,8 @@ class ContainerInfo:
     oom_killed: bool
     #: "starting", "healthy" or "unhealthy" for a container with a ready check, else None.
     health: str | None = None
+    #: When the container exited (UNIX time), for a finished container.
+    finished_at: float | None = None
 
     @property
     def ready(self) -> bool:
@@ -76,6 +79,9 @@ class ContainerInfo:
             exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
             oom_killed=bool(state.get("OOMKilled")),
             health=(state.get("Health") or {}).get("Status"),
+            finished_at=_timestamp(state.get("FinishedAt"))
+            if status in ("exited", "dead")
+            else None,
         )
 
 
@@ -270,6 +276,19 @@ class DockerRuntime:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+def _timestamp(value: str | None) -> float | None:
+    """Docker's RFC 3339 time with nanoseconds, as UNIX time."""
+    if not value or value.startswith("0001-"):
+        return None
+    head, _, fraction = value.rstrip("Z").partition(".")
+    try:
+        whole = datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+    digits = "".join(ch for ch in fraction if ch.isdigit())
+    return whole + (float(f"0.{digits}") if digits else 0.0)
 
 
 def _limits(launch: LaunchRun) -> dict[str, Any]:

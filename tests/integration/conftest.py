@@ -52,12 +52,36 @@ class Stack:
         n = len(self.processes)
         proc = Proc(
             "dispatcher",
-            ["serve", "--components", components, "--log-level", "DEBUG"],
+            ["serve", "--components", components, "--log-level", "DEBUG", "--metrics-port", "0"],
             self.logs / f"control-plane-{n}.log",
             self._env(),
         ).start()
         self.processes.append(proc)
         await proc.wait_for_output("control plane running", timeout=60)
+        return proc
+
+    async def start_monitor(self, extra: tuple[str, ...] = (), wait_active: bool = True) -> Proc:
+        """A failure monitor with quick retries; waits until it is the active one."""
+        n = len(self.processes)
+        proc = Proc(
+            "dispatcher",
+            [
+                "monitor",
+                "--log-level",
+                "DEBUG",
+                "--metrics-port",
+                "0",
+                "--retry-backoff",
+                "0.2",
+                *extra,
+            ],
+            self.logs / f"monitor-{n}.log",
+            self._env(),
+        ).start()
+        self.processes.append(proc)
+        await proc.wait_for_output(
+            "this monitor is active" if wait_active else "standing by", timeout=60
+        )
         return proc
 
     def agent_id(self, n: int = 0) -> str:
@@ -86,6 +110,8 @@ class Stack:
                 "0.5",
                 "--log-level",
                 "DEBUG",
+                "--metrics-port",
+                "0",
                 *extra,
             ],
             self.logs / f"agent-{agent_id}-{len(self.processes)}.log",

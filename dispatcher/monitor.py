@@ -1,0 +1,330 @@
+"""``dispatcher monitor``: turns silence, crashes and timeouts into state changes and alerts.
+
+Rules (thresholds in ``MonitorSettings``):
+- agent lost: no heartbeat for ``lost_after_beats`` of its intervals → its in-flight runs
+  fail with AGENT_LOST (retried per their policy); TerminateRun waits on its queue;
+- agent back: a lost agent's heartbeat → alert, and its superseded attempts are fenced;
+- run vanished: a STARTING/STARTED run missing from, or listed as exited in, several
+  heartbeats of its agent in a row → UNEXPECTED_TERMINATION;
+- start timeout: STARTING for too long → START_TIMEOUT, and the container is terminated;
+- max runtime: STARTED for longer than the run allows → MAX_RUNTIME, terminated;
+- running long: one alert when a run has been STARTED for longer than ``long_running_s``.
+
+Only the monitor that holds a PostgreSQL advisory lock acts; others wait as standbys and
+take over when its session ends. A new active monitor rebuilds its view from PostgreSQL and
+the next heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from schemas import AgentHeartbeat, Event, FailureReason, event_decoder
+from schemas.topology import STATUS_MONITOR_QUEUE
+
+from . import amqp, metrics
+from .alerts import AlertDeliverer
+from .amqp import Consumer, Delivery, Publisher
+from .errors import StoreUnavailable
+from .settings import MonitorSettings
+from .states import RunState
+from .supervision import ActiveRun, SupervisionStore
+
+log = logging.getLogger(__name__)
+
+AttemptKey = tuple[uuid.UUID, int]
+
+
+@dataclass
+class AgentView:
+    """What the monitor knows of one agent."""
+
+    agent_id: str
+    last_seen: float  # monotonic
+    interval_s: float
+    lost: bool = False
+    sequence: int = -1
+    #: Heartbeats received from it by this monitor.
+    beats: int = 0
+    in_flight: dict[AttemptKey, str] = field(default_factory=dict)
+
+
+@dataclass
+class Suspicion:
+    """Heartbeats in a row that did not show an active run as running."""
+
+    last_sequence: int = -1
+    count: int = 0
+
+
+class FailureMonitor:
+    """The rules, over an in-memory view of agents rebuilt from PostgreSQL and heartbeats."""
+
+    def __init__(
+        self,
+        store: SupervisionStore,
+        settings: MonitorSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.agents: dict[str, AgentView] = {}
+        self._suspicions: dict[AttemptKey, Suspicion] = {}
+
+    async def load(self) -> None:
+        """Rebuild the view from PostgreSQL (the silence each agent has kept so far)."""
+        now = self.clock()
+        for row in await self.store.agents():
+            self.agents[row.agent_id] = AgentView(
+                row.agent_id, now - row.silent_s, row.interval_s, lost=row.status == "LOST"
+            )
+        self._update_gauges()
+        log.info("monitor view loaded: %d agent(s)", len(self.agents))
+
+    async def on_events(self, deliveries: list[Delivery[Event]]) -> None:
+        for delivery in deliveries:
+            if isinstance(delivery.message, AgentHeartbeat):
+                await self.on_heartbeat(delivery.message)
+
+    async def on_heartbeat(self, beat: AgentHeartbeat) -> None:
+        view = self.agents.get(beat.agent_id)
+        if view is None:
+            view = self.agents[beat.agent_id] = AgentView(beat.agent_id, 0.0, beat.interval_s)
+        # Heartbeats of one agent arrive in order (one connection, one queue); a restarted
+        # agent counts from 0 again, so the sequence only tells "a new one" from "the same".
+        view.last_seen = self.clock()
+        view.interval_s = beat.interval_s
+        view.sequence = beat.sequence
+        view.beats += 1
+        view.in_flight = {(c.run_id, c.attempt): c.state for c in beat.in_flight}
+        if view.lost:
+            view.lost = False
+            if await self.store.agent_back(beat.agent_id):
+                log.warning("agent %s is back", beat.agent_id)
+            self._update_gauges()
+        if beat.in_flight:
+            fenced = await self.store.fence(beat.agent_id, beat.in_flight)
+            if fenced:
+                log.warning("agent %s: fenced %d superseded attempt(s)", beat.agent_id, fenced)
+
+    # ------------------------------------------------------------------- sweeps
+
+    async def sweep(self) -> None:
+        """Evaluate every rule once."""
+        await self._agents_lost()
+        for run in await self.store.active_runs():
+            await self._check_run(run)
+
+    async def _agents_lost(self) -> None:
+        now = self.clock()
+        for view in list(self.agents.values()):
+            silent = now - view.last_seen
+            if view.lost or silent <= self.settings.lost_after_beats * view.interval_s:
+                continue
+            view.lost = True
+            failed = await self.store.declare_agent_lost(view.agent_id, silent)
+            metrics.DETECTION.labels("agent_lost").observe(silent)
+            metrics.DECISIONS.labels(FailureReason.AGENT_LOST.value).inc(len(failed))
+            log.warning(
+                "agent %s lost (silent for %.1f s); %d run(s) failed over",
+                view.agent_id,
+                silent,
+                len(failed),
+            )
+            self._update_gauges()
+
+    async def _check_run(self, run: ActiveRun) -> None:
+        settings = self.settings
+        key = (run.run_id, run.attempt)
+        start_timeout = run.start_timeout_s or settings.start_timeout_s
+        if run.state == RunState.STARTING and run.in_state_s > start_timeout:
+            await self._fail(
+                run,
+                FailureReason.START_TIMEOUT,
+                f"not started within {start_timeout:g} s",
+                terminate=True,
+            )
+            return
+        running = run.running_s or 0.0
+        if run.state == RunState.STARTED and run.max_runtime_s and running > run.max_runtime_s:
+            await self._fail(
+                run,
+                FailureReason.MAX_RUNTIME,
+                f"ran longer than its maximum of {run.max_runtime_s:g} s",
+                terminate=True,
+            )
+            return
+        if run.state == RunState.STARTED and running > settings.long_running_s:
+            await self.store.alert_long_running(run, settings.long_running_s)
+        view = self.agents.get(run.agent_id or "")
+        if view is None or view.lost:
+            return
+        suspicion = self._suspicions.setdefault(key, Suspicion())
+        if view.beats == suspicion.last_sequence:
+            return  # no new heartbeat since the last look
+        suspicion.last_sequence = view.beats
+        state = view.in_flight.get(key)
+        if state is not None and state not in ("exited", "dead"):
+            suspicion.count = 0
+            return
+        suspicion.count += 1
+        if suspicion.count >= settings.vanished_after_beats:
+            why = "listed as exited" if state else "no longer listed"
+            await self._fail(
+                run,
+                FailureReason.UNEXPECTED_TERMINATION,
+                f"{why} by agent {run.agent_id} in {suspicion.count} heartbeats with no "
+                "final event",
+                terminate=True,
+            )
+
+    async def _fail(
+        self, run: ActiveRun, reason: FailureReason, note: str, terminate: bool
+    ) -> None:
+        applied = await self.store.fail_attempt(
+            run.run_id, run.attempt, reason, note, run.agent_id if terminate else None
+        )
+        self._suspicions.pop((run.run_id, run.attempt), None)
+        if applied:
+            metrics.DECISIONS.labels(reason.value).inc()
+            log.warning("run %s attempt %d: %s (%s)", run.run_id, run.attempt, reason.value, note)
+
+    def _update_gauges(self) -> None:
+        metrics.AGENTS_ALIVE.set(sum(1 for v in self.agents.values() if not v.lost))
+        metrics.AGENTS_LOST.set(sum(1 for v in self.agents.values() if v.lost))
+
+
+class Leadership:
+    """A session-level advisory lock on a connection of its own: held while it lives."""
+
+    def __init__(self, dsn: str, name: str) -> None:
+        self._dsn = dsn
+        self._key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        self._connection: asyncpg.Connection | None = None
+
+    async def acquire(self, poll_s: float, stop: asyncio.Event) -> bool:
+        """Wait until this process leads (True) or ``stop`` is set (False)."""
+        announced = False
+        while not stop.is_set():
+            try:
+                if self._connection is None or self._connection.is_closed():
+                    self._connection = await asyncpg.connect(self._dsn, timeout=30)
+                if await self._connection.fetchval("SELECT pg_try_advisory_lock($1)", self._key):
+                    return True
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("cannot reach PostgreSQL for the leader lock: %r", exc)
+                self._connection = None
+            if not announced:
+                log.info("another monitor is active; standing by")
+                announced = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll_s)
+        return False
+
+    async def watch(self, every_s: float = 1.0) -> None:
+        """Return (raise) as soon as the lock's session is gone: leadership is lost."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                assert self._connection is not None
+                await self._connection.fetchval("SELECT 1", timeout=5)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise StoreUnavailable(f"leader lock lost: {exc!r}") from exc
+
+    async def release(self) -> None:
+        if self._connection is not None and not self._connection.is_closed():
+            with contextlib.suppress(Exception):
+                await self._connection.close(timeout=5)
+        self._connection = None
+
+
+async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> None:
+    """Stand by until leading, then apply the rules until ``stop`` or a failure."""
+    leadership = Leadership(
+        settings.database_url, f"hd-monitor:{settings.database_schema or 'public'}"
+    )
+    store = await SupervisionStore.open(
+        settings.database_url,
+        schema=settings.database_schema,
+        retry_backoff_s=settings.retry_backoff_s,
+    )
+    connection = None
+    try:
+        await store.upgrade()
+        if not await leadership.acquire(settings.standby_poll_s, stop):
+            return
+        log.info("this monitor is active")
+
+        # Start-up: the view from PostgreSQL, then the monitor's own queue for what follows.
+        monitor = FailureMonitor(store, settings)
+        await monitor.load()
+        connection = await amqp.connect(settings.amqp_url, "dispatcher-monitor")
+        async with connection.channel() as channel:
+            await amqp.declare_topology(channel)
+            await amqp.declare_monitor_queue(channel)
+        publisher = Publisher(connection)
+        consumer = Consumer(
+            connection,
+            STATUS_MONITOR_QUEUE,
+            event_decoder(),
+            monitor.on_events,
+            publisher,
+            queue_arguments=amqp.MONITOR_QUEUE_ARGUMENTS,
+        )
+        await consumer.start()
+        deliverer = AlertDeliverer(store.pool, settings.webhook_urls)
+        tasks = [
+            asyncio.create_task(consumer.run(), name="consumer"),
+            asyncio.create_task(_every(settings.sweep_interval_s, monitor.sweep), name="rules"),
+            asyncio.create_task(_every(0.5, deliverer.deliver_due), name="alerts"),
+            asyncio.create_task(_every(5.0, lambda: _count_runs(store)), name="run-gauges"),
+            asyncio.create_task(leadership.watch(), name="leadership"),
+        ]
+        stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait(), name="stop")
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
+
+        # Shutdown: stop consuming, finish the batch in hand, cancel the loops, let go of
+        # the lock last, so that a standby takes over only once this one has stopped acting.
+        await consumer.stop()
+        for task in tasks:
+            if task.get_name() != "consumer":
+                task.cancel()
+        await asyncio.wait(tasks, timeout=10)
+        stopper.cancel()
+        await consumer.close()
+        await publisher.close()
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
+    finally:
+        await leadership.release()
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(connection.close())
+        await store.close()
+
+
+async def _every(interval_s: float, action: Callable[[], Any]) -> None:
+    """Run ``action`` every ``interval_s``; a passing store outage is logged, not fatal."""
+    while True:
+        try:
+            await action()
+        except StoreUnavailable as exc:
+            log.error("%s", exc)
+        await asyncio.sleep(interval_s)
+
+
+async def _count_runs(store: SupervisionStore) -> None:
+    for state, count in (await store.count_by_state()).items():
+        metrics.RUNS.labels(state).set(count)

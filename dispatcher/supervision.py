@@ -1,0 +1,264 @@
+"""The failure monitor's decisions, as transactions on the store.
+
+Every decision has a deterministic identity (a UUIDv5 of the run, the attempt and the rule),
+used as the id of the synthetic event and of the TerminateRun it writes. Two monitors, or a
+monitor restarted half-way, that take the same decision insert nothing the second time: no
+duplicate failure, no duplicate retry, no duplicate instruction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from schemas import ContainerState, FailureReason, RunFailed, TerminateRun
+from schemas.topology import CONTROL_EXCHANGE
+
+from . import alerts
+from .states import TERMINAL, RunState
+from .store import OutboxItem, Store, insert_outbox
+
+_DECISIONS = uuid.UUID("8f0e5b0c-6a4e-4c55-9a57-2f3d9e1b7a10")
+
+
+def decision_id(run_id: uuid.UUID, attempt: int, rule: str) -> uuid.UUID:
+    """The same id for the same decision, whoever takes it and however often."""
+    return uuid.uuid5(_DECISIONS, f"{run_id}/{attempt}/{rule}")
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    agent_id: str
+    status: str
+    interval_s: float
+    silent_s: float
+
+
+@dataclass(frozen=True)
+class ActiveRun:
+    run_id: uuid.UUID
+    attempt: int
+    state: RunState
+    agent_id: str | None
+    start_timeout_s: float | None
+    max_runtime_s: float | None
+    in_state_s: float
+    running_s: float | None
+
+
+class SupervisionStore(Store):
+    """The store, plus what the failure monitor reads and decides."""
+
+    async def agents(self) -> list[AgentRow]:
+        async with self._connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT agent_id, status, interval_s,
+                       EXTRACT(EPOCH FROM now() - last_heartbeat_at)::float8 AS silent_s
+                FROM agents
+                """
+            )
+        return [
+            AgentRow(r["agent_id"], r["status"], r["interval_s"], r["silent_s"]) for r in records
+        ]
+
+    async def active_runs(self) -> list[ActiveRun]:
+        async with self._connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT run_id, attempt, state, agent_id, start_timeout_s, max_runtime_s,
+                       EXTRACT(EPOCH FROM now() - state_changed_at)::float8 AS in_state_s,
+                       EXTRACT(EPOCH FROM now() - started_at)::float8 AS running_s
+                FROM runs WHERE state IN ('STARTING', 'STARTED')
+                """
+            )
+        return [
+            ActiveRun(
+                r["run_id"],
+                r["attempt"],
+                RunState(r["state"]),
+                r["agent_id"],
+                r["start_timeout_s"],
+                r["max_runtime_s"],
+                r["in_state_s"],
+                r["running_s"],
+            )
+            for r in records
+        ]
+
+    async def fail_attempt(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        reason: FailureReason,
+        message: str,
+        terminate_on: str | None = None,
+    ) -> bool:
+        """Fail an attempt (retrying per its policy); tell ``terminate_on`` to stop it.
+
+        False when the decision was taken before or no longer applies.
+        """
+        async with self._connection() as connection, connection.transaction():
+            return await self._fail(connection, run_id, attempt, reason, message, terminate_on)
+
+    async def _fail(
+        self,
+        connection: asyncpg.Connection,
+        run_id: uuid.UUID,
+        attempt: int,
+        reason: FailureReason,
+        message: str,
+        terminate_on: str | None,
+    ) -> bool:
+        event = RunFailed(
+            message_id=decision_id(run_id, attempt, reason.value),
+            run_id=run_id,
+            attempt=attempt,
+            reason=reason,
+            message=message,
+        )
+        applied = await self._apply_run_event(connection, event)
+        if applied and terminate_on:
+            await _terminate(connection, terminate_on, run_id, attempt, reason, message)
+        return applied
+
+    async def declare_agent_lost(self, agent_id: str, silent_s: float) -> list[uuid.UUID]:
+        """Mark an agent lost, alert once, fail its in-flight runs (AGENT_LOST).
+
+        Its containers get a TerminateRun on its own queue, so that it stops them if it ever
+        comes back. Returns the runs failed (or retried) now.
+        """
+        async with self._connection() as connection, connection.transaction():
+            lost_at = await connection.fetchval(
+                """
+                UPDATE agents SET status = 'LOST', lost_at = now()
+                WHERE agent_id = $1 AND status = 'ALIVE' RETURNING lost_at
+                """,
+                agent_id,
+            )
+            if lost_at is None:
+                return []
+            runs = await connection.fetch(
+                """
+                SELECT run_id, attempt FROM runs
+                WHERE agent_id = $1 AND state IN ('STARTING', 'STARTED') FOR UPDATE
+                """,
+                agent_id,
+            )
+            note = f"agent {agent_id} lost: no heartbeat for {silent_s:.1f} s"
+            failed = []
+            for run in runs:
+                if await self._fail(
+                    connection,
+                    run["run_id"],
+                    run["attempt"],
+                    FailureReason.AGENT_LOST,
+                    note,
+                    agent_id,
+                ):
+                    failed.append(run["run_id"])
+            await alerts.raise_alert(
+                connection,
+                f"agent-down:{agent_id}:{lost_at.isoformat()}",
+                alerts.AGENT_DOWN,
+                f"agent {agent_id}",
+                f"{note}; {len(failed)} run(s) in flight failed over",
+                {
+                    "agent_id": agent_id,
+                    "silent_s": round(silent_s, 2),
+                    "runs": [str(r) for r in failed],
+                },
+            )
+            return failed
+
+    async def agent_back(self, agent_id: str) -> bool:
+        """An agent declared lost sent a heartbeat again: alert once."""
+        async with self._connection() as connection, connection.transaction():
+            lost_at = await connection.fetchval(
+                """
+                UPDATE agents SET status = 'ALIVE' WHERE agent_id = $1 AND status = 'LOST'
+                RETURNING lost_at
+                """,
+                agent_id,
+            )
+            if lost_at is None:
+                return False
+            await alerts.raise_alert(
+                connection,
+                f"agent-back:{agent_id}:{lost_at.isoformat()}",
+                alerts.AGENT_BACK,
+                f"agent {agent_id}",
+                f"agent {agent_id} is back after being declared lost",
+                {"agent_id": agent_id, "lost_at": lost_at.isoformat()},
+            )
+            return True
+
+    async def fence(self, agent_id: str, in_flight: Sequence[ContainerState]) -> int:
+        """Stop, on ``agent_id``, containers of attempts that are no longer the run's own.
+
+        An attempt is fenced when its run has moved to a later attempt, or has ended while
+        the container still runs (failed over while its agent was away). Returns how many
+        TerminateRun were written now.
+        """
+        live = [c for c in in_flight if c.state not in ("exited", "dead")]
+        if not live:
+            return 0
+        async with self._connection() as connection, connection.transaction():
+            records = await connection.fetch(
+                "SELECT run_id, attempt, state FROM runs WHERE run_id = ANY($1::uuid[])",
+                [c.run_id for c in live],
+            )
+            runs = {r["run_id"]: r for r in records}
+            fenced = 0
+            for container in live:
+                run = runs.get(container.run_id)
+                if run is None:
+                    continue
+                superseded = container.attempt < run["attempt"]
+                ended = container.attempt == run["attempt"] and RunState(run["state"]) in TERMINAL
+                if superseded or ended:
+                    fenced += await _terminate(
+                        connection,
+                        agent_id,
+                        container.run_id,
+                        container.attempt,
+                        FailureReason.AGENT_LOST,
+                        "fenced: this attempt was failed over while its agent was away",
+                        rule="fence",
+                    )
+            return fenced
+
+    async def alert_long_running(self, run: ActiveRun, threshold_s: float) -> bool:
+        async with self._connection() as connection:
+            return await alerts.raise_alert(
+                connection,
+                f"run-long:{run.run_id}:{run.attempt}",
+                alerts.RUN_LONG,
+                f"run {run.run_id}",
+                f"run {run.run_id} has been running for more than {threshold_s:.0f} s",
+                {"run_id": str(run.run_id), "attempt": run.attempt, "agent_id": run.agent_id},
+            )
+
+
+async def _terminate(
+    connection: asyncpg.Connection,
+    agent_id: str,
+    run_id: uuid.UUID,
+    attempt: int,
+    reason: FailureReason,
+    note: str,
+    rule: str = "terminate",
+) -> int:
+    """Write a TerminateRun for ``agent_id``'s own queue; 0 when written before."""
+    message = TerminateRun(
+        message_id=decision_id(run_id, attempt, rule),
+        run_id=run_id,
+        attempt=attempt,
+        reason=note,
+        grace_s=10.0,
+        failure_reason=reason,
+    )
+    return await insert_outbox(connection, [OutboxItem(message, CONTROL_EXCHANGE, agent_id)])
