@@ -101,6 +101,7 @@ class FailureMonitor:
         view = self.agents.get(beat.agent_id)
         if view is None:
             view = self.agents[beat.agent_id] = AgentView(beat.agent_id, 0.0, beat.interval_s)
+            self._update_gauges()
         # Heartbeats of one agent arrive in order (one connection, one queue); a restarted
         # agent counts from 0 again, so the sequence only tells "a new one" from "the same".
         view.last_seen = self.clock()

@@ -161,3 +161,40 @@ class DockerSocketProxy:
                 self._writers.discard(sink)
 
         await asyncio.gather(pipe(reader, engine_writer), pipe(engine_reader, writer))
+
+
+class WebhookReceiver:
+    """A local HTTP server that records every JSON POST it receives."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received: list[dict[str, Any]] = []
+        self.received = received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}/alerts"
+
+    def incidents(self) -> list[str]:
+        return [alert["incident"] for alert in self.received]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
