@@ -11,7 +11,7 @@ export HD_AMQP_URL="amqp://${HD_DEMO_AMQP_USER:-dispatcher}:${HD_DEMO_AMQP_PASSW
 export HD_DATABASE_URL="postgresql://${HD_DEMO_DB_USER:-dispatcher}:${HD_DEMO_DB_PASSWORD:-dispatcher}@127.0.0.1:${HD_DEMO_DB_PORT:-5432}/dispatcher"
 log() { echo "[demo] $*"; }
 
-log "starting RabbitMQ, PostgreSQL, the control plane and one agent (project $PROJECT)"
+log "starting RabbitMQ, PostgreSQL, the control plane, the failure monitor and one agent (project $PROJECT)"
 "${COMPOSE[@]}" up -d
 
 wait_healthy() {
@@ -33,6 +33,13 @@ wait_healthy() {
 wait_healthy postgres
 wait_healthy rabbitmq
 "${COMPOSE[@]}" ps
+for i in $(seq 1 60); do
+    if "${COMPOSE[@]}" logs monitor 2>/dev/null | grep -q "this monitor is active"; then
+        log "the failure monitor is active"
+        break
+    fi
+    sleep 1
+done
 
 failures=0
 expect() {
@@ -59,6 +66,8 @@ log "the runs as the control plane recorded them:"
 latest=$("$BIN/dispatcher" runs list --limit 1 --json | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)[0]["run_id"])')
 "$BIN/dispatcher" runs show "$latest"
 
+log "metrics: http://127.0.0.1:${HD_DEMO_SERVE_METRICS_PORT:-9464}/metrics (control plane)," \
+    "http://127.0.0.1:${HD_DEMO_MONITOR_METRICS_PORT:-9465}/metrics (monitor)"
 log "stop the stack with: ${COMPOSE[*]} down"
 if [ "$failures" -gt 0 ]; then
     log "$failures run(s) did not end as expected"
