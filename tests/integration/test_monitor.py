@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 import uuid
@@ -122,6 +123,10 @@ async def test_docker_kill_of_a_run_container_is_reported_as_exit_137(
     assert run.exit_code == 137
     assert run.failure_reason == "EXIT_CODE"
     await agent.wait_for_output(rf"run {run_id} attempt 1 finished: RunFailed \(reported")
+    [reported] = re.findall(
+        rf"run {run_id} attempt 1 finished: .*?reported ([0-9.]+) s", agent.output()
+    )
+    print(f"docker kill: exit reported {reported} s after the container stopped")
 
 
 async def test_a_run_over_its_memory_limit_fails_with_oom(stack: Stack, store: Store) -> None:
