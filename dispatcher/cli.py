@@ -364,22 +364,26 @@ def runs_list(
 def runs_show(
     run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix of it).")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    logs: Annotated[
+        bool, typer.Option("--logs", help="Print every forwarded output line of every attempt.")
+    ] = False,
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Show one run: its state history, exit code and output tail."""
     from .store import RunEventRow, RunRow
 
-    async def go() -> tuple[RunRow, list[RunEventRow]]:
+    async def go() -> tuple[RunRow, list[RunEventRow], list[tuple[int, int, str]]]:
         store = await _open_store(database_url, database_schema)
         try:
             run = await store.find_run(run_id)
-            return run, await store.run_events(run.run_id)
+            lines = await store.run_logs(run.run_id) if logs else []
+            return run, await store.run_events(run.run_id), lines
         finally:
             await store.close()
 
     try:
-        run, events = asyncio.run(go())
+        run, events, lines = asyncio.run(go())
     except DispatcherError as exc:
         raise _fail(str(exc), 1) from None
     if as_json:
@@ -425,8 +429,12 @@ def runs_show(
     for e in events:
         change = f"{e.from_state or '-'} -> {e.to_state}" if e.to_state else "(no change)"
         typer.echo(f"  {e.recorded_at.isoformat(timespec='milliseconds')}  {e.kind:13} {change}")
-    if run.output_tail:
-        typer.echo("output (last lines)")
+    if logs:
+        typer.echo(f"output ({len(lines)} forwarded lines)")
+        for attempt, number, line in lines:
+            typer.echo(f"  {attempt}:{number:<5} | {line}")
+    elif run.output_tail:
+        typer.echo("output (last lines; --logs for all)")
         for line in run.output_tail:
             typer.echo(f"  | {line}")
 

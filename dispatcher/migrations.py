@@ -118,6 +118,21 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        3,
+        "forwarded output lines",
+        """
+        -- One row per line, numbered within the attempt: a line forwarded twice is kept once.
+        CREATE TABLE run_logs (
+            run_id  uuid NOT NULL REFERENCES runs (run_id),
+            attempt integer NOT NULL,
+            line_no integer NOT NULL,
+            line    text NOT NULL,
+            PRIMARY KEY (run_id, attempt, line_no)
+        );
+        ALTER TABLE runs ADD COLUMN log_truncated boolean NOT NULL DEFAULT false;
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

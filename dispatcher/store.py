@@ -25,6 +25,7 @@ from schemas import (
     Message,
     RunEvent,
     RunFailed,
+    RunLog,
     SubmitRun,
     encode,
     kind_of,
@@ -341,6 +342,8 @@ class Store:
             for event in events:
                 if isinstance(event, AgentHeartbeat):
                     await self._record_heartbeat(connection, event)
+                elif isinstance(event, RunLog):
+                    await self._record_log(connection, event)
                 elif await self._apply_run_event(connection, event):
                     changes += 1
         return changes
@@ -456,6 +459,46 @@ class Store:
             message,
             json.dumps(tail),
         )
+
+    async def _record_log(self, connection: asyncpg.Connection, batch: RunLog) -> None:
+        exists = await connection.fetchval("SELECT 1 FROM runs WHERE run_id = $1", batch.run_id)
+        if not exists:
+            log.warning("output of unknown run %s ignored", batch.run_id)
+            return
+        if batch.lines:
+            await connection.execute(
+                """
+                INSERT INTO run_logs (run_id, attempt, line_no, line)
+                SELECT $1, $2, $3 + l.n - 1, l.line
+                FROM unnest($4::text[]) WITH ORDINALITY AS l(line, n)
+                ON CONFLICT DO NOTHING
+                """,
+                batch.run_id,
+                batch.attempt,
+                batch.first_line,
+                [line.replace("\x00", "") for line in batch.lines],
+            )
+        if batch.truncated:
+            await connection.execute(
+                "UPDATE runs SET log_truncated = true WHERE run_id = $1", batch.run_id
+            )
+
+    async def run_logs(
+        self, run_id: uuid.UUID, attempt: int | None = None, limit: int = 100_000
+    ) -> list[tuple[int, int, str]]:
+        """(attempt, line number, line) of a run's forwarded output, in order."""
+        async with self._connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT attempt, line_no, line FROM run_logs
+                WHERE run_id = $1 AND ($2::int IS NULL OR attempt = $2)
+                ORDER BY attempt, line_no LIMIT $3
+                """,
+                run_id,
+                attempt,
+                limit,
+            )
+        return [(r["attempt"], r["line_no"], r["line"]) for r in records]
 
     async def _record_heartbeat(self, connection: asyncpg.Connection, beat: AgentHeartbeat) -> None:
         await connection.execute(

@@ -166,6 +166,19 @@ class RunFailed(AttemptMessage, frozen=True, kw_only=True, tag="RunFailed"):
     finished_at: AwareDatetime | None = None
 
 
+class RunLog(AttemptMessage, frozen=True, kw_only=True, tag="RunLog"):
+    """A batch of the attempt's output lines, numbered from 0 within the attempt.
+
+    Numbering makes forwarding idempotent: a line sent twice (after an agent restart, say)
+    is stored once. ``truncated`` says that the agent stopped forwarding at its per-run cap.
+    """
+
+    agent_id: NonEmpty
+    first_line: Annotated[int, msgspec.Meta(ge=0)]
+    lines: tuple[str, ...]
+    truncated: bool = False
+
+
 class ContainerState(msgspec.Struct, frozen=True, kw_only=True):
     """One in-flight attempt as its agent sees it, in a heartbeat."""
 
@@ -189,7 +202,7 @@ class AgentHeartbeat(Message, frozen=True, kw_only=True, tag="AgentHeartbeat"):
 
 
 RunEvent = RunLaunched | RunStarted | RunSucceeded | RunFailed
-Event = RunLaunched | RunStarted | RunSucceeded | RunFailed | AgentHeartbeat
+Event = RunLaunched | RunStarted | RunSucceeded | RunFailed | RunLog | AgentHeartbeat
 AnyMessage = (
     SubmitRun
     | CancelRun
@@ -199,6 +212,7 @@ AnyMessage = (
     | RunStarted
     | RunSucceeded
     | RunFailed
+    | RunLog
     | AgentHeartbeat
 )
 
@@ -211,6 +225,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     RunStarted,
     RunSucceeded,
     RunFailed,
+    RunLog,
     AgentHeartbeat,
 )
 

@@ -44,6 +44,7 @@ _EVENT_KEYS: Final = {
     "RunStarted": "run.started",
     "RunSucceeded": "run.succeeded",
     "RunFailed": "run.failed",
+    "RunLog": "run.log",
     "AgentHeartbeat": HEARTBEAT_ROUTING_KEY,
 }
 

@@ -79,7 +79,9 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 
 def _remove_labelled(client: docker.DockerClient, label: str) -> None:
-    for container in client.containers.list(all=True, filters={"label": label}):
+    for container in client.containers.list(
+        all=True, filters={"label": label}, ignore_removed=True
+    ):
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True, v=True)
 

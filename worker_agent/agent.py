@@ -40,6 +40,7 @@ from schemas.topology import STATUS_EXCHANGE, event_routing_key
 from .consumer import InstructionConsumer
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed
 from .heartbeat import Heartbeat
+from .logs import LogForwarder
 from .runtime import ContainerInfo, DockerRuntime
 from .settings import AgentSettings
 from .watcher import ContainerWatcher
@@ -65,6 +66,8 @@ class Attempt:
     #: Set by a TerminateRun: what the attempt's end is reported as.
     terminated: FailureReason | None = None
     terminate_note: str = ""
+    #: Forwards the container's output while it runs (when log forwarding is on).
+    forwarding: asyncio.Task[None] | None = None
 
 
 class Agent:
@@ -77,6 +80,7 @@ class Agent:
         self._by_container: dict[str, AttemptKey] = {}
         self._finished: OrderedDict[AttemptKey, None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._forwarders: set[asyncio.Task[None]] = set()
         self._draining = False
         self._docker_backoff_s = 0.5
         self._publisher: Publisher | None = None
@@ -150,9 +154,11 @@ class Agent:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=settings.shutdown_grace_s)
         watcher.close()
-        for task in [*tasks, stopper, *self._tasks]:
+        for task in [*tasks, stopper, *self._tasks, *self._forwarders]:
             task.cancel()
-        await asyncio.gather(*tasks, stopper, *self._tasks, return_exceptions=True)
+        await asyncio.gather(
+            *tasks, stopper, *self._tasks, *self._forwarders, return_exceptions=True
+        )
         await self._consumer.close()
         await self._publisher.close()
         log.info(
@@ -268,6 +274,7 @@ class Agent:
         attempt.state = info.status
         attempt.started = info.ready
         self._by_container[info.id] = key
+        self._forward_output(attempt, info.id)
         try:
             await self._report_launched(launch, info.id, attempt.started)
         except BrokerUnavailable as exc:
@@ -370,10 +377,32 @@ class Agent:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _forward_output(self, attempt: Attempt, container_id: str) -> None:
+        if not self.settings.log_forwarding or attempt.forwarding is not None:
+            return
+        settings = self.settings
+        forwarder = LogForwarder(
+            self.runtime,
+            self._publish,
+            attempt.run_id,
+            attempt.attempt,
+            settings.agent_id,
+            container_id,
+            batch_interval_s=settings.log_batch_interval_s,
+            max_line_chars=settings.log_max_line_chars,
+            max_lines=settings.log_max_lines_per_run,
+        )
+        attempt.forwarding = asyncio.create_task(forwarder.run())
+        self._forwarders.add(attempt.forwarding)
+        attempt.forwarding.add_done_callback(self._forwarders.discard)
+
     async def _finish(self, attempt: Attempt, container_id: str) -> None:
         """Report an exit with its output tail; then remove the container and free the slot."""
         await attempt.launched.wait()
         agent_id = self.settings.agent_id
+        if attempt.forwarding is not None:
+            # The output's last lines go out before the final event.
+            await asyncio.wait([attempt.forwarding], timeout=10)
         while True:
             try:
                 info = await self.runtime.inspect(container_id)
@@ -384,6 +413,8 @@ class Agent:
                     "Docker engine unreachable while reporting run %s: %s", attempt.run_id, exc
                 )
                 await asyncio.sleep(1.0)
+        if not self.settings.log_forwarding:
+            tail = ()  # no output line leaves the host
         event = final_event(attempt, agent_id, info, tail)
         attempt.state = "exited"
         await self._publish_until_sent(event)

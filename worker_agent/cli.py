@@ -71,6 +71,13 @@ def run(
     keep_finished: Annotated[
         bool, typer.Option("--keep-finished", help="Keep finished containers (default: remove).")
     ] = False,
+    no_log_forwarding: Annotated[
+        bool,
+        typer.Option(
+            "--no-log-forwarding",
+            help="Send no output line of any run: only states and metadata leave this host.",
+        ),
+    ] = False,
     metrics_port: Annotated[
         int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
     ] = 9466,
@@ -97,6 +104,7 @@ def run(
             agent_id=agent_id,
             heartbeat_interval_s=heartbeat_interval,
             keep_finished=keep_finished or None,
+            log_forwarding=False if no_log_forwarding else None,
         )
     except AgentError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -271,6 +271,19 @@ class DockerRuntime:
             raise DockerUnavailable(f"cannot follow Docker events: {exc}") from exc
         return EventStream(client, stream)
 
+    def open_log_stream(self, container_id: str) -> EventStream:
+        """The container's output from its start, following it until it ends (blocking)."""
+        try:
+            client = docker.from_env(timeout=None)
+            stream = client.api.logs(
+                container_id, stdout=True, stderr=True, stream=True, follow=True
+            )
+        except (docker.errors.DockerException, *_UNAVAILABLE) as exc:
+            raise DockerUnavailable(
+                f"cannot follow the output of {container_id[:12]}: {exc}"
+            ) from exc
+        return EventStream(client, stream)
+
     def close(self) -> None:
         with self._lock:
             if self._client is not None:
@@ -313,20 +326,22 @@ def _explain(exc: docker.errors.APIError) -> str:
 
 
 class EventStream:
-    """A Docker events stream; ``close()`` from any thread ends the iteration."""
+    """A streaming Docker response (events, logs); ``close()`` from any thread ends it."""
 
     def __init__(self, client: docker.DockerClient, stream: Any) -> None:
         self._client = client
         self._stream = stream
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Any]:
         try:
             yield from self._stream
-        except _UNAVAILABLE as exc:
-            raise DockerUnavailable(f"the Docker events stream broke: {exc}") from exc
+        except (docker.errors.DockerException, *_UNAVAILABLE) as exc:
+            raise DockerUnavailable(f"a Docker stream broke: {exc}") from exc
 
     def close(self) -> None:
         try:
-            self._stream.close()
+            close = getattr(self._stream, "close", None)
+            if close is not None:
+                close()
         finally:
             self._client.close()

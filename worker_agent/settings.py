@@ -34,6 +34,12 @@ class AgentSettings:
     pull_timeout_s: float = 30.0
     #: How long a graceful shutdown waits for launches in progress.
     shutdown_grace_s: float = 10.0
+    #: Forward runs' output lines as RunLog events. Off: only states and metadata (no output
+    #: line, not even the tail of a failed run) leave the host.
+    log_forwarding: bool = True
+    log_batch_interval_s: float = 0.5
+    log_max_line_chars: int = 4096
+    log_max_lines_per_run: int = 10_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> AgentSettings:
@@ -56,6 +62,8 @@ class AgentSettings:
                     raise AgentConfigError(f"{name}={raw!r} is not a number") from None
         if env.get("HD_KEEP_FINISHED", "").lower() in ("1", "true", "yes"):
             values["keep_finished"] = True
+        if env.get("HD_LOG_FORWARDING", "").lower() in ("0", "false", "no"):
+            values["log_forwarding"] = False
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()

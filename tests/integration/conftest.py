@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -40,6 +41,11 @@ class Stack:
         self.run_image = run_image
         self.processes: list[Proc] = []
         self.agent_ids: set[str] = set()
+
+    def _env_for_cli(self) -> dict[str, str]:
+        import os
+
+        return {**os.environ, **self._env()}
 
     def _env(self) -> dict[str, str]:
         return {
@@ -125,16 +131,19 @@ class Stack:
         return Client(self.amqp_url)
 
     def containers_of(self, run_id: uuid.UUID) -> list[docker.models.containers.Container]:
-        return self.docker.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run_id}"})
+        return self.docker.containers.list(
+            all=True, filters={"label": f"{LABEL_RUN}={run_id}"}, ignore_removed=True
+        )
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
             proc.stop()
         for agent_id in self.agent_ids:
             for container in self.docker.containers.list(
-                all=True, filters={"label": f"{LABEL_AGENT}={agent_id}"}
+                all=True, filters={"label": f"{LABEL_AGENT}={agent_id}"}, ignore_removed=True
             ):
-                container.remove(force=True)
+                with contextlib.suppress(docker.errors.NotFound):
+                    container.remove(force=True)
 
     def dump_logs(self) -> str:
         return "\n".join(f"==== {p.log_path.name}\n{p.output()[-4000:]}" for p in self.processes)

@@ -20,8 +20,9 @@ from worker_agent.runtime import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN
 def running_containers(stack: Stack, run_id: uuid.UUID) -> list[tuple[str, int]]:
     """(agent id, attempt) of every running container of a run, as Docker reports them."""
     found = []
-    for container in stack.docker.containers.list(filters={"label": f"{LABEL_RUN}={run_id}"}):
-        container.reload()
+    for container in stack.docker.containers.list(
+        filters={"label": f"{LABEL_RUN}={run_id}"}, ignore_removed=True
+    ):
         if container.status == "running":
             found.append((container.labels[LABEL_AGENT], int(container.labels[LABEL_ATTEMPT])))
     return sorted(found)

@@ -21,6 +21,7 @@ from schemas import (
     MessageTooLarge,
     RunFailed,
     RunLaunched,
+    RunLog,
     RunStarted,
     RunSucceeded,
     SubmitRun,
@@ -63,6 +64,7 @@ EXAMPLES: list[Message] = [
         exit_code=3,
         output_tail=("line 1", "line 2"),
     ),
+    RunLog(run_id=RUN, attempt=1, agent_id="a1", first_line=10, lines=("a", "b")),
     AgentHeartbeat(
         agent_id="a1",
         sequence=7,
@@ -91,7 +93,7 @@ def test_every_message_round_trips(message: Message) -> None:
         (instruction_decoder(), {"LaunchRun", "TerminateRun"}),
         (
             event_decoder(),
-            {"RunLaunched", "RunStarted", "RunSucceeded", "RunFailed", "AgentHeartbeat"},
+            {"RunLaunched", "RunStarted", "RunSucceeded", "RunFailed", "RunLog", "AgentHeartbeat"},
         ),
     ],
 )
