@@ -29,6 +29,7 @@ class ImageNames:
     postgres: str = "hybrid-dispatcher/postgres:15"
     app: str = "hybrid-dispatcher/app:latest"
     run_tiny: str = "hybrid-dispatcher/run-tiny:latest"
+    example_location: str = "hybrid-dispatcher/example-location:latest"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ImageNames:
@@ -40,6 +41,7 @@ class ImageNames:
             postgres=_get(env, "HD_IMAGE_POSTGRES", d.postgres),
             app=_get(env, "HD_IMAGE_APP", d.app),
             run_tiny=_get(env, "HD_IMAGE_RUN_TINY", d.run_tiny),
+            example_location=_get(env, "HD_IMAGE_EXAMPLE_LOCATION", d.example_location),
         )
 
 

@@ -2,7 +2,8 @@
 
     python compose/images/build.py [--force] [NAME ...]
 
-NAME is any of: base, rabbitmq, postgres, app, run-tiny (default: all, in that order).
+NAME is any of: base, rabbitmq, postgres, app, run-tiny, example-location (default: all, in
+that order).
 
 Each image carries a label with a hash of its inputs (its recipe, the base image it is
 built on and, for the project's image, the project's sources). An image whose label
@@ -36,8 +37,11 @@ HASH_LABEL = "hybrid-dispatcher.inputs-hash"
 SUITE = "bookworm"
 # Bump when the way the base root file system is made changes.
 BASE_RECIPE_VERSION = "3"
-ORDER = ("base", "rabbitmq", "postgres", "app", "run-tiny")
+ORDER = ("base", "rabbitmq", "postgres", "app", "run-tiny", "example-location")
 PROJECT_SOURCES = ("pyproject.toml", "schemas", "dispatcher", "worker_agent")
+EXAMPLE_SOURCES = ("sdk", "examples/hello_location")
+#: Images installed from a wheelhouse made on the host, and what the wheels are built from.
+WHEELS = {"app": ROOT, "example-location": ROOT / "sdk"}
 
 
 class BuildError(Exception):
@@ -204,8 +208,8 @@ def build_recipe(
     with tempfile.TemporaryDirectory(prefix=f"hd-{name}-") as tmp:
         context = Path(tmp) / "context"
         shutil.copytree(recipe, context)
-        if name == "app":
-            log("app: building the wheelhouse on the host (pip wheel)")
+        if name in WHEELS:
+            log(f"{name}: building the wheelhouse on the host (pip wheel)")
             _run(
                 [
                     sys.executable,
@@ -215,9 +219,11 @@ def build_recipe(
                     "--quiet",
                     "--wheel-dir",
                     str(context / "wheelhouse"),
-                    str(ROOT),
+                    str(WHEELS[name]),
                 ]
             )
+        if name == "example-location":
+            shutil.copytree(ROOT / "examples" / "hello_location", context / "hello_location")
         log(f"{name} {tag}: building")
         _docker_build(client, context, tag, {"BASE_IMAGE": base_tag}, wanted)
     log(f"{name} {tag}: built in {time.monotonic() - started:.0f} s")
@@ -285,6 +291,7 @@ def build(names: ImageNames, which: Iterable[str], force: bool) -> None:
         "postgres": names.postgres,
         "app": names.app,
         "run-tiny": names.run_tiny,
+        "example-location": names.example_location,
     }
     default_tags = {
         "base": defaults.base,
@@ -292,12 +299,16 @@ def build(names: ImageNames, which: Iterable[str], force: bool) -> None:
         "postgres": defaults.postgres,
         "app": defaults.app,
         "run-tiny": defaults.run_tiny,
+        "example-location": defaults.example_location,
     }
     wanted = [name for name in ORDER if name in set(which)]
     needs_base = any(tags[n] == default_tags[n] for n in wanted if n != "base")
     if "base" in wanted or (needs_base and current_hash(client, names.base) is None):
         build_base(client, names.base, force and "base" in wanted)
-    project = tuple(ROOT / p for p in PROJECT_SOURCES)
+    inputs = {
+        "app": tuple(ROOT / p for p in PROJECT_SOURCES),
+        "example-location": tuple(ROOT / p for p in EXAMPLE_SOURCES),
+    }
     for name in wanted:
         if name == "base":
             continue
@@ -310,7 +321,7 @@ def build(names: ImageNames, which: Iterable[str], force: bool) -> None:
             tags[name],
             names.base,
             force,
-            extra_inputs=project if name == "app" else (),
+            extra_inputs=inputs.get(name, ()),
         )
 
 

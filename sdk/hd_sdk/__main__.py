@@ -1,0 +1,7 @@
+"""`python -m hd_sdk`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

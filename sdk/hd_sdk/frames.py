@@ -1,0 +1,30 @@
+"""The framed progress format a run writes on stdout for its agent to read.
+
+A frame is one line: the ASCII start-of-text character (not a line break to
+``str.splitlines``, unlike the separators), ``hd1``, a space, then a JSON object with
+an ``event`` field: ``step_started`` / ``step_finished`` (``step``, ``status``,
+``duration_s``), ``log`` (``level``, ``message``) or ``metadata`` (``values``). Any other line
+is ordinary output.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+FRAME_PREFIX = "\x02hd1 "
+
+
+def encode_frame(event: str, **fields: Any) -> str:
+    return FRAME_PREFIX + json.dumps({"event": event, **fields}, default=str, sort_keys=True)
+
+
+def parse_frame(line: str) -> dict[str, Any] | None:
+    """The frame a line holds, or None for an ordinary line (or a broken frame)."""
+    if not line.startswith(FRAME_PREFIX):
+        return None
+    try:
+        frame = json.loads(line[len(FRAME_PREFIX) :])
+    except ValueError:
+        return None
+    return frame if isinstance(frame, dict) and isinstance(frame.get("event"), str) else None

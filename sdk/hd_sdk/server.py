@@ -1,0 +1,78 @@
+"""The code server: a location's definitions and launch specs over HTTP.
+
+GET  /health        200 once the location's module is loaded
+GET  /definitions   {"location_version": ..., "jobs": [{name, description, config_schema}]}
+POST /launch-spec   {"job": NAME, "config": {...}}  →  {"command": [...], "env": {...}}
+                    400 {"error": ...} naming the problem for an unknown job or bad config
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .config import ConfigError, validate_config
+from .jobs import Registry
+
+
+def launch_spec(registry: Registry, module: str, job_name: str, config: Any) -> dict[str, Any]:
+    """The command that runs ``job_name`` with ``config`` in a new container of this image."""
+    job_ = registry.get(job_name)
+    validate_config(job_.config_schema, config)
+    return {
+        "command": [
+            "python3",
+            "-m",
+            "hd_sdk",
+            "run",
+            "--module",
+            module,
+            "--job",
+            job_name,
+            "--config",
+            json.dumps(config),
+        ],
+        "env": {},
+    }
+
+
+def make_server(
+    registry: Registry, module: str, port: int, host: str = "0.0.0.0"
+) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                self._reply(200, {"status": "ok", "jobs": len(registry.jobs)})
+            elif self.path == "/definitions":
+                self._reply(200, {"module": module, "jobs": registry.definitions()})
+            else:
+                self._reply(404, {"error": f"no such path {self.path}"})
+
+        def do_POST(self) -> None:
+            if self.path != "/launch-spec":
+                self._reply(404, {"error": f"no such path {self.path}"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length", "0"))
+                request = json.loads(self.rfile.read(length) or b"{}")
+                spec = launch_spec(registry, module, request["job"], request.get("config", {}))
+            except (KeyError, ConfigError, ValueError) as exc:
+                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                self._reply(400, {"error": str(message)})
+                return
+            self._reply(200, spec)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            sys.stderr.write("code server: " + (format % args) + "\n")
+
+    return ThreadingHTTPServer((host, port), Handler)

@@ -1,0 +1,167 @@
+"""The SDK: jobs, config checks, progress frames, the code server and the run command."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hd_sdk import ConfigError, Context, Registry, job, validate_config
+from hd_sdk.frames import parse_frame
+from hd_sdk.jobs import load_registry
+from hd_sdk.server import make_server
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {"PYTHONPATH": f"{ROOT / 'sdk'}:{ROOT / 'examples'}", "PATH": "/usr/bin:/bin"}
+
+
+def test_jobs_are_declared_with_their_definitions() -> None:
+    registry = Registry()
+
+    @job(description="Adds.", config_schema={"type": "object"}, registry=registry)
+    def add(context: Context, config: dict[str, int]) -> None:
+        pass
+
+    assert registry.definitions() == [
+        {"name": "add", "description": "Adds.", "config_schema": {"type": "object"}}
+    ]
+    with pytest.raises(ValueError, match="declared twice"):
+        job(name="add", registry=registry)(add)
+    with pytest.raises(ValueError, match="unsupported keyword"):
+        job(name="other", config_schema={"patternProperties": {}}, registry=registry)(add)
+    with pytest.raises(KeyError, match="no job 'nope'"):
+        registry.get("nope")
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "count": {"type": "integer", "minimum": 1, "maximum": 10},
+        "mode": {"enum": ["fast", "slow"]},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ({}, "config.name is required"),
+        ({"name": ""}, "config.name must be at least 1 characters"),
+        ({"name": "x", "count": 0}, "config.count must be at least 1"),
+        ({"name": "x", "count": True}, "config.count must be of type integer"),
+        ({"name": "x", "mode": "medium"}, "config.mode must be one of"),
+        ({"name": "x", "tags": ["a", 1]}, "config.tags[1] must be of type string"),
+        ({"name": "x", "extra": 1}, "config.extra is not a known field"),
+        ([], "config must be of type object"),
+    ],
+)
+def test_a_config_is_checked_naming_each_problem(config: object, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        validate_config(SCHEMA, config)
+    assert any(problem in p for p in caught.value.problems)
+
+
+def test_a_valid_config_passes() -> None:
+    validate_config(SCHEMA, {"name": "x", "count": 3, "mode": "fast", "tags": ["a"]})
+
+
+def test_progress_is_written_as_frames() -> None:
+    out = io.StringIO()
+    context = Context("demo", stream=out)
+    with context.step("load"):
+        context.log("loading")
+    context.metadata(rows=3)
+    with pytest.raises(RuntimeError), context.step("explode"):
+        raise RuntimeError("boom")
+    frames = [parse_frame(line) for line in out.getvalue().splitlines()]
+    assert [f["event"] for f in frames if f] == [
+        "step_started",
+        "log",
+        "step_finished",
+        "metadata",
+        "step_started",
+        "step_finished",
+    ]
+    assert frames[2]["status"] == "succeeded"  # type: ignore[index]
+    assert frames[-1]["status"] == "failed"  # type: ignore[index]
+    assert frames[3]["values"] == {"rows": 3}  # type: ignore[index]
+    assert parse_frame("an ordinary line") is None
+    assert parse_frame("\x02hd1 {broken json") is None
+
+
+def run_sdk(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hd_sdk", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+
+
+def test_a_job_runs_and_reports_its_steps() -> None:
+    result = run_sdk("run", "--module", "hello_location", "--job", "count", "--config", '{"to": 3}')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if parse_frame(line) is None] == ["1", "2", "3"]
+    steps = [f["step"] for f in map(parse_frame, lines) if f and f["event"] == "step_finished"]
+    assert steps == ["count-1", "count-2", "count-3"]
+
+
+def test_a_failing_job_exits_1_and_a_bad_config_exits_2() -> None:
+    failed = run_sdk("run", "--module", "hello_location", "--job", "broken")
+    assert failed.returncode == 1
+    assert "this job always fails" in failed.stderr
+    bad = run_sdk("run", "--module", "hello_location", "--job", "hello", "--config", "{}")
+    assert bad.returncode == 2
+    assert "config.name is required" in bad.stderr
+    unknown = run_sdk("run", "--module", "hello_location", "--job", "nope")
+    assert unknown.returncode == 2
+    assert "no job 'nope'" in unknown.stderr
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    registry = load_registry("hello_location")
+    httpd = make_server(registry, "hello_location", 0, host="127.0.0.1")
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def call(url: str, body: object = None) -> tuple[int, dict[str, object]]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_code_server_answers_health_definitions_and_launch_specs(server: str) -> None:
+    assert call(f"{server}/health") == (200, {"status": "ok", "jobs": 3})
+    status, definitions = call(f"{server}/definitions")
+    assert status == 200
+    assert [j["name"] for j in definitions["jobs"]] == ["broken", "count", "hello"]  # type: ignore[index]
+    status, spec = call(f"{server}/launch-spec", {"job": "hello", "config": {"name": "Ada"}})
+    assert status == 200
+    assert spec["command"][-4:] == ["--job", "hello", "--config", '{"name": "Ada"}']  # type: ignore[index]
+    status, error = call(f"{server}/launch-spec", {"job": "hello", "config": {"name": 3}})
+    assert (status, error) == (400, {"error": "config.name must be of type string, got int"})
+    status, error = call(f"{server}/launch-spec", {"job": "nope", "config": {}})
+    assert status == 400
+    assert "no job 'nope'" in str(error["error"])
