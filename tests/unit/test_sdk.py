@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from hd_sdk import ConfigError, Context, Registry, job, validate_config
 from hd_sdk.frames import parse_frame
 from hd_sdk.jobs import load_registry
