@@ -7,7 +7,7 @@ import json
 import shlex
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -373,17 +373,20 @@ def runs_show(
     """Show one run: its state history, exit code and output tail."""
     from .store import RunEventRow, RunRow
 
-    async def go() -> tuple[RunRow, list[RunEventRow], list[tuple[int, int, str]]]:
+    async def go() -> tuple[
+        RunRow, list[RunEventRow], list[tuple[int, int, str]], list[dict[str, Any]]
+    ]:
         store = await _open_store(database_url, database_schema)
         try:
             run = await store.find_run(run_id)
             lines = await store.run_logs(run.run_id) if logs else []
-            return run, await store.run_events(run.run_id), lines
+            progress = await store.run_progress(run.run_id)
+            return run, await store.run_events(run.run_id), lines, progress
         finally:
             await store.close()
 
     try:
-        run, events, lines = asyncio.run(go())
+        run, events, lines, progress = asyncio.run(go())
     except DispatcherError as exc:
         raise _fail(str(exc), 1) from None
     if as_json:
@@ -402,6 +405,7 @@ def runs_show(
                     "agent_id": run.agent_id,
                     "container_id": run.container_id,
                     "output_tail": run.output_tail,
+                    "progress": progress,
                     "events": [
                         {
                             "kind": e.kind,
@@ -429,6 +433,10 @@ def runs_show(
     for e in events:
         change = f"{e.from_state or '-'} -> {e.to_state}" if e.to_state else "(no change)"
         typer.echo(f"  {e.recorded_at.isoformat(timespec='milliseconds')}  {e.kind:13} {change}")
+    if progress:
+        typer.echo("progress")
+        for item in progress:
+            typer.echo(f"  {_describe_progress(item)}")
     if logs:
         typer.echo(f"output ({len(lines)} forwarded lines)")
         for attempt, number, line in lines:
@@ -437,6 +445,18 @@ def runs_show(
         typer.echo("output (last lines; --logs for all)")
         for line in run.output_tail:
             typer.echo(f"  | {line}")
+
+
+def _describe_progress(item: dict[str, Any]) -> str:
+    event = item["event"]
+    if event == "step_started":
+        return f"step {item['step']} started"
+    if event == "step_finished":
+        took = f" in {item['duration_s']:.3f} s" if item["duration_s"] is not None else ""
+        return f"step {item['step']} {item['status'] or 'finished'}{took}"
+    if event == "log":
+        return f"[{item['level'] or 'info'}] {item['message']}"
+    return "metadata " + ", ".join(f"{k}={v}" for k, v in sorted(item["details"].items()))
 
 
 def main() -> None:

@@ -133,6 +133,26 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE runs ADD COLUMN log_truncated boolean NOT NULL DEFAULT false;
         """,
     ),
+    (
+        4,
+        "structured progress",
+        """
+        CREATE TABLE run_progress (
+            run_id      uuid NOT NULL REFERENCES runs (run_id),
+            attempt     integer NOT NULL,
+            item_no     integer NOT NULL,
+            event       text NOT NULL,
+            step        text,
+            status      text,
+            duration_s  double precision,
+            level       text,
+            message     text,
+            details     jsonb NOT NULL DEFAULT '{}',
+            recorded_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (run_id, attempt, item_no)
+        );
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

@@ -26,6 +26,7 @@ from schemas import (
     RunEvent,
     RunFailed,
     RunLog,
+    RunProgress,
     SubmitRun,
     encode,
     kind_of,
@@ -344,6 +345,8 @@ class Store:
                     await self._record_heartbeat(connection, event)
                 elif isinstance(event, RunLog):
                     await self._record_log(connection, event)
+                elif isinstance(event, RunProgress):
+                    await self._record_progress(connection, event)
                 elif await self._apply_run_event(connection, event):
                     changes += 1
         return changes
@@ -482,6 +485,47 @@ class Store:
             await connection.execute(
                 "UPDATE runs SET log_truncated = true WHERE run_id = $1", batch.run_id
             )
+
+    async def _record_progress(self, connection: asyncpg.Connection, batch: RunProgress) -> None:
+        exists = await connection.fetchval("SELECT 1 FROM runs WHERE run_id = $1", batch.run_id)
+        if not exists:
+            log.warning("progress of unknown run %s ignored", batch.run_id)
+            return
+        items = batch.items
+        await connection.execute(
+            """
+            INSERT INTO run_progress (run_id, attempt, item_no, event, step, status, duration_s,
+                                      level, message, details)
+            SELECT $1, $2, i.no, i.event, i.step, i.status, i.duration_s, i.level, i.message,
+                   i.details::jsonb
+            FROM unnest($3::int[], $4::text[], $5::text[], $6::text[], $7::float8[],
+                        $8::text[], $9::text[], $10::text[])
+                 AS i(no, event, step, status, duration_s, level, message, details)
+            ON CONFLICT DO NOTHING
+            """,
+            batch.run_id,
+            batch.attempt,
+            [i.line_no for i in items],
+            [i.event for i in items],
+            [i.step for i in items],
+            [i.status for i in items],
+            [i.duration_s for i in items],
+            [i.level for i in items],
+            [i.message for i in items],
+            [json.dumps(i.values, default=str) for i in items],
+        )
+
+    async def run_progress(self, run_id: uuid.UUID) -> list[dict[str, Any]]:
+        """A run's progress items (steps, log records, metadata), in order."""
+        async with self._connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT attempt, item_no, event, step, status, duration_s, level, message, details
+                FROM run_progress WHERE run_id = $1 ORDER BY attempt, item_no
+                """,
+                run_id,
+            )
+        return [{**dict(r), "details": json.loads(r["details"])} for r in records]
 
     async def run_logs(
         self, run_id: uuid.UUID, attempt: int | None = None, limit: int = 100_000

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -179,6 +179,27 @@ class RunLog(AttemptMessage, frozen=True, kw_only=True, tag="RunLog"):
     truncated: bool = False
 
 
+class ProgressItem(msgspec.Struct, frozen=True, kw_only=True):
+    """One structured progress report a run wrote (the SDK's framed stdout lines)."""
+
+    #: Number of the output line it came on: its identity within the attempt.
+    line_no: Annotated[int, msgspec.Meta(ge=0)]
+    event: Literal["step_started", "step_finished", "log", "metadata"]
+    step: str | None = None
+    status: str | None = None
+    duration_s: float | None = None
+    level: str | None = None
+    message: str | None = None
+    values: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class RunProgress(AttemptMessage, frozen=True, kw_only=True, tag="RunProgress"):
+    """Steps, log records and metadata a run reported, read by its agent from its output."""
+
+    agent_id: NonEmpty
+    items: tuple[ProgressItem, ...]
+
+
 class ContainerState(msgspec.Struct, frozen=True, kw_only=True):
     """One in-flight attempt as its agent sees it, in a heartbeat."""
 
@@ -202,7 +223,7 @@ class AgentHeartbeat(Message, frozen=True, kw_only=True, tag="AgentHeartbeat"):
 
 
 RunEvent = RunLaunched | RunStarted | RunSucceeded | RunFailed
-Event = RunLaunched | RunStarted | RunSucceeded | RunFailed | RunLog | AgentHeartbeat
+Event = RunLaunched | RunStarted | RunSucceeded | RunFailed | RunLog | RunProgress | AgentHeartbeat
 AnyMessage = (
     SubmitRun
     | CancelRun
@@ -213,6 +234,7 @@ AnyMessage = (
     | RunSucceeded
     | RunFailed
     | RunLog
+    | RunProgress
     | AgentHeartbeat
 )
 
@@ -226,6 +248,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     RunSucceeded,
     RunFailed,
     RunLog,
+    RunProgress,
     AgentHeartbeat,
 )
 

@@ -45,6 +45,7 @@ _EVENT_KEYS: Final = {
     "RunSucceeded": "run.succeeded",
     "RunFailed": "run.failed",
     "RunLog": "run.log",
+    "RunProgress": "run.progress",
     "AgentHeartbeat": HEARTBEAT_ROUTING_KEY,
 }
 

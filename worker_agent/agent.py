@@ -378,7 +378,8 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
 
     def _forward_output(self, attempt: Attempt, container_id: str) -> None:
-        if not self.settings.log_forwarding or attempt.forwarding is not None:
+        """Follow the container's output: progress always, lines when forwarding is on."""
+        if attempt.forwarding is not None:
             return
         settings = self.settings
         forwarder = LogForwarder(
@@ -391,6 +392,7 @@ class Agent:
             batch_interval_s=settings.log_batch_interval_s,
             max_line_chars=settings.log_max_line_chars,
             max_lines=settings.log_max_lines_per_run,
+            forward_lines=settings.log_forwarding,
         )
         attempt.forwarding = asyncio.create_task(forwarder.run())
         self._forwarders.add(attempt.forwarding)

@@ -1,4 +1,7 @@
-"""Log forwarding: a run's output lines, batched into RunLog events, with size caps."""
+"""Log forwarding: a run's output lines, batched into RunLog events, with size caps.
+
+Lines that are progress frames (written by the SDK) become RunProgress events instead.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from schemas import RunLog
+from schemas import ProgressItem, RunLog, RunProgress
 
 from .errors import DockerUnavailable
+from .progress import parse_progress
 from .runtime import DockerRuntime
 
 log = logging.getLogger(__name__)
@@ -30,9 +34,13 @@ class LineBatcher:
     max_lines: int = 10_000
     next_line: int = 0
     truncated: bool = False
+    #: Progress frames are numbered apart from output lines (both restart the same way when
+    #: an adopted container's output is read again from its start).
+    next_item: int = 0
     _partial: str = ""
     _pending: list[str] = field(default_factory=list)
     _pending_first: int = 0
+    _progress: list[ProgressItem] = field(default_factory=list)
 
     def feed(self, chunk: str) -> None:
         text = self._partial + chunk
@@ -47,6 +55,11 @@ class LineBatcher:
             self._partial = ""
 
     def _add(self, line: str) -> None:
+        item = parse_progress(line.rstrip("\r"), self.next_item)
+        if item is not None:
+            self._progress.append(item)
+            self.next_item += 1
+            return
         if self.next_line >= self.max_lines:
             self.truncated = True
             return
@@ -59,7 +72,11 @@ class LineBatcher:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._progress)
+
+    def take_progress(self) -> tuple[ProgressItem, ...]:
+        items, self._progress = tuple(self._progress), []
+        return items
 
     def take(self) -> tuple[int, tuple[str, ...]]:
         """(number of the first line, lines) waiting to be sent; empties the batch."""
@@ -75,7 +92,7 @@ class LogForwarder:
     def __init__(
         self,
         runtime: DockerRuntime,
-        publish: Callable[[RunLog], Awaitable[None]],
+        publish: Callable[[RunLog | RunProgress], Awaitable[None]],
         run_id: object,
         attempt: int,
         agent_id: str,
@@ -84,7 +101,9 @@ class LogForwarder:
         batch_lines: int = 500,
         max_line_chars: int = 4096,
         max_lines: int = 10_000,
+        forward_lines: bool = True,
     ) -> None:
+        self._forward_lines = forward_lines
         self._runtime = runtime
         self._publish = publish
         self._run_id = run_id
@@ -125,8 +144,21 @@ class LogForwarder:
                 await reader
 
     async def _send(self, force: bool = False) -> None:
+        items = self.batcher.take_progress()
+        if not self._forward_lines:
+            # Only states and metadata leave the host: no output line, no log record.
+            items = tuple(item for item in items if item.event != "log")
+        if items:
+            await self._publish(
+                RunProgress(
+                    run_id=self._run_id,  # type: ignore[arg-type]
+                    attempt=self._attempt,
+                    agent_id=self._agent_id,
+                    items=items,
+                )
+            )
         first, lines = self.batcher.take()
-        if not lines and not force:
+        if not self._forward_lines or (not lines and not force):
             return
         await self._publish(
             RunLog(

@@ -80,3 +80,35 @@ async def test_with_log_forwarding_off_no_output_line_reaches_the_broker(
                 assert not isinstance(event, RunLog)
         assert kinds == ["RunLaunched", "RunStarted", "RunFailed"]
     assert await store.run_logs(run_id) == []
+
+
+async def test_a_job_s_progress_and_output_reach_the_control_plane(
+    stack: Stack, store: Store, images: object
+) -> None:
+    from dispatcher.settings import ImageNames
+
+    assert isinstance(images, ImageNames)
+    await stack.start_control_plane()
+    await stack.start_agent()
+    command = [
+        "python3",
+        "-m",
+        "hd_sdk",
+        "run",
+        "--module",
+        "hello_location",
+        "--job",
+        "count",
+        "--config",
+        '{"to": 3}',
+    ]
+    async with stack.client() as client:
+        run_id = await client.submit(images.example_location, command, queue=stack.queue)
+    run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE, timeout=90)
+    assert run.state == RunState.SUCCESS
+    progress = await store.run_progress(run_id)
+    finished = [p["step"] for p in progress if p["event"] == "step_finished"]
+    assert finished == ["count-1", "count-2", "count-3"]
+    assert progress[-1]["event"] == "metadata"
+    assert progress[-1]["details"] == {"counted": 3}
+    assert [line for _, _, line in await store.run_logs(run_id)] == ["1", "2", "3"]

@@ -36,3 +36,17 @@ def test_past_the_per_run_cap_nothing_more_is_kept() -> None:
     batcher.feed("more\n")
     assert batcher.take() == (3, ())
     assert batcher.next_line == 3
+
+
+def test_progress_frames_are_taken_apart_from_output_lines() -> None:
+    batcher = LineBatcher()
+    batcher.feed('before\n\x02hd1 {"event": "step_started", "step": "load"}\nduring\n')
+    batcher.feed('\x02hd1 {"event": "metadata", "values": {"rows": 3}}\n')
+    batcher.feed("\x02hd1 {not json}\n")  # a broken frame is an ordinary line
+    assert batcher.take() == (0, ("before", "during", "\x02hd1 {not json}"))
+    items = batcher.take_progress()
+    assert [(i.line_no, i.event, i.step) for i in items] == [
+        (0, "step_started", "load"),
+        (1, "metadata", None),
+    ]
+    assert items[1].values == {"rows": 3}

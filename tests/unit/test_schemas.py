@@ -19,9 +19,11 @@ from schemas import (
     LaunchRun,
     Message,
     MessageTooLarge,
+    ProgressItem,
     RunFailed,
     RunLaunched,
     RunLog,
+    RunProgress,
     RunStarted,
     RunSucceeded,
     SubmitRun,
@@ -65,6 +67,15 @@ EXAMPLES: list[Message] = [
         output_tail=("line 1", "line 2"),
     ),
     RunLog(run_id=RUN, attempt=1, agent_id="a1", first_line=10, lines=("a", "b")),
+    RunProgress(
+        run_id=RUN,
+        attempt=1,
+        agent_id="a1",
+        items=(
+            ProgressItem(line_no=3, event="step_finished", step="load", status="succeeded"),
+            ProgressItem(line_no=4, event="metadata", values={"rows": 3, "ok": True}),
+        ),
+    ),
     AgentHeartbeat(
         agent_id="a1",
         sequence=7,
@@ -93,7 +104,15 @@ def test_every_message_round_trips(message: Message) -> None:
         (instruction_decoder(), {"LaunchRun", "TerminateRun"}),
         (
             event_decoder(),
-            {"RunLaunched", "RunStarted", "RunSucceeded", "RunFailed", "RunLog", "AgentHeartbeat"},
+            {
+                "RunLaunched",
+                "RunStarted",
+                "RunSucceeded",
+                "RunFailed",
+                "RunLog",
+                "RunProgress",
+                "AgentHeartbeat",
+            },
         ),
     ],
 )
