@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The demo: the whole stack with docker-compose, three runs submitted from the host, their
-# progress and final states. Exits 0 when all three end as expected.
+# The demo: the whole stack with docker-compose, four runs submitted from the host (one a job
+# of the example code location), their progress and final states. Exits 0 when all four end
+# as expected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
@@ -60,9 +61,12 @@ expect 0 "a run that succeeds" sh -c 'echo hello from a container'
 expect 3 "a run that exits 3" sh -c 'echo about to fail; exit 3'
 expect 0 "a run that prints several lines" \
     sh -c 'for i in 1 2 3 4 5; do echo "step $i of 5"; sleep 0.2; done'
+RUN_IMAGE=${HD_IMAGE_EXAMPLE_LOCATION:-hybrid-dispatcher/example-location:latest}
+expect 0 "a job of the example code location, reporting its steps" \
+    python3 -m hd_sdk run --module hello_location --job count --config '{"to": 3, "pause_s": 0.2}'
 
 log "the runs as the control plane recorded them:"
-"$BIN/dispatcher" runs list --limit 3
+"$BIN/dispatcher" runs list --limit 4
 latest=$("$BIN/dispatcher" runs list --limit 1 --json | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)[0]["run_id"])')
 "$BIN/dispatcher" runs show "$latest"
 
@@ -73,4 +77,4 @@ if [ "$failures" -gt 0 ]; then
     log "$failures run(s) did not end as expected"
     exit 1
 fi
-log "all three runs ended as expected"
+log "all four runs ended as expected"

@@ -41,6 +41,7 @@ from .consumer import InstructionConsumer
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed
 from .heartbeat import Heartbeat
 from .logs import LogForwarder
+from .progress import FRAME_PREFIX
 from .runtime import ContainerInfo, DockerRuntime
 from .settings import AgentSettings
 from .watcher import ContainerWatcher
@@ -408,7 +409,13 @@ class Agent:
         while True:
             try:
                 info = await self.runtime.inspect(container_id)
-                tail = await self.runtime.output_tail(container_id, self.settings.output_tail_lines)
+                wanted = self.settings.output_tail_lines
+                # Progress frames travel as RunProgress: the tail is the ordinary output.
+                tail = tuple(
+                    line
+                    for line in await self.runtime.output_tail(container_id, wanted * 4)
+                    if not line.startswith(FRAME_PREFIX)
+                )[-wanted:]
                 break
             except DockerUnavailable as exc:
                 log.error(
