@@ -57,6 +57,24 @@ class Settings:
         return cls(images=ImageNames.from_env(env))
 
 
+def _connections(env: Mapping[str, str]) -> dict[str, object]:
+    """The broker and database settings every control-plane process reads."""
+    return {
+        "amqp_url": env.get("HD_AMQP_URL", ""),
+        "database_url": env.get("HD_DATABASE_URL", ""),
+        "database_schema": env.get("HD_DATABASE_SCHEMA") or None,
+    }
+
+
+def _require_connections(amqp_url: str, database_url: str) -> None:
+    from .errors import ConfigError
+
+    if not amqp_url:
+        raise ConfigError("no broker: pass --amqp-url or set HD_AMQP_URL")
+    if not database_url:
+        raise ConfigError("no database: pass --database-url or set HD_DATABASE_URL")
+
+
 #: Components ``dispatcher serve`` can run; all by default.
 CONTROL_PLANE_COMPONENTS = ("intake", "relay", "status")
 
@@ -84,19 +102,12 @@ class ControlPlaneSettings:
         from .errors import ConfigError
 
         env = os.environ if env is None else env
-        values: dict[str, object] = {
-            "amqp_url": env.get("HD_AMQP_URL", ""),
-            "database_url": env.get("HD_DATABASE_URL", ""),
-            "database_schema": env.get("HD_DATABASE_SCHEMA") or None,
-        }
+        values = _connections(env)
         if components := env.get("HD_COMPONENTS"):
             values["components"] = tuple(c.strip() for c in components.split(",") if c.strip())
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
-        if not settings.amqp_url:
-            raise ConfigError("no broker: pass --amqp-url or set HD_AMQP_URL")
-        if not settings.database_url:
-            raise ConfigError("no database: pass --database-url or set HD_DATABASE_URL")
+        _require_connections(settings.amqp_url, settings.database_url)
         unknown = set(settings.components) - set(CONTROL_PLANE_COMPONENTS)
         if unknown or not settings.components:
             raise ConfigError(
@@ -137,11 +148,7 @@ class MonitorSettings:
         from .errors import ConfigError
 
         env = os.environ if env is None else env
-        values: dict[str, object] = {
-            "amqp_url": env.get("HD_AMQP_URL", ""),
-            "database_url": env.get("HD_DATABASE_URL", ""),
-            "database_schema": env.get("HD_DATABASE_SCHEMA") or None,
-        }
+        values = _connections(env)
         if urls := env.get("HD_WEBHOOK_URLS"):
             values["webhook_urls"] = tuple(u.strip() for u in urls.split(",") if u.strip())
         numbers = {
@@ -158,10 +165,7 @@ class MonitorSettings:
                     raise ConfigError(f"{name}={raw!r} is not a number") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
-        if not settings.amqp_url:
-            raise ConfigError("no broker: pass --amqp-url or set HD_AMQP_URL")
-        if not settings.database_url:
-            raise ConfigError("no database: pass --database-url or set HD_DATABASE_URL")
+        _require_connections(settings.amqp_url, settings.database_url)
         for url in settings.webhook_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"webhook URL {url!r} must start with http:// or https://")

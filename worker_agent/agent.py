@@ -32,7 +32,6 @@ from schemas import (
     RunFailed,
     RunLaunched,
     RunStarted,
-    RunSucceeded,
     TerminateRun,
 )
 from schemas.topology import STATUS_EXCHANGE, event_routing_key
@@ -41,6 +40,7 @@ from .consumer import InstructionConsumer
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed
 from .heartbeat import Heartbeat
 from .logs import LogForwarder
+from .outcome import final_event
 from .progress import FRAME_PREFIX
 from .runtime import ContainerInfo, DockerRuntime
 from .settings import AgentSettings
@@ -497,50 +497,3 @@ class Agent:
             except BrokerUnavailable as exc:
                 log.error("could not publish %s (%s); retrying", type(event).__name__, exc)
                 await asyncio.sleep(1.0)
-
-
-def final_event(
-    attempt: Attempt, agent_id: str, info: ContainerInfo | None, tail: tuple[str, ...]
-) -> RunSucceeded | RunFailed:
-    """The event that reports how an attempt's container ended."""
-    run_id, number = attempt.run_id, attempt.attempt
-    if attempt.terminated is not None:
-        return RunFailed(
-            run_id=run_id,
-            attempt=number,
-            agent_id=agent_id,
-            output_tail=tail,
-            reason=attempt.terminated,
-            exit_code=info.exit_code if info else None,
-            message=f"terminated: {attempt.terminate_note or attempt.terminated.value}",
-        )
-    if info is None:
-        return RunFailed(
-            run_id=run_id,
-            attempt=number,
-            agent_id=agent_id,
-            output_tail=tail,
-            reason=FailureReason.UNEXPECTED_TERMINATION,
-            message="the container disappeared",
-        )
-    if info.oom_killed:
-        return RunFailed(
-            run_id=run_id,
-            attempt=number,
-            agent_id=agent_id,
-            output_tail=tail,
-            reason=FailureReason.OOM,
-            exit_code=info.exit_code,
-            message="killed for memory",
-        )
-    if info.exit_code == 0:
-        return RunSucceeded(run_id=run_id, attempt=number, agent_id=agent_id, output_tail=tail)
-    return RunFailed(
-        run_id=run_id,
-        attempt=number,
-        agent_id=agent_id,
-        output_tail=tail,
-        reason=FailureReason.EXIT_CODE,
-        exit_code=info.exit_code,
-        message=f"exited with code {info.exit_code}",
-    )

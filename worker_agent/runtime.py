@@ -145,6 +145,7 @@ class DockerRuntime:
             container = client.containers.get(name)
         except docker.errors.NotFound:
             adopted = False
+            self._fence_older_attempts(client, launch)
             self._ensure_image(client, launch.image)
             try:
                 container = client.containers.create(
@@ -168,6 +169,29 @@ class DockerRuntime:
                 raise LaunchFailed(f"cannot start the container: {_explain(exc)}") from exc
         container.reload()
         return ContainerInfo.from_attrs(container.attrs), adopted
+
+    def _fence_older_attempts(self, client: docker.DockerClient, launch: LaunchRun) -> None:
+        """Kill and remove this engine's containers of the run's earlier attempts.
+
+        Attempt N + 1 exists only because attempt N was failed over, so whatever agent still
+        holds an older container (lost, frozen, or gone for good), it must not run beside the
+        new one: at most one attempt of a run is alive on an engine.
+        """
+        if launch.attempt == 1:
+            return
+        found = client.api.containers(all=True, filters={"label": f"{LABEL_RUN}={launch.run_id}"})
+        for summary in found:
+            older = int((summary.get("Labels") or {}).get(LABEL_ATTEMPT, "0"))
+            if older < launch.attempt:
+                log.warning(
+                    "run %s attempt %d: removing the container of superseded attempt %d (%s)",
+                    launch.run_id,
+                    launch.attempt,
+                    older,
+                    summary["Id"][:12],
+                )
+                with contextlib.suppress(docker.errors.NotFound):
+                    client.api.remove_container(summary["Id"], force=True, v=True)
 
     def _ensure_image(self, client: docker.DockerClient, image: str) -> None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.errors import ConfigError
-from dispatcher.settings import ControlPlaneSettings, ImageNames
+from dispatcher.settings import ControlPlaneSettings, ImageNames, MonitorSettings
 from worker_agent.settings import AgentConfigError, AgentSettings
 
 
@@ -70,3 +70,18 @@ def test_bad_agent_settings_are_refused(
 ) -> None:
     with pytest.raises(AgentConfigError, match=words):
         AgentSettings.from_env(env, **overrides)
+
+
+def test_monitor_settings_defaults_and_checks() -> None:
+    env = {"HD_AMQP_URL": "amqp://x/", "HD_DATABASE_URL": "postgresql://x/"}
+    settings = MonitorSettings.from_env(env)
+    assert (settings.lost_after_beats, settings.start_timeout_s) == (3.0, 180.0)
+    assert settings.webhook_urls == ()
+    with_hooks = MonitorSettings.from_env({**env, "HD_WEBHOOK_URLS": "http://a/x, https://b/y"})
+    assert with_hooks.webhook_urls == ("http://a/x", "https://b/y")
+    with pytest.raises(ConfigError, match="must start with http"):
+        MonitorSettings.from_env(env, webhook_urls=("ftp://nope",))
+    with pytest.raises(ConfigError, match="not a number"):
+        MonitorSettings.from_env({**env, "HD_START_TIMEOUT_S": "soon"})
+    with pytest.raises(ConfigError, match="no database"):
+        MonitorSettings.from_env({"HD_AMQP_URL": "amqp://x/"})
