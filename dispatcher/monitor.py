@@ -43,6 +43,9 @@ from .supervision import ActiveRun, SupervisionStore
 log = logging.getLogger(__name__)
 
 AttemptKey = tuple[uuid.UUID, int]
+#: A live agent's listed attempts are checked for fencing on its first heartbeat seen and
+#: then on every FENCE_EVERY-th.
+FENCE_EVERY = 10
 
 
 @dataclass
@@ -109,12 +112,16 @@ class FailureMonitor:
         view.sequence = beat.sequence
         view.beats += 1
         view.in_flight = {(c.run_id, c.attempt): c.state for c in beat.in_flight}
-        if view.lost:
+        returning = view.lost
+        if returning:
             view.lost = False
             if await self.store.agent_back(beat.agent_id):
                 log.warning("agent %s is back", beat.agent_id)
             self._update_gauges()
-        if beat.in_flight:
+        # Fencing asks PostgreSQL about every run listed: do it when it can matter (an agent
+        # back from being lost, or first heard of since this monitor took over), and every
+        # FENCE_EVERY beats as a safety net, not on every heartbeat of every agent.
+        if beat.in_flight and (returning or view.beats % FENCE_EVERY == 1):
             fenced = await self.store.fence(beat.agent_id, beat.in_flight)
             if fenced:
                 log.warning("agent %s: fenced %d superseded attempt(s)", beat.agent_id, fenced)
