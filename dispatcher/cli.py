@@ -11,10 +11,11 @@ from typing import Annotated, Any
 
 import typer
 
+from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, _open_store
+from .cli_ops import agents_app, alerts_app, dead_letters_app
 from .errors import DispatcherError
 from .metrics import serve_metrics
 from .process import version_option
-from .store import Store
 
 app = typer.Typer(
     name="dispatcher",
@@ -35,23 +36,9 @@ app.add_typer(db_app, name="db")
 runs_app = typer.Typer(help="Inspect runs (reads PostgreSQL).", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
-AmqpUrl = Annotated[
-    str,
-    typer.Option(envvar="HD_AMQP_URL", help="Broker URL, amqp://user:pass@host:5672/ ."),
-]
-DatabaseUrl = Annotated[
-    str,
-    typer.Option(envvar="HD_DATABASE_URL", help="PostgreSQL URL, postgresql://user:pass@host/db ."),
-]
-DatabaseSchema = Annotated[
-    str | None,
-    typer.Option(envvar="HD_DATABASE_SCHEMA", help="Schema holding the tables (default: public)."),
-]
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+app.add_typer(agents_app, name="agents")
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(dead_letters_app, name="dead-letters")
 
 
 @app.callback()
@@ -294,13 +281,6 @@ def _show_progress(event: object) -> None:
         typer.echo(f"run {event.run_id}: launched on agent {event.agent_id}", err=True)
     elif isinstance(event, RunStarted):
         typer.echo(f"run {event.run_id}: started", err=True)
-
-
-async def _open_store(database_url: str, database_schema: str | None) -> Store:
-
-    if not database_url:
-        raise _fail("no database: pass --database-url or set HD_DATABASE_URL")
-    return await Store.open(database_url, schema=database_schema, min_size=1, max_size=2)
 
 
 @runs_app.command("list")

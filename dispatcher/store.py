@@ -622,6 +622,39 @@ class Store:
             for r in records
         ]
 
+    async def list_agents(self) -> list[dict[str, Any]]:
+        """Every agent the control plane has heard of, most recently heard first."""
+        async with self._connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT agent_id, status, queues, max_concurrent, in_flight, last_sequence,
+                       first_seen_at, last_heartbeat_at, lost_at,
+                       EXTRACT(EPOCH FROM now() - last_heartbeat_at)::float8 AS silent_s
+                FROM agents ORDER BY last_heartbeat_at DESC
+                """
+            )
+        return [
+            {**dict(r), "queues": json.loads(r["queues"]), "in_flight": json.loads(r["in_flight"])}
+            for r in records
+        ]
+
+    async def list_alerts(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Alerts, newest first, each with the delivery state of every webhook."""
+        async with self._connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT a.id, a.dedupe_key, a.kind, a.message, a.created_at, a.logged_at,
+                       COALESCE(json_agg(json_build_object(
+                           'url', d.url, 'attempts', d.attempts,
+                           'delivered_at', d.delivered_at, 'last_error', d.last_error))
+                         FILTER (WHERE d.url IS NOT NULL), '[]') AS deliveries
+                FROM alerts a LEFT JOIN alert_deliveries d ON d.alert_id = a.id
+                GROUP BY a.id ORDER BY a.id DESC LIMIT $1
+                """,
+                limit,
+            )
+        return [{**dict(r), "deliveries": json.loads(r["deliveries"])} for r in records]
+
     async def count_by_state(self) -> dict[str, int]:
         async with self._connection() as connection:
             records = await connection.fetch("SELECT state, count(*) AS n FROM runs GROUP BY state")

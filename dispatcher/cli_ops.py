@@ -1,0 +1,134 @@
+"""Operators' commands: agents, alerts and dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+
+from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, _open_store
+from .errors import DispatcherError
+
+agents_app = typer.Typer(help="Agents and their liveness (reads PostgreSQL).", no_args_is_help=True)
+alerts_app = typer.Typer(help="Alerts and their delivery (reads PostgreSQL).", no_args_is_help=True)
+dead_letters_app = typer.Typer(
+    help="Messages a consumer could not take, with the reason (reads the broker).",
+    no_args_is_help=True,
+)
+
+AsJson = Annotated[bool, typer.Option("--json", help="One JSON array.")]
+
+
+def _json_default(value: object) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def _run(coroutine: Any) -> Any:
+    try:
+        return asyncio.run(coroutine)
+    except DispatcherError as exc:
+        raise _fail(str(exc), 1) from None
+
+
+@agents_app.command("list")
+def agents_list(
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Every agent heard of: status (ALIVE or LOST), silence, queues, runs in flight."""
+
+    async def go() -> list[dict[str, Any]]:
+        store = await _open_store(database_url, database_schema)
+        try:
+            return await store.list_agents()
+        finally:
+            await store.close()
+
+    agents = _run(go())
+    if as_json:
+        typer.echo(json.dumps(agents, indent=2, default=_json_default))
+        return
+    typer.echo(f"{'AGENT':30}  {'STATUS':6}  {'SILENT':>8}  {'RUNS':>4}  QUEUES")
+    for agent in agents:
+        typer.echo(
+            f"{agent['agent_id']:30}  {agent['status']:6}  {agent['silent_s']:7.1f}s  "
+            f"{len(agent['in_flight']):>4}  {', '.join(agent['queues'])}"
+        )
+
+
+@alerts_app.command("list")
+def alerts_list(
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Alerts, newest first, with the delivery state of each webhook."""
+
+    async def go() -> list[dict[str, Any]]:
+        store = await _open_store(database_url, database_schema)
+        try:
+            return await store.list_alerts(limit)
+        finally:
+            await store.close()
+
+    alerts = _run(go())
+    if as_json:
+        typer.echo(json.dumps(alerts, indent=2, default=_json_default))
+        return
+    for alert in alerts:
+        created = alert["created_at"].isoformat(timespec="seconds")
+        typer.echo(f"#{alert['id']}  {created}  {alert['kind']:16}  {alert['message']}")
+        for delivery in alert["deliveries"]:
+            state = "delivered" if delivery["delivered_at"] else "pending"
+            error = f" ({delivery['last_error']})" if delivery["last_error"] else ""
+            typer.echo(
+                f"      {state} to {delivery['url']} after {delivery['attempts']} try(s){error}"
+            )
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    limit: Annotated[int, typer.Option(help="Show at most this many, oldest first.")] = 20,
+    as_json: AsJson = False,
+    amqp_url: AmqpUrl = "",
+) -> None:
+    """Dead letters with the queue they came from and why; they stay in the queue."""
+    from . import amqp
+
+    if not amqp_url:
+        raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
+
+    async def go() -> list[amqp.DeadLetter]:
+        connection = await amqp.connect(amqp_url, "dispatcher-cli")
+        try:
+            return await amqp.peek_dead_letters(connection, limit)
+        finally:
+            await connection.close()
+
+    letters = _run(go())
+    if as_json:
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "source_queue": letter.source_queue,
+                        "reason": letter.reason,
+                        "message_id": letter.message_id,
+                        "body": letter.body.decode("utf-8", errors="replace"),
+                    }
+                    for letter in letters
+                ],
+                indent=2,
+            )
+        )
+        return
+    if not letters:
+        typer.echo("no dead letters")
+    for letter in letters:
+        body = letter.body[:120].decode("utf-8", errors="replace")
+        typer.echo(f"from {letter.source_queue}: {letter.reason}\n    {body!r}")
