@@ -35,6 +35,7 @@ from schemas.topology import (
     DEAD_LETTER_QUEUE_HEADER,
     DEAD_LETTER_REASON_HEADER,
     INSTRUCTIONS_EXCHANGE,
+    LOCATIONS_EXCHANGE,
     REQUESTS_EXCHANGE,
     REQUESTS_QUEUE,
     REQUESTS_ROUTING_KEY,
@@ -100,6 +101,7 @@ async def declare_topology(
 
     await channel.declare_exchange(INSTRUCTIONS_EXCHANGE, direct, durable=True)
     await channel.declare_exchange(CONTROL_EXCHANGE, direct, durable=True)
+    await channel.declare_exchange(LOCATIONS_EXCHANGE, direct, durable=True)
     for agent_queue in agent_queues:
         await declare_instructions_queue(channel, agent_queue)
 
@@ -109,6 +111,7 @@ async def declare_topology(
     store_queue = await channel.declare_queue(STATUS_STORE_QUEUE, durable=True, arguments=_QUORUM)
     await store_queue.bind(status, routing_key="run.*")
     await store_queue.bind(status, routing_key="agent.*")
+    await store_queue.bind(status, routing_key="location.*")
 
 
 async def declare_instructions_queue(

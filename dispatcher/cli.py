@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, _open_store
+from .cli_locations import locations_app
 from .cli_ops import agents_app, alerts_app, dead_letters_app
 from .errors import DispatcherError
 from .metrics import serve_metrics
@@ -39,6 +40,7 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(agents_app, name="agents")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(dead_letters_app, name="dead-letters")
+app.add_typer(locations_app, name="locations")
 
 
 @app.callback()

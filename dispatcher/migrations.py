@@ -153,6 +153,28 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        5,
+        "code locations",
+        """
+        CREATE TABLE code_locations (
+            name       text PRIMARY KEY,
+            image      text NOT NULL,
+            command    jsonb NOT NULL DEFAULT '[]',
+            env        jsonb NOT NULL DEFAULT '{}',
+            queue      text NOT NULL,
+            generation integer NOT NULL DEFAULT 1,
+            status     text NOT NULL DEFAULT 'LOADING',
+            jobs       jsonb NOT NULL DEFAULT '[]',
+            loaded_at  timestamptz,
+            error      text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        -- Snapshots of locations go through the outbox too, and belong to no run.
+        ALTER TABLE outbox ALTER COLUMN run_id DROP NOT NULL;
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

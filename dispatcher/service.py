@@ -11,14 +11,22 @@ import contextlib
 import logging
 from typing import Any
 
-from schemas import Event, Request, SubmitRun, event_decoder, request_decoder
+from schemas import (
+    CancelRun,
+    Event,
+    LocationsWanted,
+    Request,
+    SubmitRun,
+    event_decoder,
+    request_decoder,
+)
 from schemas.topology import REQUESTS_QUEUE, STATUS_STORE_QUEUE
 
 from . import amqp
 from .amqp import Consumer, Delivery, Publisher
+from .locations import LocationStore
 from .relay import OutboxRelay
 from .settings import ControlPlaneSettings
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +38,7 @@ class CancellationNotSupported(Exception):
 async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     """Run the control plane until ``stop`` is set or a component fails."""
     # Start-up: the store (and its migrations), then the broker and its topology.
-    store = await Store.open(settings.database_url, schema=settings.database_schema)
+    store = await LocationStore.open(settings.database_url, schema=settings.database_schema)
     connection = None
     try:
         applied = await store.upgrade()
@@ -43,8 +51,11 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
 
         async def on_requests(deliveries: list[Delivery[Request]]) -> None:
             submissions = [d.message for d in deliveries if isinstance(d.message, SubmitRun)]
-            if len(submissions) < len(deliveries):
-                raise CancellationNotSupported("CancelRun is not supported yet")
+            for delivery in deliveries:
+                if isinstance(delivery.message, LocationsWanted):
+                    await store.locations_wanted(delivery.message.queues)
+                elif isinstance(delivery.message, CancelRun):
+                    raise CancellationNotSupported("CancelRun is not supported yet")
             created = await store.create_runs(submissions)
             log.info("accepted %d submission(s), %d new run(s)", len(submissions), len(created))
 

@@ -22,6 +22,8 @@ from schemas import (
     Event,
     FailureReason,
     LaunchRun,
+    LocationFailed,
+    LocationLoaded,
     Message,
     RunEvent,
     RunFailed,
@@ -347,6 +349,10 @@ class Store:
                     await self._record_log(connection, event)
                 elif isinstance(event, RunProgress):
                     await self._record_progress(connection, event)
+                elif isinstance(event, LocationLoaded | LocationFailed):
+                    from .locations import record_location_event
+
+                    await record_location_event(connection, event)
                 elif await self._apply_run_event(connection, event):
                     changes += 1
         return changes
@@ -662,10 +668,15 @@ class Store:
         counts.update({r["state"]: int(r["n"]) for r in records})
         return counts
 
-    async def count_unsent(self) -> int:
+    async def count_unsent(self, kind: str | None = None) -> int:
+        """Outbox rows not yet published (of one message kind, if given)."""
         async with self._connection() as connection:
             return int(
-                await connection.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+                await connection.fetchval(
+                    "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
+                    " AND ($1::text IS NULL OR kind = $1)",
+                    kind,
+                )
             )
 
 

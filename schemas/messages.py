@@ -97,8 +97,6 @@ class CancelRun(RunMessage, frozen=True, kw_only=True, tag="CancelRun"):
     reason: str = ""
 
 
-Request = SubmitRun | CancelRun
-
 # ------------------------------------------------------------------------- instructions
 
 
@@ -222,8 +220,76 @@ class AgentHeartbeat(Message, frozen=True, kw_only=True, tag="AgentHeartbeat"):
     draining: bool = False
 
 
+# ----------------------------------------------------------------------- code locations
+
+
+class LocationSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A code location as agents keep it: one long-standing code server per agent.
+
+    ``env`` values of the form ``secret:NAME`` are references: the agent resolves them from
+    its own environment (``HD_SECRET_NAME``) on its host; the value never travels.
+    """
+
+    name: NonEmpty
+    image: NonEmpty
+    command: tuple[str, ...] = ()
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    generation: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class LocationSnapshot(Message, frozen=True, kw_only=True, tag="LocationSnapshot"):
+    """Every location of one agent queue, as the control plane holds them now."""
+
+    queue: NonEmpty
+    locations: tuple[LocationSpec, ...] = ()
+
+
+class LocationsWanted(Message, frozen=True, kw_only=True, tag="LocationsWanted"):
+    """An agent (starting) asks for the snapshots of its queues."""
+
+    agent_id: NonEmpty
+    queues: tuple[str, ...]
+
+
+class JobDefinition(msgspec.Struct, frozen=True, kw_only=True):
+    name: NonEmpty
+    description: str = ""
+    config_schema: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class LocationLoaded(Message, frozen=True, kw_only=True, tag="LocationLoaded"):
+    """A location's code server is healthy; these are its definitions."""
+
+    location: NonEmpty
+    generation: Annotated[int, msgspec.Meta(ge=1)]
+    agent_id: NonEmpty
+    container_id: NonEmpty
+    jobs: tuple[JobDefinition, ...] = ()
+
+
+class LocationFailed(Message, frozen=True, kw_only=True, tag="LocationFailed"):
+    """A location's code server did not become healthy in time; its output says why."""
+
+    location: NonEmpty
+    generation: Annotated[int, msgspec.Meta(ge=1)]
+    agent_id: NonEmpty
+    message: str = ""
+    output_tail: tuple[str, ...] = ()
+
+
+Request = SubmitRun | CancelRun | LocationsWanted
 RunEvent = RunLaunched | RunStarted | RunSucceeded | RunFailed
-Event = RunLaunched | RunStarted | RunSucceeded | RunFailed | RunLog | RunProgress | AgentHeartbeat
+Event = (
+    RunLaunched
+    | RunStarted
+    | RunSucceeded
+    | RunFailed
+    | RunLog
+    | RunProgress
+    | AgentHeartbeat
+    | LocationLoaded
+    | LocationFailed
+)
 AnyMessage = (
     SubmitRun
     | CancelRun
@@ -236,6 +302,10 @@ AnyMessage = (
     | RunLog
     | RunProgress
     | AgentHeartbeat
+    | LocationSnapshot
+    | LocationsWanted
+    | LocationLoaded
+    | LocationFailed
 )
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
@@ -250,6 +320,10 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     RunLog,
     RunProgress,
     AgentHeartbeat,
+    LocationSnapshot,
+    LocationsWanted,
+    LocationLoaded,
+    LocationFailed,
 )
 
 

@@ -21,6 +21,10 @@ INSTRUCTIONS_EXCHANGE: Final = "hd.instructions"
 #: Direct exchange for instructions to one agent (TerminateRun), routing key = agent id.
 CONTROL_EXCHANGE: Final = "hd.control"
 
+#: Direct exchange for location snapshots, routing key = agent queue. Every agent binds a
+#: queue of its own, so that each replica (not one of them) receives the snapshot.
+LOCATIONS_EXCHANGE: Final = "hd.locations"
+
 #: Topic exchange for run events (``run.<event>``) and heartbeats (``agent.heartbeat``).
 STATUS_EXCHANGE: Final = "hd.status"
 #: The control plane's queue on the status exchange (applies events to PostgreSQL).
@@ -46,6 +50,8 @@ _EVENT_KEYS: Final = {
     "RunFailed": "run.failed",
     "RunLog": "run.log",
     "RunProgress": "run.progress",
+    "LocationLoaded": "location.loaded",
+    "LocationFailed": "location.failed",
     "AgentHeartbeat": HEARTBEAT_ROUTING_KEY,
 }
 

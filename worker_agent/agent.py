@@ -36,9 +36,11 @@ from schemas import (
 )
 from schemas.topology import STATUS_EXCHANGE, event_routing_key
 
+from .code_servers import CodeServers
 from .consumer import InstructionConsumer
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed
 from .heartbeat import Heartbeat
+from .locations import LocationKeeper
 from .logs import LogForwarder
 from .outcome import final_event
 from .progress import FRAME_PREFIX
@@ -133,38 +135,57 @@ class Agent:
         connected = asyncio.create_task(watcher.connected.wait())
         await asyncio.wait([connected, stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         connected.cancel()
-        if not stop.is_set():
-            await self._consumer.start(self._free_slots())
-            log.info(
-                "agent %s consuming %s with %d slot(s)",
-                settings.agent_id,
-                ", ".join(settings.queues),
-                settings.max_concurrent,
+        keeper = LocationKeeper(
+            CodeServers(self.runtime),
+            connection,
+            self._publisher,
+            settings.agent_id,
+            settings.queues,
+            check_interval_s=settings.location_check_interval_s,
+            startup_timeout_s=settings.location_startup_timeout_s,
+        )
+        try:
+            if not stop.is_set():
+                await keeper.start()
+                tasks.append(asyncio.create_task(keeper.run(), name="locations"))
+                await self._consumer.start(self._free_slots())
+                log.info(
+                    "agent %s consuming %s with %d slot(s)",
+                    settings.agent_id,
+                    ", ".join(settings.queues),
+                    settings.max_concurrent,
+                )
+                done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not stopper and not task.cancelled() and task.exception():
+                        log.error(
+                            "agent component %s failed: %r", task.get_name(), task.exception()
+                        )
+        finally:
+            # Shutdown (also after a failed start-up): stop consuming; let launches in
+            # progress finish and report within the grace period (heartbeats go on
+            # meanwhile); then stop watching and beating. Running containers and code
+            # servers are left running: the next start of this agent adopts them.
+            self._draining = True
+            await self._consumer.stop()
+            await self._consumer.drain(settings.shutdown_grace_s)
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=settings.shutdown_grace_s)
+            # Closing the streams is what lets their threads, and so the process, end.
+            watcher.close()
+            for task in [*tasks, stopper, *self._tasks, *self._forwarders]:
+                task.cancel()
+            await asyncio.gather(
+                *tasks, stopper, *self._tasks, *self._forwarders, return_exceptions=True
             )
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and not task.cancelled() and task.exception():
-                    log.error("agent component %s failed: %r", task.get_name(), task.exception())
-
-        # Shutdown: stop consuming; let launches in progress finish and report within the
-        # grace period (heartbeats go on meanwhile); then stop watching and beating.
-        # Running containers are left running: the next start of this agent adopts them.
-        self._draining = True
-        await self._consumer.stop()
-        await self._consumer.drain(settings.shutdown_grace_s)
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=settings.shutdown_grace_s)
-        watcher.close()
-        for task in [*tasks, stopper, *self._tasks, *self._forwarders]:
-            task.cancel()
-        await asyncio.gather(
-            *tasks, stopper, *self._tasks, *self._forwarders, return_exceptions=True
-        )
-        await self._consumer.close()
-        await self._publisher.close()
-        log.info(
-            "agent %s stopped; %d container(s) left running", settings.agent_id, len(self.attempts)
-        )
+            await keeper.close()
+            await self._consumer.close()
+            await self._publisher.close()
+            log.info(
+                "agent %s stopped; %d container(s) left running",
+                settings.agent_id,
+                len(self.attempts),
+            )
 
     # ------------------------------------------------------------------- slots
 

@@ -78,6 +78,9 @@ def run(
             help="Send no output line of any run: only states and metadata leave this host.",
         ),
     ] = False,
+    location_check_interval: Annotated[
+        float | None, typer.Option(help="Seconds between code-server health checks (10).")
+    ] = None,
     metrics_port: Annotated[
         int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
     ] = 9466,
@@ -105,6 +108,7 @@ def run(
             heartbeat_interval_s=heartbeat_interval,
             keep_finished=keep_finished or None,
             log_forwarding=False if no_log_forwarding else None,
+            location_check_interval_s=location_check_interval,
         )
     except AgentError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -267,7 +267,11 @@ class DockerRuntime:
 
         def listing(client: docker.DockerClient) -> list[ContainerInfo]:
             filters = {
-                "label": [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_AGENT}={self.agent_id}"]
+                "label": [
+                    f"{LABEL_MANAGED_BY}={MANAGED_BY}",
+                    f"{LABEL_AGENT}={self.agent_id}",
+                    LABEL_RUN,  # runs only, not code servers
+                ]
             }
             found = []
             for summary in client.api.containers(all=True, filters=filters):

@@ -40,6 +40,10 @@ class AgentSettings:
     log_batch_interval_s: float = 0.5
     log_max_line_chars: int = 4096
     log_max_lines_per_run: int = 10_000
+    #: How often code servers are health-checked (and reconciled).
+    location_check_interval_s: float = 10.0
+    #: A code server not healthy after this long: the location is ERROR.
+    location_startup_timeout_s: float = 180.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> AgentSettings:

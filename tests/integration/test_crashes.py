@@ -88,7 +88,7 @@ async def test_control_plane_killed_between_commit_and_publish_dispatches_once(
             for _ in range(3)
         ]
     await eventually(lambda: _runs_queued(store, run_ids), 30, what="runs committed")
-    assert await store.count_unsent() == 3
+    assert await store.count_unsent("LaunchRun") == 3
     first.kill()
     # A restart picks up the unsent rows and dispatches each run exactly once.
     await stack.start_control_plane()
@@ -96,7 +96,7 @@ async def test_control_plane_killed_between_commit_and_publish_dispatches_once(
         run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE)
         assert run.state == RunState.SUCCESS
         assert len(stack.containers_of(run_id)) == 1
-    assert await store.count_unsent() == 0
+    assert await store.count_unsent("LaunchRun") == 0
 
 
 async def _runs_queued(store: Store, run_ids: list[uuid.UUID]) -> bool:

@@ -16,7 +16,13 @@ from schemas import (
     ContainerState,
     FailureReason,
     InvalidMessage,
+    JobDefinition,
     LaunchRun,
+    LocationFailed,
+    LocationLoaded,
+    LocationSnapshot,
+    LocationSpec,
+    LocationsWanted,
     Message,
     MessageTooLarge,
     ProgressItem,
@@ -76,6 +82,21 @@ EXAMPLES: list[Message] = [
             ProgressItem(line_no=4, event="metadata", values={"rows": 3, "ok": True}),
         ),
     ),
+    LocationSnapshot(
+        queue="default",
+        locations=(
+            LocationSpec(name="etl", image="etl:1", command=("serve",), env={"K": "secret:K"}),
+        ),
+    ),
+    LocationsWanted(agent_id="a1", queues=("default",)),
+    LocationLoaded(
+        location="etl",
+        generation=2,
+        agent_id="a1",
+        container_id="c1",
+        jobs=(JobDefinition(name="load", config_schema={"type": "object"}),),
+    ),
+    LocationFailed(location="etl", generation=2, agent_id="a1", message="timeout"),
     AgentHeartbeat(
         agent_id="a1",
         sequence=7,
@@ -100,7 +121,7 @@ def test_every_message_round_trips(message: Message) -> None:
 @pytest.mark.parametrize(
     ("decoder", "kinds"),
     [
-        (request_decoder(), {"SubmitRun", "CancelRun"}),
+        (request_decoder(), {"SubmitRun", "CancelRun", "LocationsWanted"}),
         (instruction_decoder(), {"LaunchRun", "TerminateRun"}),
         (
             event_decoder(),
@@ -112,6 +133,8 @@ def test_every_message_round_trips(message: Message) -> None:
                 "RunLog",
                 "RunProgress",
                 "AgentHeartbeat",
+                "LocationLoaded",
+                "LocationFailed",
             },
         ),
     ],

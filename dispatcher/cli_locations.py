@@ -1,0 +1,163 @@
+"""``dispatcher locations``: register the code locations agents keep code servers for."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from .cli_common import DatabaseSchema, DatabaseUrl, _fail
+from .errors import DispatcherError
+from .locations import Location, LocationStore
+
+locations_app = typer.Typer(
+    help="Code locations: an image with jobs, kept running as a code server by agents.",
+    no_args_is_help=True,
+)
+
+T = TypeVar("T")
+Name = Annotated[str, typer.Argument(help="The location's name (lowercase, digits, _ . -).")]
+
+
+def _with_store(
+    database_url: str, database_schema: str | None, action: Callable[[LocationStore], Awaitable[T]]
+) -> T:
+    if not database_url:
+        raise _fail("no database: pass --database-url or set HD_DATABASE_URL")
+
+    async def go() -> T:
+        store = await LocationStore.open(
+            database_url, schema=database_schema, min_size=1, max_size=2
+        )
+        try:
+            await store.upgrade()
+            return await action(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    except DispatcherError as exc:
+        raise _fail(str(exc), 1) from None
+
+
+def _env(pairs: list[str] | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _fail(f"--env takes KEY=VALUE (or KEY=secret:NAME), got {pair!r}")
+        env[key] = value
+    return env
+
+
+def _show(location: Location) -> None:
+    typer.echo(
+        f"{location.name}: {location.status} (generation {location.generation}), "
+        f"image {location.image}, queue {location.queue}"
+    )
+
+
+Image = Annotated[str, typer.Option(help="The location's image (on the agents' hosts).")]
+Command = Annotated[
+    list[str] | None, typer.Option("--command", help="Code-server command word; repeatable.")
+]
+Env = Annotated[
+    list[str] | None,
+    typer.Option("--env", "-e", help="KEY=VALUE or KEY=secret:NAME (resolved on the agent)."),
+]
+Queue = Annotated[str, typer.Option(help="Agent queue whose agents keep the code server.")]
+
+
+@locations_app.command("add")
+def add(
+    name: Name,
+    image: Image = "",
+    command: Command = None,
+    env: Env = None,
+    queue: Queue = "default",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Register a location; the agents of its queue start its code server."""
+    variables = _env(env)
+    _show(
+        _with_store(
+            database_url,
+            database_schema,
+            lambda s: s.put_location(name, image, command or (), variables, queue, create=True),
+        )
+    )
+
+
+@locations_app.command("update")
+def update(
+    name: Name,
+    image: Image = "",
+    command: Command = None,
+    env: Env = None,
+    queue: Queue = "default",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Change a location (a new generation: servers are replaced, blue/green)."""
+    variables = _env(env)
+    _show(
+        _with_store(
+            database_url,
+            database_schema,
+            lambda s: s.put_location(name, image, command or (), variables, queue, create=False),
+        )
+    )
+
+
+@locations_app.command("redeploy")
+def redeploy(
+    name: Name, database_url: DatabaseUrl = "", database_schema: DatabaseSchema = None
+) -> None:
+    """Start fresh code servers for a location, as it is."""
+    _show(_with_store(database_url, database_schema, lambda s: s.redeploy_location(name)))
+
+
+@locations_app.command("remove")
+def remove(
+    name: Name, database_url: DatabaseUrl = "", database_schema: DatabaseSchema = None
+) -> None:
+    """Remove a location; its code servers are stopped."""
+    _with_store(database_url, database_schema, lambda s: s.remove_location(name))
+    typer.echo(f"{name}: removed")
+
+
+@locations_app.command("list")
+def list_(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Every location: status (LOADING, LOADED, ERROR), generation, jobs."""
+    locations = _with_store(database_url, database_schema, lambda s: s.list_locations())
+    if as_json:
+        rows: list[dict[str, Any]] = [
+            {
+                "name": loc.name,
+                "image": loc.image,
+                "queue": loc.queue,
+                "status": loc.status,
+                "generation": loc.generation,
+                "jobs": loc.jobs,
+                "error": loc.error,
+                "loaded_at": loc.loaded_at.isoformat() if loc.loaded_at else None,
+            }
+            for loc in locations
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for location in locations:
+        _show(location)
+        for job in location.jobs:
+            typer.echo(f"    job {job['name']}: {job.get('description', '')}")
+        if location.error:
+            typer.echo(f"    error: {location.error.splitlines()[0]}")

@@ -1,0 +1,207 @@
+"""Code locations in the control plane: the registry, and the snapshots agents reconcile to.
+
+Every change writes, in its transaction, a LocationSnapshot of each agent queue it touches to
+the outbox; agents keep exactly the code servers of their queues' latest snapshot. Only
+references to secrets are stored (``secret:NAME``); agents resolve them on their hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from schemas import LocationFailed, LocationLoaded, LocationSnapshot, LocationSpec
+from schemas.topology import LOCATIONS_EXCHANGE
+
+from .errors import ConfigError, DispatcherError
+from .store import OutboxItem, Store, insert_outbox
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class LocationNotFound(DispatcherError):
+    """No code location has that name."""
+
+
+@dataclass(frozen=True)
+class Location:
+    name: str
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    queue: str
+    generation: int
+    status: str
+    jobs: list[dict[str, Any]]
+    loaded_at: datetime | None
+    error: str | None
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> Location:
+        return cls(
+            r["name"],
+            r["image"],
+            json.loads(r["command"]),
+            json.loads(r["env"]),
+            r["queue"],
+            r["generation"],
+            r["status"],
+            json.loads(r["jobs"]),
+            r["loaded_at"],
+            r["error"],
+        )
+
+
+def check_location(name: str, image: str, queue: str) -> None:
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"location name {name!r} is invalid: lowercase letters, digits, '_', '.', '-'"
+        )
+    if not image.strip():
+        raise ConfigError("a location needs an image")
+    if not queue.strip():
+        raise ConfigError("a location needs an agent queue")
+
+
+class LocationStore(Store):
+    """The store, plus the code-location registry."""
+
+    async def put_location(
+        self,
+        name: str,
+        image: str,
+        command: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        queue: str = "default",
+        create: bool = True,
+    ) -> Location:
+        """Add (``create``) or update a location; either bumps nothing else's generation."""
+        check_location(name, image, queue)
+        async with self._connection() as connection, connection.transaction():
+            before = await connection.fetchrow(
+                "SELECT * FROM code_locations WHERE name = $1 FOR UPDATE", name
+            )
+            if create and before is not None:
+                raise ConfigError(f"location {name!r} exists already; use `locations update`")
+            if not create and before is None:
+                raise LocationNotFound(f"no location {name!r}")
+            record = await connection.fetchrow(
+                """
+                INSERT INTO code_locations (name, image, command, env, queue)
+                VALUES ($1, $2, $3::jsonb, $4::jsonb, $5)
+                ON CONFLICT (name) DO UPDATE SET
+                    image = EXCLUDED.image, command = EXCLUDED.command, env = EXCLUDED.env,
+                    queue = EXCLUDED.queue, generation = code_locations.generation + 1,
+                    status = 'LOADING', error = NULL, updated_at = now()
+                RETURNING *
+                """,
+                name,
+                image,
+                json.dumps(list(command)),
+                json.dumps(env or {}),
+                queue,
+            )
+            queues = {queue} | ({before["queue"]} if before is not None else set())
+            await _snapshot(connection, queues)
+            return Location.from_record(record)
+
+    async def redeploy_location(self, name: str) -> Location:
+        """A new generation of the same spec: every agent starts a fresh code server."""
+        async with self._connection() as connection, connection.transaction():
+            record = await connection.fetchrow(
+                """
+                UPDATE code_locations SET generation = generation + 1, status = 'LOADING',
+                    error = NULL, updated_at = now()
+                WHERE name = $1 RETURNING *
+                """,
+                name,
+            )
+            if record is None:
+                raise LocationNotFound(f"no location {name!r}")
+            await _snapshot(connection, {record["queue"]})
+            return Location.from_record(record)
+
+    async def remove_location(self, name: str) -> None:
+        async with self._connection() as connection, connection.transaction():
+            queue = await connection.fetchval(
+                "DELETE FROM code_locations WHERE name = $1 RETURNING queue", name
+            )
+            if queue is None:
+                raise LocationNotFound(f"no location {name!r}")
+            await _snapshot(connection, {queue})
+
+    async def locations_wanted(self, queues: Sequence[str]) -> None:
+        """An agent asked: the snapshots of its queues go out again."""
+        async with self._connection() as connection, connection.transaction():
+            await _snapshot(connection, set(queues))
+
+    async def list_locations(self) -> list[Location]:
+        async with self._connection() as connection:
+            records = await connection.fetch("SELECT * FROM code_locations ORDER BY name")
+        return [Location.from_record(r) for r in records]
+
+    async def get_location(self, name: str) -> Location:
+        async with self._connection() as connection:
+            record = await connection.fetchrow("SELECT * FROM code_locations WHERE name = $1", name)
+        if record is None:
+            raise LocationNotFound(f"no location {name!r}")
+        return Location.from_record(record)
+
+
+async def record_location_event(
+    connection: asyncpg.Connection, event: LocationLoaded | LocationFailed
+) -> None:
+    """A code server's news, applied only to the location's current generation."""
+    if isinstance(event, LocationLoaded):
+        jobs = [
+            {"name": j.name, "description": j.description, "config_schema": j.config_schema}
+            for j in event.jobs
+        ]
+        await connection.execute(
+            """
+            UPDATE code_locations SET status = 'LOADED', jobs = $3::jsonb, loaded_at = now(),
+                error = NULL, updated_at = now()
+            WHERE name = $1 AND generation = $2
+            """,
+            event.location,
+            event.generation,
+            json.dumps(jobs),
+        )
+    else:
+        detail = "\n".join([event.message, *event.output_tail[-20:]])
+        await connection.execute(
+            """
+            UPDATE code_locations SET status = 'ERROR', error = $3, updated_at = now()
+            WHERE name = $1 AND generation = $2 AND status <> 'LOADED'
+            """,
+            event.location,
+            event.generation,
+            detail[:8000],
+        )
+
+
+async def _snapshot(connection: asyncpg.Connection, queues: set[str]) -> None:
+    for queue in sorted(queues):
+        records = await connection.fetch(
+            "SELECT * FROM code_locations WHERE queue = $1 ORDER BY name", queue
+        )
+        snapshot = LocationSnapshot(
+            queue=queue,
+            locations=tuple(
+                LocationSpec(
+                    name=r["name"],
+                    image=r["image"],
+                    command=tuple(json.loads(r["command"])),
+                    env=json.loads(r["env"]),
+                    generation=r["generation"],
+                )
+                for r in records
+            ),
+        )
+        await insert_outbox(connection, [OutboxItem(snapshot, LOCATIONS_EXCHANGE, queue)])

@@ -1,0 +1,170 @@
+"""Code locations: registered in the control plane, kept as code servers by agents."""
+
+from __future__ import annotations
+
+import docker
+import pytest
+
+from dispatcher.locations import Location, LocationStore
+from dispatcher.settings import ImageNames
+from dispatcher.store import Store
+from tests.integration.conftest import Stack
+from tests.support import eventually
+from worker_agent.code_servers import LABEL_LOCATION
+
+
+@pytest.fixture
+async def locations(database_url: str, schema: str, store: Store) -> LocationStore:
+    opened = await LocationStore.open(database_url, schema=schema)
+    yield opened  # type: ignore[misc]
+    await opened.close()
+
+
+def servers_of(stack: Stack, name: str) -> list[docker.models.containers.Container]:
+    return stack.docker.containers.list(
+        filters={"label": f"{LABEL_LOCATION}={name}"}, ignore_removed=True
+    )
+
+
+async def loaded(locations: LocationStore, name: str, after: object = None) -> Location | None:
+    location = await locations.get_location(name)
+    if location.status != "LOADED":
+        return None
+    if after is not None and location.loaded_at is not None and location.loaded_at <= after:
+        return None
+    return location
+
+
+async def test_a_location_is_served_kept_and_removed(
+    stack: Stack, locations: LocationStore, images: ImageNames
+) -> None:
+    await stack.start_control_plane()
+    agent = await stack.start_agent(extra=("--location-check-interval", "0.5"))
+    name = f"hello-{stack.unique}"
+    added = await locations.put_location(name, images.example_location, queue=stack.queue)
+    assert added.status == "LOADING"
+
+    # Its server runs on the agent's host and its definitions reach PostgreSQL.
+    location = await eventually(lambda: loaded(locations, name), 60, what="LOADED")
+    assert {job["name"] for job in location.jobs} == {"hello", "count", "broken"}
+    hello = next(job for job in location.jobs if job["name"] == "hello")
+    assert hello["config_schema"]["required"] == ["name"]
+    [server] = servers_of(stack, name)
+
+    # The agent restarts: the healthy server is adopted, not redeployed.
+    assert agent.stop() == 0
+    await stack.start_agent(extra=("--location-check-interval", "0.5"))
+    before = location.loaded_at
+    await eventually(lambda: loaded(locations, name, after=before), 60, what="reported again")
+    assert [c.id for c in servers_of(stack, name)] == [server.id]
+
+    # The server is killed: a new one is started and the location is loaded again.
+    before = (await locations.get_location(name)).loaded_at
+    server.kill()
+    await eventually(lambda: loaded(locations, name, after=before), 60, what="redeployed")
+    [replacement] = servers_of(stack, name)
+    assert replacement.id != server.id
+
+    # Removed: its server goes.
+    await locations.remove_location(name)
+
+    async def gone() -> bool:
+        return servers_of(stack, name) == []
+
+    await eventually(gone, 60, what="the code server removed")
+
+
+async def test_a_redeploy_replaces_the_server_blue_green(
+    stack: Stack, locations: LocationStore, images: ImageNames
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent(extra=("--location-check-interval", "0.5"))
+    name = f"bg-{stack.unique}"
+    await locations.put_location(name, images.example_location, queue=stack.queue)
+    first = await eventually(lambda: loaded(locations, name), 60, what="LOADED")
+    [old] = servers_of(stack, name)
+    redeployed = await locations.redeploy_location(name)
+    assert redeployed.generation == first.generation + 1
+    second = await eventually(lambda: loaded(locations, name), 60, what="LOADED again")
+    assert second.generation == redeployed.generation
+
+    async def one_new_server() -> bool:
+        running = servers_of(stack, name)
+        return len(running) == 1 and running[0].id != old.id
+
+    await eventually(one_new_server, 60, what="one server, the new one")
+
+
+async def test_a_location_that_cannot_serve_is_in_error_with_the_reason(
+    stack: Stack, locations: LocationStore, images: ImageNames
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent(extra=("--location-check-interval", "0.5"))
+    crashing, secretive = f"crash-{stack.unique}", f"secret-{stack.unique}"
+    # A code server for a module that does not exist exits at once, each time.
+    await locations.put_location(
+        crashing,
+        images.example_location,
+        command=["python3", "-m", "hd_sdk", "serve", "--module", "no_such_module"],
+        queue=stack.queue,
+    )
+    # A secret this host does not have: the server is not even started.
+    await locations.put_location(
+        secretive, images.example_location, env={"TOKEN": "secret:NOT_HERE"}, queue=stack.queue
+    )
+
+    async def errored(name: str) -> Location | None:
+        location = await locations.get_location(name)
+        return location if location.status == "ERROR" else None
+
+    crashed = await eventually(lambda: errored(crashing), 90, what="the crash loop in ERROR")
+    assert "exited 3 times before becoming healthy" in (crashed.error or "")
+    assert "cannot import no_such_module" in (crashed.error or "")
+    secret = await eventually(lambda: errored(secretive), 60, what="the missing secret in ERROR")
+    assert "secret NOT_HERE is not set on this host" in (secret.error or "")
+    assert servers_of(stack, crashing) == [] and servers_of(stack, secretive) == []
+
+
+async def test_the_locations_command(stack: Stack, images: ImageNames) -> None:
+    from tests.integration.test_operators import dispatcher_cli
+
+    await stack.start_control_plane()
+    await stack.start_agent(extra=("--location-check-interval", "0.5"))
+    name = f"cli-{stack.unique}"
+    added = await dispatcher_cli(
+        stack,
+        "locations",
+        "add",
+        name,
+        "--image",
+        images.example_location,
+        "--queue",
+        stack.queue,
+    )
+    assert added.returncode == 0, added.stderr
+    assert f"{name}: LOADING (generation 1)" in added.stdout
+    again = await dispatcher_cli(
+        stack,
+        "locations",
+        "add",
+        name,
+        "--image",
+        images.example_location,
+    )
+    assert again.returncode == 1
+    assert "exists already" in again.stderr
+
+    async def listed_loaded() -> str:
+        listing = await dispatcher_cli(stack, "locations", "list")
+        return listing.stdout if f"{name}: LOADED" in listing.stdout else ""
+
+    text = await eventually(listed_loaded, 60, what="listed as LOADED")
+    assert "job hello: Greet someone, in one step." in text
+    missing = await dispatcher_cli(stack, "locations", "remove", "no-such-location")
+    assert (missing.returncode, missing.stderr.strip()) == (
+        1,
+        "error: no location 'no-such-location'",
+    )
+    bad = await dispatcher_cli(stack, "locations", "add", "Bad Name", "--image", "x")
+    assert bad.returncode == 1
+    assert "location name 'Bad Name' is invalid" in bad.stderr

@@ -1,0 +1,280 @@
+"""The location keeper: exactly one healthy code server per location of the agent's queues.
+
+It reconciles, on every snapshot from the control plane and every ``check_interval_s``:
+- a location without a running server of its current generation gets one started;
+- a server that answers ``/health`` is reported once (LocationLoaded, with its definitions),
+  and only then are servers of older generations removed (blue/green);
+- a server that has not answered within ``startup_timeout_s`` is reported (LocationFailed,
+  with its output) and removed, and that generation is not tried again;
+- a server that stopped, or failed ``failures_before_redeploy`` checks in a row, is replaced;
+- servers of locations no longer wanted are removed.
+Nothing is removed before the first snapshot arrives, so a restarted agent adopts its healthy
+servers (same container) instead of redeploying them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+
+import aio_pika.abc
+
+from dispatcher import amqp
+from dispatcher.amqp import Publisher
+from dispatcher.errors import BrokerUnavailable
+from schemas import (
+    Decoder,
+    JobDefinition,
+    LocationFailed,
+    LocationLoaded,
+    LocationSnapshot,
+    LocationSpec,
+    LocationsWanted,
+    SchemaError,
+)
+from schemas.topology import (
+    LOCATIONS_EXCHANGE,
+    REQUESTS_EXCHANGE,
+    REQUESTS_ROUTING_KEY,
+    STATUS_EXCHANGE,
+    event_routing_key,
+)
+
+from .code_servers import CodeServer, CodeServers
+from .errors import AgentError, DockerUnavailable, LaunchFailed
+
+log = logging.getLogger(__name__)
+
+
+class MissingSecret(AgentError):
+    """A location refers to a secret this host does not have."""
+
+
+def resolve_env(env: Mapping[str, str], host_env: Mapping[str, str]) -> dict[str, str]:
+    """Resolve ``secret:NAME`` references from ``HD_SECRET_NAME`` on this host."""
+    resolved = {}
+    for key, value in env.items():
+        if value.startswith("secret:"):
+            name = value.removeprefix("secret:")
+            secret = host_env.get(f"HD_SECRET_{name}")
+            if secret is None:
+                raise MissingSecret(f"secret {name} is not set on this host (HD_SECRET_{name})")
+            resolved[key] = secret
+        else:
+            resolved[key] = value
+    return resolved
+
+
+class LocationKeeper:
+    def __init__(
+        self,
+        servers: CodeServers,
+        connection: aio_pika.abc.AbstractRobustConnection,
+        publisher: Publisher,
+        agent_id: str,
+        queues: tuple[str, ...],
+        check_interval_s: float = 10.0,
+        startup_timeout_s: float = 180.0,
+        failures_before_redeploy: int = 3,
+    ) -> None:
+        self.servers = servers
+        self._connection = connection
+        self._publisher = publisher
+        self._agent_id = agent_id
+        self._queues = queues
+        self._check_interval_s = check_interval_s
+        self._startup_timeout_s = startup_timeout_s
+        self._failures_before_redeploy = failures_before_redeploy
+        self._snapshots: dict[str, tuple[LocationSpec, ...]] = {}
+        self._wake = asyncio.Event()
+        self._reported: set[str] = set()  # server container ids reported loaded
+        self._failures: dict[str, int] = {}
+        self._given_up: dict[str, int] = {}  # location → generation that failed to start
+        self._crashes: dict[str, int] = {}  # location → exits before its server was healthy
+        self._decoder: Decoder[LocationSnapshot] = Decoder(LocationSnapshot)
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def start(self) -> None:
+        """Listen for this agent's queues' snapshots, then ask for the current ones."""
+        try:
+            self._channel = await self._connection.channel()
+            queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+            exchange = await self._channel.get_exchange(LOCATIONS_EXCHANGE, ensure=False)
+            for agent_queue in self._queues:
+                await queue.bind(exchange, routing_key=agent_queue)
+            await queue.consume(self._on_snapshot, no_ack=True)
+        except amqp.TRANSIENT as exc:
+            raise BrokerUnavailable(f"cannot follow location snapshots: {exc!r}") from exc
+        await self._publisher.publish(
+            REQUESTS_EXCHANGE,
+            REQUESTS_ROUTING_KEY,
+            LocationsWanted(agent_id=self._agent_id, queues=self._queues),
+        )
+
+    async def _on_snapshot(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            snapshot = self._decoder.decode(raw.body)
+        except SchemaError as exc:
+            log.warning("undecodable location snapshot ignored: %s", exc)
+            return
+        if snapshot.queue in self._queues:
+            self._snapshots[snapshot.queue] = snapshot.locations
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except (DockerUnavailable, LaunchFailed) as exc:
+                log.error("code servers not reconciled: %s", exc)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._check_interval_s)
+
+    async def reconcile(self) -> None:
+        if not self._snapshots:
+            return  # not told yet what is wanted: keep (adopt) what runs
+        await self.servers.ensure_network()
+        wanted = {spec.name: spec for specs in self._snapshots.values() for spec in specs}
+        by_location: dict[str, list[CodeServer]] = {}
+        for server in await self.servers.list():
+            by_location.setdefault(server.location, []).append(server)
+        for name, servers in by_location.items():
+            if name not in wanted:
+                for server in servers:
+                    log.info("location %s removed: stopping its code server", name)
+                    await self._remove(server)
+        for spec in wanted.values():
+            await self._keep(spec, by_location.get(spec.name, []))
+
+    async def _keep(self, spec: LocationSpec, servers: list[CodeServer]) -> None:
+        current = [s for s in servers if s.generation == spec.generation]
+        for server in [s for s in current if not s.running]:
+            if server.id not in self._reported:
+                # It stopped before ever serving: a crash loop is an error, not a redeploy.
+                crashes = self._crashes.get(spec.name, 0) + 1
+                self._crashes[spec.name] = crashes
+                if crashes >= self._failures_before_redeploy:
+                    await self._report_failed(
+                        spec, server, f"exited {crashes} times before becoming healthy"
+                    )
+                    await self._remove(server)
+                    self._given_up[spec.name] = spec.generation
+                    return
+            log.warning("code server of %s stopped: replacing it", spec.name)
+            await self._remove(server)
+        running = sorted(
+            (s for s in current if s.running), key=lambda s: s.started_at or 0, reverse=True
+        )
+        if not running:
+            if self._given_up.get(spec.name) != spec.generation:
+                await self._start(spec)
+            return
+        server, extra = running[0], running[1:]
+        for other in extra:
+            await self._remove(other)
+        if await self.servers.ask(server, "/health") is not None:
+            self._failures[server.id] = 0
+            self._crashes.pop(spec.name, None)
+            if server.id not in self._reported and await self._report_loaded(spec, server):
+                self._reported.add(server.id)
+            if server.id in self._reported:
+                # Blue/green: older generations go only once the new one serves.
+                for old in servers:
+                    if old.generation < spec.generation:
+                        await self._remove(old)
+            return
+        if server.id not in self._reported:
+            age = time.time() - (server.started_at or time.time())
+            if age > self._startup_timeout_s:
+                await self._report_failed(spec, server, f"not healthy within {age:.0f} s")
+                await self._remove(server)
+                self._given_up[spec.name] = spec.generation
+            return
+        self._failures[server.id] = self._failures.get(server.id, 0) + 1
+        if self._failures[server.id] >= self._failures_before_redeploy:
+            log.warning(
+                "code server of %s failed %d health checks: redeploying",
+                spec.name,
+                self._failures[server.id],
+            )
+            await self._remove(server)
+            await self._start(spec)
+
+    async def _start(self, spec: LocationSpec) -> None:
+        try:
+            env = resolve_env(spec.env, os.environ)
+            server = await self.servers.start(spec, env)
+        except (MissingSecret, AgentError) as exc:
+            if isinstance(exc, DockerUnavailable):
+                raise
+            await self._publish(
+                LocationFailed(
+                    location=spec.name,
+                    generation=spec.generation,
+                    agent_id=self._agent_id,
+                    message=str(exc),
+                )
+            )
+            self._given_up[spec.name] = spec.generation
+            return
+        log.info(
+            "code server of %s (generation %d) started: %s",
+            spec.name,
+            spec.generation,
+            server.id[:12],
+        )
+
+    async def _report_loaded(self, spec: LocationSpec, server: CodeServer) -> bool:
+        definitions = await self.servers.ask(server, "/definitions")
+        if not isinstance(definitions, dict):
+            return False
+        jobs = tuple(
+            JobDefinition(
+                name=str(job.get("name")),
+                description=str(job.get("description", "")),
+                config_schema=job.get("config_schema") or {},
+            )
+            for job in definitions.get("jobs", [])
+            if isinstance(job, dict) and job.get("name")
+        )
+        await self._publish(
+            LocationLoaded(
+                location=spec.name,
+                generation=spec.generation,
+                agent_id=self._agent_id,
+                container_id=server.id,
+                jobs=jobs,
+            )
+        )
+        log.info("location %s loaded: %d job(s)", spec.name, len(jobs))
+        return True
+
+    async def _report_failed(self, spec: LocationSpec, server: CodeServer, why: str) -> None:
+        tail = await self.servers.runtime.output_tail(server.id, 50)
+        await self._publish(
+            LocationFailed(
+                location=spec.name,
+                generation=spec.generation,
+                agent_id=self._agent_id,
+                message=f"code server {why}",
+                output_tail=tail,
+            )
+        )
+
+    async def _remove(self, server: CodeServer) -> None:
+        self._reported.discard(server.id)
+        self._failures.pop(server.id, None)
+        await self.servers.runtime.remove(server.id)
+
+    async def _publish(self, event: LocationLoaded | LocationFailed) -> None:
+        await self._publisher.publish(STATUS_EXCHANGE, event_routing_key(event), event)
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(*amqp.TRANSIENT):
+                await self._channel.close()
