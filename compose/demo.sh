@@ -13,6 +13,8 @@ export HD_DATABASE_URL="postgresql://${HD_DEMO_DB_USER:-dispatcher}:${HD_DEMO_DB
 log() { echo "[demo] $*"; }
 
 log "starting RabbitMQ, PostgreSQL, the control plane, the failure monitor and one agent (project $PROJECT)"
+docker network inspect hybrid-dispatcher-locations >/dev/null 2>&1 \
+    || docker network create hybrid-dispatcher-locations >/dev/null
 "${COMPOSE[@]}" up -d
 
 wait_healthy() {
@@ -61,9 +63,29 @@ expect 0 "a run that succeeds" sh -c 'echo hello from a container'
 expect 3 "a run that exits 3" sh -c 'echo about to fail; exit 3'
 expect 0 "a run that prints several lines" \
     sh -c 'for i in 1 2 3 4 5; do echo "step $i of 5"; sleep 0.2; done'
-RUN_IMAGE=${HD_IMAGE_EXAMPLE_LOCATION:-hybrid-dispatcher/example-location:latest}
-expect 0 "a job of the example code location, reporting its steps" \
-    python3 -m hd_sdk run --module hello_location --job count --config '{"to": 3, "pause_s": 0.2}'
+log "registering the example code location; the agent starts its code server"
+"$BIN/dispatcher" locations add hello \
+    --image "${HD_IMAGE_EXAMPLE_LOCATION:-hybrid-dispatcher/example-location:latest}" \
+    2>/dev/null || "$BIN/dispatcher" locations redeploy hello
+for i in $(seq 1 60); do
+    "$BIN/dispatcher" locations list | grep -q "hello: LOADED" && break
+    sleep 1
+done
+"$BIN/dispatcher" locations list
+log "submitting: job count of location hello, which reports its steps"
+set +e
+"$BIN/dispatcher" submit --location hello --job count --config '{"to": 3, "pause_s": 0.2}' \
+    --wait --timeout 120
+got=$?
+set -e
+if [ "$got" = 0 ]; then log "as expected: exit code 0"; else
+    log "UNEXPECTED: exit code $got"; failures=$((failures + 1)); fi
+log "submitting a job with a bad config: the control plane refuses it"
+if "$BIN/dispatcher" submit --location hello --job count --config '{"to": "three"}'; then
+    log "UNEXPECTED: accepted"; failures=$((failures + 1))
+else
+    log "as expected: rejected"
+fi
 
 log "the runs as the control plane recorded them:"
 "$BIN/dispatcher" runs list --limit 4

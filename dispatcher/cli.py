@@ -204,6 +204,13 @@ def submit(
         list[str] | None, typer.Argument(help="Command and arguments, after `--`.")
     ] = None,
     image: Annotated[str, typer.Option(help="Image to run (must exist on the agent's host).")] = "",
+    location: Annotated[
+        str | None, typer.Option(help="Code location whose job to run (with --job).")
+    ] = None,
+    job: Annotated[str | None, typer.Option(help="Job of the location to run.")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="The job's config, as JSON (checked by its schema).")
+    ] = None,
     queue: Annotated[str, typer.Option(help="Agent queue to send the run to.")] = "default",
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")
@@ -231,22 +238,39 @@ def submit(
     ] = None,
     amqp_url: AmqpUrl = "",
 ) -> None:
-    """Submit a run: `dispatcher submit --image IMG [--wait] -- CMD ARGS`. Prints the run id."""
-    from .client import Client, wait_for_outcome
+    """Submit a run and print its id: an image and command
+    (`dispatcher submit --image IMG -- CMD ARGS`), or a job of a code location
+    (`dispatcher submit --location L --job J --config '{...}'`, checked before it is accepted).
+    """
+    from .client import Client, outcome_of
 
-    if not image:
-        raise _fail("--image is required")
+    is_job = location is not None or job is not None
+    if is_job and not (location and job):
+        raise _fail("a job run needs both --location and --job")
+    if not is_job and not image:
+        raise _fail("--image is required (or --location and --job)")
     if not amqp_url:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
     environment = _parse_env(env or [])
+    try:
+        job_config = json.loads(config) if config else {}
+    except ValueError as exc:
+        raise _fail(f"--config is not JSON: {exc}") from None
+    if not isinstance(job_config, dict):
+        raise _fail("--config must be a JSON object")
 
     async def go() -> int:
+        from schemas import RunAccepted, RunFailed, RunRejected, RunSucceeded
+
         async with Client(amqp_url) as client:
             run_id = uuid.uuid4()
-            follower = await client.follow({run_id}) if wait else None
+            follower = await client.follow({run_id})
             await client.submit(
                 image,
                 command or [],
+                location=location,
+                job=job,
+                config=job_config,
                 env=environment,
                 queue=queue,
                 idempotency_key=idempotency_key,
@@ -257,21 +281,36 @@ def submit(
                 memory_limit_mb=memory_mb,
                 ready_check=shlex.split(ready_check) if ready_check else (),
             )
-            typer.echo(str(run_id))
-            if follower is None:
-                return 0
-            outcome = await wait_for_outcome(follower, run_id, timeout, _show_progress)
-            for line in outcome.output_tail:
-                typer.echo(f"  | {line}", err=True)
-            verdict = "SUCCESS" if outcome.succeeded else f"FAILURE ({outcome.reason})"
-            code = "" if outcome.exit_code is None else f", exit code {outcome.exit_code}"
-            typer.echo(f"run {run_id}: {verdict}{code}", err=True)
-            return outcome.process_exit_code
+            if not is_job:
+                typer.echo(str(run_id))
+                if not wait:
+                    return 0
+            async for event in follower.events(answers=True):
+                if isinstance(event, RunRejected):
+                    typer.echo(f"error: submission rejected: {event.reason}", err=True)
+                    return 2
+                if isinstance(event, RunAccepted):
+                    typer.echo(str(run_id))
+                    if not wait:
+                        return 0
+                    continue
+                _show_progress(event)
+                if isinstance(event, RunSucceeded | RunFailed):
+                    outcome = outcome_of(event)
+                    for line in outcome.output_tail:
+                        typer.echo(f"  | {line}", err=True)
+                    verdict = "SUCCESS" if outcome.succeeded else f"FAILURE ({outcome.reason})"
+                    code = "" if outcome.exit_code is None else f", exit code {outcome.exit_code}"
+                    typer.echo(f"run {run_id}: {verdict}{code}", err=True)
+                    return outcome.process_exit_code
+            return 1
 
+    # Without --wait, a job submission waits only for the control plane's answer.
+    limit = timeout if wait else min(timeout, 60.0)
     try:
-        raise typer.Exit(asyncio.run(go()))
+        raise typer.Exit(asyncio.run(asyncio.wait_for(go(), limit)))
     except TimeoutError:
-        raise _fail(f"the run did not finish within {timeout:g} s", 124) from None
+        raise _fail(f"no answer within {limit:g} s", 124) from None
     except DispatcherError as exc:
         raise _fail(str(exc), 1) from None
 

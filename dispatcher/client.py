@@ -8,9 +8,11 @@ async with Client("amqp://user:pass@host/") as client:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 import aio_pika.abc
@@ -18,8 +20,10 @@ import aio_pika.abc
 from schemas import (
     Event,
     FailureReason,
+    RunAccepted,
     RunEvent,
     RunFailed,
+    RunRejected,
     RunSucceeded,
     SchemaError,
     SubmitRun,
@@ -29,7 +33,7 @@ from schemas.topology import REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, STATUS_EXC
 
 from . import amqp
 from .amqp import Publisher
-from .errors import BrokerUnavailable
+from .errors import BrokerUnavailable, SubmissionRejected
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,8 @@ class Follower:
         self.run_ids = run_ids
         self._decoder = event_decoder()
 
-    async def events(self) -> AsyncIterator[RunEvent]:
+    async def events(self, answers: bool = False) -> AsyncGenerator[Any, None]:
+        """Run events of the followed runs (and RunAccepted / RunRejected with ``answers``)."""
         async with self._queue.iterator() as messages:
             async for raw in messages:
                 await raw.ack()
@@ -67,8 +72,11 @@ class Follower:
                     event: Event = self._decoder.decode(raw.body)
                 except SchemaError:
                     continue
-                if getattr(event, "run_id", None) in self.run_ids:
-                    yield event  # type: ignore[misc]
+                if getattr(event, "run_id", None) not in self.run_ids:
+                    continue
+                if isinstance(event, RunAccepted | RunRejected) and not answers:
+                    continue
+                yield event
 
 
 class Client:
@@ -100,9 +108,12 @@ class Client:
 
     async def submit(
         self,
-        image: str,
+        image: str = "",
         command: Sequence[str] = (),
         *,
+        location: str | None = None,
+        job: str | None = None,
+        config: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         queue: str = "default",
         idempotency_key: str | None = None,
@@ -127,6 +138,9 @@ class Client:
         message = SubmitRun(
             run_id=run_id or uuid.uuid4(),
             image=image,
+            location=location,
+            job=job,
+            config=dict(config or {}),
             command=tuple(command),
             env=dict(env or {}),
             queue=queue,
@@ -141,6 +155,31 @@ class Client:
         )
         await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
         return message.run_id
+
+    async def submit_job(
+        self,
+        location: str,
+        job: str,
+        config: Mapping[str, Any] | None = None,
+        timeout: float = 30.0,
+        **kwargs: Any,
+    ) -> uuid.UUID:
+        """Submit a job of a code location; returns the run id once the control plane accepted
+        it, or raises SubmissionRejected naming the problem (no run exists then)."""
+        run_id = kwargs.pop("run_id", None) or uuid.uuid4()
+        follower = await self.follow({run_id})
+        await self.submit(location=location, job=job, config=config, run_id=run_id, **kwargs)
+
+        async def answer() -> uuid.UUID:
+            async with contextlib.aclosing(follower.events(answers=True)) as events:
+                async for event in events:
+                    if isinstance(event, RunRejected):
+                        raise SubmissionRejected(event.reason)
+                    if isinstance(event, RunAccepted):
+                        return run_id
+            raise BrokerUnavailable("the status stream ended")
+
+        return await asyncio.wait_for(answer(), timeout)
 
     async def follow(self, run_ids: set[uuid.UUID] | None = None) -> Follower:
         """Start receiving run events (bind before submitting, so that none is missed)."""

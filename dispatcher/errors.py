@@ -25,3 +25,7 @@ class StoreUnavailable(DispatcherError):
 
 class RunNotFound(DispatcherError):
     """No run has the given id."""
+
+
+class SubmissionRejected(DispatcherError):
+    """The control plane refused a submission; the message names the problem."""

@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 
-from schemas import LocationFailed, LocationLoaded, LocationSnapshot, LocationSpec
-from schemas.topology import LOCATIONS_EXCHANGE
+from hd_sdk.config import problems
+from schemas import (
+    LocationFailed,
+    LocationLoaded,
+    LocationSnapshot,
+    LocationSpec,
+    RunRejected,
+    SubmitRun,
+)
+from schemas.topology import LOCATIONS_EXCHANGE, STATUS_EXCHANGE
 
 from .errors import ConfigError, DispatcherError
 from .store import OutboxItem, Store, insert_outbox
@@ -136,6 +146,46 @@ class LocationStore(Store):
                 raise LocationNotFound(f"no location {name!r}")
             await _snapshot(connection, {queue})
 
+    async def accept_submissions(self, submissions: Sequence[SubmitRun]) -> list[uuid.UUID]:
+        """Create the runs that pass their checks; answer every job submission.
+
+        A plain run needs an image. A job run needs a loaded location that has the job, and a
+        config that matches the job's schema; it runs the location's image on its queue. A
+        refused submission creates no run: the submitter gets RunRejected naming the problem.
+        """
+        plain = [s for s in submissions if s.location is None and s.job is None]
+        jobs = [s for s in submissions if s.location is not None or s.job is not None]
+        async with self._connection() as connection, connection.transaction():
+            accepted, rejected = [], []
+            for submission in plain:
+                if submission.image:
+                    accepted.append(submission)
+                else:
+                    rejected.append((submission, "a run needs an image, or a location and a job"))
+            resolved = []
+            for submission in jobs:
+                problem, run = await _resolve_job(connection, submission)
+                if problem:
+                    rejected.append((submission, problem))
+                else:
+                    assert run is not None
+                    resolved.append(run)
+            if rejected:
+                await insert_outbox(
+                    connection,
+                    [
+                        OutboxItem(
+                            RunRejected(run_id=s.run_id, reason=why),
+                            STATUS_EXCHANGE,
+                            "run.rejected",
+                        )
+                        for s, why in rejected
+                    ],
+                )
+            created = await self._create_runs(connection, accepted)
+            created += await self._create_runs(connection, resolved, announce=True)
+            return created
+
     async def locations_wanted(self, queues: Sequence[str]) -> None:
         """An agent asked: the snapshots of its queues go out again."""
         async with self._connection() as connection, connection.transaction():
@@ -152,6 +202,30 @@ class LocationStore(Store):
         if record is None:
             raise LocationNotFound(f"no location {name!r}")
         return Location.from_record(record)
+
+
+async def _resolve_job(
+    connection: asyncpg.Connection, submission: SubmitRun
+) -> tuple[str | None, SubmitRun | None]:
+    """(problem, None) or (None, the submission as its location's image on its queue)."""
+    if not submission.location or not submission.job:
+        return "a job run needs both a location and a job", None
+    record = await connection.fetchrow(
+        "SELECT * FROM code_locations WHERE name = $1", submission.location
+    )
+    if record is None:
+        return f"no location {submission.location!r}", None
+    location = Location.from_record(record)
+    if location.status != "LOADED" and not location.jobs:
+        return f"location {location.name!r} has no loaded definitions yet ({location.status})", None
+    job = next((j for j in location.jobs if j["name"] == submission.job), None)
+    if job is None:
+        known = ", ".join(sorted(j["name"] for j in location.jobs)) or "none"
+        return f"no job {submission.job!r} in location {location.name!r} (jobs: {known})", None
+    found = problems(job.get("config_schema") or {}, submission.config)
+    if found:
+        return f"invalid config for job {submission.job!r}: " + "; ".join(found), None
+    return None, msgspec.structs.replace(submission, image=location.image, queue=location.queue)
 
 
 async def record_location_event(

@@ -175,6 +175,16 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE outbox ALTER COLUMN run_id DROP NOT NULL;
         """,
     ),
+    (
+        6,
+        "runs of a location's jobs",
+        """
+        ALTER TABLE runs
+            ADD COLUMN location text,
+            ADD COLUMN job      text,
+            ADD COLUMN config   jsonb NOT NULL DEFAULT '{}';
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

@@ -56,7 +56,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                     await store.locations_wanted(delivery.message.queues)
                 elif isinstance(delivery.message, CancelRun):
                     raise CancellationNotSupported("CancelRun is not supported yet")
-            created = await store.create_runs(submissions)
+            created = await store.accept_submissions(submissions)
             log.info("accepted %d submission(s), %d new run(s)", len(submissions), len(created))
 
         async def on_events(deliveries: list[Delivery[Event]]) -> None:

@@ -25,15 +25,17 @@ from schemas import (
     LocationFailed,
     LocationLoaded,
     Message,
+    RunAccepted,
     RunEvent,
     RunFailed,
     RunLog,
     RunProgress,
+    RunRejected,
     SubmitRun,
     encode,
     kind_of,
 )
-from schemas.topology import INSTRUCTIONS_EXCHANGE
+from schemas.topology import INSTRUCTIONS_EXCHANGE, STATUS_EXCHANGE
 
 from . import alerts, migrations
 from .errors import RunNotFound, StoreUnavailable
@@ -132,6 +134,9 @@ def _launch_for(submit: SubmitRun, attempt: int) -> LaunchRun:
         max_runtime_s=submit.max_runtime_s,
         memory_limit_mb=submit.memory_limit_mb,
         ready_check=submit.ready_check,
+        location=submit.location,
+        job=submit.job,
+        config=submit.config,
     )
 
 
@@ -199,69 +204,87 @@ class Store:
         if not submissions:
             return []
         async with self._connection() as connection, connection.transaction():
-            created = await connection.fetch(
-                """
-                INSERT INTO runs (run_id, idempotency_key, queue, image, command, env, tags,
-                                  max_runtime_s, start_timeout_s, max_retries, retry_on,
-                                  memory_limit_mb, ready_check, state)
-                SELECT r.run_id, r.key, r.queue, r.image, r.command::jsonb, r.env::jsonb,
-                       r.tags::jsonb, r.max_runtime_s, r.start_timeout_s, r.max_retries,
-                       r.retry_on::jsonb, r.memory_limit_mb, r.ready_check::jsonb, 'QUEUED'
-                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                            $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[],
-                            $11::text[], $12::int[], $13::text[])
-                     AS r(run_id, key, queue, image, command, env, tags, max_runtime_s,
-                          start_timeout_s, max_retries, retry_on, memory_limit_mb, ready_check)
-                ON CONFLICT DO NOTHING
-                RETURNING run_id
-                """,
-                [s.run_id for s in submissions],
-                [s.idempotency_key or str(s.run_id) for s in submissions],
-                [s.queue for s in submissions],
-                [s.image for s in submissions],
-                [json.dumps(list(s.command)) for s in submissions],
-                [json.dumps(s.env) for s in submissions],
-                [json.dumps(s.tags) for s in submissions],
-                [s.max_runtime_s for s in submissions],
-                [s.start_timeout_s for s in submissions],
-                [s.max_retries for s in submissions],
-                [
-                    json.dumps([r.value for r in s.retry_on]) if s.retry_on is not None else None
-                    for s in submissions
-                ],
-                [s.memory_limit_mb for s in submissions],
-                [json.dumps(list(s.ready_check)) for s in submissions],
-            )
-            created_ids = {record["run_id"] for record in created}
-            fresh = [s for s in submissions if s.run_id in created_ids]
-            if not fresh:
-                return []
-            # The same run id may come twice in one batch; keep the first.
-            by_id: dict[uuid.UUID, SubmitRun] = {}
-            for submission in fresh:
-                by_id.setdefault(submission.run_id, submission)
-            fresh = list(by_id.values())
-            launches = [_launch_for(s, 1) for s in fresh]
-            await connection.execute(
-                """
-                INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state,
-                                        payload)
-                SELECT e.event_id, e.run_id, 1, 'SubmitRun', NULL, 'QUEUED', e.payload::jsonb
-                FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS e(event_id, run_id, payload)
-                ON CONFLICT (event_id) DO NOTHING
-                """,
-                [s.message_id for s in fresh],
-                [s.run_id for s in fresh],
-                [_payload_json(s) for s in fresh],
-            )
-            await insert_outbox(
-                connection,
-                [
-                    OutboxItem(launch, INSTRUCTIONS_EXCHANGE, submit.queue)
-                    for submit, launch in zip(fresh, launches, strict=True)
-                ],
-            )
-            return [s.run_id for s in fresh]
+            return await self._create_runs(connection, submissions)
+
+    async def _create_runs(
+        self,
+        connection: asyncpg.Connection,
+        submissions: Sequence[SubmitRun],
+        announce: bool = False,
+    ) -> list[uuid.UUID]:
+        """Insert runs, their first events and LaunchRun rows (and RunAccepted if ``announce``)."""
+        created = await connection.fetch(
+            """
+            INSERT INTO runs (run_id, idempotency_key, queue, image, command, env, tags,
+                              max_runtime_s, start_timeout_s, max_retries, retry_on,
+                              memory_limit_mb, ready_check, location, job, config, state)
+            SELECT r.run_id, r.key, r.queue, r.image, r.command::jsonb, r.env::jsonb,
+                   r.tags::jsonb, r.max_runtime_s, r.start_timeout_s, r.max_retries,
+                   r.retry_on::jsonb, r.memory_limit_mb, r.ready_check::jsonb,
+                   r.location, r.job, r.config::jsonb, 'QUEUED'
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                        $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[],
+                        $11::text[], $12::int[], $13::text[], $14::text[], $15::text[],
+                        $16::text[])
+                 AS r(run_id, key, queue, image, command, env, tags, max_runtime_s,
+                      start_timeout_s, max_retries, retry_on, memory_limit_mb, ready_check,
+                      location, job, config)
+            ON CONFLICT DO NOTHING
+            RETURNING run_id
+            """,
+            [s.run_id for s in submissions],
+            [s.idempotency_key or str(s.run_id) for s in submissions],
+            [s.queue for s in submissions],
+            [s.image for s in submissions],
+            [json.dumps(list(s.command)) for s in submissions],
+            [json.dumps(s.env) for s in submissions],
+            [json.dumps(s.tags) for s in submissions],
+            [s.max_runtime_s for s in submissions],
+            [s.start_timeout_s for s in submissions],
+            [s.max_retries for s in submissions],
+            [
+                json.dumps([r.value for r in s.retry_on]) if s.retry_on is not None else None
+                for s in submissions
+            ],
+            [s.memory_limit_mb for s in submissions],
+            [json.dumps(list(s.ready_check)) for s in submissions],
+            [s.location for s in submissions],
+            [s.job for s in submissions],
+            [json.dumps(s.config) for s in submissions],
+        )
+        created_ids = {record["run_id"] for record in created}
+        fresh = [s for s in submissions if s.run_id in created_ids]
+        if not fresh:
+            return []
+        # The same run id may come twice in one batch; keep the first.
+        by_id: dict[uuid.UUID, SubmitRun] = {}
+        for submission in fresh:
+            by_id.setdefault(submission.run_id, submission)
+        fresh = list(by_id.values())
+        launches = [_launch_for(s, 1) for s in fresh]
+        await connection.execute(
+            """
+            INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state,
+                                    payload)
+            SELECT e.event_id, e.run_id, 1, 'SubmitRun', NULL, 'QUEUED', e.payload::jsonb
+            FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS e(event_id, run_id, payload)
+            ON CONFLICT (event_id) DO NOTHING
+            """,
+            [s.message_id for s in fresh],
+            [s.run_id for s in fresh],
+            [_payload_json(s) for s in fresh],
+        )
+        items = [
+            OutboxItem(launch, INSTRUCTIONS_EXCHANGE, submit.queue)
+            for submit, launch in zip(fresh, launches, strict=True)
+        ]
+        if announce:
+            items += [
+                OutboxItem(RunAccepted(run_id=s.run_id), STATUS_EXCHANGE, "run.accepted")
+                for s in fresh
+            ]
+        await insert_outbox(connection, items)
+        return [s.run_id for s in fresh]
 
     # ------------------------------------------------------------------- the outbox
 
@@ -349,6 +372,8 @@ class Store:
                     await self._record_log(connection, event)
                 elif isinstance(event, RunProgress):
                     await self._record_progress(connection, event)
+                elif isinstance(event, RunAccepted | RunRejected):
+                    continue  # answers to submitters; the store wrote them itself
                 elif isinstance(event, LocationLoaded | LocationFailed):
                     from .locations import record_location_event
 
@@ -774,4 +799,7 @@ def _launch_from_row(run: asyncpg.Record, attempt: int) -> LaunchRun:
         max_runtime_s=run["max_runtime_s"],
         memory_limit_mb=run["memory_limit_mb"],
         ready_check=tuple(json.loads(run["ready_check"])),
+        location=run["location"],
+        job=run["job"],
+        config=json.loads(run["config"]),
     )

@@ -72,9 +72,15 @@ class SubmitRun(RunMessage, frozen=True, kw_only=True, tag="SubmitRun"):
     """Ask the control plane for a new run. The client chooses ``run_id``.
 
     ``idempotency_key`` makes repeated submissions one run; when absent, ``run_id`` is the key.
+    A run is either an ``image`` (and ``command``), or a ``job`` of a code ``location`` with
+    its ``config``; the latter is checked against the location's definitions and answered with
+    RunAccepted or RunRejected.
     """
 
-    image: NonEmpty
+    image: str = ""
+    location: str | None = None
+    job: str | None = None
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
     command: tuple[str, ...] = ()
     env: dict[str, str] = msgspec.field(default_factory=dict)
     queue: NonEmpty = "default"
@@ -101,9 +107,15 @@ class CancelRun(RunMessage, frozen=True, kw_only=True, tag="CancelRun"):
 
 
 class LaunchRun(AttemptMessage, frozen=True, kw_only=True, tag="LaunchRun"):
-    """Tell an agent to start one attempt of a run in a container of its own."""
+    """Tell an agent to start one attempt of a run in a container of its own.
+
+    For a job of a code location, the agent asks the location's code server for the command.
+    """
 
     image: NonEmpty
+    location: str | None = None
+    job: str | None = None
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
     command: tuple[str, ...] = ()
     env: dict[str, str] = msgspec.field(default_factory=dict)
     tags: dict[str, str] = msgspec.field(default_factory=dict)
@@ -198,6 +210,16 @@ class RunProgress(AttemptMessage, frozen=True, kw_only=True, tag="RunProgress"):
     items: tuple[ProgressItem, ...]
 
 
+class RunAccepted(RunMessage, frozen=True, kw_only=True, tag="RunAccepted"):
+    """A job submission passed its location's checks: the run exists."""
+
+
+class RunRejected(RunMessage, frozen=True, kw_only=True, tag="RunRejected"):
+    """A submission was refused, and no run exists; ``reason`` names the problem."""
+
+    reason: str
+
+
 class ContainerState(msgspec.Struct, frozen=True, kw_only=True):
     """One in-flight attempt as its agent sees it, in a heartbeat."""
 
@@ -289,6 +311,8 @@ Event = (
     | AgentHeartbeat
     | LocationLoaded
     | LocationFailed
+    | RunAccepted
+    | RunRejected
 )
 AnyMessage = (
     SubmitRun
@@ -306,6 +330,8 @@ AnyMessage = (
     | LocationsWanted
     | LocationLoaded
     | LocationFailed
+    | RunAccepted
+    | RunRejected
 )
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
@@ -324,6 +350,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     LocationsWanted,
     LocationLoaded,
     LocationFailed,
+    RunAccepted,
+    RunRejected,
 )
 
 

@@ -50,6 +50,8 @@ _EVENT_KEYS: Final = {
     "RunFailed": "run.failed",
     "RunLog": "run.log",
     "RunProgress": "run.progress",
+    "RunAccepted": "run.accepted",
+    "RunRejected": "run.rejected",
     "LocationLoaded": "location.loaded",
     "LocationFailed": "location.failed",
     "AgentHeartbeat": HEARTBEAT_ROUTING_KEY,

@@ -38,7 +38,7 @@ from schemas.topology import STATUS_EXCHANGE, event_routing_key
 
 from .code_servers import CodeServers
 from .consumer import InstructionConsumer
-from .errors import DockerUnavailable, ImageMissing, LaunchFailed
+from .errors import DockerUnavailable, ImageMissing, LaunchFailed, LocationUnavailable
 from .heartbeat import Heartbeat
 from .locations import LocationKeeper
 from .logs import LogForwarder
@@ -88,6 +88,7 @@ class Agent:
         self._docker_backoff_s = 0.5
         self._publisher: Publisher | None = None
         self._consumer: InstructionConsumer | None = None
+        self._keeper: LocationKeeper | None = None
 
     # ---------------------------------------------------------------------- run
 
@@ -135,7 +136,7 @@ class Agent:
         connected = asyncio.create_task(watcher.connected.wait())
         await asyncio.wait([connected, stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         connected.cancel()
-        keeper = LocationKeeper(
+        keeper = self._keeper = LocationKeeper(
             CodeServers(self.runtime),
             connection,
             self._publisher,
@@ -256,12 +257,16 @@ class Agent:
         self.attempts[key] = attempt
         await self._capacity_changed()
         try:
+            if launch.job is not None and self._keeper is not None:
+                launch = await self._keeper.launch_spec(launch)
             info, adopted = await self.runtime.launch(launch)
             self._docker_backoff_s = 0.5
-        except DockerUnavailable as exc:
+        except (DockerUnavailable, LocationUnavailable) as exc:
             # Not lost: the instruction goes back to the queue after a pause.
+            what = "Docker engine unreachable" if isinstance(exc, DockerUnavailable) else "waiting"
             log.error(
-                "Docker engine unreachable, run %s requeued in %.1f s: %s",
+                "%s, run %s requeued in %.1f s: %s",
+                what,
                 launch.run_id,
                 self._docker_backoff_s,
                 exc,

@@ -135,3 +135,30 @@ class CodeServers:
                 return None
 
         return await asyncio.to_thread(get)
+
+    async def post(
+        self, server: CodeServer, path: str, body: Any, timeout_s: float = 10.0
+    ) -> tuple[int, Any]:
+        """POST JSON to a code server: (HTTP status, JSON answer); (0, None) if unreachable."""
+        if server.url is None:
+            return 0, None
+
+        def post() -> tuple[int, Any]:
+            request = urllib.request.Request(
+                f"{server.url}{path}",
+                data=json.dumps(body).encode(),
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+                    return reply.status, json.loads(reply.read())
+            except urllib.error.HTTPError as exc:
+                try:
+                    return exc.code, json.loads(exc.read())
+                except ValueError:
+                    return exc.code, None
+            except (urllib.error.URLError, OSError, ValueError):
+                return 0, None
+
+        return await asyncio.to_thread(post)

@@ -17,3 +17,7 @@ class ImageMissing(AgentError):
 
 class LaunchFailed(AgentError):
     """Docker refused to create or start the container (bad command, bad options...)."""
+
+
+class LocationUnavailable(AgentError):
+    """No healthy code server of the run's location answers yet; the launch is retried."""

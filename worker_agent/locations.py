@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 
 import aio_pika.abc
+import msgspec
 
 from dispatcher import amqp
 from dispatcher.amqp import Publisher
@@ -29,6 +30,7 @@ from dispatcher.errors import BrokerUnavailable
 from schemas import (
     Decoder,
     JobDefinition,
+    LaunchRun,
     LocationFailed,
     LocationLoaded,
     LocationSnapshot,
@@ -45,7 +47,7 @@ from schemas.topology import (
 )
 
 from .code_servers import CodeServer, CodeServers
-from .errors import AgentError, DockerUnavailable, LaunchFailed
+from .errors import AgentError, DockerUnavailable, LaunchFailed, LocationUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,38 @@ class LocationKeeper:
             )
             await self._remove(server)
             await self._start(spec)
+
+    async def launch_spec(self, launch: LaunchRun) -> LaunchRun:
+        """The launch, with the command and environment its location's code server gives."""
+        spec = next(
+            (s for specs in self._snapshots.values() for s in specs if s.name == launch.location),
+            None,
+        )
+        if spec is None:
+            raise LocationUnavailable(f"location {launch.location!r} is not kept by this agent")
+        servers = [s for s in await self.servers.list() if s.location == spec.name and s.running]
+        # Servers already serving first, newest generation first: during a blue/green
+        # redeploy the old one still answers until the new one does.
+        servers.sort(key=lambda s: (s.id in self._reported, s.generation), reverse=True)
+        for server in servers:
+            status, reply = await self.servers.post(
+                server, "/launch-spec", {"job": launch.job, "config": launch.config}
+            )
+            if status == 200 and isinstance(reply, dict):
+                try:
+                    env = {**resolve_env(spec.env, os.environ), **(reply.get("env") or {})}
+                except MissingSecret as exc:
+                    raise LaunchFailed(str(exc)) from exc
+                return msgspec.structs.replace(
+                    launch,
+                    image=spec.image,
+                    command=tuple(str(word) for word in reply.get("command") or ()),
+                    env={**env, **launch.env},
+                )
+            if status == 400:
+                error = reply.get("error") if isinstance(reply, dict) else None
+                raise LaunchFailed(f"the code server refused the run: {error or 'bad request'}")
+        raise LocationUnavailable(f"no code server of location {spec.name!r} answers yet")
 
     async def _start(self, spec: LocationSpec) -> None:
         try:

@@ -168,3 +168,120 @@ async def test_the_locations_command(stack: Stack, images: ImageNames) -> None:
     bad = await dispatcher_cli(stack, "locations", "add", "Bad Name", "--image", "x")
     assert bad.returncode == 1
     assert "location name 'Bad Name' is invalid" in bad.stderr
+
+
+async def test_a_job_runs_by_name_and_bad_submissions_are_rejected(
+    stack: Stack, locations: LocationStore, store: Store, images: ImageNames
+) -> None:
+    from dispatcher.errors import SubmissionRejected
+    from dispatcher.states import RunState
+    from tests.integration.test_dispatch import wait_for_state
+    from tests.integration.test_operators import dispatcher_cli
+
+    await stack.start_control_plane()
+    await stack.start_agent(extra=("--location-check-interval", "0.5"))
+    name = f"jobs-{stack.unique}"
+    await locations.put_location(name, images.example_location, queue=stack.queue)
+    await eventually(lambda: loaded(locations, name), 60, what="LOADED")
+
+    # End to end from the command line, with progress and logs in `runs show`.
+    ran = await dispatcher_cli(
+        stack,
+        "submit",
+        "--location",
+        name,
+        "--job",
+        "count",
+        "--config",
+        '{"to": 2}',
+        "--wait",
+        "--timeout",
+        "120",
+    )
+    assert ran.returncode == 0, ran.stderr
+    run_id = ran.stdout.strip().splitlines()[0]
+    shown = await dispatcher_cli(stack, "runs", "show", run_id, "--logs")
+    assert "step count-2 succeeded" in shown.stdout
+    assert "metadata counted=2" in shown.stdout
+    assert "1:0     | 1" in shown.stdout
+
+    # Refused with the problem named, and no run row.
+    async with stack.client() as client:
+        for job, config, words in [
+            ("nope", {}, "no job 'nope' in location"),
+            ("hello", {}, "config.name is required"),
+            ("hello", {"name": 7}, "config.name must be of type string"),
+        ]:
+            with pytest.raises(SubmissionRejected, match=words):
+                await client.submit_job(name, job, config)
+        with pytest.raises(SubmissionRejected, match="no location 'elsewhere'"):
+            await client.submit_job("elsewhere", "hello", {"name": "x"})
+        accepted = await client.submit_job(name, "hello", {"name": "Ada"})
+    run = await wait_for_state(store, accepted, RunState.SUCCESS, RunState.FAILURE, timeout=90)
+    assert run.state == RunState.SUCCESS
+    assert run.output_tail == ["hello, Ada!"]
+    assert len(await store.list_runs()) == 2  # the two accepted, none of the refused
+
+    refused = await dispatcher_cli(
+        stack,
+        "submit",
+        "--location",
+        name,
+        "--job",
+        "hello",
+        "--config",
+        '{"name": 1}',
+    )
+    assert refused.returncode == 2
+    assert "submission rejected: invalid config for job 'hello'" in refused.stderr
+
+
+async def test_redeploying_to_a_new_tag_while_runs_launch_fails_no_launch(
+    stack: Stack,
+    locations: LocationStore,
+    store: Store,
+    images: ImageNames,
+    docker_client: docker.DockerClient,
+) -> None:
+    import asyncio
+
+    from dispatcher.states import RunState
+
+    repository = images.example_location.rsplit(":", 1)[0]
+    new_tag = f"{repository}:test-{stack.unique}"
+    docker_client.images.get(images.example_location).tag(new_tag)
+    try:
+        await stack.start_control_plane()
+        await stack.start_agent(max_concurrent=4, extra=("--location-check-interval", "0.5"))
+        name = f"rd-{stack.unique}"
+        await locations.put_location(name, images.example_location, queue=stack.queue)
+        await eventually(lambda: loaded(locations, name), 60, what="LOADED")
+
+        async with stack.client() as client:
+
+            async def submit(i: int) -> object:
+                await asyncio.sleep(i * 0.2)
+                return await client.submit_job(name, "hello", {"name": f"n{i}"}, timeout=60)
+
+            runs = asyncio.gather(*(submit(i) for i in range(12)))
+            await asyncio.sleep(0.5)
+            await locations.put_location(name, new_tag, queue=stack.queue, create=False)
+            run_ids = await runs
+
+        async def all_done() -> bool:
+            states = [(await store.get_run(r)).state for r in run_ids]  # type: ignore[arg-type]
+            return all(s in (RunState.SUCCESS, RunState.FAILURE) for s in states)
+
+        await eventually(all_done, 120, interval=0.5, what="12 runs ended")
+        for run_id in run_ids:
+            assert (await store.get_run(run_id)).state == RunState.SUCCESS  # type: ignore[arg-type]
+        location = await eventually(lambda: loaded(locations, name), 60, what="LOADED again")
+        assert location.generation == 2
+
+        async def one_server_on_the_new_tag() -> bool:
+            running = servers_of(stack, name)
+            return len(running) == 1 and new_tag in running[0].image.tags
+
+        await eventually(one_server_on_the_new_tag, 60, what="one server, on the new tag")
+    finally:
+        docker_client.images.remove(new_tag, noprune=True)

@@ -26,10 +26,12 @@ from schemas import (
     Message,
     MessageTooLarge,
     ProgressItem,
+    RunAccepted,
     RunFailed,
     RunLaunched,
     RunLog,
     RunProgress,
+    RunRejected,
     RunStarted,
     RunSucceeded,
     SubmitRun,
@@ -97,6 +99,8 @@ EXAMPLES: list[Message] = [
         jobs=(JobDefinition(name="load", config_schema={"type": "object"}),),
     ),
     LocationFailed(location="etl", generation=2, agent_id="a1", message="timeout"),
+    RunAccepted(run_id=RUN),
+    RunRejected(run_id=RUN, reason="no job 'x' in location etl"),
     AgentHeartbeat(
         agent_id="a1",
         sequence=7,
@@ -135,6 +139,8 @@ def test_every_message_round_trips(message: Message) -> None:
                 "AgentHeartbeat",
                 "LocationLoaded",
                 "LocationFailed",
+                "RunAccepted",
+                "RunRejected",
             },
         ),
     ],
@@ -271,4 +277,4 @@ def test_json_schema_describes_each_message() -> None:
     schema = msgspec.json.schema(SubmitRun)
     definition = schema["$defs"]["SubmitRun"]
     assert definition["properties"]["kind"] == {"enum": ["SubmitRun"]}
-    assert set(definition["required"]) == {"kind", "run_id", "image"}
+    assert set(definition["required"]) == {"kind", "run_id"}
