@@ -81,6 +81,10 @@ def run(
     location_check_interval: Annotated[
         float | None, typer.Option(help="Seconds between code-server health checks (10).")
     ] = None,
+    location_startup_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds a code server may take to answer before ERROR (180)."),
+    ] = None,
     metrics_port: Annotated[
         int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
     ] = 9466,
@@ -109,6 +113,7 @@ def run(
             keep_finished=keep_finished or None,
             log_forwarding=False if no_log_forwarding else None,
             location_check_interval_s=location_check_interval,
+            location_startup_timeout_s=location_startup_timeout,
         )
     except AgentError as exc:
         typer.echo(f"error: {exc}", err=True)

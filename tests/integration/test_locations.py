@@ -285,3 +285,39 @@ async def test_redeploying_to_a_new_tag_while_runs_launch_fails_no_launch(
         await eventually(one_server_on_the_new_tag, 60, what="one server, on the new tag")
     finally:
         docker_client.images.remove(new_tag, noprune=True)
+
+
+async def test_a_hung_server_is_replaced_and_a_silent_one_times_out(
+    stack: Stack, locations: LocationStore, images: ImageNames
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent(
+        extra=("--location-check-interval", "0.5", "--location-startup-timeout", "5")
+    )
+    hung, silent = f"hung-{stack.unique}", f"silent-{stack.unique}"
+    await locations.put_location(hung, images.example_location, queue=stack.queue)
+    # This one runs but never answers: no code server listens in it.
+    await locations.put_location(
+        silent, images.example_location, command=["sleep", "600"], queue=stack.queue
+    )
+    first = await eventually(lambda: loaded(locations, hung), 60, what="LOADED")
+    [server] = servers_of(stack, hung)
+    # Paused, it keeps running but fails its health checks: it is redeployed.
+    server.pause()
+    again = await eventually(
+        lambda: loaded(locations, hung, after=first.loaded_at), 90, what="redeployed"
+    )
+    assert again.status == "LOADED"
+    assert [c.id for c in servers_of(stack, hung)] != [server.id]
+
+    async def timed_out() -> Location | None:
+        location = await locations.get_location(silent)
+        return location if location.status == "ERROR" else None
+
+    location = await eventually(timed_out, 60, what="the silent server in ERROR")
+    assert "not healthy within" in (location.error or "")
+
+    async def removed() -> bool:
+        return servers_of(stack, silent) == []
+
+    await eventually(removed, 30, what="the silent server removed")
