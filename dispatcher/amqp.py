@@ -332,10 +332,6 @@ class Delivery(Generic[T]):
     message: T
     raw: aio_pika.abc.AbstractIncomingMessage
 
-    @property
-    def redelivered(self) -> bool:
-        return bool(self.raw.redelivered)
-
 
 BatchHandler = Callable[[list[Delivery[T]]], Awaitable[None]]
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, _open_store
+from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, parse_env, with_store
 from .cli_locations import locations_app
 from .cli_ops import agents_app, alerts_app, dead_letters_app
 from .errors import DispatcherError
@@ -188,16 +188,6 @@ def db_upgrade(database_url: DatabaseUrl = "", database_schema: DatabaseSchema =
     typer.echo(f"applied migrations {applied}" if applied else "database is up to date")
 
 
-def _parse_env(pairs: list[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise _fail(f"--env takes KEY=VALUE, got {pair!r}")
-        env[key] = value
-    return env
-
-
 @app.command(context_settings={"allow_interspersed_args": False})
 def submit(
     command: Annotated[
@@ -251,7 +241,7 @@ def submit(
         raise _fail("--image is required (or --location and --job)")
     if not amqp_url:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
-    environment = _parse_env(env or [])
+    environment = parse_env(env)
     try:
         job_config = json.loads(config) if config else {}
     except ValueError as exc:
@@ -344,31 +334,21 @@ def runs_list(
             f"unknown state {state!r}; one of {', '.join(s.value for s in RunState)}"
         ) from None
 
-    async def go() -> list[dict[str, object]]:
-        store = await _open_store(database_url, database_schema)
-        try:
-            rows = await store.list_runs(wanted, limit)
-        finally:
-            await store.close()
-        return [
-            {
-                "run_id": str(r.run_id),
-                "state": r.state.value,
-                "attempt": r.attempt,
-                "image": r.image,
-                "queue": r.queue,
-                "exit_code": r.exit_code,
-                "failure_reason": r.failure_reason,
-                "agent_id": r.agent_id,
-                "created_at": r.created_at.isoformat(),
-            }
-            for r in rows
-        ]
-
-    try:
-        runs = asyncio.run(go())
-    except DispatcherError as exc:
-        raise _fail(str(exc), 1) from None
+    rows = with_store(database_url, database_schema, lambda s: s.list_runs(wanted, limit))
+    runs: list[dict[str, object]] = [
+        {
+            "run_id": str(r.run_id),
+            "state": r.state.value,
+            "attempt": r.attempt,
+            "image": r.image,
+            "queue": r.queue,
+            "exit_code": r.exit_code,
+            "failure_reason": r.failure_reason,
+            "agent_id": r.agent_id,
+            "created_at": r.created_at.isoformat(),
+        }
+        for r in rows
+    ]
     if as_json:
         typer.echo(json.dumps(runs, indent=2))
         return
@@ -392,24 +372,17 @@ def runs_show(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Show one run: its state history, exit code and output tail."""
-    from .store import RunEventRow, RunRow
+    from .store import RunEventRow, RunRow, Store
 
-    async def go() -> tuple[
-        RunRow, list[RunEventRow], list[tuple[int, int, str]], list[dict[str, Any]]
-    ]:
-        store = await _open_store(database_url, database_schema)
-        try:
-            run = await store.find_run(run_id)
-            lines = await store.run_logs(run.run_id) if logs else []
-            progress = await store.run_progress(run.run_id)
-            return run, await store.run_events(run.run_id), lines, progress
-        finally:
-            await store.close()
+    async def read(
+        store: Store,
+    ) -> tuple[RunRow, list[RunEventRow], list[tuple[int, int, str]], list[dict[str, Any]]]:
+        run = await store.find_run(run_id)
+        lines = await store.run_logs(run.run_id) if logs else []
+        progress = await store.run_progress(run.run_id)
+        return run, await store.run_events(run.run_id), lines, progress
 
-    try:
-        run, events, lines, progress = asyncio.run(go())
-    except DispatcherError as exc:
-        raise _fail(str(exc), 1) from None
+    run, events, lines, progress = with_store(database_url, database_schema, read)
     if as_json:
         typer.echo(
             json.dumps(

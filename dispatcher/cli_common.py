@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 import typer
 
+from .errors import DispatcherError
 from .store import Store
+
+T = TypeVar("T")
+S = TypeVar("S", bound=Store)
 
 AmqpUrl = Annotated[
     str,
@@ -28,7 +34,38 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-async def _open_store(database_url: str, database_schema: str | None) -> Store:
+def with_store(
+    database_url: str,
+    database_schema: str | None,
+    action: Callable[[S], Awaitable[T]],
+    store_class: type[S] = Store,  # type: ignore[assignment]
+    upgrade: bool = False,
+) -> T:
+    """Open the store, run ``action`` on it, close it; errors end the command with a message."""
     if not database_url:
         raise _fail("no database: pass --database-url or set HD_DATABASE_URL")
-    return await Store.open(database_url, schema=database_schema, min_size=1, max_size=2)
+
+    async def go() -> T:
+        store = await store_class.open(database_url, schema=database_schema, min_size=1, max_size=2)
+        try:
+            if upgrade:
+                await store.upgrade()
+            return await action(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    except DispatcherError as exc:
+        raise _fail(str(exc), 1) from None
+
+
+def parse_env(pairs: list[str] | None, form: str = "KEY=VALUE") -> dict[str, str]:
+    """``--env`` options as a mapping; a pair without ``=`` ends the command."""
+    env: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _fail(f"--env takes {form}, got {pair!r}")
+        env[key] = value
+    return env

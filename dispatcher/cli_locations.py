@@ -2,56 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from .cli_common import DatabaseSchema, DatabaseUrl, _fail
-from .errors import DispatcherError
+from .cli_common import DatabaseSchema, DatabaseUrl, parse_env, with_store
 from .locations import Location, LocationStore
+
+T = TypeVar("T")
 
 locations_app = typer.Typer(
     help="Code locations: an image with jobs, kept running as a code server by agents.",
     no_args_is_help=True,
 )
 
-T = TypeVar("T")
 Name = Annotated[str, typer.Argument(help="The location's name (lowercase, digits, _ . -).")]
 
 
 def _with_store(
     database_url: str, database_schema: str | None, action: Callable[[LocationStore], Awaitable[T]]
 ) -> T:
-    if not database_url:
-        raise _fail("no database: pass --database-url or set HD_DATABASE_URL")
-
-    async def go() -> T:
-        store = await LocationStore.open(
-            database_url, schema=database_schema, min_size=1, max_size=2
-        )
-        try:
-            await store.upgrade()
-            return await action(store)
-        finally:
-            await store.close()
-
-    try:
-        return asyncio.run(go())
-    except DispatcherError as exc:
-        raise _fail(str(exc), 1) from None
-
-
-def _env(pairs: list[str] | None) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise _fail(f"--env takes KEY=VALUE (or KEY=secret:NAME), got {pair!r}")
-        env[key] = value
-    return env
+    # The registry's table may not exist before the first `serve`: migrate first.
+    return with_store(database_url, database_schema, action, LocationStore, upgrade=True)
 
 
 def _show(location: Location) -> None:
@@ -72,6 +46,26 @@ Env = Annotated[
 Queue = Annotated[str, typer.Option(help="Agent queue whose agents keep the code server.")]
 
 
+def _put(
+    create: bool,
+    name: str,
+    image: str,
+    command: list[str] | None,
+    env: list[str] | None,
+    queue: str,
+    database_url: str,
+    database_schema: str | None,
+) -> None:
+    variables = parse_env(env, "KEY=VALUE (or KEY=secret:NAME)")
+    _show(
+        _with_store(
+            database_url,
+            database_schema,
+            lambda s: s.put_location(name, image, command or (), variables, queue, create=create),
+        )
+    )
+
+
 @locations_app.command("add")
 def add(
     name: Name,
@@ -83,14 +77,7 @@ def add(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Register a location; the agents of its queue start its code server."""
-    variables = _env(env)
-    _show(
-        _with_store(
-            database_url,
-            database_schema,
-            lambda s: s.put_location(name, image, command or (), variables, queue, create=True),
-        )
-    )
+    _put(True, name, image, command, env, queue, database_url, database_schema)
 
 
 @locations_app.command("update")
@@ -104,14 +91,7 @@ def update(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Change a location (a new generation: servers are replaced, blue/green)."""
-    variables = _env(env)
-    _show(
-        _with_store(
-            database_url,
-            database_schema,
-            lambda s: s.put_location(name, image, command or (), variables, queue, create=False),
-        )
-    )
+    _put(False, name, image, command, env, queue, database_url, database_schema)
 
 
 @locations_app.command("redeploy")

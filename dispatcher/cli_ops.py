@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, _open_store
+from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, with_store
 from .errors import DispatcherError
 
 agents_app = typer.Typer(help="Agents and their liveness (reads PostgreSQL).", no_args_is_help=True)
@@ -41,14 +41,7 @@ def agents_list(
 ) -> None:
     """Every agent heard of: status (ALIVE or LOST), silence, queues, runs in flight."""
 
-    async def go() -> list[dict[str, Any]]:
-        store = await _open_store(database_url, database_schema)
-        try:
-            return await store.list_agents()
-        finally:
-            await store.close()
-
-    agents = _run(go())
+    agents = with_store(database_url, database_schema, lambda s: s.list_agents())
     if as_json:
         typer.echo(json.dumps(agents, indent=2, default=_json_default))
         return
@@ -69,14 +62,7 @@ def alerts_list(
 ) -> None:
     """Alerts, newest first, with the delivery state of each webhook."""
 
-    async def go() -> list[dict[str, Any]]:
-        store = await _open_store(database_url, database_schema)
-        try:
-            return await store.list_alerts(limit)
-        finally:
-            await store.close()
-
-    alerts = _run(go())
+    alerts = with_store(database_url, database_schema, lambda s: s.list_alerts(limit))
     if as_json:
         typer.echo(json.dumps(alerts, indent=2, default=_json_default))
         return

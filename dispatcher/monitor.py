@@ -56,7 +56,6 @@ class AgentView:
     last_seen: float  # monotonic
     interval_s: float
     lost: bool = False
-    sequence: int = -1
     #: Heartbeats received from it by this monitor.
     beats: int = 0
     in_flight: dict[AttemptKey, str] = field(default_factory=dict)
@@ -66,7 +65,8 @@ class AgentView:
 class Suspicion:
     """Heartbeats in a row that did not show an active run as running."""
 
-    last_sequence: int = -1
+    #: The agent's heartbeat count at the last look (AgentView.beats).
+    last_beat: int = -1
     count: int = 0
 
 
@@ -105,11 +105,10 @@ class FailureMonitor:
         if view is None:
             view = self.agents[beat.agent_id] = AgentView(beat.agent_id, 0.0, beat.interval_s)
             self._update_gauges()
-        # Heartbeats of one agent arrive in order (one connection, one queue); a restarted
-        # agent counts from 0 again, so the sequence only tells "a new one" from "the same".
+        # Heartbeats of one agent arrive in order (one connection, one queue). A restarted
+        # agent's sequence starts from 0 again, so the monitor counts beats itself.
         view.last_seen = self.clock()
         view.interval_s = beat.interval_s
-        view.sequence = beat.sequence
         view.beats += 1
         view.in_flight = {(c.run_id, c.attempt): c.state for c in beat.in_flight}
         returning = view.lost
@@ -179,9 +178,9 @@ class FailureMonitor:
         if view is None or view.lost:
             return
         suspicion = self._suspicions.setdefault(key, Suspicion())
-        if view.beats == suspicion.last_sequence:
+        if view.beats == suspicion.last_beat:
             return  # no new heartbeat since the last look
-        suspicion.last_sequence = view.beats
+        suspicion.last_beat = view.beats
         state = view.in_flight.get(key)
         if state is not None and state not in ("exited", "dead"):
             suspicion.count = 0

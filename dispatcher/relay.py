@@ -38,7 +38,6 @@ class OutboxRelay:
         self._batch = batch
         self._idle_poll_s = idle_poll_s
         self._declared: set[tuple[str, str]] = set()
-        self.published = 0
 
     async def run(self) -> None:
         """Relay until cancelled."""
@@ -47,7 +46,6 @@ class OutboxRelay:
                 async with self._store.listen_outbox() as wait_for_notify:
                     while True:
                         sent = await self._store.publish_outbox(self._publish, self._batch)
-                        self.published += sent
                         if sent < self._batch:
                             await wait_for_notify(self._idle_poll_s)
             except (StoreUnavailable, BrokerUnavailable) as exc:
