@@ -11,6 +11,8 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,16 +67,38 @@ class Processes:
         self.started: list[Proc] = []
 
     def start(self, module: str, args: list[str]) -> Proc:
+        # No process of a benchmark serves metrics: a port in use (the demo's, say) must not
+        # be what a benchmark measures.
+        if args and args[0] in ("serve", "monitor", "run") and "--metrics-port" not in args:
+            args = [*args, "--metrics-port", "0"]
         proc = Proc(module, args, self.logs / f"{module}-{len(self.started)}.log", self.env)
         self.started.append(proc.start())
         return proc
 
     def __enter__(self) -> Processes:
+        self._watching = True
+        threading.Thread(target=self._watch, name="bench-watchdog", daemon=True).start()
         return self
 
     def __exit__(self, *_: object) -> None:
+        self._watching = False
         for proc in reversed(self.started):
             proc.stop()
+
+    def _watch(self) -> None:
+        """Fail fast when a process of the benchmark dies: its log tail says why.
+
+        An exit by a signal is the benchmark's own doing (it kills agents on purpose); an
+        exit with an error code is not, and waiting for its work would only time out.
+        """
+        while self._watching:
+            for proc in list(self.started):
+                code = proc.process.poll() if proc.process is not None else None
+                if code is not None and code > 0 and self._watching:
+                    progress(f"{proc.module} {' '.join(proc.args)} exited with code {code}:")
+                    print(proc.output()[-3000:], file=sys.stderr, flush=True)
+                    os._exit(1)
+            time.sleep(0.2)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -30,7 +30,7 @@ from _harness import ROOT, Processes, percentile, progress, report, services
 
 from dispatcher import amqp
 from schemas import AgentHeartbeat, encode
-from schemas.topology import HEARTBEAT_ROUTING_KEY, STATUS_EXCHANGE
+from schemas.topology import AGENT_EVENTS, STATUS_EXCHANGE, heartbeat_routing_key
 
 HEARTBEAT_S = 2.0
 LOST_AFTER_BEATS = 3
@@ -99,7 +99,9 @@ async def heartbeat_load(url: str, agents: int, seconds: float) -> int:
         while time.monotonic() - started < seconds:
             for agent_id in ids:
                 beat = AgentHeartbeat(agent_id=agent_id, sequence=sequence, interval_s=HEARTBEAT_S)
-                await exchange.publish(aio_pika.Message(encode(beat)), HEARTBEAT_ROUTING_KEY)
+                await exchange.publish(
+                    aio_pika.Message(encode(beat)), heartbeat_routing_key(beat.agent_id)
+                )
                 sent += 1
                 target = started + sent * gap
                 if (delay := target - time.monotonic()) > 0:
@@ -113,7 +115,7 @@ async def floor_queue(url: str) -> str:
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(f"bench-floor-{uuid.uuid4().hex[:6]}", exclusive=False)
-        await queue.bind(STATUS_EXCHANGE, routing_key="agent.*")
+        await queue.bind(STATUS_EXCHANGE, routing_key=AGENT_EVENTS)
         return queue.name
 
 

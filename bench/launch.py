@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+import uuid
 from datetime import datetime
 
 import docker
@@ -50,10 +51,10 @@ async def measure(
     async with Client(amqp_url) as client:
         for _ in range(runs):
             raw.extend(await asyncio.to_thread(floor, docker_client, image, 1))
-            follower = await client.follow()
+            run_id = uuid.uuid4()
+            follower = await client.follow({run_id})
             before = time.time()
-            run_id = await client.submit(image, ["true"])
-            follower.run_ids.add(run_id)
+            await client.submit(image, ["true"], run_id=run_id)
             outcome = await wait_for_outcome(follower, run_id, timeout=60)
             assert outcome.succeeded, outcome
             [container] = docker_client.containers.list(

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import aio_pika
 import aio_pika.abc
@@ -27,18 +27,22 @@ import aio_pika.exceptions
 import aiormq.exceptions
 from pamqp.common import Arguments
 
-from schemas import Decoder, Message, SchemaError, encode, kind_of
+from schemas import Message, SchemaError, encode, kind_of
 from schemas.topology import (
+    AGENT_EVENTS,
     CONTROL_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_QUEUE_HEADER,
     DEAD_LETTER_REASON_HEADER,
+    DEAD_LETTER_WATCH_QUEUE,
     INSTRUCTIONS_EXCHANGE,
+    LOCATION_EVENTS,
     LOCATIONS_EXCHANGE,
     REQUESTS_EXCHANGE,
     REQUESTS_QUEUE,
     REQUESTS_ROUTING_KEY,
+    RUN_EVENTS,
     STATUS_EXCHANGE,
     STATUS_MONITOR_QUEUE,
     STATUS_STORE_QUEUE,
@@ -47,11 +51,12 @@ from schemas.topology import (
 )
 
 from . import metrics
-from .errors import BrokerUnavailable, StoreUnavailable
+from .errors import BrokerRefused, BrokerUnavailable, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 #: Exceptions that mean "the connection or channel is gone; try again after a reconnect".
 TRANSIENT = (
@@ -63,6 +68,12 @@ TRANSIENT = (
     aio_pika.exceptions.ChannelClosed,
     aio_pika.exceptions.ConnectionClosed,
     RuntimeError,  # aio-pika raises it for a publish on a closed channel
+)
+#: Exceptions that mean "the broker refused this one operation"; the connection is fine.
+REFUSED = (
+    aiormq.exceptions.ChannelAccessRefused,
+    aiormq.exceptions.ChannelNotFoundEntity,
+    aiormq.exceptions.ChannelPreconditionFailed,
 )
 _QUORUM: Arguments = {"x-queue-type": "quorum"}
 
@@ -109,9 +120,12 @@ async def declare_topology(
     # The failure monitor's queue is declared by the monitor itself: declared here, it would
     # fill up with heartbeats wherever no monitor runs.
     store_queue = await channel.declare_queue(STATUS_STORE_QUEUE, durable=True, arguments=_QUORUM)
-    await store_queue.bind(status, routing_key="run.*")
-    await store_queue.bind(status, routing_key="agent.*")
-    await store_queue.bind(status, routing_key="location.*")
+    for pattern in (RUN_EVENTS, AGENT_EVENTS, LOCATION_EVENTS):
+        await store_queue.bind(status, routing_key=pattern)
+    # The control plane's own copy of every dead letter: counted, alerted on, and a dead
+    # LaunchRun fails its run. The operators' queue above is bounded and only listed.
+    watch = await channel.declare_queue(DEAD_LETTER_WATCH_QUEUE, durable=True, arguments=_QUORUM)
+    await watch.bind(dead, routing_key="")
 
 
 async def declare_instructions_queue(
@@ -124,6 +138,25 @@ async def declare_instructions_queue(
     )
     await queue.bind(exchange, routing_key=agent_queue)
     return queue
+
+
+async def declare_target(channel: aio_pika.abc.AbstractChannel, exchange: str, key: str) -> None:
+    """Make sure the queue an instruction is routed to exists before the first message for it,
+    so that an agent started later (or coming back) finds its instructions waiting.
+
+    Raises BrokerRefused when the broker refuses the name, BrokerUnavailable when it is gone.
+    """
+    try:
+        if exchange == INSTRUCTIONS_EXCHANGE:
+            await declare_instructions_queue(channel, key)
+        elif exchange == CONTROL_EXCHANGE:
+            await declare_control_queue(channel, key)
+    except REFUSED as exc:
+        raise BrokerRefused(f"the broker refused the queue for {exchange}/{key}: {exc}") from exc
+    except (ValueError, *TRANSIENT) as exc:
+        if isinstance(exc, ValueError):  # an unsafe name, refused before asking the broker
+            raise BrokerRefused(str(exc)) from exc
+        raise BrokerUnavailable(f"cannot declare the queue for {exchange}/{key}: {exc!r}") from exc
 
 
 async def declare_control_queue(
@@ -161,8 +194,8 @@ async def declare_monitor_queue(channel: aio_pika.abc.AbstractChannel) -> None:
         STATUS_MONITOR_QUEUE, durable=True, arguments=MONITOR_QUEUE_ARGUMENTS
     )
     exchange = await channel.get_exchange(STATUS_EXCHANGE, ensure=False)
-    await queue.bind(exchange, routing_key="run.*")
-    await queue.bind(exchange, routing_key="agent.*")
+    await queue.bind(exchange, routing_key=RUN_EVENTS)
+    await queue.bind(exchange, routing_key=AGENT_EVENTS)
 
 
 async def declare_consumed_queue(
@@ -249,9 +282,10 @@ class Publisher:
                 )
                 return
             except aio_pika.exceptions.DeliveryError as exc:
-                raise BrokerUnavailable(
-                    f"the broker refused a publish to {exchange}: {exc}"
-                ) from exc
+                raise BrokerRefused(f"the broker refused a publish to {exchange}: {exc}") from exc
+            except REFUSED as exc:
+                self._channel = None  # the broker closed the channel
+                raise BrokerRefused(f"the broker refused a publish to {exchange}: {exc}") from exc
             except TRANSIENT as exc:
                 if loop.time() + delay > deadline:
                     waited = self.retry_deadline_s
@@ -333,7 +367,16 @@ class Delivery(Generic[T]):
     raw: aio_pika.abc.AbstractIncomingMessage
 
 
+class PayloadDecoder(Protocol[T_co]):
+    """What a consumer decodes its payloads with (the contract's typed decoders, or raw)."""
+
+    def decode(self, payload: bytes) -> T_co: ...
+
+
 BatchHandler = Callable[[list[Delivery[T]]], Awaitable[None]]
+#: Called for a message about to be dead-lettered: its body, the decoded message when it
+#: decoded, and the reason (the intake answers the submitter with it).
+PoisonHandler = Callable[[bytes, T | None, str], Awaitable[None]]
 
 
 class Consumer(Generic[T]):
@@ -351,14 +394,16 @@ class Consumer(Generic[T]):
         self,
         connection: aio_pika.abc.AbstractRobustConnection,
         queue: str,
-        decoder: Decoder[T],
+        decoder: PayloadDecoder[T],
         handler: BatchHandler[T],
         publisher: Publisher,
         prefetch: int = 256,
         max_batch: int = 256,
         queue_arguments: Arguments | None = None,
+        on_poison: PoisonHandler[T] | None = None,
     ) -> None:
         self.queue_name = queue
+        self._on_poison = on_poison
         self._queue_arguments = queue_arguments
         self._connection = connection
         self._decoder = decoder
@@ -424,9 +469,9 @@ class Consumer(Generic[T]):
             try:
                 good.append(Delivery(self._decoder.decode(raw.body), raw))
             except SchemaError as exc:
-                log.warning("%s: dead-lettering an undecodable message: %s", self.queue_name, exc)
-                await self._publisher.dead_letter(raw, self.queue_name, str(exc))
-                await settle(raw.ack())
+                await self._poison(raw, None, str(exc))
+            except Exception as exc:  # a decoder defect is still this message's problem
+                await self._poison(raw, None, f"cannot decode: {type(exc).__name__}: {exc}")
         if not good:
             return
         try:
@@ -437,25 +482,47 @@ class Consumer(Generic[T]):
             for delivery in good:
                 await settle(delivery.raw.nack(requeue=True))
             return
-        except Exception:
-            if len(good) == 1:
-                log.exception("%s: handler failed; dead-lettering the message", self.queue_name)
-                reason = f"handler error: {_describe_current_exception()}"
-                await self._publisher.dead_letter(good[0].raw, self.queue_name, reason)
-                await settle(good[0].raw.ack())
+        except Exception as exc:
+            if len(good) > 1:
+                # Narrow the failure down: the other messages of the batch are applied.
+                for delivery in good:
+                    await self._handle_one(delivery)
                 return
-            for delivery in good:
-                await self._handle([delivery.raw])
+            log.exception("%s: handler failed; dead-lettering the message", self.queue_name)
+            await self._poison(good[0].raw, good[0].message, f"handler error: {_describe(exc)}")
             return
         for delivery in good:
             await settle(delivery.raw.ack())
 
+    async def _handle_one(self, delivery: Delivery[T]) -> None:
+        try:
+            await self._handler([delivery])
+        except StoreUnavailable:
+            await asyncio.sleep(1.0)
+            await settle(delivery.raw.nack(requeue=True))
+            return
+        except Exception as exc:
+            log.exception("%s: handler failed; dead-lettering the message", self.queue_name)
+            await self._poison(delivery.raw, delivery.message, f"handler error: {_describe(exc)}")
+            return
+        await settle(delivery.raw.ack())
 
-def _describe_current_exception() -> str:
-    import sys
+    async def _poison(
+        self, raw: aio_pika.abc.AbstractIncomingMessage, message: T | None, reason: str
+    ) -> None:
+        """Dead-letter one message with its reason, tell ``on_poison``, ack it; go on."""
+        log.warning("%s: dead-lettering a message: %s", self.queue_name, reason[:300])
+        if self._on_poison is not None:
+            try:
+                await self._on_poison(raw.body, message, reason)
+            except Exception:
+                log.exception("%s: answering a refused message failed", self.queue_name)
+        await self._publisher.dead_letter(raw, self.queue_name, reason)
+        await settle(raw.ack())
 
-    exc = sys.exc_info()[1]
-    return f"{type(exc).__name__}: {exc}" if exc else "unknown"
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 async def settle(operation: Awaitable[None]) -> None:

@@ -14,7 +14,7 @@ import typer
 from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, parse_env, with_store
 from .cli_locations import locations_app
 from .cli_ops import agents_app, alerts_app, dead_letters_app
-from .errors import DispatcherError
+from .errors import DispatcherError, InvalidSubmission
 from .metrics import serve_metrics
 from .process import version_option
 
@@ -83,9 +83,34 @@ def serve(
     metrics_port: Annotated[
         int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
     ] = 9464,
+    management_url: Annotated[
+        str,
+        typer.Option(
+            envvar="HD_AMQP_MANAGEMENT_URL",
+            help="RabbitMQ management API, http://user:pass@host:15672 (default: the broker's "
+            "host on 15672 with the AMQP credentials); used to set the broker policies.",
+        ),
+    ] = "",
+    broker_policies: Annotated[
+        bool,
+        typer.Option(
+            envvar="HD_BROKER_POLICIES",
+            help="Set the delivery-limit and dead-letter policies at start-up.",
+        ),
+    ] = True,
+    delivery_limit: Annotated[
+        int | None,
+        typer.Option(help="Deliveries of one message before the broker dead-letters it (20)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """Run the control plane: take submissions, dispatch runs, record their events."""
+    """Run the control plane: take submissions, dispatch runs, record their events.
+
+    At start-up it sets RabbitMQ policies through the management API: a delivery limit on
+    every consumed queue (a message that keeps coming back is dead-lettered by the broker)
+    and a bound on the dead-letter queues. Poison messages are dead-lettered with a reason,
+    counted, alerted on, and never stop the other messages.
+    """
     from .process import run_until_signalled, setup_logging
     from .service import serve as serve_forever
     from .settings import ControlPlaneSettings
@@ -96,11 +121,14 @@ def serve(
             database_url=database_url or None,
             database_schema=database_schema,
             components=tuple(c.strip() for c in components.split(",") if c.strip()),
+            management_url=management_url or None,
+            broker_policies=broker_policies,
+            delivery_limit=delivery_limit,
         )
+        setup_logging(log_level)
+        serve_metrics(metrics_port)
     except DispatcherError as exc:
         raise _fail(str(exc)) from None
-    setup_logging(log_level)
-    serve_metrics(metrics_port)
     try:
         run_until_signalled(lambda stop: serve_forever(settings, stop))
     except DispatcherError as exc:
@@ -156,10 +184,10 @@ def monitor(
             retry_backoff_s=retry_backoff,
             metrics_port=metrics_port,
         )
+        setup_logging(log_level)
+        serve_metrics(settings.metrics_port)
     except DispatcherError as exc:
         raise _fail(str(exc)) from None
-    setup_logging(log_level)
-    serve_metrics(settings.metrics_port)
     try:
         run_until_signalled(lambda stop: run_monitor(settings, stop))
     except DispatcherError as exc:
@@ -231,8 +259,13 @@ def submit(
     """Submit a run and print its id: an image and command
     (`dispatcher submit --image IMG -- CMD ARGS`), or a job of a code location
     (`dispatcher submit --location L --job J --config '{...}'`, checked before it is accepted).
+
+    The submission is checked against the wire contract before it is sent (names, image
+    reference, env keys, sizes); a refusal names the field and exits 2. With --wait, each
+    attempt's outcome and retry is printed, and the exit code is the run's final one.
     """
-    from .client import Client, outcome_of
+    from .client import Client, wait_for_outcome
+    from .errors import SubmissionRejected
 
     is_job = location is not None or job is not None
     if is_job and not (location and job):
@@ -250,7 +283,7 @@ def submit(
         raise _fail("--config must be a JSON object")
 
     async def go() -> int:
-        from schemas import RunAccepted, RunFailed, RunRejected, RunSucceeded
+        from schemas import RunAccepted, RunRejected
 
         async with Client(amqp_url) as client:
             run_id = uuid.uuid4()
@@ -271,29 +304,29 @@ def submit(
                 memory_limit_mb=memory_mb,
                 ready_check=shlex.split(ready_check) if ready_check else (),
             )
-            if not is_job:
-                typer.echo(str(run_id))
-                if not wait:
-                    return 0
-            async for event in follower.events(answers=True):
-                if isinstance(event, RunRejected):
-                    typer.echo(f"error: submission rejected: {event.reason}", err=True)
-                    return 2
-                if isinstance(event, RunAccepted):
-                    typer.echo(str(run_id))
-                    if not wait:
-                        return 0
-                    continue
-                _show_progress(event)
-                if isinstance(event, RunSucceeded | RunFailed):
-                    outcome = outcome_of(event)
-                    for line in outcome.output_tail:
-                        typer.echo(f"  | {line}", err=True)
-                    verdict = "SUCCESS" if outcome.succeeded else f"FAILURE ({outcome.reason})"
-                    code = "" if outcome.exit_code is None else f", exit code {outcome.exit_code}"
-                    typer.echo(f"run {run_id}: {verdict}{code}", err=True)
-                    return outcome.process_exit_code
-            return 1
+            if is_job:
+                # A job is checked against its location first: wait for the answer.
+                async for event in follower.events(answers=True):
+                    if isinstance(event, RunRejected):
+                        typer.echo(f"error: submission rejected: {event.reason}", err=True)
+                        return 2
+                    if isinstance(event, RunAccepted):
+                        break
+            typer.echo(str(run_id))
+            if not wait:
+                return 0
+            try:
+                outcome = await wait_for_outcome(follower, run_id, None, _show_progress)
+            except SubmissionRejected as exc:
+                typer.echo(f"error: submission rejected: {exc}", err=True)
+                return 2
+            for line in outcome.output_tail:
+                typer.echo(f"  | {line}", err=True)
+            verdict = "SUCCESS" if outcome.succeeded else f"FAILURE ({outcome.reason})"
+            code = "" if outcome.exit_code is None else f", exit code {outcome.exit_code}"
+            tries = f" on attempt {outcome.attempt}" if outcome.attempt > 1 else ""
+            typer.echo(f"run {run_id}: {verdict}{code}{tries}", err=True)
+            return outcome.process_exit_code
 
     # Without --wait, a job submission waits only for the control plane's answer.
     limit = timeout if wait else min(timeout, 60.0)
@@ -301,17 +334,31 @@ def submit(
         raise typer.Exit(asyncio.run(asyncio.wait_for(go(), limit)))
     except TimeoutError:
         raise _fail(f"no answer within {limit:g} s", 124) from None
+    except InvalidSubmission as exc:
+        raise _fail(str(exc), 2) from None
     except DispatcherError as exc:
         raise _fail(str(exc), 1) from None
 
 
 def _show_progress(event: object) -> None:
-    from schemas import RunLaunched, RunStarted
+    """One line per step of a run on its way to the end, each attempt's outcome included."""
+    from schemas import RunFailed, RunLaunched, RunRetrying, RunStarted, RunSucceeded
 
     if isinstance(event, RunLaunched):
-        typer.echo(f"run {event.run_id}: launched on agent {event.agent_id}", err=True)
+        line = f"attempt {event.attempt}: launched on agent {event.agent_id}"
     elif isinstance(event, RunStarted):
-        typer.echo(f"run {event.run_id}: started", err=True)
+        line = f"attempt {event.attempt}: started"
+    elif isinstance(event, RunSucceeded):
+        line = f"attempt {event.attempt}: succeeded"
+    elif isinstance(event, RunFailed):
+        code = "" if event.exit_code is None else f", exit code {event.exit_code}"
+        note = f": {event.message}" if event.message else ""
+        line = f"attempt {event.attempt}: failed ({event.reason.value}{code}){note}"
+    elif isinstance(event, RunRetrying):
+        line = f"retrying as attempt {event.next_attempt} in {event.delay_s:.1f} s"
+    else:
+        return
+    typer.echo(f"run {event.run_id}: {line}", err=True)
 
 
 @runs_app.command("list")

@@ -2,7 +2,11 @@
 
 async with Client("amqp://user:pass@host/") as client:
     run_id = await client.submit("busybox", ["sh", "-c", "echo hi"])
-    outcome = await client.wait(run_id)       # after follow(); see submit_and_wait
+    outcome = await client.submit_and_wait("busybox", ["true"], timeout=60)
+
+A submission is checked against the wire contract before it is sent (``InvalidSubmission``
+names the field and the rule). A waiter follows its own runs only (a private queue bound to
+each run's routing keys), through retries, until the control plane's ``RunEnded``.
 """
 
 from __future__ import annotations
@@ -20,25 +24,33 @@ import aio_pika.abc
 from schemas import (
     Event,
     FailureReason,
+    InvalidMessage,
     RunAccepted,
-    RunEvent,
-    RunFailed,
+    RunEnded,
     RunRejected,
-    RunSucceeded,
     SchemaError,
     SubmitRun,
+    encode,
     event_decoder,
+    request_decoder,
 )
-from schemas.topology import REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, STATUS_EXCHANGE
+from schemas.topology import (
+    REQUESTS_EXCHANGE,
+    REQUESTS_ROUTING_KEY,
+    STATUS_EXCHANGE,
+    follow_pattern,
+)
 
 from . import amqp
 from .amqp import Publisher
-from .errors import BrokerUnavailable, SubmissionRejected
+from .errors import BrokerRefused, BrokerUnavailable, InvalidSubmission, SubmissionRejected
+
+_requests = request_decoder()
 
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How a run ended, as its final event said."""
+    """How a run ended, as the control plane's verdict said."""
 
     run_id: uuid.UUID
     succeeded: bool
@@ -46,6 +58,8 @@ class RunOutcome:
     reason: str | None
     output_tail: tuple[str, ...]
     message: str = ""
+    #: The attempt that ended the run (1 unless it was retried).
+    attempt: int = 1
 
     @property
     def process_exit_code(self) -> int:
@@ -56,12 +70,20 @@ class RunOutcome:
 
 
 class Follower:
-    """Status events of chosen runs, from a private queue bound before submitting."""
+    """Status events of chosen runs, from a private queue bound to each run's keys."""
 
     def __init__(self, queue: aio_pika.abc.AbstractQueue, run_ids: set[uuid.UUID]) -> None:
         self._queue = queue
         self.run_ids = run_ids
         self._decoder = event_decoder()
+
+    async def add(self, run_id: uuid.UUID) -> None:
+        """Follow one more run (bind before submitting it, so that no event is missed)."""
+        try:
+            await self._queue.bind(STATUS_EXCHANGE, routing_key=follow_pattern(run_id))
+        except amqp.TRANSIENT as exc:
+            raise BrokerUnavailable(f"cannot follow run {run_id}: {exc!r}") from exc
+        self.run_ids.add(run_id)
 
     async def events(self, answers: bool = False) -> AsyncGenerator[Any, None]:
         """Run events of the followed runs (and RunAccepted / RunRejected with ``answers``)."""
@@ -88,9 +110,8 @@ class Client:
         self._publisher: Publisher | None = None
 
     async def __aenter__(self) -> Client:
+        # A client declares nothing: the control plane owns the topology.
         self._connection = await amqp.connect(self._url, "dispatcher-client")
-        async with self._connection.channel() as channel:
-            await amqp.declare_topology(channel)
         self._publisher = Publisher(self._connection)
         return self
 
@@ -153,7 +174,13 @@ class Client:
             memory_limit_mb=memory_limit_mb,
             ready_check=tuple(ready_check),
         )
-        await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
+        check_submission(message)
+        try:
+            await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
+        except BrokerRefused as exc:
+            raise BrokerUnavailable(
+                f"{exc} (is the control plane running? it declares {REQUESTS_EXCHANGE})"
+            ) from exc
         return message.run_id
 
     async def submit_job(
@@ -182,13 +209,18 @@ class Client:
         return await asyncio.wait_for(answer(), timeout)
 
     async def follow(self, run_ids: set[uuid.UUID] | None = None) -> Follower:
-        """Start receiving run events (bind before submitting, so that none is missed)."""
+        """Start receiving the events of ``run_ids`` (bind before submitting; ``add`` more)."""
         if self._connection is None:
             raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
-        channel = await self._connection.channel()
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(STATUS_EXCHANGE, routing_key="run.*")
-        return Follower(queue, set(run_ids or ()))
+        try:
+            channel = await self._connection.channel()
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        except amqp.TRANSIENT as exc:
+            raise BrokerUnavailable(f"cannot follow runs: {exc!r}") from exc
+        follower = Follower(queue, set())
+        for run_id in run_ids or ():
+            await follower.add(run_id)
+        return follower
 
     async def submit_and_wait(
         self,
@@ -204,30 +236,57 @@ class Client:
         return await wait_for_outcome(follower, run_id, timeout)
 
 
+def check_submission(message: SubmitRun) -> None:
+    """Refuse, before sending, what the control plane would refuse: raises InvalidSubmission.
+
+    The submission goes through the very decoder the control plane uses, with its size
+    limit, so the two can never disagree.
+    """
+    try:
+        _requests.decode(encode(message))
+    except InvalidMessage as exc:
+        where = f"{exc.field}: " if exc.field else ""
+        raise InvalidSubmission(f"invalid submission: {where}{exc.detail}", exc.field) from None
+    except SchemaError as exc:
+        raise InvalidSubmission(f"invalid submission: {exc}") from None
+
+
 async def wait_for_outcome(
     follower: Follower,
     run_id: uuid.UUID,
     timeout: float | None,
-    on_event: Callable[[RunEvent], None] | None = None,
+    on_event: Callable[[Any], None] | None = None,
 ) -> RunOutcome:
-    """Wait for the run's final event; ``on_event`` sees every event of it on the way."""
+    """Wait for the run's end (``RunEnded``), through its retries; ``on_event`` sees every
+    event of the run on the way (launched, started, each attempt's outcome, retries).
+
+    Raises SubmissionRejected when the control plane refused the submission.
+    """
 
     async def until_final() -> RunOutcome:
-        async for event in follower.events():
-            if event.run_id != run_id:
-                continue
-            if on_event is not None:
-                on_event(event)
-            if isinstance(event, RunSucceeded | RunFailed):
-                return outcome_of(event)
+        async with contextlib.aclosing(follower.events(answers=True)) as events:
+            async for event in events:
+                if event.run_id != run_id or isinstance(event, RunAccepted):
+                    continue
+                if isinstance(event, RunRejected):
+                    raise SubmissionRejected(event.reason)
+                if on_event is not None:
+                    on_event(event)
+                if isinstance(event, RunEnded):
+                    return outcome_of(event)
         raise BrokerUnavailable("the status stream ended")
 
     return await asyncio.wait_for(until_final(), timeout)
 
 
-def outcome_of(event: RunSucceeded | RunFailed) -> RunOutcome:
-    if isinstance(event, RunSucceeded):
-        return RunOutcome(event.run_id, True, event.exit_code, None, event.output_tail)
+def outcome_of(event: RunEnded) -> RunOutcome:
+    """The outcome the control plane's verdict states."""
     return RunOutcome(
-        event.run_id, False, event.exit_code, event.reason.value, event.output_tail, event.message
+        event.run_id,
+        event.state == "SUCCESS",
+        event.exit_code,
+        event.reason.value if event.reason is not None else None,
+        event.output_tail,
+        event.message,
+        event.attempt,
     )

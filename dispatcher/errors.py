@@ -19,6 +19,11 @@ class BrokerUnavailable(DispatcherError):
     """The broker cannot be reached, or a publish was not confirmed in time."""
 
 
+class BrokerRefused(DispatcherError):
+    """The broker refused one operation (a name it rejects, a permission, a missing exchange):
+    retrying the same operation cannot help, unlike ``BrokerUnavailable``."""
+
+
 class StoreUnavailable(DispatcherError):
     """PostgreSQL cannot be reached; the operation may be retried."""
 
@@ -29,3 +34,14 @@ class RunNotFound(DispatcherError):
 
 class SubmissionRejected(DispatcherError):
     """The control plane refused a submission; the message names the problem."""
+
+
+class InvalidSubmission(SubmissionRejected):
+    """A submission breaks the wire contract; checked before anything is sent.
+
+    ``field`` names the offending field (as the control plane would), when known.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

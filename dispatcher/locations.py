@@ -27,10 +27,10 @@ from schemas import (
     RunRejected,
     SubmitRun,
 )
-from schemas.topology import LOCATIONS_EXCHANGE, STATUS_EXCHANGE
+from schemas.topology import LOCATIONS_EXCHANGE
 
 from .errors import ConfigError, DispatcherError
-from .store import OutboxItem, Store, insert_outbox
+from .store import OutboxItem, Store, answer, insert_outbox
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
@@ -173,14 +173,7 @@ class LocationStore(Store):
             if rejected:
                 await insert_outbox(
                     connection,
-                    [
-                        OutboxItem(
-                            RunRejected(run_id=s.run_id, reason=why),
-                            STATUS_EXCHANGE,
-                            "run.rejected",
-                        )
-                        for s, why in rejected
-                    ],
+                    [answer(RunRejected(run_id=s.run_id, reason=why)) for s, why in rejected],
                 )
             created = await self._create_runs(connection, accepted)
             created += await self._create_runs(connection, resolved, announce=True)

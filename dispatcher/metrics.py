@@ -24,6 +24,11 @@ LAUNCHES = Counter(
     "hd_launches_total",
     "Launches: LaunchRun published (control plane), containers started (agent).",
 )
+DEAD_LETTERS_SEEN = Counter(
+    "hd_dead_letters_seen_total",
+    "Dead letters the control plane counted, by the queue they came from (broker's included).",
+    ["queue"],
+)
 DECISIONS = Counter(
     "hd_monitor_decisions_total", "Failures decided by the monitor, by reason.", ["reason"]
 )
@@ -32,5 +37,13 @@ DECISIONS = Counter(
 def serve_metrics(port: int, address: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` on ``port``; 0 serves nothing."""
     if port:
-        start_http_server(port, addr=address)
+        try:
+            start_http_server(port, addr=address)
+        except OSError as exc:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"cannot serve metrics on port {port} ({exc.strerror}): another process uses "
+                "it; pass --metrics-port with a free port, or 0 for none"
+            ) from None
         log.info("metrics at http://%s:%d/metrics", address, port)

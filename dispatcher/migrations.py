@@ -185,6 +185,23 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             ADD COLUMN config   jsonb NOT NULL DEFAULT '{}';
         """,
     ),
+    (
+        7,
+        "poison isolation: refused outbox rows, dead-letter counts",
+        """
+        -- A row the broker refuses is set aside with its reason instead of blocking the rows
+        -- behind it (sent_at is set too, so that the relay never takes it again).
+        ALTER TABLE outbox ADD COLUMN error text;
+        -- Every dead letter seen, by the queue it came from: the dead-letter queue itself is
+        -- bounded, so what it dropped is the difference.
+        CREATE TABLE dead_letter_counts (
+            source_queue text PRIMARY KEY,
+            total        bigint NOT NULL DEFAULT 0,
+            last_reason  text NOT NULL DEFAULT '',
+            last_at      timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

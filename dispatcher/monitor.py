@@ -4,8 +4,9 @@ Rules (thresholds in ``MonitorSettings``):
 - agent lost: no heartbeat for ``lost_after_beats`` of its intervals → its in-flight runs
   fail with AGENT_LOST (retried per their policy); TerminateRun waits on its queue;
 - agent back: a lost agent's heartbeat → alert, and its superseded attempts are fenced;
-- run vanished: a STARTING/STARTED run missing from, or listed as exited in, several
-  heartbeats of its agent in a row → UNEXPECTED_TERMINATION;
+- run vanished: a STARTING/STARTED run missing from several complete heartbeats of its live
+  agent in a row → UNEXPECTED_TERMINATION; one its agent lists as exited or reported is
+  waited for (its final event is on the way) up to ``exited_grace_s``;
 - start timeout: STARTING for too long → START_TIMEOUT, and the container is terminated;
 - max runtime: STARTED for longer than the run allows → MAX_RUNTIME, terminated;
 - running long: one alert when a run has been STARTED for longer than ``long_running_s``.
@@ -43,6 +44,9 @@ from .supervision import ActiveRun, SupervisionStore
 log = logging.getLogger(__name__)
 
 AttemptKey = tuple[uuid.UUID, int]
+#: States in which an agent lists an attempt whose container has ended: "exited" (the final
+#: event is being published) and "reported" (published; the store may not have applied it).
+FINISHED_STATES = frozenset({"exited", "dead", "reported"})
 #: A live agent's listed attempts are checked for fencing on its first heartbeat seen and
 #: then on every FENCE_EVERY-th.
 FENCE_EVERY = 10
@@ -59,6 +63,8 @@ class AgentView:
     #: Heartbeats received from it by this monitor.
     beats: int = 0
     in_flight: dict[AttemptKey, str] = field(default_factory=dict)
+    #: The agent's listing is complete (it has adopted its containers since it started).
+    synced: bool = True
 
 
 @dataclass
@@ -68,6 +74,8 @@ class Suspicion:
     #: The agent's heartbeat count at the last look (AgentView.beats).
     last_beat: int = -1
     count: int = 0
+    #: When its agent first listed it as exited (monotonic), while that lasts.
+    exited_since: float | None = None
 
 
 class FailureMonitor:
@@ -111,6 +119,7 @@ class FailureMonitor:
         view.interval_s = beat.interval_s
         view.beats += 1
         view.in_flight = {(c.run_id, c.attempt): c.state for c in beat.in_flight}
+        view.synced = beat.synced
         returning = view.lost
         if returning:
             view.lost = False
@@ -182,17 +191,35 @@ class FailureMonitor:
             return  # no new heartbeat since the last look
         suspicion.last_beat = view.beats
         state = view.in_flight.get(key)
-        if state is not None and state not in ("exited", "dead"):
+        if state in FINISHED_STATES:
+            # Its agent has seen the exit: the final event is on its way (or the store is
+            # behind). Wait for it, within a bounded grace, rather than fail a run that may
+            # well have succeeded.
+            suspicion.count = 0
+            if suspicion.exited_since is None:
+                suspicion.exited_since = self.clock()
+            waited = self.clock() - suspicion.exited_since
+            if waited > settings.exited_grace_s:
+                await self._fail(
+                    run,
+                    FailureReason.UNEXPECTED_TERMINATION,
+                    f"listed as {state} by agent {run.agent_id} for {waited:.0f} s with no "
+                    "final event",
+                    terminate=True,
+                )
+            return
+        suspicion.exited_since = None
+        if state is not None or not view.synced:
+            # Running; or the agent has not yet listed its containers since it (re)started.
             suspicion.count = 0
             return
         suspicion.count += 1
         if suspicion.count >= settings.vanished_after_beats:
-            why = "listed as exited" if state else "no longer listed"
             await self._fail(
                 run,
                 FailureReason.UNEXPECTED_TERMINATION,
-                f"{why} by agent {run.agent_id} in {suspicion.count} heartbeats with no "
-                "final event",
+                f"not listed by agent {run.agent_id} in {suspicion.count} heartbeats in a row "
+                "with no final event",
                 terminate=True,
             )
 

@@ -6,13 +6,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-import aio_pika.abc
-
-from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
-
 from . import metrics
-from .amqp import Publisher, declare_control_queue, declare_instructions_queue
-from .errors import BrokerUnavailable, StoreUnavailable
+from .amqp import Publisher, declare_target
+from .errors import BrokerRefused, BrokerUnavailable, StoreUnavailable
 from .store import OutboxRow, Store
 
 log = logging.getLogger(__name__)
@@ -52,31 +48,50 @@ class OutboxRelay:
                 log.error("outbox relay: %s; retrying in 1 s", exc)
                 await asyncio.sleep(1.0)
 
-    async def _publish(self, rows: Sequence[OutboxRow]) -> None:
-        channel = await self._publisher.channel()
+    async def _publish(self, rows: Sequence[OutboxRow]) -> dict[int, str]:
+        """Publish rows with confirms; return those the broker refused (id → why).
+
+        A refusal concerns one row (a queue name the broker rejects, say): it is set aside
+        with its reason and never blocks the rows behind it. A lost broker raises instead,
+        and the whole batch is tried again.
+        """
+        refused: dict[int, str] = {}
         for target in {(row.exchange, row.routing_key) for row in rows} - self._declared:
-            await _declare(channel, *target)
-            self._declared.add(target)
-        await asyncio.gather(
-            *(
-                self._publisher.publish_raw(
-                    row.exchange,
-                    row.routing_key,
-                    row.payload,
-                    message_id=str(row.message_id),
-                    kind=row.kind,
+            try:
+                await declare_target(await self._publisher.channel(), *target)
+                self._declared.add(target)
+            except BrokerRefused as exc:
+                refused.update(
+                    {row.id: str(exc) for row in rows if (row.exchange, row.routing_key) == target}
                 )
-                for row in rows
-            )
+        results = await asyncio.gather(
+            *(self._publish_one(row) for row in rows if row.id not in refused),
+            return_exceptions=True,
         )
-        metrics.LAUNCHES.inc(sum(1 for row in rows if row.kind == "LaunchRun"))
-        log.debug("outbox relay: published %d", len(rows))
+        doubtful = []
+        for row, result in zip([r for r in rows if r.id not in refused], results, strict=True):
+            if isinstance(result, BrokerRefused):
+                doubtful.append(row)
+            elif isinstance(result, BaseException):
+                raise result
+        # A refusal closes the channel under every publish in flight on it: only a row
+        # refused again on its own is set aside.
+        for row in doubtful:
+            try:
+                await self._publish_one(row)
+            except BrokerRefused as exc:
+                refused[row.id] = str(exc)
+        metrics.LAUNCHES.inc(
+            sum(1 for row in rows if row.kind == "LaunchRun" and row.id not in refused)
+        )
+        log.debug("outbox relay: published %d, refused %d", len(rows) - len(refused), len(refused))
+        return refused
 
-
-async def _declare(channel: aio_pika.abc.AbstractChannel, exchange: str, key: str) -> None:
-    # The queue exists before the first message for it, so that an agent started later (or
-    # coming back) finds its instructions waiting.
-    if exchange == INSTRUCTIONS_EXCHANGE:
-        await declare_instructions_queue(channel, key)
-    elif exchange == CONTROL_EXCHANGE:
-        await declare_control_queue(channel, key)
+    async def _publish_one(self, row: OutboxRow) -> None:
+        await self._publisher.publish_raw(
+            row.exchange,
+            row.routing_key,
+            row.payload,
+            message_id=str(row.message_id),
+            kind=row.kind,
+        )

@@ -9,21 +9,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from typing import Any
+
+import msgspec
 
 from schemas import (
     CancelRun,
     Event,
     LocationsWanted,
     Request,
+    RunRejected,
     SubmitRun,
     event_decoder,
     request_decoder,
 )
-from schemas.topology import REQUESTS_QUEUE, STATUS_STORE_QUEUE
+from schemas.topology import (
+    CONTROL_SOURCE,
+    DEAD_LETTER_WATCH_QUEUE,
+    REQUESTS_QUEUE,
+    STATUS_EXCHANGE,
+    STATUS_STORE_QUEUE,
+    event_routing_key,
+)
 
-from . import amqp
+from . import amqp, dead_letters, metrics, policies
 from .amqp import Consumer, Delivery, Publisher
+from .errors import BrokerUnavailable
 from .locations import LocationStore
 from .relay import OutboxRelay
 from .settings import ControlPlaneSettings
@@ -47,7 +59,23 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         connection = await amqp.connect(settings.amqp_url, "dispatcher-serve")
         async with connection.channel() as channel:
             await amqp.declare_topology(channel)
+        if settings.broker_policies:
+            await _apply_policies(settings)
         publisher = Publisher(connection)
+
+        async def refuse(body: bytes, message: Request | None, reason: str) -> None:
+            # A refused submission is answered, so that its waiter reports the reason.
+            run_id = message.run_id if isinstance(message, SubmitRun) else _submitted_run(body)
+            if run_id is not None:
+                rejected = RunRejected(run_id=run_id, reason=reason[:4000])
+                key = event_routing_key(rejected, CONTROL_SOURCE)
+                await publisher.publish(STATUS_EXCHANGE, key, rejected)
+
+        async def on_dead_letters(deliveries: list[Delivery[bytes]]) -> None:
+            letters = [dead_letters.seen(d.raw.headers, d.message) for d in deliveries]
+            await store.record_dead_letters(letters)
+            for letter in letters:
+                metrics.DEAD_LETTERS_SEEN.labels(letter.source_queue).inc()
 
         async def on_requests(deliveries: list[Delivery[Request]]) -> None:
             submissions = [d.message for d in deliveries if isinstance(d.message, SubmitRun)]
@@ -62,7 +90,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         async def on_events(deliveries: list[Delivery[Event]]) -> None:
             await store.apply_events([d.message for d in deliveries])
 
-        consumers: list[Consumer[Request] | Consumer[Event]] = []
+        consumers: list[Consumer[Request] | Consumer[Event] | Consumer[bytes]] = []
         runners: list[asyncio.Task[Any]] = []
         relay: OutboxRelay | None = None
         if "intake" in settings.components:
@@ -74,11 +102,21 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                     on_requests,
                     publisher,
                     prefetch=settings.intake_prefetch,
+                    on_poison=refuse,
                 )
             )
         if "status" in settings.components:
             consumers.append(
                 Consumer(connection, STATUS_STORE_QUEUE, event_decoder(), on_events, publisher)
+            )
+            consumers.append(
+                Consumer(
+                    connection,
+                    DEAD_LETTER_WATCH_QUEUE,
+                    dead_letters.RawDecoder(),
+                    on_dead_letters,
+                    publisher,
+                )
             )
         if "relay" in settings.components:
             relay = OutboxRelay(store, publisher, batch=settings.relay_batch)
@@ -116,3 +154,37 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(connection.close())
         await store.close()
+
+
+class _Submitted(msgspec.Struct):
+    """The two fields needed to answer a submission that cannot be decoded."""
+
+    kind: str = ""
+    run_id: uuid.UUID | None = None
+
+
+def _submitted_run(body: bytes) -> uuid.UUID | None:
+    """The run id of an undecodable SubmitRun, when its payload still names one."""
+    try:
+        probe = msgspec.json.decode(body[: 2 * 1024 * 1024], type=_Submitted)
+    except Exception:  # anything hostile: nobody to answer
+        return None
+    return probe.run_id if probe.kind == "SubmitRun" else None
+
+
+async def _apply_policies(settings: ControlPlaneSettings) -> None:
+    """Set the broker policies; an explicitly given management API must answer."""
+    url, vhost = policies.management_url_for(settings.amqp_url, settings.management_url)
+    limits = policies.PolicyLimits(settings.delivery_limit, settings.dead_letter_max_length)
+    try:
+        await asyncio.to_thread(policies.apply_policies, url, vhost, limits)
+    except BrokerUnavailable as exc:
+        if settings.management_url:
+            raise
+        log.warning(
+            "broker policies not set (%s): no delivery limit backstop; set "
+            "HD_AMQP_MANAGEMENT_URL, or HD_BROKER_POLICIES=off to silence this",
+            exc,
+        )
+        return
+    log.info("broker policies set on vhost %s (delivery limit %d)", vhost, limits.delivery_limit)

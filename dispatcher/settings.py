@@ -93,6 +93,14 @@ class ControlPlaneSettings:
     relay_batch: int = 500
     #: How long a graceful shutdown waits for in-flight work.
     shutdown_grace_s: float = 10.0
+    #: Set the broker policies (delivery limit, bounded dead letters) at start-up.
+    broker_policies: bool = True
+    #: RabbitMQ's management API (http://user:pass@host:15672); "": the broker's host, 15672.
+    management_url: str = ""
+    #: Deliveries of one message before the broker dead-letters it (a crash-loop backstop).
+    delivery_limit: int = 20
+    #: Dead letters kept for operators; older ones are dropped (and counted).
+    dead_letter_max_length: int = 100_000
 
     @classmethod
     def from_env(
@@ -105,9 +113,26 @@ class ControlPlaneSettings:
         values = _connections(env)
         if components := env.get("HD_COMPONENTS"):
             values["components"] = tuple(c.strip() for c in components.split(",") if c.strip())
+        values["management_url"] = env.get("HD_AMQP_MANAGEMENT_URL", "")
+        if env.get("HD_BROKER_POLICIES", "").strip().lower() in ("0", "off", "false", "no"):
+            values["broker_policies"] = False
+        for name, key in (
+            ("HD_DELIVERY_LIMIT", "delivery_limit"),
+            ("HD_DEAD_LETTER_MAX_LENGTH", "dead_letter_max_length"),
+        ):
+            if raw := env.get(name):
+                try:
+                    values[key] = int(raw)
+                except ValueError:
+                    raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         _require_connections(settings.amqp_url, settings.database_url)
+        if settings.delivery_limit < 2:
+            raise ConfigError("the delivery limit must be at least 2")
+        if settings.dead_letter_max_length < 1:
+            raise ConfigError("the dead-letter queue must keep at least one message")
         unknown = set(settings.components) - set(CONTROL_PLANE_COMPONENTS)
         if unknown or not settings.components:
             raise ConfigError(
@@ -128,8 +153,10 @@ class MonitorSettings:
     lost_after_beats: float = 3.0
     #: STARTING longer than this (unless the run says otherwise) → START_TIMEOUT.
     start_timeout_s: float = 180.0
-    #: A run missing from (or listed as exited in) this many heartbeats in a row → vanished.
+    #: A run missing from this many complete heartbeats of its agent in a row → vanished.
     vanished_after_beats: int = 3
+    #: A run its live agent lists as exited, with no final event after this long → vanished.
+    exited_grace_s: float = 30.0
     #: Alert once when a run has been STARTED for longer than this.
     long_running_s: float = 3600.0
     #: How often the rules are evaluated.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,18 +26,25 @@ from schemas import (
     LocationLoaded,
     Message,
     RunAccepted,
+    RunEnded,
     RunEvent,
     RunFailed,
     RunLog,
     RunProgress,
     RunRejected,
+    RunRetrying,
     SubmitRun,
     encode,
     kind_of,
 )
-from schemas.topology import INSTRUCTIONS_EXCHANGE, STATUS_EXCHANGE
+from schemas.topology import (
+    CONTROL_SOURCE,
+    INSTRUCTIONS_EXCHANGE,
+    STATUS_EXCHANGE,
+    event_routing_key,
+)
 
-from . import alerts, migrations
+from . import alerts, dead_letters, migrations
 from .errors import RunNotFound, StoreUnavailable
 from .retries import DEFAULT_MAX_RETRIES, DEFAULT_RETRY_ON, RetryPolicy, backoff_s
 from .states import TERMINAL, RunState, next_state
@@ -65,6 +72,8 @@ class OutboxRow:
     kind: str
     message_id: uuid.UUID
     payload: bytes
+    run_id: uuid.UUID | None = None
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -279,19 +288,21 @@ class Store:
             for submit, launch in zip(fresh, launches, strict=True)
         ]
         if announce:
-            items += [
-                OutboxItem(RunAccepted(run_id=s.run_id), STATUS_EXCHANGE, "run.accepted")
-                for s in fresh
-            ]
+            items += [answer(RunAccepted(run_id=s.run_id)) for s in fresh]
         await insert_outbox(connection, items)
         return [s.run_id for s in fresh]
 
     # ------------------------------------------------------------------- the outbox
 
     async def publish_outbox(
-        self, publish: Callable[[Sequence[OutboxRow]], Awaitable[None]], limit: int = 500
+        self,
+        publish: Callable[[Sequence[OutboxRow]], Awaitable[Mapping[int, str]]],
+        limit: int = 500,
     ) -> int:
         """Hand up to ``limit`` unsent rows to ``publish``; mark them sent once it returns.
+
+        ``publish`` returns the rows the broker refused (id → error): those are set aside
+        with their error instead of being sent again and again.
 
         Rows are locked while they are published (SKIP LOCKED lets a second relay take other
         rows). If the process dies after publishing and before the commit, the rows are sent
@@ -300,7 +311,8 @@ class Store:
         async with self._connection() as connection, connection.transaction():
             records = await connection.fetch(
                 """
-                SELECT id, exchange, routing_key, kind, message_id, payload FROM outbox
+                SELECT id, exchange, routing_key, kind, message_id, payload, run_id, attempt
+                FROM outbox
                 WHERE sent_at IS NULL AND (not_before IS NULL OR not_before <= now())
                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
                 """,
@@ -316,15 +328,50 @@ class Store:
                     r["kind"],
                     r["message_id"],
                     r["payload"],
+                    r["run_id"],
+                    r["attempt"],
                 )
                 for r in records
             ]
-            await publish(rows)
+            refused = await publish(rows)
             await connection.execute(
                 "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])",
-                [r.id for r in rows],
+                [r.id for r in rows if r.id not in refused],
             )
+            for row in rows:
+                if row.id in refused:
+                    await self._set_aside(connection, row, refused[row.id])
             return len(rows)
+
+    async def _set_aside(self, connection: asyncpg.Connection, row: OutboxRow, error: str) -> None:
+        """A row the broker refuses is marked with the error, so that it never blocks the rows
+        behind it; a LaunchRun's attempt fails (LAUNCH_ERROR) with the reason."""
+        await connection.execute(
+            "UPDATE outbox SET sent_at = now(), error = $2 WHERE id = $1", row.id, error[:2000]
+        )
+        log.error("outbox row %d (%s) set aside: %s", row.id, row.kind, error)
+        if row.kind == "LaunchRun" and row.run_id is not None:
+            failed = RunFailed(
+                message_id=uuid.uuid5(row.message_id, "unpublishable"),
+                run_id=row.run_id,
+                attempt=row.attempt,
+                reason=FailureReason.LAUNCH_ERROR,
+                message=f"the instruction cannot be published: {error}"[:4000],
+            )
+            await self._apply_run_event(connection, failed)
+
+    async def record_dead_letters(self, letters: Sequence[dead_letters.DeadLetterSeen]) -> None:
+        """Count and alert on dead letters; a dead LaunchRun fails its attempt."""
+        async with self._connection() as connection, connection.transaction():
+            await dead_letters.record(connection, letters)
+            for letter in letters:
+                failed = dead_letters.launch_failure(letter)
+                if failed is not None:
+                    await self._apply_run_event(connection, failed)
+
+    async def dead_letter_counts(self) -> list[dict[str, Any]]:
+        async with self._connection() as connection:
+            return await dead_letters.counts(connection)
 
     @asynccontextmanager
     async def listen_outbox(self) -> AsyncIterator[Callable[[float], Awaitable[None]]]:
@@ -372,8 +419,8 @@ class Store:
                     await self._record_log(connection, event)
                 elif isinstance(event, RunProgress):
                     await self._record_progress(connection, event)
-                elif isinstance(event, RunAccepted | RunRejected):
-                    continue  # answers to submitters; the store wrote them itself
+                elif isinstance(event, RunAccepted | RunRejected | RunRetrying | RunEnded):
+                    continue  # the control plane's own announcements: written by the store
                 elif isinstance(event, LocationLoaded | LocationFailed):
                     from .locations import record_location_event
 
@@ -406,6 +453,8 @@ class Store:
             await self._schedule_retry(connection, run, event)
         else:
             await self._update_run(connection, event, new)
+            if new in TERMINAL:
+                await _announce_end(connection, event, new)
             if new == RunState.FAILURE:
                 assert isinstance(event, RunFailed)
                 await alerts.raise_alert(
@@ -444,8 +493,20 @@ class Store:
             f"attempt {failed.attempt} failed ({failed.reason.value}); retrying",
         )
         launch = _launch_from_row(run, attempt)
+        retrying = RunRetrying(
+            run_id=failed.run_id,
+            attempt=failed.attempt,
+            next_attempt=attempt,
+            reason=failed.reason,
+            delay_s=delay,
+            message=failed.message,
+        )
         await insert_outbox(
-            connection, [OutboxItem(launch, INSTRUCTIONS_EXCHANGE, run["queue"], delay)]
+            connection,
+            [
+                OutboxItem(launch, INSTRUCTIONS_EXCHANGE, run["queue"], delay),
+                OutboxItem(retrying, STATUS_EXCHANGE, event_routing_key(retrying, CONTROL_SOURCE)),
+            ],
         )
         log.info(
             "run %s attempt %d failed (%s); attempt %d in %.1f s",
@@ -803,3 +864,24 @@ def _launch_from_row(run: asyncpg.Record, attempt: int) -> LaunchRun:
         job=run["job"],
         config=json.loads(run["config"]),
     )
+
+
+def answer(message: RunAccepted | RunRejected | RunEnded | RunRetrying) -> OutboxItem:
+    """An announcement of the control plane's to the run's followers, through the outbox."""
+    return OutboxItem(message, STATUS_EXCHANGE, event_routing_key(message, CONTROL_SOURCE))
+
+
+async def _announce_end(connection: asyncpg.Connection, event: RunEvent, state: RunState) -> None:
+    """RunEnded: the verdict waiters wait for (a failure may still be retried before it)."""
+    failed = event if isinstance(event, RunFailed) else None
+    ended = RunEnded(
+        message_id=uuid.uuid5(event.message_id, "ended"),
+        run_id=event.run_id,
+        attempt=event.attempt,
+        state=state.value,  # type: ignore[arg-type]
+        exit_code=getattr(event, "exit_code", None),
+        reason=failed.reason if failed else None,
+        message=failed.message if failed else "",
+        output_tail=tuple(getattr(event, "output_tail", ())),
+    )
+    await insert_outbox(connection, [answer(ended)])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from schemas import ContainerState, FailureReason, RunFailed, TerminateRun
-from schemas.topology import CONTROL_EXCHANGE
+from schemas.topology import CONTROL_EXCHANGE, MONITOR_SOURCE, STATUS_EXCHANGE, event_routing_key
 
 from . import alerts
 from .states import TERMINAL, RunState
@@ -121,6 +121,10 @@ class SupervisionStore(Store):
             message=message,
         )
         applied = await self._apply_run_event(connection, event)
+        if applied:
+            # Followers see the monitor's decision as an event like an agent's.
+            key = event_routing_key(event, MONITOR_SOURCE)
+            await insert_outbox(connection, [OutboxItem(event, STATUS_EXCHANGE, key)])
         if applied and terminate_on:
             await _terminate(connection, terminate_on, run_id, attempt, reason, message)
         return applied
@@ -203,7 +207,7 @@ class SupervisionStore(Store):
         the container still runs (failed over while its agent was away). Returns how many
         TerminateRun were written now.
         """
-        live = [c for c in in_flight if c.state not in ("exited", "dead")]
+        live = [c for c in in_flight if c.state not in ("exited", "dead", "reported")]
         if not live:
             return 0
         async with self._connection() as connection, connection.transaction():

@@ -3,6 +3,13 @@
 Scripts need only this package and the AMQP URL to submit work.
 """
 
+from .bounds import (
+    IMAGE_REF_PATTERN,
+    SAFE_NAME_PATTERN,
+    ImageRef,
+    Name,
+    is_safe_name,
+)
 from .codec import (
     MAX_MESSAGE_BYTES,
     Decoder,
@@ -12,7 +19,7 @@ from .codec import (
     instruction_decoder,
     request_decoder,
 )
-from .errors import InvalidMessage, MessageTooLarge, SchemaError
+from .errors import InvalidMessage, MessageTooLarge, OutOfBounds, SchemaError
 from .messages import (
     ALL_MESSAGES,
     SCHEMA_VERSION,
@@ -35,6 +42,7 @@ from .messages import (
     ProgressItem,
     Request,
     RunAccepted,
+    RunEnded,
     RunEvent,
     RunFailed,
     RunLaunched,
@@ -42,6 +50,7 @@ from .messages import (
     RunMessage,
     RunProgress,
     RunRejected,
+    RunRetrying,
     RunStarted,
     RunSucceeded,
     SubmitRun,
@@ -51,7 +60,9 @@ from .messages import (
 
 __all__ = [
     "ALL_MESSAGES",
+    "IMAGE_REF_PATTERN",
     "MAX_MESSAGE_BYTES",
+    "SAFE_NAME_PATTERN",
     "SCHEMA_VERSION",
     "AgentHeartbeat",
     "AnyMessage",
@@ -61,6 +72,7 @@ __all__ = [
     "Decoder",
     "Event",
     "FailureReason",
+    "ImageRef",
     "Instruction",
     "InvalidMessage",
     "JobDefinition",
@@ -72,9 +84,12 @@ __all__ = [
     "LocationsWanted",
     "Message",
     "MessageTooLarge",
+    "Name",
+    "OutOfBounds",
     "ProgressItem",
     "Request",
     "RunAccepted",
+    "RunEnded",
     "RunEvent",
     "RunFailed",
     "RunLaunched",
@@ -82,6 +97,7 @@ __all__ = [
     "RunMessage",
     "RunProgress",
     "RunRejected",
+    "RunRetrying",
     "RunStarted",
     "RunSucceeded",
     "SchemaError",
@@ -91,6 +107,7 @@ __all__ = [
     "encode",
     "event_decoder",
     "instruction_decoder",
+    "is_safe_name",
     "kind_of",
     "request_decoder",
 ]

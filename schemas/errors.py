@@ -23,3 +23,12 @@ class InvalidMessage(SchemaError):
         super().__init__(f"invalid message: {detail}")
         self.detail = detail
         self.field = field
+
+
+class OutOfBounds(InvalidMessage, ValueError):
+    """A free-form value breaks one of the contract's bounds (depth, count or size).
+
+    Raised when such a message is built, and, being a ValueError, turned by msgspec into a
+    validation error when one is decoded; the decoder reports it as InvalidMessage naming the
+    field's full path.
+    """

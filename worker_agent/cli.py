@@ -93,8 +93,11 @@ def run(
     """Run the agent: consume launch instructions, run containers, report their status.
 
     SIGTERM or Ctrl-C stops consuming, finishes what is being published and exits 0;
-    running containers keep running and are adopted by the agent's next start.
+    running containers keep running and are adopted by the agent's next start. If a part of
+    the agent fails, it shuts down the same way, then exits 1 with the reason in its log.
     """
+    import logging
+
     from dispatcher.errors import DispatcherError
     from dispatcher.metrics import serve_metrics
     from dispatcher.process import run_until_signalled, setup_logging
@@ -120,10 +123,14 @@ def run(
         raise typer.Exit(2) from None
     setup_logging(log_level)
     serve_metrics(metrics_port)
+    log = logging.getLogger("worker_agent")
     try:
         run_until_signalled(lambda stop: Agent(settings).run(stop))
     except (AgentError, DispatcherError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        log.error("worker-agent %s exits: %s", settings.agent_id, exc)
+        raise typer.Exit(1) from None
+    except Exception:
+        log.exception("worker-agent %s crashed", settings.agent_id)
         raise typer.Exit(1) from None
 
 

@@ -23,9 +23,10 @@ class InstructionConsumer:
     """Consumes LaunchRun / TerminateRun from the agent's instruction queues.
 
     The broker hands out at most as many unacknowledged instructions as the agent has free
-    slots: ``set_capacity`` re-subscribes with the new prefetch whenever the number changes,
-    and with no free slot the agent does not consume at all, so that other replicas take the
-    work. Undecodable instructions are dead-lettered once, with the reason.
+    slots: ``run`` re-subscribes with the new prefetch whenever ``capacity_changed`` says the
+    number may have changed, and with no free slot the agent does not consume at all, so that
+    other replicas take the work. Each instruction is handled in a task of its own; any error,
+    decoding it or handling it, dead-letters it once with the reason, and the consumer goes on.
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class InstructionConsumer:
         queues: tuple[str, ...],
         publisher: Publisher,
         handler: Callable[[Delivery[Instruction]], Coroutine[Any, Any, None]],
+        capacity: Callable[[], int],
         agent_id: str | None = None,
     ) -> None:
         self._agent_id = agent_id
@@ -42,16 +44,19 @@ class InstructionConsumer:
         self._agent_queues = queues
         self._publisher = publisher
         self._handler = handler
+        self._capacity = capacity
         self._decoder = instruction_decoder()
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._queues: list[aio_pika.abc.AbstractQueue] = []
         self._tags: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._prefetch = 0
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
 
-    async def start(self, capacity: int) -> None:
+    async def start(self) -> None:
+        """Declare and subscribe: the agent's own queue at once, the others per capacity."""
         try:
             self._channel = await self._connection.channel()
             for agent_queue in self._agent_queues:
@@ -65,9 +70,21 @@ class InstructionConsumer:
                 await control.consume(self._on_message)
         except amqp.TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot consume instructions: {exc!r}") from exc
-        await self.set_capacity(capacity)
+        await self._set_capacity(self._capacity())
 
-    async def set_capacity(self, free: int) -> None:
+    def capacity_changed(self) -> None:
+        """The number of free slots may have changed; ``run`` catches up soon."""
+        self._changed.set()
+
+    async def run(self) -> None:
+        """Keep the prefetch equal to the free slots until ``stop``; changes in a burst are
+        applied once, with the latest number."""
+        while not self._stopped:
+            await self._changed.wait()
+            self._changed.clear()
+            await self._set_capacity(self._capacity())
+
+    async def _set_capacity(self, free: int) -> None:
         """Consume with prefetch = ``free``; stop consuming at 0."""
         async with self._lock:
             if self._stopped or free == self._prefetch or self._channel is None:
@@ -93,37 +110,61 @@ class InstructionConsumer:
                 log.debug("cancel consumer %s: %r", tag, exc)
 
     async def _on_message(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._handle(raw))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
         try:
             instruction = self._decoder.decode(raw.body)
         except SchemaError as exc:
-            source = (
-                control_queue(raw.routing_key or "")
-                if raw.exchange == CONTROL_EXCHANGE
-                else instructions_queue(raw.routing_key or "")
-            )
-            log.warning("dead-lettering an undecodable instruction: %s", exc)
-            await self._publisher.dead_letter(raw, source, str(exc))
-            await amqp.settle(raw.ack())
+            await self._dead_letter(raw, f"undecodable instruction: {exc}")
             return
-        task = asyncio.create_task(self._handler(Delivery(instruction, raw)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        except Exception as exc:
+            log.exception("decoding an instruction failed")
+            await self._dead_letter(raw, f"decoding failed: {type(exc).__name__}: {exc}")
+            return
+        try:
+            await self._handler(Delivery(instruction, raw))
+        except Exception as exc:
+            log.exception("handling %s failed", type(instruction).__name__)
+            await self._dead_letter(raw, f"handler error: {type(exc).__name__}: {exc}")
+
+    async def _dead_letter(self, raw: aio_pika.abc.AbstractIncomingMessage, reason: str) -> None:
+        """Dead-letter an instruction once with ``reason`` and ack it (unless settled already)."""
+        if raw.processed:
+            return  # the handler settled it before failing: nothing to take back
+        source = (
+            control_queue(raw.routing_key or "")
+            if raw.exchange == CONTROL_EXCHANGE
+            else instructions_queue(raw.routing_key or "")
+        )
+        log.warning("dead-lettering an instruction from %s: %s", source, reason)
+        try:
+            await self._publisher.dead_letter(raw, source, reason)
+        except BrokerUnavailable as exc:
+            # Left unacked: it comes back when the channel is restored, and is tried again.
+            log.error("could not dead-letter an instruction from %s: %s", source, exc)
+            return
+        await amqp.settle(raw.ack())
 
     async def stop(self) -> None:
         """Take no more instructions; those being handled go on."""
         async with self._lock:
             self._stopped = True
+            self._changed.set()
             await self._cancel_consumers()
 
     async def drain(self, timeout: float) -> None:
         """Wait for the instructions being handled, at most ``timeout`` seconds."""
-        if self._tasks:
+        if self._tasks and timeout > 0:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
     async def close(self) -> None:
         """Close the channel; unacked instructions go back to their queue. Idempotent."""
         for task in list(self._tasks):
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for channel in (self._channel, self._control_channel):
             if channel is not None and not channel.is_closed:
                 with contextlib.suppress(*amqp.TRANSIENT):

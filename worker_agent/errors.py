@@ -21,3 +21,8 @@ class LaunchFailed(AgentError):
 
 class LocationUnavailable(AgentError):
     """No healthy code server of the run's location answers yet; the launch is retried."""
+
+
+class AgentFailed(AgentError):
+    """A component of the agent failed, or ended when it should run forever; the agent shut
+    down in order and its process exits non-zero, so that a supervisor restarts it."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dispatcher.amqp import Publisher
 from dispatcher.errors import BrokerUnavailable
 from schemas import AgentHeartbeat, ContainerState
-from schemas.topology import HEARTBEAT_ROUTING_KEY, STATUS_EXCHANGE
+from schemas.topology import STATUS_EXCHANGE, heartbeat_routing_key
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ class Heartbeat:
         max_concurrent: int,
         interval_s: float,
         in_flight: Callable[[], tuple[ContainerState, ...]],
-        draining: Callable[[], bool],
     ) -> None:
         self._publisher = publisher
         self._agent_id = agent_id
@@ -36,7 +35,8 @@ class Heartbeat:
         self._max_concurrent = max_concurrent
         self._interval_s = interval_s
         self._in_flight = in_flight
-        self._draining = draining
+        #: Set when the agent's shutdown begins; the heartbeat goes on until it is over.
+        self.draining = False
         self.sequence = 0
 
     async def beat(self) -> None:
@@ -48,10 +48,12 @@ class Heartbeat:
             max_concurrent=self._max_concurrent,
             interval_s=self._interval_s,
             in_flight=self._in_flight(),
-            draining=self._draining(),
+            draining=self.draining,
         )
         self.sequence += 1
-        await self._publisher.publish(STATUS_EXCHANGE, HEARTBEAT_ROUTING_KEY, message)
+        await self._publisher.publish(
+            STATUS_EXCHANGE, heartbeat_routing_key(self._agent_id), message
+        )
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

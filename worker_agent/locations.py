@@ -36,7 +36,9 @@ from schemas import (
     LocationSnapshot,
     LocationSpec,
     LocationsWanted,
+    OutOfBounds,
     SchemaError,
+    is_safe_name,
 )
 from schemas.topology import (
     LOCATIONS_EXCHANGE,
@@ -46,10 +48,15 @@ from schemas.topology import (
     event_routing_key,
 )
 
+from . import limits
 from .code_servers import CodeServer, CodeServers
 from .errors import AgentError, DockerUnavailable, LaunchFailed, LocationUnavailable
 
 log = logging.getLogger(__name__)
+
+#: What the contract takes of a location's definitions.
+_MAX_JOBS = 1000
+_MAX_DESCRIPTION = 16 * 1024
 
 
 class MissingSecret(AgentError):
@@ -99,16 +106,18 @@ class LocationKeeper:
         self._crashes: dict[str, int] = {}  # location → exits before its server was healthy
         self._decoder: Decoder[LocationSnapshot] = Decoder(LocationSnapshot)
         self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._queue_name = "?"
 
     async def start(self) -> None:
         """Listen for this agent's queues' snapshots, then ask for the current ones."""
         try:
             self._channel = await self._connection.channel()
             queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+            self._queue_name = queue.name
             exchange = await self._channel.get_exchange(LOCATIONS_EXCHANGE, ensure=False)
             for agent_queue in self._queues:
                 await queue.bind(exchange, routing_key=agent_queue)
-            await queue.consume(self._on_snapshot, no_ack=True)
+            await queue.consume(self._on_snapshot)
         except amqp.TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot follow location snapshots: {exc!r}") from exc
         await self._publisher.publish(
@@ -118,20 +127,28 @@ class LocationKeeper:
         )
 
     async def _on_snapshot(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Take a snapshot in; one that cannot be is dead-lettered once, with the reason."""
         try:
             snapshot = self._decoder.decode(raw.body)
-        except SchemaError as exc:
-            log.warning("undecodable location snapshot ignored: %s", exc)
-            return
-        if snapshot.queue in self._queues:
-            self._snapshots[snapshot.queue] = snapshot.locations
-            self._wake.set()
+            if snapshot.queue in self._queues:
+                self._snapshots[snapshot.queue] = snapshot.locations
+                self._wake.set()
+        except Exception as exc:
+            if not isinstance(exc, SchemaError):
+                log.exception("taking a location snapshot in failed")
+            reason = f"location snapshot refused: {type(exc).__name__}: {exc}"
+            log.warning("dead-lettering a message from %s: %s", self._queue_name, reason)
+            try:
+                await self._publisher.dead_letter(raw, self._queue_name, reason)
+            except BrokerUnavailable as error:
+                log.error("could not dead-letter a location snapshot: %s", error)
+        await amqp.settle(raw.ack())
 
     async def run(self) -> None:
         while True:
             try:
                 await self.reconcile()
-            except (DockerUnavailable, LaunchFailed) as exc:
+            except (DockerUnavailable, LaunchFailed, BrokerUnavailable) as exc:
                 log.error("code servers not reconciled: %s", exc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -267,15 +284,7 @@ class LocationKeeper:
         definitions = await self.servers.ask(server, "/definitions")
         if not isinstance(definitions, dict):
             return False
-        jobs = tuple(
-            JobDefinition(
-                name=str(job.get("name")),
-                description=str(job.get("description", "")),
-                config_schema=job.get("config_schema") or {},
-            )
-            for job in definitions.get("jobs", [])
-            if isinstance(job, dict) and job.get("name")
-        )
+        jobs = _job_definitions(spec.name, definitions.get("jobs"))
         await self._publish(
             LocationLoaded(
                 location=spec.name,
@@ -312,3 +321,33 @@ class LocationKeeper:
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(*amqp.TRANSIENT):
                 await self._channel.close()
+
+
+def _job_definitions(location: str, jobs: object) -> tuple[JobDefinition, ...]:
+    """The jobs a code server describes that the contract can carry; the others are logged
+    and left out, so that one bad definition does not keep the location from loading."""
+    found: list[JobDefinition] = []
+    for job in jobs if isinstance(jobs, list) else []:
+        if not isinstance(job, dict) or not job.get("name"):
+            continue
+        name = str(job["name"])
+        if not is_safe_name(name) or len(found) >= _MAX_JOBS:
+            log.warning("location %s: job %r left out (name or count refused)", location, name)
+            continue
+        schema = job.get("config_schema") or {}
+        try:
+            cleaned = limits.json_object(schema) if isinstance(schema, dict) else {}
+            if cleaned is None:
+                raise OutOfBounds("nested too deep or too many values", "config_schema")
+            found.append(
+                JobDefinition(
+                    name=name,
+                    description=limits.clip(
+                        limits.clean(str(job.get("description", ""))), _MAX_DESCRIPTION
+                    ),
+                    config_schema=cleaned,
+                )
+            )
+        except OutOfBounds as exc:
+            log.warning("location %s: job %s left out: %s", location, name, exc)
+    return tuple(found)

@@ -1,4 +1,4 @@
-"""Log forwarding: a run's output lines, batched into RunLog events, with size caps.
+"""Log forwarding: a run's output lines, batched into RunLog events, within the contract's limits.
 
 Lines that are progress frames (written by the SDK) become RunProgress events instead.
 """
@@ -6,28 +6,36 @@ Lines that are progress frames (written by the SDK) become RunProgress events in
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from dispatcher.errors import BrokerRefused, BrokerUnavailable
 from schemas import ProgressItem, RunLog, RunProgress
 
+from . import limits
 from .errors import DockerUnavailable
-from .progress import parse_progress
+from .limits import TRUNCATED_MARK
+from .progress import Dropped, parse_progress
 from .runtime import DockerRuntime
+from .streams import EventStream, read_on_thread
 
 log = logging.getLogger(__name__)
 
-TRUNCATED_MARK = " [line truncated]"
+__all__ = ["TRUNCATED_MARK", "LineBatcher", "LogForwarder"]
+
+_MAX_PARTIAL = 256 * 1024
 
 
 @dataclass
 class LineBatcher:
     """Turns chunks of output into numbered, capped lines (no I/O: easy to test).
 
-    A line longer than ``max_line_chars`` is cut and marked; past ``max_lines`` lines the run's
-    output is no longer forwarded and ``truncated`` is set.
+    A line longer than ``max_line_chars`` (or than the contract allows) is cut and marked; NUL
+    becomes U+FFFD; past ``max_lines`` lines the run's output is no longer forwarded and
+    ``truncated`` is set. ``take`` hands out lines in batches that fit in one RunLog.
     """
 
     max_line_chars: int = 4096
@@ -47,6 +55,10 @@ class LineBatcher:
         *complete, self._partial = text.split("\n")
         for line in complete:
             self._add(line)
+        if len(self._partial) > _MAX_PARTIAL:
+            # A line that never ends must not grow without bound; it is cut when sent anyway
+            # (the margin keeps a long progress frame whole).
+            self._partial = self._partial[:_MAX_PARTIAL]
 
     def finish(self) -> None:
         """The stream ended: a last line without a newline still counts."""
@@ -55,19 +67,19 @@ class LineBatcher:
             self._partial = ""
 
     def _add(self, line: str) -> None:
-        item = parse_progress(line.rstrip("\r"), self.next_item)
+        line = line.rstrip("\r")
+        item = parse_progress(line, self.next_item)
         if item is not None:
-            self._progress.append(item)
             self.next_item += 1
+            if not isinstance(item, Dropped):
+                self._progress.append(item)
             return
         if self.next_line >= self.max_lines:
             self.truncated = True
             return
-        if len(line) > self.max_line_chars:
-            line = line[: self.max_line_chars] + TRUNCATED_MARK
         if not self._pending:
             self._pending_first = self.next_line
-        self._pending.append(line.rstrip("\r"))
+        self._pending.append(limits.line(line, self.max_line_chars))
         self.next_line += 1
 
     @property
@@ -75,15 +87,26 @@ class LineBatcher:
         return len(self._pending) + len(self._progress)
 
     def take_progress(self) -> tuple[ProgressItem, ...]:
-        items, self._progress = tuple(self._progress), []
+        """Progress items waiting to be sent, as many as fit in one RunProgress."""
+        size = 0
+        count = 0
+        for item in self._progress[: limits.MAX_ITEMS_PER_BATCH]:
+            size += limits.encoded_size(item) + 1
+            if size > limits.MAX_ITEMS_BYTES and count:
+                break
+            count += 1
+        items = tuple(self._progress[:count])
+        del self._progress[:count]
         return items
 
     def take(self) -> tuple[int, tuple[str, ...]]:
-        """(number of the first line, lines) waiting to be sent; empties the batch."""
+        """(number of the first line, lines) of the next batch; the rest waits for the next."""
         if not self._pending:
             return self.next_line, ()
-        lines, self._pending = tuple(self._pending), []
-        return self._pending_first, lines
+        first = self._pending_first
+        lines = limits.take_batch(self._pending)
+        self._pending_first = first + len(lines)
+        return first, lines
 
 
 class LogForwarder:
@@ -114,12 +137,21 @@ class LogForwarder:
         self._batch_lines = batch_lines
         self.batcher = LineBatcher(max_line_chars=max_line_chars, max_lines=max_lines)
         self._chunks: asyncio.Queue[str | None] = asyncio.Queue()
-        self._stream: object | None = None
+        # Incremental: a character split between two chunks is still one character.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stream: EventStream | None = None
 
     async def run(self) -> None:
         """Forward until the container's output ends (it exited, or was removed)."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.create_task(asyncio.to_thread(self._read, loop))
+        try:
+            self._stream = await self._runtime.open_log_stream(self._container_id)
+        except DockerUnavailable as exc:
+            log.warning("output of container %s not followed: %s", self._container_id[:12], exc)
+            return
+        reader = asyncio.create_task(
+            read_on_thread(self._stream, self._on_chunk, f"output-{self._container_id[:12]}")
+        )
+        reader.add_done_callback(lambda _: self._chunks.put_nowait(None))
         ended = False
         try:
             while not ended:
@@ -129,6 +161,7 @@ class LogForwarder:
                     chunk = ""
                 if chunk is None:
                     ended = True
+                    self.batcher.feed(self._decoder.decode(b"", final=True))
                     self.batcher.finish()
                 elif chunk:
                     self.batcher.feed(chunk)
@@ -140,52 +173,61 @@ class LogForwarder:
                 await self._send(force=True)
         finally:
             self.close()
-            with contextlib.suppress(Exception):
-                await reader
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            if not reader.cancelled() and (error := reader.exception()) is not None:
+                log.warning(
+                    "output of container %s not followed to its end: %s",
+                    self._container_id[:12],
+                    error,
+                )
+
+    def _on_chunk(self, raw: bytes) -> None:
+        self._chunks.put_nowait(self._decoder.decode(raw))
 
     async def _send(self, force: bool = False) -> None:
-        items = self.batcher.take_progress()
-        if not self._forward_lines:
-            # Only states and metadata leave the host: no output line, no log record.
-            items = tuple(item for item in items if item.event != "log")
-        if items:
-            await self._publish(
-                RunProgress(
-                    run_id=self._run_id,  # type: ignore[arg-type]
-                    attempt=self._attempt,
-                    agent_id=self._agent_id,
-                    items=items,
-                )
-            )
-        first, lines = self.batcher.take()
-        if not self._forward_lines or (not lines and not force):
-            return
-        await self._publish(
-            RunLog(
-                run_id=self._run_id,  # type: ignore[arg-type]
-                attempt=self._attempt,
-                agent_id=self._agent_id,
-                first_line=first,
-                lines=lines,
-                truncated=self.batcher.truncated,
-            )
-        )
+        """Publish everything waiting, in as many events as the limits ask for.
 
-    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        Output the broker does not take (after the publisher's own retries) is given up with a
+        log line: the run goes on, and its final event carries the tail."""
         try:
-            stream = self._runtime.open_log_stream(self._container_id)
-            self._stream = stream
-            for raw in stream:
-                loop.call_soon_threadsafe(
-                    self._chunks.put_nowait, raw.decode("utf-8", errors="replace")
+            await self._send_all(force)
+        except (BrokerUnavailable, BrokerRefused) as exc:
+            log.error("output of run %s not forwarded: %s", self._run_id, exc)
+
+    async def _send_all(self, force: bool) -> None:
+        while True:
+            items = self.batcher.take_progress()
+            if not self._forward_lines:
+                # Only states and metadata leave the host: no output line, no log record.
+                items = tuple(item for item in items if item.event != "log")
+            if items:
+                await self._publish(
+                    RunProgress(
+                        run_id=self._run_id,  # type: ignore[arg-type]
+                        attempt=self._attempt,
+                        agent_id=self._agent_id,
+                        items=items,
+                    )
                 )
-        except DockerUnavailable as exc:
-            log.warning("output of container %s not followed: %s", self._container_id[:12], exc)
-        finally:
-            loop.call_soon_threadsafe(self._chunks.put_nowait, None)
+            first, lines = self.batcher.take()
+            if self._forward_lines and (lines or force):
+                await self._publish(
+                    RunLog(
+                        run_id=self._run_id,  # type: ignore[arg-type]
+                        attempt=self._attempt,
+                        agent_id=self._agent_id,
+                        first_line=first,
+                        lines=lines,
+                        truncated=self.batcher.truncated,
+                    )
+                )
+            force = False
+            if not self.batcher.pending:
+                return
 
     def close(self) -> None:
         stream = self._stream
         if stream is not None:
             with contextlib.suppress(Exception):
-                stream.close()  # type: ignore[attr-defined]
+                stream.close()

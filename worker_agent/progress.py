@@ -2,43 +2,65 @@
 
 A frame is one line: ``\\x02hd1 `` then a JSON object with an ``event`` field. The format is
 the contract between the SDK (the writer, in user images) and the agent (the reader); a line
-that is not a well-formed frame is ordinary output.
+that is not a well-formed frame is ordinary output. A frame whose values cannot travel (too
+big, too deep) is dropped with a log line rather than break the message that would carry it.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
 
-from schemas import ProgressItem
+from schemas import OutOfBounds, ProgressItem
+
+from . import limits
+
+log = logging.getLogger(__name__)
 
 FRAME_PREFIX = "\x02hd1 "
 _EVENTS = {"step_started", "step_finished", "log", "metadata"}
 
 
-def _text(value: Any, limit: int = 4096) -> str | None:
-    return None if value is None else str(value)[:limit]
+class Dropped:
+    """A well-formed frame that cannot travel: it is neither progress nor output."""
 
 
-def parse_progress(line: str, number: int) -> ProgressItem | None:
+DROPPED = Dropped()
+
+
+def parse_progress(line: str, number: int) -> ProgressItem | Dropped | None:
     """The progress item a line holds, numbered ``number``; None for ordinary output."""
     if not line.startswith(FRAME_PREFIX):
         return None
     try:
         frame = json.loads(line[len(FRAME_PREFIX) :])
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(frame, dict) or frame.get("event") not in _EVENTS:
         return None
-    values = frame.get("values")
-    duration = frame.get("duration_s")
-    return ProgressItem(
-        line_no=number,
-        event=frame["event"],
-        step=_text(frame.get("step"), 200),
-        status=_text(frame.get("status"), 50),
-        duration_s=float(duration) if isinstance(duration, (int, float)) else None,
-        level=_text(frame.get("level"), 20),
-        message=_text(frame.get("message")),
-        values=values if isinstance(values, dict) else {},
-    )
+    values = limits.progress_values(frame.get("values"))
+    if values is None:
+        log.warning(
+            "progress frame %d dropped: its values break the contract's limits (%d bytes "
+            "encoded, %d levels, %d values)",
+            number,
+            limits.MAX_PROGRESS_VALUES_BYTES,
+            limits.MAX_PROGRESS_DEPTH,
+            limits.MAX_PROGRESS_ELEMENTS,
+        )
+        return DROPPED
+    try:
+        return ProgressItem(
+            line_no=number,
+            event=frame["event"],
+            step=limits.progress_text(frame.get("step"), 200),
+            status=limits.progress_text(frame.get("status"), 50),
+            duration_s=limits.progress_duration(frame.get("duration_s")),
+            level=limits.progress_text(frame.get("level"), 20),
+            message=limits.progress_text(frame.get("message"), limits.MAX_PROGRESS_TEXT_BYTES),
+            values=values,
+        )
+    except OutOfBounds as exc:
+        # The contract's own check, should it be stricter than the one above.
+        log.warning("progress frame %d dropped: %s", number, exc)
+        return DROPPED

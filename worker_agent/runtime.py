@@ -1,7 +1,9 @@
 """The container runtime: the Docker SDK behind async methods that never block the loop.
 
-Every SDK call runs in a worker thread. docker-py and requests exceptions are translated
-here into ``DockerUnavailable``, ``ImageMissing`` and ``LaunchFailed``.
+Every short SDK call runs on the runtime's own thread pool, sized from the agent's slots, and
+never on asyncio's default executor; long-lived streams are read elsewhere (``streams``), so
+that no call waits behind one. docker-py and requests exceptions are translated here into
+``DockerUnavailable``, ``ImageMissing`` and ``LaunchFailed``.
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import docker
 import docker.errors
-import requests.exceptions
 
 from schemas import LaunchRun
 
+from . import limits
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed
+from .streams import UNAVAILABLE, EventStream
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ LABEL_RUN = "hybrid-dispatcher.run-id"
 LABEL_ATTEMPT = "hybrid-dispatcher.attempt"
 MANAGED_BY = "worker-agent"
 
-_UNAVAILABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, OSError)
+_UNAVAILABLE = UNAVAILABLE
 
 
 def container_name(run_id: uuid.UUID, attempt: int) -> str:
@@ -88,11 +92,16 @@ class ContainerInfo:
 class DockerRuntime:
     """Creates, inspects and removes the agent's containers on the local engine."""
 
-    def __init__(self, agent_id: str, pull_timeout_s: float = 30.0) -> None:
+    def __init__(self, agent_id: str, pull_timeout_s: float = 30.0, threads: int = 8) -> None:
         self.agent_id = agent_id
         self._pull_timeout_s = pull_timeout_s
+        #: Threads for short calls, and as many HTTP connections: with fewer connections
+        #: than threads, calls would wait for one.
+        self.threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
         self._client: docker.DockerClient | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -100,15 +109,21 @@ class DockerRuntime:
         with self._lock:
             if self._client is None:
                 try:
-                    self._client = docker.from_env(timeout=60, max_pool_size=16)
+                    self._client = docker.from_env(timeout=60, max_pool_size=self.threads)
                 except docker.errors.DockerException as exc:
                     raise DockerUnavailable(f"no Docker engine answers: {exc}") from exc
             return self._client
 
     async def _call(self, fn: Callable[[docker.DockerClient], Any]) -> Any:
+        """Run a short Docker call on the runtime's pool, its errors translated."""
+        return await self.run_blocking(lambda: fn(self._docker()))
+
+    async def run_blocking(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (which talks to Docker) on the runtime's pool, its errors translated."""
+
         def guarded() -> Any:
             try:
-                return fn(self._docker())
+                return fn()
             except _UNAVAILABLE as exc:
                 raise DockerUnavailable(f"the Docker engine does not answer: {exc}") from exc
             except docker.errors.APIError as exc:
@@ -118,7 +133,9 @@ class DockerRuntime:
             except docker.errors.DockerException as exc:
                 raise DockerUnavailable(f"the Docker engine does not answer: {exc}") from exc
 
-        return await asyncio.to_thread(guarded)
+        if self._closed:
+            raise DockerUnavailable("the container runtime is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, guarded)
 
     def labels_for(self, launch: LaunchRun) -> dict[str, str]:
         return {
@@ -175,23 +192,42 @@ class DockerRuntime:
 
         Attempt N + 1 exists only because attempt N was failed over, so whatever agent still
         holds an older container (lost, frozen, or gone for good), it must not run beside the
-        new one: at most one attempt of a run is alive on an engine.
+        new one: at most one attempt of a run is alive on an engine. An older container that
+        exited 0 is left in place: its work is done, and its agent may not have reported it
+        yet; removing it would lose the proof of that success.
         """
         if launch.attempt == 1:
             return
         found = client.api.containers(all=True, filters={"label": f"{LABEL_RUN}={launch.run_id}"})
         for summary in found:
             older = int((summary.get("Labels") or {}).get(LABEL_ATTEMPT, "0"))
-            if older < launch.attempt:
+            if older >= launch.attempt:
+                continue
+            short = summary["Id"][:12]
+            try:
+                info = ContainerInfo.from_attrs(client.api.inspect_container(summary["Id"]))
+            except docker.errors.NotFound:
+                continue
+            if info.finished and info.exit_code == 0:
                 log.warning(
-                    "run %s attempt %d: removing the container of superseded attempt %d (%s)",
+                    "run %s attempt %d: superseded attempt %d exited 0; its container %s is "
+                    "left in place",
                     launch.run_id,
                     launch.attempt,
                     older,
-                    summary["Id"][:12],
+                    short,
                 )
-                with contextlib.suppress(docker.errors.NotFound):
-                    client.api.remove_container(summary["Id"], force=True, v=True)
+                continue
+            log.warning(
+                "run %s attempt %d: removing the container of superseded attempt %d (%s, %s)",
+                launch.run_id,
+                launch.attempt,
+                older,
+                short,
+                info.status if info.exit_code is None else f"exited {info.exit_code}",
+            )
+            with contextlib.suppress(docker.errors.NotFound):
+                client.api.remove_container(summary["Id"], force=True, v=True)
 
     def _ensure_image(self, client: docker.DockerClient, image: str) -> None:
         try:
@@ -238,7 +274,7 @@ class DockerRuntime:
             except docker.errors.NotFound:
                 return ()
             text = raw.decode("utf-8", errors="replace")
-            return tuple(line[:4000] for line in text.splitlines()[-lines:])
+            return limits.tail(text.splitlines(), lines)
 
         return await self._call(tail)  # type: ignore[no-any-return]
 
@@ -285,38 +321,47 @@ class DockerRuntime:
 
         return await self._call(listing)  # type: ignore[no-any-return]
 
-    def open_events(self, since: int | None) -> EventStream:
-        """This agent's container events, as a blocking stream (iterate it in a thread)."""
+    async def open_events(self, since: int | None) -> EventStream:
+        """This agent's container events, as a blocking stream (see ``streams``)."""
         filters = {
             "type": "container",
             "label": [f"{LABEL_AGENT}={self.agent_id}"],
             "event": ["start", "die", "oom", "health_status"],
         }
-        try:
-            client = docker.from_env(timeout=None)
-            stream = client.api.events(since=since, filters=filters, decode=True)
-        except (docker.errors.DockerException, *_UNAVAILABLE) as exc:
-            raise DockerUnavailable(f"cannot follow Docker events: {exc}") from exc
-        return EventStream(client, stream)
+        return await self._open_stream(
+            "Docker events", lambda api: api.events(since=since, filters=filters, decode=True)
+        )
 
-    def open_log_stream(self, container_id: str) -> EventStream:
+    async def open_log_stream(self, container_id: str) -> EventStream:
         """The container's output from its start, following it until it ends (blocking)."""
-        try:
+        return await self._open_stream(
+            f"the output of {container_id[:12]}",
+            lambda api: api.logs(container_id, stdout=True, stderr=True, stream=True, follow=True),
+        )
+
+    async def _open_stream(self, what: str, request: Callable[[Any], Any]) -> EventStream:
+        def open_stream() -> EventStream:
+            # A client of its own: the stream holds its connection for as long as it lasts.
             client = docker.from_env(timeout=None)
-            stream = client.api.logs(
-                container_id, stdout=True, stderr=True, stream=True, follow=True
-            )
-        except (docker.errors.DockerException, *_UNAVAILABLE) as exc:
-            raise DockerUnavailable(
-                f"cannot follow the output of {container_id[:12]}: {exc}"
-            ) from exc
-        return EventStream(client, stream)
+            try:
+                return EventStream(client, request(client.api))
+            except BaseException:
+                client.close()
+                raise
+
+        try:
+            return await self.run_blocking(open_stream)  # type: ignore[no-any-return]
+        except (DockerUnavailable, LaunchFailed) as exc:
+            raise DockerUnavailable(f"cannot follow {what}: {exc}") from exc
 
     def close(self) -> None:
+        """Close the client and the pool; safe more than once. Calls in progress finish."""
         with self._lock:
+            self._closed = True
             if self._client is not None:
                 self._client.close()
                 self._client = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _timestamp(value: str | None) -> float | None:
@@ -351,25 +396,3 @@ def _limits(launch: LaunchRun) -> dict[str, Any]:
 
 def _explain(exc: docker.errors.APIError) -> str:
     return str(exc.explanation or exc)
-
-
-class EventStream:
-    """A streaming Docker response (events, logs); ``close()`` from any thread ends it."""
-
-    def __init__(self, client: docker.DockerClient, stream: Any) -> None:
-        self._client = client
-        self._stream = stream
-
-    def __iter__(self) -> Iterator[Any]:
-        try:
-            yield from self._stream
-        except (docker.errors.DockerException, *_UNAVAILABLE) as exc:
-            raise DockerUnavailable(f"a Docker stream broke: {exc}") from exc
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._stream, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._client.close()

@@ -8,9 +8,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from schemas import is_safe_name
+
 from .errors import AgentError
 
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+#: Components of a running agent, as named by ``fault``.
+COMPONENTS = ("heartbeat", "watcher", "locations", "consumer")
 
 
 class AgentConfigError(AgentError):
@@ -19,7 +22,11 @@ class AgentConfigError(AgentError):
 
 @dataclass(frozen=True)
 class AgentSettings:
-    """Settings of ``worker-agent run``; every interval is a setting so tests run fast."""
+    """Settings of ``worker-agent run``; every interval is a setting so tests run fast.
+
+    ``fault`` (``HD_AGENT_FAULT``) is for tests: make the named component (heartbeat, watcher,
+    locations, consumer) fail once started, so that a test sees how the process fails.
+    """
 
     amqp_url: str
     agent_id: str
@@ -44,6 +51,17 @@ class AgentSettings:
     location_check_interval_s: float = 10.0
     #: A code server not healthy after this long: the location is ERROR.
     location_startup_timeout_s: float = 180.0
+    #: How long a finished attempt stays in heartbeats, as "reported", after its final event
+    #: was confirmed: a monitor reading a store that lags behind sees it reported, not gone.
+    reported_for_s: float = 60.0
+    #: For tests only; see the class docstring.
+    fault: str | None = None
+
+    @property
+    def docker_threads(self) -> int:
+        """Threads (and HTTP connections) for short Docker calls: some per slot, so that
+        launches, inspections and output tails of every slot can be under way at once."""
+        return max(8, self.max_concurrent + 4)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> AgentSettings:
@@ -51,7 +69,7 @@ class AgentSettings:
         env = os.environ if env is None else env
         values: dict[str, object] = {
             "amqp_url": env.get("HD_AMQP_URL", ""),
-            "agent_id": env.get("HD_AGENT_ID", "") or socket.gethostname(),
+            "agent_id": env.get("HD_AGENT_ID", "") or default_agent_id(socket.gethostname()),
         }
         if queues := env.get("HD_AGENT_QUEUES"):
             values["queues"] = tuple(q.strip() for q in queues.split(",") if q.strip())
@@ -68,6 +86,8 @@ class AgentSettings:
             values["keep_finished"] = True
         if env.get("HD_LOG_FORWARDING", "").lower() in ("0", "false", "no"):
             values["log_forwarding"] = False
+        if fault := env.get("HD_AGENT_FAULT"):
+            values["fault"] = fault
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
@@ -76,16 +96,31 @@ class AgentSettings:
     def validate(self) -> None:
         if not self.amqp_url:
             raise AgentConfigError("no broker: pass --amqp-url or set HD_AMQP_URL")
-        if not self.agent_id or len(self.agent_id) > 200:
-            raise AgentConfigError("the agent id must be 1 to 200 characters")
+        if not is_safe_name(self.agent_id):
+            raise AgentConfigError(
+                f"agent id {self.agent_id!r} is invalid: use 1 to 64 letters, digits, '_' "
+                "and '-', starting with a letter or digit"
+            )
         if not self.queues:
             raise AgentConfigError("give at least one --queue")
         for queue in self.queues:
-            if not _QUEUE_NAME.match(queue):
+            if not is_safe_name(queue):
                 raise AgentConfigError(
-                    f"queue name {queue!r} is invalid: use letters, digits, '_', '.', ':', '-'"
+                    f"queue name {queue!r} is invalid: use 1 to 64 letters, digits, '_' and "
+                    "'-', starting with a letter or digit"
                 )
-        if self.max_concurrent < 1:
-            raise AgentConfigError("--max-concurrent must be at least 1")
-        if self.heartbeat_interval_s <= 0:
-            raise AgentConfigError("the heartbeat interval must be positive")
+        if not 1 <= self.max_concurrent <= 100_000:
+            raise AgentConfigError("--max-concurrent must be at least 1 (and at most 100000)")
+        if not 0.05 <= self.heartbeat_interval_s <= 300:
+            raise AgentConfigError("the heartbeat interval must be positive, 0.05 s to 300 s")
+        if self.fault is not None and self.fault not in COMPONENTS:
+            raise AgentConfigError(
+                f"HD_AGENT_FAULT={self.fault!r}: name one of {', '.join(COMPONENTS)}"
+            )
+
+
+def default_agent_id(hostname: str) -> str:
+    """An agent id from a host name: characters an id cannot hold (a domain's dots) become
+    '-', so that an agent started without ``--agent-id`` still has a valid one."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "-", hostname).lstrip("_-")[:64]
+    return cleaned or "agent"

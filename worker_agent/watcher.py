@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import DockerUnavailable
-from .runtime import DockerRuntime, EventStream
+from .runtime import DockerRuntime
+from .streams import EventStream, read_on_thread
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,8 @@ class ContainerWatcher:
     ``on_healthy(container_id)`` when one passes its ready check.
 
     Each time the stream (re)opens, ``on_resync`` runs first, so that an exit that happened
-    while nobody was watching (engine restart, agent restart) is still reported.
+    while nobody was watching (engine restart, agent restart) is still reported. The stream is
+    read on a thread of its own: an exit is handed to the loop the moment Docker sends it.
     """
 
     def __init__(
@@ -38,32 +40,35 @@ class ContainerWatcher:
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Watch until closed, opening the stream again whenever it breaks."""
         since = int(time.time()) - 1
         delay = 0.5
         while not self._closed:
             try:
-                self._stream = await asyncio.to_thread(self._runtime.open_events, since)
+                self._stream = await self._runtime.open_events(since)
+                if self._closed:
+                    self._stream.close()
+                    return
                 await self._on_resync()
                 self.connected.set()
                 delay = 0.5
-                await asyncio.to_thread(self._pump, self._stream, loop)
-            except DockerUnavailable as exc:
-                self.connected.clear()
+                await read_on_thread(self._stream, self._dispatch, "docker-events")
                 if self._closed:
                     return
-                log.error("Docker engine unreachable (%s); watching again in %.0f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                # The engine ended the stream (it stopped, say): watch again from here.
+                log.warning("the Docker events stream ended; watching again")
+            except DockerUnavailable as exc:
+                if self._closed:
+                    return
+                log.error("Docker engine unreachable (%s); watching again in %.1f s", exc, delay)
+            self.connected.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
             since = int(time.time()) - 1
 
-    def _pump(self, stream: EventStream, loop: asyncio.AbstractEventLoop) -> None:
-        for event in stream:
-            if self._closed:
-                return
-            loop.call_soon_threadsafe(self._dispatch, event)
-
     def _dispatch(self, event: dict[str, Any]) -> None:
+        if self._closed:
+            return
         action = event.get("Action") or event.get("status") or ""
         container_id = event.get("id") or event.get("Actor", {}).get("ID")
         if not container_id:

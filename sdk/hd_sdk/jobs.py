@@ -10,7 +10,8 @@ from typing import Any
 
 from .config import check_schema
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$")
+# The wire contract's safe-name rule: a job name becomes part of broker names and keys.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 JobFunction = Callable[..., Any]
 
@@ -41,7 +42,10 @@ class Registry:
 
     def add(self, job_: Job) -> None:
         if not _NAME.match(job_.name):
-            raise ValueError(f"job name {job_.name!r} is invalid: letters, digits, '_', '.', '-'")
+            raise ValueError(
+                f"job name {job_.name!r} is invalid: 1 to 64 letters, digits, '_' or '-', "
+                "starting with a letter or digit"
+            )
         if job_.name in self.jobs:
             raise ValueError(f"job {job_.name!r} is declared twice")
         check_schema(job_.config_schema)

@@ -30,8 +30,10 @@ class Stack:
         logs: Path,
         docker_client: docker.DockerClient,
         run_image: str,
+        management_url: str = "",
     ) -> None:
         self.amqp_url = amqp_url
+        self.management_url = management_url
         self.database_url = database_url
         self.schema = schema
         self.queue = f"q-{unique}"
@@ -48,11 +50,15 @@ class Stack:
         return {**os.environ, **self._env()}
 
     def _env(self) -> dict[str, str]:
-        return {
+        env = {
             "HD_AMQP_URL": self.amqp_url,
             "HD_DATABASE_URL": self.database_url,
             "HD_DATABASE_SCHEMA": self.schema,
         }
+        if self.management_url:
+            # The broker policies (delivery limit, bounded dead letters) go on the test's vhost.
+            env["HD_AMQP_MANAGEMENT_URL"] = self.management_url
+        return env
 
     async def start_control_plane(self, components: str = "intake,relay,status") -> Proc:
         n = len(self.processes)
@@ -99,7 +105,9 @@ class Stack:
         max_concurrent: int = 4,
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        wait: bool = True,
     ) -> Proc:
+        """An agent; ``wait``: until it consumes (False: a test waits for what it expects)."""
         agent_id = self.agent_id(n)
         self.agent_ids.add(agent_id)
         proc = Proc(
@@ -124,7 +132,8 @@ class Stack:
             {**self._env(), **(env or {})},
         ).start()
         self.processes.append(proc)
-        await proc.wait_for_output("consuming", timeout=60)
+        if wait:
+            await proc.wait_for_output("consuming", timeout=60)
         return proc
 
     def client(self) -> Client:
@@ -179,9 +188,12 @@ def stack(
     tmp_path: Path,
     docker_client: docker.DockerClient,
     run_image: str,
+    broker: tuple[str, str],
     request: pytest.FixtureRequest,
 ) -> Iterator[Stack]:
-    built = Stack(vhost_url, database_url, schema, unique, tmp_path, docker_client, run_image)
+    built = Stack(
+        vhost_url, database_url, schema, unique, tmp_path, docker_client, run_image, broker[1]
+    )
     yield built
     built.stop()
     report = getattr(request.node, "rep_call", None)

@@ -1,0 +1,113 @@
+"""Dead letters seen by the control plane: counted, alerted on, and a dead LaunchRun fails its run.
+
+Every dead letter reaches two queues through the fanout dead-letter exchange: the operators'
+queue (bounded, listed by ``dispatcher dead-letters list``) and the control plane's watch
+queue, consumed here. A consumer that refuses a message says why in ``x-hd-reason``; one the
+broker dead-lettered (delivery limit) carries RabbitMQ's ``x-first-death-*`` headers instead.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from schemas import FailureReason, LaunchRun, RunFailed, SchemaError, instruction_decoder
+from schemas.topology import DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER
+
+from . import alerts
+
+#: Kind of the alert raised when messages are dead-lettered (one per queue and hour).
+DEAD_LETTERS_ALERT = "messages_dead_lettered"
+_DEAD_LETTER_DECISIONS = uuid.UUID("5b7f3c52-0c57-4d3e-9f0b-1f7a2b5c9d41")
+_instructions = instruction_decoder()
+
+
+class RawDecoder:
+    """Hands the payload on undecoded: dead letters are poison by definition."""
+
+    def decode(self, payload: bytes) -> bytes:
+        return payload
+
+
+@dataclass(frozen=True)
+class DeadLetterSeen:
+    """One dead letter: where it came from and why."""
+
+    source_queue: str
+    reason: str
+    body: bytes
+
+
+def seen(headers: Mapping[str, Any] | None, body: bytes) -> DeadLetterSeen:
+    """What a dead letter's headers say of it (ours, or the broker's own)."""
+    headers = headers or {}
+    source = headers.get(DEAD_LETTER_QUEUE_HEADER) or headers.get("x-first-death-queue") or "?"
+    reason = headers.get(DEAD_LETTER_REASON_HEADER)
+    if not reason:
+        why = headers.get("x-first-death-reason") or "unknown"
+        reason = f"dead-lettered by the broker ({_text(why)})"
+    return DeadLetterSeen(_text(source)[:255], _text(reason)[:2000], body)
+
+
+def _text(value: object) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return text.replace("\x00", "\ufffd")
+
+
+def launch_failure(letter: DeadLetterSeen) -> RunFailed | None:
+    """The failure of the attempt a dead-lettered LaunchRun was for; None for anything else."""
+    try:
+        launch = _instructions.decode(letter.body)
+    except SchemaError:
+        return None
+    if not isinstance(launch, LaunchRun):
+        return None
+    return RunFailed(
+        message_id=uuid.uuid5(_DEAD_LETTER_DECISIONS, f"{launch.run_id}/{launch.attempt}"),
+        run_id=launch.run_id,
+        attempt=launch.attempt,
+        reason=FailureReason.LAUNCH_ERROR,
+        message=f"instruction dead-lettered from {letter.source_queue}: {letter.reason}"[:4000],
+    )
+
+
+async def record(connection: asyncpg.Connection, letters: Sequence[DeadLetterSeen]) -> None:
+    """Count dead letters by source queue and raise one alert per queue and hour."""
+    counts = Counter(letter.source_queue for letter in letters)
+    last = {letter.source_queue: letter.reason for letter in letters}
+    hour = datetime.now(UTC).strftime("%Y-%m-%dT%H")
+    for source, count in counts.items():
+        await connection.execute(
+            """
+            INSERT INTO dead_letter_counts (source_queue, total, last_reason, last_at)
+            VALUES ($1, $2, $3, now())
+            ON CONFLICT (source_queue) DO UPDATE SET
+                total = dead_letter_counts.total + EXCLUDED.total,
+                last_reason = EXCLUDED.last_reason, last_at = now()
+            """,
+            source,
+            count,
+            last[source],
+        )
+        await alerts.raise_alert(
+            connection,
+            f"dead-letters:{source}:{hour}",
+            DEAD_LETTERS_ALERT,
+            f"queue {source}",
+            f"messages from {source} were dead-lettered; the latest because: {last[source]}",
+            {"source_queue": source, "reason": last[source]},
+        )
+
+
+async def counts(connection: asyncpg.Connection) -> list[dict[str, Any]]:
+    """Dead letters seen so far, by source queue."""
+    records = await connection.fetch(
+        "SELECT source_queue, total, last_reason, last_at FROM dead_letter_counts ORDER BY 1"
+    )
+    return [dict(r) for r in records]

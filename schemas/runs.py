@@ -1,0 +1,219 @@
+"""Messages about runs: requests from scripts, instructions to agents, events back."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from .bounds import (
+    MAX_CONFIG_BYTES,
+    MAX_LOG_BATCH_BYTES,
+    MAX_VALUES_BYTES,
+    Argv,
+    Attempt,
+    AwareDatetime,
+    Config,
+    ContainerId,
+    Delay,
+    Env,
+    ExitCode,
+    ImageRef,
+    ImageRefOrEmpty,
+    LineNo,
+    Lines,
+    MemoryMb,
+    Name,
+    NonEmpty,
+    ProgressValues,
+    Seconds,
+    ShortText,
+    Tags,
+    Text,
+    check_json,
+    check_text_budget,
+)
+from .envelope import AttemptMessage, FailureReason, RunMessage
+
+# ----------------------------------------------------------------------------- requests
+
+
+class SubmitRun(RunMessage, frozen=True, kw_only=True, tag="SubmitRun"):
+    """Ask the control plane for a new run. The client chooses ``run_id``.
+
+    ``idempotency_key`` makes repeated submissions one run; when absent, ``run_id`` is the key.
+    A run is either an ``image`` (and ``command``), or a ``job`` of a code ``location`` with
+    its ``config``; the latter is checked against the location's definitions and answered with
+    RunAccepted or RunRejected.
+    """
+
+    image: ImageRefOrEmpty = ""
+    location: Name | None = None
+    job: Name | None = None
+    config: Config = msgspec.field(default_factory=dict)
+    command: Argv = ()
+    env: Env = msgspec.field(default_factory=dict)
+    queue: Name = "default"
+    idempotency_key: NonEmpty | None = None
+    tags: Tags = msgspec.field(default_factory=dict)
+    max_runtime_s: Seconds | None = None
+    #: STARTING for longer than this fails the attempt (START_TIMEOUT); None: the default.
+    start_timeout_s: Seconds | None = None
+    #: Retries after a failure whose reason is in ``retry_on``; None: the default policy.
+    max_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    retry_on: Annotated[tuple[FailureReason, ...], msgspec.Meta(max_length=32)] | None = None
+    memory_limit_mb: MemoryMb | None = None
+    #: A command run inside the container; the run is STARTED once it succeeds.
+    ready_check: Argv = ()
+
+    def __post_init__(self) -> None:
+        check_json("config", self.config, MAX_CONFIG_BYTES)
+
+
+class CancelRun(RunMessage, frozen=True, kw_only=True, tag="CancelRun"):
+    """Ask the control plane to cancel a run."""
+
+    reason: Text = ""
+
+
+# ------------------------------------------------------------------------- instructions
+
+
+class LaunchRun(AttemptMessage, frozen=True, kw_only=True, tag="LaunchRun"):
+    """Tell an agent to start one attempt of a run in a container of its own.
+
+    For a job of a code location, the agent asks the location's code server for the command.
+    """
+
+    image: ImageRef
+    location: Name | None = None
+    job: Name | None = None
+    config: Config = msgspec.field(default_factory=dict)
+    command: Argv = ()
+    env: Env = msgspec.field(default_factory=dict)
+    tags: Tags = msgspec.field(default_factory=dict)
+    max_runtime_s: Seconds | None = None
+    memory_limit_mb: MemoryMb | None = None
+    ready_check: Argv = ()
+
+    def __post_init__(self) -> None:
+        check_json("config", self.config, MAX_CONFIG_BYTES)
+
+
+class TerminateRun(AttemptMessage, frozen=True, kw_only=True, tag="TerminateRun"):
+    """Tell an agent to stop an attempt: SIGTERM, then SIGKILL after ``grace_s``.
+
+    ``failure_reason`` is what the agent reports for the attempt once it stopped.
+    """
+
+    reason: Text = ""
+    grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
+    failure_reason: FailureReason | None = None
+
+
+# ------------------------------------------------------------------------------- events
+
+
+class RunLaunched(AttemptMessage, frozen=True, kw_only=True, tag="RunLaunched"):
+    """The agent created (or adopted) the attempt's container."""
+
+    agent_id: Name
+    container_id: ContainerId
+    container_name: NonEmpty
+
+
+class RunStarted(AttemptMessage, frozen=True, kw_only=True, tag="RunStarted"):
+    """The attempt's container is running."""
+
+    agent_id: Name
+    container_id: ContainerId
+    started_at: AwareDatetime | None = None
+
+
+class RunSucceeded(AttemptMessage, frozen=True, kw_only=True, tag="RunSucceeded"):
+    """The attempt's container exited 0."""
+
+    agent_id: Name
+    exit_code: ExitCode = 0
+    output_tail: Lines = ()
+    finished_at: AwareDatetime | None = None
+
+
+class RunFailed(AttemptMessage, frozen=True, kw_only=True, tag="RunFailed"):
+    """The attempt failed; ``reason`` says how, ``exit_code`` is set when there was one."""
+
+    reason: FailureReason
+    agent_id: Name | None = None
+    exit_code: ExitCode | None = None
+    output_tail: Lines = ()
+    message: Text = ""
+    finished_at: AwareDatetime | None = None
+
+
+class RunLog(AttemptMessage, frozen=True, kw_only=True, tag="RunLog"):
+    """A batch of the attempt's output lines, numbered from 0 within the attempt.
+
+    Numbering makes forwarding idempotent: a line sent twice (after an agent restart, say)
+    is stored once. ``truncated`` says that the agent stopped forwarding at its per-run cap.
+    """
+
+    agent_id: Name
+    first_line: LineNo
+    lines: Lines
+    truncated: bool = False
+
+    def __post_init__(self) -> None:
+        check_text_budget("lines", self.lines, MAX_LOG_BATCH_BYTES)
+
+
+class ProgressItem(msgspec.Struct, frozen=True, kw_only=True):
+    """One structured progress report a run wrote (the SDK's framed stdout lines)."""
+
+    #: Number of the output line it came on: its identity within the attempt.
+    line_no: LineNo
+    event: Literal["step_started", "step_finished", "log", "metadata"]
+    step: ShortText | None = None
+    status: ShortText | None = None
+    duration_s: Annotated[float, msgspec.Meta(ge=-1e9, le=1e9)] | None = None
+    level: ShortText | None = None
+    message: ShortText | None = None
+    values: ProgressValues = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_json("values", self.values, MAX_VALUES_BYTES)
+
+
+class RunProgress(AttemptMessage, frozen=True, kw_only=True, tag="RunProgress"):
+    """Steps, log records and metadata a run reported, read by its agent from its output."""
+
+    agent_id: Name
+    items: Annotated[tuple[ProgressItem, ...], msgspec.Meta(max_length=1000)]
+
+
+class RunAccepted(RunMessage, frozen=True, kw_only=True, tag="RunAccepted"):
+    """A job submission passed its location's checks: the run exists."""
+
+
+class RunRejected(RunMessage, frozen=True, kw_only=True, tag="RunRejected"):
+    """A submission was refused, and no run exists; ``reason`` names the problem."""
+
+    reason: Text
+
+
+class RunRetrying(AttemptMessage, frozen=True, kw_only=True, tag="RunRetrying"):
+    """The control plane scheduled another attempt after ``attempt`` failed."""
+
+    next_attempt: Attempt
+    reason: FailureReason
+    delay_s: Delay
+    message: Text = ""
+
+
+class RunEnded(AttemptMessage, frozen=True, kw_only=True, tag="RunEnded"):
+    """The control plane's verdict: the run reached its final state with ``attempt``."""
+
+    state: Literal["SUCCESS", "FAILURE", "CANCELED"]
+    exit_code: ExitCode | None = None
+    reason: FailureReason | None = None
+    message: Text = ""
+    output_tail: Lines = ()

@@ -1,0 +1,195 @@
+"""Bad input is answered and isolated: refused at the edge, dead-lettered with a reason, and
+never stops the messages behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import uuid
+
+import asyncpg
+import pytest
+
+from dispatcher.errors import InvalidSubmission, SubmissionRejected
+from dispatcher.states import RunState
+from dispatcher.store import Store
+from schemas import RunRejected, SubmitRun, encode
+from schemas.topology import REQUESTS_EXCHANGE, REQUESTS_QUEUE, REQUESTS_ROUTING_KEY
+from tests.integration.conftest import Stack
+from tests.integration.test_crashes import publish_raw
+from tests.integration.test_dispatch import wait_for_state
+from tests.integration.test_operators import dispatcher_cli
+from tests.support import eventually
+
+
+async def run_count(store: Store) -> int:
+    return len(await store.list_runs(limit=1000))
+
+
+async def dead_letter_total(store: Store, queue: str) -> int:
+    return sum(c["total"] for c in await store.dead_letter_counts() if c["source_queue"] == queue)
+
+
+async def test_bad_submissions_are_refused_before_sending(stack: Stack, store: Store) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent()
+    refusals = {
+        "queue": ("submit", "--queue", "gpu!", "--image", stack.run_image, "--", "true"),
+        "image": ("submit", "--image", "bad\x01image", "--queue", stack.queue, "--", "true"),
+        "image ": ("submit", "--image", "a b c", "--queue", stack.queue, "--", "true"),
+        "queue ": ("submit", "--queue", "q" * 65, "--image", stack.run_image, "--", "true"),
+    }
+    for field, args in refusals.items():
+        result = await dispatcher_cli(stack, *args)
+        assert result.returncode == 2, result
+        assert "invalid submission" in result.stderr and field.strip() in result.stderr
+        assert result.stdout == ""  # no run id printed
+    async with stack.client() as client:
+        with pytest.raises(InvalidSubmission) as refused:
+            await client.submit(stack.run_image, ["true"], env={"A=B": "x"}, queue=stack.queue)
+        assert refused.value.field is not None and refused.value.field.startswith("env")
+        with pytest.raises(InvalidSubmission, match="exceeds the limit"):
+            await client.submit(stack.run_image, ["x" * (2 * 1024 * 1024)], queue=stack.queue)
+        with pytest.raises(InvalidSubmission) as refused:
+            await client.submit(stack.run_image, ["a\x00b"], queue=stack.queue)
+        # Later runs flow.
+        run_id = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+    assert (await wait_for_state(store, run_id, RunState.SUCCESS)).state == RunState.SUCCESS
+    assert await run_count(store) == 1
+
+
+async def test_hostile_requests_are_dead_lettered_and_answered(stack: Stack, store: Store) -> None:
+    control_plane = await stack.start_control_plane()
+    await stack.start_agent()
+    deep = "[" * 5000 + "]" * 5000
+
+    def submission(run_id: uuid.UUID, **fields: object) -> bytes:
+        body = json.loads(
+            encode(SubmitRun(run_id=run_id, image=stack.run_image, queue=stack.queue))
+        )
+        body.update(fields)
+        return json.dumps(body).encode()
+
+    hostile = {
+        "nested": lambda run_id: submission(run_id).replace(
+            b"{", b'{"x": ' + deep.encode() + b", ", 1
+        ),
+        "nul": lambda run_id: submission(run_id, command=["a\x00b"]),
+        "huge integer": lambda run_id: submission(run_id, memory_limit_mb=2**40),
+        "unknown kind": lambda run_id: submission(run_id, kind="SubmitRocket"),
+        "newer schema": lambda run_id: submission(run_id, schema_version=99),
+    }
+    run_ids = {name: uuid.uuid4() for name in hostile}
+    async with stack.client() as client:
+        follower = await client.follow(set(run_ids.values()))
+        for name, make in hostile.items():
+            await publish_raw(
+                stack.amqp_url, REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, make(run_ids[name])
+            )
+        answered: dict[uuid.UUID, str] = {}
+
+        async def answers() -> None:
+            async for event in follower.events(answers=True):
+                if isinstance(event, RunRejected):
+                    answered[event.run_id] = event.reason
+                    if len(answered) == 3:
+                        return
+
+        # A SubmitRun that can still be read for its run id is answered; an unknown kind,
+        # or a payload too deep to read at all, names nobody to answer.
+        await asyncio.wait_for(answers(), 60)
+        assert set(answered) == {run_ids[n] for n in ("nul", "huge integer", "newer schema")}
+        assert "memory_limit_mb" in answered[run_ids["huge integer"]]
+        assert "schema_version" in answered[run_ids["newer schema"]]
+        assert "NUL" in answered[run_ids["nul"]] or "command" in answered[run_ids["nul"]]
+
+        async def all_counted() -> bool:
+            return await dead_letter_total(store, REQUESTS_QUEUE) == len(hostile)
+
+        await eventually(all_counted, 60, interval=0.3, what="five dead letters counted")
+        # The control plane never stopped, and later runs flow.
+        assert control_plane.process is not None and control_plane.process.poll() is None
+        outcome = await client.submit_and_wait(
+            stack.run_image, ["true"], queue=stack.queue, timeout=60
+        )
+    assert outcome.succeeded
+    assert await run_count(store) == 1  # no row for any hostile submission
+    alerts = await store.list_alerts()
+    assert any(a["kind"] == "messages_dead_lettered" for a in alerts)
+
+
+async def test_an_unpublishable_instruction_fails_its_run_and_blocks_nothing(
+    stack: Stack, store: Store
+) -> None:
+    # A row that no broker takes (a queue name from before names were checked) sits first
+    # in the outbox; the relay sets it aside and the runs behind it go out.
+    stuck = SubmitRun(run_id=uuid.uuid4(), image=stack.run_image, queue="gpu!")
+    await store.create_runs([stuck])
+    await stack.start_control_plane()
+    await stack.start_agent()
+    async with stack.client() as client:
+        later = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+    assert (await wait_for_state(store, later, RunState.SUCCESS)).state == RunState.SUCCESS
+    failed = await wait_for_state(store, stuck.run_id, RunState.FAILURE)
+    assert failed.failure_reason == "LAUNCH_ERROR"
+    assert failed.failure_message and "gpu!" in failed.failure_message
+    connection = await asyncpg.connect(
+        stack.database_url, server_settings={"search_path": stack.schema}
+    )
+    try:
+        error = await connection.fetchval(
+            "SELECT error FROM outbox WHERE run_id = $1 AND kind = 'LaunchRun'", stuck.run_id
+        )
+    finally:
+        await connection.close()
+    assert error and "gpu!" in error
+
+
+async def test_wait_follows_a_retried_run_to_its_success(stack: Stack, store: Store) -> None:
+    await stack.start_control_plane()
+    await stack.start_monitor()
+    first = await stack.start_agent(0)
+    waiter = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatcher",
+        "submit",
+        "--wait",
+        "--image",
+        stack.run_image,
+        "--queue",
+        stack.queue,
+        "--",
+        "sh",
+        "-c",
+        "sleep 3",
+        env=stack._env_for_cli(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert waiter.stdout is not None
+    run_id = uuid.UUID((await asyncio.wait_for(waiter.stdout.readline(), 60)).decode().strip())
+    await wait_for_state(store, run_id, RunState.STARTED)
+    # The agent dies with the run in flight: the monitor fails the attempt over (AGENT_LOST,
+    # retried) and another agent runs attempt 2.
+    first.signal(signal.SIGKILL)
+    await stack.start_agent(1)
+    _, stderr = await asyncio.wait_for(waiter.communicate(), 120)
+    printed = stderr.decode()
+    assert waiter.returncode == 0, printed
+    assert "attempt 1: failed (AGENT_LOST)" in printed
+    assert "retrying as attempt 2" in printed
+    assert "SUCCESS, exit code 0 on attempt 2" in printed
+    run = await store.get_run(run_id)
+    assert (run.state, run.attempt) == (RunState.SUCCESS, 2)
+
+
+async def test_a_refused_plain_run_is_reported_to_its_waiter(stack: Stack, store: Store) -> None:
+    await stack.start_control_plane()
+    async with stack.client() as client:
+        with pytest.raises(SubmissionRejected, match="needs an image"):
+            # Valid on the wire, refused by the control plane: no image and no job.
+            await client.submit_and_wait("", (), queue=stack.queue, timeout=60)
+    assert await run_count(store) == 0

@@ -1,0 +1,142 @@
+"""A run's output never makes the agent publish what the contract refuses."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from schemas import RunFailed, RunLog, RunProgress, RunSucceeded, encode, event_decoder
+from worker_agent import limits
+from worker_agent.logs import LineBatcher
+from worker_agent.progress import DROPPED, FRAME_PREFIX, parse_progress
+
+pytestmark = pytest.mark.unit
+
+RUN = uuid.uuid4()
+decoder = event_decoder()
+
+
+def travels(event: RunLog | RunProgress | RunSucceeded | RunFailed) -> None:
+    """The event decodes on the other side as it was sent."""
+    assert decoder.decode(encode(event)) == event
+
+
+def frame(**fields: object) -> str:
+    return FRAME_PREFIX + json.dumps(fields)
+
+
+def drain(batcher: LineBatcher) -> list[tuple[int, tuple[str, ...]]]:
+    batches = []
+    while True:
+        first, lines = batcher.take()
+        if not lines:
+            return batches
+        batches.append((first, lines))
+
+
+def test_nul_in_output_lines_becomes_the_replacement_character() -> None:
+    batcher = LineBatcher()
+    batcher.feed("a\x00b\nclean\n")
+    first, lines = batcher.take()
+    assert lines == ("a\ufffdb", "clean")
+    travels(RunLog(run_id=RUN, attempt=1, agent_id="a1", first_line=first, lines=lines))
+
+
+def test_a_line_of_wide_characters_is_cut_within_the_contract() -> None:
+    batcher = LineBatcher(max_line_chars=100_000)
+    batcher.feed("😀" * 20_000 + "\n")  # 80,000 UTF-8 bytes
+    (first, (line,)), *_ = drain(batcher)
+    assert line.endswith(limits.TRUNCATED_MARK)
+    assert len(line.encode("utf-8")) <= 16 * 1024
+    travels(RunLog(run_id=RUN, attempt=1, agent_id="a1", first_line=first, lines=(line,)))
+
+
+def test_batches_hold_at_most_1000_lines_and_512_kib() -> None:
+    batcher = LineBatcher(max_lines=100_000, max_line_chars=16 * 1024)
+    batcher.feed("short\n" * 2500)
+    batcher.feed(("x" * 16_000 + "\n") * 100)
+    batcher.feed("\x01" * 2000 + "\n")  # control characters: 6 bytes each once encoded
+    batches = drain(batcher)
+    assert [len(lines) for _, lines in batches[:2]] == [1000, 1000]
+    assert len(batches) > 4  # the long lines need batches of their own: 512 KiB each
+    numbers = [first for first, _ in batches]
+    sizes = [len(lines) for _, lines in batches]
+    # Numbered without gap or overlap.
+    assert numbers == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert sum(sizes) == 2601
+    for first, lines in batches:
+        assert len(lines) <= 1000
+        assert sum(len(line.encode()) for line in lines) <= 512 * 1024
+        event = RunLog(run_id=RUN, attempt=1, agent_id="a1", first_line=first, lines=lines)
+        assert len(encode(event)) < 1024 * 1024
+        travels(event)
+
+
+def test_the_output_tail_keeps_the_last_lines_within_the_contract() -> None:
+    lines = [f"line {i}\x00" for i in range(3000)]
+    tail = limits.tail(lines, 5000)
+    assert len(tail) == 1000
+    assert tail[-1] == "line 2999\ufffd"
+    wide = limits.tail(["\x01" * 16_000] * 200, 200)
+    assert 0 < len(wide) < 200  # what fits in the budget, the last lines first
+    for kept in (tail, wide):
+        travels(RunSucceeded(run_id=RUN, attempt=1, agent_id="a1", output_tail=kept))
+
+
+def test_progress_strings_are_cleaned_and_cut() -> None:
+    item = parse_progress(
+        frame(event="log", message="m\u0000" * 5000, step="s\u0000", values={"k\u0000": "v\u0000"}),
+        0,
+    )
+    assert item is not None and item is not DROPPED
+    assert "\x00" not in (item.message or "") + (item.step or "")
+    assert len((item.message or "").encode()) <= 4096
+    assert item.values == {"k\ufffd": "v\ufffd"}
+    travels(RunProgress(run_id=RUN, attempt=1, agent_id="a1", items=(item,)))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"big": "x" * (17 * 1024)},
+        json.loads('{"a":' * 40 + "1" + "}" * 40),
+        {"many": list(range(10_001))},
+    ],
+    ids=["too big", "too deep", "too many values"],
+)
+def test_progress_values_beyond_the_contract_drop_the_item(values: object) -> None:
+    assert parse_progress(frame(event="metadata", values=values), 7) is DROPPED
+
+
+def test_values_at_the_contract_s_depth_travel() -> None:
+    values: dict[str, object] = {"leaf": 1}
+    for _ in range(31):
+        values = {"a": values}  # 32 objects deep
+    item = parse_progress(frame(event="metadata", values=values, duration_s=1e12), 0)
+    assert item is not None and item is not DROPPED
+    assert item.duration_s is None  # beyond the contract's range
+    travels(RunProgress(run_id=RUN, attempt=1, agent_id="a1", items=(item,)))
+
+
+def test_a_dropped_frame_is_neither_output_nor_progress_and_keeps_the_numbering() -> None:
+    batcher = LineBatcher()
+    batcher.feed(frame(event="metadata", values={"big": "x" * 20_000}) + "\n")
+    batcher.feed(frame(event="step_started", step="next") + "\nplain\n")
+    items = batcher.take_progress()
+    assert [(i.line_no, i.step) for i in items] == [(1, "next")]
+    assert batcher.take() == (0, ("plain",))
+
+
+def test_progress_batches_fit_in_a_message() -> None:
+    batcher = LineBatcher()
+    for _ in range(1200):
+        batcher.feed(frame(event="metadata", values={"blob": "y" * 15_000}) + "\n")
+    sent = 0
+    while items := batcher.take_progress():
+        event = RunProgress(run_id=RUN, attempt=1, agent_id="a1", items=items)
+        assert len(items) <= 1000
+        assert len(encode(event)) < 1024 * 1024
+        sent += len(items)
+    assert sent == 1200

@@ -1,0 +1,257 @@
+"""The launcher: carries out instructions, starting an attempt's container or stopping one.
+
+Promises kept here:
+- a LaunchRun is acked only after its container started and RunLaunched was confirmed;
+- a redelivered LaunchRun adopts the container of the same name instead of starting another;
+- an instruction that waits on purpose (no free slot yet, Docker unreachable, its location
+  still loading) is held unacked and retried here, never nacked back: the queues count every
+  redelivery against a delivery limit. At shutdown it is left unacked, and goes back to its
+  queue when the channel closes;
+- on start, containers this agent labelled before are adopted and their state reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aio_pika.abc
+
+from dispatcher import amqp, metrics
+from dispatcher.amqp import Delivery
+from dispatcher.errors import BrokerUnavailable
+from schemas import FailureReason, Instruction, LaunchRun, RunFailed, TerminateRun
+
+from . import limits
+from .errors import DockerUnavailable, ImageMissing, LaunchFailed, LocationUnavailable
+from .locations import LocationKeeper
+from .reporter import Reporter
+from .runtime import ContainerInfo, DockerRuntime
+from .settings import AgentSettings
+from .slots import Attempt, AttemptKey, Slots
+
+log = logging.getLogger(__name__)
+
+#: Pauses between tries of an instruction that waits for Docker or for its location.
+FIRST_RETRY_S = 0.5
+MAX_RETRY_S = 30.0
+
+
+class Launcher:
+    """Handles LaunchRun and TerminateRun; ``stopping`` ends every wait (shutdown)."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        runtime: DockerRuntime,
+        slots: Slots,
+        reporter: Reporter,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.slots = slots
+        self.reporter = reporter
+        self._stopping = stopping
+        #: Set at start-up, before any instruction is consumed.
+        self.keeper: LocationKeeper | None = None
+
+    async def handle(self, delivery: Delivery[Instruction]) -> None:
+        """Carry out one instruction. A defect is raised to the consumer (which dead-letters
+        the instruction), after a LaunchRun's attempt was reported failed."""
+        message = delivery.message
+        try:
+            if isinstance(message, LaunchRun):
+                await self._launch(message, delivery.raw)
+            elif isinstance(message, TerminateRun):
+                await self._terminate(message, delivery.raw)
+        except Exception as exc:
+            if isinstance(message, LaunchRun):
+                await self._report_defect(message, exc)
+            raise
+
+    # ------------------------------------------------------------------ launches
+
+    async def _launch(self, launch: LaunchRun, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        key = (launch.run_id, launch.attempt)
+        attempt = await self._hold_slot(launch, raw)
+        if attempt is None:
+            return
+        started = await self._start(launch, attempt, raw)
+        if started is None:
+            return
+        info, adopted = started
+        container_id = info.id
+        self.slots.bind(attempt, container_id)
+        attempt.state = info.status
+        attempt.started = info.ready
+        self.reporter.forward_output(attempt, container_id)
+        try:
+            await self.reporter.launched(*key, container_id, attempt.started)
+        except BrokerUnavailable as exc:
+            # Not acked: the broker redelivers, and the redelivery adopts this container.
+            log.error("could not report the launch of run %s: %s", launch.run_id, exc)
+            attempt.launched.set()
+            return
+        await amqp.settle(raw.ack())
+        attempt.launched.set()
+        if not adopted:
+            metrics.LAUNCHES.inc()
+        what = "adopted" if adopted else "started"
+        log.info("run %s attempt %d %s container %s", *key, what, container_id[:12])
+        if info.finished or self.reporter.exited_unbound(container_id):
+            self.reporter.on_exit(container_id)
+
+    async def _hold_slot(
+        self, launch: LaunchRun, raw: aio_pika.abc.AbstractIncomingMessage
+    ) -> Attempt | None:
+        """A slot for the launch, waiting for one if need be; None when there is nothing to
+        launch (done before: settled here) or the agent stops (left unacked)."""
+        key = (launch.run_id, launch.attempt)
+        held = False
+        while True:
+            if self.slots.finished(key):
+                log.info("run %s attempt %d already finished here; instruction acked", *key)
+                await amqp.settle(raw.ack())
+                return None
+            existing = self.slots.attempts.get(key)
+            if existing is not None:
+                # A second delivery of an attempt this agent holds: report it again, then ack.
+                await existing.launched.wait()
+                if existing.container_id is not None:
+                    await self.reporter.launched(*key, existing.container_id, existing.started)
+                await amqp.settle(raw.ack())
+                return None
+            attempt = self.slots.take(key)
+            if attempt is not None:
+                return attempt
+            if not held:
+                # More deliveries than slots (prefetch changed while they were on their way).
+                log.info("run %s attempt %d held until a slot frees", *key)
+                held = True
+            if not await self.slots.wait_for_free(self._stopping):
+                return None
+
+    async def _start(
+        self, launch: LaunchRun, attempt: Attempt, raw: aio_pika.abc.AbstractIncomingMessage
+    ) -> tuple[ContainerInfo, bool] | None:
+        """Start (or adopt) the container, retrying while Docker or the location is not there.
+
+        None when the launch failed for good (reported and acked) or the agent stops."""
+        key = attempt.key
+        delay = FIRST_RETRY_S
+        while True:
+            try:
+                spec = launch
+                if launch.job is not None and self.keeper is not None:
+                    spec = await self.keeper.launch_spec(launch)
+                info, adopted = await self.runtime.launch(spec)
+            except (DockerUnavailable, LocationUnavailable) as exc:
+                what = (
+                    "Docker engine unreachable"
+                    if isinstance(exc, DockerUnavailable)
+                    else "location not ready"
+                )
+                log.error("%s; run %s attempt %d retried in %.1f s: %s", what, *key, delay, exc)
+                if not await self._pause(delay):
+                    self.slots.release(key)
+                    return None
+                delay = min(delay * 2, MAX_RETRY_S)
+                continue
+            except (ImageMissing, LaunchFailed) as exc:
+                reason = (
+                    FailureReason.IMAGE_NOT_FOUND
+                    if isinstance(exc, ImageMissing)
+                    else FailureReason.LAUNCH_ERROR
+                )
+                log.warning("run %s attempt %d failed to launch: %s", *key, exc)
+                await self._report_failed(launch, reason, str(exc))
+                await amqp.settle(raw.ack())
+                self.slots.release(key, reported=True)
+                return None
+            return info, adopted
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds``; False if the agent began to stop meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return not self._stopping.is_set()
+
+    async def _report_failed(self, launch: LaunchRun, reason: FailureReason, why: str) -> None:
+        await self.reporter.publish_until_sent(
+            RunFailed(
+                run_id=launch.run_id,
+                attempt=launch.attempt,
+                agent_id=self.settings.agent_id,
+                reason=reason,
+                message=limits.clip(limits.clean(why), limits.MAX_PROGRESS_TEXT_BYTES),
+            )
+        )
+
+    async def _report_defect(self, launch: LaunchRun, exc: Exception) -> None:
+        """A defect must not hold a slot forever: the attempt, if no container runs for it,
+        is reported failed and its slot freed."""
+        log.exception("LaunchRun for run %s attempt %d failed", launch.run_id, launch.attempt)
+        key: AttemptKey = (launch.run_id, launch.attempt)
+        attempt = self.slots.attempts.get(key)
+        if attempt is None or attempt.container_id is None:
+            await self._report_failed(launch, FailureReason.LAUNCH_ERROR, f"agent error: {exc!r}")
+            self.slots.release(key, reported=True)
+
+    # ---------------------------------------------------------------- terminations
+
+    async def _terminate(
+        self, terminate: TerminateRun, raw: aio_pika.abc.AbstractIncomingMessage
+    ) -> None:
+        """Stop an attempt's container; its end is reported with the reason given."""
+        attempt = self.slots.attempts.get((terminate.run_id, terminate.attempt))
+        if attempt is not None and attempt.container_id is not None and not attempt.finishing:
+            attempt.terminated = terminate.failure_reason or FailureReason.UNEXPECTED_TERMINATION
+            attempt.terminate_note = terminate.reason
+            log.info(
+                "terminating run %s attempt %d: %s",
+                terminate.run_id,
+                terminate.attempt,
+                terminate.reason or "asked to",
+            )
+            delay = FIRST_RETRY_S
+            while True:
+                try:
+                    await self.runtime.stop(attempt.container_id, terminate.grace_s)
+                    break
+                except DockerUnavailable as exc:
+                    log.error(
+                        "cannot terminate run %s (%s); retried in %.1f s",
+                        terminate.run_id,
+                        exc,
+                        delay,
+                    )
+                    if not await self._pause(delay):
+                        return  # left unacked: back to its queue when the channel closes
+                    delay = min(delay * 2, MAX_RETRY_S)
+        await amqp.settle(raw.ack())
+
+    # ------------------------------------------------------------------ adoption
+
+    async def adopt(self) -> None:
+        """Adopt this agent's containers and report their state (start, or Docker came back)."""
+        for info in await self.runtime.list_managed():
+            key = (info.run_id, info.attempt)
+            if self.slots.finished(key):
+                continue
+            attempt = self.slots.attempts.get(key)
+            if attempt is None:
+                attempt = Attempt(*key, container_id=info.id, state=info.status)
+                attempt.started = info.ready
+                self.slots.adopt(attempt)
+                log.info(
+                    "adopted container %s of run %s attempt %d (%s)",
+                    info.id[:12],
+                    *key,
+                    info.status,
+                )
+                await self.reporter.launched(*key, info.id, attempt.started, until_sent=True)
+                attempt.launched.set()
+            if info.finished or self.reporter.exited_unbound(info.id):
+                self.reporter.on_exit(info.id)

@@ -1,0 +1,190 @@
+"""The agent's slots: attempts that hold one, deliveries waiting for one, attempts just reported.
+
+Prefetch is the number of slots neither held nor promised to a waiting delivery, so that the
+broker never hands out more launches than can start. An attempt releases its slot once its
+final event was confirmed; it is then listed as "reported" in heartbeats for a while, so that
+a monitor reading a store that lags behind the broker sees "reported", not "missing".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from schemas import ContainerState, FailureReason
+
+AttemptKey = tuple[uuid.UUID, int]
+
+#: Finished attempts remembered, so that a redelivered LaunchRun of one is acked, not run.
+REMEMBERED = 10_000
+#: Reported attempts listed in a heartbeat at most (the most recent ones).
+MAX_LISTED_REPORTED = 1000
+
+
+@dataclass
+class Attempt:
+    """One attempt this agent holds a slot for."""
+
+    run_id: uuid.UUID
+    attempt: int
+    container_id: str | None = None
+    state: str = "launching"
+    launched: asyncio.Event = field(default_factory=asyncio.Event)
+    finishing: bool = False
+    #: RunStarted was reported (at once, or when the ready check passed).
+    started: bool = False
+    #: Set by a TerminateRun: what the attempt's end is reported as.
+    terminated: FailureReason | None = None
+    terminate_note: str = ""
+    #: Forwards the container's output while it runs (when log forwarding is on).
+    forwarding: asyncio.Task[None] | None = None
+
+    @property
+    def key(self) -> AttemptKey:
+        return (self.run_id, self.attempt)
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A finished attempt whose final event the broker confirmed."""
+
+    container_id: str | None
+    exit_code: int | None
+    at: float
+
+
+class Slots:
+    """Who holds the agent's ``max_concurrent`` slots; ``on_change`` when prefetch may change."""
+
+    def __init__(
+        self,
+        max_concurrent: int,
+        reported_for_s: float = 60.0,
+        on_change: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_concurrent = max_concurrent
+        self.reported_for_s = reported_for_s
+        self.attempts: dict[AttemptKey, Attempt] = {}
+        #: Deliveries held until a slot frees (more arrived than slots: a prefetch race).
+        self.waiting = 0
+        self._on_change = on_change
+        self._clock = clock
+        self._by_container: dict[str, AttemptKey] = {}
+        self._finished: OrderedDict[AttemptKey, Reported] = OrderedDict()
+        self._freed = asyncio.Event()
+
+    # ------------------------------------------------------------------ counting
+
+    def free(self) -> int:
+        """Slots no attempt holds."""
+        return max(0, self.max_concurrent - len(self.attempts))
+
+    def prefetch(self) -> int:
+        """Deliveries the broker may still hand out: free slots not promised to a waiter."""
+        return max(0, self.free() - self.waiting)
+
+    def finished(self, key: AttemptKey) -> bool:
+        return key in self._finished
+
+    # ------------------------------------------------------------------ holding
+
+    def take(self, key: AttemptKey) -> Attempt | None:
+        """Hold a slot for ``key``; None when none is free."""
+        if self.free() == 0:
+            return None
+        attempt = self.attempts[key] = Attempt(*key)
+        self._on_change()
+        return attempt
+
+    async def wait_for_free(self, stopping: asyncio.Event) -> bool:
+        """Wait until a slot is free (True), or ``stopping`` is set first (False).
+
+        Meanwhile the delivery waiting counts against prefetch, so that the broker does not
+        hand out another one for the same slot.
+        """
+        self.waiting += 1
+        self._on_change()
+        try:
+            while self.free() == 0:
+                if stopping.is_set():
+                    return False
+                self._freed.clear()
+                freed = asyncio.ensure_future(self._freed.wait())
+                stopped = asyncio.ensure_future(stopping.wait())
+                try:
+                    await asyncio.wait([freed, stopped], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    freed.cancel()
+                    stopped.cancel()
+            return True
+        finally:
+            self.waiting -= 1
+            self._on_change()
+
+    def adopt(self, attempt: Attempt) -> None:
+        """Count an attempt found running (adoption): it holds a slot, even past the limit."""
+        self.attempts[attempt.key] = attempt
+        if attempt.container_id is not None:
+            self._by_container[attempt.container_id] = attempt.key
+        self._on_change()
+
+    def bind(self, attempt: Attempt, container_id: str) -> None:
+        """The attempt's container is known: events about it find the attempt."""
+        attempt.container_id = container_id
+        self._by_container[container_id] = attempt.key
+
+    def of_container(self, container_id: str) -> Attempt | None:
+        key = self._by_container.get(container_id)
+        return self.attempts.get(key) if key is not None else None
+
+    def release(
+        self, key: AttemptKey, reported: bool = False, exit_code: int | None = None
+    ) -> None:
+        """Free the attempt's slot; ``reported``: its final event was confirmed."""
+        attempt = self.attempts.pop(key, None)
+        container_id = attempt.container_id if attempt is not None else None
+        if container_id is not None:
+            self._by_container.pop(container_id, None)
+        if reported:
+            self._finished[key] = Reported(container_id, exit_code, self._clock())
+            self._finished.move_to_end(key)
+            while len(self._finished) > REMEMBERED:
+                self._finished.popitem(last=False)
+        self._freed.set()
+        self._on_change()
+
+    # ------------------------------------------------------------------ reporting
+
+    def in_flight(self) -> tuple[ContainerState, ...]:
+        """Attempts holding a slot, then those reported within ``reported_for_s``, newest first."""
+        holding = [
+            ContainerState(
+                run_id=a.run_id, attempt=a.attempt, container_id=a.container_id, state=a.state
+            )
+            for a in self.attempts.values()
+        ]
+        since = self._clock() - self.reported_for_s
+        reported: list[ContainerState] = []
+        for (run_id, attempt), done in reversed(self._finished.items()):
+            if done.at < since or len(reported) >= MAX_LISTED_REPORTED:
+                break
+            reported.append(
+                ContainerState(
+                    run_id=run_id,
+                    attempt=attempt,
+                    container_id=done.container_id,
+                    state="reported",
+                    exit_code=_exit_code(done.exit_code),
+                )
+            )
+        return (*holding, *reported)
+
+
+def _exit_code(code: int | None) -> int | None:
+    """An exit code the contract accepts (-1 to 255), or None."""
+    return code if code is not None and -1 <= code <= 255 else None
