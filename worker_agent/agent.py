@@ -67,6 +67,7 @@ class Agent:
             self._start("heartbeat", parts.heartbeat.run)
             self._start("watcher", parts.watcher.run)
             if await self._until(stop, parts.watcher.connected):
+                parts.heartbeat.synced = True
                 await parts.keeper.start()
                 self._start("locations", parts.keeper.run)
                 await parts.consumer.start()

@@ -37,6 +37,9 @@ class Heartbeat:
         self._in_flight = in_flight
         #: Set when the agent's shutdown begins; the heartbeat goes on until it is over.
         self.draining = False
+        #: Set once the agent has listed (adopted) its containers: before that, a run missing
+        #: from ``in_flight`` proves nothing.
+        self.synced = False
         self.sequence = 0
 
     async def beat(self) -> None:
@@ -49,6 +52,7 @@ class Heartbeat:
             interval_s=self._interval_s,
             in_flight=self._in_flight(),
             draining=self.draining,
+            synced=self.synced,
         )
         self.sequence += 1
         await self._publisher.publish(

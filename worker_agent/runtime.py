@@ -36,8 +36,6 @@ LABEL_RUN = "hybrid-dispatcher.run-id"
 LABEL_ATTEMPT = "hybrid-dispatcher.attempt"
 MANAGED_BY = "worker-agent"
 
-_UNAVAILABLE = UNAVAILABLE
-
 
 def container_name(run_id: uuid.UUID, attempt: int) -> str:
     """The one name an attempt's container can have: a second create of it fails."""
@@ -124,7 +122,7 @@ class DockerRuntime:
         def guarded() -> Any:
             try:
                 return fn()
-            except _UNAVAILABLE as exc:
+            except UNAVAILABLE as exc:
                 raise DockerUnavailable(f"the Docker engine does not answer: {exc}") from exc
             except docker.errors.APIError as exc:
                 if exc.is_server_error():
@@ -248,7 +246,7 @@ class DockerRuntime:
             finally:
                 puller.close()
             client.images.get(image)
-        except (docker.errors.APIError, docker.errors.ImageNotFound, *_UNAVAILABLE) as exc:
+        except (docker.errors.APIError, docker.errors.ImageNotFound, *UNAVAILABLE) as exc:
             detail = _explain(exc) if isinstance(exc, docker.errors.APIError) else repr(exc)
             raise ImageMissing(
                 f"image {image!r} is not on this host and cannot be pulled: {detail}"

@@ -90,7 +90,7 @@ async def test_an_instruction_waits_out_a_docker_outage(
     async with stack.client() as client:
         run_id = await client.submit(stack.run_image, ["sh", "-c", "echo after"], queue=stack.queue)
     # The agent says what is wrong and keeps the instruction.
-    await agent.wait_for_output(f"Docker engine unreachable, run {run_id} requeued", timeout=60)
+    await agent.wait_for_output(f"Docker engine unreachable; run {run_id}", timeout=60)
     assert (await store.get_run(run_id)).state == RunState.QUEUED
     await proxy.up()
     try:

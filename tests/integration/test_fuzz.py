@@ -167,10 +167,12 @@ async def test_thousands_of_hostile_payloads_are_each_dead_lettered_once(
             )
             expected.update(queues)
         # Unroutable ones are returned by the broker, not lost quietly.
+        strict = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        instructions = await strict.get_exchange(INSTRUCTIONS_EXCHANGE, ensure=False)
         for _ in range(20):
             unroutable += 1
             try:
-                await exchanges[INSTRUCTIONS_EXCHANGE].publish(
+                await instructions.publish(
                     aio_pika.Message(b"{}"), "no-such-queue", mandatory=True
                 )
             except aio_pika.exceptions.DeliveryError:

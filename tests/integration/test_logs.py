@@ -69,16 +69,22 @@ async def test_with_log_forwarding_off_no_output_line_reaches_the_broker(
         assert run.exit_code == 5  # states and metadata still arrive
         assert run.output_tail == []
 
-        kinds = []
+        kinds: list[str] = []
         decoder = event_decoder()
-        while (message := await spy.get(fail=False, timeout=5)) is not None:
-            await message.ack()
-            assert marker.encode() not in message.body
-            event = decoder.decode(message.body)
-            if getattr(event, "run_id", None) == run_id:
-                kinds.append(type(event).__name__)
-                assert not isinstance(event, RunLog)
-        assert kinds == ["RunLaunched", "RunStarted", "RunFailed"]
+
+        async def until_the_end() -> bool:
+            # Everything about the run, up to the control plane's verdict.
+            while (message := await spy.get(fail=False, timeout=5)) is not None:
+                await message.ack()
+                assert marker.encode() not in message.body
+                event = decoder.decode(message.body)
+                if getattr(event, "run_id", None) == run_id:
+                    kinds.append(type(event).__name__)
+                    assert not isinstance(event, RunLog)
+            return "RunEnded" in kinds
+
+        await eventually(until_the_end, 30, interval=0.2, what="the run's events")
+        assert kinds == ["RunLaunched", "RunStarted", "RunFailed", "RunEnded"]
     assert await store.run_logs(run_id) == []
 
 
