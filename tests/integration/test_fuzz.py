@@ -172,9 +172,7 @@ async def test_thousands_of_hostile_payloads_are_each_dead_lettered_once(
         for _ in range(20):
             unroutable += 1
             try:
-                await instructions.publish(
-                    aio_pika.Message(b"{}"), "no-such-queue", mandatory=True
-                )
+                await instructions.publish(aio_pika.Message(b"{}"), "no-such-queue", mandatory=True)
             except aio_pika.exceptions.DeliveryError:
                 returned += 1
     assert returned == unroutable
