@@ -385,7 +385,8 @@ class Consumer(Generic[T]):
     Deliveries that arrive while the handler works are handled together next time, so that
     the batch grows with the load and a lone message waits for nothing. A payload that cannot
     be decoded is dead-lettered once with the reason and acked; the consumer goes on.
-    If the handler raises ``StoreUnavailable`` the batch is requeued after a pause; any other
+    If the handler raises ``StoreUnavailable`` the batch is held and handed over again until
+    the store is back (in order, and without counting toward the delivery limit); any other
     error is narrowed down by handling the batch one message at a time, and a message that
     still fails is dead-lettered with the error as its reason.
     """
@@ -475,13 +476,8 @@ class Consumer(Generic[T]):
         if not good:
             return
         try:
-            await self._handler(good)
-        except StoreUnavailable as exc:
-            log.error("%s: store unavailable (%s); requeueing %d", self.queue_name, exc, len(good))
-            await asyncio.sleep(1.0)
-            for delivery in good:
-                await settle(delivery.raw.nack(requeue=True))
-            return
+            if not await self._apply(good):
+                return
         except Exception as exc:
             if len(good) > 1:
                 # Narrow the failure down: the other messages of the batch are applied.
@@ -496,16 +492,38 @@ class Consumer(Generic[T]):
 
     async def _handle_one(self, delivery: Delivery[T]) -> None:
         try:
-            await self._handler([delivery])
-        except StoreUnavailable:
-            await asyncio.sleep(1.0)
-            await settle(delivery.raw.nack(requeue=True))
-            return
+            if not await self._apply([delivery]):
+                return
         except Exception as exc:
             log.exception("%s: handler failed; dead-lettering the message", self.queue_name)
             await self._poison(delivery.raw, delivery.message, f"handler error: {_describe(exc)}")
             return
         await settle(delivery.raw.ack())
+
+    async def _apply(self, batch: list[Delivery[T]]) -> bool:
+        """Hand ``batch`` to the handler, waiting out a store outage with the batch in hand.
+
+        Requeueing instead would reorder the messages and count each return toward the
+        queue's delivery limit, so that a long outage would dead-letter good events. False
+        when the consumer stopped first: the batch, unacked, goes back with the channel.
+        """
+        delay = 0.5
+        while True:
+            try:
+                await self._handler(batch)
+                return True
+            except StoreUnavailable as exc:
+                if self._stopping:
+                    return False
+                log.error(
+                    "%s: store unavailable (%s); holding %d message(s), again in %.1f s",
+                    self.queue_name,
+                    exc,
+                    len(batch),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _poison(
         self, raw: aio_pika.abc.AbstractIncomingMessage, message: T | None, reason: str

@@ -60,7 +60,11 @@ _UNAVAILABLE = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
+    # Shutdown, crash and recovery of the server (SQL state class 57).
+    asyncpg.exceptions.OperatorInterventionError,
+    # A pooled connection the server dropped mid-operation can be left in a state where its
+    # next use fails this way (seen when PostgreSQL restarts under load).
+    asyncpg.exceptions.InternalClientError,
 )
 
 
