@@ -13,7 +13,8 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,19 +67,20 @@ class AlertDeliverer:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        connection: Callable[[], AbstractAsyncContextManager[asyncpg.Connection]],
         webhook_urls: Sequence[str],
         timeout_s: float = 5.0,
         max_backoff_s: float = 300.0,
     ) -> None:
-        self._pool = pool
+        # The store's connections: a database outage surfaces as StoreUnavailable.
+        self._connection = connection
         self._urls = list(webhook_urls)
         self._timeout_s = timeout_s
         self._max_backoff_s = max_backoff_s
 
     async def deliver_due(self) -> int:
         """One pass: log new alerts, then try every delivery that is due; returns how many."""
-        async with self._pool.acquire() as connection, connection.transaction():
+        async with self._connection() as connection, connection.transaction():
             fresh = await connection.fetch(
                 """
                 UPDATE alerts SET logged_at = now() WHERE logged_at IS NULL
@@ -94,7 +96,7 @@ class AlertDeliverer:
                         alert["id"],
                         url,
                     )
-        async with self._pool.acquire() as connection, connection.transaction():
+        async with self._connection() as connection, connection.transaction():
             due = await connection.fetch(
                 """
                 SELECT d.alert_id, d.url, d.attempts, a.dedupe_key, a.kind, a.subject,

@@ -94,12 +94,19 @@ class FailureMonitor:
         self._suspicions: dict[AttemptKey, Suspicion] = {}
 
     async def load(self) -> None:
-        """Rebuild the view from PostgreSQL (the silence each agent has kept so far)."""
+        """Rebuild the view from PostgreSQL: which agents exist and which are lost.
+
+        Silence is measured from now on, by this monitor's own queue: the table's last
+        heartbeat may lag behind (the store holds events through a database outage, which is
+        also when leadership changes hands), and an agent must not be declared lost for the
+        store's delay. An agent already dead is declared lost one threshold after takeover.
+        Nor does a run count as missing until its agent has listed its runs to this monitor.
+        """
         now = self.clock()
         for row in await self.store.agents():
-            self.agents[row.agent_id] = AgentView(
-                row.agent_id, now - row.silent_s, row.interval_s, lost=row.status == "LOST"
-            )
+            view = AgentView(row.agent_id, now, row.interval_s, lost=row.status == "LOST")
+            view.synced = False
+            self.agents[row.agent_id] = view
         self._update_gauges()
         log.info("monitor view loaded: %d agent(s)", len(self.agents))
 
@@ -239,6 +246,10 @@ class FailureMonitor:
         metrics.AGENTS_LOST.set(sum(1 for v in self.agents.values() if v.lost))
 
 
+class LeadershipLost(StoreUnavailable):
+    """The leader lock's session ended (PostgreSQL restarted, say): stop acting."""
+
+
 class Leadership:
     """A session-level advisory lock on a connection of its own: held while it lives."""
 
@@ -274,7 +285,7 @@ class Leadership:
                 assert self._connection is not None
                 await self._connection.fetchval("SELECT 1", timeout=5)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                raise StoreUnavailable(f"leader lock lost: {exc!r}") from exc
+                raise LeadershipLost(f"leader lock lost: {exc!r}") from exc
 
     async def release(self) -> None:
         if self._connection is not None and not self._connection.is_closed():
@@ -284,7 +295,11 @@ class Leadership:
 
 
 async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> None:
-    """Stand by until leading, then apply the rules until ``stop`` or a failure."""
+    """Stand by until leading, then apply the rules until ``stop`` or a failure.
+
+    Losing the leader lock (its database session ended) is not a failure: the monitor stops
+    acting and stands by again, so a PostgreSQL restart needs no process restart.
+    """
     leadership = Leadership(
         settings.database_url, f"hd-monitor:{settings.database_schema or 'public'}"
     )
@@ -293,17 +308,29 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> None:
         schema=settings.database_schema,
         retry_backoff_s=settings.retry_backoff_s,
     )
-    connection = None
     try:
         await store.upgrade()
-        if not await leadership.acquire(settings.standby_poll_s, stop):
-            return
-        log.info("this monitor is active")
+        while await leadership.acquire(settings.standby_poll_s, stop):
+            log.info("this monitor is active")
+            try:
+                await _lead(settings, store, leadership, stop)
+            except LeadershipLost as exc:
+                log.warning("%s; standing by again", exc)
+            await leadership.release()
+    finally:
+        await leadership.release()
+        await store.close()
 
-        # Start-up: the view from PostgreSQL, then the monitor's own queue for what follows.
-        monitor = FailureMonitor(store, settings)
-        await monitor.load()
-        connection = await amqp.connect(settings.amqp_url, "dispatcher-monitor")
+
+async def _lead(
+    settings: MonitorSettings, store: SupervisionStore, leadership: Leadership, stop: asyncio.Event
+) -> None:
+    """Act as the active monitor until ``stop``; raises what ended it otherwise."""
+    # Start-up: the view from PostgreSQL, then the monitor's own queue for what follows.
+    monitor = FailureMonitor(store, settings)
+    await monitor.load()
+    connection = await amqp.connect(settings.amqp_url, "dispatcher-monitor")
+    try:
         async with connection.channel() as channel:
             await amqp.declare_topology(channel)
             await amqp.declare_monitor_queue(channel)
@@ -317,7 +344,7 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> None:
             queue_arguments=amqp.MONITOR_QUEUE_ARGUMENTS,
         )
         await consumer.start()
-        deliverer = AlertDeliverer(store.pool, settings.webhook_urls)
+        deliverer = AlertDeliverer(store.connection, settings.webhook_urls)
         tasks = [
             asyncio.create_task(consumer.run(), name="consumer"),
             asyncio.create_task(_every(settings.sweep_interval_s, monitor.sweep), name="rules"),
@@ -342,11 +369,8 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> None:
         if failed:
             raise failed[0].exception()  # type: ignore[misc]
     finally:
-        await leadership.release()
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(connection.close())
-        await store.close()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(connection.close())
 
 
 async def _every(interval_s: float, action: Callable[[], Any]) -> None:

@@ -9,7 +9,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Self
@@ -198,6 +198,10 @@ class Store:
                 yield connection
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+
+    def connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A pooled connection whose connection errors surface as ``StoreUnavailable``."""
+        return self._connection()
 
     async def upgrade(self) -> list[int]:
         """Apply pending migrations."""

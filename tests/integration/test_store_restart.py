@@ -63,8 +63,9 @@ async def test_runs_end_right_across_a_postgresql_restart(
     store = await Store.open(url, schema=stack.schema)
     try:
         await store.upgrade()
-        await stack.start_control_plane()
-        await stack.start_agent(max_concurrent=20)
+        control_plane = await stack.start_control_plane()
+        monitor = await stack.start_monitor()
+        agent = await stack.start_agent(max_concurrent=20)
         expected: dict[uuid.UUID, int] = {}
         async with stack.client() as client:
             for i in range(20):
@@ -93,6 +94,9 @@ async def test_runs_end_right_across_a_postgresql_restart(
             )
 
         await eventually(all_ended, 180, interval=0.5, what="20 runs ended")
+        # Every process rode the outage out (the monitor stood by, then led again).
+        for proc in (control_plane, monitor, agent):
+            assert proc.process is not None and proc.process.poll() is None, proc.output()[-2000:]
         for run in await store.list_runs(limit=100):
             code = expected[run.run_id]
             assert run.exit_code == code
