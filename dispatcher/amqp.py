@@ -51,7 +51,7 @@ from schemas.topology import (
 )
 
 from . import metrics
-from .errors import BrokerRefused, BrokerUnavailable, StoreUnavailable
+from .errors import BrokerRefused, BrokerUnavailable, DispatcherError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,11 @@ async def declare_monitor_queue(channel: aio_pika.abc.AbstractChannel) -> None:
         STATUS_MONITOR_QUEUE, durable=True, arguments=MONITOR_QUEUE_ARGUMENTS
     )
     exchange = await channel.get_exchange(STATUS_EXCHANGE, ensure=False)
-    await queue.bind(exchange, routing_key=RUN_EVENTS)
+    # Heartbeats only: run events (output batches above all) would cost the monitor a decode
+    # each, and push heartbeats out of its bounded queue when it lags.
     await queue.bind(exchange, routing_key=AGENT_EVENTS)
+    for stale in (RUN_EVENTS, "run.*"):  # bindings of earlier versions
+        await queue.unbind(exchange, routing_key=stale)
 
 
 async def declare_consumed_queue(
@@ -300,11 +303,17 @@ class Publisher:
     async def dead_letter(
         self, message: aio_pika.abc.AbstractIncomingMessage, queue: str, reason: str
     ) -> None:
-        """Send a poison message to the dead-letter queue with its reason; confirmed."""
+        """Send a poison message to the dead-letter queue with its reason; confirmed.
+
+        Only our two headers travel with it: the sender's own headers could be anything (an
+        attacker's ``x-hd-reason``, a table too large for a frame), and a dead letter must
+        always be publishable.
+        """
         metrics.DEAD_LETTERED.labels(queue).inc()
-        headers = dict(message.headers or {})
-        headers[DEAD_LETTER_REASON_HEADER] = reason[:1000]
-        headers[DEAD_LETTER_QUEUE_HEADER] = queue
+        headers: dict[str, Any] = {
+            DEAD_LETTER_REASON_HEADER: reason[:1000],
+            DEAD_LETTER_QUEUE_HEADER: queue,
+        }
         await self.publish_raw(
             DEAD_LETTER_EXCHANGE,
             queue,
@@ -402,9 +411,17 @@ class Consumer(Generic[T]):
         max_batch: int = 256,
         queue_arguments: Arguments | None = None,
         on_poison: PoisonHandler[T] | None = None,
+        dead_letters: bool = True,
+        verify: Callable[[str | None, T], None] | None = None,
     ) -> None:
         self.queue_name = queue
         self._on_poison = on_poison
+        #: False for a consumer of dead letters itself: what it cannot handle is logged and
+        #: dropped, never dead-lettered again into the exchange it reads from.
+        self._dead_letters = dead_letters
+        #: Checks a decoded message against its delivery (its routing key); raising a
+        #: DispatcherError makes it poison.
+        self._verify = verify
         self._queue_arguments = queue_arguments
         self._connection = connection
         self._decoder = decoder
@@ -468,8 +485,11 @@ class Consumer(Generic[T]):
         good: list[Delivery[T]] = []
         for raw in batch:
             try:
-                good.append(Delivery(self._decoder.decode(raw.body), raw))
-            except SchemaError as exc:
+                message = self._decoder.decode(raw.body)
+                if self._verify is not None:
+                    self._verify(raw.routing_key, message)
+                good.append(Delivery(message, raw))
+            except (SchemaError, DispatcherError) as exc:
                 await self._poison(raw, None, str(exc))
             except Exception as exc:  # a decoder defect is still this message's problem
                 await self._poison(raw, None, f"cannot decode: {type(exc).__name__}: {exc}")
@@ -529,13 +549,21 @@ class Consumer(Generic[T]):
         self, raw: aio_pika.abc.AbstractIncomingMessage, message: T | None, reason: str
     ) -> None:
         """Dead-letter one message with its reason, tell ``on_poison``, ack it; go on."""
-        log.warning("%s: dead-lettering a message: %s", self.queue_name, reason[:300])
+        verb = "dead-lettering" if self._dead_letters else "dropping"
+        log.warning("%s: %s a message: %s", self.queue_name, verb, reason[:300])
         if self._on_poison is not None:
             try:
                 await self._on_poison(raw.body, message, reason)
             except Exception:
                 log.exception("%s: answering a refused message failed", self.queue_name)
-        await self._publisher.dead_letter(raw, self.queue_name, reason)
+        if self._dead_letters:
+            try:
+                await self._publisher.dead_letter(raw, self.queue_name, reason)
+            except BrokerRefused as exc:
+                # Kept, it would come back for ever: it is logged, and it goes.
+                log.error(
+                    "%s: a dead letter was refused (%s); message dropped", self.queue_name, exc
+                )
         await settle(raw.ack())
 
 

@@ -41,7 +41,7 @@ from schemas.topology import (
     follow_pattern,
 )
 
-from . import amqp
+from . import amqp, provenance
 from .amqp import Publisher
 from .errors import BrokerRefused, BrokerUnavailable, InvalidSubmission, SubmissionRejected
 
@@ -92,7 +92,9 @@ class Follower:
                 await raw.ack()
                 try:
                     event: Event = self._decoder.decode(raw.body)
-                except SchemaError:
+                    # Only what came from its own source: no agent forges a verdict.
+                    provenance.check(raw.routing_key, event)
+                except (SchemaError, provenance.Misrouted):
                     continue
                 if getattr(event, "run_id", None) not in self.run_ids:
                     continue
@@ -264,12 +266,16 @@ async def wait_for_outcome(
     """
 
     async def until_final() -> RunOutcome:
+        under_way = False  # a refusal after the run was seen under way is not this run's
         async with contextlib.aclosing(follower.events(answers=True)) as events:
             async for event in events:
-                if event.run_id != run_id or isinstance(event, RunAccepted):
+                if event.run_id != run_id:
                     continue
-                if isinstance(event, RunRejected):
+                if isinstance(event, RunRejected) and not under_way:
                     raise SubmissionRejected(event.reason)
+                under_way = True
+                if isinstance(event, RunAccepted | RunRejected):
+                    continue
                 if on_event is not None:
                     on_event(event)
                 if isinstance(event, RunEnded):

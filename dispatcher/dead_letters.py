@@ -17,8 +17,21 @@ from typing import Any
 
 import asyncpg
 
-from schemas import FailureReason, LaunchRun, RunFailed, SchemaError, instruction_decoder
-from schemas.topology import DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER
+from schemas import (
+    FailureReason,
+    LaunchRun,
+    RunFailed,
+    SchemaError,
+    instruction_decoder,
+    is_safe_name,
+)
+from schemas.topology import (
+    DEAD_LETTER_QUEUE_HEADER,
+    DEAD_LETTER_REASON_HEADER,
+    REQUESTS_QUEUE,
+    STATUS_MONITOR_QUEUE,
+    STATUS_STORE_QUEUE,
+)
 
 from . import alerts
 
@@ -26,6 +39,7 @@ from . import alerts
 DEAD_LETTERS_ALERT = "messages_dead_lettered"
 _DEAD_LETTER_DECISIONS = uuid.UUID("5b7f3c52-0c57-4d3e-9f0b-1f7a2b5c9d41")
 _instructions = instruction_decoder()
+_FIXED_QUEUES = frozenset({REQUESTS_QUEUE, STATUS_STORE_QUEUE, STATUS_MONITOR_QUEUE})
 
 
 class RawDecoder:
@@ -52,7 +66,18 @@ def seen(headers: Mapping[str, Any] | None, body: bytes) -> DeadLetterSeen:
     if not reason:
         why = headers.get("x-first-death-reason") or "unknown"
         reason = f"dead-lettered by the broker ({_text(why)})"
-    return DeadLetterSeen(_text(source)[:255], _text(reason)[:2000], body)
+    return DeadLetterSeen(known_queue(_text(source)), _text(reason)[:2000], body)
+
+
+def known_queue(name: str) -> str:
+    """``name`` when it is one of the project's queues, else ``other``: headers are the
+    sender's to write, and counts, alerts and metric labels must not grow without bound."""
+    if name in _FIXED_QUEUES:
+        return name
+    prefix, _, rest = name.rpartition(".")
+    if prefix in ("hd.instructions", "hd.control") and is_safe_name(rest):
+        return name
+    return "other"
 
 
 def _text(value: object) -> str:

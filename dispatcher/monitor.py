@@ -33,7 +33,7 @@ import asyncpg
 from schemas import AgentHeartbeat, Event, FailureReason, event_decoder
 from schemas.topology import STATUS_MONITOR_QUEUE
 
-from . import amqp, metrics
+from . import amqp, metrics, provenance
 from .alerts import AlertDeliverer
 from .amqp import Consumer, Delivery, Publisher
 from .errors import StoreUnavailable
@@ -342,6 +342,7 @@ async def _lead(
             monitor.on_events,
             publisher,
             queue_arguments=amqp.MONITOR_QUEUE_ARGUMENTS,
+            verify=provenance.check,
         )
         await consumer.start()
         deliverer = AlertDeliverer(store.connection, settings.webhook_urls)

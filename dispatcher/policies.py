@@ -10,7 +10,8 @@ RabbitMQ policies, set through the management API (idempotent PUTs):
   fill the broker; the control plane counts every dead letter, so the overflow is known.
 
 Consumers never nack a message back on purpose (an agent holds an instruction that waits for
-a slot, for Docker or for a location), so only failed deliveries count toward the limit.
+a slot, for Docker or for a location; a consumer holds a batch through a database outage), so
+only failed deliveries count toward the limit.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ CONSUMED_QUEUES_PATTERN = r"^hd\.(requests|status\.store|instructions\..+|contro
 #: The monitor's queue drops its oldest heartbeats when no monitor reads it: dead-lettering
 #: those would flood the dead letters, so it gets the delivery limit alone.
 MONITOR_QUEUE_PATTERN = r"^hd\.status\.monitor$"
-#: The operators' dead-letter queue and the control plane's copy of it.
-DEAD_LETTER_QUEUES_PATTERN = r"^hd\.dead-letters(\.watch)?$"
+#: The operators' dead-letter queue.
+DEAD_LETTER_QUEUE_PATTERN = r"^hd\.dead-letters$"
+#: The control plane's copy of it: bounded too, and with a delivery limit but no dead-letter
+#: exchange (it would dead-letter into itself).
+DEAD_LETTER_WATCH_PATTERN = r"^hd\.dead-letters\.watch$"
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def policies(limits: PolicyLimits) -> dict[str, dict[str, object]]:
             "definition": {"delivery-limit": limits.delivery_limit},
         },
         "hd-dead-letters": {
-            "pattern": DEAD_LETTER_QUEUES_PATTERN,
+            "pattern": DEAD_LETTER_QUEUE_PATTERN,
             "apply-to": "queues",
             "priority": 10,
             "definition": {
@@ -73,40 +77,68 @@ def policies(limits: PolicyLimits) -> dict[str, dict[str, object]]:
                 "overflow": "drop-head",
             },
         },
+        "hd-dead-letter-watch": {
+            "pattern": DEAD_LETTER_WATCH_PATTERN,
+            "apply-to": "queues",
+            "priority": 10,
+            "definition": {
+                "max-length": limits.dead_letter_max_length,
+                "overflow": "drop-head",
+                "delivery-limit": limits.delivery_limit,
+            },
+        },
     }
 
 
-def management_url_for(amqp_url: str, management_url: str = "") -> tuple[str, str]:
-    """(management base URL with credentials, vhost) for ``amqp_url``.
+@dataclass(frozen=True)
+class ManagementApi:
+    """Where RabbitMQ's management API answers, and as whom."""
 
-    Without an explicit ``management_url``, the broker's host on port 15672 with the AMQP
-    credentials (RabbitMQ's default).
+    base_url: str  # scheme, host, port and any path prefix; no credentials
+    user: str
+    password: str
+    vhost: str
+
+
+def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
+    """The management API of the broker of ``amqp_url``, on its vhost.
+
+    An explicit ``management_url`` (http://user:pass@host:port/prefix) is taken as it is; the
+    AMQP credentials are used when it names none. Otherwise the broker's host on RabbitMQ's
+    default management port: 15672 (http), or 15671 (https) for an ``amqps`` broker.
     """
-    parts = urllib.parse.urlsplit(amqp_url)
-    vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    amqp = urllib.parse.urlsplit(amqp_url)
+    vhost = urllib.parse.unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
+    user = urllib.parse.unquote(amqp.username or "guest")
+    password = urllib.parse.unquote(amqp.password or "guest")
     if management_url:
-        return management_url.rstrip("/"), vhost
-    user = urllib.parse.unquote(parts.username or "guest")
-    password = urllib.parse.unquote(parts.password or "guest")
-    scheme = "https" if parts.scheme == "amqps" else "http"
-    credentials = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}"
-    return f"{scheme}://{credentials}@{parts.hostname or 'localhost'}:15672", vhost
+        given = urllib.parse.urlsplit(management_url)
+        host = given.hostname or "localhost"
+        try:
+            port = f":{given.port}" if given.port else ""
+        except ValueError as exc:
+            raise BrokerUnavailable(f"the management URL {management_url!r}: {exc}") from exc
+        base = f"{given.scheme}://{host}{port}{given.path.rstrip('/')}"
+        if given.username:
+            user = urllib.parse.unquote(given.username)
+            password = urllib.parse.unquote(given.password or "")
+        return ManagementApi(base, user, password, vhost)
+    scheme, default_port = ("https", 15671) if amqp.scheme == "amqps" else ("http", 15672)
+    host = amqp.hostname or "localhost"
+    return ManagementApi(f"{scheme}://{host}:{default_port}", user, password, vhost)
 
 
-def apply_policies(management_url: str, vhost: str, limits: PolicyLimits) -> None:
-    """Set (or reset) every policy on ``vhost``; raises BrokerUnavailable naming the cause."""
+def apply_policies(api: ManagementApi, limits: PolicyLimits) -> None:
+    """Set (or reset) every policy on the API's vhost; raises BrokerUnavailable naming why."""
     for name, body in policies(limits).items():
-        path = f"/api/policies/{urllib.parse.quote(vhost, safe='')}/{name}"
-        _request(management_url, "PUT", path, body)
+        path = f"/api/policies/{urllib.parse.quote(api.vhost, safe='')}/{name}"
+        _request(api, "PUT", path, body)
 
 
-def _request(base: str, method: str, path: str, body: object) -> None:
-    parts = urllib.parse.urlsplit(base)
-    url = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}{path}"
-    user = urllib.parse.unquote(parts.username or "")
-    password = urllib.parse.unquote(parts.password or "")
+def _request(api: ManagementApi, method: str, path: str, body: object) -> None:
+    url = api.base_url + path
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method=method)
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    token = base64.b64encode(f"{api.user}:{api.password}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
     request.add_header("Content-Type", "application/json")
     try:
@@ -116,5 +148,5 @@ def _request(base: str, method: str, path: str, body: object) -> None:
         raise BrokerUnavailable(
             f"the management API refused {method} {path}: HTTP {exc.code} {exc.reason}"
         ) from exc
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
         raise BrokerUnavailable(f"the management API at {url} does not answer: {exc}") from exc

@@ -33,7 +33,7 @@ from schemas.topology import (
     event_routing_key,
 )
 
-from . import amqp, dead_letters, metrics, policies
+from . import amqp, dead_letters, metrics, policies, provenance
 from .amqp import Consumer, Delivery, Publisher
 from .errors import BrokerUnavailable
 from .locations import LocationStore
@@ -51,7 +51,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     """Run the control plane until ``stop`` is set or a component fails."""
     # Start-up: the store (and its migrations), then the broker and its topology.
     store = await LocationStore.open(settings.database_url, schema=settings.database_schema)
-    connection = None
+    connection = watch_connection = None
     try:
         applied = await store.upgrade()
         if applied:
@@ -64,9 +64,10 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         publisher = Publisher(connection)
 
         async def refuse(body: bytes, message: Request | None, reason: str) -> None:
-            # A refused submission is answered, so that its waiter reports the reason.
+            # A refused submission is answered, so that its waiter reports the reason; never
+            # for a run that exists (a forged submission must not fail someone else's wait).
             run_id = message.run_id if isinstance(message, SubmitRun) else _submitted_run(body)
-            if run_id is not None:
+            if run_id is not None and not await store.run_exists(run_id):
                 rejected = RunRejected(run_id=run_id, reason=reason[:4000])
                 key = event_routing_key(rejected, CONTROL_SOURCE)
                 await publisher.publish(STATUS_EXCHANGE, key, rejected)
@@ -107,15 +108,27 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             )
         if "status" in settings.components:
             consumers.append(
-                Consumer(connection, STATUS_STORE_QUEUE, event_decoder(), on_events, publisher)
-            )
-            consumers.append(
                 Consumer(
                     connection,
+                    STATUS_STORE_QUEUE,
+                    event_decoder(),
+                    on_events,
+                    publisher,
+                    verify=provenance.check,
+                )
+            )
+            # Dead letters on a connection of their own: one whose headers the client cannot
+            # parse drops the connection it arrives on (until the broker's delivery limit
+            # takes it away), and must not take the other consumers with it.
+            watch_connection = await amqp.connect(settings.amqp_url, "dispatcher-dead-letters")
+            consumers.append(
+                Consumer(
+                    watch_connection,
                     DEAD_LETTER_WATCH_QUEUE,
                     dead_letters.RawDecoder(),
                     on_dead_letters,
                     publisher,
+                    dead_letters=False,
                 )
             )
         if "relay" in settings.components:
@@ -150,9 +163,10 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         if failed:
             raise failed[0].exception()  # type: ignore[misc]
     finally:
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(connection.close())
+        for opened in (connection, watch_connection):
+            if opened is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(opened.close())
         await store.close()
 
 
@@ -174,10 +188,10 @@ def _submitted_run(body: bytes) -> uuid.UUID | None:
 
 async def _apply_policies(settings: ControlPlaneSettings) -> None:
     """Set the broker policies; an explicitly given management API must answer."""
-    url, vhost = policies.management_url_for(settings.amqp_url, settings.management_url)
     limits = policies.PolicyLimits(settings.delivery_limit, settings.dead_letter_max_length)
     try:
-        await asyncio.to_thread(policies.apply_policies, url, vhost, limits)
+        api = policies.management_api(settings.amqp_url, settings.management_url)
+        await asyncio.to_thread(policies.apply_policies, api, limits)
     except BrokerUnavailable as exc:
         if settings.management_url:
             raise
@@ -187,4 +201,6 @@ async def _apply_policies(settings: ControlPlaneSettings) -> None:
             exc,
         )
         return
-    log.info("broker policies set on vhost %s (delivery limit %d)", vhost, limits.delivery_limit)
+    log.info(
+        "broker policies set on vhost %s (delivery limit %d)", api.vhost, limits.delivery_limit
+    )

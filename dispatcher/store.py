@@ -1,6 +1,8 @@
 """The store: PostgreSQL through asyncpg, the one source of truth of the control plane.
 
-Only this module speaks SQL. asyncpg's connection errors become ``StoreUnavailable``.
+Runs, their events and the outbox live here; code locations, supervision, alerts and dead
+letters have modules of their own that run SQL on this store's connections. asyncpg's
+connection errors become ``StoreUnavailable`` here, for all of them.
 """
 
 from __future__ import annotations
@@ -369,12 +371,18 @@ class Store:
             await self._apply_run_event(connection, failed)
 
     async def record_dead_letters(self, letters: Sequence[dead_letters.DeadLetterSeen]) -> None:
-        """Count and alert on dead letters; a dead LaunchRun fails its attempt."""
+        """Count and alert on dead letters; a dead LaunchRun fails its attempt if still QUEUED."""
         async with self._connection() as connection, connection.transaction():
             await dead_letters.record(connection, letters)
             for letter in letters:
                 failed = dead_letters.launch_failure(letter)
-                if failed is not None:
+                # Only an attempt still waiting to launch: a dead LaunchRun never started a
+                # container, and anyone who can publish a dead letter must not fail a live run.
+                if failed is not None and await connection.fetchval(
+                    "SELECT 1 FROM runs WHERE run_id = $1 AND attempt = $2 AND state = 'QUEUED'",
+                    failed.run_id,
+                    failed.attempt,
+                ):
                     await self._apply_run_event(connection, failed)
 
     async def dead_letter_counts(self) -> list[dict[str, Any]]:
@@ -445,7 +453,11 @@ class Store:
             log.warning("event %s for unknown run %s ignored", type(event).__name__, event.run_id)
             return False
         current = RunState(run["state"])
-        new = next_state(current, event) if event.attempt == run["attempt"] else None
+        # Only the current attempt, and only from the agent that holds it once one does.
+        owner, sender = run["agent_id"], getattr(event, "agent_id", None)
+        foreign = owner is not None and sender is not None and sender != owner
+        current_attempt = event.attempt == run["attempt"] and not foreign
+        new = next_state(current, event) if current_attempt else None
         retry = (
             new == RunState.FAILURE
             and isinstance(event, RunFailed)
@@ -513,7 +525,7 @@ class Store:
             connection,
             [
                 OutboxItem(launch, INSTRUCTIONS_EXCHANGE, run["queue"], delay),
-                OutboxItem(retrying, STATUS_EXCHANGE, event_routing_key(retrying, CONTROL_SOURCE)),
+                answer(retrying),
             ],
         )
         log.info(
@@ -664,6 +676,10 @@ class Store:
         )
 
     # -------------------------------------------------------------------- reading
+
+    async def run_exists(self, run_id: uuid.UUID) -> bool:
+        async with self._connection() as connection:
+            return bool(await connection.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id))
 
     async def get_run(self, run_id: uuid.UUID) -> RunRow:
         async with self._connection() as connection:

@@ -258,7 +258,8 @@ async def _terminate(
 ) -> int:
     """Write a TerminateRun for ``agent_id``'s own queue; 0 when written before."""
     message = TerminateRun(
-        message_id=decision_id(run_id, attempt, rule),
+        # Per agent: a TerminateRun for one agent's queue never stands in for another's.
+        message_id=decision_id(run_id, attempt, f"{rule}:{agent_id}"),
         run_id=run_id,
         attempt=attempt,
         reason=note,

@@ -133,12 +133,7 @@ async def test_thousands_of_hostile_payloads_are_each_dead_lettered_once(
     # (exchange, routing key, family, the queues that consume what it routes)
     targets: list[tuple[str, str, str, tuple[str, ...]]] = [
         (REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, "request", (REQUESTS_QUEUE,)),
-        (
-            STATUS_EXCHANGE,
-            f"run.failed.{agent_id}.{run}",
-            "event",
-            (STATUS_STORE_QUEUE, STATUS_MONITOR_QUEUE),
-        ),
+        (STATUS_EXCHANGE, f"run.failed.{agent_id}.{run}", "event", (STATUS_STORE_QUEUE,)),
         (
             STATUS_EXCHANGE,
             f"agent.heartbeat.{agent_id}",

@@ -1,0 +1,37 @@
+"""Provenance of status events: a message must come under the routing key of its source.
+
+Routing keys name their source (``run.<event>.<source>.<run_id>``, ``agent.heartbeat.<agent>``)
+so that broker permissions can pin each identity to its own keys. A message whose key does
+not match what its body claims (an agent's heartbeat for another agent, an agent forging
+the control plane's verdict) is refused by every reader, so the rule holds end to end.
+"""
+
+from __future__ import annotations
+
+from schemas import Message, RunAccepted, RunEnded, RunFailed, RunRejected, RunRetrying
+from schemas.topology import CONTROL_SOURCE, MONITOR_SOURCE, event_routing_key
+
+from .errors import DispatcherError
+
+#: Events only the control plane publishes.
+CONTROL_EVENTS = (RunAccepted, RunRejected, RunRetrying, RunEnded)
+
+
+class Misrouted(DispatcherError):
+    """A status event came under a routing key that is not its source's."""
+
+
+def expected_key(event: Message) -> str:
+    """The one routing key ``event`` may travel under."""
+    if isinstance(event, CONTROL_EVENTS):
+        return event_routing_key(event, CONTROL_SOURCE)
+    if isinstance(event, RunFailed) and event.agent_id is None:
+        return event_routing_key(event, MONITOR_SOURCE)
+    return event_routing_key(event)
+
+
+def check(routing_key: str | None, event: Message) -> None:
+    """Raise Misrouted unless ``event`` came under its source's routing key."""
+    expected = expected_key(event)
+    if routing_key != expected:
+        raise Misrouted(f"routing key {routing_key!r} is not its source's ({expected!r})")
