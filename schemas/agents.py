@@ -10,10 +10,13 @@ import msgspec
 from .bounds import (
     INT64_MAX,
     MAX_CONFIG_BYTES,
+    MAX_IN_FLIGHT,
+    MAX_LOCATION_JOBS,
     Argv,
     Attempt,
     Config,
     ContainerId,
+    ContainerStatus,
     Env,
     ExitCode,
     Generation,
@@ -32,7 +35,7 @@ class ContainerState(msgspec.Struct, frozen=True, kw_only=True):
     run_id: uuid.UUID
     attempt: Attempt
     container_id: ContainerId | None = None
-    state: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    state: ContainerStatus
     exit_code: ExitCode | None = None
 
 
@@ -44,7 +47,8 @@ class AgentHeartbeat(Message, frozen=True, kw_only=True, tag="AgentHeartbeat"):
     queues: Annotated[tuple[Name, ...], msgspec.Meta(max_length=64)] = ()
     max_concurrent: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
     interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=300)] = 2.0
-    in_flight: Annotated[tuple[ContainerState, ...], msgspec.Meta(max_length=10_000)] = ()
+    #: At most MAX_IN_FLIGHT: the attempts holding a slot first, then those just reported.
+    in_flight: Annotated[tuple[ContainerState, ...], msgspec.Meta(max_length=MAX_IN_FLIGHT)] = ()
     draining: bool = False
     #: ``in_flight`` is complete: the agent has listed (adopted) its containers since it
     #: started. Until then a run missing from it proves nothing.
@@ -100,7 +104,7 @@ class LocationLoaded(Message, frozen=True, kw_only=True, tag="LocationLoaded"):
     generation: Generation
     agent_id: Name
     container_id: ContainerId
-    jobs: Annotated[tuple[JobDefinition, ...], msgspec.Meta(max_length=1000)] = ()
+    jobs: Annotated[tuple[JobDefinition, ...], msgspec.Meta(max_length=MAX_LOCATION_JOBS)] = ()
 
 
 class LocationFailed(Message, frozen=True, kw_only=True, tag="LocationFailed"):

@@ -95,8 +95,9 @@ ImageRefOrEmpty = Annotated[
 ]
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
-#: Free text for people: messages, reasons, descriptions.
-Text = Annotated[str, msgspec.Meta(max_length=16 * KIB)]
+#: Characters of free text for people: messages, reasons, descriptions.
+MAX_TEXT: Final = 16 * KIB
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 ShortText = Annotated[str, msgspec.Meta(max_length=4 * KIB)]
 Line = Annotated[str, msgspec.Meta(max_length=16 * KIB)]
 #: Lines of a container's output: a batch of them, or the last ones.
@@ -113,10 +114,20 @@ Argument = Annotated[str, msgspec.Meta(max_length=64 * KIB)]
 #: A command line: a program and its arguments.
 Argv = Annotated[tuple[Argument, ...], msgspec.Meta(max_length=1000)]
 
-ContainerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+#: A container id as Docker gives it (64 hex digits); letters, digits, '_', '.' and '-' are
+#: taken, none of which JSON escapes, so that a heartbeat's size has a known worst case.
+CONTAINER_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}" + _END
+ContainerId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=64, pattern=CONTAINER_ID_PATTERN)
+]
+#: A container's state: Docker's status ("running", "exited"...) or the agent's own word.
+ContainerStatus = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]{1,32}" + _END)
+]
 
 Attempt = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 ExitCode = Annotated[int, msgspec.Meta(ge=-1, le=255)]
+#: Output lines and progress items are numbered within an attempt into PostgreSQL integers.
 LineNo = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 Generation = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 MemoryMb = Annotated[int, msgspec.Meta(ge=6, le=1_048_576)]
@@ -131,6 +142,12 @@ MAX_JSON_ELEMENTS: Final = 10_000
 MAX_CONFIG_BYTES: Final = 64 * KIB
 MAX_VALUES_BYTES: Final = 16 * KIB
 MAX_LOG_BATCH_BYTES: Final = 512 * KIB
+#: Attempts one heartbeat lists. Each takes at most 206 bytes encoded, its separator included
+#: (every field at its longest, no character of them escaped), so that 5,000 of them and the
+#: heartbeat's other fields (at most 5 KiB) stay within a message's 1 MiB.
+MAX_IN_FLIGHT: Final = 5_000
+#: Jobs one code location describes.
+MAX_LOCATION_JOBS: Final = 1000
 
 Config = Annotated[
     dict[str, Any],
@@ -154,9 +171,10 @@ ProgressValues = Annotated[
 _encoder = msgspec.json.Encoder()
 
 
-def check_json(field: str, value: Any, max_bytes: int) -> None:
+def check_json(field: str, value: Any, max_bytes: int | None) -> None:
     """Refuse free-form JSON nested deeper than MAX_JSON_DEPTH containers, holding more than
-    MAX_JSON_ELEMENTS values, or encoding to more than ``max_bytes``."""
+    MAX_JSON_ELEMENTS values, or encoding to more than ``max_bytes`` (None: not encoded, for
+    a value whose strings must be cleaned before it can be)."""
     if not value:
         return
     # Iterative, so that a value deeper than the interpreter's stack is refused, not crashed on.
@@ -173,6 +191,8 @@ def check_json(field: str, value: Any, max_bytes: int) -> None:
                 raise OutOfBounds(f"holds more than {MAX_JSON_ELEMENTS} values", field)
             if isinstance(child, dict | list | tuple):
                 stack.append((child, depth + 1))
+    if max_bytes is None:
+        return
     size = len(_encoder.encode(value))
     if size > max_bytes:
         raise OutOfBounds(f"encodes to {size} bytes, more than {max_bytes}", field)

@@ -22,6 +22,8 @@ decodes.
 
 from __future__ import annotations
 
+import typing
+
 from .agents import (
     AgentHeartbeat,
     ContainerState,
@@ -137,24 +139,5 @@ AnyMessage = (
     | RunEnded
 )
 
-ALL_MESSAGES: tuple[type[Message], ...] = (
-    SubmitRun,
-    CancelRun,
-    LaunchRun,
-    TerminateRun,
-    RunLaunched,
-    RunStarted,
-    RunSucceeded,
-    RunFailed,
-    RunLog,
-    RunProgress,
-    AgentHeartbeat,
-    LocationSnapshot,
-    LocationsWanted,
-    LocationLoaded,
-    LocationFailed,
-    RunAccepted,
-    RunRejected,
-    RunRetrying,
-    RunEnded,
-)
+#: Every message kind, in the order of ``AnyMessage``.
+ALL_MESSAGES: tuple[type[Message], ...] = typing.get_args(AnyMessage)

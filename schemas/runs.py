@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from .bounds import (
+    INT32_MAX,
     MAX_CONFIG_BYTES,
     MAX_LOG_BATCH_BYTES,
     MAX_VALUES_BYTES,
@@ -34,6 +35,7 @@ from .bounds import (
     check_text_budget,
 )
 from .envelope import AttemptMessage, FailureReason, RunMessage
+from .errors import OutOfBounds
 
 # ----------------------------------------------------------------------------- requests
 
@@ -155,6 +157,8 @@ class RunLog(AttemptMessage, frozen=True, kw_only=True, tag="RunLog"):
 
     Numbering makes forwarding idempotent: a line sent twice (after an agent restart, say)
     is stored once. ``truncated`` says that the agent stopped forwarding at its per-run cap.
+    Every line's number, and the next one's (``first_line + len(lines)``), fits a PostgreSQL
+    integer.
     """
 
     agent_id: Name
@@ -163,6 +167,12 @@ class RunLog(AttemptMessage, frozen=True, kw_only=True, tag="RunLog"):
     truncated: bool = False
 
     def __post_init__(self) -> None:
+        if self.first_line + len(self.lines) > INT32_MAX:
+            raise OutOfBounds(
+                f"{len(self.lines)} line(s) from line {self.first_line} are numbered past "
+                f"{INT32_MAX}",
+                "first_line",
+            )
         check_text_budget("lines", self.lines, MAX_LOG_BATCH_BYTES)
 
 

@@ -4,5 +4,6 @@ Public: ``agent.Agent`` (the process, run by ``cli``) and ``settings.AgentSettin
 modules read like the agent: ``consumer`` takes instructions in, ``launcher`` carries them
 out, ``watcher`` follows Docker's events, ``reporter`` tells what happened to each attempt,
 ``heartbeat`` proves the agent alive, ``slots`` counts what it holds, ``locations`` keeps
-code servers; ``runtime`` and ``streams`` are the Docker adapter, ``limits`` what may travel.
+code servers and ``definitions`` says what their jobs are; ``runtime`` and ``streams`` are
+the Docker adapter, ``limits`` what may travel.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -12,9 +13,8 @@ import aio_pika.abc
 
 from dispatcher import amqp
 from dispatcher.amqp import Delivery, Publisher
-from dispatcher.errors import BrokerUnavailable
+from dispatcher.errors import BrokerUnavailable, DispatcherError
 from schemas import Instruction, SchemaError, instruction_decoder
-from schemas.topology import CONTROL_EXCHANGE, control_queue, instructions_queue
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ class InstructionConsumer:
     number may have changed, and with no free slot the agent does not consume at all, so that
     other replicas take the work. Each instruction is handled in a task of its own; any error,
     decoding it or handling it, dead-letters it once with the reason, and the consumer goes on.
+
+    Each subscription is bound to the name of the queue it consumes: that is where a dead
+    letter says it came from. A delivery's exchange and routing key say how it was published
+    (the default exchange, a shovel, any key at all), not where it was consumed.
     """
 
     def __init__(
@@ -67,7 +71,7 @@ class InstructionConsumer:
                 self._control_channel = await self._connection.channel()
                 await self._control_channel.set_qos(prefetch_count=32)
                 control = await amqp.declare_control_queue(self._control_channel, self._agent_id)
-                await control.consume(self._on_message)
+                await control.consume(functools.partial(self._on_message, control.name))
         except amqp.TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot consume instructions: {exc!r}") from exc
         await self._set_capacity(self._capacity())
@@ -95,7 +99,7 @@ class InstructionConsumer:
                 if free > 0:
                     await self._channel.set_qos(prefetch_count=free)
                     for queue in self._queues:
-                        tag = await queue.consume(self._on_message)
+                        tag = await queue.consume(functools.partial(self._on_message, queue.name))
                         self._tags.append((queue, tag))
             except amqp.TRANSIENT as exc:
                 # The robust connection restores the channel, its qos and its consumers.
@@ -109,43 +113,47 @@ class InstructionConsumer:
             except amqp.TRANSIENT as exc:
                 log.debug("cancel consumer %s: %r", tag, exc)
 
-    async def _on_message(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._handle(raw))
+    async def _on_message(self, source: str, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """An instruction consumed from the queue named ``source``: handled in a task."""
+        task = asyncio.create_task(self._handle(source, raw))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def _handle(self, source: str, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
         try:
             instruction = self._decoder.decode(raw.body)
         except SchemaError as exc:
-            await self._dead_letter(raw, f"undecodable instruction: {exc}")
+            await self._dead_letter(source, raw, f"undecodable instruction: {exc}")
             return
         except Exception as exc:
             log.exception("decoding an instruction failed")
-            await self._dead_letter(raw, f"decoding failed: {type(exc).__name__}: {exc}")
+            await self._dead_letter(source, raw, f"decoding failed: {type(exc).__name__}: {exc}")
             return
         try:
             await self._handler(Delivery(instruction, raw))
         except Exception as exc:
             log.exception("handling %s failed", type(instruction).__name__)
-            await self._dead_letter(raw, f"handler error: {type(exc).__name__}: {exc}")
+            await self._dead_letter(source, raw, f"handler error: {type(exc).__name__}: {exc}")
 
-    async def _dead_letter(self, raw: aio_pika.abc.AbstractIncomingMessage, reason: str) -> None:
-        """Dead-letter an instruction once with ``reason`` and ack it (unless settled already)."""
+    async def _dead_letter(
+        self, source: str, raw: aio_pika.abc.AbstractIncomingMessage, reason: str
+    ) -> None:
+        """Dead-letter an instruction once with ``reason``, then ack it (unless settled
+        already). It is acked even when the dead letter could not be sent: left unacked, a
+        poison instruction would come back again and again, holding a slot each time."""
         if raw.processed:
             return  # the handler settled it before failing: nothing to take back
-        source = (
-            control_queue(raw.routing_key or "")
-            if raw.exchange == CONTROL_EXCHANGE
-            else instructions_queue(raw.routing_key or "")
-        )
         log.warning("dead-lettering an instruction from %s: %s", source, reason)
         try:
             await self._publisher.dead_letter(raw, source, reason)
-        except BrokerUnavailable as exc:
-            # Left unacked: it comes back when the channel is restored, and is tried again.
-            log.error("could not dead-letter an instruction from %s: %s", source, exc)
-            return
+        except Exception as exc:
+            log.error(
+                "could not dead-letter an instruction from %s (%s); dropping it: %s",
+                source,
+                reason,
+                exc,
+                exc_info=not isinstance(exc, DispatcherError),
+            )
         await amqp.settle(raw.ack())
 
     async def stop(self) -> None:

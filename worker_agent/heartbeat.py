@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dispatcher.amqp import Publisher
 from dispatcher.errors import BrokerUnavailable
 from schemas import AgentHeartbeat, ContainerState
+from schemas.bounds import MAX_IN_FLIGHT
 from schemas.topology import STATUS_EXCHANGE, heartbeat_routing_key
 
 log = logging.getLogger(__name__)
@@ -42,18 +43,37 @@ class Heartbeat:
         self.synced = False
         self.sequence = 0
 
-    async def beat(self) -> None:
-        """Publish one heartbeat now."""
-        message = AgentHeartbeat(
+    def message(self) -> AgentHeartbeat:
+        """The heartbeat to send now.
+
+        It lists at most MAX_IN_FLIGHT attempts, so that it always fits in a message. More
+        can only be held after adopting more containers than there are slots (the agent
+        restarted with fewer); the list is then incomplete and says so (not ``synced``), so
+        that no run left out of it is taken for vanished.
+        """
+        in_flight = self._in_flight()
+        complete = len(in_flight) <= MAX_IN_FLIGHT
+        if not complete:
+            log.warning(
+                "heartbeat lists %d of the %d attempts in flight: the contract's limit",
+                MAX_IN_FLIGHT,
+                len(in_flight),
+            )
+            in_flight = in_flight[:MAX_IN_FLIGHT]
+        return AgentHeartbeat(
             agent_id=self._agent_id,
             sequence=self.sequence,
             queues=self._queues,
             max_concurrent=self._max_concurrent,
             interval_s=self._interval_s,
-            in_flight=self._in_flight(),
+            in_flight=in_flight,
             draining=self.draining,
-            synced=self.synced,
+            synced=self.synced and complete,
         )
+
+    async def beat(self) -> None:
+        """Publish one heartbeat now."""
+        message = self.message()
         self.sequence += 1
         await self._publisher.publish(
             STATUS_EXCHANGE, heartbeat_routing_key(self._agent_id), message

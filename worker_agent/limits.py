@@ -16,12 +16,14 @@ from typing import Any
 
 import msgspec
 
+from schemas import OutOfBounds
 from schemas.bounds import (
     KIB,
     MAX_JSON_DEPTH,
     MAX_JSON_ELEMENTS,
     MAX_LOG_BATCH_BYTES,
     MAX_VALUES_BYTES,
+    check_json,
 )
 
 #: A RunLog batch: lines, bytes of one line, bytes of all its lines (JSON-encoded).
@@ -113,10 +115,14 @@ def progress_text(value: Any, max_chars: int) -> str | None:
 
 
 def progress_duration(value: Any) -> float | None:
-    """A progress item's duration, or None when it is not a number the contract takes."""
+    """A progress item's duration, or None when it is not a number the contract takes
+    (JSON integers have no size limit: one too large for a float is not a duration)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         return None
-    duration = float(value)
+    try:
+        duration = float(value)
+    except OverflowError:
+        return None
     return duration if -MAX_DURATION_S <= duration <= MAX_DURATION_S else None
 
 
@@ -140,34 +146,21 @@ def progress_values(values: Any) -> dict[str, Any] | None:
 
 def json_object(value: dict[str, Any]) -> dict[str, Any] | None:
     """A free-form JSON object with its strings cleaned; None past the contract's depth or
-    element count."""
+    element count (its size is the caller's to check, once cleaned)."""
     try:
-        return _Cleaner().clean(value, 1)  # type: ignore[no-any-return]
-    except _Refused:
+        # The contract's own walk, which is iterative: nothing deeper than it allows reaches
+        # the recursive cleaning below.
+        check_json("values", value, max_bytes=None)
+    except OutOfBounds:
         return None
+    return {clean(str(k)): _cleaned(v) for k, v in value.items()}
 
 
-class _Refused(Exception):
-    pass
-
-
-class _Cleaner:
-    """Cleans free-form JSON; refuses it past the contract's depth or element count. A
-    container's depth counts its own level (the outer object is 1), as the contract does."""
-
-    def __init__(self) -> None:
-        self.elements = 0
-
-    def clean(self, value: Any, depth: int) -> Any:
-        if isinstance(value, str):
-            return clean(value)
-        if not isinstance(value, dict | list):
-            return value
-        if depth > MAX_PROGRESS_DEPTH:
-            raise _Refused
-        self.elements += len(value)
-        if self.elements > MAX_PROGRESS_ELEMENTS:
-            raise _Refused
-        if isinstance(value, dict):
-            return {clean(str(k)): self.clean(v, depth + 1) for k, v in value.items()}
-        return [self.clean(v, depth + 1) for v in value]
+def _cleaned(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, dict):
+        return {clean(str(k)): _cleaned(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_cleaned(v) for v in value]
+    return value

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -26,19 +27,16 @@ import msgspec
 
 from dispatcher import amqp
 from dispatcher.amqp import Publisher
-from dispatcher.errors import BrokerUnavailable
+from dispatcher.errors import BrokerUnavailable, DispatcherError
 from schemas import (
     Decoder,
-    JobDefinition,
     LaunchRun,
     LocationFailed,
     LocationLoaded,
     LocationSnapshot,
     LocationSpec,
     LocationsWanted,
-    OutOfBounds,
     SchemaError,
-    is_safe_name,
 )
 from schemas.topology import (
     LOCATIONS_EXCHANGE,
@@ -48,15 +46,11 @@ from schemas.topology import (
     event_routing_key,
 )
 
-from . import limits
 from .code_servers import CodeServer, CodeServers
+from .definitions import fit_to_message, job_definitions
 from .errors import AgentError, DockerUnavailable, LaunchFailed, LocationUnavailable
 
 log = logging.getLogger(__name__)
-
-#: What the contract takes of a location's definitions.
-_MAX_JOBS = 1000
-_MAX_DESCRIPTION = 16 * 1024
 
 
 class MissingSecret(AgentError):
@@ -106,18 +100,16 @@ class LocationKeeper:
         self._crashes: dict[str, int] = {}  # location → exits before its server was healthy
         self._decoder: Decoder[LocationSnapshot] = Decoder(LocationSnapshot)
         self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._queue_name = "?"
 
     async def start(self) -> None:
         """Listen for this agent's queues' snapshots, then ask for the current ones."""
         try:
             self._channel = await self._connection.channel()
             queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
-            self._queue_name = queue.name
             exchange = await self._channel.get_exchange(LOCATIONS_EXCHANGE, ensure=False)
             for agent_queue in self._queues:
                 await queue.bind(exchange, routing_key=agent_queue)
-            await queue.consume(self._on_snapshot)
+            await queue.consume(functools.partial(self._on_snapshot, queue.name))
         except amqp.TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot follow location snapshots: {exc!r}") from exc
         await self._publisher.publish(
@@ -126,8 +118,10 @@ class LocationKeeper:
             LocationsWanted(agent_id=self._agent_id, queues=self._queues),
         )
 
-    async def _on_snapshot(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
-        """Take a snapshot in; one that cannot be is dead-lettered once, with the reason."""
+    async def _on_snapshot(self, source: str, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Take a snapshot in (consumed from the queue named ``source``); one that cannot be
+        is dead-lettered once, with the reason. Either way it is acked: a snapshot that cannot
+        even be dead-lettered is dropped with a log line rather than delivered forever."""
         try:
             snapshot = self._decoder.decode(raw.body)
             if snapshot.queue in self._queues:
@@ -137,11 +131,16 @@ class LocationKeeper:
             if not isinstance(exc, SchemaError):
                 log.exception("taking a location snapshot in failed")
             reason = f"location snapshot refused: {type(exc).__name__}: {exc}"
-            log.warning("dead-lettering a message from %s: %s", self._queue_name, reason)
+            log.warning("dead-lettering a message from %s: %s", source, reason)
             try:
-                await self._publisher.dead_letter(raw, self._queue_name, reason)
-            except BrokerUnavailable as error:
-                log.error("could not dead-letter a location snapshot: %s", error)
+                await self._publisher.dead_letter(raw, source, reason)
+            except Exception as error:
+                log.error(
+                    "could not dead-letter a location snapshot from %s; dropping it: %s",
+                    source,
+                    error,
+                    exc_info=not isinstance(error, DispatcherError),
+                )
         await amqp.settle(raw.ack())
 
     async def run(self) -> None:
@@ -284,17 +283,17 @@ class LocationKeeper:
         definitions = await self.servers.ask(server, "/definitions")
         if not isinstance(definitions, dict):
             return False
-        jobs = _job_definitions(spec.name, definitions.get("jobs"))
-        await self._publish(
+        event = fit_to_message(
             LocationLoaded(
                 location=spec.name,
                 generation=spec.generation,
                 agent_id=self._agent_id,
                 container_id=server.id,
-                jobs=jobs,
+                jobs=job_definitions(spec.name, definitions.get("jobs")),
             )
         )
-        log.info("location %s loaded: %d job(s)", spec.name, len(jobs))
+        await self._publish(event)
+        log.info("location %s loaded: %d job(s)", spec.name, len(event.jobs))
         return True
 
     async def _report_failed(self, spec: LocationSpec, server: CodeServer, why: str) -> None:
@@ -321,33 +320,3 @@ class LocationKeeper:
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(*amqp.TRANSIENT):
                 await self._channel.close()
-
-
-def _job_definitions(location: str, jobs: object) -> tuple[JobDefinition, ...]:
-    """The jobs a code server describes that the contract can carry; the others are logged
-    and left out, so that one bad definition does not keep the location from loading."""
-    found: list[JobDefinition] = []
-    for job in jobs if isinstance(jobs, list) else []:
-        if not isinstance(job, dict) or not job.get("name"):
-            continue
-        name = str(job["name"])
-        if not is_safe_name(name) or len(found) >= _MAX_JOBS:
-            log.warning("location %s: job %r left out (name or count refused)", location, name)
-            continue
-        schema = job.get("config_schema") or {}
-        try:
-            cleaned = limits.json_object(schema) if isinstance(schema, dict) else {}
-            if cleaned is None:
-                raise OutOfBounds("nested too deep or too many values", "config_schema")
-            found.append(
-                JobDefinition(
-                    name=name,
-                    description=limits.clip(
-                        limits.clean(str(job.get("description", ""))), _MAX_DESCRIPTION
-                    ),
-                    config_schema=cleaned,
-                )
-            )
-        except OutOfBounds as exc:
-            log.warning("location %s: job %s left out: %s", location, name, exc)
-    return tuple(found)

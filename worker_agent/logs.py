@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from dispatcher.errors import BrokerRefused, BrokerUnavailable
 from schemas import ProgressItem, RunLog, RunProgress
+from schemas.bounds import INT32_MAX
 
 from . import limits
 from .errors import DockerUnavailable
@@ -34,8 +35,10 @@ class LineBatcher:
     """Turns chunks of output into numbered, capped lines (no I/O: easy to test).
 
     A line longer than ``max_line_chars`` (or than the contract allows) is cut and marked; NUL
-    becomes U+FFFD; past ``max_lines`` lines the run's output is no longer forwarded and
-    ``truncated`` is set. ``take`` hands out lines in batches that fit in one RunLog.
+    becomes U+FFFD; past ``max_lines`` lines (or the contract's numbering) the run's output is
+    no longer forwarded and ``truncated`` is set. ``take`` hands out lines in batches that fit
+    in one RunLog. Whatever a line holds, ``feed`` takes it: a progress frame that cannot be
+    read is an ordinary line.
     """
 
     max_line_chars: int = 4096
@@ -68,13 +71,22 @@ class LineBatcher:
 
     def _add(self, line: str) -> None:
         line = line.rstrip("\r")
-        item = parse_progress(line, self.next_item)
+        try:
+            # Items are numbered like lines, within a PostgreSQL integer.
+            item = parse_progress(line, self.next_item) if self.next_item <= INT32_MAX else None
+        except Exception:
+            # A frame this agent cannot read is output like any other line: reading the run's
+            # output must go on whatever one line holds.
+            log.warning(
+                "progress frame %d not understood: kept as output", self.next_item, exc_info=True
+            )
+            item = None
         if item is not None:
             self.next_item += 1
             if not isinstance(item, Dropped):
                 self._progress.append(item)
             return
-        if self.next_line >= self.max_lines:
+        if self.next_line >= min(self.max_lines, INT32_MAX):
             self.truncated = True
             return
         if not self._pending:
@@ -142,7 +154,20 @@ class LogForwarder:
         self._stream: EventStream | None = None
 
     async def run(self) -> None:
-        """Forward until the container's output ends (it exited, or was removed)."""
+        """Forward until the container's output ends (it exited, or was removed).
+
+        A failure ends the forwarding of this run's output, with a log line; it never ends
+        the run, whose final event still carries the output's tail."""
+        try:
+            await self._forward()
+        except Exception:
+            log.exception(
+                "output of run %s (container %s) no longer forwarded",
+                self._run_id,
+                self._container_id[:12],
+            )
+
+    async def _forward(self) -> None:
         try:
             self._stream = await self._runtime.open_log_stream(self._container_id)
         except DockerUnavailable as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -9,8 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from schemas import is_safe_name
+from schemas.bounds import MAX_IN_FLIGHT
 
 from .errors import AgentError
+from .slots import MAX_SLOTS
+
+#: An agent id's length at most, and the hex digits of a host name's hash in a default one.
+_MAX_ID = 64
+_DIGEST = 8
 
 #: Components of a running agent, as named by ``fault``.
 COMPONENTS = ("heartbeat", "watcher", "locations", "consumer")
@@ -109,8 +116,12 @@ class AgentSettings:
                     f"queue name {queue!r} is invalid: use 1 to 64 letters, digits, '_' and "
                     "'-', starting with a letter or digit"
                 )
-        if not 1 <= self.max_concurrent <= 100_000:
-            raise AgentConfigError("--max-concurrent must be at least 1 (and at most 100000)")
+        if not 1 <= self.max_concurrent <= MAX_SLOTS:
+            raise AgentConfigError(
+                f"--max-concurrent must be at least 1 and at most {MAX_SLOTS}: a heartbeat "
+                f"lists every run in flight and those just reported, at most {MAX_IN_FLIGHT} "
+                "in one message"
+            )
         if not 0.05 <= self.heartbeat_interval_s <= 300:
             raise AgentConfigError("the heartbeat interval must be positive, 0.05 s to 300 s")
         if self.fault is not None and self.fault not in COMPONENTS:
@@ -120,7 +131,16 @@ class AgentSettings:
 
 
 def default_agent_id(hostname: str) -> str:
-    """An agent id from a host name: characters an id cannot hold (a domain's dots) become
-    '-', so that an agent started without ``--agent-id`` still has a valid one."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]", "-", hostname).lstrip("_-")[:64]
-    return cleaned or "agent"
+    """An agent id from a host name, for an agent started without ``--agent-id``.
+
+    A host name that is a valid id is used as it is. Any other has the characters an id
+    cannot hold (a domain's dots) replaced by '-', is cut to leave room, and ends with '-' and
+    8 hex digits of its SHA-256: host names that differ only in what had to change
+    (``build.eu-west-1`` and ``build-eu-west-1``), or only past the 55th character, still
+    get ids of their own.
+    """
+    if is_safe_name(hostname):
+        return hostname
+    digest = hashlib.sha256(hostname.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST]
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "-", hostname).lstrip("_-")
+    return f"{cleaned[: _MAX_ID - _DIGEST - 1] or 'agent'}-{digest}"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from schemas import ContainerState, FailureReason
+from schemas.bounds import MAX_IN_FLIGHT
 
 AttemptKey = tuple[uuid.UUID, int]
 
@@ -23,6 +24,9 @@ AttemptKey = tuple[uuid.UUID, int]
 REMEMBERED = 10_000
 #: Reported attempts listed in a heartbeat at most (the most recent ones).
 MAX_LISTED_REPORTED = 1000
+#: Slots an agent may have: with every one held and the reported attempts listed, a heartbeat
+#: lists no more attempts than the contract takes.
+MAX_SLOTS = MAX_IN_FLIGHT - MAX_LISTED_REPORTED
 
 
 @dataclass
@@ -160,18 +164,21 @@ class Slots:
 
     # ------------------------------------------------------------------ reporting
 
-    def in_flight(self) -> tuple[ContainerState, ...]:
-        """Attempts holding a slot, then those reported within ``reported_for_s``, newest first."""
+    def in_flight(self, limit: int = MAX_IN_FLIGHT) -> tuple[ContainerState, ...]:
+        """Attempts holding a slot, then those reported within ``reported_for_s``, newest
+        first. Reported ones are left out past ``limit``; those holding a slot never are (more
+        than ``limit`` of them is for the heartbeat to deal with)."""
         holding = [
             ContainerState(
                 run_id=a.run_id, attempt=a.attempt, container_id=a.container_id, state=a.state
             )
             for a in self.attempts.values()
         ]
+        room = min(MAX_LISTED_REPORTED, limit - len(holding))
         since = self._clock() - self.reported_for_s
         reported: list[ContainerState] = []
         for (run_id, attempt), done in reversed(self._finished.items()):
-            if done.at < since or len(reported) >= MAX_LISTED_REPORTED:
+            if done.at < since or len(reported) >= room:
                 break
             reported.append(
                 ContainerState(

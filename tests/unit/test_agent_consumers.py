@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from dispatcher.amqp import Delivery
+from dispatcher.errors import BrokerRefused, BrokerUnavailable
 from schemas import LaunchRun, LocationSnapshot, LocationSpec, TerminateRun, encode
 from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
 from worker_agent.consumer import InstructionConsumer
@@ -19,11 +22,12 @@ pytestmark = pytest.mark.unit
 
 @dataclass
 class Raw:
-    """An incoming delivery: its body, where it came from, and how it was settled."""
+    """An incoming delivery: its body, how it was published, and how it was settled."""
 
     body: bytes
     exchange: str = INSTRUCTIONS_EXCHANGE
     routing_key: str = "default"
+    message_id: str | None = None
     settled: list[str] = field(default_factory=list)
 
     @property
@@ -39,41 +43,115 @@ class Raw:
 
 @dataclass
 class DeadLetters:
-    """The dead-letter side of a publisher: what was dead-lettered, from where, and why."""
+    """The publisher's side the consumers use: what was dead-lettered, from where, and why;
+    ``failure`` makes every dead letter fail as the broker would."""
 
     sent: list[tuple[bytes, str, str]] = field(default_factory=list)
+    published: list[object] = field(default_factory=list)
+    failure: Exception | None = None
 
     async def dead_letter(self, raw: Raw, queue: str, reason: str) -> None:
+        if self.failure is not None:
+            raise self.failure
         self.sent.append((raw.body, queue, reason))
+
+    async def publish(self, exchange: str, routing_key: str, message: object) -> None:
+        self.published.append(message)
+
+
+Callback = Callable[[Raw], Awaitable[None]]
+_tags = itertools.count()
+
+
+@dataclass
+class Queue:
+    """A queue on the fake broker: its name and the callbacks consuming it."""
+
+    name: str
+    consumers: dict[str, Callback] = field(default_factory=dict)
+
+    async def bind(self, exchange: object, routing_key: str = "") -> None:
+        pass
+
+    async def consume(self, callback: Callback) -> str:
+        tag = f"ctag-{next(_tags)}"
+        self.consumers[tag] = callback
+        return tag
+
+    async def cancel(self, tag: str) -> None:
+        self.consumers.pop(tag, None)
+
+    async def deliver(self, raw: Raw) -> None:
+        """Hand ``raw`` to this queue's consumer, as the broker would."""
+        [callback] = self.consumers.values()
+        await callback(raw)
+
+
+@dataclass
+class Broker:
+    """Just enough of a robust connection and its channels for the agent's consumers."""
+
+    queues: dict[str, Queue] = field(default_factory=dict)
+    is_closed: bool = False
+
+    async def channel(self) -> Broker:
+        return self
+
+    async def get_exchange(self, name: str, ensure: bool = True) -> str:
+        return name
+
+    async def declare_exchange(self, name: str, *args: object, **kwargs: object) -> str:
+        return name
+
+    async def declare_queue(self, name: str | None = None, **kwargs: object) -> Queue:
+        name = name or f"amq.gen-{len(self.queues)}"
+        return self.queues.setdefault(name, Queue(name))
+
+    async def set_qos(self, prefetch_count: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.is_closed = True
 
 
 def launch() -> LaunchRun:
     return LaunchRun(run_id=uuid.uuid4(), attempt=1, image="busybox")
 
 
-def consumer(handler: Any, dead: DeadLetters) -> InstructionConsumer:
-    return InstructionConsumer(None, ("default",), dead, handler, lambda: 1, "a1")  # type: ignore[arg-type]
+INSTRUCTIONS = "hd.instructions.default"
+CONTROL = "hd.control.a1"
 
 
-async def deliver(target: InstructionConsumer, raw: Raw) -> None:
-    await target._on_message(raw)  # type: ignore[arg-type]
+async def consumer(
+    handler: Any, dead: DeadLetters, broker: Broker | None = None
+) -> InstructionConsumer:
+    """An instruction consumer of agent a1 on queue default, started on ``broker``."""
+    connection: Any = broker or Broker()
+    publisher: Any = dead
+    target = InstructionConsumer(connection, ("default",), publisher, handler, lambda: 1, "a1")
+    await target.start()
+    return target
+
+
+async def deliver(target: InstructionConsumer, broker: Broker, queue: str, raw: Raw) -> None:
+    await broker.queues[queue].deliver(raw)
     await target.drain(5)
 
 
 async def test_an_undecodable_instruction_is_dead_lettered_once_and_acked() -> None:
-    dead = DeadLetters()
+    dead, broker = DeadLetters(), Broker()
     handled: list[object] = []
 
     async def handler(delivery: Delivery[Any]) -> None:
         handled.append(delivery.message)
 
-    target = consumer(handler, dead)
+    target = await consumer(handler, dead, broker)
     raw = Raw(b'{"kind": "LaunchRun", "nonsense": true}')
-    await deliver(target, raw)
+    await deliver(target, broker, INSTRUCTIONS, raw)
     assert raw.settled == ["ack"]
     assert handled == []
     [(body, queue, reason)] = dead.sent
-    assert (body, queue) == (raw.body, "hd.instructions.default")
+    assert (body, queue) == (raw.body, INSTRUCTIONS)
     assert "invalid message" in reason
 
 
@@ -81,7 +159,7 @@ async def test_an_undecodable_instruction_is_dead_lettered_once_and_acked() -> N
 async def test_any_handler_error_dead_letters_the_instruction_and_the_consumer_goes_on(
     error: Exception,
 ) -> None:
-    dead = DeadLetters()
+    dead, broker = DeadLetters(), Broker()
     handled: list[object] = []
 
     async def handler(delivery: Delivery[Any]) -> None:
@@ -90,65 +168,135 @@ async def test_any_handler_error_dead_letters_the_instruction_and_the_consumer_g
             raise error
         await delivery.raw.ack()
 
-    target = consumer(handler, dead)
+    target = await consumer(handler, dead, broker)
     first, second = Raw(encode(launch())), Raw(encode(launch()))
-    await deliver(target, first)
-    await deliver(target, second)
+    await deliver(target, broker, INSTRUCTIONS, first)
+    await deliver(target, broker, INSTRUCTIONS, second)
     assert first.settled == ["ack"]
     assert second.settled == ["ack"]
     [(_, queue, reason)] = dead.sent
-    assert queue == "hd.instructions.default"
+    assert queue == INSTRUCTIONS
     assert type(error).__name__ in reason
 
 
 async def test_a_control_instruction_is_dead_lettered_from_the_control_queue() -> None:
-    dead = DeadLetters()
+    dead, broker = DeadLetters(), Broker()
 
     async def handler(delivery: Delivery[Any]) -> None:
         raise RuntimeError("defect")
 
-    target = consumer(handler, dead)
+    target = await consumer(handler, dead, broker)
     terminate = TerminateRun(run_id=uuid.uuid4(), attempt=1)
     raw = Raw(encode(terminate), exchange=CONTROL_EXCHANGE, routing_key="a1")
-    await deliver(target, raw)
+    await deliver(target, broker, CONTROL, raw)
     assert raw.settled == ["ack"]
-    assert [queue for _, queue, _ in dead.sent] == ["hd.control.a1"]
+    assert [queue for _, queue, _ in dead.sent] == [CONTROL]
+
+
+@pytest.mark.parametrize(
+    ("queue", "exchange", "routing_key"),
+    [
+        # The management UI's "publish to queue", or a shovel: the default exchange.
+        (INSTRUCTIONS, "", INSTRUCTIONS),
+        (CONTROL, "", CONTROL),
+        (INSTRUCTIONS, INSTRUCTIONS_EXCHANGE, ""),
+        (INSTRUCTIONS, INSTRUCTIONS_EXCHANGE, "k" * 65),
+        (CONTROL, CONTROL_EXCHANGE, "not.an.agent"),
+    ],
+)
+async def test_poison_is_dead_lettered_from_the_queue_consumed_whatever_its_routing_key(
+    queue: str, exchange: str, routing_key: str
+) -> None:
+    dead, broker = DeadLetters(), Broker()
+
+    async def handler(delivery: Delivery[Any]) -> None:
+        raise RuntimeError("defect")
+
+    target = await consumer(handler, dead, broker)
+    for body in (b"not json", encode(launch())):
+        raw = Raw(body, exchange=exchange, routing_key=routing_key)
+        await deliver(target, broker, queue, raw)
+        assert raw.settled == ["ack"]
+    assert [source for _, source, _ in dead.sent] == [queue, queue]
+
+
+@pytest.mark.parametrize(
+    "failure", [BrokerRefused("no such exchange"), BrokerUnavailable("gone"), RuntimeError("bug")]
+)
+async def test_an_instruction_that_cannot_be_dead_lettered_is_acked_anyway(
+    failure: Exception,
+) -> None:
+    dead, broker = DeadLetters(failure=failure), Broker()
+    handled: list[object] = []
+
+    async def handler(delivery: Delivery[Any]) -> None:
+        handled.append(delivery.message)
+        await delivery.raw.ack()
+
+    target = await consumer(handler, dead, broker)
+    poison, good = Raw(b"not json"), Raw(encode(launch()))
+    await deliver(target, broker, INSTRUCTIONS, poison)
+    await deliver(target, broker, INSTRUCTIONS, good)
+    assert poison.settled == ["ack"]
+    assert good.settled == ["ack"]
+    assert len(handled) == 1
 
 
 async def test_an_error_after_the_handler_settled_the_instruction_is_not_dead_lettered() -> None:
-    dead = DeadLetters()
+    dead, broker = DeadLetters(), Broker()
 
     async def handler(delivery: Delivery[Any]) -> None:
         await delivery.raw.ack()
         raise RuntimeError("late defect")
 
-    target = consumer(handler, dead)
+    target = await consumer(handler, dead, broker)
     raw = Raw(encode(launch()))
-    await deliver(target, raw)
+    await deliver(target, broker, INSTRUCTIONS, raw)
     assert raw.settled == ["ack"]
     assert dead.sent == []
 
 
-def keeper(dead: DeadLetters) -> LocationKeeper:
-    return LocationKeeper(None, None, dead, "a1", ("default",))  # type: ignore[arg-type]
+async def keeper(dead: DeadLetters, broker: Broker) -> tuple[LocationKeeper, Queue]:
+    """A location keeper of agent a1 on queue default, started, and its snapshot queue."""
+    servers: Any = None
+    connection: Any = broker
+    publisher: Any = dead
+    target = LocationKeeper(servers, connection, publisher, "a1", ("default",))
+    await target.start()
+    [queue] = broker.queues.values()
+    return target, queue
 
 
-async def test_a_poison_location_snapshot_is_dead_lettered_and_acked() -> None:
-    dead = DeadLetters()
-    target = keeper(dead)
-    raw = Raw(b"\xff not json", routing_key="default")
-    await target._on_snapshot(raw)  # type: ignore[arg-type]
+async def test_a_poison_location_snapshot_is_dead_lettered_from_the_keepers_queue() -> None:
+    dead, broker = DeadLetters(), Broker()
+    _, queue = await keeper(dead, broker)
+    raw = Raw(b"\xff not json", exchange="", routing_key="")
+    await queue.deliver(raw)
     assert raw.settled == ["ack"]
-    [(_, _, reason)] = dead.sent
+    [(_, source, reason)] = dead.sent
+    assert source == queue.name
     assert "location snapshot refused" in reason
 
 
+@pytest.mark.parametrize(
+    "failure", [BrokerRefused("no such exchange"), BrokerUnavailable("gone"), RuntimeError("bug")]
+)
+async def test_a_location_snapshot_that_cannot_be_dead_lettered_is_acked_anyway(
+    failure: Exception,
+) -> None:
+    dead, broker = DeadLetters(failure=failure), Broker()
+    _, queue = await keeper(dead, broker)
+    raw = Raw(b"\xff not json")
+    await queue.deliver(raw)
+    assert raw.settled == ["ack"]
+
+
 async def test_a_location_snapshot_is_taken_in_and_acked() -> None:
-    dead = DeadLetters()
-    target = keeper(dead)
+    dead, broker = DeadLetters(), Broker()
+    target, queue = await keeper(dead, broker)
     spec = LocationSpec(name="loc", image="busybox")
     raw = Raw(encode(LocationSnapshot(queue="default", locations=(spec,))))
-    await target._on_snapshot(raw)  # type: ignore[arg-type]
+    await queue.deliver(raw)
     assert raw.settled == ["ack"]
     assert dead.sent == []
     assert target._snapshots == {"default": (spec,)}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
 from schemas import RunFailed, RunLog, RunProgress, RunSucceeded, encode, event_decoder
 from worker_agent import limits
-from worker_agent.logs import LineBatcher
+from worker_agent.logs import LineBatcher, LogForwarder
 from worker_agent.progress import DROPPED, FRAME_PREFIX, parse_progress
 
 pytestmark = pytest.mark.unit
@@ -140,3 +143,109 @@ def test_progress_batches_fit_in_a_message() -> None:
         assert len(encode(event)) < 1024 * 1024
         sent += len(items)
     assert sent == 1200
+
+
+#: A JSON integer no float can hold.
+HUGE = "9" * 400
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        FRAME_PREFIX + '{"event":"log","duration_s":' + HUGE + "}",
+        FRAME_PREFIX + '{"event":"step_finished","duration_s":-' + HUGE + "}",
+        FRAME_PREFIX + '{"event":"metadata","step":' + HUGE + ',"values":{"n":' + HUGE + "}}",
+        FRAME_PREFIX + '{"event":"log","duration_s":1' + "0" * 5000 + "}",
+    ],
+    ids=["huge duration", "huge negative duration", "huge values", "too many digits"],
+)
+def test_a_frame_with_numbers_beyond_a_float_does_not_stop_the_output(line: str) -> None:
+    batcher = LineBatcher()
+    batcher.feed("before\n" + line + "\nafter\n")
+    batcher.finish()
+    lines = [text for _, batch in drain(batcher) for text in batch]
+    assert lines[0] == "before" and lines[-1] == "after"
+    items = batcher.take_progress()
+    assert all(item.duration_s is None for item in items)
+    if items:
+        travels(RunProgress(run_id=RUN, attempt=1, agent_id="a1", items=items))
+
+
+class Output:
+    """A container's output stream: ``chunks``, then its end."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.chunks
+
+    def close(self) -> None:
+        pass
+
+
+class Runtime:
+    """The one call of the container runtime that a LogForwarder makes."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def open_log_stream(self, container_id: str) -> Output:
+        return Output(self.chunks)
+
+
+def forwarder(chunks: list[bytes], publish: object, forward_lines: bool = True) -> LogForwarder:
+    runtime: object = Runtime(chunks)
+    return LogForwarder(
+        runtime,  # type: ignore[arg-type]
+        publish,  # type: ignore[arg-type]
+        RUN,
+        1,
+        "a1",
+        "c" * 64,
+        batch_interval_s=0.05,
+        forward_lines=forward_lines,
+    )
+
+
+async def test_output_after_an_unreadable_frame_still_leaves_the_host() -> None:
+    sent: list[RunLog | RunProgress] = []
+
+    async def publish(event: RunLog | RunProgress) -> None:
+        travels(event)
+        sent.append(event)
+
+    poison = FRAME_PREFIX + '{"event":"log","duration_s":' + HUGE + "}"
+    chunks = [b"first\n", poison.encode() + b"\n", b"second\nthird\n"]
+    await forwarder(chunks, publish).run()
+    lines = [line for event in sent if isinstance(event, RunLog) for line in event.lines]
+    assert lines == ["first", "second", "third"]
+    [item] = [item for event in sent if isinstance(event, RunProgress) for item in event.items]
+    assert (item.event, item.duration_s) == ("log", None)
+
+
+async def test_a_forwarder_that_fails_logs_why_instead_of_dying_silently(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def publish(event: RunLog | RunProgress) -> None:
+        raise RuntimeError("a defect in publishing")
+
+    with caplog.at_level(logging.ERROR, logger="worker_agent.logs"):
+        task = asyncio.create_task(forwarder([b"line\n"], publish).run())
+        await asyncio.wait_for(task, 10)
+    assert task.exception() is None  # nothing left unretrieved on the task
+    [record] = [r for r in caplog.records if r.name == "worker_agent.logs"]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+
+
+def test_line_and_item_numbers_stay_within_postgresql_integers() -> None:
+    batcher = LineBatcher(max_lines=2**40, next_line=2**31 - 3, next_item=2**31 - 1)
+    batcher.feed("a\nb\nc\nd\n" + frame(event="log") + "\n" + frame(event="log") + "\n")
+    first, lines = batcher.take()
+    assert (first, lines) == (2**31 - 3, ("a", "b"))
+    assert batcher.truncated
+    travels(RunLog(run_id=RUN, attempt=1, agent_id="a1", first_line=first, lines=lines))
+    [item] = batcher.take_progress()
+    assert item.line_no == 2**31 - 1
+    travels(RunProgress(run_id=RUN, attempt=1, agent_id="a1", items=(item,)))

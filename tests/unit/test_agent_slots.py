@@ -7,8 +7,10 @@ import uuid
 
 import pytest
 
-from schemas import AgentHeartbeat, encode, event_decoder
-from worker_agent.slots import MAX_LISTED_REPORTED, Slots
+from schemas import MAX_MESSAGE_BYTES, AgentHeartbeat, encode, event_decoder
+from schemas.bounds import MAX_IN_FLIGHT
+from worker_agent.heartbeat import Heartbeat
+from worker_agent.slots import MAX_LISTED_REPORTED, MAX_SLOTS, Attempt, Slots
 
 pytestmark = pytest.mark.unit
 
@@ -136,3 +138,76 @@ async def test_a_waiting_delivery_gives_up_its_wait_when_the_agent_stops() -> No
     assert await asyncio.wait_for(waiter, 5) is False
     assert slots.waiting == 0
     assert len(slots.attempts) == 1
+
+
+class Published:
+    """The publisher's side a heartbeat uses: what it sent, encoded as it would travel."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+
+    async def publish(self, exchange: str, routing_key: str, message: AgentHeartbeat) -> None:
+        self.payloads.append(encode(message))
+
+
+def full_agent(max_concurrent: int, held: int, reported: int) -> Slots:
+    """An agent with ``held`` attempts holding (or adopted into) its slots and ``reported``
+    attempts just reported; every container id and state at its longest."""
+    clock = Clock()
+    slots = Slots(max_concurrent, clock=clock)
+    for _ in range(reported):
+        done = key()
+        attempt = slots.take(done)
+        assert attempt is not None
+        slots.bind(attempt, "f" * 64)
+        slots.release(done, reported=True, exit_code=255)
+    for _ in range(held):
+        attempt = Attempt(*key(), container_id="f" * 64, state="s" * 32)
+        slots.adopt(attempt)
+    return slots
+
+
+async def beat(slots: Slots) -> AgentHeartbeat:
+    """The heartbeat the agent sends, as the monitor decodes it."""
+    sent = Published()
+    heartbeat = Heartbeat(
+        sent,  # type: ignore[arg-type]
+        "a" * 64,
+        ("default",),
+        slots.max_concurrent,
+        2.0,
+        slots.in_flight,
+    )
+    heartbeat.synced = True
+    await heartbeat.beat()
+    [payload] = sent.payloads
+    assert len(payload) <= MAX_MESSAGE_BYTES
+    beat = event_decoder().decode(payload)
+    assert isinstance(beat, AgentHeartbeat)
+    return beat
+
+
+async def test_an_agent_with_every_slot_held_sends_heartbeats_the_monitor_takes() -> None:
+    slots = full_agent(MAX_SLOTS, held=MAX_SLOTS, reported=MAX_LISTED_REPORTED)
+    sent = await beat(slots)
+    assert len(sent.in_flight) == MAX_IN_FLIGHT
+    assert sent.synced
+
+
+async def test_reported_attempts_make_room_for_those_holding_a_slot() -> None:
+    # Adopted past its slots (restarted with fewer): reported attempts are left out first.
+    slots = full_agent(10, held=MAX_IN_FLIGHT - 10, reported=MAX_LISTED_REPORTED)
+    sent = await beat(slots)
+    states = [s.state for s in sent.in_flight]
+    assert len(states) == MAX_IN_FLIGHT
+    assert states.count("reported") == 10
+    assert sent.synced  # every attempt holding a slot is listed
+
+
+async def test_more_attempts_than_a_heartbeat_holds_are_listed_incomplete() -> None:
+    slots = full_agent(10, held=MAX_IN_FLIGHT + 200, reported=5)
+    sent = await beat(slots)
+    assert len(sent.in_flight) == MAX_IN_FLIGHT
+    assert all(s.state != "reported" for s in sent.in_flight)
+    # Not every run is listed: the monitor must not take one left out for vanished.
+    assert not sent.synced

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 import uuid
 from datetime import UTC, datetime
 
@@ -12,8 +13,10 @@ import pytest
 
 from schemas import (
     ALL_MESSAGES,
+    MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
     AgentHeartbeat,
+    AnyMessage,
     CancelRun,
     ContainerState,
     FailureReason,
@@ -50,6 +53,7 @@ from schemas import (
     kind_of,
     request_decoder,
 )
+from schemas.bounds import MAX_IN_FLIGHT
 from schemas.topology import (
     AGENT_EVENTS,
     CONTROL_SOURCE,
@@ -437,6 +441,55 @@ def test_free_form_bounds_hold_when_a_message_is_built() -> None:
         RunLog(run_id=RUN, attempt=1, agent_id="a1", first_line=0, lines=("x" * 16384,) * 40)
 
 
+def test_a_log_batch_is_numbered_within_postgresql_integers() -> None:
+    decoder = event_decoder()
+    last = BY_KIND["RunLog"]
+    for first, lines in [(2**31 - 1, ()), (2**31 - 2, ("a",)), (2**31 - 1001, ("x",) * 1000)]:
+        fits = RunLog(run_id=RUN, attempt=1, agent_id="a1", first_line=first, lines=lines)
+        assert decoder.decode(encode(fits)) == fits
+    for first, lines in [
+        (2**31 - 1, ("a", "b")),
+        (2**31 - 1, ("a",)),
+        (2**31 - 1000, ("x",) * 1000),
+    ]:
+        with pytest.raises(OutOfBounds) as built:
+            RunLog(run_id=RUN, attempt=1, agent_id="a1", first_line=first, lines=lines)
+        assert built.value.field == "first_line"
+        body = json.loads(encode(last))
+        body.update(first_line=first, lines=list(lines))
+        with pytest.raises(InvalidMessage) as decoded:
+            decoder.decode(json.dumps(body).encode())
+        assert decoded.value.field == "first_line"
+
+
+def test_a_heartbeat_listing_the_most_attempts_fits_in_a_message() -> None:
+    # Every field at its longest; none of their characters is escaped in JSON.
+    worst = ContainerState(
+        run_id=RUN, attempt=1000, container_id="f" * 64, state="s" * 32, exit_code=255
+    )
+    beat = AgentHeartbeat(
+        agent_id="a" * 64,
+        sequence=2**63 - 1,
+        schema_version=SCHEMA_VERSION,
+        sent_at=datetime(2024, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        queues=tuple(f"{i:02d}" + "q" * 62 for i in range(64)),
+        max_concurrent=100_000,
+        interval_s=0.30000000000000004,
+        in_flight=(worst,) * MAX_IN_FLIGHT,
+        draining=True,
+        synced=False,
+    )
+    payload = encode(beat)
+    assert len(payload) <= MAX_MESSAGE_BYTES
+    assert event_decoder().decode(payload) == beat
+
+
+def test_all_messages_are_the_members_of_any_message() -> None:
+    assert typing.get_args(AnyMessage) == ALL_MESSAGES
+    assert len(set(ALL_MESSAGES)) == len(ALL_MESSAGES)
+    assert {kind_of(m) for m in EXAMPLES} == {str(t.__struct_config__.tag) for t in ALL_MESSAGES}
+
+
 def test_nested_free_form_errors_name_the_path() -> None:
     progress = BY_KIND["RunProgress"]
     assert isinstance(progress, RunProgress)
@@ -476,6 +529,7 @@ def _field(path: str) -> str:
 
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
+HEARTBEAT_ENTRY = {"run_id": str(RUN), "attempt": 1, "state": "running"}
 KIB = 1024
 
 # kind, path, an accepted value, a refused value; the error names the path.
@@ -539,7 +593,8 @@ BOUNDS = [
     ("LaunchRun", "attempt", 1000, 1001),
     ("RunSucceeded", "exit_code", 255, 256),
     ("RunFailed", "exit_code", -1, -2),
-    ("RunLog", "first_line", 2**31 - 1, 2**31),
+    ("RunLog", "first_line", 0, 2**31),
+    ("RunLog", "first_line", 2**31 - 3, 2**31 - 2),  # 2 lines: the next one's number fits
     ("RunProgress", "items.0.line_no", 0, -1),
     ("AgentHeartbeat", "sequence", 2**63 - 1, 2**63),
     ("AgentHeartbeat", "max_concurrent", 100_000, 100_001),
@@ -587,7 +642,15 @@ BOUNDS = [
     ("LocationLoaded", "jobs.0.description", "d" * 16 * KIB, "d" * (16 * KIB + 1)),
     ("AgentHeartbeat", "queues", ["q"] * 64, ["q"] * 65),
     ("AgentHeartbeat", "in_flight.0.state", "s" * 32, "s" * 33),
-    ("AgentHeartbeat", "in_flight.0.container_id", "c" * 128, "c" * 129),
+    ("AgentHeartbeat", "in_flight.0.state", "running", "run\u0001ning"),
+    ("AgentHeartbeat", "in_flight.0.state", "dead", 'de"ad'),
+    ("AgentHeartbeat", "in_flight.0.container_id", "c" * 64, "c" * 65),
+    ("AgentHeartbeat", "in_flight.0.container_id", "a0.b-c_d", "c\u0001"),
+    ("AgentHeartbeat", "in_flight.0.container_id", "c1", "c\\1"),
+    ("AgentHeartbeat", "in_flight.0.container_id", "c1", "é"),
+    ("RunLaunched", "container_id", "c" * 64, "c" * 65),
+    ("LocationLoaded", "container_id", "c1", "c 1"),
+    ("AgentHeartbeat", "in_flight", [HEARTBEAT_ENTRY] * 5000, [HEARTBEAT_ENTRY] * 5001),
     ("LocationSnapshot", "locations", [], [{"name": "a", "image": "a"}] * 1001),
     ("LocationLoaded", "jobs", [], [{"name": "a"}] * 1001),
     ("RunEnded", "state", "CANCELED", "LOST"),

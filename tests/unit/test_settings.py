@@ -6,7 +6,10 @@ import pytest
 
 from dispatcher.errors import ConfigError
 from dispatcher.settings import ControlPlaneSettings, ImageNames, MonitorSettings
-from worker_agent.settings import AgentConfigError, AgentSettings
+from schemas import is_safe_name
+from schemas.bounds import MAX_IN_FLIGHT
+from worker_agent.settings import AgentConfigError, AgentSettings, default_agent_id
+from worker_agent.slots import MAX_LISTED_REPORTED, MAX_SLOTS
 
 
 def test_image_names_come_from_the_environment() -> None:
@@ -85,3 +88,52 @@ def test_monitor_settings_defaults_and_checks() -> None:
         MonitorSettings.from_env({**env, "HD_START_TIMEOUT_S": "soon"})
     with pytest.raises(ConfigError, match="no database"):
         MonitorSettings.from_env({"HD_AMQP_URL": "amqp://x/"})
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        (
+            "build.eu-west-1.example.com",
+            "build-eu-west-1.example.com",
+            "build-eu-west-1-example-com",
+        ),
+        ("a" * 64 + ".one", "a" * 64 + ".two", "a" * 64 + "x", "a" * 64),
+        ("___", "-", "...", "", "é", "agent"),
+        ("web_1", "_web_1", "-web_1", ".web_1"),
+    ],
+    ids=["dots", "long", "nothing usable", "leading characters"],
+)
+def test_default_agent_ids_of_different_hosts_differ(hosts: tuple[str, ...]) -> None:
+    ids = [default_agent_id(host) for host in hosts]
+    assert len(set(ids)) == len(ids), ids
+    for agent_id in ids:
+        assert is_safe_name(agent_id)
+        assert len(agent_id) <= 64
+
+
+def test_a_host_name_that_is_a_valid_id_is_the_default_id() -> None:
+    assert default_agent_id("build-host-1") == "build-host-1"
+    assert default_agent_id("h" * 64) == "h" * 64
+    changed = default_agent_id("build.eu-west-1.example.com")
+    assert changed.startswith("build-eu-west-1-example-com-")
+    assert changed == default_agent_id("build.eu-west-1.example.com")  # the same every start
+
+
+def test_an_explicit_agent_id_is_used_as_given_and_checked() -> None:
+    env = {"HD_AMQP_URL": "amqp://x/"}
+    assert AgentSettings.from_env({**env, "HD_AGENT_ID": "b1"}).agent_id == "b1"
+    assert AgentSettings.from_env(env, agent_id="build-host-1").agent_id == "build-host-1"
+    for bad in ("build.eu-west-1", "x" * 65, "_agent"):
+        with pytest.raises(AgentConfigError, match="agent id"):
+            AgentSettings.from_env(env, agent_id=bad)
+
+
+def test_max_concurrent_leaves_room_in_a_heartbeat_for_every_run() -> None:
+    env = {"HD_AMQP_URL": "amqp://x/"}
+    assert AgentSettings.from_env(env, max_concurrent=MAX_SLOTS).max_concurrent == 4000
+    assert MAX_SLOTS + MAX_LISTED_REPORTED <= MAX_IN_FLIGHT
+    with pytest.raises(AgentConfigError, match="at most 4000"):
+        AgentSettings.from_env(env, max_concurrent=MAX_SLOTS + 1)
+    with pytest.raises(AgentConfigError, match="at most 4000"):
+        AgentSettings.from_env({**env, "HD_AGENT_MAX_CONCURRENT": "100000"})
