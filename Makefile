@@ -10,7 +10,7 @@ help:
 	@echo "make demo       set up everything, then run the demo"
 	@echo "make test       set up everything, then run the whole test suite"
 	@echo "make test-unit  unit tests only (no services)"
-	@echo "make lint       ruff (lint and format check) and mypy"
+	@echo "make lint       ruff (lint and format check), mypy and the import contracts"
 	@echo "make format     rewrite the code with ruff format"
 	@echo "make bench      run the benchmarks"
 	@echo "make images     build the images (skipped when up to date)"
@@ -39,6 +39,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 
 format: venv
 	$(BIN)/ruff format .
@@ -51,4 +52,4 @@ bench: images
 	@for b in bench/[a-z]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -28,9 +28,9 @@ import aio_pika
 import asyncpg
 from _harness import ROOT, Processes, percentile, progress, report, services
 
-from dispatcher import amqp
 from schemas import AgentHeartbeat, encode
 from schemas.topology import AGENT_EVENTS, STATUS_EXCHANGE, heartbeat_routing_key
+from transport.connection import connect
 
 HEARTBEAT_S = 2.0
 LOST_AFTER_BEATS = 3
@@ -87,7 +87,7 @@ async def detection(procs: Processes, database_url: str, kills: int, batch: int)
 
 async def heartbeat_load(url: str, agents: int, seconds: float) -> int:
     """Publish one heartbeat per simulated agent every 2 s, spread evenly; returns how many."""
-    connection = await amqp.connect(url, "bench-heartbeats")
+    connection = await connect(url, "bench-heartbeats")
     sent = 0
     async with connection:
         channel = await connection.channel(publisher_confirms=False)

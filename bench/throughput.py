@@ -20,13 +20,14 @@ import aio_pika
 import asyncpg
 from _harness import Processes, progress, report, services
 
-from dispatcher import amqp
 from schemas import SubmitRun, encode
 from schemas.topology import (
     REQUESTS_EXCHANGE,
     REQUESTS_ROUTING_KEY,
     instructions_queue,
 )
+from transport.connection import connect
+from transport.topology import declare_topology
 
 FLIGHT = 500
 
@@ -64,10 +65,10 @@ async def floor(url: str, n: int) -> float:
 
 
 async def preload(url: str, n: int, agent_queue: str) -> None:
-    connection = await amqp.connect(url, "bench-preload")
+    connection = await connect(url, "bench-preload")
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        await amqp.declare_topology(channel, (agent_queue,))
+        await declare_topology(channel, (agent_queue,))
         bodies = [
             encode(
                 SubmitRun(

@@ -11,12 +11,21 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, parse_env, with_store
+from transport.metrics import serve_metrics
+from transport.process import version_option
+
+from .cli_common import (
+    KNOWN_ERRORS,
+    AmqpUrl,
+    DatabaseSchema,
+    DatabaseUrl,
+    _fail,
+    parse_env,
+    with_store,
+)
 from .cli_locations import locations_app
 from .cli_ops import agents_app, alerts_app, dead_letters_app
-from .errors import DispatcherError, InvalidSubmission
-from .metrics import serve_metrics
-from .process import version_option
+from .errors import InvalidSubmission
 
 app = typer.Typer(
     name="dispatcher",
@@ -111,7 +120,8 @@ def serve(
     and a bound on the dead-letter queues. Poison messages are dead-lettered with a reason,
     counted, alerted on, and never stop the other messages.
     """
-    from .process import run_until_signalled, setup_logging
+    from transport.process import run_until_signalled, setup_logging
+
     from .service import serve as serve_forever
     from .settings import ControlPlaneSettings
 
@@ -127,11 +137,11 @@ def serve(
         )
         setup_logging(log_level)
         serve_metrics(metrics_port)
-    except DispatcherError as exc:
+    except KNOWN_ERRORS as exc:
         raise _fail(str(exc)) from None
     try:
         run_until_signalled(lambda stop: serve_forever(settings, stop))
-    except DispatcherError as exc:
+    except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
 
 
@@ -168,8 +178,9 @@ def monitor(
     Several may run: one is active (a PostgreSQL advisory lock), the others stand by and take
     over when it stops.
     """
+    from transport.process import run_until_signalled, setup_logging
+
     from .monitor import run_monitor
-    from .process import run_until_signalled, setup_logging
     from .settings import MonitorSettings
 
     try:
@@ -186,11 +197,11 @@ def monitor(
         )
         setup_logging(log_level)
         serve_metrics(settings.metrics_port)
-    except DispatcherError as exc:
+    except KNOWN_ERRORS as exc:
         raise _fail(str(exc)) from None
     try:
         run_until_signalled(lambda stop: run_monitor(settings, stop))
-    except DispatcherError as exc:
+    except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
 
 
@@ -211,7 +222,7 @@ def db_upgrade(database_url: DatabaseUrl = "", database_schema: DatabaseSchema =
 
     try:
         applied = asyncio.run(upgrade())
-    except DispatcherError as exc:
+    except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
     typer.echo(f"applied migrations {applied}" if applied else "database is up to date")
 
@@ -336,7 +347,7 @@ def submit(
         raise _fail(f"no answer within {limit:g} s", 124) from None
     except InvalidSubmission as exc:
         raise _fail(str(exc), 2) from None
-    except DispatcherError as exc:
+    except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
 
 

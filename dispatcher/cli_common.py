@@ -8,11 +8,17 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from transport.errors import TransportError
+
 from .errors import DispatcherError
 from .store import Store
 
 T = TypeVar("T")
 S = TypeVar("S", bound=Store)
+
+#: What a command reports in one line with an exit status: the control plane's errors and
+#: the transport's (the broker's).
+KNOWN_ERRORS = (DispatcherError, TransportError)
 
 AmqpUrl = Annotated[
     str,
@@ -56,7 +62,7 @@ def with_store(
 
     try:
         return asyncio.run(go())
-    except DispatcherError as exc:
+    except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
 
 

@@ -9,8 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, with_store
-from .errors import DispatcherError
+from .cli_common import KNOWN_ERRORS, AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, with_store
 
 agents_app = typer.Typer(help="Agents and their liveness (reads PostgreSQL).", no_args_is_help=True)
 alerts_app = typer.Typer(help="Alerts and their delivery (reads PostgreSQL).", no_args_is_help=True)
@@ -29,7 +28,7 @@ def _json_default(value: object) -> str:
 def _run(coroutine: Any) -> Any:
     try:
         return asyncio.run(coroutine)
-    except DispatcherError as exc:
+    except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
 
 
@@ -84,15 +83,16 @@ def dead_letters_list(
     amqp_url: AmqpUrl = "",
 ) -> None:
     """Dead letters with the queue they came from and why; they stay in the queue."""
-    from . import amqp
+    from transport.connection import connect
+    from transport.dead_letters import DeadLetter, peek_dead_letters
 
     if not amqp_url:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
 
-    async def go() -> list[amqp.DeadLetter]:
-        connection = await amqp.connect(amqp_url, "dispatcher-cli")
+    async def go() -> list[DeadLetter]:
+        connection = await connect(amqp_url, "dispatcher-cli")
         try:
-            return await amqp.peek_dead_letters(connection, limit)
+            return await peek_dead_letters(connection, limit)
         finally:
             await connection.close()
 

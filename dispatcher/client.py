@@ -40,10 +40,12 @@ from schemas.topology import (
     STATUS_EXCHANGE,
     follow_pattern,
 )
+from transport.connection import TRANSIENT, connect
+from transport.errors import BrokerRefused, BrokerUnavailable
+from transport.publisher import Publisher
 
-from . import amqp, provenance
-from .amqp import Publisher
-from .errors import BrokerRefused, BrokerUnavailable, InvalidSubmission, SubmissionRejected
+from . import provenance
+from .errors import InvalidSubmission, SubmissionRejected
 
 _requests = request_decoder()
 
@@ -81,7 +83,7 @@ class Follower:
         """Follow one more run (bind before submitting it, so that no event is missed)."""
         try:
             await self._queue.bind(STATUS_EXCHANGE, routing_key=follow_pattern(run_id))
-        except amqp.TRANSIENT as exc:
+        except TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot follow run {run_id}: {exc!r}") from exc
         self.run_ids.add(run_id)
 
@@ -113,7 +115,7 @@ class Client:
 
     async def __aenter__(self) -> Client:
         # A client declares nothing: the control plane owns the topology.
-        self._connection = await amqp.connect(self._url, "dispatcher-client")
+        self._connection = await connect(self._url, "dispatcher-client")
         self._publisher = Publisher(self._connection)
         return self
 
@@ -217,7 +219,7 @@ class Client:
         try:
             channel = await self._connection.channel()
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        except amqp.TRANSIENT as exc:
+        except TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot follow runs: {exc!r}") from exc
         follower = Follower(queue, set())
         for run_id in run_ids or ():

@@ -1,10 +1,25 @@
 """Errors of the control plane: one root, a shallow hierarchy.
 
-Adapters translate driver exceptions (aio-pika, asyncpg, docker) into these; nothing above
-an adapter catches a driver's exception.
+Adapters translate driver exceptions (asyncpg, docker) into these; the broker's errors are
+the transport's (``transport.errors``), re-exported here for scripts that use the client.
+Nothing above an adapter catches a driver's exception.
 """
 
 from __future__ import annotations
+
+from transport.errors import BrokerRefused, BrokerUnavailable, HandlerUnavailable, TransportError
+
+__all__ = [
+    "BrokerRefused",
+    "BrokerUnavailable",
+    "ConfigError",
+    "DispatcherError",
+    "InvalidSubmission",
+    "RunNotFound",
+    "StoreUnavailable",
+    "SubmissionRejected",
+    "TransportError",
+]
 
 
 class DispatcherError(Exception):
@@ -15,17 +30,9 @@ class ConfigError(DispatcherError):
     """A setting or an argument is invalid; the message says which and why."""
 
 
-class BrokerUnavailable(DispatcherError):
-    """The broker cannot be reached, or a publish was not confirmed in time."""
-
-
-class BrokerRefused(DispatcherError):
-    """The broker refused one operation (a name it rejects, a permission, a missing exchange):
-    retrying the same operation cannot help, unlike ``BrokerUnavailable``."""
-
-
-class StoreUnavailable(DispatcherError):
-    """PostgreSQL cannot be reached; the operation may be retried."""
+class StoreUnavailable(DispatcherError, HandlerUnavailable):
+    """PostgreSQL cannot be reached; the operation may be retried. A consumer whose handler
+    raises it holds the batch until the store is back."""
 
 
 class RunNotFound(DispatcherError):

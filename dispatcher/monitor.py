@@ -32,10 +32,14 @@ import asyncpg
 
 from schemas import AgentHeartbeat, Event, FailureReason, event_decoder
 from schemas.topology import STATUS_MONITOR_QUEUE
+from transport.connection import connect
+from transport.consumer import Consumer
+from transport.delivery import Delivery
+from transport.publisher import Publisher
+from transport.topology import MONITOR_QUEUE_ARGUMENTS, declare_monitor_queue, declare_topology
 
-from . import amqp, metrics, provenance
+from . import metrics, provenance
 from .alerts import AlertDeliverer
-from .amqp import Consumer, Delivery, Publisher
 from .errors import StoreUnavailable
 from .settings import MonitorSettings
 from .states import RunState
@@ -329,11 +333,11 @@ async def _lead(
     # Start-up: the view from PostgreSQL, then the monitor's own queue for what follows.
     monitor = FailureMonitor(store, settings)
     await monitor.load()
-    connection = await amqp.connect(settings.amqp_url, "dispatcher-monitor")
+    connection = await connect(settings.amqp_url, "dispatcher-monitor")
     try:
         async with connection.channel() as channel:
-            await amqp.declare_topology(channel)
-            await amqp.declare_monitor_queue(channel)
+            await declare_topology(channel)
+            await declare_monitor_queue(channel)
         publisher = Publisher(connection)
         consumer = Consumer(
             connection,
@@ -341,7 +345,7 @@ async def _lead(
             event_decoder(),
             monitor.on_events,
             publisher,
-            queue_arguments=amqp.MONITOR_QUEUE_ARGUMENTS,
+            queue_arguments=MONITOR_QUEUE_ARGUMENTS,
             verify=provenance.check,
         )
         await consumer.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from schemas import Message, RunAccepted, RunEnded, RunFailed, RunRejected, RunRetrying
 from schemas.topology import CONTROL_SOURCE, MONITOR_SOURCE, event_routing_key
+from transport.errors import MessageRejected
 
 from .errors import DispatcherError
 
@@ -17,8 +18,9 @@ from .errors import DispatcherError
 CONTROL_EVENTS = (RunAccepted, RunRejected, RunRetrying, RunEnded)
 
 
-class Misrouted(DispatcherError):
-    """A status event came under a routing key that is not its source's."""
+class Misrouted(DispatcherError, MessageRejected):
+    """A status event came under a routing key that is not its source's (a consumer
+    dead-letters it)."""
 
 
 def expected_key(event: Message) -> str:

@@ -6,9 +6,12 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from transport.errors import BrokerRefused, BrokerUnavailable
+from transport.publisher import Publisher
+from transport.topology import declare_target
+
 from . import metrics
-from .amqp import Publisher, declare_target
-from .errors import BrokerRefused, BrokerUnavailable, StoreUnavailable
+from .errors import StoreUnavailable
 from .store import OutboxRow, Store
 
 log = logging.getLogger(__name__)

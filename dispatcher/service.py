@@ -32,10 +32,15 @@ from schemas.topology import (
     STATUS_STORE_QUEUE,
     event_routing_key,
 )
+from transport import policies
+from transport.connection import connect
+from transport.consumer import Consumer
+from transport.delivery import Delivery
+from transport.errors import BrokerUnavailable
+from transport.publisher import Publisher
+from transport.topology import declare_topology
 
-from . import amqp, dead_letters, metrics, policies, provenance
-from .amqp import Consumer, Delivery, Publisher
-from .errors import BrokerUnavailable
+from . import dead_letters, metrics, provenance
 from .locations import LocationStore
 from .relay import OutboxRelay
 from .settings import ControlPlaneSettings
@@ -56,9 +61,9 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         applied = await store.upgrade()
         if applied:
             log.info("database migrated to version %d", applied[-1])
-        connection = await amqp.connect(settings.amqp_url, "dispatcher-serve")
+        connection = await connect(settings.amqp_url, "dispatcher-serve")
         async with connection.channel() as channel:
-            await amqp.declare_topology(channel)
+            await declare_topology(channel)
         if settings.broker_policies:
             await _apply_policies(settings)
         publisher = Publisher(connection)
@@ -120,7 +125,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             # Dead letters on a connection of their own: one whose headers the client cannot
             # parse drops the connection it arrives on (until the broker's delivery limit
             # takes it away), and must not take the other consumers with it.
-            watch_connection = await amqp.connect(settings.amqp_url, "dispatcher-dead-letters")
+            watch_connection = await connect(settings.amqp_url, "dispatcher-dead-letters")
             consumers.append(
                 Consumer(
                     watch_connection,

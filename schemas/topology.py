@@ -1,7 +1,7 @@
 """Names of every exchange, queue and routing key: the broker half of the wire contract.
 
 Pure names, no client library: a script that submits work needs only these and the codec.
-Declaring them is the job of ``dispatcher.amqp.declare_topology``.
+Declaring them is the job of ``transport.topology.declare_topology``.
 
 Every status event's routing key names its source, so that the broker can hold each identity
 to its own keys (a topic permission per agent) and a consumer can bind only what it follows:

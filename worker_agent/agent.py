@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika.abc
 
-from dispatcher import amqp
-from dispatcher.amqp import Publisher
-from dispatcher.errors import DispatcherError
+from transport.connection import connect
+from transport.errors import TransportError
+from transport.publisher import Publisher
+from transport.topology import declare_topology
 
 from .code_servers import CodeServers
 from .consumer import InstructionConsumer
@@ -56,14 +57,14 @@ class Agent:
         Raises AgentFailed, after the shutdown, when a component failed or ended.
         """
         settings = self.settings
-        connection = await amqp.connect(settings.amqp_url, f"worker-agent {settings.agent_id}")
+        connection = await connect(settings.amqp_url, f"worker-agent {settings.agent_id}")
         parts = _Parts(self, connection)
         failure: BaseException | None = None
         try:
             # Start-up: watch Docker first (which adopts what this agent ran before), so that
             # slots already taken are counted before any instruction is consumed.
             async with connection.channel() as channel:
-                await amqp.declare_topology(channel, settings.queues)
+                await declare_topology(channel, settings.queues)
             self._start("heartbeat", parts.heartbeat.run)
             self._start("watcher", parts.watcher.run)
             if await self._until(stop, parts.watcher.connected):
@@ -81,7 +82,7 @@ class Agent:
                 # Serve: until asked to stop, or until a component ends.
                 await self._until(stop)
             failure = self._ended_component()
-        except (AgentError, DispatcherError) as exc:
+        except (AgentError, TransportError) as exc:
             failure = exc  # start-up failed: the error says why
         except Exception as exc:
             log.exception("agent start-up failed")

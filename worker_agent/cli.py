@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dispatcher.process import version_option
+from transport.process import version_option
 
 app = typer.Typer(
     name="worker-agent",
@@ -98,9 +98,9 @@ def run(
     """
     import logging
 
-    from dispatcher.errors import DispatcherError
-    from dispatcher.metrics import serve_metrics
-    from dispatcher.process import run_until_signalled, setup_logging
+    from transport.errors import TransportError
+    from transport.metrics import serve_metrics
+    from transport.process import run_until_signalled, setup_logging
 
     from .agent import Agent
     from .errors import AgentError
@@ -126,7 +126,7 @@ def run(
     log = logging.getLogger("worker_agent")
     try:
         run_until_signalled(lambda stop: Agent(settings).run(stop))
-    except (AgentError, DispatcherError) as exc:
+    except (AgentError, TransportError) as exc:
         log.error("worker-agent %s exits: %s", settings.agent_id, exc)
         raise typer.Exit(1) from None
     except Exception:

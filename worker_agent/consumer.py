@@ -11,10 +11,12 @@ from typing import Any
 
 import aio_pika.abc
 
-from dispatcher import amqp
-from dispatcher.amqp import Delivery, Publisher
-from dispatcher.errors import BrokerUnavailable, DispatcherError
 from schemas import Instruction, SchemaError, instruction_decoder
+from transport.connection import TRANSIENT
+from transport.delivery import Delivery, settle
+from transport.errors import BrokerUnavailable, TransportError
+from transport.publisher import Publisher
+from transport.topology import declare_control_queue, declare_instructions_queue
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +66,15 @@ class InstructionConsumer:
         try:
             self._channel = await self._connection.channel()
             for agent_queue in self._agent_queues:
-                queue = await amqp.declare_instructions_queue(self._channel, agent_queue)
+                queue = await declare_instructions_queue(self._channel, agent_queue)
                 self._queues.append(queue)
             if self._agent_id is not None:
                 # This agent's own queue (TerminateRun) is consumed whatever the free slots.
                 self._control_channel = await self._connection.channel()
                 await self._control_channel.set_qos(prefetch_count=32)
-                control = await amqp.declare_control_queue(self._control_channel, self._agent_id)
+                control = await declare_control_queue(self._control_channel, self._agent_id)
                 await control.consume(functools.partial(self._on_message, control.name))
-        except amqp.TRANSIENT as exc:
+        except TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot consume instructions: {exc!r}") from exc
         await self._set_capacity(self._capacity())
 
@@ -101,7 +103,7 @@ class InstructionConsumer:
                     for queue in self._queues:
                         tag = await queue.consume(functools.partial(self._on_message, queue.name))
                         self._tags.append((queue, tag))
-            except amqp.TRANSIENT as exc:
+            except TRANSIENT as exc:
                 # The robust connection restores the channel, its qos and its consumers.
                 log.warning("could not change the prefetch to %d: %r", free, exc)
 
@@ -110,7 +112,7 @@ class InstructionConsumer:
         for queue, tag in tags:
             try:
                 await queue.cancel(tag)
-            except amqp.TRANSIENT as exc:
+            except TRANSIENT as exc:
                 log.debug("cancel consumer %s: %r", tag, exc)
 
     async def _on_message(self, source: str, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -152,9 +154,9 @@ class InstructionConsumer:
                 source,
                 reason,
                 exc,
-                exc_info=not isinstance(exc, DispatcherError),
+                exc_info=not isinstance(exc, TransportError),
             )
-        await amqp.settle(raw.ack())
+        await settle(raw.ack())
 
     async def stop(self) -> None:
         """Take no more instructions; those being handled go on."""
@@ -175,7 +177,7 @@ class InstructionConsumer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for channel in (self._channel, self._control_channel):
             if channel is not None and not channel.is_closed:
-                with contextlib.suppress(*amqp.TRANSIENT):
+                with contextlib.suppress(*TRANSIENT):
                     await channel.close()
         self._channel = None
         self._control_channel = None

@@ -6,11 +6,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from dispatcher.amqp import Publisher
-from dispatcher.errors import BrokerUnavailable
 from schemas import AgentHeartbeat, ContainerState
 from schemas.bounds import MAX_IN_FLIGHT
 from schemas.topology import STATUS_EXCHANGE, heartbeat_routing_key
+from transport.errors import BrokerUnavailable
+from transport.publisher import Publisher
 
 log = logging.getLogger(__name__)
 

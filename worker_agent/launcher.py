@@ -18,12 +18,11 @@ import logging
 
 import aio_pika.abc
 
-from dispatcher import amqp, metrics
-from dispatcher.amqp import Delivery
-from dispatcher.errors import BrokerUnavailable
 from schemas import FailureReason, Instruction, LaunchRun, RunFailed, TerminateRun
+from transport.delivery import Delivery, settle
+from transport.errors import BrokerUnavailable
 
-from . import limits
+from . import limits, metrics
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed, LocationUnavailable
 from .locations import LocationKeeper
 from .reporter import Reporter
@@ -94,7 +93,7 @@ class Launcher:
             log.error("could not report the launch of run %s: %s", launch.run_id, exc)
             attempt.launched.set()
             return
-        await amqp.settle(raw.ack())
+        await settle(raw.ack())
         attempt.launched.set()
         if not adopted:
             metrics.LAUNCHES.inc()
@@ -113,7 +112,7 @@ class Launcher:
         while True:
             if self.slots.finished(key):
                 log.info("run %s attempt %d already finished here; instruction acked", *key)
-                await amqp.settle(raw.ack())
+                await settle(raw.ack())
                 return None
             existing = self.slots.attempts.get(key)
             if existing is not None:
@@ -121,7 +120,7 @@ class Launcher:
                 await existing.launched.wait()
                 if existing.container_id is not None:
                     await self.reporter.launched(*key, existing.container_id, existing.started)
-                await amqp.settle(raw.ack())
+                await settle(raw.ack())
                 return None
             attempt = self.slots.take(key)
             if attempt is not None:
@@ -167,7 +166,7 @@ class Launcher:
                 )
                 log.warning("run %s attempt %d failed to launch: %s", *key, exc)
                 await self._report_failed(launch, reason, str(exc))
-                await amqp.settle(raw.ack())
+                await settle(raw.ack())
                 self.slots.release(key, reported=True)
                 return None
             return info, adopted
@@ -230,7 +229,7 @@ class Launcher:
                     if not await self._pause(delay):
                         return  # left unacked: back to its queue when the channel closes
                     delay = min(delay * 2, MAX_RETRY_S)
-        await amqp.settle(raw.ack())
+        await settle(raw.ack())
 
     # ------------------------------------------------------------------ adoption
 

@@ -25,9 +25,6 @@ from collections.abc import Mapping
 import aio_pika.abc
 import msgspec
 
-from dispatcher import amqp
-from dispatcher.amqp import Publisher
-from dispatcher.errors import BrokerUnavailable, DispatcherError
 from schemas import (
     Decoder,
     LaunchRun,
@@ -45,6 +42,10 @@ from schemas.topology import (
     STATUS_EXCHANGE,
     event_routing_key,
 )
+from transport.connection import TRANSIENT
+from transport.delivery import settle
+from transport.errors import BrokerUnavailable, TransportError
+from transport.publisher import Publisher
 
 from .code_servers import CodeServer, CodeServers
 from .definitions import fit_to_message, job_definitions
@@ -110,7 +111,7 @@ class LocationKeeper:
             for agent_queue in self._queues:
                 await queue.bind(exchange, routing_key=agent_queue)
             await queue.consume(functools.partial(self._on_snapshot, queue.name))
-        except amqp.TRANSIENT as exc:
+        except TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot follow location snapshots: {exc!r}") from exc
         await self._publisher.publish(
             REQUESTS_EXCHANGE,
@@ -139,9 +140,9 @@ class LocationKeeper:
                     "could not dead-letter a location snapshot from %s; dropping it: %s",
                     source,
                     error,
-                    exc_info=not isinstance(error, DispatcherError),
+                    exc_info=not isinstance(error, TransportError),
                 )
-        await amqp.settle(raw.ack())
+        await settle(raw.ack())
 
     async def run(self) -> None:
         while True:
@@ -318,5 +319,5 @@ class LocationKeeper:
 
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(*amqp.TRANSIENT):
+            with contextlib.suppress(*TRANSIENT):
                 await self._channel.close()

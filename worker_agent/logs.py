@@ -12,9 +12,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from dispatcher.errors import BrokerRefused, BrokerUnavailable
 from schemas import ProgressItem, RunLog, RunProgress
 from schemas.bounds import INT32_MAX
+from transport.errors import BrokerRefused, BrokerUnavailable
 
 from . import limits
 from .errors import DockerUnavailable

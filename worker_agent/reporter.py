@@ -18,12 +18,12 @@ from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
-from dispatcher import metrics
-from dispatcher.amqp import Publisher
-from dispatcher.errors import BrokerRefused, BrokerUnavailable
 from schemas import Message, RunLaunched, RunStarted
 from schemas.topology import STATUS_EXCHANGE, event_routing_key
+from transport.errors import BrokerRefused, BrokerUnavailable
+from transport.publisher import Publisher
 
+from . import metrics
 from .errors import DockerUnavailable
 from .logs import LogForwarder
 from .outcome import final_event

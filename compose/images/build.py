@@ -38,7 +38,14 @@ SUITE = "bookworm"
 # Bump when the way the base root file system is made changes.
 BASE_RECIPE_VERSION = "3"
 ORDER = ("base", "rabbitmq", "postgres", "app", "run-tiny", "example-location")
-PROJECT_SOURCES = ("pyproject.toml", "schemas", "dispatcher", "worker_agent", "sdk/hd_sdk")
+PROJECT_SOURCES = (
+    "pyproject.toml",
+    "schemas",
+    "transport",
+    "dispatcher",
+    "worker_agent",
+    "sdk/hd_sdk",
+)
 EXAMPLE_SOURCES = ("sdk", "examples/hello_location")
 #: Images installed from a wheelhouse made on the host, and what the wheels are built from.
 WHEELS = {"app": ROOT, "example-location": ROOT / "sdk"}

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from dispatcher.amqp import Delivery
-from dispatcher.errors import BrokerRefused, BrokerUnavailable
 from schemas import LaunchRun, LocationSnapshot, LocationSpec, TerminateRun, encode
 from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
+from transport.delivery import Delivery
+from transport.errors import BrokerRefused, BrokerUnavailable
 from worker_agent.consumer import InstructionConsumer
 from worker_agent.locations import LocationKeeper
 

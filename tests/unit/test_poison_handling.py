@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from dispatcher import dead_letters, policies, provenance
+from dispatcher import dead_letters, provenance
 from schemas import (
     AgentHeartbeat,
     FailureReason,
@@ -17,6 +17,7 @@ from schemas import (
     encode,
 )
 from schemas.topology import DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER
+from transport import policies
 
 RUN = uuid.uuid4()
 

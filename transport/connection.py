@@ -1,0 +1,45 @@
+"""The broker connection, and which of aio-pika's exceptions mean what."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import aiormq.exceptions
+
+from .errors import BrokerUnavailable
+
+#: Exceptions that mean "the connection or channel is gone; try again after a reconnect".
+TRANSIENT = (
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aio_pika.exceptions.ChannelClosed,
+    aio_pika.exceptions.ConnectionClosed,
+    RuntimeError,  # aio-pika raises it for a publish on a closed channel
+)
+#: Exceptions that mean "the broker refused this one operation"; the connection is fine.
+REFUSED = (
+    aiormq.exceptions.ChannelAccessRefused,
+    aiormq.exceptions.ChannelNotFoundEntity,
+    aiormq.exceptions.ChannelPreconditionFailed,
+)
+
+
+async def connect(
+    url: str, name: str, timeout: float = 30.0
+) -> aio_pika.abc.AbstractRobustConnection:
+    """A connection that reconnects by itself and restores its channels and consumers."""
+    try:
+        return await aio_pika.connect_robust(
+            url,
+            timeout=timeout,
+            reconnect_interval=1.0,
+            client_properties={"connection_name": name},
+        )
+    except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
+        raise BrokerUnavailable(f"cannot connect to the broker: {exc!r}") from exc
