@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import docker
@@ -14,7 +16,7 @@ import pytest
 from dispatcher.client import Client
 from dispatcher.store import Store
 from tests.conftest import SESSION_ID
-from tests.support import Proc
+from tests.support import Proc, management_request
 from worker_agent.runtime import LABEL_AGENT, LABEL_RUN
 
 
@@ -135,6 +137,17 @@ class Stack:
         if wait:
             await proc.wait_for_output("consuming", timeout=60)
         return proc
+
+    def queue_stats(self, queue: str) -> dict[str, Any]:
+        """What the broker's management API reports of a queue of the test's vhost.
+
+        Its counters are sampled every few seconds: wait on them with ``eventually``.
+        """
+        assert self.management_url, "this test needs the broker's management API"
+        vhost = urllib.parse.urlsplit(self.amqp_url).path.lstrip("/")
+        path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue)}"
+        stats: dict[str, Any] = management_request(self.management_url, "GET", path)
+        return stats
 
     def client(self) -> Client:
         return Client(self.amqp_url)

@@ -11,7 +11,12 @@ import aio_pika
 from dispatcher.states import RunState
 from dispatcher.store import Store
 from schemas import LaunchRun, SubmitRun, encode
-from schemas.topology import INSTRUCTIONS_EXCHANGE, REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY
+from schemas.topology import (
+    INSTRUCTIONS_EXCHANGE,
+    REQUESTS_EXCHANGE,
+    REQUESTS_ROUTING_KEY,
+    instructions_queue,
+)
 from tests.integration.conftest import Stack
 from tests.integration.test_dispatch import wait_for_state
 from tests.support import eventually
@@ -31,17 +36,37 @@ async def test_the_same_launch_delivered_twice_gives_one_container(
     stack: Stack, store: Store
 ) -> None:
     await stack.start_control_plane()
-    agent = await stack.start_agent(extra=("--keep-finished",))
+    await stack.start_agent(extra=("--keep-finished",))
     launch = LaunchRun(
         run_id=uuid.uuid4(), attempt=1, image=stack.run_image, command=("sh", "-c", "sleep 1")
     )
     # Twice, back to back: the second arrives while the first is being launched or running.
     await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, encode(launch))
     await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, encode(launch))
-    await agent.wait_for_output(rf"run {launch.run_id} attempt 1 finished", timeout=60)
+
+    async def reported() -> bool:
+        # The run is unknown to the store (a bare LaunchRun), so its end shows in Docker (the
+        # container exited) and in the agent's heartbeats as PostgreSQL records them.
+        exited = [c.status for c in stack.containers_of(launch.run_id)] == ["exited"]
+        listed = {
+            (entry["run_id"], entry["attempt"], entry["state"])
+            for agent in await store.list_agents()
+            if agent["agent_id"] == stack.agent_id()
+            for entry in agent["in_flight"]
+        }
+        return exited and (str(launch.run_id), 1, "reported") in listed
+
+    await eventually(reported, 60, what="the attempt exited and reported by its agent")
     # And once more after it finished: acked, not run again.
     await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, encode(launch))
-    await agent.wait_for_output(rf"run {launch.run_id} attempt 1 already finished here", 60)
+
+    async def all_acked() -> bool:
+        stats = stack.queue_stats(instructions_queue(stack.queue))
+        acked = stats.get("message_stats", {}).get("ack", 0)
+        return acked >= 3 and stats.get("messages") == 0
+
+    await eventually(all_acked, 60, interval=0.5, what="the broker: all three deliveries acked")
+    assert stack.queue_stats(instructions_queue(stack.queue))["message_stats"]["ack"] == 3
     containers = stack.containers_of(launch.run_id)
     assert len(containers) == 1
     assert containers[0].name == f"hd-run-{launch.run_id}-1"

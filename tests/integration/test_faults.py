@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dispatcher.states import RunState
 from dispatcher.store import Store
+from schemas.topology import instructions_queue
 from tests.integration.conftest import Stack
 from tests.integration.test_dispatch import wait_for_state
 from tests.support import DockerSocketProxy, eventually, management_request
@@ -89,9 +90,17 @@ async def test_an_instruction_waits_out_a_docker_outage(
     await proxy.down()
     async with stack.client() as client:
         run_id = await client.submit(stack.run_image, ["sh", "-c", "echo after"], queue=stack.queue)
-    # The agent says what is wrong and keeps the instruction.
-    await agent.wait_for_output(f"Docker engine unreachable; run {run_id}", timeout=60)
+    # The agent keeps the instruction: the broker shows it delivered and not acked.
+
+    async def held() -> bool:
+        stats = stack.queue_stats(instructions_queue(stack.queue))
+        delivered = stats.get("message_stats", {}).get("deliver_get", 0)
+        return delivered >= 1 and stats.get("messages_unacknowledged") == 1
+
+    await eventually(held, 60, interval=0.5, what="the instruction delivered and held unacked")
     assert (await store.get_run(run_id)).state == RunState.QUEUED
+    # And says what is wrong: this line is what an operator reads, asserted as such.
+    await agent.wait_for_output(f"Docker engine unreachable; run {run_id}", timeout=30)
     await proxy.up()
     try:
         run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE, timeout=90)

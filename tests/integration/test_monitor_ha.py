@@ -12,8 +12,18 @@ import pytest
 
 from dispatcher.states import RunState
 from dispatcher.store import Store
+from schemas.topology import (
+    DEAD_LETTER_QUEUE_HEADER,
+    INSTRUCTIONS_EXCHANGE,
+    REQUESTS_EXCHANGE,
+    REQUESTS_QUEUE,
+    REQUESTS_ROUTING_KEY,
+    instructions_queue,
+)
 from tests.integration.conftest import Stack
+from tests.integration.test_crashes import publish_raw
 from tests.integration.test_dispatch import wait_for_state
+from tests.integration.test_load_and_poison import dead_letters
 from tests.integration.test_monitor import runs_on
 from tests.support import Proc, WebhookReceiver, eventually
 
@@ -135,6 +145,20 @@ async def test_every_process_serves_prometheus_metrics(stack: Stack, store: Stor
     async with stack.client() as client:
         run_id = await client.submit(stack.run_image, ["true"], queue=stack.queue)
     await wait_for_state(store, run_id, RunState.SUCCESS)
+    # One poison message for the control plane's intake, one for the agent's instructions:
+    # each side counts the message it dead-lettered.
+    await publish_raw(stack.amqp_url, REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, b"not json")
+    await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, b"not json")
+    held: list[str] = []
+
+    async def both_dead_lettered() -> bool:
+        held.extend(
+            str(m.headers[DEAD_LETTER_QUEUE_HEADER]) for m in await dead_letters(stack.amqp_url)
+        )
+        return len(held) >= 2
+
+    await eventually(both_dead_lettered, 60, interval=0.3, what="two dead letters")
+    assert sorted(held) == sorted([REQUESTS_QUEUE, instructions_queue(stack.queue)])
 
     def scrape(port: int) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
@@ -147,7 +171,10 @@ async def test_every_process_serves_prometheus_metrics(stack: Stack, store: Stor
     assert "hd_launches_total 1.0" in scrape(ports["agent"])
     assert "hd_launches_total 1.0" in scrape(ports["serve"])
     assert 'hd_failure_detection_seconds_count{kind="container_exit"} 1.0' in scrape(ports["agent"])
-    assert "hd_messages_dead_lettered_total" in scrape(ports["serve"])
+    requests_dead = f'hd_messages_dead_lettered_total{{queue="{REQUESTS_QUEUE}"}} 1.0'
+    assert requests_dead in scrape(ports["serve"])
+    agent_dead = f'hd_messages_dead_lettered_total{{queue="{instructions_queue(stack.queue)}"}} 1.0'
+    assert agent_dead in scrape(ports["agent"])
 
     async def runs_counted() -> bool:
         return 'hd_runs{state="SUCCESS"} 1.0' in scrape(ports["monitor"])
