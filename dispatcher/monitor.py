@@ -43,6 +43,7 @@ from .alerts import AlertDeliverer
 from .errors import StoreUnavailable
 from .settings import MonitorSettings
 from .states import RunState
+from .store import UNAVAILABLE
 from .supervision import ActiveRun, SupervisionStore
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ class Leadership:
                     self._connection = await asyncpg.connect(self._dsn, timeout=30)
                 if await self._connection.fetchval("SELECT pg_try_advisory_lock($1)", self._key):
                     return True
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
                 log.warning("cannot reach PostgreSQL for the leader lock: %r", exc)
                 self._connection = None
             if not announced:
@@ -288,7 +289,7 @@ class Leadership:
             try:
                 assert self._connection is not None
                 await self._connection.fetchval("SELECT 1", timeout=5)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
                 raise LeadershipLost(f"leader lock lost: {exc!r}") from exc
 
     async def release(self) -> None:

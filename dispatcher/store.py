@@ -56,7 +56,9 @@ log = logging.getLogger(__name__)
 #: NOTIFY channel that wakes the outbox relay.
 OUTBOX_CHANNEL = "hd_outbox"
 
-_UNAVAILABLE = (
+#: asyncpg's exceptions that mean "the database is out for now" (every adapter of ours
+#: that talks to PostgreSQL translates these, and only these, into StoreUnavailable).
+UNAVAILABLE = (
     OSError,
     TimeoutError,
     asyncpg.exceptions.PostgresConnectionError,
@@ -181,7 +183,7 @@ class Store:
             pool = await asyncpg.create_pool(
                 dsn, min_size=min_size, max_size=max_size, server_settings=settings, timeout=30
             )
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}") from exc
         assert pool is not None
         return cls(pool, dsn, schema, retry_backoff_s)
@@ -198,7 +200,7 @@ class Store:
         try:
             async with self._pool.acquire() as connection:
                 yield connection
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
 
     def connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
@@ -397,7 +399,7 @@ class Store:
         settings = {"search_path": self._schema} if self._schema else {}
         try:
             connection = await asyncpg.connect(self._dsn, server_settings=settings, timeout=30)
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}") from exc
         wake = asyncio.Event()
 
@@ -419,7 +421,7 @@ class Store:
             if not connection.is_closed():
                 try:
                     await connection.close(timeout=5)
-                except _UNAVAILABLE:
+                except UNAVAILABLE:
                     connection.terminate()
 
     # --------------------------------------------------------------------- events

@@ -18,7 +18,7 @@ from schemas import SchemaError
 
 from .connection import TRANSIENT
 from .delivery import Delivery, settle
-from .errors import BrokerRefused, BrokerUnavailable, HandlerUnavailable, MessageRejected
+from .errors import BrokerUnavailable, HandlerUnavailable, MessageRejected
 from .publisher import Publisher
 from .topology import declare_consumed_queue
 
@@ -210,14 +210,9 @@ class Consumer(Generic[T]):
             except Exception:
                 log.exception("%s: answering a refused message failed", self.queue_name)
         if self._dead_letters:
-            try:
-                await self._publisher.dead_letter(raw, self.queue_name, reason)
-            except BrokerRefused as exc:
-                # Kept, it would come back for ever: it is logged, and it goes.
-                log.error(
-                    "%s: a dead letter was refused (%s); message dropped", self.queue_name, exc
-                )
-        await settle(raw.ack())
+            await self._publisher.reject(raw, self.queue_name, reason)
+        else:
+            await settle(raw.ack())
 
 
 def _describe(exc: BaseException) -> str:

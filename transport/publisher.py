@@ -19,7 +19,8 @@ from schemas.topology import (
 
 from . import metrics
 from .connection import REFUSED, TRANSIENT
-from .errors import BrokerRefused, BrokerUnavailable
+from .delivery import settle
+from .errors import BrokerRefused, BrokerUnavailable, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,27 @@ class Publisher:
             headers=headers,
             message_id=message.message_id,
         )
+
+    async def reject(
+        self, message: aio_pika.abc.AbstractIncomingMessage, queue: str, reason: str
+    ) -> None:
+        """Dead-letter a poison message with its reason, then ack it.
+
+        It is acked even when the dead letter cannot be sent (the broker refuses it, or is
+        gone past the retry deadline): kept, a poison message would come back for ever. The
+        failure is logged, with the reason the message was refused for.
+        """
+        try:
+            await self.dead_letter(message, queue, reason)
+        except Exception as exc:
+            log.error(
+                "could not dead-letter a message from %s (%s); dropping it: %s",
+                queue,
+                reason[:300],
+                exc,
+                exc_info=not isinstance(exc, TransportError),
+            )
+        await settle(message.ack())
 
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:

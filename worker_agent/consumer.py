@@ -13,8 +13,8 @@ import aio_pika.abc
 
 from schemas import Instruction, SchemaError, instruction_decoder
 from transport.connection import TRANSIENT
-from transport.delivery import Delivery, settle
-from transport.errors import BrokerUnavailable, TransportError
+from transport.delivery import Delivery
+from transport.errors import BrokerUnavailable
 from transport.publisher import Publisher
 from transport.topology import declare_control_queue, declare_instructions_queue
 
@@ -146,17 +146,7 @@ class InstructionConsumer:
         if raw.processed:
             return  # the handler settled it before failing: nothing to take back
         log.warning("dead-lettering an instruction from %s: %s", source, reason)
-        try:
-            await self._publisher.dead_letter(raw, source, reason)
-        except Exception as exc:
-            log.error(
-                "could not dead-letter an instruction from %s (%s); dropping it: %s",
-                source,
-                reason,
-                exc,
-                exc_info=not isinstance(exc, TransportError),
-            )
-        await settle(raw.ack())
+        await self._publisher.reject(raw, source, reason)
 
     async def stop(self) -> None:
         """Take no more instructions; those being handled go on."""

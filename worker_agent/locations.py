@@ -44,7 +44,7 @@ from schemas.topology import (
 )
 from transport.connection import TRANSIENT
 from transport.delivery import settle
-from transport.errors import BrokerUnavailable, TransportError
+from transport.errors import BrokerUnavailable
 from transport.publisher import Publisher
 
 from .code_servers import CodeServer, CodeServers
@@ -133,15 +133,8 @@ class LocationKeeper:
                 log.exception("taking a location snapshot in failed")
             reason = f"location snapshot refused: {type(exc).__name__}: {exc}"
             log.warning("dead-lettering a message from %s: %s", source, reason)
-            try:
-                await self._publisher.dead_letter(raw, source, reason)
-            except Exception as error:
-                log.error(
-                    "could not dead-letter a location snapshot from %s; dropping it: %s",
-                    source,
-                    error,
-                    exc_info=not isinstance(error, TransportError),
-                )
+            await self._publisher.reject(raw, source, reason)
+            return
         await settle(raw.ack())
 
     async def run(self) -> None:

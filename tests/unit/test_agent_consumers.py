@@ -14,6 +14,7 @@ from schemas import LaunchRun, LocationSnapshot, LocationSpec, TerminateRun, enc
 from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
 from transport.delivery import Delivery
 from transport.errors import BrokerRefused, BrokerUnavailable
+from transport.publisher import Publisher
 from worker_agent.consumer import InstructionConsumer
 from worker_agent.locations import LocationKeeper
 
@@ -57,6 +58,9 @@ class DeadLetters:
 
     async def publish(self, exchange: str, routing_key: str, message: object) -> None:
         self.published.append(message)
+
+    # The real one: dead-letter, and ack whatever became of the dead letter.
+    reject = Publisher.reject
 
 
 Callback = Callable[[Raw], Awaitable[None]]
