@@ -7,7 +7,7 @@ import json
 import shlex
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -25,6 +25,7 @@ from .cli_common import (
 )
 from .cli_locations import locations_app
 from .cli_ops import agents_app, alerts_app, dead_letters_app
+from .cli_runs import runs_app
 from .errors import InvalidSubmission
 
 app = typer.Typer(
@@ -43,7 +44,6 @@ schemas_app = typer.Typer(
 app.add_typer(schemas_app, name="schemas")
 db_app = typer.Typer(help="The control plane's PostgreSQL database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-runs_app = typer.Typer(help="Inspect runs (reads PostgreSQL).", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
 app.add_typer(agents_app, name="agents")
@@ -208,22 +208,7 @@ def monitor(
 @db_app.command("upgrade")
 def db_upgrade(database_url: DatabaseUrl = "", database_schema: DatabaseSchema = None) -> None:
     """Apply the database migrations not applied yet (serve also does this at start)."""
-    from .store import Store
-
-    if not database_url:
-        raise _fail("no database: pass --database-url or set HD_DATABASE_URL")
-
-    async def upgrade() -> list[int]:
-        store = await Store.open(database_url, schema=database_schema, min_size=1, max_size=1)
-        try:
-            return await store.upgrade()
-        finally:
-            await store.close()
-
-    try:
-        applied = asyncio.run(upgrade())
-    except KNOWN_ERRORS as exc:
-        raise _fail(str(exc), 1) from None
+    applied = with_store(database_url, database_schema, lambda s: s.upgrade())
     typer.echo(f"applied migrations {applied}" if applied else "database is up to date")
 
 
@@ -370,145 +355,6 @@ def _show_progress(event: object) -> None:
     else:
         return
     typer.echo(f"run {event.run_id}: {line}", err=True)
-
-
-@runs_app.command("list")
-def runs_list(
-    state: Annotated[
-        str | None, typer.Option(help="Only runs in this state (QUEUED, STARTED, FAILURE, ...).")
-    ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
-    database_url: DatabaseUrl = "",
-    database_schema: DatabaseSchema = None,
-) -> None:
-    """List runs, newest first."""
-    from .states import RunState
-
-    try:
-        wanted = RunState(state.upper()) if state else None
-    except ValueError:
-        raise _fail(
-            f"unknown state {state!r}; one of {', '.join(s.value for s in RunState)}"
-        ) from None
-
-    rows = with_store(database_url, database_schema, lambda s: s.list_runs(wanted, limit))
-    runs: list[dict[str, object]] = [
-        {
-            "run_id": str(r.run_id),
-            "state": r.state.value,
-            "attempt": r.attempt,
-            "image": r.image,
-            "queue": r.queue,
-            "exit_code": r.exit_code,
-            "failure_reason": r.failure_reason,
-            "agent_id": r.agent_id,
-            "created_at": r.created_at.isoformat(),
-        }
-        for r in rows
-    ]
-    if as_json:
-        typer.echo(json.dumps(runs, indent=2))
-        return
-    typer.echo(f"{'RUN':36}  {'STATE':9}  {'EXIT':>4}  {'CREATED':19}  IMAGE")
-    for run in runs:
-        exit_code = "" if run["exit_code"] is None else str(run["exit_code"])
-        created = str(run["created_at"])[:19].replace("T", " ")
-        typer.echo(
-            f"{run['run_id']:36}  {run['state']:9}  {exit_code:>4}  {created}  {run['image']}"
-        )
-
-
-@runs_app.command("show")
-def runs_show(
-    run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix of it).")],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
-    logs: Annotated[
-        bool, typer.Option("--logs", help="Print every forwarded output line of every attempt.")
-    ] = False,
-    database_url: DatabaseUrl = "",
-    database_schema: DatabaseSchema = None,
-) -> None:
-    """Show one run: its state history, exit code and output tail."""
-    from .store import RunEventRow, RunRow, Store
-
-    async def read(
-        store: Store,
-    ) -> tuple[RunRow, list[RunEventRow], list[tuple[int, int, str]], list[dict[str, Any]]]:
-        run = await store.find_run(run_id)
-        lines = await store.run_logs(run.run_id) if logs else []
-        progress = await store.run_progress(run.run_id)
-        return run, await store.run_events(run.run_id), lines, progress
-
-    run, events, lines, progress = with_store(database_url, database_schema, read)
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "run_id": str(run.run_id),
-                    "state": run.state.value,
-                    "attempt": run.attempt,
-                    "image": run.image,
-                    "command": run.command,
-                    "queue": run.queue,
-                    "exit_code": run.exit_code,
-                    "failure_reason": run.failure_reason,
-                    "failure_message": run.failure_message,
-                    "agent_id": run.agent_id,
-                    "container_id": run.container_id,
-                    "output_tail": run.output_tail,
-                    "progress": progress,
-                    "events": [
-                        {
-                            "kind": e.kind,
-                            "attempt": e.attempt,
-                            "from": e.from_state,
-                            "to": e.to_state,
-                            "at": e.recorded_at.isoformat(),
-                        }
-                        for e in events
-                    ],
-                },
-                indent=2,
-            )
-        )
-        return
-    typer.echo(f"run       {run.run_id}")
-    typer.echo(f"state     {run.state.value} (attempt {run.attempt})")
-    typer.echo(f"image     {run.image}  command {json.dumps(run.command)}")
-    typer.echo(f"queue     {run.queue}  agent {run.agent_id or '-'}")
-    if run.exit_code is not None:
-        typer.echo(f"exit code {run.exit_code}")
-    if run.failure_reason:
-        typer.echo(f"failure   {run.failure_reason}: {run.failure_message or ''}")
-    typer.echo("history")
-    for e in events:
-        change = f"{e.from_state or '-'} -> {e.to_state}" if e.to_state else "(no change)"
-        typer.echo(f"  {e.recorded_at.isoformat(timespec='milliseconds')}  {e.kind:13} {change}")
-    if progress:
-        typer.echo("progress")
-        for item in progress:
-            typer.echo(f"  {_describe_progress(item)}")
-    if logs:
-        typer.echo(f"output ({len(lines)} forwarded lines)")
-        for attempt, number, line in lines:
-            typer.echo(f"  {attempt}:{number:<5} | {line}")
-    elif run.output_tail:
-        typer.echo("output (last lines; --logs for all)")
-        for line in run.output_tail:
-            typer.echo(f"  | {line}")
-
-
-def _describe_progress(item: dict[str, Any]) -> str:
-    event = item["event"]
-    if event == "step_started":
-        return f"step {item['step']} started"
-    if event == "step_finished":
-        took = f" in {item['duration_s']:.3f} s" if item["duration_s"] is not None else ""
-        return f"step {item['step']} {item['status'] or 'finished'}{took}"
-    if event == "log":
-        return f"[{item['level'] or 'info'}] {item['message']}"
-    return "metadata " + ", ".join(f"{k}={v}" for k, v in sorted(item["details"].items()))
 
 
 def main() -> None:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from transport.errors import TransportError
 
 from .errors import DispatcherError
-from .store import Store
+
+if TYPE_CHECKING:
+    from .store import Database
 
 T = TypeVar("T")
-S = TypeVar("S", bound=Store)
 
 #: What a command reports in one line with an exit status: the control plane's errors and
 #: the transport's (the broker's).
@@ -43,16 +44,16 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def with_store(
     database_url: str,
     database_schema: str | None,
-    action: Callable[[S], Awaitable[T]],
-    store_class: type[S] = Store,  # type: ignore[assignment]
+    action: Callable[[Database], Awaitable[T]],
     upgrade: bool = False,
 ) -> T:
-    """Open the store, run ``action`` on it, close it; errors end the command with a message."""
+    """Open the database, run ``action`` on it, close it; errors end the command with a message."""
     if not database_url:
         raise _fail("no database: pass --database-url or set HD_DATABASE_URL")
+    database = open_database()
 
     async def go() -> T:
-        store = await store_class.open(database_url, schema=database_schema, min_size=1, max_size=2)
+        store = await database.open(database_url, schema=database_schema, min_size=1, max_size=2)
         try:
             if upgrade:
                 await store.upgrade()
@@ -75,3 +76,15 @@ def parse_env(pairs: list[str] | None, form: str = "KEY=VALUE") -> dict[str, str
             raise _fail(f"--env takes {form}, got {pair!r}")
         env[key] = value
     return env
+
+
+def open_database() -> type[Database]:
+    """The store's ``Database``; without the control plane's extra installed, a clear error."""
+    try:
+        from .store import Database
+    except ModuleNotFoundError as exc:
+        raise _fail(
+            f"this command reads the control plane's database and needs {exc.name!r}: "
+            "pip install 'hybrid-dispatcher[control-plane]'"
+        ) from None
+    return Database

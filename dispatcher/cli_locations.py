@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from .cli_common import DatabaseSchema, DatabaseUrl, parse_env, with_store
-from .locations import Location, LocationStore
+
+if TYPE_CHECKING:
+    from .store import Database, Location
 
 T = TypeVar("T")
 
@@ -22,10 +24,10 @@ Name = Annotated[str, typer.Argument(help="The location's name (lowercase, digit
 
 
 def _with_store(
-    database_url: str, database_schema: str | None, action: Callable[[LocationStore], Awaitable[T]]
+    database_url: str, database_schema: str | None, action: Callable[[Database], Awaitable[T]]
 ) -> T:
     # The registry's table may not exist before the first `serve`: migrate first.
-    return with_store(database_url, database_schema, action, LocationStore, upgrade=True)
+    return with_store(database_url, database_schema, action, upgrade=True)
 
 
 def _show(location: Location) -> None:
@@ -61,7 +63,7 @@ def _put(
         _with_store(
             database_url,
             database_schema,
-            lambda s: s.put_location(name, image, command or (), variables, queue, create=create),
+            lambda s: s.locations.put(name, image, command or (), variables, queue, create=create),
         )
     )
 
@@ -99,7 +101,7 @@ def redeploy(
     name: Name, database_url: DatabaseUrl = "", database_schema: DatabaseSchema = None
 ) -> None:
     """Start fresh code servers for a location, as it is."""
-    _show(_with_store(database_url, database_schema, lambda s: s.redeploy_location(name)))
+    _show(_with_store(database_url, database_schema, lambda s: s.locations.redeploy(name)))
 
 
 @locations_app.command("remove")
@@ -107,7 +109,7 @@ def remove(
     name: Name, database_url: DatabaseUrl = "", database_schema: DatabaseSchema = None
 ) -> None:
     """Remove a location; its code servers are stopped."""
-    _with_store(database_url, database_schema, lambda s: s.remove_location(name))
+    _with_store(database_url, database_schema, lambda s: s.locations.remove(name))
     typer.echo(f"{name}: removed")
 
 
@@ -118,7 +120,7 @@ def list_(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Every location: status (LOADING, LOADED, ERROR), generation, jobs."""
-    locations = _with_store(database_url, database_schema, lambda s: s.list_locations())
+    locations = _with_store(database_url, database_schema, lambda s: s.locations.all())
     if as_json:
         rows: list[dict[str, Any]] = [
             {

@@ -40,7 +40,7 @@ def agents_list(
 ) -> None:
     """Every agent heard of: status (ALIVE or LOST), silence, queues, runs in flight."""
 
-    agents = with_store(database_url, database_schema, lambda s: s.list_agents())
+    agents = with_store(database_url, database_schema, lambda s: s.agents.all())
     if as_json:
         typer.echo(json.dumps(agents, indent=2, default=_json_default))
         return
@@ -61,7 +61,7 @@ def alerts_list(
 ) -> None:
     """Alerts, newest first, with the delivery state of each webhook."""
 
-    alerts = with_store(database_url, database_schema, lambda s: s.list_alerts(limit))
+    alerts = with_store(database_url, database_schema, lambda s: s.alerts.recent(limit))
     if as_json:
         typer.echo(json.dumps(alerts, indent=2, default=_json_default))
         return

@@ -9,13 +9,9 @@ broker dead-lettered (delivery limit) carries RabbitMQ's ``x-first-death-*`` hea
 from __future__ import annotations
 
 import uuid
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
-
-import asyncpg
 
 from schemas import (
     FailureReason,
@@ -33,10 +29,6 @@ from schemas.topology import (
     STATUS_STORE_QUEUE,
 )
 
-from . import alerts
-
-#: Kind of the alert raised when messages are dead-lettered (one per queue and hour).
-DEAD_LETTERS_ALERT = "messages_dead_lettered"
 _DEAD_LETTER_DECISIONS = uuid.UUID("5b7f3c52-0c57-4d3e-9f0b-1f7a2b5c9d41")
 _instructions = instruction_decoder()
 _FIXED_QUEUES = frozenset({REQUESTS_QUEUE, STATUS_STORE_QUEUE, STATUS_MONITOR_QUEUE})
@@ -100,39 +92,3 @@ def launch_failure(letter: DeadLetterSeen) -> RunFailed | None:
         reason=FailureReason.LAUNCH_ERROR,
         message=f"instruction dead-lettered from {letter.source_queue}: {letter.reason}"[:4000],
     )
-
-
-async def record(connection: asyncpg.Connection, letters: Sequence[DeadLetterSeen]) -> None:
-    """Count dead letters by source queue and raise one alert per queue and hour."""
-    counts = Counter(letter.source_queue for letter in letters)
-    last = {letter.source_queue: letter.reason for letter in letters}
-    hour = datetime.now(UTC).strftime("%Y-%m-%dT%H")
-    for source, count in counts.items():
-        await connection.execute(
-            """
-            INSERT INTO dead_letter_counts (source_queue, total, last_reason, last_at)
-            VALUES ($1, $2, $3, now())
-            ON CONFLICT (source_queue) DO UPDATE SET
-                total = dead_letter_counts.total + EXCLUDED.total,
-                last_reason = EXCLUDED.last_reason, last_at = now()
-            """,
-            source,
-            count,
-            last[source],
-        )
-        await alerts.raise_alert(
-            connection,
-            f"dead-letters:{source}:{hour}",
-            DEAD_LETTERS_ALERT,
-            f"queue {source}",
-            f"messages from {source} were dead-lettered; the latest because: {last[source]}",
-            {"source_queue": source, "reason": last[source]},
-        )
-
-
-async def counts(connection: asyncpg.Connection) -> list[dict[str, Any]]:
-    """Dead letters seen so far, by source queue."""
-    records = await connection.fetch(
-        "SELECT source_queue, total, last_reason, last_at FROM dead_letter_counts ORDER BY 1"
-    )
-    return [dict(r) for r in records]

@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "DispatcherError",
     "InvalidSubmission",
+    "LocationNotFound",
     "RunNotFound",
     "StoreUnavailable",
     "SubmissionRejected",
@@ -52,3 +53,7 @@ class InvalidSubmission(SubmissionRejected):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class LocationNotFound(DispatcherError):
+    """No code location has that name."""

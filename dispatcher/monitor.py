@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import asyncpg
 
 from schemas import AgentHeartbeat, Event, FailureReason, event_decoder
 from schemas.topology import STATUS_MONITOR_QUEUE
@@ -43,8 +40,7 @@ from .alerts import AlertDeliverer
 from .errors import StoreUnavailable
 from .settings import MonitorSettings
 from .states import RunState
-from .store import UNAVAILABLE
-from .supervision import ActiveRun, SupervisionStore
+from .store import ActiveRun, Database, Leadership, LeadershipLost, Supervision
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +84,7 @@ class FailureMonitor:
 
     def __init__(
         self,
-        store: SupervisionStore,
+        store: Supervision,
         settings: MonitorSettings,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -251,54 +247,6 @@ class FailureMonitor:
         metrics.AGENTS_LOST.set(sum(1 for v in self.agents.values() if v.lost))
 
 
-class LeadershipLost(StoreUnavailable):
-    """The leader lock's session ended (PostgreSQL restarted, say): stop acting."""
-
-
-class Leadership:
-    """A session-level advisory lock on a connection of its own: held while it lives."""
-
-    def __init__(self, dsn: str, name: str) -> None:
-        self._dsn = dsn
-        self._key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        self._connection: asyncpg.Connection | None = None
-
-    async def acquire(self, poll_s: float, stop: asyncio.Event) -> bool:
-        """Wait until this process leads (True) or ``stop`` is set (False)."""
-        announced = False
-        while not stop.is_set():
-            try:
-                if self._connection is None or self._connection.is_closed():
-                    self._connection = await asyncpg.connect(self._dsn, timeout=30)
-                if await self._connection.fetchval("SELECT pg_try_advisory_lock($1)", self._key):
-                    return True
-            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-                log.warning("cannot reach PostgreSQL for the leader lock: %r", exc)
-                self._connection = None
-            if not announced:
-                log.info("another monitor is active; standing by")
-                announced = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), poll_s)
-        return False
-
-    async def watch(self, every_s: float = 1.0) -> None:
-        """Return (raise) as soon as the lock's session is gone: leadership is lost."""
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                assert self._connection is not None
-                await self._connection.fetchval("SELECT 1", timeout=5)
-            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-                raise LeadershipLost(f"leader lock lost: {exc!r}") from exc
-
-    async def release(self) -> None:
-        if self._connection is not None and not self._connection.is_closed():
-            with contextlib.suppress(Exception):
-                await self._connection.close(timeout=5)
-        self._connection = None
-
-
 async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> None:
     """Stand by until leading, then apply the rules until ``stop`` or a failure.
 
@@ -308,7 +256,7 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> None:
     leadership = Leadership(
         settings.database_url, f"hd-monitor:{settings.database_schema or 'public'}"
     )
-    store = await SupervisionStore.open(
+    store = await Database.open(
         settings.database_url,
         schema=settings.database_schema,
         retry_backoff_s=settings.retry_backoff_s,
@@ -328,11 +276,11 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> None:
 
 
 async def _lead(
-    settings: MonitorSettings, store: SupervisionStore, leadership: Leadership, stop: asyncio.Event
+    settings: MonitorSettings, store: Database, leadership: Leadership, stop: asyncio.Event
 ) -> None:
     """Act as the active monitor until ``stop``; raises what ended it otherwise."""
     # Start-up: the view from PostgreSQL, then the monitor's own queue for what follows.
-    monitor = FailureMonitor(store, settings)
+    monitor = FailureMonitor(store.supervision, settings)
     await monitor.load()
     connection = await connect(settings.amqp_url, "dispatcher-monitor")
     try:
@@ -350,7 +298,7 @@ async def _lead(
             verify=provenance.check,
         )
         await consumer.start()
-        deliverer = AlertDeliverer(store.connection, settings.webhook_urls)
+        deliverer = AlertDeliverer(store.alerts, settings.webhook_urls)
         tasks = [
             asyncio.create_task(consumer.run(), name="consumer"),
             asyncio.create_task(_every(settings.sweep_interval_s, monitor.sweep), name="rules"),
@@ -389,6 +337,6 @@ async def _every(interval_s: float, action: Callable[[], Any]) -> None:
         await asyncio.sleep(interval_s)
 
 
-async def _count_runs(store: SupervisionStore) -> None:
-    for state, count in (await store.count_by_state()).items():
+async def _count_runs(store: Database) -> None:
+    for state, count in (await store.runs.count_by_state()).items():
         metrics.RUNS.labels(state).set(count)

@@ -12,7 +12,7 @@ from transport.topology import declare_target
 
 from . import metrics
 from .errors import StoreUnavailable
-from .store import OutboxRow, Store
+from .store import Database, OutboxRow
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class OutboxRelay:
 
     def __init__(
         self,
-        store: Store,
+        store: Database,
         publisher: Publisher,
         batch: int = 500,
         idle_poll_s: float = 0.5,

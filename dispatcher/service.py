@@ -41,9 +41,9 @@ from transport.publisher import Publisher
 from transport.topology import declare_topology
 
 from . import dead_letters, metrics, provenance
-from .locations import LocationStore
 from .relay import OutboxRelay
 from .settings import ControlPlaneSettings
+from .store import Database
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class CancellationNotSupported(Exception):
 async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     """Run the control plane until ``stop`` is set or a component fails."""
     # Start-up: the store (and its migrations), then the broker and its topology.
-    store = await LocationStore.open(settings.database_url, schema=settings.database_schema)
+    store = await Database.open(settings.database_url, schema=settings.database_schema)
     connection = watch_connection = None
     try:
         applied = await store.upgrade()
@@ -72,14 +72,14 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             # A refused submission is answered, so that its waiter reports the reason; never
             # for a run that exists (a forged submission must not fail someone else's wait).
             run_id = message.run_id if isinstance(message, SubmitRun) else _submitted_run(body)
-            if run_id is not None and not await store.run_exists(run_id):
+            if run_id is not None and not await store.runs.exists(run_id):
                 rejected = RunRejected(run_id=run_id, reason=reason[:4000])
                 key = event_routing_key(rejected, CONTROL_SOURCE)
                 await publisher.publish(STATUS_EXCHANGE, key, rejected)
 
         async def on_dead_letters(deliveries: list[Delivery[bytes]]) -> None:
             letters = [dead_letters.seen(d.raw.headers, d.message) for d in deliveries]
-            await store.record_dead_letters(letters)
+            await store.dead_letters.record(letters)
             for letter in letters:
                 metrics.DEAD_LETTERS_SEEN.labels(letter.source_queue).inc()
 
@@ -87,7 +87,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             submissions = [d.message for d in deliveries if isinstance(d.message, SubmitRun)]
             for delivery in deliveries:
                 if isinstance(delivery.message, LocationsWanted):
-                    await store.locations_wanted(delivery.message.queues)
+                    await store.locations.wanted(delivery.message.queues)
                 elif isinstance(delivery.message, CancelRun):
                     raise CancellationNotSupported("CancelRun is not supported yet")
             created = await store.accept_submissions(submissions)

@@ -14,7 +14,7 @@ import docker
 import pytest
 
 from dispatcher.client import Client
-from dispatcher.store import Store
+from dispatcher.store import Database
 from tests.conftest import SESSION_ID
 from tests.support import Proc, management_request
 from worker_agent.runtime import LABEL_AGENT, LABEL_RUN
@@ -184,9 +184,9 @@ async def schema(database_url: str, unique: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def store(database_url: str, schema: str) -> AsyncIterator[Store]:
+async def store(database_url: str, schema: str) -> AsyncIterator[Database]:
     """The store on the test's schema, migrated."""
-    opened = await Store.open(database_url, schema=schema)
+    opened = await Database.open(database_url, schema=schema)
     await opened.upgrade()
     yield opened
     await opened.close()

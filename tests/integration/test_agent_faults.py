@@ -11,7 +11,7 @@ import pytest
 
 from dispatcher.errors import RunNotFound
 from dispatcher.states import RunState
-from dispatcher.store import RunRow, Store
+from dispatcher.store import Database, RunRow
 from schemas import LaunchRun
 from tests.conftest import SESSION_ID
 from tests.integration.conftest import Stack
@@ -34,7 +34,7 @@ async def test_an_agent_whose_component_fails_exits_non_zero_with_the_reason(
 
 
 async def test_a_burst_on_one_agent_succeeds_at_the_first_attempt_under_the_monitor(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     await stack.start_monitor()
@@ -49,7 +49,7 @@ async def test_a_burst_on_one_agent_succeeds_at_the_first_attempt_under_the_moni
         runs = []
         for run_id in run_ids:
             try:
-                run = await store.get_run(run_id)
+                run = await store.runs.get(run_id)
             except RunNotFound:
                 return None
             if run.state not in (RunState.SUCCESS, RunState.FAILURE, RunState.CANCELED):
@@ -62,7 +62,7 @@ async def test_a_burst_on_one_agent_succeeds_at_the_first_attempt_under_the_moni
         (RunState.SUCCESS, 1, None)
     ] * 20
     for run_id in run_ids:
-        events = await store.run_events(run_id)
+        events = await store.runs.events(run_id)
         assert {event.attempt for event in events} == {1}
         reasons = [event.payload.get("reason") for event in events]
         assert "UNEXPECTED_TERMINATION" not in reasons

@@ -9,7 +9,7 @@ import uuid
 import aio_pika
 
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from schemas import LaunchRun, SubmitRun, encode
 from schemas.topology import (
     INSTRUCTIONS_EXCHANGE,
@@ -33,7 +33,7 @@ async def publish_raw(url: str, exchange: str, routing_key: str, body: bytes) ->
 
 
 async def test_the_same_launch_delivered_twice_gives_one_container(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     await stack.start_agent(extra=("--keep-finished",))
@@ -50,7 +50,7 @@ async def test_the_same_launch_delivered_twice_gives_one_container(
         exited = [c.status for c in stack.containers_of(launch.run_id)] == ["exited"]
         listed = {
             (entry["run_id"], entry["attempt"], entry["state"])
-            for agent in await store.list_agents()
+            for agent in await store.agents.all()
             if agent["agent_id"] == stack.agent_id()
             for entry in agent["in_flight"]
         }
@@ -73,7 +73,7 @@ async def test_the_same_launch_delivered_twice_gives_one_container(
 
 
 async def test_the_same_submission_published_twice_gives_one_run(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     await stack.start_agent(extra=("--keep-finished",))
@@ -95,14 +95,14 @@ async def test_the_same_submission_published_twice_gives_one_run(
     for message in (submit, submit, again):
         await publish_raw(stack.amqp_url, REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, encode(message))
     await wait_for_state(store, submit.run_id, RunState.SUCCESS)
-    runs = await store.list_runs()
+    runs = await store.runs.recent()
     assert [r.run_id for r in runs] == [submit.run_id]
     assert len(stack.containers_of(submit.run_id)) == 1
     assert stack.containers_of(again.run_id) == []
 
 
 async def test_control_plane_killed_between_commit_and_publish_dispatches_once(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     # The first control plane commits runs but has no relay: it dies with the outbox full.
     first = await stack.start_control_plane(components="intake,status")
@@ -113,7 +113,7 @@ async def test_control_plane_killed_between_commit_and_publish_dispatches_once(
             for _ in range(3)
         ]
     await eventually(lambda: _runs_queued(store, run_ids), 30, what="runs committed")
-    assert await store.count_unsent("LaunchRun") == 3
+    assert await store.outbox.count_unsent("LaunchRun") == 3
     first.kill()
     # A restart picks up the unsent rows and dispatches each run exactly once.
     await stack.start_control_plane()
@@ -121,16 +121,16 @@ async def test_control_plane_killed_between_commit_and_publish_dispatches_once(
         run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE)
         assert run.state == RunState.SUCCESS
         assert len(stack.containers_of(run_id)) == 1
-    assert await store.count_unsent("LaunchRun") == 0
+    assert await store.outbox.count_unsent("LaunchRun") == 0
 
 
-async def _runs_queued(store: Store, run_ids: list[uuid.UUID]) -> bool:
-    runs = await store.list_runs(RunState.QUEUED)
+async def _runs_queued(store: Database, run_ids: list[uuid.UUID]) -> bool:
+    runs = await store.runs.recent(RunState.QUEUED)
     return {r.run_id for r in runs} == set(run_ids)
 
 
 async def test_agent_killed_while_a_run_runs_adopts_it_after_restart(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     agent = await stack.start_agent()

@@ -5,15 +5,17 @@ from __future__ import annotations
 import uuid
 
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from tests.integration.conftest import Stack
 from tests.support import eventually
 
 
-async def wait_for_state(store: Store, run_id: uuid.UUID, *states: RunState, timeout: float = 60):
+async def wait_for_state(
+    store: Database, run_id: uuid.UUID, *states: RunState, timeout: float = 60
+):
     async def probe():  # type: ignore[no-untyped-def]
         try:
-            run = await store.get_run(run_id)
+            run = await store.runs.get(run_id)
         except Exception:
             return None
         return run if run.state in states else None
@@ -22,7 +24,7 @@ async def wait_for_state(store: Store, run_id: uuid.UUID, *states: RunState, tim
 
 
 async def test_a_submitted_run_succeeds_with_its_history_in_order(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     await stack.start_agent()
@@ -35,7 +37,7 @@ async def test_a_submitted_run_succeeds_with_its_history_in_order(
     assert run.exit_code == 0
     assert run.output_tail == ["hello from the run"]
     assert run.agent_id == stack.agent_id()
-    events = await store.run_events(run_id)
+    events = await store.runs.events(run_id)
     transitions = [(e.kind, e.from_state, e.to_state) for e in events if e.to_state]
     assert transitions == [
         ("SubmitRun", None, "QUEUED"),
@@ -50,7 +52,7 @@ async def test_a_submitted_run_succeeds_with_its_history_in_order(
 
 
 async def test_a_run_that_exits_3_fails_with_its_exit_code_and_output(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     await stack.start_agent()

@@ -6,7 +6,7 @@ import urllib.parse
 from pathlib import Path
 
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from schemas.topology import instructions_queue
 from tests.integration.conftest import Stack
 from tests.integration.test_dispatch import wait_for_state
@@ -14,7 +14,7 @@ from tests.support import DockerSocketProxy, eventually, management_request
 
 
 async def test_a_missing_image_fails_the_run_with_image_not_found(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     agent = await stack.start_agent()
@@ -49,7 +49,7 @@ def close_connections(management: str, names: list[str]) -> None:
 
 
 async def test_components_reconnect_after_the_broker_cuts_them_off(
-    stack: Stack, store: Store, broker: tuple[str, str]
+    stack: Stack, store: Database, broker: tuple[str, str]
 ) -> None:
     management = broker[1]
     assert management, "this test needs the broker's management API"
@@ -81,7 +81,7 @@ async def test_components_reconnect_after_the_broker_cuts_them_off(
 
 
 async def test_an_instruction_waits_out_a_docker_outage(
-    stack: Stack, store: Store, tmp_path: Path
+    stack: Stack, store: Database, tmp_path: Path
 ) -> None:
     proxy = DockerSocketProxy(tmp_path / "docker.sock")
     await proxy.up()
@@ -98,7 +98,7 @@ async def test_an_instruction_waits_out_a_docker_outage(
         return delivered >= 1 and stats.get("messages_unacknowledged") == 1
 
     await eventually(held, 60, interval=0.5, what="the instruction delivered and held unacked")
-    assert (await store.get_run(run_id)).state == RunState.QUEUED
+    assert (await store.runs.get(run_id)).state == RunState.QUEUED
     # And says what is wrong: this line is what an operator reads, asserted as such.
     await agent.wait_for_output(f"Docker engine unreachable; run {run_id}", timeout=30)
     await proxy.up()

@@ -15,7 +15,7 @@ import aio_pika
 import aio_pika.exceptions
 
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from schemas import (
     AgentHeartbeat,
     ContainerState,
@@ -115,7 +115,7 @@ def hostile_payloads(rng: random.Random, own: list[Message], foreign: list[Messa
 
 
 async def test_thousands_of_hostile_payloads_are_each_dead_lettered_once(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     processes = [
         await stack.start_control_plane(),
@@ -176,7 +176,7 @@ async def test_thousands_of_hostile_payloads_are_each_dead_lettered_once(
 
     async def counted() -> Counter[str]:
         found: Counter[str] = Counter()
-        for row in await store.dead_letter_counts():
+        for row in await store.dead_letters.counts():
             source = row["source_queue"]
             found[source if source in named else "locations"] += row["total"]
         return found

@@ -8,7 +8,7 @@ import uuid
 import aio_pika
 
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from schemas.topology import (
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_QUEUE_HEADER,
@@ -27,7 +27,7 @@ from tests.integration.test_dispatch import wait_for_state
 from tests.support import eventually
 
 
-async def test_fifty_runs_submitted_at_once_all_end_right(stack: Stack, store: Store) -> None:
+async def test_fifty_runs_submitted_at_once_all_end_right(stack: Stack, store: Database) -> None:
     await stack.start_control_plane()
     await stack.start_agent(max_concurrent=8)
     expected: dict[uuid.UUID, int] = {}
@@ -43,13 +43,13 @@ async def test_fifty_runs_submitted_at_once_all_end_right(stack: Stack, store: S
         expected[run_id] = i % 3
 
     async def all_terminal() -> bool:
-        runs = await store.list_runs(limit=100)
+        runs = await store.runs.recent(limit=100)
         return len(runs) == 50 and all(
             r.state in (RunState.SUCCESS, RunState.FAILURE) for r in runs
         )
 
     await eventually(all_terminal, timeout=240, interval=0.5, what="50 runs terminal")
-    for run in await store.list_runs(limit=100):
+    for run in await store.runs.recent(limit=100):
         code = expected[run.run_id]
         assert run.exit_code == code
         assert run.state == (RunState.SUCCESS if code == 0 else RunState.FAILURE)
@@ -70,7 +70,7 @@ async def dead_letters(url: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
 
 
 async def test_malformed_messages_are_dead_lettered_and_consumers_go_on(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     await stack.start_agent()

@@ -5,19 +5,17 @@ from __future__ import annotations
 import docker
 import pytest
 
-from dispatcher.locations import Location, LocationStore
 from dispatcher.settings import ImageNames
-from dispatcher.store import Store
+from dispatcher.store import Database, Location
+from dispatcher.store.locations import Locations
 from tests.integration.conftest import Stack
 from tests.support import eventually
 from worker_agent.code_servers import LABEL_LOCATION
 
 
 @pytest.fixture
-async def locations(database_url: str, schema: str, store: Store) -> LocationStore:
-    opened = await LocationStore.open(database_url, schema=schema)
-    yield opened  # type: ignore[misc]
-    await opened.close()
+def locations(store: Database) -> Locations:
+    return store.locations
 
 
 def servers_of(stack: Stack, name: str) -> list[docker.models.containers.Container]:
@@ -26,8 +24,8 @@ def servers_of(stack: Stack, name: str) -> list[docker.models.containers.Contain
     )
 
 
-async def loaded(locations: LocationStore, name: str, after: object = None) -> Location | None:
-    location = await locations.get_location(name)
+async def loaded(locations: Locations, name: str, after: object = None) -> Location | None:
+    location = await locations.get(name)
     if location.status != "LOADED":
         return None
     if after is not None and location.loaded_at is not None and location.loaded_at <= after:
@@ -36,12 +34,12 @@ async def loaded(locations: LocationStore, name: str, after: object = None) -> L
 
 
 async def test_a_location_is_served_kept_and_removed(
-    stack: Stack, locations: LocationStore, images: ImageNames
+    stack: Stack, locations: Locations, images: ImageNames
 ) -> None:
     await stack.start_control_plane()
     agent = await stack.start_agent(extra=("--location-check-interval", "0.5"))
     name = f"hello-{stack.unique}"
-    added = await locations.put_location(name, images.example_location, queue=stack.queue)
+    added = await locations.put(name, images.example_location, queue=stack.queue)
     assert added.status == "LOADING"
 
     # Its server runs on the agent's host and its definitions reach PostgreSQL.
@@ -59,14 +57,14 @@ async def test_a_location_is_served_kept_and_removed(
     assert [c.id for c in servers_of(stack, name)] == [server.id]
 
     # The server is killed: a new one is started and the location is loaded again.
-    before = (await locations.get_location(name)).loaded_at
+    before = (await locations.get(name)).loaded_at
     server.kill()
     await eventually(lambda: loaded(locations, name, after=before), 60, what="redeployed")
     [replacement] = servers_of(stack, name)
     assert replacement.id != server.id
 
     # Removed: its server goes.
-    await locations.remove_location(name)
+    await locations.remove(name)
 
     async def gone() -> bool:
         return servers_of(stack, name) == []
@@ -75,15 +73,15 @@ async def test_a_location_is_served_kept_and_removed(
 
 
 async def test_a_redeploy_replaces_the_server_blue_green(
-    stack: Stack, locations: LocationStore, images: ImageNames
+    stack: Stack, locations: Locations, images: ImageNames
 ) -> None:
     await stack.start_control_plane()
     await stack.start_agent(extra=("--location-check-interval", "0.5"))
     name = f"bg-{stack.unique}"
-    await locations.put_location(name, images.example_location, queue=stack.queue)
+    await locations.put(name, images.example_location, queue=stack.queue)
     first = await eventually(lambda: loaded(locations, name), 60, what="LOADED")
     [old] = servers_of(stack, name)
-    redeployed = await locations.redeploy_location(name)
+    redeployed = await locations.redeploy(name)
     assert redeployed.generation == first.generation + 1
     second = await eventually(lambda: loaded(locations, name), 60, what="LOADED again")
     assert second.generation == redeployed.generation
@@ -96,25 +94,25 @@ async def test_a_redeploy_replaces_the_server_blue_green(
 
 
 async def test_a_location_that_cannot_serve_is_in_error_with_the_reason(
-    stack: Stack, locations: LocationStore, images: ImageNames
+    stack: Stack, locations: Locations, images: ImageNames
 ) -> None:
     await stack.start_control_plane()
     await stack.start_agent(extra=("--location-check-interval", "0.5"))
     crashing, secretive = f"crash-{stack.unique}", f"secret-{stack.unique}"
     # A code server for a module that does not exist exits at once, each time.
-    await locations.put_location(
+    await locations.put(
         crashing,
         images.example_location,
         command=["python3", "-m", "hd_sdk", "serve", "--module", "no_such_module"],
         queue=stack.queue,
     )
     # A secret this host does not have: the server is not even started.
-    await locations.put_location(
+    await locations.put(
         secretive, images.example_location, env={"TOKEN": "secret:NOT_HERE"}, queue=stack.queue
     )
 
     async def errored(name: str) -> Location | None:
-        location = await locations.get_location(name)
+        location = await locations.get(name)
         return location if location.status == "ERROR" else None
 
     crashed = await eventually(lambda: errored(crashing), 90, what="the crash loop in ERROR")
@@ -171,7 +169,7 @@ async def test_the_locations_command(stack: Stack, images: ImageNames) -> None:
 
 
 async def test_a_job_runs_by_name_and_bad_submissions_are_rejected(
-    stack: Stack, locations: LocationStore, store: Store, images: ImageNames
+    stack: Stack, locations: Locations, store: Database, images: ImageNames
 ) -> None:
     from dispatcher.errors import SubmissionRejected
     from dispatcher.states import RunState
@@ -181,7 +179,7 @@ async def test_a_job_runs_by_name_and_bad_submissions_are_rejected(
     await stack.start_control_plane()
     await stack.start_agent(extra=("--location-check-interval", "0.5"))
     name = f"jobs-{stack.unique}"
-    await locations.put_location(name, images.example_location, queue=stack.queue)
+    await locations.put(name, images.example_location, queue=stack.queue)
     await eventually(lambda: loaded(locations, name), 60, what="LOADED")
 
     # End to end from the command line, with progress and logs in `runs show`.
@@ -220,7 +218,7 @@ async def test_a_job_runs_by_name_and_bad_submissions_are_rejected(
     run = await wait_for_state(store, accepted, RunState.SUCCESS, RunState.FAILURE, timeout=90)
     assert run.state == RunState.SUCCESS
     assert run.output_tail == ["hello, Ada!"]
-    assert len(await store.list_runs()) == 2  # the two accepted, none of the refused
+    assert len(await store.runs.recent()) == 2  # the two accepted, none of the refused
 
     refused = await dispatcher_cli(
         stack,
@@ -238,8 +236,8 @@ async def test_a_job_runs_by_name_and_bad_submissions_are_rejected(
 
 async def test_redeploying_to_a_new_tag_while_runs_launch_fails_no_launch(
     stack: Stack,
-    locations: LocationStore,
-    store: Store,
+    locations: Locations,
+    store: Database,
     images: ImageNames,
     docker_client: docker.DockerClient,
 ) -> None:
@@ -254,7 +252,7 @@ async def test_redeploying_to_a_new_tag_while_runs_launch_fails_no_launch(
         await stack.start_control_plane()
         await stack.start_agent(max_concurrent=4, extra=("--location-check-interval", "0.5"))
         name = f"rd-{stack.unique}"
-        await locations.put_location(name, images.example_location, queue=stack.queue)
+        await locations.put(name, images.example_location, queue=stack.queue)
         await eventually(lambda: loaded(locations, name), 60, what="LOADED")
 
         async with stack.client() as client:
@@ -265,16 +263,16 @@ async def test_redeploying_to_a_new_tag_while_runs_launch_fails_no_launch(
 
             runs = asyncio.gather(*(submit(i) for i in range(12)))
             await asyncio.sleep(0.5)
-            await locations.put_location(name, new_tag, queue=stack.queue, create=False)
+            await locations.put(name, new_tag, queue=stack.queue, create=False)
             run_ids = await runs
 
         async def all_done() -> bool:
-            states = [(await store.get_run(r)).state for r in run_ids]  # type: ignore[arg-type]
+            states = [(await store.runs.get(r)).state for r in run_ids]  # type: ignore[arg-type]
             return all(s in (RunState.SUCCESS, RunState.FAILURE) for s in states)
 
         await eventually(all_done, 120, interval=0.5, what="12 runs ended")
         for run_id in run_ids:
-            assert (await store.get_run(run_id)).state == RunState.SUCCESS  # type: ignore[arg-type]
+            assert (await store.runs.get(run_id)).state == RunState.SUCCESS  # type: ignore[arg-type]
         location = await eventually(lambda: loaded(locations, name), 60, what="LOADED again")
         assert location.generation == 2
 
@@ -288,16 +286,16 @@ async def test_redeploying_to_a_new_tag_while_runs_launch_fails_no_launch(
 
 
 async def test_a_hung_server_is_replaced_and_a_silent_one_times_out(
-    stack: Stack, locations: LocationStore, images: ImageNames
+    stack: Stack, locations: Locations, images: ImageNames
 ) -> None:
     await stack.start_control_plane()
     await stack.start_agent(
         extra=("--location-check-interval", "0.5", "--location-startup-timeout", "5")
     )
     hung, silent = f"hung-{stack.unique}", f"silent-{stack.unique}"
-    await locations.put_location(hung, images.example_location, queue=stack.queue)
+    await locations.put(hung, images.example_location, queue=stack.queue)
     # This one runs but never answers: no code server listens in it.
-    await locations.put_location(
+    await locations.put(
         silent, images.example_location, command=["sleep", "600"], queue=stack.queue
     )
     first = await eventually(lambda: loaded(locations, hung), 60, what="LOADED")
@@ -311,7 +309,7 @@ async def test_a_hung_server_is_replaced_and_a_silent_one_times_out(
     assert [c.id for c in servers_of(stack, hung)] != [server.id]
 
     async def timed_out() -> Location | None:
-        location = await locations.get_location(silent)
+        location = await locations.get(silent)
         return location if location.status == "ERROR" else None
 
     location = await eventually(timed_out, 60, what="the silent server in ERROR")

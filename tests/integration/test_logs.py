@@ -9,7 +9,7 @@ import sys
 import aio_pika
 
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from schemas import RunLog, event_decoder
 from schemas.topology import STATUS_EXCHANGE
 from tests.integration.conftest import Stack
@@ -17,7 +17,7 @@ from tests.integration.test_dispatch import wait_for_state
 from tests.support import eventually
 
 
-async def test_a_run_s_output_is_forwarded_in_order(stack: Stack, store: Store) -> None:
+async def test_a_run_s_output_is_forwarded_in_order(stack: Stack, store: Database) -> None:
     await stack.start_control_plane()
     await stack.start_agent()
     async with stack.client() as client:
@@ -29,10 +29,10 @@ async def test_a_run_s_output_is_forwarded_in_order(stack: Stack, store: Store) 
     await wait_for_state(store, run_id, RunState.SUCCESS)
 
     async def all_lines() -> bool:
-        return len(await store.run_logs(run_id)) == 300
+        return len(await store.output.lines(run_id)) == 300
 
     await eventually(all_lines, 30, what="300 forwarded lines")
-    logs = await store.run_logs(run_id)
+    logs = await store.output.lines(run_id)
     assert [line for _, _, line in logs] == [f"line {i}" for i in range(300)]
     assert [n for _, n, _ in logs] == list(range(300))
 
@@ -49,7 +49,7 @@ async def test_a_run_s_output_is_forwarded_in_order(stack: Stack, store: Store) 
 
 
 async def test_with_log_forwarding_off_no_output_line_reaches_the_broker(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     await stack.start_agent(extra=("--no-log-forwarding",))
@@ -85,11 +85,11 @@ async def test_with_log_forwarding_off_no_output_line_reaches_the_broker(
 
         await eventually(until_the_end, 30, interval=0.2, what="the run's events")
         assert kinds == ["RunLaunched", "RunStarted", "RunFailed", "RunEnded"]
-    assert await store.run_logs(run_id) == []
+    assert await store.output.lines(run_id) == []
 
 
 async def test_a_job_s_progress_and_output_reach_the_control_plane(
-    stack: Stack, store: Store, images: object
+    stack: Stack, store: Database, images: object
 ) -> None:
     from dispatcher.settings import ImageNames
 
@@ -112,9 +112,9 @@ async def test_a_job_s_progress_and_output_reach_the_control_plane(
         run_id = await client.submit(images.example_location, command, queue=stack.queue)
     run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE, timeout=90)
     assert run.state == RunState.SUCCESS
-    progress = await store.run_progress(run_id)
+    progress = await store.output.progress(run_id)
     finished = [p["step"] for p in progress if p["event"] == "step_finished"]
     assert finished == ["count-1", "count-2", "count-3"]
     assert progress[-1]["event"] == "metadata"
     assert progress[-1]["details"] == {"counted": 3}
-    assert [line for _, _, line in await store.run_logs(run_id)] == ["1", "2", "3"]
+    assert [line for _, _, line in await store.output.lines(run_id)] == ["1", "2", "3"]

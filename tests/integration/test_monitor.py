@@ -8,7 +8,7 @@ import uuid
 
 from dispatcher.errors import RunNotFound
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from tests.integration.conftest import Stack
 from tests.integration.test_dispatch import wait_for_state
 from tests.support import eventually
@@ -26,10 +26,10 @@ def running_containers(stack: Stack, run_id: uuid.UUID) -> list[tuple[str, int]]
     return sorted(found)
 
 
-async def runs_on(store: Store, run_ids: list[uuid.UUID], agent_id: str, attempt: int) -> bool:
+async def runs_on(store: Database, run_ids: list[uuid.UUID], agent_id: str, attempt: int) -> bool:
     for run_id in run_ids:
         try:
-            run = await store.get_run(run_id)
+            run = await store.runs.get(run_id)
         except RunNotFound:
             return False
         if not (
@@ -39,15 +39,15 @@ async def runs_on(store: Store, run_ids: list[uuid.UUID], agent_id: str, attempt
     return True
 
 
-async def agent_status(store: Store, agent_id: str, status: str) -> bool:
+async def agent_status(store: Database, agent_id: str, status: str) -> bool:
     """Whether PostgreSQL records ``agent_id`` with ``status`` (ALIVE, LOST)."""
     return any(
-        a["agent_id"] == agent_id and a["status"] == status for a in await store.list_agents()
+        a["agent_id"] == agent_id and a["status"] == status for a in await store.agents.all()
     )
 
 
 async def test_a_killed_agent_s_runs_fail_over_to_another_agent_exactly_once(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     await stack.start_monitor()
@@ -66,7 +66,7 @@ async def test_a_killed_agent_s_runs_fail_over_to_another_agent_exactly_once(
     await eventually(lambda: runs_on(store, run_ids, stack.agent_id(1), 2), 60, what="on B")
     for run_id in run_ids:
         lost = [
-            e for e in await store.run_events(run_id) if e.payload.get("reason") == "AGENT_LOST"
+            e for e in await store.runs.events(run_id) if e.payload.get("reason") == "AGENT_LOST"
         ]
         assert len(lost) == 1
         assert lost[0].attempt == 1
@@ -82,10 +82,10 @@ async def test_a_killed_agent_s_runs_fail_over_to_another_agent_exactly_once(
 
     await eventually(one_each, 60, what="exactly one live container per run, attempt 2")
     for run_id in run_ids:
-        assert (await store.get_run(run_id)).attempt == 2
+        assert (await store.runs.get(run_id)).attempt == 2
 
 
-async def test_a_frozen_agent_is_fenced_when_it_thaws(stack: Stack, store: Store) -> None:
+async def test_a_frozen_agent_is_fenced_when_it_thaws(stack: Stack, store: Database) -> None:
     await stack.start_control_plane()
     await stack.start_monitor()
     frozen = await stack.start_agent(0, max_concurrent=2)
@@ -117,7 +117,7 @@ async def test_a_frozen_agent_is_fenced_when_it_thaws(stack: Stack, store: Store
         for run_id in run_ids:
             reports = [
                 e
-                for e in await store.run_events(run_id)
+                for e in await store.runs.events(run_id)
                 if e.attempt == 1
                 and e.kind in ("RunSucceeded", "RunFailed")
                 and e.payload.get("agent_id") == stack.agent_id(0)
@@ -134,12 +134,12 @@ async def test_a_frozen_agent_is_fenced_when_it_thaws(stack: Stack, store: Store
 
     await eventually(one_each, 60, what="only attempt 2 alive for each run")
     for run_id in run_ids:
-        run = await store.get_run(run_id)
+        run = await store.runs.get(run_id)
         assert (run.state, run.attempt, run.agent_id) == (RunState.STARTED, 2, stack.agent_id(1))
 
 
 async def test_docker_kill_of_a_run_container_is_reported_as_exit_137(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     await stack.start_monitor()
@@ -155,7 +155,7 @@ async def test_docker_kill_of_a_run_container_is_reported_as_exit_137(
     assert run.exit_code == 137
     assert run.failure_reason == "EXIT_CODE"
     # Reported by the agent that ran it, as PostgreSQL recorded it.
-    [failed] = [e for e in await store.run_events(run_id) if e.kind == "RunFailed"]
+    [failed] = [e for e in await store.runs.events(run_id) if e.kind == "RunFailed"]
     assert failed.attempt == 1
     assert failed.payload["agent_id"] == stack.agent_id()
     assert failed.payload["exit_code"] == 137
@@ -163,7 +163,7 @@ async def test_docker_kill_of_a_run_container_is_reported_as_exit_137(
     print(f"docker kill: exit recorded {detected:.2f} s after the kill")
 
 
-async def test_a_run_over_its_memory_limit_fails_with_oom(stack: Stack, store: Store) -> None:
+async def test_a_run_over_its_memory_limit_fails_with_oom(stack: Stack, store: Database) -> None:
     await stack.start_control_plane()
     await stack.start_agent()
     async with stack.client() as client:
@@ -179,7 +179,7 @@ async def test_a_run_over_its_memory_limit_fails_with_oom(stack: Stack, store: S
 
 
 async def test_a_run_that_cannot_start_in_time_fails_and_leaves_no_container(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     await stack.start_monitor()
@@ -203,7 +203,7 @@ async def test_a_run_that_cannot_start_in_time_fails_and_leaves_no_container(
     await eventually(no_container, 60, what="the container stopped and removed")
 
 
-async def test_a_run_past_its_max_runtime_is_stopped(stack: Stack, store: Store) -> None:
+async def test_a_run_past_its_max_runtime_is_stopped(stack: Stack, store: Database) -> None:
     await stack.start_control_plane()
     await stack.start_monitor()
     await stack.start_agent()
@@ -221,7 +221,7 @@ async def test_a_run_past_its_max_runtime_is_stopped(stack: Stack, store: Store)
 
 
 async def test_a_run_its_agent_no_longer_knows_is_unexpected_termination(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     # The agent must come back before it is declared lost, whatever the time a process
@@ -241,6 +241,6 @@ async def test_a_run_its_agent_no_longer_knows_is_unexpected_termination(
     await stack.start_agent()
     run = await wait_for_state(store, run_id, RunState.FAILURE, RunState.SUCCESS, timeout=60)
     assert run.failure_reason == "UNEXPECTED_TERMINATION"
-    assert [a["status"] for a in await store.list_agents()] == ["ALIVE"]
-    reasons = [e.payload.get("reason") for e in await store.run_events(run_id)]
+    assert [a["status"] for a in await store.agents.all()] == ["ALIVE"]
+    reasons = [e.payload.get("reason") for e in await store.runs.events(run_id)]
     assert "AGENT_LOST" not in reasons

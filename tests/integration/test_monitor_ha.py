@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from schemas.topology import (
     DEAD_LETTER_QUEUE_HEADER,
     INSTRUCTIONS_EXCHANGE,
@@ -36,7 +36,7 @@ def webhook() -> Iterator[WebhookReceiver]:
 
 
 async def test_one_alert_per_incident_across_a_monitor_restart(
-    stack: Stack, store: Store, webhook: WebhookReceiver
+    stack: Stack, store: Database, webhook: WebhookReceiver
 ) -> None:
     await stack.start_control_plane()
     monitor = await stack.start_monitor(("--webhook", webhook.url))
@@ -77,7 +77,7 @@ async def test_one_alert_per_incident_across_a_monitor_restart(
 
 
 async def test_a_standby_monitor_takes_over_when_the_active_one_dies(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
     active = await stack.start_monitor()
@@ -104,7 +104,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_every_process_serves_prometheus_metrics(stack: Stack, store: Store) -> None:
+async def test_every_process_serves_prometheus_metrics(stack: Stack, store: Database) -> None:
     ports = {name: _free_port() for name in ("serve", "monitor", "agent")}
     env = stack._env()
     procs = [

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from schemas.topology import REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY
 from tests.integration.conftest import Stack
 from tests.integration.test_crashes import publish_raw
@@ -27,7 +27,7 @@ async def dispatcher_cli(stack: Stack, *args: str) -> subprocess.CompletedProces
     )
 
 
-async def test_agents_alerts_and_dead_letters_are_listed(stack: Stack, store: Store) -> None:
+async def test_agents_alerts_and_dead_letters_are_listed(stack: Stack, store: Database) -> None:
     webhook = WebhookReceiver()
     try:
         await stack.start_control_plane()

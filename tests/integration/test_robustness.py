@@ -14,7 +14,7 @@ import pytest
 
 from dispatcher.errors import InvalidSubmission, SubmissionRejected
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from schemas import RunRejected, SubmitRun, encode
 from schemas.topology import REQUESTS_EXCHANGE, REQUESTS_QUEUE, REQUESTS_ROUTING_KEY
 from tests.integration.conftest import Stack
@@ -24,15 +24,15 @@ from tests.integration.test_operators import dispatcher_cli
 from tests.support import eventually
 
 
-async def run_count(store: Store) -> int:
-    return len(await store.list_runs(limit=1000))
+async def run_count(store: Database) -> int:
+    return len(await store.runs.recent(limit=1000))
 
 
-async def dead_letter_total(store: Store, queue: str) -> int:
-    return sum(c["total"] for c in await store.dead_letter_counts() if c["source_queue"] == queue)
+async def dead_letter_total(store: Database, queue: str) -> int:
+    return sum(c["total"] for c in await store.dead_letters.counts() if c["source_queue"] == queue)
 
 
-async def test_bad_submissions_are_refused_before_sending(stack: Stack, store: Store) -> None:
+async def test_bad_submissions_are_refused_before_sending(stack: Stack, store: Database) -> None:
     await stack.start_control_plane()
     await stack.start_agent()
     refusals = {
@@ -60,7 +60,9 @@ async def test_bad_submissions_are_refused_before_sending(stack: Stack, store: S
     assert await run_count(store) == 1
 
 
-async def test_hostile_requests_are_dead_lettered_and_answered(stack: Stack, store: Store) -> None:
+async def test_hostile_requests_are_dead_lettered_and_answered(
+    stack: Stack, store: Database
+) -> None:
     control_plane = await stack.start_control_plane()
     await stack.start_agent()
     deep = "[" * 5000 + "]" * 5000
@@ -116,17 +118,17 @@ async def test_hostile_requests_are_dead_lettered_and_answered(stack: Stack, sto
         )
     assert outcome.succeeded
     assert await run_count(store) == 1  # no row for any hostile submission
-    alerts = await store.list_alerts()
+    alerts = await store.alerts.recent()
     assert any(a["kind"] == "messages_dead_lettered" for a in alerts)
 
 
 async def test_an_unpublishable_instruction_fails_its_run_and_blocks_nothing(
-    stack: Stack, store: Store
+    stack: Stack, store: Database
 ) -> None:
     # A row that no broker takes (a queue name from before names were checked) sits first
     # in the outbox; the relay sets it aside and the runs behind it go out.
     stuck = SubmitRun(run_id=uuid.uuid4(), image=stack.run_image, queue="gpu!")
-    await store.create_runs([stuck])
+    await store.runs.create([stuck])
     await stack.start_control_plane()
     await stack.start_agent()
     async with stack.client() as client:
@@ -147,7 +149,7 @@ async def test_an_unpublishable_instruction_fails_its_run_and_blocks_nothing(
     assert error and "gpu!" in error
 
 
-async def test_wait_follows_a_retried_run_to_its_success(stack: Stack, store: Store) -> None:
+async def test_wait_follows_a_retried_run_to_its_success(stack: Stack, store: Database) -> None:
     await stack.start_control_plane()
     await stack.start_monitor()
     first = await stack.start_agent(0)
@@ -182,11 +184,11 @@ async def test_wait_follows_a_retried_run_to_its_success(stack: Stack, store: St
     assert "attempt 1: failed (AGENT_LOST)" in printed
     assert "retrying as attempt 2" in printed
     assert "SUCCESS, exit code 0 on attempt 2" in printed
-    run = await store.get_run(run_id)
+    run = await store.runs.get(run_id)
     assert (run.state, run.attempt) == (RunState.SUCCESS, 2)
 
 
-async def test_a_refused_plain_run_is_reported_to_its_waiter(stack: Stack, store: Store) -> None:
+async def test_a_refused_plain_run_is_reported_to_its_waiter(stack: Stack, store: Database) -> None:
     await stack.start_control_plane()
     async with stack.client() as client:
         with pytest.raises(SubmissionRejected, match="needs an image"):

@@ -13,7 +13,7 @@ import pytest
 
 from dispatcher.settings import ImageNames
 from dispatcher.states import RunState
-from dispatcher.store import Store
+from dispatcher.store import Database
 from tests.conftest import labels_for_tests
 from tests.integration.conftest import Stack
 from tests.support import eventually
@@ -60,7 +60,7 @@ async def test_runs_end_right_across_a_postgresql_restart(
 ) -> None:
     url, container = own_database
     stack.database_url = url
-    store = await Store.open(url, schema=stack.schema)
+    store = await Database.open(url, schema=stack.schema)
     try:
         await store.upgrade()
         control_plane = await stack.start_control_plane()
@@ -77,7 +77,7 @@ async def test_runs_end_right_across_a_postgresql_restart(
                 expected[run_id] = i % 2 * 3
 
         async def some_started() -> bool:
-            return (await store.count_by_state())["STARTED"] >= 5
+            return (await store.runs.count_by_state())["STARTED"] >= 5
 
         await eventually(some_started, 120, interval=0.2, what="runs started")
         # Restart while runs start, print and exit: their events meet a database that is gone.
@@ -86,7 +86,7 @@ async def test_runs_end_right_across_a_postgresql_restart(
 
         async def all_ended() -> bool:
             try:
-                runs = await store.list_runs(limit=100)
+                runs = await store.runs.recent(limit=100)
             except Exception:  # the store's pool reconnects on its next use
                 return False
             return len(runs) == 20 and all(
@@ -97,19 +97,19 @@ async def test_runs_end_right_across_a_postgresql_restart(
         # Every process rode the outage out (the monitor stood by, then led again).
         for proc in (control_plane, monitor, agent):
             assert proc.process is not None and proc.process.poll() is None, proc.output()[-2000:]
-        for run in await store.list_runs(limit=100):
+        for run in await store.runs.recent(limit=100):
             code = expected[run.run_id]
             assert run.exit_code == code
             assert run.state == (RunState.SUCCESS if code == 0 else RunState.FAILURE)
             assert run.attempt == 1
-            kinds = [e.kind for e in await store.run_events(run.run_id)]
+            kinds = [e.kind for e in await store.runs.events(run.run_id)]
             final = "RunSucceeded" if code == 0 else "RunFailed"
             assert kinds == ["SubmitRun", "RunLaunched", "RunStarted", final], kinds
             i = list(expected).index(run.run_id)
 
             async def output(run_id: uuid.UUID = run.run_id) -> list[str]:
                 # The final state may be read a moment before the last output batch is.
-                return [line for _, _, line in await store.run_logs(run_id)]
+                return [line for _, _, line in await store.output.lines(run_id)]
 
             async def complete(run_id: uuid.UUID = run.run_id, i: int = i) -> bool:
                 return await output(run_id) == [f"begin {i}", f"end {i}"]

@@ -1,4 +1,4 @@
-"""Code locations in the control plane: the registry, and the snapshots agents reconcile to.
+"""Code locations: the registry, and the snapshots agents reconcile to.
 
 Every change writes, in its transaction, a LocationSnapshot of each agent queue it touches to
 the outbox; agents keep exactly the code servers of their queues' latest snapshot. Only
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,24 +18,14 @@ import asyncpg
 import msgspec
 
 from hd_sdk.config import problems
-from schemas import (
-    LocationFailed,
-    LocationLoaded,
-    LocationSnapshot,
-    LocationSpec,
-    RunRejected,
-    SubmitRun,
-)
+from schemas import LocationFailed, LocationLoaded, LocationSnapshot, LocationSpec, SubmitRun
 from schemas.topology import LOCATIONS_EXCHANGE
 
-from .errors import ConfigError, DispatcherError
-from .store import OutboxItem, Store, answer, insert_outbox
+from ..errors import ConfigError, LocationNotFound
+from . import outbox
+from .connections import Connections
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-
-
-class LocationNotFound(DispatcherError):
-    """No code location has that name."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +68,13 @@ def check_location(name: str, image: str, queue: str) -> None:
         raise ConfigError("a location needs an agent queue")
 
 
-class LocationStore(Store):
-    """The store, plus the code-location registry."""
+class Locations:
+    """The code-location registry; every change writes the snapshots of the queues it touches."""
 
-    async def put_location(
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+
+    async def put(
         self,
         name: str,
         image: str,
@@ -93,7 +85,7 @@ class LocationStore(Store):
     ) -> Location:
         """Add (``create``) or update a location; either bumps nothing else's generation."""
         check_location(name, image, queue)
-        async with self._connection() as connection, connection.transaction():
+        async with self._connections.transaction() as connection:
             before = await connection.fetchrow(
                 "SELECT * FROM code_locations WHERE name = $1 FOR UPDATE", name
             )
@@ -118,12 +110,12 @@ class LocationStore(Store):
                 queue,
             )
             queues = {queue} | ({before["queue"]} if before is not None else set())
-            await _snapshot(connection, queues)
+            await snapshot(connection, queues)
             return Location.from_record(record)
 
-    async def redeploy_location(self, name: str) -> Location:
+    async def redeploy(self, name: str) -> Location:
         """A new generation of the same spec: every agent starts a fresh code server."""
-        async with self._connection() as connection, connection.transaction():
+        async with self._connections.transaction() as connection:
             record = await connection.fetchrow(
                 """
                 UPDATE code_locations SET generation = generation + 1, status = 'LOADING',
@@ -134,70 +126,37 @@ class LocationStore(Store):
             )
             if record is None:
                 raise LocationNotFound(f"no location {name!r}")
-            await _snapshot(connection, {record["queue"]})
+            await snapshot(connection, {record["queue"]})
             return Location.from_record(record)
 
-    async def remove_location(self, name: str) -> None:
-        async with self._connection() as connection, connection.transaction():
+    async def remove(self, name: str) -> None:
+        async with self._connections.transaction() as connection:
             queue = await connection.fetchval(
                 "DELETE FROM code_locations WHERE name = $1 RETURNING queue", name
             )
             if queue is None:
                 raise LocationNotFound(f"no location {name!r}")
-            await _snapshot(connection, {queue})
+            await snapshot(connection, {queue})
 
-    async def accept_submissions(self, submissions: Sequence[SubmitRun]) -> list[uuid.UUID]:
-        """Create the runs that pass their checks; answer every job submission.
-
-        A plain run needs an image. A job run needs a loaded location that has the job, and a
-        config that matches the job's schema; it runs the location's image on its queue. A
-        refused submission creates no run: the submitter gets RunRejected naming the problem.
-        """
-        plain = [s for s in submissions if s.location is None and s.job is None]
-        jobs = [s for s in submissions if s.location is not None or s.job is not None]
-        async with self._connection() as connection, connection.transaction():
-            accepted, rejected = [], []
-            for submission in plain:
-                if submission.image:
-                    accepted.append(submission)
-                else:
-                    rejected.append((submission, "a run needs an image, or a location and a job"))
-            resolved = []
-            for submission in jobs:
-                problem, run = await _resolve_job(connection, submission)
-                if problem:
-                    rejected.append((submission, problem))
-                else:
-                    assert run is not None
-                    resolved.append(run)
-            if rejected:
-                await insert_outbox(
-                    connection,
-                    [answer(RunRejected(run_id=s.run_id, reason=why)) for s, why in rejected],
-                )
-            created = await self._create_runs(connection, accepted)
-            created += await self._create_runs(connection, resolved, announce=True)
-            return created
-
-    async def locations_wanted(self, queues: Sequence[str]) -> None:
+    async def wanted(self, queues: Sequence[str]) -> None:
         """An agent asked: the snapshots of its queues go out again."""
-        async with self._connection() as connection, connection.transaction():
-            await _snapshot(connection, set(queues))
+        async with self._connections.transaction() as connection:
+            await snapshot(connection, set(queues))
 
-    async def list_locations(self) -> list[Location]:
-        async with self._connection() as connection:
+    async def all(self) -> list[Location]:
+        async with self._connections.connection() as connection:
             records = await connection.fetch("SELECT * FROM code_locations ORDER BY name")
         return [Location.from_record(r) for r in records]
 
-    async def get_location(self, name: str) -> Location:
-        async with self._connection() as connection:
+    async def get(self, name: str) -> Location:
+        async with self._connections.connection() as connection:
             record = await connection.fetchrow("SELECT * FROM code_locations WHERE name = $1", name)
         if record is None:
             raise LocationNotFound(f"no location {name!r}")
         return Location.from_record(record)
 
 
-async def _resolve_job(
+async def resolve_job(
     connection: asyncpg.Connection, submission: SubmitRun
 ) -> tuple[str | None, SubmitRun | None]:
     """(problem, None) or (None, the submission as its location's image on its queue)."""
@@ -221,7 +180,7 @@ async def _resolve_job(
     return None, msgspec.structs.replace(submission, image=location.image, queue=location.queue)
 
 
-async def record_location_event(
+async def record_event(
     connection: asyncpg.Connection, event: LocationLoaded | LocationFailed
 ) -> None:
     """A code server's news, applied only to the location's current generation."""
@@ -253,12 +212,12 @@ async def record_location_event(
         )
 
 
-async def _snapshot(connection: asyncpg.Connection, queues: set[str]) -> None:
+async def snapshot(connection: asyncpg.Connection, queues: set[str]) -> None:
     for queue in sorted(queues):
         records = await connection.fetch(
             "SELECT * FROM code_locations WHERE queue = $1 ORDER BY name", queue
         )
-        snapshot = LocationSnapshot(
+        message = LocationSnapshot(
             queue=queue,
             locations=tuple(
                 LocationSpec(
@@ -271,4 +230,4 @@ async def _snapshot(connection: asyncpg.Connection, queues: set[str]) -> None:
                 for r in records
             ),
         )
-        await insert_outbox(connection, [OutboxItem(snapshot, LOCATIONS_EXCHANGE, queue)])
+        await outbox.insert(connection, [outbox.OutboxItem(message, LOCATIONS_EXCHANGE, queue)])

@@ -1,4 +1,4 @@
-"""The failure monitor's decisions, as transactions on the store.
+"""The failure monitor's reads and decisions, as transactions.
 
 Every decision has a deterministic identity (a UUIDv5 of the run, the attempt and the rule),
 used as the id of the synthetic event and of the TerminateRun it writes. Two monitors, or a
@@ -17,9 +17,10 @@ import asyncpg
 from schemas import ContainerState, FailureReason, RunFailed, TerminateRun
 from schemas.topology import CONTROL_EXCHANGE, MONITOR_SOURCE, STATUS_EXCHANGE, event_routing_key
 
-from . import alerts
-from .states import TERMINAL, RunState
-from .store import OutboxItem, Store, insert_outbox
+from ..states import TERMINAL, RunState
+from . import agents, alerts, events, outbox
+from .agents import AgentRow
+from .connections import Connections
 
 _DECISIONS = uuid.UUID("8f0e5b0c-6a4e-4c55-9a57-2f3d9e1b7a10")
 
@@ -27,14 +28,6 @@ _DECISIONS = uuid.UUID("8f0e5b0c-6a4e-4c55-9a57-2f3d9e1b7a10")
 def decision_id(run_id: uuid.UUID, attempt: int, rule: str) -> uuid.UUID:
     """The same id for the same decision, whoever takes it and however often."""
     return uuid.uuid5(_DECISIONS, f"{run_id}/{attempt}/{rule}")
-
-
-@dataclass(frozen=True)
-class AgentRow:
-    agent_id: str
-    status: str
-    interval_s: float
-    silent_s: float
 
 
 @dataclass(frozen=True)
@@ -49,24 +42,19 @@ class ActiveRun:
     running_s: float | None
 
 
-class SupervisionStore(Store):
-    """The store, plus what the failure monitor reads and decides."""
+class Supervision:
+    """What the failure monitor reads, and the decisions it takes."""
+
+    def __init__(self, connections: Connections, retry_backoff_s: float) -> None:
+        self._connections = connections
+        self._retry_backoff_s = retry_backoff_s
+        self._agents = agents.Agents(connections)
 
     async def agents(self) -> list[AgentRow]:
-        async with self._connection() as connection:
-            records = await connection.fetch(
-                """
-                SELECT agent_id, status, interval_s,
-                       EXTRACT(EPOCH FROM now() - last_heartbeat_at)::float8 AS silent_s
-                FROM agents
-                """
-            )
-        return [
-            AgentRow(r["agent_id"], r["status"], r["interval_s"], r["silent_s"]) for r in records
-        ]
+        return await self._agents.rows()
 
     async def active_runs(self) -> list[ActiveRun]:
-        async with self._connection() as connection:
+        async with self._connections.connection() as connection:
             records = await connection.fetch(
                 """
                 SELECT run_id, attempt, state, agent_id, start_timeout_s, max_runtime_s,
@@ -101,7 +89,7 @@ class SupervisionStore(Store):
 
         False when the decision was taken before or no longer applies.
         """
-        async with self._connection() as connection, connection.transaction():
+        async with self._connections.transaction() as connection:
             return await self._fail(connection, run_id, attempt, reason, message, terminate_on)
 
     async def _fail(
@@ -120,11 +108,11 @@ class SupervisionStore(Store):
             reason=reason,
             message=message,
         )
-        applied = await self._apply_run_event(connection, event)
+        applied = await events.apply(connection, event, self._retry_backoff_s)
         if applied:
             # Followers see the monitor's decision as an event like an agent's.
             key = event_routing_key(event, MONITOR_SOURCE)
-            await insert_outbox(connection, [OutboxItem(event, STATUS_EXCHANGE, key)])
+            await outbox.insert(connection, [outbox.OutboxItem(event, STATUS_EXCHANGE, key)])
         if applied and terminate_on:
             await _terminate(connection, terminate_on, run_id, attempt, reason, message)
         return applied
@@ -135,14 +123,8 @@ class SupervisionStore(Store):
         Its containers get a TerminateRun on its own queue, so that it stops them if it ever
         comes back. Returns the runs failed (or retried) now.
         """
-        async with self._connection() as connection, connection.transaction():
-            lost_at = await connection.fetchval(
-                """
-                UPDATE agents SET status = 'LOST', lost_at = now()
-                WHERE agent_id = $1 AND status = 'ALIVE' RETURNING lost_at
-                """,
-                agent_id,
-            )
+        async with self._connections.transaction() as connection:
+            lost_at = await agents.mark_lost(connection, agent_id)
             if lost_at is None:
                 return []
             runs = await connection.fetch(
@@ -180,14 +162,8 @@ class SupervisionStore(Store):
 
     async def agent_back(self, agent_id: str) -> bool:
         """An agent declared lost sent a heartbeat again: alert once."""
-        async with self._connection() as connection, connection.transaction():
-            lost_at = await connection.fetchval(
-                """
-                UPDATE agents SET status = 'ALIVE' WHERE agent_id = $1 AND status = 'LOST'
-                RETURNING lost_at
-                """,
-                agent_id,
-            )
+        async with self._connections.transaction() as connection:
+            lost_at = await agents.mark_alive(connection, agent_id)
             if lost_at is None:
                 return False
             await alerts.raise_alert(
@@ -210,7 +186,7 @@ class SupervisionStore(Store):
         live = [c for c in in_flight if c.state not in ("exited", "dead", "reported")]
         if not live:
             return 0
-        async with self._connection() as connection, connection.transaction():
+        async with self._connections.transaction() as connection:
             records = await connection.fetch(
                 "SELECT run_id, attempt, state FROM runs WHERE run_id = ANY($1::uuid[])",
                 [c.run_id for c in live],
@@ -236,7 +212,7 @@ class SupervisionStore(Store):
             return fenced
 
     async def alert_long_running(self, run: ActiveRun, threshold_s: float) -> bool:
-        async with self._connection() as connection:
+        async with self._connections.connection() as connection:
             return await alerts.raise_alert(
                 connection,
                 f"run-long:{run.run_id}:{run.attempt}",
@@ -266,4 +242,4 @@ async def _terminate(
         grace_s=10.0,
         failure_reason=reason,
     )
-    return await insert_outbox(connection, [OutboxItem(message, CONTROL_EXCHANGE, agent_id)])
+    return await outbox.insert(connection, [outbox.OutboxItem(message, CONTROL_EXCHANGE, agent_id)])

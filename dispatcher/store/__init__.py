@@ -1,0 +1,33 @@
+"""The control plane's PostgreSQL, behind one ``Database`` object.
+
+One module per table family (runs, events, outbox, agents, locations, alerts, output, dead
+letters), the monitor's decisions (supervision), the leader lock and the migrations. Only this
+package speaks SQL; asyncpg's connection errors become ``StoreUnavailable`` in
+``connections``, for all of it.
+"""
+
+from .agents import AgentRow
+from .connections import UNAVAILABLE
+from .database import Database, opened
+from .leader import Leadership, LeadershipLost
+from .locations import Location
+from .outbox import OutboxItem, OutboxRow
+from .runs import RunEventRow, RunRow
+from .supervision import ActiveRun, Supervision, decision_id
+
+__all__ = [
+    "UNAVAILABLE",
+    "ActiveRun",
+    "AgentRow",
+    "Database",
+    "Leadership",
+    "LeadershipLost",
+    "Location",
+    "OutboxItem",
+    "OutboxRow",
+    "RunEventRow",
+    "RunRow",
+    "Supervision",
+    "decision_id",
+    "opened",
+]

@@ -1,0 +1,104 @@
+"""Agents: what their latest heartbeat said, and whether the monitor holds them ALIVE or LOST."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from schemas import AgentHeartbeat
+
+from .connections import Connections
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    agent_id: str
+    status: str
+    interval_s: float
+    silent_s: float
+
+
+async def record_heartbeat(connection: asyncpg.Connection, beat: AgentHeartbeat) -> None:
+    await connection.execute(
+        """
+        INSERT INTO agents (agent_id, queues, max_concurrent, in_flight, last_sequence,
+                            interval_s, last_heartbeat_at)
+        VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, $6, now())
+        ON CONFLICT (agent_id) DO UPDATE SET
+            queues = EXCLUDED.queues, max_concurrent = EXCLUDED.max_concurrent,
+            in_flight = EXCLUDED.in_flight, last_sequence = EXCLUDED.last_sequence,
+            interval_s = EXCLUDED.interval_s, last_heartbeat_at = now()
+        """,
+        beat.agent_id,
+        json.dumps(list(beat.queues)),
+        beat.max_concurrent,
+        msgspec.json.encode(beat.in_flight).decode(),
+        beat.sequence,
+        beat.interval_s,
+    )
+
+
+async def mark_lost(connection: asyncpg.Connection, agent_id: str) -> datetime | None:
+    """ALIVE → LOST; when it changed now, the time it did."""
+    lost_at: datetime | None = await connection.fetchval(
+        """
+        UPDATE agents SET status = 'LOST', lost_at = now()
+        WHERE agent_id = $1 AND status = 'ALIVE' RETURNING lost_at
+        """,
+        agent_id,
+    )
+    return lost_at
+
+
+async def mark_alive(connection: asyncpg.Connection, agent_id: str) -> datetime | None:
+    """LOST → ALIVE; when it changed now, the time it had been declared lost."""
+    lost_at: datetime | None = await connection.fetchval(
+        """
+        UPDATE agents SET status = 'ALIVE' WHERE agent_id = $1 AND status = 'LOST'
+        RETURNING lost_at
+        """,
+        agent_id,
+    )
+    return lost_at
+
+
+class Agents:
+    """Reading agents: for operators, and for the monitor's view."""
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+
+    async def all(self) -> list[dict[str, Any]]:
+        """Every agent the control plane has heard of, most recently heard first."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT agent_id, status, queues, max_concurrent, in_flight, last_sequence,
+                       first_seen_at, last_heartbeat_at, lost_at,
+                       EXTRACT(EPOCH FROM now() - last_heartbeat_at)::float8 AS silent_s
+                FROM agents ORDER BY last_heartbeat_at DESC
+                """
+            )
+        return [
+            {**dict(r), "queues": json.loads(r["queues"]), "in_flight": json.loads(r["in_flight"])}
+            for r in records
+        ]
+
+    async def rows(self) -> list[AgentRow]:
+        """Every agent's status, heartbeat interval and silence so far."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT agent_id, status, interval_s,
+                       EXTRACT(EPOCH FROM now() - last_heartbeat_at)::float8 AS silent_s
+                FROM agents
+                """
+            )
+        return [
+            AgentRow(r["agent_id"], r["status"], r["interval_s"], r["silent_s"]) for r in records
+        ]

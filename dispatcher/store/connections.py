@@ -1,0 +1,134 @@
+"""PostgreSQL connections through asyncpg: the pool, transactions, LISTEN, and error translation.
+
+asyncpg's connection errors become ``StoreUnavailable`` here and nowhere else; every module
+of the store takes its connections from ``Connections``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Self
+
+import asyncpg
+
+from ..errors import StoreUnavailable
+
+#: asyncpg's exceptions that mean "the database is out for now" (translated into
+#: StoreUnavailable, and only these).
+UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    # Shutdown, crash and recovery of the server (SQL state class 57).
+    asyncpg.exceptions.OperatorInterventionError,
+    # A pooled connection the server dropped mid-operation can be left in a state where its
+    # next use fails this way (seen when PostgreSQL restarts under load).
+    asyncpg.exceptions.InternalClientError,
+)
+
+Connection = asyncpg.Connection
+
+
+def _server_settings(schema: str | None) -> dict[str, str]:
+    return {"search_path": schema} if schema else {}
+
+
+async def connect(dsn: str, schema: str | None = None) -> asyncpg.Connection:
+    """A connection of its own (outside the pool), for LISTEN and session locks."""
+    try:
+        return await asyncpg.connect(dsn, server_settings=_server_settings(schema), timeout=30)
+    except UNAVAILABLE as exc:
+        raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}") from exc
+
+
+async def close_quietly(connection: asyncpg.Connection) -> None:
+    """Close a connection of its own; one the server dropped is torn down instead."""
+    if connection.is_closed():
+        return
+    try:
+        await connection.close(timeout=5)
+    except (*UNAVAILABLE, asyncpg.PostgresError):
+        connection.terminate()
+
+
+class Connections:
+    """A pool of connections to one database (and one schema, if given)."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str, schema: str | None) -> None:
+        self._pool = pool
+        self.dsn = dsn
+        self.schema = schema
+
+    @classmethod
+    async def open(
+        cls, dsn: str, schema: str | None = None, min_size: int = 2, max_size: int = 10
+    ) -> Self:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                server_settings=_server_settings(schema),
+                timeout=30,
+            )
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}") from exc
+        assert pool is not None
+        return cls(pool, dsn, schema)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def _acquire(self, transaction: bool) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self._pool.acquire() as connection:
+                if transaction:
+                    async with connection.transaction():
+                        yield connection
+                else:
+                    yield connection
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+
+    def connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A pooled connection, in autocommit."""
+        return self._acquire(transaction=False)
+
+    def transaction(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A pooled connection inside a transaction: committed on exit, rolled back on error."""
+        return self._acquire(transaction=True)
+
+    @asynccontextmanager
+    async def listen(self, channel: str) -> AsyncIterator[Callable[[float], Awaitable[None]]]:
+        """A dedicated LISTEN connection; yields a function that waits for the next NOTIFY.
+
+        The function returns on a notification or after its timeout, and raises
+        ``StoreUnavailable`` once the connection is gone.
+        """
+        connection = await connect(self.dsn, self.schema)
+        wake = asyncio.Event()
+
+        def on_notify(*_: object) -> None:
+            wake.set()
+
+        async def wait(timeout: float = 5.0) -> None:
+            try:
+                await asyncio.wait_for(wake.wait(), timeout)
+            except TimeoutError:
+                if connection.is_closed():
+                    raise StoreUnavailable("the LISTEN connection closed") from None
+            wake.clear()
+
+        try:
+            try:
+                await connection.add_listener(channel, on_notify)
+            except UNAVAILABLE as exc:
+                raise StoreUnavailable(f"cannot LISTEN: {exc!r}") from exc
+            yield wait
+        finally:
+            await close_quietly(connection)

@@ -1,0 +1,182 @@
+"""The database object: one pool, one repository per table family, and the operations that
+span families in one transaction (intake, status events, the outbox's publishing)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Self
+
+from schemas import (
+    AgentHeartbeat,
+    Event,
+    FailureReason,
+    LocationFailed,
+    LocationLoaded,
+    RunAccepted,
+    RunEnded,
+    RunFailed,
+    RunLog,
+    RunProgress,
+    RunRejected,
+    RunRetrying,
+    SubmitRun,
+)
+
+from . import agents, events, locations, migrations, outbox, output, runs
+from .alerts import Alerts
+from .connections import Connections
+from .dead_letters import DeadLetters
+from .supervision import Supervision
+
+log = logging.getLogger(__name__)
+
+#: Publishes outbox rows; returns the rows the broker refused (id → why).
+Publish = Callable[[Sequence[outbox.OutboxRow]], Awaitable[Mapping[int, str]]]
+
+
+class Database:
+    """The control plane's PostgreSQL: every read and write goes through one of these."""
+
+    def __init__(self, connections: Connections, retry_backoff_s: float = 1.0) -> None:
+        self.connections = connections
+        self.retry_backoff_s = retry_backoff_s
+        self.runs = runs.Runs(connections)
+        self.output = output.Output(connections)
+        self.agents = agents.Agents(connections)
+        self.locations = locations.Locations(connections)
+        self.alerts = Alerts(connections)
+        self.outbox = outbox.Outbox(connections)
+        self.dead_letters = DeadLetters(connections, retry_backoff_s)
+        self.supervision = Supervision(connections, retry_backoff_s)
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        schema: str | None = None,
+        min_size: int = 2,
+        max_size: int = 10,
+        retry_backoff_s: float = 1.0,
+    ) -> Self:
+        """Connect (a pool); ``schema`` puts every table in that schema (tests isolate so)."""
+        connections = await Connections.open(dsn, schema, min_size, max_size)
+        return cls(connections, retry_backoff_s)
+
+    async def close(self) -> None:
+        await self.connections.close()
+
+    async def upgrade(self) -> list[int]:
+        """Apply pending migrations (creating the schema first, if one is set)."""
+        async with self.connections.connection() as connection:
+            if self.connections.schema:
+                await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.connections.schema}"')
+            return await migrations.upgrade(connection)
+
+    # ------------------------------------------------------------------------ intake
+
+    async def accept_submissions(self, submissions: Sequence[SubmitRun]) -> list[uuid.UUID]:
+        """Create the runs that pass their checks; answer every job submission.
+
+        A plain run needs an image. A job run needs a loaded location that has the job, and a
+        config that matches the job's schema; it runs the location's image on its queue. A
+        refused submission creates no run: the submitter gets RunRejected naming the problem.
+        """
+        plain = [s for s in submissions if s.location is None and s.job is None]
+        jobs = [s for s in submissions if s.location is not None or s.job is not None]
+        async with self.connections.transaction() as connection:
+            accepted, rejected = [], []
+            for submission in plain:
+                if submission.image:
+                    accepted.append(submission)
+                else:
+                    rejected.append((submission, "a run needs an image, or a location and a job"))
+            resolved = []
+            for submission in jobs:
+                problem, run = await locations.resolve_job(connection, submission)
+                if problem:
+                    rejected.append((submission, problem))
+                else:
+                    assert run is not None
+                    resolved.append(run)
+            await outbox.insert(
+                connection,
+                [outbox.answer(RunRejected(run_id=s.run_id, reason=why)) for s, why in rejected],
+            )
+            created = await runs.create(connection, accepted)
+            created += await runs.create(connection, resolved, announce=True)
+            return created
+
+    # ----------------------------------------------------------------- status events
+
+    async def apply_events(self, batch: Sequence[Event]) -> int:
+        """Apply status events idempotently in one transaction; returns state changes made."""
+        changes = 0
+        async with self.connections.transaction() as connection:
+            for event in batch:
+                if isinstance(event, AgentHeartbeat):
+                    await agents.record_heartbeat(connection, event)
+                elif isinstance(event, RunLog):
+                    await output.record_log(connection, event)
+                elif isinstance(event, RunProgress):
+                    await output.record_progress(connection, event)
+                elif isinstance(event, RunAccepted | RunRejected | RunRetrying | RunEnded):
+                    continue  # the control plane's own announcements: written by the store
+                elif isinstance(event, LocationLoaded | LocationFailed):
+                    await locations.record_event(connection, event)
+                elif await events.apply(connection, event, self.retry_backoff_s):
+                    changes += 1
+        return changes
+
+    # -------------------------------------------------------------------- the outbox
+
+    async def publish_outbox(self, publish: Publish, limit: int = 500) -> int:
+        """Hand up to ``limit`` unsent rows to ``publish``; mark them sent once it returns.
+
+        ``publish`` returns the rows the broker refused (id → error): those are set aside
+        with their error instead of being sent again and again, and a refused LaunchRun fails
+        its attempt (LAUNCH_ERROR).
+
+        Rows are locked while they are published (SKIP LOCKED lets a second relay take other
+        rows). If the process dies after publishing and before the commit, the rows are sent
+        again: consumers are idempotent on the message id and the container name.
+        """
+        async with self.connections.transaction() as connection:
+            rows = await outbox.claim_unsent(connection, limit)
+            if not rows:
+                return 0
+            refused = await publish(rows)
+            await outbox.mark_sent(connection, [r.id for r in rows if r.id not in refused])
+            for row in rows:
+                if row.id not in refused:
+                    continue
+                await outbox.set_aside(connection, row, refused[row.id])
+                if row.kind == "LaunchRun" and row.run_id is not None:
+                    failed = RunFailed(
+                        message_id=uuid.uuid5(row.message_id, "unpublishable"),
+                        run_id=row.run_id,
+                        attempt=row.attempt,
+                        reason=FailureReason.LAUNCH_ERROR,
+                        message=f"the instruction cannot be published: {refused[row.id]}"[:4000],
+                    )
+                    await events.apply(connection, failed, self.retry_backoff_s)
+            return len(rows)
+
+    def listen_outbox(self) -> AbstractAsyncContextManager[Callable[[float], Awaitable[None]]]:
+        """Wake-ups of the relay: yields a function that waits for the next commit's NOTIFY."""
+        return self.connections.listen(outbox.OUTBOX_CHANNEL)
+
+
+@asynccontextmanager
+async def opened(
+    dsn: str, schema: str | None = None, retry_backoff_s: float = 1.0, max_size: int = 10
+) -> AsyncIterator[Database]:
+    """A database, migrated, closed on exit."""
+    database = await Database.open(dsn, schema, max_size=max_size, retry_backoff_s=retry_backoff_s)
+    try:
+        await database.upgrade()
+        yield database
+    finally:
+        await database.close()

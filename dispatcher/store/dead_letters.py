@@ -1,0 +1,72 @@
+"""Dead letters seen: counted by source queue, alerted on once per queue and hour, and a dead
+LaunchRun fails its attempt if that attempt is still waiting to launch."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from ..dead_letters import DeadLetterSeen, launch_failure
+from . import alerts, events
+from .connections import Connections
+
+
+async def _count(connection: asyncpg.Connection, letters: Sequence[DeadLetterSeen]) -> None:
+    counts = Counter(letter.source_queue for letter in letters)
+    last = {letter.source_queue: letter.reason for letter in letters}
+    hour = datetime.now(UTC).strftime("%Y-%m-%dT%H")
+    for source, count in counts.items():
+        await connection.execute(
+            """
+            INSERT INTO dead_letter_counts (source_queue, total, last_reason, last_at)
+            VALUES ($1, $2, $3, now())
+            ON CONFLICT (source_queue) DO UPDATE SET
+                total = dead_letter_counts.total + EXCLUDED.total,
+                last_reason = EXCLUDED.last_reason, last_at = now()
+            """,
+            source,
+            count,
+            last[source],
+        )
+        await alerts.raise_alert(
+            connection,
+            f"dead-letters:{source}:{hour}",
+            alerts.DEAD_LETTERS,
+            f"queue {source}",
+            f"messages from {source} were dead-lettered; the latest because: {last[source]}",
+            {"source_queue": source, "reason": last[source]},
+        )
+
+
+class DeadLetters:
+    def __init__(self, connections: Connections, retry_backoff_s: float) -> None:
+        self._connections = connections
+        self._retry_backoff_s = retry_backoff_s
+
+    async def record(self, letters: Sequence[DeadLetterSeen]) -> None:
+        """Count and alert on dead letters; a dead LaunchRun fails its attempt if still QUEUED."""
+        async with self._connections.transaction() as connection:
+            await _count(connection, letters)
+            for letter in letters:
+                failed = launch_failure(letter)
+                # Only an attempt still waiting to launch: a dead LaunchRun never started a
+                # container, and anyone who can publish a dead letter must not fail a live run.
+                if failed is not None and await connection.fetchval(
+                    "SELECT 1 FROM runs WHERE run_id = $1 AND attempt = $2 AND state = 'QUEUED'",
+                    failed.run_id,
+                    failed.attempt,
+                ):
+                    await events.apply(connection, failed, self._retry_backoff_s)
+
+    async def counts(self) -> list[dict[str, Any]]:
+        """Dead letters seen so far, by source queue."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                "SELECT source_queue, total, last_reason, last_at FROM dead_letter_counts"
+                " ORDER BY 1"
+            )
+        return [dict(r) for r in records]

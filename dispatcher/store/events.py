@@ -1,0 +1,191 @@
+"""Run events: each one recorded once, moving its run by the state machine.
+
+An event applies only to its run's current attempt, and only from the agent that holds it
+once one does. A failure the run's policy retries sends the run back to QUEUED with a delayed
+LaunchRun; a terminal state is announced to the run's followers (RunEnded), and a failure
+raises an alert, all in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import asyncpg
+
+from schemas import RunEnded, RunEvent, RunFailed, RunRetrying
+from schemas.topology import INSTRUCTIONS_EXCHANGE
+
+from ..retries import backoff_s
+from ..states import TERMINAL, RunState, next_state
+from . import alerts, outbox, runs
+
+log = logging.getLogger(__name__)
+
+
+async def apply(connection: asyncpg.Connection, event: RunEvent, retry_backoff_s: float) -> bool:
+    """Apply one run event; True when it changed its run's state."""
+    run = await connection.fetchrow("SELECT * FROM runs WHERE run_id = $1 FOR UPDATE", event.run_id)
+    if run is None:
+        log.warning("event %s for unknown run %s ignored", type(event).__name__, event.run_id)
+        return False
+    current = RunState(run["state"])
+    owner, sender = run["agent_id"], getattr(event, "agent_id", None)
+    foreign = owner is not None and sender is not None and sender != owner
+    current_attempt = event.attempt == run["attempt"] and not foreign
+    new = next_state(current, event) if current_attempt else None
+    retry = (
+        new == RunState.FAILURE
+        and isinstance(event, RunFailed)
+        and runs.retry_policy(run).retries(event.reason, event.attempt)
+    )
+    if retry:
+        new = RunState.QUEUED
+    inserted = await _insert(connection, event, current if new else None, new)
+    if not inserted or new is None:
+        return False  # a redelivered event, a stale attempt, or no transition
+    if retry:
+        assert isinstance(event, RunFailed)
+        await _schedule_retry(connection, run, event, retry_backoff_s)
+        return True
+    await _update_run(connection, event, new)
+    if new in TERMINAL:
+        await _announce_end(connection, event, new)
+    if isinstance(event, RunFailed) and new == RunState.FAILURE:
+        await alerts.raise_alert(
+            connection,
+            f"run-failed:{event.run_id}",
+            alerts.RUN_FAILED,
+            f"run {event.run_id}",
+            f"run {event.run_id} failed on attempt {event.attempt}: {event.reason.value}"
+            + (f" (exit code {event.exit_code})" if event.exit_code is not None else ""),
+            {
+                "run_id": str(event.run_id),
+                "attempt": event.attempt,
+                "reason": event.reason.value,
+                "exit_code": event.exit_code,
+                "message": event.message,
+            },
+        )
+    return True
+
+
+async def _insert(
+    connection: asyncpg.Connection,
+    event: RunEvent,
+    from_state: RunState | None,
+    to_state: RunState | None,
+) -> bool:
+    """Append an event; False when its id was recorded before (a redelivery)."""
+    seq = await connection.fetchval(
+        """
+        INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state, payload)
+        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING seq
+        """,
+        event.message_id,
+        event.run_id,
+        event.attempt,
+        type(event).__name__,
+        from_state.value if from_state else None,
+        to_state.value if to_state else None,
+        runs.payload_json(event),
+    )
+    return seq is not None
+
+
+async def _schedule_retry(
+    connection: asyncpg.Connection,
+    run: asyncpg.Record,
+    failed: RunFailed,
+    retry_backoff_s: float,
+) -> None:
+    """The next attempt: the run goes back to QUEUED and a delayed LaunchRun is written."""
+    attempt = failed.attempt + 1
+    delay = backoff_s(failed.attempt, retry_backoff_s)
+    await connection.execute(
+        """
+        UPDATE runs SET state = 'QUEUED', attempt = $2, agent_id = NULL, container_id = NULL,
+            exit_code = NULL, failure_reason = $3, failure_message = $4,
+            started_at = NULL, state_changed_at = now(), updated_at = now()
+        WHERE run_id = $1
+        """,
+        failed.run_id,
+        attempt,
+        failed.reason.value,
+        f"attempt {failed.attempt} failed ({failed.reason.value}); retrying",
+    )
+    retrying = RunRetrying(
+        run_id=failed.run_id,
+        attempt=failed.attempt,
+        next_attempt=attempt,
+        reason=failed.reason,
+        delay_s=delay,
+        message=failed.message,
+    )
+    await outbox.insert(
+        connection,
+        [
+            outbox.OutboxItem(
+                runs.launch(runs.decoded(run), attempt), INSTRUCTIONS_EXCHANGE, run["queue"], delay
+            ),
+            outbox.answer(retrying),
+        ],
+    )
+    log.info(
+        "run %s attempt %d failed (%s); attempt %d in %.1f s",
+        failed.run_id,
+        failed.attempt,
+        failed.reason.value,
+        attempt,
+        delay,
+    )
+
+
+async def _update_run(connection: asyncpg.Connection, event: RunEvent, new: RunState) -> None:
+    failed = event if isinstance(event, RunFailed) else None
+    await connection.execute(
+        """
+        UPDATE runs SET
+            state = $2,
+            agent_id = COALESCE($3, agent_id),
+            container_id = COALESCE($4, container_id),
+            exit_code = CASE WHEN $5 THEN $6 ELSE exit_code END,
+            failure_reason = CASE WHEN $5 THEN $7 ELSE failure_reason END,
+            failure_message = CASE WHEN $5 THEN $8 ELSE failure_message END,
+            output_tail = CASE WHEN $5 THEN $9::jsonb ELSE output_tail END,
+            started_at = CASE WHEN $2 = 'STARTED' THEN COALESCE(started_at, now())
+                              ELSE started_at END,
+            finished_at = CASE WHEN $5 THEN now() ELSE finished_at END,
+            state_changed_at = now(),
+            updated_at = now()
+        WHERE run_id = $1
+        """,
+        event.run_id,
+        new.value,
+        getattr(event, "agent_id", None),
+        getattr(event, "container_id", None),
+        new in TERMINAL,
+        getattr(event, "exit_code", None),
+        failed.reason.value if failed else None,
+        failed.message if failed else None,
+        json.dumps(list(getattr(event, "output_tail", ()))),
+    )
+
+
+async def _announce_end(connection: asyncpg.Connection, event: RunEvent, state: RunState) -> None:
+    """RunEnded: the verdict waiters wait for (a failure may still be retried before it)."""
+    failed = event if isinstance(event, RunFailed) else None
+    ended = RunEnded(
+        message_id=uuid.uuid5(event.message_id, "ended"),
+        run_id=event.run_id,
+        attempt=event.attempt,
+        state=state.value,  # type: ignore[arg-type]
+        exit_code=getattr(event, "exit_code", None),
+        reason=failed.reason if failed else None,
+        message=failed.message if failed else "",
+        output_tail=tuple(getattr(event, "output_tail", ())),
+    )
+    await outbox.insert(connection, [outbox.answer(ended)])

@@ -1,0 +1,141 @@
+"""The outbox: messages written in the transaction of the change they announce, published after.
+
+A NOTIFY on ``OUTBOX_CHANNEL`` at commit wakes the relay; it claims unsent rows (``FOR UPDATE
+SKIP LOCKED``), publishes them with confirms and marks them sent in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from schemas import Message, RunAccepted, RunEnded, RunRejected, RunRetrying, encode, kind_of
+from schemas.topology import CONTROL_SOURCE, STATUS_EXCHANGE, event_routing_key
+
+from .connections import Connections
+
+log = logging.getLogger(__name__)
+
+#: NOTIFY channel that wakes the outbox relay.
+OUTBOX_CHANNEL = "hd_outbox"
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A message to publish once the transaction commits, after ``delay_s`` if given."""
+
+    message: Message
+    exchange: str
+    routing_key: str
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    exchange: str
+    routing_key: str
+    kind: str
+    message_id: uuid.UUID
+    payload: bytes
+    run_id: uuid.UUID | None = None
+    attempt: int = 0
+
+
+def answer(message: RunAccepted | RunRejected | RunEnded | RunRetrying) -> OutboxItem:
+    """An announcement of the control plane's to the run's followers, through the outbox."""
+    return OutboxItem(message, STATUS_EXCHANGE, event_routing_key(message, CONTROL_SOURCE))
+
+
+async def insert(connection: asyncpg.Connection, items: Sequence[OutboxItem]) -> int:
+    """Write outbox rows; a row whose message id exists already is skipped (idempotent).
+
+    Returns how many rows were written.
+    """
+    if not items:
+        return 0
+    status = await connection.execute(
+        """
+        INSERT INTO outbox (message_id, run_id, attempt, exchange, routing_key, kind, payload,
+                            not_before)
+        SELECT o.message_id, o.run_id, o.attempt, o.exchange, o.routing_key, o.kind, o.payload,
+               CASE WHEN o.delay > 0 THEN now() + o.delay * interval '1 second' END
+        FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
+                    $7::bytea[], $8::float8[])
+             AS o(message_id, run_id, attempt, exchange, routing_key, kind, payload, delay)
+        ON CONFLICT (message_id) DO NOTHING
+        """,
+        [i.message.message_id for i in items],
+        [getattr(i.message, "run_id", None) for i in items],
+        [getattr(i.message, "attempt", 0) for i in items],
+        [i.exchange for i in items],
+        [i.routing_key for i in items],
+        [kind_of(i.message) for i in items],
+        [encode(i.message) for i in items],
+        [i.delay_s for i in items],
+    )
+    written = int(status.split()[-1])
+    if written:
+        # Delivered at commit: the relay wakes with no polling delay.
+        await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+    return written
+
+
+async def claim_unsent(connection: asyncpg.Connection, limit: int) -> list[OutboxRow]:
+    """Lock up to ``limit`` due, unsent rows, oldest first (another relay takes others)."""
+    records = await connection.fetch(
+        """
+        SELECT id, exchange, routing_key, kind, message_id, payload, run_id, attempt
+        FROM outbox
+        WHERE sent_at IS NULL AND (not_before IS NULL OR not_before <= now())
+        ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+        """,
+        limit,
+    )
+    return [
+        OutboxRow(
+            r["id"],
+            r["exchange"],
+            r["routing_key"],
+            r["kind"],
+            r["message_id"],
+            r["payload"],
+            r["run_id"],
+            r["attempt"],
+        )
+        for r in records
+    ]
+
+
+async def mark_sent(connection: asyncpg.Connection, ids: Sequence[int]) -> None:
+    await connection.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", ids)
+
+
+async def set_aside(connection: asyncpg.Connection, row: OutboxRow, error: str) -> None:
+    """A row the broker refuses is marked with the error, never to block the rows behind it."""
+    await connection.execute(
+        "UPDATE outbox SET sent_at = now(), error = $2 WHERE id = $1", row.id, error[:2000]
+    )
+    log.error("outbox row %d (%s) set aside: %s", row.id, row.kind, error)
+
+
+class Outbox:
+    """What the relay and operators read of the outbox."""
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+
+    async def count_unsent(self, kind: str | None = None) -> int:
+        """Outbox rows not yet published (of one message kind, if given)."""
+        async with self._connections.connection() as connection:
+            return int(
+                await connection.fetchval(
+                    "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
+                    " AND ($1::text IS NULL OR kind = $1)",
+                    kind,
+                )
+            )

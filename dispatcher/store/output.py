@@ -1,0 +1,111 @@
+"""A run's forwarded output (numbered lines) and progress items (steps, log records, metadata).
+
+Both are keyed by (run, attempt, number): a redelivered batch inserts nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+import asyncpg
+
+from schemas import RunLog, RunProgress
+
+from .connections import Connections
+
+log = logging.getLogger(__name__)
+
+
+async def _run_exists(connection: asyncpg.Connection, run_id: uuid.UUID) -> bool:
+    return bool(await connection.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id))
+
+
+async def record_log(connection: asyncpg.Connection, batch: RunLog) -> None:
+    if not await _run_exists(connection, batch.run_id):
+        log.warning("output of unknown run %s ignored", batch.run_id)
+        return
+    if batch.lines:
+        await connection.execute(
+            """
+            INSERT INTO run_logs (run_id, attempt, line_no, line)
+            SELECT $1, $2, $3 + l.n - 1, l.line
+            FROM unnest($4::text[]) WITH ORDINALITY AS l(line, n)
+            ON CONFLICT DO NOTHING
+            """,
+            batch.run_id,
+            batch.attempt,
+            batch.first_line,
+            [line.replace("\x00", "") for line in batch.lines],
+        )
+    if batch.truncated:
+        await connection.execute(
+            "UPDATE runs SET log_truncated = true WHERE run_id = $1", batch.run_id
+        )
+
+
+async def record_progress(connection: asyncpg.Connection, batch: RunProgress) -> None:
+    if not await _run_exists(connection, batch.run_id):
+        log.warning("progress of unknown run %s ignored", batch.run_id)
+        return
+    items = batch.items
+    await connection.execute(
+        """
+        INSERT INTO run_progress (run_id, attempt, item_no, event, step, status, duration_s,
+                                  level, message, details)
+        SELECT $1, $2, i.no, i.event, i.step, i.status, i.duration_s, i.level, i.message,
+               i.details::jsonb
+        FROM unnest($3::int[], $4::text[], $5::text[], $6::text[], $7::float8[],
+                    $8::text[], $9::text[], $10::text[])
+             AS i(no, event, step, status, duration_s, level, message, details)
+        ON CONFLICT DO NOTHING
+        """,
+        batch.run_id,
+        batch.attempt,
+        [i.line_no for i in items],
+        [i.event for i in items],
+        [i.step for i in items],
+        [i.status for i in items],
+        [i.duration_s for i in items],
+        [i.level for i in items],
+        [i.message for i in items],
+        [json.dumps(i.values, default=str) for i in items],
+    )
+
+
+class Output:
+    """Reading a run's output and progress."""
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+
+    async def progress(self, run_id: uuid.UUID) -> list[dict[str, Any]]:
+        """A run's progress items (steps, log records, metadata), in order."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT attempt, item_no, event, step, status, duration_s, level, message, details
+                FROM run_progress WHERE run_id = $1 ORDER BY attempt, item_no
+                """,
+                run_id,
+            )
+        return [{**dict(r), "details": json.loads(r["details"])} for r in records]
+
+    async def lines(
+        self, run_id: uuid.UUID, attempt: int | None = None, limit: int = 100_000
+    ) -> list[tuple[int, int, str]]:
+        """(attempt, line number, line) of a run's forwarded output, in order."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT attempt, line_no, line FROM run_logs
+                WHERE run_id = $1 AND ($2::int IS NULL OR attempt = $2)
+                ORDER BY attempt, line_no LIMIT $3
+                """,
+                run_id,
+                attempt,
+                limit,
+            )
+        return [(r["attempt"], r["line_no"], r["line"]) for r in records]

@@ -1,0 +1,266 @@
+"""Runs: creating them from submissions, and reading them with their event history.
+
+How events move a run between states is ``events.py``'s; this module owns the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from schemas import FailureReason, LaunchRun, RunAccepted, SubmitRun
+from schemas.envelope import AttemptMessage
+from schemas.topology import INSTRUCTIONS_EXCHANGE
+
+from ..errors import RunNotFound
+from ..retries import DEFAULT_MAX_RETRIES, DEFAULT_RETRY_ON, RetryPolicy
+from ..states import RunState
+from . import outbox
+from .connections import Connections
+
+#: Columns of ``runs`` stored as JSON text.
+_JSON_COLUMNS = ("command", "env", "tags", "ready_check", "config", "output_tail")
+#: What a LaunchRun carries of its run (the attempt header aside).
+_LAUNCH_FIELDS = tuple(
+    f for f in LaunchRun.__struct_fields__ if f not in AttemptMessage.__struct_fields__
+)
+
+
+def decoded(record: asyncpg.Record) -> dict[str, Any]:
+    """A ``runs`` row as a dict, JSON columns decoded."""
+    row = dict(record)
+    for column in _JSON_COLUMNS:
+        if column in row:
+            row[column] = json.loads(row[column])
+    return row
+
+
+def launch(run: Mapping[str, Any], attempt: int) -> LaunchRun:
+    """The instruction for ``attempt`` of a run (a submission's fields or a decoded row)."""
+    fields = {name: run[name] for name in _LAUNCH_FIELDS}
+    fields["command"] = tuple(fields["command"])
+    fields["ready_check"] = tuple(fields["ready_check"])
+    return LaunchRun(run_id=run["run_id"], attempt=attempt, **fields)
+
+
+def retry_policy(run: Mapping[str, Any]) -> RetryPolicy:
+    retry_on = run["retry_on"]
+    return RetryPolicy(
+        max_retries=DEFAULT_MAX_RETRIES if run["max_retries"] is None else run["max_retries"],
+        retry_on=(
+            DEFAULT_RETRY_ON
+            if retry_on is None
+            else tuple(FailureReason(r) for r in json.loads(retry_on))
+        ),
+    )
+
+
+def payload_json(message: msgspec.Struct) -> str:
+    return msgspec.json.encode(message).decode()
+
+
+@dataclass(frozen=True)
+class RunEventRow:
+    seq: int
+    kind: str
+    attempt: int
+    from_state: str | None
+    to_state: str | None
+    recorded_at: datetime
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: uuid.UUID
+    idempotency_key: str
+    queue: str
+    image: str
+    command: list[str]
+    state: RunState
+    attempt: int
+    agent_id: str | None
+    container_id: str | None
+    exit_code: int | None
+    failure_reason: str | None
+    failure_message: str | None
+    output_tail: list[str]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    tags: dict[str, str]
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> RunRow:
+        row = decoded(record)
+        fields = {name: row[name] for name in cls.__dataclass_fields__}
+        fields["state"] = RunState(row["state"])
+        return cls(**fields)
+
+
+async def create(
+    connection: asyncpg.Connection, submissions: Sequence[SubmitRun], announce: bool = False
+) -> list[uuid.UUID]:
+    """Insert runs, their first events and LaunchRun rows (and RunAccepted if ``announce``).
+
+    A submission whose run id or idempotency key exists already creates nothing; the ids of
+    the runs created now are returned.
+    """
+    if not submissions:
+        return []
+    created = await connection.fetch(
+        """
+        INSERT INTO runs (run_id, idempotency_key, queue, image, command, env, tags,
+                          max_runtime_s, start_timeout_s, max_retries, retry_on,
+                          memory_limit_mb, ready_check, location, job, config, state)
+        SELECT r.run_id, r.key, r.queue, r.image, r.command::jsonb, r.env::jsonb,
+               r.tags::jsonb, r.max_runtime_s, r.start_timeout_s, r.max_retries,
+               r.retry_on::jsonb, r.memory_limit_mb, r.ready_check::jsonb,
+               r.location, r.job, r.config::jsonb, 'QUEUED'
+        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                    $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[],
+                    $11::text[], $12::int[], $13::text[], $14::text[], $15::text[],
+                    $16::text[])
+             AS r(run_id, key, queue, image, command, env, tags, max_runtime_s,
+                  start_timeout_s, max_retries, retry_on, memory_limit_mb, ready_check,
+                  location, job, config)
+        ON CONFLICT DO NOTHING
+        RETURNING run_id
+        """,
+        [s.run_id for s in submissions],
+        [s.idempotency_key or str(s.run_id) for s in submissions],
+        [s.queue for s in submissions],
+        [s.image for s in submissions],
+        [json.dumps(list(s.command)) for s in submissions],
+        [json.dumps(s.env) for s in submissions],
+        [json.dumps(s.tags) for s in submissions],
+        [s.max_runtime_s for s in submissions],
+        [s.start_timeout_s for s in submissions],
+        [s.max_retries for s in submissions],
+        [
+            json.dumps([r.value for r in s.retry_on]) if s.retry_on is not None else None
+            for s in submissions
+        ],
+        [s.memory_limit_mb for s in submissions],
+        [json.dumps(list(s.ready_check)) for s in submissions],
+        [s.location for s in submissions],
+        [s.job for s in submissions],
+        [json.dumps(s.config) for s in submissions],
+    )
+    created_ids = {record["run_id"] for record in created}
+    # The same run id may come twice in one batch; keep the first.
+    fresh: dict[uuid.UUID, SubmitRun] = {}
+    for submission in submissions:
+        if submission.run_id in created_ids:
+            fresh.setdefault(submission.run_id, submission)
+    if not fresh:
+        return []
+    await connection.execute(
+        """
+        INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state, payload)
+        SELECT e.event_id, e.run_id, 1, 'SubmitRun', NULL, 'QUEUED', e.payload::jsonb
+        FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS e(event_id, run_id, payload)
+        ON CONFLICT (event_id) DO NOTHING
+        """,
+        [s.message_id for s in fresh.values()],
+        list(fresh),
+        [payload_json(s) for s in fresh.values()],
+    )
+    items = [
+        outbox.OutboxItem(launch(msgspec.structs.asdict(s), 1), INSTRUCTIONS_EXCHANGE, s.queue)
+        for s in fresh.values()
+    ]
+    if announce:
+        items += [outbox.answer(RunAccepted(run_id=run_id)) for run_id in fresh]
+    await outbox.insert(connection, items)
+    return list(fresh)
+
+
+class Runs:
+    """Runs and their history, read and created."""
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+
+    async def create(self, submissions: Sequence[SubmitRun]) -> list[uuid.UUID]:
+        """Create runs with their LaunchRun outbox rows in one transaction (see ``create``)."""
+        if not submissions:
+            return []
+        async with self._connections.transaction() as connection:
+            return await create(connection, submissions)
+
+    async def exists(self, run_id: uuid.UUID) -> bool:
+        async with self._connections.connection() as connection:
+            return bool(await connection.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id))
+
+    async def get(self, run_id: uuid.UUID) -> RunRow:
+        async with self._connections.connection() as connection:
+            record = await connection.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+        if record is None:
+            raise RunNotFound(f"no run {run_id}")
+        return RunRow.from_record(record)
+
+    async def find(self, prefix: str) -> RunRow:
+        """A run by id or unambiguous id prefix (as printed by ``runs list``)."""
+        try:
+            return await self.get(uuid.UUID(prefix))
+        except ValueError:
+            pass
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                "SELECT * FROM runs WHERE run_id::text LIKE $1 || '%' LIMIT 2", prefix.lower()
+            )
+        if not records:
+            raise RunNotFound(f"no run with id {prefix!r}")
+        if len(records) > 1:
+            raise RunNotFound(f"run id prefix {prefix!r} is ambiguous; give more characters")
+        return RunRow.from_record(records[0])
+
+    async def recent(self, state: RunState | None = None, limit: int = 50) -> list[RunRow]:
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT * FROM runs WHERE ($1::text IS NULL OR state = $1)
+                ORDER BY created_at DESC, run_id LIMIT $2
+                """,
+                state.value if state else None,
+                limit,
+            )
+        return [RunRow.from_record(r) for r in records]
+
+    async def events(self, run_id: uuid.UUID) -> list[RunEventRow]:
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT seq, kind, attempt, from_state, to_state, recorded_at, payload
+                FROM run_events WHERE run_id = $1 ORDER BY seq
+                """,
+                run_id,
+            )
+        return [
+            RunEventRow(
+                r["seq"],
+                r["kind"],
+                r["attempt"],
+                r["from_state"],
+                r["to_state"],
+                r["recorded_at"],
+                json.loads(r["payload"]),
+            )
+            for r in records
+        ]
+
+    async def count_by_state(self) -> dict[str, int]:
+        async with self._connections.connection() as connection:
+            records = await connection.fetch("SELECT state, count(*) AS n FROM runs GROUP BY state")
+        counts = {state.value: 0 for state in RunState}
+        counts.update({r["state"]: int(r["n"]) for r in records})
+        return counts
