@@ -20,6 +20,7 @@ from .cli_common import (
     DatabaseSchema,
     DatabaseUrl,
     _fail,
+    open_database,
     parse_env,
     with_store,
 )
@@ -122,6 +123,7 @@ def serve(
     """
     from transport.process import run_until_signalled, setup_logging
 
+    open_database()  # a clear error without the control plane's extra
     from .service import serve as serve_forever
     from .settings import ControlPlaneSettings
 
@@ -180,6 +182,7 @@ def monitor(
     """
     from transport.process import run_until_signalled, setup_logging
 
+    open_database()
     from .monitor import run_monitor
     from .settings import MonitorSettings
 

@@ -18,9 +18,6 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
-import aio_pika.abc
-
 from schemas import (
     Event,
     FailureReason,
@@ -40,9 +37,10 @@ from schemas.topology import (
     STATUS_EXCHANGE,
     follow_pattern,
 )
-from transport.connection import TRANSIENT, connect
+from transport.connection import Connection, connect
 from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.publisher import Publisher
+from transport.subscription import Subscription
 
 from . import provenance
 from .errors import InvalidSubmission, SubmissionRejected
@@ -74,24 +72,20 @@ class RunOutcome:
 class Follower:
     """Status events of chosen runs, from a private queue bound to each run's keys."""
 
-    def __init__(self, queue: aio_pika.abc.AbstractQueue, run_ids: set[uuid.UUID]) -> None:
-        self._queue = queue
+    def __init__(self, subscription: Subscription, run_ids: set[uuid.UUID]) -> None:
+        self._subscription = subscription
         self.run_ids = run_ids
         self._decoder = event_decoder()
 
     async def add(self, run_id: uuid.UUID) -> None:
         """Follow one more run (bind before submitting it, so that no event is missed)."""
-        try:
-            await self._queue.bind(STATUS_EXCHANGE, routing_key=follow_pattern(run_id))
-        except TRANSIENT as exc:
-            raise BrokerUnavailable(f"cannot follow run {run_id}: {exc!r}") from exc
+        await self._subscription.bind(STATUS_EXCHANGE, follow_pattern(run_id))
         self.run_ids.add(run_id)
 
     async def events(self, answers: bool = False) -> AsyncGenerator[Any, None]:
         """Run events of the followed runs (and RunAccepted / RunRejected with ``answers``)."""
-        async with self._queue.iterator() as messages:
+        async with contextlib.aclosing(self._subscription.messages()) as messages:
             async for raw in messages:
-                await raw.ack()
                 try:
                     event: Event = self._decoder.decode(raw.body)
                     # Only what came from its own source: no agent forges a verdict.
@@ -110,7 +104,7 @@ class Client:
 
     def __init__(self, amqp_url: str) -> None:
         self._url = amqp_url
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._connection: Connection | None = None
         self._publisher: Publisher | None = None
 
     async def __aenter__(self) -> Client:
@@ -216,12 +210,7 @@ class Client:
         """Start receiving the events of ``run_ids`` (bind before submitting; ``add`` more)."""
         if self._connection is None:
             raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
-        try:
-            channel = await self._connection.channel()
-            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        except TRANSIENT as exc:
-            raise BrokerUnavailable(f"cannot follow runs: {exc!r}") from exc
-        follower = Follower(queue, set())
+        follower = Follower(await Subscription.open(self._connection), set())
         for run_id in run_ids or ():
             await follower.add(run_id)
         return follower

@@ -11,6 +11,9 @@ import aiormq.exceptions
 
 from .errors import BrokerUnavailable
 
+#: The broker connection both sides hold (it reconnects by itself).
+Connection = aio_pika.abc.AbstractRobustConnection
+
 #: Exceptions that mean "the connection or channel is gone; try again after a reconnect".
 TRANSIENT = (
     ConnectionError,
@@ -30,9 +33,7 @@ REFUSED = (
 )
 
 
-async def connect(
-    url: str, name: str, timeout: float = 30.0
-) -> aio_pika.abc.AbstractRobustConnection:
+async def connect(url: str, name: str, timeout: float = 30.0) -> Connection:
     """A connection that reconnects by itself and restores its channels and consumers."""
     try:
         return await aio_pika.connect_robust(

@@ -2,20 +2,26 @@
 
     python compose/images/build.py [--force] [NAME ...]
 
-NAME is any of: base, rabbitmq, postgres, app, run-tiny, example-location (default: all, in
-that order).
+NAME is any of: base, rabbitmq, postgres, app, agent, run-tiny, example-location (default: all,
+in that order).
+
+``app`` holds every role (``hybrid-dispatcher[agent,control-plane]``); ``agent`` only the agent's
+(``hybrid-dispatcher[agent]``: no asyncpg). Both are installed from one wheelhouse of the project
+and all its extras, built once per run.
 
 Each image carries a label with a hash of its inputs (its recipe, the base image it is
 built on and, for the project's image, the project's sources). An image whose label
 matches is not rebuilt, so a second run takes seconds. Image names come from
-``ImageNames.from_env()``; a name changed from its default (say ``HD_IMAGE_POSTGRES=postgres:15``)
-is taken as an image the user provides: it is used as it is, pulled if absent, never built.
+``ImageNames.from_env()`` (the agent's from ``HD_IMAGE_AGENT``); a name changed from its default
+(say ``HD_IMAGE_POSTGRES=postgres:15``) is taken as an image the user provides: it is used as it
+is, pulled if absent, never built.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -37,7 +43,7 @@ HASH_LABEL = "hybrid-dispatcher.inputs-hash"
 SUITE = "bookworm"
 # Bump when the way the base root file system is made changes.
 BASE_RECIPE_VERSION = "3"
-ORDER = ("base", "rabbitmq", "postgres", "app", "run-tiny", "example-location")
+ORDER = ("base", "rabbitmq", "postgres", "app", "agent", "run-tiny", "example-location")
 PROJECT_SOURCES = (
     "pyproject.toml",
     "schemas",
@@ -47,8 +53,20 @@ PROJECT_SOURCES = (
     "sdk/hd_sdk",
 )
 EXAMPLE_SOURCES = ("sdk", "examples/hello_location")
-#: Images installed from a wheelhouse made on the host, and what the wheels are built from.
-WHEELS = {"app": ROOT, "example-location": ROOT / "sdk"}
+#: The agent-only image; not in ``ImageNames`` (dispatcher/settings.py), so named here.
+AGENT_IMAGE_ENV = "HD_IMAGE_AGENT"
+AGENT_IMAGE_DEFAULT = "hybrid-dispatcher/agent:latest"
+#: The project with every extra: the wheelhouse then holds what any role installs.
+PROJECT_WHEELS = f"{ROOT}[agent,control-plane]"
+#: Images installed from a wheelhouse made on the host, and what the wheels are built from
+#: (a pip requirement: a path, with extras). Images naming the same one share it.
+WHEELS = {"app": PROJECT_WHEELS, "agent": PROJECT_WHEELS, "example-location": str(ROOT / "sdk")}
+
+
+def agent_image(env: dict[str, str] | None = None) -> str:
+    """The agent image's name: ``HD_IMAGE_AGENT``, or the default."""
+    value = (os.environ if env is None else env).get(AGENT_IMAGE_ENV, "").strip()
+    return value or AGENT_IMAGE_DEFAULT
 
 
 class BuildError(Exception):
@@ -197,12 +215,41 @@ def _configure_rootfs(rootfs: Path, mirrors: list[tuple[str, list[str]]]) -> Non
                 entry.unlink()
 
 
+class Wheelhouses:
+    """Wheelhouses built on the host (``pip wheel``), one per requirement, once per run."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._built: dict[str, Path] = {}
+
+    def get(self, requirement: str) -> Path:
+        if requirement not in self._built:
+            target = self.root / f"wheelhouse-{len(self._built)}"
+            shown = requirement.replace(str(ROOT), ".")
+            log(f"building the wheelhouse of {shown} on the host (pip wheel)")
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "wheel",
+                    "--quiet",
+                    "--wheel-dir",
+                    str(target),
+                    requirement,
+                ]
+            )
+            self._built[requirement] = target
+        return self._built[requirement]
+
+
 def build_recipe(
     client: docker.DockerClient,
     name: str,
     tag: str,
     base_tag: str,
     force: bool,
+    wheelhouses: Wheelhouses,
     extra_inputs: tuple[Path, ...] = (),
 ) -> None:
     recipe = RECIPES / name
@@ -216,19 +263,7 @@ def build_recipe(
         context = Path(tmp) / "context"
         shutil.copytree(recipe, context)
         if name in WHEELS:
-            log(f"{name}: building the wheelhouse on the host (pip wheel)")
-            _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "wheel",
-                    "--quiet",
-                    "--wheel-dir",
-                    str(context / "wheelhouse"),
-                    str(WHEELS[name]),
-                ]
-            )
+            shutil.copytree(wheelhouses.get(WHEELS[name]), context / "wheelhouse")
         if name == "example-location":
             shutil.copytree(ROOT / "examples" / "hello_location", context / "hello_location")
         log(f"{name} {tag}: building")
@@ -297,6 +332,7 @@ def build(names: ImageNames, which: Iterable[str], force: bool) -> None:
         "rabbitmq": names.rabbitmq,
         "postgres": names.postgres,
         "app": names.app,
+        "agent": agent_image(),
         "run-tiny": names.run_tiny,
         "example-location": names.example_location,
     }
@@ -305,6 +341,7 @@ def build(names: ImageNames, which: Iterable[str], force: bool) -> None:
         "rabbitmq": defaults.rabbitmq,
         "postgres": defaults.postgres,
         "app": defaults.app,
+        "agent": AGENT_IMAGE_DEFAULT,
         "run-tiny": defaults.run_tiny,
         "example-location": defaults.example_location,
     }
@@ -314,22 +351,26 @@ def build(names: ImageNames, which: Iterable[str], force: bool) -> None:
         build_base(client, names.base, force and "base" in wanted)
     inputs = {
         "app": tuple(ROOT / p for p in PROJECT_SOURCES),
+        "agent": tuple(ROOT / p for p in PROJECT_SOURCES),
         "example-location": tuple(ROOT / p for p in EXAMPLE_SOURCES),
     }
-    for name in wanted:
-        if name == "base":
-            continue
-        if tags[name] != default_tags[name]:
-            use_provided(client, tags[name])
-            continue
-        build_recipe(
-            client,
-            name,
-            tags[name],
-            names.base,
-            force,
-            extra_inputs=inputs.get(name, ()),
-        )
+    with tempfile.TemporaryDirectory(prefix="hd-wheelhouses-") as tmp:
+        wheelhouses = Wheelhouses(Path(tmp))
+        for name in wanted:
+            if name == "base":
+                continue
+            if tags[name] != default_tags[name]:
+                use_provided(client, tags[name])
+                continue
+            build_recipe(
+                client,
+                name,
+                tags[name],
+                names.base,
+                force,
+                wheelhouses,
+                extra_inputs=inputs.get(name, ()),
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
