@@ -28,6 +28,7 @@ class ImageNames:
     rabbitmq: str = "hybrid-dispatcher/rabbitmq:3.10"
     postgres: str = "hybrid-dispatcher/postgres:15"
     app: str = "hybrid-dispatcher/app:latest"
+    agent: str = "hybrid-dispatcher/agent:latest"
     run_tiny: str = "hybrid-dispatcher/run-tiny:latest"
     example_location: str = "hybrid-dispatcher/example-location:latest"
 
@@ -40,6 +41,7 @@ class ImageNames:
             rabbitmq=_get(env, "HD_IMAGE_RABBITMQ", d.rabbitmq),
             postgres=_get(env, "HD_IMAGE_POSTGRES", d.postgres),
             app=_get(env, "HD_IMAGE_APP", d.app),
+            agent=_get(env, "HD_IMAGE_AGENT", d.agent),
             run_tiny=_get(env, "HD_IMAGE_RUN_TINY", d.run_tiny),
             example_location=_get(env, "HD_IMAGE_EXAMPLE_LOCATION", d.example_location),
         )

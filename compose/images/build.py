@@ -12,7 +12,7 @@ and all its extras, built once per run.
 Each image carries a label with a hash of its inputs (its recipe, the base image it is
 built on and, for the project's image, the project's sources). An image whose label
 matches is not rebuilt, so a second run takes seconds. Image names come from
-``ImageNames.from_env()`` (the agent's from ``HD_IMAGE_AGENT``); a name changed from its default
+``ImageNames.from_env()``; a name changed from its default
 (say ``HD_IMAGE_POSTGRES=postgres:15``) is taken as an image the user provides: it is used as it
 is, pulled if absent, never built.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -53,20 +52,11 @@ PROJECT_SOURCES = (
     "sdk/hd_sdk",
 )
 EXAMPLE_SOURCES = ("sdk", "examples/hello_location")
-#: The agent-only image; not in ``ImageNames`` (dispatcher/settings.py), so named here.
-AGENT_IMAGE_ENV = "HD_IMAGE_AGENT"
-AGENT_IMAGE_DEFAULT = "hybrid-dispatcher/agent:latest"
 #: The project with every extra: the wheelhouse then holds what any role installs.
 PROJECT_WHEELS = f"{ROOT}[agent,control-plane]"
 #: Images installed from a wheelhouse made on the host, and what the wheels are built from
 #: (a pip requirement: a path, with extras). Images naming the same one share it.
 WHEELS = {"app": PROJECT_WHEELS, "agent": PROJECT_WHEELS, "example-location": str(ROOT / "sdk")}
-
-
-def agent_image(env: dict[str, str] | None = None) -> str:
-    """The agent image's name: ``HD_IMAGE_AGENT``, or the default."""
-    value = (os.environ if env is None else env).get(AGENT_IMAGE_ENV, "").strip()
-    return value or AGENT_IMAGE_DEFAULT
 
 
 class BuildError(Exception):
@@ -332,7 +322,7 @@ def build(names: ImageNames, which: Iterable[str], force: bool) -> None:
         "rabbitmq": names.rabbitmq,
         "postgres": names.postgres,
         "app": names.app,
-        "agent": agent_image(),
+        "agent": names.agent,
         "run-tiny": names.run_tiny,
         "example-location": names.example_location,
     }
@@ -341,7 +331,7 @@ def build(names: ImageNames, which: Iterable[str], force: bool) -> None:
         "rabbitmq": defaults.rabbitmq,
         "postgres": defaults.postgres,
         "app": defaults.app,
-        "agent": AGENT_IMAGE_DEFAULT,
+        "agent": defaults.agent,
         "run-tiny": defaults.run_tiny,
         "example-location": defaults.example_location,
     }

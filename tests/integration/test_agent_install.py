@@ -21,6 +21,7 @@ import docker.errors
 import pytest
 from docker.models.containers import Container
 
+from dispatcher.settings import ImageNames
 from dispatcher.states import RunState
 from dispatcher.store import Database
 from tests.conftest import labels_for_tests, service_unavailable
@@ -29,19 +30,17 @@ from tests.integration.test_dispatch import wait_for_state
 from tests.support import eventually
 from worker_agent.runtime import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN
 
-#: As compose/images/build.py names it (``ImageNames`` has no agent image).
-AGENT_IMAGE = os.environ.get("HD_IMAGE_AGENT", "").strip() or "hybrid-dispatcher/agent:latest"
 #: ``python -X importtime`` writes one line per module imported, to stderr.
 IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
-def agent_image(docker_client: docker.DockerClient) -> str:
+def agent_image(docker_client: docker.DockerClient, images: ImageNames) -> str:
     try:
-        docker_client.images.get(AGENT_IMAGE)
+        docker_client.images.get(images.agent)
     except docker.errors.ImageNotFound:
-        service_unavailable(f"image {AGENT_IMAGE}", "not built (run `make images`)")
-    return AGENT_IMAGE
+        service_unavailable(f"image {images.agent}", "not built (run `make images`)")
+    return images.agent
 
 
 def _docker_socket() -> str:
