@@ -8,17 +8,16 @@ big, too deep) is dropped with a log line rather than break the message that wou
 
 from __future__ import annotations
 
-import json
 import logging
 
+from hd_sdk.frames import FRAME_PREFIX, parse_frame
 from schemas import OutOfBounds, ProgressItem
 
 from . import limits
 
 log = logging.getLogger(__name__)
 
-FRAME_PREFIX = "\x02hd1 "
-_EVENTS = {"step_started", "step_finished", "log", "metadata"}
+__all__ = ["DROPPED", "FRAME_PREFIX", "Dropped", "parse_progress"]
 
 
 class Dropped:
@@ -30,13 +29,8 @@ DROPPED = Dropped()
 
 def parse_progress(line: str, number: int) -> ProgressItem | Dropped | None:
     """The progress item a line holds, numbered ``number``; None for ordinary output."""
-    if not line.startswith(FRAME_PREFIX):
-        return None
-    try:
-        frame = json.loads(line[len(FRAME_PREFIX) :])
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(frame, dict) or frame.get("event") not in _EVENTS:
+    frame = parse_frame(line)
+    if frame is None:
         return None
     values = limits.progress_values(frame.get("values"))
     if values is None:

@@ -13,6 +13,8 @@ import json
 from typing import Any
 
 FRAME_PREFIX = "\x02hd1 "
+#: The kinds of frame (the ``event`` field).
+EVENTS = frozenset({"step_started", "step_finished", "log", "metadata"})
 
 
 def encode_frame(event: str, **fields: Any) -> str:
@@ -25,6 +27,6 @@ def parse_frame(line: str) -> dict[str, Any] | None:
         return None
     try:
         frame = json.loads(line[len(FRAME_PREFIX) :])
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return frame if isinstance(frame, dict) and isinstance(frame.get("event"), str) else None
+    return frame if isinstance(frame, dict) and frame.get("event") in EVENTS else None
