@@ -33,7 +33,7 @@ test: images
 	$(BIN)/pytest
 
 test-unit: venv
-	$(BIN)/pytest -m unit
+	$(BIN)/pytest -m unit tests/unit
 
 lint: venv
 	$(BIN)/ruff check .

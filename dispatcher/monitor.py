@@ -38,9 +38,10 @@ from transport.topology import MONITOR_QUEUE_ARGUMENTS, declare_monitor_queue, d
 from . import metrics, provenance
 from .alerts import AlertDeliverer
 from .errors import StoreUnavailable
+from .ports import SupervisionStore
 from .settings import MonitorSettings
 from .states import RunState
-from .store import ActiveRun, Database, Leadership, LeadershipLost, Supervision
+from .store import ActiveRun, Database, Leadership, LeadershipLost
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class FailureMonitor:
 
     def __init__(
         self,
-        store: Supervision,
+        store: SupervisionStore,
         settings: MonitorSettings,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

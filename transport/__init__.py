@@ -16,6 +16,9 @@ driver):
 - ``policies``: the broker policies, set through the management API.
 - ``process``: ``setup_logging``, ``run_until_signalled``, ``version_option``.
 - ``metrics``: the metrics both sides export under one name, and ``serve_metrics``.
+- ``ports``: the broker as its users see it (``EventPublisher``, ``DeadLetterer``,
+  ``BrokerPublisher``, ``InboundDelivery``) and ``Clock``: Protocols that the adapter and the
+  tests' fakes both satisfy.
 - ``errors``: ``TransportError`` and below it ``BrokerUnavailable``, ``BrokerRefused``,
   ``HandlerUnavailable``, ``MessageRejected``, ``PortUnavailable``.
 """

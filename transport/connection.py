@@ -44,3 +44,14 @@ async def connect(url: str, name: str, timeout: float = 30.0) -> Connection:
         )
     except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
         raise BrokerUnavailable(f"cannot connect to the broker: {exc!r}") from exc
+
+
+async def probe(url: str, timeout: float = 10.0) -> dict[str, object]:
+    """Open a plain connection and close it; the server's properties (product, version)."""
+    try:
+        connection = await aio_pika.connect(url, timeout=timeout)
+    except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
+        raise BrokerUnavailable(f"cannot connect to the broker: {exc!r}") from exc
+    async with connection:
+        transport = connection.transport
+        return dict(transport.connection.server_properties) if transport else {}

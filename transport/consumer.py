@@ -19,7 +19,7 @@ from schemas import SchemaError
 from .connection import TRANSIENT
 from .delivery import Delivery, settle
 from .errors import BrokerUnavailable, HandlerUnavailable, MessageRejected
-from .publisher import Publisher
+from .ports import DeadLetterer
 from .topology import declare_consumed_queue
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class Consumer(Generic[T]):
         queue: str,
         decoder: PayloadDecoder[T],
         handler: BatchHandler[T],
-        publisher: Publisher,
+        publisher: DeadLetterer,
         prefetch: int = 256,
         max_batch: int = 256,
         queue_arguments: Arguments | None = None,

@@ -21,6 +21,7 @@ from . import metrics
 from .connection import REFUSED, TRANSIENT
 from .delivery import settle
 from .errors import BrokerRefused, BrokerUnavailable, TransportError
+from .ports import InboundDelivery
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,7 @@ class Publisher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def dead_letter(
-        self, message: aio_pika.abc.AbstractIncomingMessage, queue: str, reason: str
-    ) -> None:
+    async def dead_letter(self, message: InboundDelivery, queue: str, reason: str) -> None:
         """Send a poison message to the dead-letter queue with its reason; confirmed.
 
         Only our two headers travel with it: the sender's own headers could be anything (an
@@ -135,9 +134,7 @@ class Publisher:
             message_id=message.message_id,
         )
 
-    async def reject(
-        self, message: aio_pika.abc.AbstractIncomingMessage, queue: str, reason: str
-    ) -> None:
+    async def reject(self, message: InboundDelivery, queue: str, reason: str) -> None:
         """Dead-letter a poison message with its reason, then ack it.
 
         It is acked even when the dead letter cannot be sent (the broker refuses it, or is

@@ -5,5 +5,6 @@ modules read like the agent: ``consumer`` takes instructions in, ``launcher`` ca
 out, ``watcher`` follows Docker's events, ``reporter`` tells what happened to each attempt,
 ``heartbeat`` proves the agent alive, ``slots`` counts what it holds, ``locations`` keeps
 code servers and ``definitions`` says what their jobs are; ``runtime`` and ``streams`` are
-the Docker adapter, ``limits`` what may travel, ``metrics`` what the agent exports.
+the Docker adapter (``ports.ContainerRuntime`` what the agent needs of it), ``limits`` what
+may travel, ``metrics`` what the agent exports.
 """

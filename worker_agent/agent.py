@@ -13,15 +13,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-import aio_pika.abc
-
-from transport.connection import connect
+from transport.connection import Connection, connect
 from transport.errors import TransportError
+from transport.instructions import InstructionConsumer
 from transport.publisher import Publisher
 from transport.topology import declare_topology
 
 from .code_servers import CodeServers
-from .consumer import InstructionConsumer
 from .errors import AgentError, AgentFailed
 from .heartbeat import Heartbeat
 from .launcher import Launcher
@@ -141,9 +139,7 @@ class Agent:
 
     # --------------------------------------------------------------- shutdown
 
-    async def _shutdown(
-        self, parts: _Parts, connection: aio_pika.abc.AbstractRobustConnection
-    ) -> None:
+    async def _shutdown(self, parts: _Parts, connection: Connection) -> None:
         """One shutdown for every end (stop, failure, failed start-up), with one deadline.
 
         Running containers and code servers are left running: the next start of this agent
@@ -186,7 +182,7 @@ class Agent:
 class _Parts:
     """The agent's components, wired to each other over one broker connection."""
 
-    def __init__(self, agent: Agent, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+    def __init__(self, agent: Agent, connection: Connection) -> None:
         settings, runtime, slots = agent.settings, agent.runtime, agent.slots
         self.publisher = Publisher(connection)
         self.reporter = Reporter(settings, runtime, slots, self.publisher)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aio_pika
-import aiormq.exceptions
 import docker
 import docker.errors
+
+from transport.connection import probe
+from transport.errors import BrokerUnavailable
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,9 @@ def check_docker() -> CheckResult:
 async def check_broker(amqp_url: str) -> CheckResult:
     """A connection to the broker opens; report the server's product and version."""
     try:
-        connection = await aio_pika.connect(amqp_url, timeout=10)
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
-        return CheckResult(False, f"cannot connect to the broker: {exc!r}")
-    async with connection:
-        props = connection.transport.connection.server_properties if connection.transport else {}
-        product = props.get("product", "broker")
-        version = props.get("version", "?")
-        return CheckResult(True, f"{product!s} {version!s}")
+        props = await probe(amqp_url)
+    except BrokerUnavailable as exc:
+        return CheckResult(False, str(exc))
+    product = props.get("product", "broker")
+    version = props.get("version", "?")
+    return CheckResult(True, f"{product!s} {version!s}")

@@ -10,7 +10,7 @@ from schemas import AgentHeartbeat, ContainerState
 from schemas.bounds import MAX_IN_FLIGHT
 from schemas.topology import STATUS_EXCHANGE, heartbeat_routing_key
 from transport.errors import BrokerUnavailable
-from transport.publisher import Publisher
+from transport.ports import EventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        publisher: Publisher,
+        publisher: EventPublisher,
         agent_id: str,
         queues: tuple[str, ...],
         max_concurrent: int,

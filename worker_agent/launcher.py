@@ -16,17 +16,17 @@ import asyncio
 import contextlib
 import logging
 
-import aio_pika.abc
-
 from schemas import FailureReason, Instruction, LaunchRun, RunFailed, TerminateRun
 from transport.delivery import Delivery, settle
 from transport.errors import BrokerUnavailable
+from transport.ports import InboundDelivery
 
 from . import limits, metrics
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed, LocationUnavailable
 from .locations import LocationKeeper
+from .ports import ContainerRuntime
 from .reporter import Reporter
-from .runtime import ContainerInfo, DockerRuntime
+from .runtime import ContainerInfo
 from .settings import AgentSettings
 from .slots import Attempt, AttemptKey, Slots
 
@@ -43,7 +43,7 @@ class Launcher:
     def __init__(
         self,
         settings: AgentSettings,
-        runtime: DockerRuntime,
+        runtime: ContainerRuntime,
         slots: Slots,
         reporter: Reporter,
         stopping: asyncio.Event,
@@ -72,7 +72,7 @@ class Launcher:
 
     # ------------------------------------------------------------------ launches
 
-    async def _launch(self, launch: LaunchRun, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def _launch(self, launch: LaunchRun, raw: InboundDelivery) -> None:
         key = (launch.run_id, launch.attempt)
         attempt = await self._hold_slot(launch, raw)
         if attempt is None:
@@ -102,9 +102,7 @@ class Launcher:
         if info.finished or self.reporter.exited_unbound(container_id):
             self.reporter.on_exit(container_id)
 
-    async def _hold_slot(
-        self, launch: LaunchRun, raw: aio_pika.abc.AbstractIncomingMessage
-    ) -> Attempt | None:
+    async def _hold_slot(self, launch: LaunchRun, raw: InboundDelivery) -> Attempt | None:
         """A slot for the launch, waiting for one if need be; None when there is nothing to
         launch (done before: settled here) or the agent stops (left unacked)."""
         key = (launch.run_id, launch.attempt)
@@ -133,7 +131,7 @@ class Launcher:
                 return None
 
     async def _start(
-        self, launch: LaunchRun, attempt: Attempt, raw: aio_pika.abc.AbstractIncomingMessage
+        self, launch: LaunchRun, attempt: Attempt, raw: InboundDelivery
     ) -> tuple[ContainerInfo, bool] | None:
         """Start (or adopt) the container, retrying while Docker or the location is not there.
 
@@ -200,9 +198,7 @@ class Launcher:
 
     # ---------------------------------------------------------------- terminations
 
-    async def _terminate(
-        self, terminate: TerminateRun, raw: aio_pika.abc.AbstractIncomingMessage
-    ) -> None:
+    async def _terminate(self, terminate: TerminateRun, raw: InboundDelivery) -> None:
         """Stop an attempt's container; its end is reported with the reason given."""
         attempt = self.slots.attempts.get((terminate.run_id, terminate.attempt))
         if attempt is not None and attempt.container_id is not None and not attempt.finishing:

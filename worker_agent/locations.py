@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import time
 from collections.abc import Mapping
 
-import aio_pika.abc
 import msgspec
 
 from schemas import (
@@ -42,10 +40,11 @@ from schemas.topology import (
     STATUS_EXCHANGE,
     event_routing_key,
 )
-from transport.connection import TRANSIENT
+from transport.connection import Connection
 from transport.delivery import settle
 from transport.errors import BrokerUnavailable
-from transport.publisher import Publisher
+from transport.ports import BrokerPublisher, InboundDelivery
+from transport.subscription import Subscription
 
 from .code_servers import CodeServer, CodeServers
 from .definitions import fit_to_message, job_definitions
@@ -77,8 +76,8 @@ class LocationKeeper:
     def __init__(
         self,
         servers: CodeServers,
-        connection: aio_pika.abc.AbstractRobustConnection,
-        publisher: Publisher,
+        connection: Connection,
+        publisher: BrokerPublisher,
         agent_id: str,
         queues: tuple[str, ...],
         check_interval_s: float = 10.0,
@@ -100,26 +99,24 @@ class LocationKeeper:
         self._given_up: dict[str, int] = {}  # location → generation that failed to start
         self._crashes: dict[str, int] = {}  # location → exits before its server was healthy
         self._decoder: Decoder[LocationSnapshot] = Decoder(LocationSnapshot)
-        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._subscription: Subscription | None = None
 
     async def start(self) -> None:
         """Listen for this agent's queues' snapshots, then ask for the current ones."""
         try:
-            self._channel = await self._connection.channel()
-            queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
-            exchange = await self._channel.get_exchange(LOCATIONS_EXCHANGE, ensure=False)
+            self._subscription = subscription = await Subscription.open(self._connection)
             for agent_queue in self._queues:
-                await queue.bind(exchange, routing_key=agent_queue)
-            await queue.consume(functools.partial(self._on_snapshot, queue.name))
-        except TRANSIENT as exc:
-            raise BrokerUnavailable(f"cannot follow location snapshots: {exc!r}") from exc
+                await subscription.bind(LOCATIONS_EXCHANGE, agent_queue)
+            await subscription.consume(self._on_snapshot)
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(f"cannot follow location snapshots: {exc}") from exc
         await self._publisher.publish(
             REQUESTS_EXCHANGE,
             REQUESTS_ROUTING_KEY,
             LocationsWanted(agent_id=self._agent_id, queues=self._queues),
         )
 
-    async def _on_snapshot(self, source: str, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def _on_snapshot(self, source: str, raw: InboundDelivery) -> None:
         """Take a snapshot in (consumed from the queue named ``source``); one that cannot be
         is dead-lettered once, with the reason. Either way it is acked: a snapshot that cannot
         even be dead-lettered is dropped with a log line rather than delivered forever."""
@@ -311,6 +308,5 @@ class LocationKeeper:
         await self._publisher.publish(STATUS_EXCHANGE, event_routing_key(event), event)
 
     async def close(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(*TRANSIENT):
-                await self._channel.close()
+        if self._subscription is not None:
+            await self._subscription.close()

@@ -19,9 +19,9 @@ from transport.errors import BrokerRefused, BrokerUnavailable
 from . import limits
 from .errors import DockerUnavailable
 from .limits import TRUNCATED_MARK
+from .ports import ContainerRuntime
 from .progress import Dropped, parse_progress
-from .runtime import DockerRuntime
-from .streams import EventStream, read_on_thread
+from .streams import Stream, read_on_thread
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class LogForwarder:
 
     def __init__(
         self,
-        runtime: DockerRuntime,
+        runtime: ContainerRuntime,
         publish: Callable[[RunLog | RunProgress], Awaitable[None]],
         run_id: object,
         attempt: int,
@@ -151,7 +151,7 @@ class LogForwarder:
         self._chunks: asyncio.Queue[str | None] = asyncio.Queue()
         # Incremental: a character split between two chunks is still one character.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._stream: EventStream | None = None
+        self._stream: Stream | None = None
 
     async def run(self) -> None:
         """Forward until the container's output ends (it exited, or was removed).

@@ -21,14 +21,15 @@ from typing import Any
 from schemas import Message, RunLaunched, RunStarted
 from schemas.topology import STATUS_EXCHANGE, event_routing_key
 from transport.errors import BrokerRefused, BrokerUnavailable
-from transport.publisher import Publisher
+from transport.ports import EventPublisher
 
 from . import metrics
 from .errors import DockerUnavailable
 from .logs import LogForwarder
 from .outcome import final_event
+from .ports import ContainerRuntime
 from .progress import FRAME_PREFIX
-from .runtime import DockerRuntime, container_name
+from .runtime import container_name
 from .settings import AgentSettings
 from .slots import Attempt, Slots
 
@@ -39,7 +40,11 @@ class Reporter:
     """Publishes the agent's run events and follows its containers to their end."""
 
     def __init__(
-        self, settings: AgentSettings, runtime: DockerRuntime, slots: Slots, publisher: Publisher
+        self,
+        settings: AgentSettings,
+        runtime: ContainerRuntime,
+        slots: Slots,
+        publisher: EventPublisher,
     ) -> None:
         self.settings = settings
         self.runtime = runtime

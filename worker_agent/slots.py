@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from schemas import ContainerState, FailureReason
 from schemas.bounds import MAX_IN_FLIGHT
+from transport.ports import Clock
 
 AttemptKey = tuple[uuid.UUID, int]
 
@@ -69,7 +70,7 @@ class Slots:
         max_concurrent: int,
         reported_for_s: float = 60.0,
         on_change: Callable[[], None] = lambda: None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.max_concurrent = max_concurrent
         self.reported_for_s = reported_for_s

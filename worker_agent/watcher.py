@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import DockerUnavailable
-from .runtime import DockerRuntime
-from .streams import EventStream, read_on_thread
+from .ports import ContainerRuntime
+from .streams import Stream, read_on_thread
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class ContainerWatcher:
 
     def __init__(
         self,
-        runtime: DockerRuntime,
+        runtime: ContainerRuntime,
         on_exit: Callable[[str], None],
         on_resync: Callable[[], Awaitable[None]],
         on_healthy: Callable[[str], None],
@@ -35,7 +35,7 @@ class ContainerWatcher:
         self._on_exit = on_exit
         self._on_healthy = on_healthy
         self._on_resync = on_resync
-        self._stream: EventStream | None = None
+        self._stream: Stream | None = None
         self._closed = False
         self.connected = asyncio.Event()
 

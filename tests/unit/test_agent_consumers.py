@@ -14,8 +14,8 @@ from schemas import LaunchRun, LocationSnapshot, LocationSpec, TerminateRun, enc
 from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
 from transport.delivery import Delivery
 from transport.errors import BrokerRefused, BrokerUnavailable
+from transport.instructions import InstructionConsumer
 from transport.publisher import Publisher
-from worker_agent.consumer import InstructionConsumer
 from worker_agent.locations import LocationKeeper
 
 pytestmark = pytest.mark.unit

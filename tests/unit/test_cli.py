@@ -1,4 +1,5 @@
-"""The command-line entry points, run as a user runs them."""
+"""The command-line entry points: started as a user starts them (a process of their own), and
+their commands' answers to bad input (in-process, through the same Typer applications)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from dispatcher.cli import app as dispatcher_app
 from schemas import ALL_MESSAGES
+from worker_agent.cli import app as agent_app
 
 # The commands read HD_* variables; the tests decide every input themselves.
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("HD_")}
@@ -26,16 +30,23 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def invoke(app: object, *args: str) -> subprocess.CompletedProcess[str]:
+    """A command run in this process, its outcome shaped as a process's."""
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("HD_")}
+    result = CliRunner().invoke(app, list(args), env=unset)  # type: ignore[arg-type]
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return run_module("dispatcher", *args)
+    return invoke(dispatcher_app, *args)
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return run_module("worker_agent", *args)
+    return invoke(agent_app, *args)
 
 
 def test_dispatcher_help_lists_its_commands() -> None:
-    result = run("--help")
+    result = run_module("dispatcher", "--help")
     assert result.returncode == 0
     assert "schemas" in result.stdout
 
@@ -47,10 +58,10 @@ def test_dispatcher_version() -> None:
 
 
 def test_worker_agent_help_and_version() -> None:
-    result = run_agent("--help")
+    result = run_module("worker_agent", "--help")
     assert result.returncode == 0
     assert "check" in result.stdout
-    result = run_agent("--version")
+    result = run_module("worker_agent", "--version")
     assert result.returncode == 0
     assert result.stdout.startswith("worker-agent 0.")
 

@@ -1,4 +1,4 @@
-"""The instruction consumer: this agent's queues, with prefetch equal to its free slots."""
+"""The instruction consumer of an agent: its queues, with prefetch equal to its free slots."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from typing import Any
 import aio_pika.abc
 
 from schemas import Instruction, SchemaError, instruction_decoder
-from transport.connection import TRANSIENT
-from transport.delivery import Delivery
-from transport.errors import BrokerUnavailable
-from transport.publisher import Publisher
-from transport.topology import declare_control_queue, declare_instructions_queue
+
+from .connection import TRANSIENT, Connection
+from .delivery import Delivery
+from .errors import BrokerUnavailable
+from .ports import DeadLetterer
+from .topology import declare_control_queue, declare_instructions_queue
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ class InstructionConsumer:
 
     def __init__(
         self,
-        connection: aio_pika.abc.AbstractRobustConnection,
+        connection: Connection,
         queues: tuple[str, ...],
-        publisher: Publisher,
+        publisher: DeadLetterer,
         handler: Callable[[Delivery[Instruction]], Coroutine[Any, Any, None]],
         capacity: Callable[[], int],
         agent_id: str | None = None,

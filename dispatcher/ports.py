@@ -1,0 +1,68 @@
+"""The store as the failure monitor uses it: a Protocol.
+
+``store.Supervision`` (PostgreSQL) satisfies it, and so does the in-memory fake of the tests
+(``tests/fakes/supervision.py``); the same contract tests (``tests/contracts``) hold both to
+one behaviour. The monitor's clock is a plain callable (``transport.ports.Clock``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from schemas import ContainerState, FailureReason
+
+from .store import ActiveRun, AgentRow
+
+
+class SupervisionStore(Protocol):
+    """What the failure monitor reads, and the decisions it takes, each one at most once.
+
+    A decision has a deterministic identity (``store.decision_id``): taken a second time, by
+    this monitor or another, it changes nothing and reports so (False, [] or 0).
+    """
+
+    async def agents(self) -> list[AgentRow]:
+        """Every agent heard of: its status (ALIVE, LOST), interval and silence so far."""
+        ...
+
+    async def active_runs(self) -> list[ActiveRun]:
+        """Runs STARTING or STARTED, with how long they have been so."""
+        ...
+
+    async def fail_attempt(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        reason: FailureReason,
+        message: str,
+        terminate_on: str | None = None,
+    ) -> bool:
+        """Fail an attempt (retrying per its policy); tell ``terminate_on`` to stop it.
+
+        False when the decision was taken before or no longer applies.
+        """
+        ...
+
+    async def declare_agent_lost(self, agent_id: str, silent_s: float) -> list[uuid.UUID]:
+        """ALIVE → LOST, alert once, fail its in-flight runs (AGENT_LOST) and terminate them.
+
+        Returns the runs failed (or retried) now; [] when the agent was not ALIVE.
+        """
+        ...
+
+    async def agent_back(self, agent_id: str) -> bool:
+        """LOST → ALIVE, alert once; False when the agent was not LOST."""
+        ...
+
+    async def fence(self, agent_id: str, in_flight: Sequence[ContainerState]) -> int:
+        """TerminateRun, on ``agent_id``, of listed attempts that are no longer their run's.
+
+        Returns how many were written now.
+        """
+        ...
+
+    async def alert_long_running(self, run: ActiveRun, threshold_s: float) -> bool:
+        """Alert once per attempt that it runs long; True when the alert is new."""
+        ...

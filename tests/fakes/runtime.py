@@ -1,0 +1,188 @@
+"""``FakeDockerRuntime``: ``worker_agent.ports.ContainerRuntime`` on a ``FakeEngine``.
+
+It carries out the adapter's rules on the engine (adopt the container of an attempt that
+exists, fence older attempts, pull a missing image, translate failures into
+``DockerUnavailable``, ``ImageMissing`` and ``LaunchFailed``). Held to ``DockerRuntime`` on a
+real engine by ``tests/contracts/runtime_contract.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import TYPE_CHECKING, Any
+
+from schemas import LaunchRun
+from schemas.bounds import IMAGE_REF_PATTERN
+from worker_agent import limits
+from worker_agent.errors import DockerUnavailable, ImageMissing, LaunchFailed
+from worker_agent.ports import ContainerRuntime
+from worker_agent.runtime import (
+    LABEL_AGENT,
+    LABEL_ATTEMPT,
+    LABEL_MANAGED_BY,
+    LABEL_RUN,
+    MANAGED_BY,
+    ContainerInfo,
+    container_name,
+)
+
+from .engine import RUN_IMAGE, FakeContainer, FakeEngine, FakeStream, NameConflict, StartFailed
+
+__all__ = ["RUN_IMAGE", "FakeContainer", "FakeDockerRuntime", "FakeEngine"]
+
+
+_EVENTS = ("start", "die", "oom", "health_status")
+
+
+class FakeDockerRuntime:
+    """``worker_agent.ports.ContainerRuntime`` on a ``FakeEngine``, for agent ``agent_id``."""
+
+    def __init__(self, engine: FakeEngine, agent_id: str) -> None:
+        self.engine = engine
+        self.agent_id = agent_id
+        self._closed = False
+
+    async def _call(self) -> None:
+        """A call to the engine: it yields to the loop (the real one hops to a thread)."""
+        if self._closed:
+            raise DockerUnavailable("the container runtime is closed")
+        await asyncio.sleep(0)
+        if not self.engine.answering:
+            raise DockerUnavailable("the Docker engine does not answer: connection refused")
+
+    def labels_for(self, launch: LaunchRun) -> dict[str, str]:
+        return {
+            LABEL_MANAGED_BY: MANAGED_BY,
+            LABEL_AGENT: self.agent_id,
+            LABEL_RUN: str(launch.run_id),
+            LABEL_ATTEMPT: str(launch.attempt),
+        }
+
+    async def launch(self, launch: LaunchRun) -> tuple[ContainerInfo, bool]:
+        await self._call()
+        engine = self.engine
+        name = container_name(launch.run_id, launch.attempt)
+        container = engine.find(name)
+        adopted = True
+        if container is None:
+            adopted = False
+            self._fence_older_attempts(launch)
+            self._ensure_image(launch.image)
+            # Another launch of the attempt may create it meanwhile, as on a real engine.
+            await self._call()
+            try:
+                container = engine.create(
+                    launch.image,
+                    tuple(launch.command),
+                    name,
+                    self.labels_for(launch),
+                    dict(launch.env),
+                    tuple(launch.ready_check) or None,
+                    launch.memory_limit_mb,
+                )
+            except NameConflict:
+                adopted = True
+                container = engine.find(name)
+                if container is None:
+                    raise LaunchFailed(
+                        f"the Docker engine refused: No such container: {name}"
+                    ) from None
+        if container.status == "created":
+            try:
+                engine.start(container)
+            except StartFailed as exc:
+                raise LaunchFailed(f"cannot start the container: {exc}") from exc
+        return container.info(), adopted
+
+    def _fence_older_attempts(self, launch: LaunchRun) -> None:
+        if launch.attempt == 1:
+            return
+        for container in self.engine.labelled(**{LABEL_RUN: str(launch.run_id)}):
+            if int(container.labels.get(LABEL_ATTEMPT, "0")) >= launch.attempt:
+                continue
+            if container.finished and container.exit_code == 0:
+                continue  # its work is done: the proof of that success stays
+            self.engine.remove(container)
+
+    def _ensure_image(self, image: str) -> None:
+        if image in self.engine.images:
+            return
+        if re.match(IMAGE_REF_PATTERN, image) is None:
+            raise ImageMissing(f"image {image!r} is invalid: invalid reference format")
+        pulled = self.engine.registry.get(image)
+        if pulled is None:
+            raise ImageMissing(
+                f"image {image!r} is not on this host and cannot be pulled: pull access denied"
+            )
+        self.engine.images[image] = pulled
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        await self._call()
+        container = self.engine.find(container_id)
+        return container.info() if container is not None else None
+
+    async def output_tail(self, container_id: str, lines: int) -> tuple[str, ...]:
+        await self._call()
+        container = self.engine.find(container_id)
+        if container is None:
+            return ()
+        text = b"".join(container.output).decode("utf-8", errors="replace")
+        return limits.tail(text.splitlines(), lines)
+
+    async def stop(self, container_id: str, grace_s: float) -> None:
+        await self._call()
+        container = self.engine.find(container_id)
+        if container is not None:
+            self.engine.stop(container)
+
+    async def remove(self, container_id: str) -> None:
+        await self._call()
+        container = self.engine.find(container_id)
+        if container is not None:
+            self.engine.remove(container)
+
+    async def list_managed(self) -> list[ContainerInfo]:
+        await self._call()
+        mine = self.engine.labelled(**{LABEL_MANAGED_BY: MANAGED_BY, LABEL_AGENT: self.agent_id})
+        return [c.info() for c in mine if LABEL_RUN in c.labels]
+
+    async def open_events(self, since: int | None) -> FakeStream:
+        try:
+            await self._call()
+        except DockerUnavailable as exc:
+            raise DockerUnavailable(f"cannot follow Docker events: {exc}") from exc
+
+        def wanted(event: dict[str, Any]) -> bool:
+            labels = event["Actor"]["Attributes"]
+            action = str(event["Action"])
+            return (
+                event["Type"] == "container"
+                and labels.get(LABEL_AGENT) == self.agent_id
+                and action.split(":")[0] in _EVENTS
+            )
+
+        return self.engine.watch(since, wanted)
+
+    async def open_log_stream(self, container_id: str) -> FakeStream:
+        what = f"the output of {container_id[:12]}"
+        try:
+            await self._call()
+        except DockerUnavailable as exc:
+            raise DockerUnavailable(f"cannot follow {what}: {exc}") from exc
+        container = self.engine.find(container_id)
+        if container is None:
+            raise DockerUnavailable(
+                f"cannot follow {what}: the Docker engine refused: No such container: "
+                f"{container_id}"
+            )
+        return self.engine.follow(container)
+
+    def close(self) -> None:
+        self._closed = True
+
+
+if TYPE_CHECKING:
+
+    def _a_port(fake: FakeDockerRuntime) -> ContainerRuntime:
+        return fake  # mypy: the fake is a ContainerRuntime

@@ -1,0 +1,489 @@
+"""The failure monitor's rules, on the in-memory store and a manual clock.
+
+Each test drives ``FailureMonitor`` as the monitor process does: heartbeats recorded by the
+control plane and delivered on the monitor's queue (``on_heartbeat``), sweeps every
+``SWEEP_S`` (``sweep``), a takeover (``load``). Agents report their runs' events to the store
+as they would. What is asserted is what users see: runs' states and attempts, agents'
+statuses, TerminateRun and LaunchRun messages waiting in the outbox, alerts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from dispatcher.monitor import FENCE_EVERY, FINISHED_STATES, FailureMonitor
+from dispatcher.settings import MonitorSettings
+from dispatcher.states import RunState
+from dispatcher.store import decision_id
+from schemas import (
+    AgentHeartbeat,
+    ContainerState,
+    FailureReason,
+    LaunchRun,
+    RunFailed,
+    RunLaunched,
+    RunStarted,
+    RunSucceeded,
+    SubmitRun,
+    TerminateRun,
+)
+from tests.fakes.clock import ManualClock
+from tests.fakes.supervision import FakeRun, FakeSupervision
+
+A, B = "agent-a", "agent-b"
+#: The sweep interval of the real process (``MonitorSettings.sweep_interval_s``).
+SWEEP_S = 0.5
+INTERVAL_S = 2.0
+
+Listed = tuple[uuid.UUID, int] | tuple[uuid.UUID, int, str]
+
+
+class World:
+    """One monitor over the fake store, agents that beat on schedule, and a manual clock."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.clock = ManualClock()
+        self.store = FakeSupervision(self.clock)
+        self.settings = MonitorSettings(
+            amqp_url="amqp://unused", database_url="postgresql://unused", **settings
+        )
+        self.monitor = self.new_monitor()
+        #: What each live agent lists in its heartbeats; agents not here are silent.
+        self.listings: dict[str, list[Listed]] = {}
+        self.synced: dict[str, bool] = {}
+        self._last_beat: dict[str, float] = {}
+        self._sequence = 0
+
+    def new_monitor(self) -> FailureMonitor:
+        return FailureMonitor(self.store, self.settings, self.clock)
+
+    # ------------------------------------------------------------------ agents
+
+    async def beat(
+        self, agent_id: str, *listed: Listed, synced: bool = True, interval_s: float = INTERVAL_S
+    ) -> None:
+        """One heartbeat: recorded by the control plane, then delivered to the monitor."""
+        self._sequence += 1
+        beat = AgentHeartbeat(
+            agent_id=agent_id,
+            sequence=self._sequence,
+            interval_s=interval_s,
+            in_flight=tuple(
+                ContainerState(run_id=item[0], attempt=item[1], state=(*item, "running")[2])
+                for item in listed
+            ),
+            synced=synced,
+        )
+        await self.store.apply_events([beat])
+        await self.monitor.on_heartbeat(beat)
+        self._last_beat[agent_id] = self.clock()
+
+    def live(self, agent_id: str, *listed: Listed, synced: bool = True) -> None:
+        """From now on ``agent_id`` beats every interval, listing ``listed``."""
+        self.listings[agent_id] = list(listed)
+        self.synced[agent_id] = synced
+
+    def silence(self, agent_id: str) -> None:
+        self.listings.pop(agent_id, None)
+
+    async def elapse(self, seconds: float) -> None:
+        """Time passes: live agents beat on schedule, the monitor sweeps every SWEEP_S."""
+        for _ in range(round(seconds / SWEEP_S)):
+            self.clock.advance(SWEEP_S)
+            for agent_id, listed in self.listings.items():
+                if self.clock() - self._last_beat.get(agent_id, -1e9) >= INTERVAL_S:
+                    await self.beat(agent_id, *listed, synced=self.synced[agent_id])
+            await self.monitor.sweep()
+
+    # -------------------------------------------------------------------- runs
+
+    async def submit(self, **fields: Any) -> uuid.UUID:
+        submission = SubmitRun(run_id=uuid.uuid4(), image="busybox", queue="q", **fields)
+        await self.store.create([submission])
+        return submission.run_id
+
+    async def launched(self, run_id: uuid.UUID, agent_id: str, attempt: int = 1) -> None:
+        await self.store.apply_events(
+            [
+                RunLaunched(
+                    run_id=run_id,
+                    attempt=attempt,
+                    agent_id=agent_id,
+                    container_id=f"c{attempt}",
+                    container_name=f"n{attempt}",
+                )
+            ]
+        )
+
+    async def started(self, run_id: uuid.UUID, agent_id: str, attempt: int = 1) -> None:
+        await self.launched(run_id, agent_id, attempt)
+        event = RunStarted(run_id=run_id, attempt=attempt, agent_id=agent_id, container_id="c")
+        await self.store.apply_events([event])
+
+    def run(self, run_id: uuid.UUID) -> FakeRun:
+        return self.store.runs[run_id]
+
+    def terminations(self, agent_id: str) -> list[tuple[uuid.UUID, int]]:
+        """(run, attempt) of the TerminateRun messages waiting on ``agent_id``'s queue."""
+        return [
+            (item.message.run_id, item.message.attempt)
+            for item in self.store.written(TerminateRun)
+            if isinstance(item.message, TerminateRun) and item.routing_key == agent_id
+        ]
+
+    def launches(self, run_id: uuid.UUID) -> list[int]:
+        return [
+            item.message.attempt
+            for item in self.store.written(LaunchRun)
+            if isinstance(item.message, LaunchRun) and item.message.run_id == run_id
+        ]
+
+    def decisions(self) -> list[tuple[uuid.UUID, int, str]]:
+        """The monitor's RunFailed decisions announced to followers: (run, attempt, reason)."""
+        return [
+            (item.message.run_id, item.message.attempt, item.message.reason.value)
+            for item in self.store.written(RunFailed)
+            if isinstance(item.message, RunFailed)
+        ]
+
+    def alerts(self, kind: str) -> int:
+        return sum(1 for alert in self.store.alerts.values() if alert.kind == kind)
+
+    def status(self, agent_id: str) -> str:
+        return self.store.agents_by_id[agent_id].status
+
+
+def state(run: FakeRun) -> tuple[RunState, int, str | None]:
+    return run.state, run.attempt, run.failure_reason
+
+
+# ---------------------------------------------------------------------- agent lost
+
+
+async def test_an_agent_silent_too_long_is_lost_and_its_runs_retried() -> None:
+    w = World(lost_after_beats=3)
+    starting, running, other = await w.submit(), await w.submit(), await w.submit()
+    await w.launched(starting, A)
+    await w.started(running, A)
+    await w.started(other, B)
+    w.live(B, (other, 1))
+    await w.beat(A, (starting, 1), (running, 1))  # its last
+    await w.elapse(3 * INTERVAL_S)  # silent for 3 intervals: not yet more
+    assert w.status(A) == "ALIVE"
+    assert state(w.run(running)) == (RunState.STARTED, 1, None)
+
+    await w.elapse(SWEEP_S)
+    assert w.status(A) == "LOST"
+    for run_id in (starting, running):
+        assert state(w.run(run_id)) == (RunState.QUEUED, 2, "AGENT_LOST")
+        assert w.launches(run_id) == [1, 2]
+    # Its containers are told to stop should it come back; the other agent is untouched.
+    assert sorted(w.terminations(A)) == sorted([(starting, 1), (running, 1)])
+    assert w.status(B) == "ALIVE"
+    assert state(w.run(other)) == (RunState.STARTED, 1, None)
+    assert w.terminations(B) == []
+    assert w.alerts("agent_down") == 1
+
+
+async def test_silence_is_counted_in_the_agent_s_own_intervals() -> None:
+    w = World(lost_after_beats=3)
+    await w.beat(A, interval_s=0.5)  # lost after 1.5 s
+    await w.beat(B, interval_s=2.0)  # lost after 6 s
+    await w.elapse(1.5)
+    assert (w.status(A), w.status(B)) == ("ALIVE", "ALIVE")
+    await w.elapse(0.5)
+    assert (w.status(A), w.status(B)) == ("LOST", "ALIVE")
+    await w.elapse(4)
+    assert w.status(B) == "ALIVE"
+    await w.elapse(0.5)
+    assert w.status(B) == "LOST"
+
+
+async def test_a_lost_agent_s_run_with_no_retry_left_fails() -> None:
+    w = World()
+    run_id = await w.submit(max_retries=0)
+    await w.started(run_id, A)
+    await w.beat(A, (run_id, 1))
+    await w.elapse(10)
+    assert state(w.run(run_id)) == (RunState.FAILURE, 1, "AGENT_LOST")
+    assert w.launches(run_id) == [1]
+    assert w.alerts("run_failed") == 1
+
+
+async def test_an_agent_is_declared_lost_once_by_a_monitor_and_by_its_successor() -> None:
+    w = World()
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    await w.beat(A, (run_id, 1))
+    await w.elapse(30)
+    # A standby takes over: it rebuilds its view from the store and sweeps.
+    w.monitor = w.new_monitor()
+    await w.monitor.load()
+    await w.elapse(30)
+    assert w.decisions() == [(run_id, 1, "AGENT_LOST")]
+    assert w.terminations(A) == [(run_id, 1)]
+    assert w.alerts("agent_down") == 1
+    assert state(w.run(run_id)) == (RunState.QUEUED, 2, "AGENT_LOST")
+
+
+# ------------------------------------------------------------- agent back, fencing
+
+
+async def test_an_agent_back_from_lost_is_alerted_and_its_superseded_attempts_fenced() -> None:
+    w = World()
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    w.live(A, (run_id, 1))
+    await w.elapse(4)
+    w.silence(A)  # frozen
+    await w.elapse(8)
+    assert w.status(A) == "LOST"
+    await w.started(run_id, B, attempt=2)  # failed over to another agent
+    w.live(B, (run_id, 2))
+    await w.elapse(4)
+    fence_id = decision_id(run_id, 1, f"fence:{A}")
+    assert fence_id not in w.store.outbox
+
+    w.live(A, (run_id, 1))  # thawed, still running attempt 1
+    await w.elapse(2)
+    assert w.status(A) == "ALIVE"
+    assert w.alerts("agent_back") == 1
+    assert fence_id in w.store.outbox
+    assert w.store.outbox[fence_id].routing_key == A
+    assert w.terminations(B) == []  # attempt 2 is the run's own
+    assert state(w.run(run_id)) == (RunState.STARTED, 2, "AGENT_LOST")
+    await w.elapse(30)
+    assert w.alerts("agent_back") == 1
+    assert w.status(A) == "ALIVE"
+
+
+async def test_a_live_agent_is_fenced_on_its_first_heartbeat_and_every_tenth_after() -> None:
+    w = World()
+    early, late = await w.submit(), await w.submit()
+    for run_id in (early, late):
+        await w.started(run_id, A)
+    # Failed over by an earlier monitor while A, which kept running them, was away.
+    await w.store.fail_attempt(early, 1, FailureReason.AGENT_LOST, "lost")
+    w.monitor = w.new_monitor()
+    await w.monitor.load()
+    await w.beat(A, (early, 1), (late, 1))  # its first heartbeat to this monitor
+    assert w.terminations(A) == [(early, 1)]
+
+    await w.store.fail_attempt(late, 1, FailureReason.AGENT_LOST, "lost")
+    for _ in range(FENCE_EVERY - 1):  # heartbeats 2 to FENCE_EVERY
+        await w.beat(A, (early, 1), (late, 1))
+    assert w.terminations(A) == [(early, 1)]
+    await w.beat(A, (early, 1), (late, 1))
+    assert w.terminations(A) == [(early, 1), (late, 1)]
+
+
+# ------------------------------------------------------------------ run vanished
+
+
+async def test_a_run_missing_from_heartbeats_in_a_row_is_unexpected_termination() -> None:
+    w = World(vanished_after_beats=3)
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    w.live(A, (run_id, 1))
+    await w.elapse(4)
+    w.live(A)  # its container is gone, with no final event
+    await w.elapse(2 * INTERVAL_S)  # two heartbeats without it
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    await w.elapse(INTERVAL_S)  # the third
+    assert state(w.run(run_id)) == (RunState.QUEUED, 2, "UNEXPECTED_TERMINATION")
+    assert w.terminations(A) == [(run_id, 1)]
+    assert w.decisions() == [(run_id, 1, "UNEXPECTED_TERMINATION")]
+
+
+async def test_only_a_new_heartbeat_counts_a_run_missing_again() -> None:
+    w = World(vanished_after_beats=3, lost_after_beats=100)
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    await w.beat(A)
+    for _ in range(20):  # many sweeps, one heartbeat
+        await w.elapse(SWEEP_S)
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    await w.beat(A)
+    await w.monitor.sweep()
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    await w.beat(A)
+    await w.monitor.sweep()
+    assert state(w.run(run_id))[0] == RunState.QUEUED
+
+
+async def test_a_run_listed_again_starts_the_count_over() -> None:
+    w = World(vanished_after_beats=3)
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    for listed in ([], [], [(run_id, 1)], [], [], [(run_id, 1)], [], []):
+        await w.beat(A, *listed)
+        await w.monitor.sweep()
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    assert w.decisions() == []
+
+
+@pytest.mark.parametrize("listed_as", sorted(FINISHED_STATES))
+async def test_a_run_listed_as_ended_is_waited_for_up_to_the_grace(listed_as: str) -> None:
+    w = World(exited_grace_s=30, vanished_after_beats=3)
+    run_id = await w.submit(max_retries=0)
+    await w.started(run_id, A)
+    w.live(A, (run_id, 1, listed_as))  # seen to end; its final event is late
+    await w.elapse(31)  # 16 heartbeats, far more than vanished_after_beats; 30 s waited
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    await w.elapse(INTERVAL_S)
+    assert state(w.run(run_id)) == (RunState.FAILURE, 1, "UNEXPECTED_TERMINATION")
+    assert w.terminations(A) == [(run_id, 1)]
+
+
+async def test_the_grace_is_waited_in_one_stretch() -> None:
+    w = World(exited_grace_s=30, vanished_after_beats=3)
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    for listed in ((run_id, 1, "exited"), (run_id, 1), (run_id, 1, "exited")):
+        w.live(A, listed)
+        await w.elapse(20)
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)  # 18 s waited, this time
+    await w.elapse(14)
+    assert state(w.run(run_id)) == (RunState.QUEUED, 2, "UNEXPECTED_TERMINATION")
+
+
+async def test_a_final_event_within_the_grace_wins() -> None:
+    w = World(exited_grace_s=30)
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    w.live(A, (run_id, 1, "reported"))
+    await w.elapse(20)
+    await w.store.apply_events([RunSucceeded(run_id=run_id, attempt=1, agent_id=A)])
+    w.live(A)
+    await w.elapse(60)
+    assert state(w.run(run_id)) == (RunState.SUCCESS, 1, None)
+    assert w.decisions() == []
+    assert w.terminations(A) == []
+
+
+async def test_an_unsynced_agent_s_listing_is_not_trusted_until_it_adopts() -> None:
+    w = World(vanished_after_beats=3)
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    w.live(A, synced=False)  # restarted, not yet through its containers
+    await w.elapse(30)
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    w.live(A, synced=True)  # it has listed its containers: the run is not among them
+    await w.elapse(3 * INTERVAL_S)
+    assert state(w.run(run_id)) == (RunState.QUEUED, 2, "UNEXPECTED_TERMINATION")
+
+
+async def test_after_a_takeover_no_run_is_missing_before_its_agent_has_beaten() -> None:
+    w = World(vanished_after_beats=1)
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    await w.beat(A, (run_id, 1))
+    w.monitor = w.new_monitor()
+    await w.monitor.load()
+    await w.monitor.sweep()
+    await w.monitor.sweep()
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    await w.beat(A)  # synced, and the run is not listed
+    await w.monitor.sweep()
+    assert state(w.run(run_id)) == (RunState.QUEUED, 2, "UNEXPECTED_TERMINATION")
+
+
+async def test_after_a_takeover_silence_is_measured_from_the_takeover() -> None:
+    w = World(lost_after_beats=3)
+    await w.beat(A)
+    w.clock.advance(100)  # no monitor was active meanwhile
+    w.monitor = w.new_monitor()
+    await w.monitor.load()
+    await w.elapse(6)
+    assert w.status(A) == "ALIVE"
+    await w.elapse(0.5)
+    assert w.status(A) == "LOST"
+
+
+async def test_after_a_takeover_an_agent_lost_before_is_back_with_its_first_heartbeat() -> None:
+    w = World()
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    await w.beat(A, (run_id, 1))
+    await w.elapse(10)
+    assert w.status(A) == "LOST"
+    w.monitor = w.new_monitor()
+    await w.monitor.load()
+    await w.elapse(2)  # sooner than the monitor would declare it lost itself
+    await w.beat(A, (run_id, 1))
+    assert w.status(A) == "ALIVE"
+    assert w.alerts("agent_back") == 1
+    assert decision_id(run_id, 1, f"fence:{A}") in w.store.outbox
+
+
+# ------------------------------------------------------------- timeouts, long runs
+
+
+async def test_a_run_starting_for_too_long_fails_start_timeout_and_is_terminated() -> None:
+    w = World(start_timeout_s=180)
+    run_id = await w.submit()
+    await w.launched(run_id, A)
+    w.live(A, (run_id, 1, "created"))
+    await w.elapse(180)
+    assert state(w.run(run_id)) == (RunState.STARTING, 1, None)
+    await w.elapse(SWEEP_S)
+    # START_TIMEOUT is not retried by the default policy.
+    assert state(w.run(run_id)) == (RunState.FAILURE, 1, "START_TIMEOUT")
+    assert w.terminations(A) == [(run_id, 1)]
+    assert w.alerts("run_failed") == 1
+
+
+async def test_a_run_s_own_start_timeout_comes_before_the_default() -> None:
+    w = World(start_timeout_s=180)
+    run_id = await w.submit(start_timeout_s=5)
+    await w.launched(run_id, A)
+    w.live(A, (run_id, 1, "created"))
+    await w.elapse(5.5)
+    assert state(w.run(run_id)) == (RunState.FAILURE, 1, "START_TIMEOUT")
+
+
+async def test_a_run_past_its_max_runtime_fails_and_is_terminated() -> None:
+    w = World()
+    limited, unlimited = await w.submit(max_runtime_s=10), await w.submit()
+    await w.started(limited, A)
+    await w.started(unlimited, A)
+    w.live(A, (limited, 1), (unlimited, 1))
+    await w.elapse(10)
+    assert state(w.run(limited)) == (RunState.STARTED, 1, None)
+    await w.elapse(SWEEP_S)
+    assert state(w.run(limited)) == (RunState.FAILURE, 1, "MAX_RUNTIME")
+    assert w.terminations(A) == [(limited, 1)]
+    await w.elapse(600)
+    assert state(w.run(unlimited)) == (RunState.STARTED, 1, None)
+
+
+async def test_a_long_running_run_is_alerted_once_and_left_running() -> None:
+    w = World(long_running_s=60)
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    w.live(A, (run_id, 1))
+    await w.elapse(60)
+    assert w.alerts("run_running_long") == 0
+    await w.elapse(SWEEP_S)
+    assert w.alerts("run_running_long") == 1
+    await w.elapse(300)
+    assert w.alerts("run_running_long") == 1
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    assert w.terminations(A) == []
+
+
+async def test_two_monitors_taking_the_same_decision_take_it_once() -> None:
+    w = World(start_timeout_s=5)
+    run_id = await w.submit()
+    await w.launched(run_id, A)
+    other = w.new_monitor()
+    await w.beat(A, (run_id, 1, "created"))
+    w.clock.advance(6)
+    await w.monitor.sweep()
+    await other.sweep()
+    assert w.decisions() == [(run_id, 1, "START_TIMEOUT")]
+    assert w.terminations(A) == [(run_id, 1)]
+    assert w.alerts("run_failed") == 1
