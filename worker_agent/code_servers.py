@@ -64,7 +64,7 @@ class CodeServers:
                     if exc.status_code != 409:  # 409: another agent made it meanwhile
                         raise
 
-        await self.runtime._call(ensure)
+        await self.runtime.call(ensure)
         self._network_ready = True
 
     async def list(self) -> list[CodeServer]:
@@ -79,7 +79,7 @@ class CodeServers:
                 found.append(self._describe(attrs))
             return found
 
-        return await self.runtime._call(listing)  # type: ignore[no-any-return]
+        return await self.runtime.call(listing)  # type: ignore[no-any-return]
 
     def _describe(self, attrs: dict[str, Any]) -> CodeServer:
         labels = attrs["Config"]["Labels"] or {}
@@ -99,7 +99,7 @@ class CodeServers:
         """A new code server for ``spec``, on the agent's network."""
 
         def start(client: docker.DockerClient) -> CodeServer:
-            self.runtime._ensure_image(client, spec.image)
+            self.runtime.ensure_image(client, spec.image)
             name = f"hd-loc-{spec.name}-{spec.generation}-{uuid.uuid4().hex[:6]}"
             try:
                 container = client.containers.run(
@@ -120,7 +120,7 @@ class CodeServers:
                 raise LaunchFailed(f"cannot start the code server: {exc.explanation}") from exc
             return self._describe(client.api.inspect_container(container.id))
 
-        return await self.runtime._call(start)  # type: ignore[no-any-return]
+        return await self.runtime.call(start)  # type: ignore[no-any-return]
 
     async def ask(self, server: CodeServer, path: str, timeout_s: float = 3.0) -> Any:
         """GET a code server's ``path`` as JSON; None when it does not answer 200."""

@@ -112,8 +112,9 @@ class DockerRuntime:
                     raise DockerUnavailable(f"no Docker engine answers: {exc}") from exc
             return self._client
 
-    async def _call(self, fn: Callable[[docker.DockerClient], Any]) -> Any:
-        """Run a short Docker call on the runtime's pool, its errors translated."""
+    async def call(self, fn: Callable[[docker.DockerClient], Any]) -> Any:
+        """Run a short Docker call (given the client) on the runtime's pool, its errors
+        translated into the agent's (``DockerUnavailable``, ``LaunchFailed``)."""
         return await self.run_blocking(lambda: fn(self._docker()))
 
     async def run_blocking(self, fn: Callable[[], Any]) -> Any:
@@ -147,11 +148,11 @@ class DockerRuntime:
 
     async def ping(self) -> str:
         """The engine's version; raises DockerUnavailable when it does not answer."""
-        return str(await self._call(lambda client: client.version().get("Version", "?")))
+        return str(await self.call(lambda client: client.version().get("Version", "?")))
 
     async def launch(self, launch: LaunchRun) -> tuple[ContainerInfo, bool]:
         """Start the attempt's container, or adopt the one that exists; (info, adopted)."""
-        return await self._call(lambda client: self._launch(client, launch))  # type: ignore[no-any-return]
+        return await self.call(lambda client: self._launch(client, launch))  # type: ignore[no-any-return]
 
     def _launch(self, client: docker.DockerClient, launch: LaunchRun) -> tuple[ContainerInfo, bool]:
         name = container_name(launch.run_id, launch.attempt)
@@ -161,7 +162,7 @@ class DockerRuntime:
         except docker.errors.NotFound:
             adopted = False
             self._fence_older_attempts(client, launch)
-            self._ensure_image(client, launch.image)
+            self.ensure_image(client, launch.image)
             try:
                 container = client.containers.create(
                     launch.image,
@@ -227,7 +228,8 @@ class DockerRuntime:
             with contextlib.suppress(docker.errors.NotFound):
                 client.api.remove_container(summary["Id"], force=True, v=True)
 
-    def _ensure_image(self, client: docker.DockerClient, image: str) -> None:
+    def ensure_image(self, client: docker.DockerClient, image: str) -> None:
+        """Pull ``image`` unless the engine has it (blocking: call it inside ``call``)."""
         try:
             client.images.get(image)
             return
@@ -261,7 +263,7 @@ class DockerRuntime:
             except docker.errors.NotFound:
                 return None
 
-        return await self._call(get)  # type: ignore[no-any-return]
+        return await self.call(get)  # type: ignore[no-any-return]
 
     async def output_tail(self, container_id: str, lines: int) -> tuple[str, ...]:
         """The last ``lines`` lines of the container's output (stdout and stderr)."""
@@ -274,7 +276,7 @@ class DockerRuntime:
             text = raw.decode("utf-8", errors="replace")
             return limits.tail(text.splitlines(), lines)
 
-        return await self._call(tail)  # type: ignore[no-any-return]
+        return await self.call(tail)  # type: ignore[no-any-return]
 
     async def remove(self, container_id: str) -> None:
         def remove(client: docker.DockerClient) -> None:
@@ -285,7 +287,7 @@ class DockerRuntime:
             except docker.errors.APIError as exc:
                 log.warning("could not remove container %s: %s", container_id[:12], _explain(exc))
 
-        await self._call(remove)
+        await self.call(remove)
 
     async def stop(self, container_id: str, grace_s: float) -> None:
         """SIGTERM, then SIGKILL after ``grace_s``."""
@@ -294,7 +296,7 @@ class DockerRuntime:
             with contextlib.suppress(docker.errors.NotFound):
                 client.api.stop(container_id, timeout=int(max(grace_s, 0)))
 
-        await self._call(stop)
+        await self.call(stop)
 
     async def list_managed(self) -> list[ContainerInfo]:
         """Every container this agent labelled, whatever its state."""
@@ -317,7 +319,7 @@ class DockerRuntime:
                     continue
             return found
 
-        return await self._call(listing)  # type: ignore[no-any-return]
+        return await self.call(listing)  # type: ignore[no-any-return]
 
     async def open_events(self, since: int | None) -> EventStream:
         """This agent's container events, as a blocking stream (see ``streams``)."""
