@@ -39,7 +39,10 @@ class Agent:
     def __init__(self, settings: AgentSettings, runtime: DockerRuntime | None = None) -> None:
         self.settings = settings
         self.runtime = runtime or DockerRuntime(
-            settings.agent_id, settings.pull_timeout_s, threads=settings.docker_threads
+            settings.agent_id,
+            settings.pull_timeout_s,
+            threads=settings.docker_threads,
+            policy=settings.policy,
         )
         self.slots = Slots(
             settings.max_concurrent, settings.reported_for_s, on_change=self._capacity_changed
@@ -206,6 +209,8 @@ class _Parts:
             settings.queues,
             check_interval_s=settings.location_check_interval_s,
             startup_timeout_s=settings.location_startup_timeout_s,
+            secrets=self.launcher.secrets,
+            forward_output=settings.log_forwarding,
         )
         self.consumer = agent._consumer = InstructionConsumer(
             connection,

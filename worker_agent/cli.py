@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -85,6 +86,33 @@ def run(
         float | None,
         typer.Option(help="Seconds a code server may take to answer before ERROR (180)."),
     ] = None,
+    secrets_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HD_SECRETS_DIR",
+            help="Secret files: `secret:NAME` reads the file NAME (after $HD_SECRET_NAME).",
+        ),
+    ] = None,
+    allow_image: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-image",
+            help="Only images starting with this prefix may run here; repeatable (default: any).",
+        ),
+    ] = None,
+    pids_limit: Annotated[
+        int | None, typer.Option(help="Processes a container may have at once (1024).")
+    ] = None,
+    allow_capability: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-capability",
+            help="Linux capability containers keep (all are dropped otherwise); repeatable.",
+        ),
+    ] = None,
+    run_as_user: Annotated[
+        str | None, typer.Option(help="UID[:GID] containers run as (default: the image's user).")
+    ] = None,
     metrics_port: Annotated[
         int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
     ] = 9466,
@@ -104,6 +132,7 @@ def run(
 
     from .agent import Agent
     from .errors import AgentError
+    from .policy import parse_capabilities
     from .settings import AgentSettings
 
     try:
@@ -117,6 +146,11 @@ def run(
             log_forwarding=False if no_log_forwarding else None,
             location_check_interval_s=location_check_interval,
             location_startup_timeout_s=location_startup_timeout,
+            secrets_dir=secrets_dir,
+            allowed_images=tuple(allow_image) if allow_image else None,
+            pids_limit=pids_limit,
+            capabilities=parse_capabilities(allow_capability) if allow_capability else None,
+            run_as_user=run_as_user,
         )
     except AgentError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -15,8 +15,9 @@ import docker.errors
 
 from schemas import LocationSpec
 
+from .containers import LABEL_AGENT, LABEL_MANAGED_BY, MANAGED_BY, timestamp
 from .errors import LaunchFailed
-from .runtime import LABEL_AGENT, LABEL_MANAGED_BY, MANAGED_BY, DockerRuntime, _timestamp
+from .runtime import DockerRuntime
 
 LABEL_LOCATION = "hybrid-dispatcher.location"
 LABEL_GENERATION = "hybrid-dispatcher.location-generation"
@@ -92,7 +93,7 @@ class CodeServers:
             generation=int(labels.get(LABEL_GENERATION, "0")),
             running=state.get("Status") == "running",
             address=address,
-            started_at=_timestamp(state.get("StartedAt")),
+            started_at=timestamp(state.get("StartedAt")),
         )
 
     async def start(self, spec: LocationSpec, env: dict[str, str]) -> CodeServer:
@@ -115,6 +116,7 @@ class CodeServers:
                         LABEL_LOCATION: spec.name,
                         LABEL_GENERATION: str(spec.generation),
                     },
+                    **self.runtime.policy.container_options(),
                 )
             except docker.errors.APIError as exc:
                 raise LaunchFailed(f"cannot start the code server: {exc.explanation}") from exc

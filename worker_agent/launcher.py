@@ -16,17 +16,20 @@ import asyncio
 import contextlib
 import logging
 
+import msgspec
+
 from schemas import FailureReason, Instruction, LaunchRun, RunFailed, TerminateRun
 from transport.delivery import Delivery, settle
 from transport.errors import BrokerUnavailable
 from transport.ports import InboundDelivery
 
 from . import limits, metrics
+from .containers import ContainerInfo
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed, LocationUnavailable
 from .locations import LocationKeeper
 from .ports import ContainerRuntime
 from .reporter import Reporter
-from .runtime import ContainerInfo
+from .secrets import Redactor, Secrets
 from .settings import AgentSettings
 from .slots import Attempt, AttemptKey, Slots
 
@@ -52,6 +55,8 @@ class Launcher:
         self.runtime = runtime
         self.slots = slots
         self.reporter = reporter
+        self.policy = settings.policy
+        self.secrets = Secrets(directory=settings.secrets_dir)
         self._stopping = stopping
         #: Set at start-up, before any instruction is consumed.
         self.keeper: LocationKeeper | None = None
@@ -82,6 +87,7 @@ class Launcher:
             return
         info, adopted = started
         container_id = info.id
+        attempt.redact = Redactor(info.secrets)
         self.slots.bind(attempt, container_id)
         attempt.state = info.status
         attempt.started = info.ready
@@ -143,7 +149,10 @@ class Launcher:
                 spec = launch
                 if launch.job is not None and self.keeper is not None:
                     spec = await self.keeper.launch_spec(launch)
-                info, adopted = await self.runtime.launch(spec)
+                self.policy.check_image(spec.image)
+                env, secret_keys = self.secrets.resolve(spec.env)
+                spec = msgspec.structs.replace(spec, env=env)
+                info, adopted = await self.runtime.launch(spec, secret_keys)
             except (DockerUnavailable, LocationUnavailable) as exc:
                 what = (
                     "Docker engine unreachable"
@@ -239,6 +248,7 @@ class Launcher:
             if attempt is None:
                 attempt = Attempt(*key, container_id=info.id, state=info.status)
                 attempt.started = info.ready
+                attempt.redact = Redactor(info.secrets)
                 self.slots.adopt(attempt)
                 log.info(
                     "adopted container %s of run %s attempt %d (%s)",

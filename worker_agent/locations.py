@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Mapping
 
 import msgspec
 
@@ -49,27 +47,9 @@ from transport.subscription import Subscription
 from .code_servers import CodeServer, CodeServers
 from .definitions import fit_to_message, job_definitions
 from .errors import AgentError, DockerUnavailable, LaunchFailed, LocationUnavailable
+from .secrets import MissingSecret, Redactor, Secrets, is_reference
 
 log = logging.getLogger(__name__)
-
-
-class MissingSecret(AgentError):
-    """A location refers to a secret this host does not have."""
-
-
-def resolve_env(env: Mapping[str, str], host_env: Mapping[str, str]) -> dict[str, str]:
-    """Resolve ``secret:NAME`` references from ``HD_SECRET_NAME`` on this host."""
-    resolved = {}
-    for key, value in env.items():
-        if value.startswith("secret:"):
-            name = value.removeprefix("secret:")
-            secret = host_env.get(f"HD_SECRET_{name}")
-            if secret is None:
-                raise MissingSecret(f"secret {name} is not set on this host (HD_SECRET_{name})")
-            resolved[key] = secret
-        else:
-            resolved[key] = value
-    return resolved
 
 
 class LocationKeeper:
@@ -83,7 +63,12 @@ class LocationKeeper:
         check_interval_s: float = 10.0,
         startup_timeout_s: float = 180.0,
         failures_before_redeploy: int = 3,
+        secrets: Secrets | None = None,
+        forward_output: bool = True,
     ) -> None:
+        self._secrets = secrets or Secrets()
+        #: Off (--no-log-forwarding): a failing code server's output stays on the host too.
+        self._forward_output = forward_output
         self.servers = servers
         self._connection = connection
         self._publisher = publisher
@@ -231,15 +216,17 @@ class LocationKeeper:
                 server, "/launch-spec", {"job": launch.job, "config": launch.config}
             )
             if status == 200 and isinstance(reply, dict):
-                try:
-                    env = {**resolve_env(spec.env, os.environ), **(reply.get("env") or {})}
-                except MissingSecret as exc:
-                    raise LaunchFailed(str(exc)) from exc
+                given = {str(k): str(v) for k, v in (reply.get("env") or {}).items()}
+                if any(is_reference(value) for value in given.values()):
+                    # Only the location's registered env names secrets of this host.
+                    raise LaunchFailed("the code server's launch spec names a secret reference")
+                # The location's references stay references: the launcher resolves them and
+                # knows which values to redact.
                 return msgspec.structs.replace(
                     launch,
                     image=spec.image,
                     command=tuple(str(word) for word in reply.get("command") or ()),
-                    env={**env, **launch.env},
+                    env={**spec.env, **given, **launch.env},
                 )
             if status == 400:
                 error = reply.get("error") if isinstance(reply, dict) else None
@@ -248,9 +235,10 @@ class LocationKeeper:
 
     async def _start(self, spec: LocationSpec) -> None:
         try:
-            env = resolve_env(spec.env, os.environ)
+            self.servers.runtime.policy.check_image(spec.image)
+            env, _ = self._secrets.resolve(spec.env)
             server = await self.servers.start(spec, env)
-        except (MissingSecret, AgentError) as exc:
+        except AgentError as exc:
             if isinstance(exc, DockerUnavailable):
                 raise
             await self._publish(
@@ -288,7 +276,15 @@ class LocationKeeper:
         return True
 
     async def _report_failed(self, spec: LocationSpec, server: CodeServer, why: str) -> None:
-        tail = await self.servers.runtime.output_tail(server.id, 50)
+        tail: tuple[str, ...] = ()
+        if self._forward_output:
+            try:
+                redact = Redactor(self._secrets.resolve(spec.env)[0].values())
+            except MissingSecret:
+                redact = Redactor()
+            tail = tuple(
+                redact(line) for line in await self.servers.runtime.output_tail(server.id, 50)
+            )
         await self._publish(
             LocationFailed(
                 location=spec.name,

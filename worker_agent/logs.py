@@ -52,6 +52,8 @@ class LineBatcher:
     _pending: list[str] = field(default_factory=list)
     _pending_first: int = 0
     _progress: list[ProgressItem] = field(default_factory=list)
+    #: Applied to every line first (the run's secret values become ``***``).
+    redact: Callable[[str], str] | None = None
 
     def feed(self, chunk: str) -> None:
         text = self._partial + chunk
@@ -71,6 +73,8 @@ class LineBatcher:
 
     def _add(self, line: str) -> None:
         line = line.rstrip("\r")
+        if self.redact is not None:
+            line = self.redact(line)
         try:
             # Items are numbered like lines, within a PostgreSQL integer.
             item = parse_progress(line, self.next_item) if self.next_item <= INT32_MAX else None
@@ -137,6 +141,7 @@ class LogForwarder:
         max_line_chars: int = 4096,
         max_lines: int = 10_000,
         forward_lines: bool = True,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
         self._forward_lines = forward_lines
         self._runtime = runtime
@@ -147,7 +152,9 @@ class LogForwarder:
         self._container_id = container_id
         self._interval = batch_interval_s
         self._batch_lines = batch_lines
-        self.batcher = LineBatcher(max_line_chars=max_line_chars, max_lines=max_lines)
+        self.batcher = LineBatcher(
+            max_line_chars=max_line_chars, max_lines=max_lines, redact=redact
+        )
         self._chunks: asyncio.Queue[str | None] = asyncio.Queue()
         # Incremental: a character split between two chunks is still one character.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from schemas import FailureReason, RunFailed, RunSucceeded
 
-from .runtime import ContainerInfo
+from .containers import ContainerInfo
 
 
 class EndedAttempt(Protocol):

@@ -8,11 +8,12 @@ ports are the transport's (``transport.ports``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from schemas import LaunchRun
 
-from .runtime import ContainerInfo
+from .containers import ContainerInfo
 from .streams import Stream
 
 
@@ -24,11 +25,14 @@ class ContainerRuntime(Protocol):
     ``streams.read_on_thread``) and end, or raise ``DockerUnavailable``, when the engine goes.
     """
 
-    async def launch(self, launch: LaunchRun) -> tuple[ContainerInfo, bool]:
+    async def launch(
+        self, launch: LaunchRun, secret_keys: Sequence[str] = ()
+    ) -> tuple[ContainerInfo, bool]:
         """Start the attempt's container, or adopt the one of the same name; (info, adopted).
 
         Attempts of the same run older than ``launch.attempt`` are removed first, unless they
-        exited 0."""
+        exited 0. ``secret_keys`` name the env variables holding secrets: their values come
+        back in ``ContainerInfo.secrets`` (for redaction), also after a restart."""
         ...
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:

@@ -24,12 +24,12 @@ from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.ports import EventPublisher
 
 from . import metrics
+from .containers import container_name
 from .errors import DockerUnavailable
 from .logs import LogForwarder
 from .outcome import final_event
 from .ports import ContainerRuntime
 from .progress import FRAME_PREFIX
-from .runtime import container_name
 from .settings import AgentSettings
 from .slots import Attempt, Slots
 
@@ -167,6 +167,7 @@ class Reporter:
             max_line_chars=settings.log_max_line_chars,
             max_lines=settings.log_max_lines_per_run,
             forward_lines=settings.log_forwarding,
+            redact=attempt.redact or None,
         )
         attempt.forwarding = asyncio.create_task(forwarder.run())
         self._forwarders.add(attempt.forwarding)
@@ -184,7 +185,7 @@ class Reporter:
                 wanted = self.settings.output_tail_lines
                 # Progress frames travel as RunProgress: the tail is the ordinary output.
                 tail = tuple(
-                    line
+                    attempt.redact(line)
                     for line in await self.runtime.output_tail(container_id, wanted * 4)
                     if not line.startswith(FRAME_PREFIX)
                 )[-wanted:]

@@ -12,11 +12,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import docker
@@ -25,73 +22,36 @@ import docker.errors
 from schemas import LaunchRun
 
 from . import limits
+from .containers import (
+    LABEL_AGENT,
+    LABEL_ATTEMPT,
+    LABEL_MANAGED_BY,
+    LABEL_RUN,
+    LABEL_SECRET_ENV,
+    MANAGED_BY,
+    ContainerInfo,
+    container_name,
+    run_options,
+)
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed
+from .policy import LaunchPolicy
 from .streams import UNAVAILABLE, EventStream
 
 log = logging.getLogger(__name__)
-
-LABEL_MANAGED_BY = "hybrid-dispatcher.managed-by"
-LABEL_AGENT = "hybrid-dispatcher.agent-id"
-LABEL_RUN = "hybrid-dispatcher.run-id"
-LABEL_ATTEMPT = "hybrid-dispatcher.attempt"
-MANAGED_BY = "worker-agent"
-
-
-def container_name(run_id: uuid.UUID, attempt: int) -> str:
-    """The one name an attempt's container can have: a second create of it fails."""
-    return f"hd-run-{run_id}-{attempt}"
-
-
-@dataclass(frozen=True)
-class ContainerInfo:
-    """What the agent needs to know of one of its containers."""
-
-    id: str
-    name: str
-    run_id: uuid.UUID
-    attempt: int
-    status: str  # created, running, paused, restarting, removing, exited, dead
-    exit_code: int | None
-    oom_killed: bool
-    #: "starting", "healthy" or "unhealthy" for a container with a ready check, else None.
-    health: str | None = None
-    #: When the container exited (UNIX time), for a finished container.
-    finished_at: float | None = None
-
-    @property
-    def ready(self) -> bool:
-        """Running, and past its ready check if it has one."""
-        return self.status != "created" and self.health in (None, "healthy")
-
-    @property
-    def finished(self) -> bool:
-        return self.status in ("exited", "dead")
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> ContainerInfo:
-        labels = attrs["Config"]["Labels"] or {}
-        state = attrs["State"]
-        status = state.get("Status", "unknown")
-        return cls(
-            id=attrs["Id"],
-            name=attrs["Name"].lstrip("/"),
-            run_id=uuid.UUID(labels[LABEL_RUN]),
-            attempt=int(labels[LABEL_ATTEMPT]),
-            status=status,
-            exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
-            oom_killed=bool(state.get("OOMKilled")),
-            health=(state.get("Health") or {}).get("Status"),
-            finished_at=_timestamp(state.get("FinishedAt"))
-            if status in ("exited", "dead")
-            else None,
-        )
 
 
 class DockerRuntime:
     """Creates, inspects and removes the agent's containers on the local engine."""
 
-    def __init__(self, agent_id: str, pull_timeout_s: float = 30.0, threads: int = 8) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        pull_timeout_s: float = 30.0,
+        threads: int = 8,
+        policy: LaunchPolicy | None = None,
+    ) -> None:
         self.agent_id = agent_id
+        self.policy = policy or LaunchPolicy()
         self._pull_timeout_s = pull_timeout_s
         #: Threads for short calls, and as many HTTP connections: with fewer connections
         #: than threads, calls would wait for one.
@@ -136,13 +96,16 @@ class DockerRuntime:
             raise DockerUnavailable("the container runtime is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, guarded)
 
-    def labels_for(self, launch: LaunchRun) -> dict[str, str]:
-        return {
+    def labels_for(self, launch: LaunchRun, secret_keys: Sequence[str] = ()) -> dict[str, str]:
+        labels = {
             LABEL_MANAGED_BY: MANAGED_BY,
             LABEL_AGENT: self.agent_id,
             LABEL_RUN: str(launch.run_id),
             LABEL_ATTEMPT: str(launch.attempt),
         }
+        if secret_keys:
+            labels[LABEL_SECRET_ENV] = ",".join(secret_keys)
+        return labels
 
     # ------------------------------------------------------------------- actions
 
@@ -150,11 +113,18 @@ class DockerRuntime:
         """The engine's version; raises DockerUnavailable when it does not answer."""
         return str(await self.call(lambda client: client.version().get("Version", "?")))
 
-    async def launch(self, launch: LaunchRun) -> tuple[ContainerInfo, bool]:
-        """Start the attempt's container, or adopt the one that exists; (info, adopted)."""
-        return await self.call(lambda client: self._launch(client, launch))  # type: ignore[no-any-return]
+    async def launch(
+        self, launch: LaunchRun, secret_keys: Sequence[str] = ()
+    ) -> tuple[ContainerInfo, bool]:
+        """Start the attempt's container, or adopt the one that exists; (info, adopted).
 
-    def _launch(self, client: docker.DockerClient, launch: LaunchRun) -> tuple[ContainerInfo, bool]:
+        ``secret_keys``: the env keys whose values are secrets, labelled for redaction.
+        """
+        return await self.call(lambda client: self._launch(client, launch, secret_keys))  # type: ignore[no-any-return]
+
+    def _launch(
+        self, client: docker.DockerClient, launch: LaunchRun, secret_keys: Sequence[str]
+    ) -> tuple[ContainerInfo, bool]:
         name = container_name(launch.run_id, launch.attempt)
         adopted = True
         try:
@@ -168,10 +138,11 @@ class DockerRuntime:
                     launch.image,
                     list(launch.command) or None,
                     name=name,
-                    labels=self.labels_for(launch),
+                    labels=self.labels_for(launch, secret_keys),
                     environment=dict(launch.env),
                     detach=True,
-                    **_limits(launch),
+                    **run_options(launch),
+                    **self.policy.container_options(),
                 )
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:  # 409: the name exists, a concurrent create won
@@ -362,36 +333,6 @@ class DockerRuntime:
                 self._client.close()
                 self._client = None
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _timestamp(value: str | None) -> float | None:
-    """Docker's RFC 3339 time with nanoseconds, as UNIX time."""
-    if not value or value.startswith("0001-"):
-        return None
-    head, _, fraction = value.rstrip("Z").partition(".")
-    try:
-        whole = datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return None
-    digits = "".join(ch for ch in fraction if ch.isdigit())
-    return whole + (float(f"0.{digits}") if digits else 0.0)
-
-
-def _limits(launch: LaunchRun) -> dict[str, Any]:
-    """Docker options for the run's memory limit and ready check."""
-    options: dict[str, Any] = {}
-    if launch.memory_limit_mb is not None:
-        # Swap counts against the same limit, so that the limit is the limit.
-        options["mem_limit"] = f"{launch.memory_limit_mb}m"
-        options["memswap_limit"] = f"{launch.memory_limit_mb}m"
-    if launch.ready_check:
-        options["healthcheck"] = {
-            "test": ["CMD", *launch.ready_check],
-            "interval": 250_000_000,  # ns
-            "timeout": 5_000_000_000,
-            "retries": 1,
-        }
-    return options
 
 
 def _explain(exc: docker.errors.APIError) -> str:

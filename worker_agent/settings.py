@@ -8,11 +8,13 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from schemas import is_safe_name
 from schemas.bounds import MAX_IN_FLIGHT
 
 from .errors import AgentError
+from .policy import LaunchPolicy, parse_capabilities
 from .slots import MAX_SLOTS
 
 #: An agent id's length at most, and the hex digits of a host name's hash in a default one.
@@ -25,6 +27,10 @@ COMPONENTS = ("heartbeat", "watcher", "locations", "consumer")
 
 class AgentConfigError(AgentError):
     """An option or environment variable of the agent is invalid."""
+
+
+_CAPABILITY = re.compile(r"^[A-Z][A-Z_]{1,31}$")
+_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,24 @@ class AgentSettings:
     #: How long a finished attempt stays in heartbeats, as "reported", after its final event
     #: was confirmed: a monitor reading a store that lags behind sees it reported, not gone.
     reported_for_s: float = 60.0
+    #: Where secrets are files (``NAME`` holds ``secret:NAME``), after ``HD_SECRET_NAME``.
+    secrets_dir: Path | None = None
+    #: Image prefixes a run may use (empty: any); see ``policy.LaunchPolicy``.
+    allowed_images: tuple[str, ...] = ()
+    pids_limit: int = 1024
+    capabilities: tuple[str, ...] = ()
+    run_as_user: str | None = None
     #: For tests only; see the class docstring.
     fault: str | None = None
+
+    @property
+    def policy(self) -> LaunchPolicy:
+        return LaunchPolicy(
+            allowed_images=self.allowed_images,
+            pids_limit=self.pids_limit,
+            capabilities=self.capabilities,
+            user=self.run_as_user,
+        )
 
     @property
     def docker_threads(self) -> int:
@@ -93,6 +115,10 @@ class AgentSettings:
             values["keep_finished"] = True
         if env.get("HD_LOG_FORWARDING", "").lower() in ("0", "false", "no"):
             values["log_forwarding"] = False
+        if secrets_dir := env.get("HD_SECRETS_DIR"):
+            values["secrets_dir"] = Path(secrets_dir)
+        if allowed := env.get("HD_AGENT_ALLOW_IMAGES"):
+            values["allowed_images"] = tuple(p.strip() for p in allowed.split(",") if p.strip())
         if fault := env.get("HD_AGENT_FAULT"):
             values["fault"] = fault
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -124,6 +150,22 @@ class AgentSettings:
             )
         if not 0.05 <= self.heartbeat_interval_s <= 300:
             raise AgentConfigError("the heartbeat interval must be positive, 0.05 s to 300 s")
+        if self.secrets_dir is not None and not self.secrets_dir.is_dir():
+            raise AgentConfigError(f"--secrets-dir {self.secrets_dir} is not a directory")
+        if not 16 <= self.pids_limit <= 4_194_304:
+            raise AgentConfigError("--pids-limit must be at least 16 (and at most 4,194,304)")
+        for cap in self.capabilities:
+            if not _CAPABILITY.match(cap) or cap != parse_capabilities([cap])[0]:
+                raise AgentConfigError(
+                    f"capability {cap!r} is not a Linux capability name (NET_BIND_SERVICE...)"
+                )
+        if self.run_as_user is not None and not _USER.match(self.run_as_user):
+            raise AgentConfigError(
+                f"--run-as-user {self.run_as_user!r}: give UID[:GID] or a user name[:group]"
+            )
+        for prefix in self.allowed_images:
+            if not prefix.strip() or any(c.isspace() for c in prefix):
+                raise AgentConfigError(f"--allow-image {prefix!r}: give an image name prefix")
         if self.fault is not None and self.fault not in COMPONENTS:
             raise AgentConfigError(
                 f"HD_AGENT_FAULT={self.fault!r}: name one of {', '.join(COMPONENTS)}"

@@ -19,6 +19,8 @@ from schemas import ContainerState, FailureReason
 from schemas.bounds import MAX_IN_FLIGHT
 from transport.ports import Clock
 
+from .secrets import Redactor
+
 AttemptKey = tuple[uuid.UUID, int]
 
 #: Finished attempts remembered, so that a redelivered LaunchRun of one is acked, not run.
@@ -47,6 +49,8 @@ class Attempt:
     terminate_note: str = ""
     #: Forwards the container's output while it runs (when log forwarding is on).
     forwarding: asyncio.Task[None] | None = None
+    #: Its secret values, redacted from every output line that leaves the host.
+    redact: Redactor = field(default_factory=Redactor)
 
     @property
     def key(self) -> AttemptKey:

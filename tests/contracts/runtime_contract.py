@@ -17,9 +17,7 @@ from typing import Any, Protocol, TypeVar
 import pytest
 
 from schemas import LaunchRun
-from worker_agent.errors import DockerUnavailable, ImageMissing, LaunchFailed
-from worker_agent.ports import ContainerRuntime
-from worker_agent.runtime import (
+from worker_agent.containers import (
     LABEL_AGENT,
     LABEL_ATTEMPT,
     LABEL_MANAGED_BY,
@@ -28,6 +26,8 @@ from worker_agent.runtime import (
     ContainerInfo,
     container_name,
 )
+from worker_agent.errors import DockerUnavailable, ImageMissing, LaunchFailed
+from worker_agent.ports import ContainerRuntime
 from worker_agent.streams import Stream, read_on_thread
 
 T = TypeVar("T")

@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from transport.ports import Clock
+from worker_agent.containers import ContainerInfo
 from worker_agent.errors import DockerUnavailable, LaunchFailed
-from worker_agent.runtime import ContainerInfo
 
 if TYPE_CHECKING:
     from .runtime import FakeDockerRuntime

@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from schemas import LaunchRun
 from schemas.bounds import IMAGE_REF_PATTERN
 from worker_agent import limits
-from worker_agent.errors import DockerUnavailable, ImageMissing, LaunchFailed
-from worker_agent.ports import ContainerRuntime
-from worker_agent.runtime import (
+from worker_agent.containers import (
     LABEL_AGENT,
     LABEL_ATTEMPT,
     LABEL_MANAGED_BY,
     LABEL_RUN,
+    LABEL_SECRET_ENV,
     MANAGED_BY,
     ContainerInfo,
     container_name,
 )
+from worker_agent.errors import DockerUnavailable, ImageMissing, LaunchFailed
+from worker_agent.ports import ContainerRuntime
 
 from .engine import RUN_IMAGE, FakeContainer, FakeEngine, FakeStream, NameConflict, StartFailed
 
@@ -51,15 +53,20 @@ class FakeDockerRuntime:
         if not self.engine.answering:
             raise DockerUnavailable("the Docker engine does not answer: connection refused")
 
-    def labels_for(self, launch: LaunchRun) -> dict[str, str]:
-        return {
+    def labels_for(self, launch: LaunchRun, secret_keys: Sequence[str] = ()) -> dict[str, str]:
+        labels = {
             LABEL_MANAGED_BY: MANAGED_BY,
             LABEL_AGENT: self.agent_id,
             LABEL_RUN: str(launch.run_id),
             LABEL_ATTEMPT: str(launch.attempt),
         }
+        if secret_keys:
+            labels[LABEL_SECRET_ENV] = ",".join(secret_keys)
+        return labels
 
-    async def launch(self, launch: LaunchRun) -> tuple[ContainerInfo, bool]:
+    async def launch(
+        self, launch: LaunchRun, secret_keys: Sequence[str] = ()
+    ) -> tuple[ContainerInfo, bool]:
         await self._call()
         engine = self.engine
         name = container_name(launch.run_id, launch.attempt)
@@ -76,7 +83,7 @@ class FakeDockerRuntime:
                     launch.image,
                     tuple(launch.command),
                     name,
-                    self.labels_for(launch),
+                    self.labels_for(launch, secret_keys),
                     dict(launch.env),
                     tuple(launch.ready_check) or None,
                     launch.memory_limit_mb,

@@ -17,7 +17,7 @@ from dispatcher.client import Client
 from dispatcher.store import Database
 from tests.conftest import SESSION_ID
 from tests.support import Proc, management_request
-from worker_agent.runtime import LABEL_AGENT, LABEL_RUN
+from worker_agent.containers import LABEL_AGENT, LABEL_RUN
 
 
 class Stack:

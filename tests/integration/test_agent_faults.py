@@ -16,7 +16,8 @@ from schemas import LaunchRun
 from tests.conftest import SESSION_ID
 from tests.integration.conftest import Stack
 from tests.support import eventually
-from worker_agent.runtime import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN, DockerRuntime
+from worker_agent.containers import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN
+from worker_agent.runtime import DockerRuntime
 
 
 @pytest.mark.parametrize("component", ["heartbeat", "consumer"])

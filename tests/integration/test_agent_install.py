@@ -28,7 +28,7 @@ from tests.conftest import labels_for_tests, service_unavailable
 from tests.integration.conftest import Stack
 from tests.integration.test_dispatch import wait_for_state
 from tests.support import eventually
-from worker_agent.runtime import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN
+from worker_agent.containers import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN
 
 #: ``python -X importtime`` writes one line per module imported, to stderr.
 IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$", re.MULTILINE)

@@ -23,7 +23,7 @@ import pytest
 
 from tests.integration.conftest import Stack
 from tests.support import Proc, eventually
-from worker_agent.runtime import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN
+from worker_agent.containers import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN
 from worker_agent.settings import AgentSettings
 
 BURST = 60

@@ -12,7 +12,7 @@ from dispatcher.store import Database
 from tests.integration.conftest import Stack
 from tests.integration.test_dispatch import wait_for_state
 from tests.support import eventually
-from worker_agent.runtime import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN
+from worker_agent.containers import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN
 
 
 def running_containers(stack: Stack, run_id: uuid.UUID) -> list[tuple[str, int]]:

@@ -19,7 +19,8 @@ import pytest
 from tests.conftest import SESSION_ID
 from tests.contracts.runtime_contract import Described, RuntimeContract
 from tests.support import DockerSocketProxy
-from worker_agent.runtime import LABEL_AGENT, LABEL_RUN, DockerRuntime
+from worker_agent.containers import LABEL_AGENT, LABEL_RUN
+from worker_agent.runtime import DockerRuntime
 
 
 class DockerHarness:

@@ -36,9 +36,7 @@ from tests.fakes.publisher import FakePublisher
 from tests.fakes.runtime import RUN_IMAGE, FakeContainer, FakeEngine
 from transport.delivery import Delivery
 from transport.errors import BrokerUnavailable
-from worker_agent.launcher import Launcher
-from worker_agent.reporter import Reporter
-from worker_agent.runtime import (
+from worker_agent.containers import (
     LABEL_AGENT,
     LABEL_ATTEMPT,
     LABEL_MANAGED_BY,
@@ -46,6 +44,8 @@ from worker_agent.runtime import (
     MANAGED_BY,
     container_name,
 )
+from worker_agent.launcher import Launcher
+from worker_agent.reporter import Reporter
 from worker_agent.settings import AgentSettings
 from worker_agent.slots import Slots
 from worker_agent.watcher import ContainerWatcher

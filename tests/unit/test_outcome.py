@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 
 from schemas import FailureReason, RunFailed, RunSucceeded
+from worker_agent.containers import ContainerInfo
 from worker_agent.outcome import final_event
-from worker_agent.runtime import ContainerInfo
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 
 from tests.contracts.runtime_contract import Described, RuntimeContract
 from tests.fakes.runtime import RUN_IMAGE, FakeDockerRuntime, FakeEngine
-from worker_agent.runtime import LABEL_RUN
+from worker_agent.containers import LABEL_RUN
 
 
 class FakeHarness:

@@ -1,0 +1,104 @@
+"""An agent's containers as Docker shows them: names, labels, what the agent reads of them."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas import LaunchRun
+
+LABEL_MANAGED_BY = "hybrid-dispatcher.managed-by"
+LABEL_AGENT = "hybrid-dispatcher.agent-id"
+LABEL_RUN = "hybrid-dispatcher.run-id"
+LABEL_ATTEMPT = "hybrid-dispatcher.attempt"
+#: The env keys whose values are secrets (resolved on this host): the values are redacted
+#: from the container's output, also by an agent that adopts it after a restart.
+LABEL_SECRET_ENV = "hybrid-dispatcher.secret-env"
+MANAGED_BY = "worker-agent"
+
+
+def container_name(run_id: uuid.UUID, attempt: int) -> str:
+    """The one name an attempt's container can have: a second create of it fails."""
+    return f"hd-run-{run_id}-{attempt}"
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What the agent needs to know of one of its containers."""
+
+    id: str
+    name: str
+    run_id: uuid.UUID
+    attempt: int
+    status: str  # created, running, paused, restarting, removing, exited, dead
+    exit_code: int | None
+    oom_killed: bool
+    #: "starting", "healthy" or "unhealthy" for a container with a ready check, else None.
+    health: str | None = None
+    #: When the container exited (UNIX time), for a finished container.
+    finished_at: float | None = None
+    #: The values of its secret env variables (to redact from its output); never sent.
+    secrets: tuple[str, ...] = ()
+
+    @property
+    def ready(self) -> bool:
+        """Running, and past its ready check if it has one."""
+        return self.status != "created" and self.health in (None, "healthy")
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("exited", "dead")
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> ContainerInfo:
+        labels = attrs["Config"]["Labels"] or {}
+        state = attrs["State"]
+        secret_keys = set(filter(None, labels.get(LABEL_SECRET_ENV, "").split(",")))
+        env = dict(item.partition("=")[::2] for item in attrs["Config"].get("Env") or ())
+        status = state.get("Status", "unknown")
+        return cls(
+            id=attrs["Id"],
+            name=attrs["Name"].lstrip("/"),
+            run_id=uuid.UUID(labels[LABEL_RUN]),
+            attempt=int(labels[LABEL_ATTEMPT]),
+            status=status,
+            exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
+            oom_killed=bool(state.get("OOMKilled")),
+            health=(state.get("Health") or {}).get("Status"),
+            finished_at=timestamp(state.get("FinishedAt"))
+            if status in ("exited", "dead")
+            else None,
+            secrets=tuple(env[k] for k in sorted(secret_keys) if k in env),
+        )
+
+
+def timestamp(value: str | None) -> float | None:
+    """Docker's RFC 3339 time with nanoseconds, as UNIX time."""
+    if not value or value.startswith("0001-"):
+        return None
+    head, _, fraction = value.rstrip("Z").partition(".")
+    try:
+        whole = datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+    digits = "".join(ch for ch in fraction if ch.isdigit())
+    return whole + (float(f"0.{digits}") if digits else 0.0)
+
+
+def run_options(launch: LaunchRun) -> dict[str, Any]:
+    """Docker options for the run's memory limit and ready check."""
+    options: dict[str, Any] = {}
+    if launch.memory_limit_mb is not None:
+        # Swap counts against the same limit, so that the limit is the limit.
+        options["mem_limit"] = f"{launch.memory_limit_mb}m"
+        options["memswap_limit"] = f"{launch.memory_limit_mb}m"
+    if launch.ready_check:
+        options["healthcheck"] = {
+            "test": ["CMD", *launch.ready_check],
+            "interval": 250_000_000,  # ns
+            "timeout": 5_000_000_000,
+            "retries": 1,
+        }
+    return options

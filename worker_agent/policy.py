@@ -1,0 +1,51 @@
+"""What this agent lets a run be: the images it may start, and how every container is confined.
+
+The host's owner sets the policy on the agent (options of ``worker-agent run``); the control
+plane cannot loosen it. A launch that breaks it fails with LAUNCH_ERROR and the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import LaunchFailed
+
+
+@dataclass(frozen=True)
+class LaunchPolicy:
+    #: Image references a run may use, by prefix (``registry.example/team/``); empty: any.
+    allowed_images: tuple[str, ...] = ()
+    #: Processes (and threads) a container may have at once.
+    pids_limit: int = 1024
+    #: Linux capabilities kept; every other one is dropped.
+    capabilities: tuple[str, ...] = ()
+    #: ``UID[:GID]`` the containers run as instead of their image's user; None: the image's.
+    user: str | None = None
+
+    def check_image(self, image: str) -> None:
+        """Raise LaunchFailed when ``image`` is not allowed on this agent."""
+        if self.allowed_images and not any(image.startswith(p) for p in self.allowed_images):
+            allowed = ", ".join(self.allowed_images)
+            raise LaunchFailed(
+                f"image {image!r} is not allowed on this agent (allowed prefixes: {allowed})"
+            )
+
+    def container_options(self) -> dict[str, Any]:
+        """Docker create options that confine a container."""
+        options: dict[str, Any] = {
+            "security_opt": ["no-new-privileges"],
+            "pids_limit": self.pids_limit,
+            "cap_drop": ["ALL"],
+        }
+        if self.capabilities:
+            options["cap_add"] = list(self.capabilities)
+        if self.user:
+            options["user"] = self.user
+        return options
+
+
+def parse_capabilities(names: Sequence[str]) -> tuple[str, ...]:
+    """``NET_BIND_SERVICE`` or ``CAP_NET_BIND_SERVICE``, any case, as Docker names them."""
+    return tuple(name.strip().upper().removeprefix("CAP_") for name in names if name.strip())
