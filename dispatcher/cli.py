@@ -230,7 +230,13 @@ def submit(
     ] = None,
     queue: Annotated[str, typer.Option(help="Agent queue to send the run to.")] = "default",
     env: Annotated[
-        list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")
+        list[str] | None,
+        typer.Option(
+            "--env",
+            "-e",
+            help="KEY=VALUE or KEY=secret:NAME (resolved on the agent's host); repeatable. "
+            "Not with --location: a job run takes its environment from its location.",
+        ),
     ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Submissions with the same key make one run.")
@@ -260,8 +266,10 @@ def submit(
     (`dispatcher submit --location L --job J --config '{...}'`, checked before it is accepted).
 
     The submission is checked against the wire contract before it is sent (names, image
-    reference, env keys, sizes); a refusal names the field and exits 2. With --wait, each
-    attempt's outcome and retry is printed, and the exit code is the run's final one.
+    reference, env keys, secret references, sizes; a job brings no --image, --env,
+    --ready-check or command of its own); a refusal names the field and exits 2. With
+    --wait, each attempt's outcome and retry is printed, and the exit code is the run's
+    final one.
     """
     from .client import Client, wait_for_outcome
     from .errors import SubmissionRejected
@@ -273,7 +281,7 @@ def submit(
         raise _fail("--image is required (or --location and --job)")
     if not amqp_url:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
-    environment = parse_env(env)
+    environment = parse_env(env, "KEY=VALUE or KEY=secret:NAME")
     try:
         job_config = json.loads(config) if config else {}
     except ValueError as exc:

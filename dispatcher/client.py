@@ -42,7 +42,7 @@ from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.publisher import Publisher
 from transport.subscription import Subscription
 
-from . import provenance
+from . import provenance, submissions
 from .errors import InvalidSubmission, SubmissionRejected
 
 _requests = request_decoder()
@@ -190,7 +190,12 @@ class Client:
         **kwargs: Any,
     ) -> uuid.UUID:
         """Submit a job of a code location; returns the run id once the control plane accepted
-        it, or raises SubmissionRejected naming the problem (no run exists then)."""
+        it, or raises SubmissionRejected naming the problem (no run exists then).
+
+        ``kwargs`` are ``submit``'s limits and policy. A job run takes its image, command and
+        environment from its location: ``env``, ``command`` or ``ready_check`` here raise
+        InvalidSubmission before anything is sent.
+        """
         run_id = kwargs.pop("run_id", None) or uuid.uuid4()
         follower = await self.follow({run_id})
         await self.submit(location=location, job=job, config=config, run_id=run_id, **kwargs)
@@ -233,7 +238,9 @@ def check_submission(message: SubmitRun) -> None:
     """Refuse, before sending, what the control plane would refuse: raises InvalidSubmission.
 
     The submission goes through the very decoder the control plane uses, with its size
-    limit, so the two can never disagree.
+    limit, then the control plane's own rules (``dispatcher.submissions``: a job run sets no
+    image, command, env or ready check; a ``secret:NAME`` reference has a safe NAME), so the
+    two can never disagree.
     """
     try:
         _requests.decode(encode(message))
@@ -242,6 +249,8 @@ def check_submission(message: SubmitRun) -> None:
         raise InvalidSubmission(f"invalid submission: {where}{exc.detail}", exc.field) from None
     except SchemaError as exc:
         raise InvalidSubmission(f"invalid submission: {exc}") from None
+    if found := submissions.problem(message):
+        raise InvalidSubmission(f"invalid submission: {found.field}: {found.reason}", found.field)
 
 
 async def wait_for_outcome(

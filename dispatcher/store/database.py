@@ -25,6 +25,7 @@ from schemas import (
     SubmitRun,
 )
 
+from .. import submissions as rules
 from . import agents, events, locations, migrations, outbox, output, runs
 from .alerts import Alerts
 from .connections import Connections
@@ -80,19 +81,23 @@ class Database:
     async def accept_submissions(self, submissions: Sequence[SubmitRun]) -> list[uuid.UUID]:
         """Create the runs that pass their checks; answer every job submission.
 
-        A plain run needs an image. A job run needs a loaded location that has the job, and a
-        config that matches the job's schema; it runs the location's image on its queue. A
-        refused submission creates no run: the submitter gets RunRejected naming the problem.
+        A plain run needs an image; its ``secret:NAME`` env values are stored as references.
+        A job run brings no image, command, env or ready check of its own, and needs a
+        loaded location that has the job and a config that matches the job's schema; it runs
+        the location's image on its queue. A refused submission creates no run: the submitter
+        gets RunRejected naming the problem.
         """
         plain = [s for s in submissions if s.location is None and s.job is None]
         jobs = [s for s in submissions if s.location is not None or s.job is not None]
         async with self.connections.transaction() as connection:
             accepted, rejected = [], []
             for submission in plain:
-                if submission.image:
-                    accepted.append(submission)
-                else:
+                if not submission.image:
                     rejected.append((submission, "a run needs an image, or a location and a job"))
+                elif found := rules.problem(submission):
+                    rejected.append((submission, found.reason))
+                else:
+                    accepted.append(submission)
             resolved = []
             for submission in jobs:
                 problem, run = await locations.resolve_job(connection, submission)

@@ -21,6 +21,7 @@ from hd_sdk.config import problems
 from schemas import LocationFailed, LocationLoaded, LocationSnapshot, LocationSpec, SubmitRun
 from schemas.topology import LOCATIONS_EXCHANGE
 
+from .. import submissions
 from ..errors import ConfigError, LocationNotFound
 from . import outbox
 from .connections import Connections
@@ -57,7 +58,7 @@ class Location:
         )
 
 
-def check_location(name: str, image: str, queue: str) -> None:
+def check_location(name: str, image: str, queue: str, env: dict[str, str] | None = None) -> None:
     if not _NAME.match(name):
         raise ConfigError(
             f"location name {name!r} is invalid: lowercase letters, digits, '_', '.', '-'"
@@ -66,6 +67,8 @@ def check_location(name: str, image: str, queue: str) -> None:
         raise ConfigError("a location needs an image")
     if not queue.strip():
         raise ConfigError("a location needs an agent queue")
+    if reason := submissions.secret_reference_problem(env or {}):
+        raise ConfigError(reason)
 
 
 class Locations:
@@ -84,7 +87,7 @@ class Locations:
         create: bool = True,
     ) -> Location:
         """Add (``create``) or update a location; either bumps nothing else's generation."""
-        check_location(name, image, queue)
+        check_location(name, image, queue, env)
         async with self._connections.transaction() as connection:
             before = await connection.fetchrow(
                 "SELECT * FROM code_locations WHERE name = $1 FOR UPDATE", name
@@ -159,9 +162,15 @@ class Locations:
 async def resolve_job(
     connection: asyncpg.Connection, submission: SubmitRun
 ) -> tuple[str | None, SubmitRun | None]:
-    """(problem, None) or (None, the submission as its location's image on its queue)."""
+    """(problem, None) or (None, the submission as its location's image on its queue).
+
+    The location alone gives the run its image, command and environment (its secrets among
+    them): a submission that brings its own is refused.
+    """
     if not submission.location or not submission.job:
         return "a job run needs both a location and a job", None
+    if brought := submissions.problem(submission):
+        return brought.reason, None
     record = await connection.fetchrow(
         "SELECT * FROM code_locations WHERE name = $1", submission.location
     )
