@@ -14,6 +14,7 @@ import typer
 from transport.metrics import serve_metrics
 from transport.process import version_option
 
+from . import cli_identities  # noqa: F401  (registers agents add|rotate|revoke)
 from .cli_common import (
     KNOWN_ERRORS,
     AmqpUrl,

@@ -39,7 +39,7 @@ from . import metrics, provenance
 from .alerts import AlertDeliverer
 from .errors import StoreUnavailable
 from .ports import SupervisionStore
-from .settings import MonitorSettings
+from .settings import MonitorSettings, trusted_broker_users
 from .states import RunState
 from .store import ActiveRun, Database, Leadership, LeadershipLost
 
@@ -297,6 +297,7 @@ async def _lead(
             publisher,
             queue_arguments=MONITOR_QUEUE_ARGUMENTS,
             verify=provenance.check,
+            check_sender=provenance.sender_check(trusted_broker_users(settings.amqp_url)),
         )
         await consumer.start()
         deliverer = AlertDeliverer(store.alerts, settings.webhook_urls)

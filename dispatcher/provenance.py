@@ -8,6 +8,8 @@ the control plane's verdict) is refused by every reader, so the rule holds end t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from schemas import Message, RunAccepted, RunEnded, RunFailed, RunRejected, RunRetrying
 from schemas.topology import CONTROL_SOURCE, MONITOR_SOURCE, event_routing_key
 from transport.errors import MessageRejected
@@ -37,3 +39,24 @@ def check(routing_key: str | None, event: Message) -> None:
     expected = expected_key(event)
     if routing_key != expected:
         raise Misrouted(f"routing key {routing_key!r} is not its source's ({expected!r})")
+
+
+class Impersonation(DispatcherError, MessageRejected):
+    """An agent's event published by another broker identity (a consumer dead-letters it)."""
+
+
+def sender_check(trusted: Iterable[str]) -> Callable[[str | None, Message], None]:
+    """A check of who published an agent's event: its AMQP ``user_id``, which the broker
+    verified against the connection's user, must be the agent's own id, or a trusted identity
+    (the control plane's own, an operator's). A message without a user_id is left to the
+    other checks (routing key, run ownership): the broker's topic permissions pin an agent's
+    identity to its own routing keys."""
+    allowed = frozenset(trusted)
+
+    def check_sender(user_id: str | None, event: Message) -> None:
+        agent = getattr(event, "agent_id", None)
+        if user_id is None or agent is None or user_id in allowed or user_id == agent:
+            return
+        raise Impersonation(f"published by broker user {user_id!r}, not by agent {agent!r}")
+
+    return check_sender

@@ -42,7 +42,7 @@ from transport.topology import declare_topology
 
 from . import dead_letters, metrics, provenance
 from .relay import OutboxRelay
-from .settings import ControlPlaneSettings
+from .settings import ControlPlaneSettings, trusted_broker_users
 from .store import Database
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                     on_events,
                     publisher,
                     verify=provenance.check,
+                    check_sender=provenance.sender_check(trusted_broker_users(settings.amqp_url)),
                 )
             )
             # Dead letters on a connection of their own: one whose headers the client cannot

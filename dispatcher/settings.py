@@ -7,6 +7,7 @@ object instead of calling ``os.getenv``. Environment variables use the ``HD_`` p
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -66,6 +67,15 @@ def _connections(env: Mapping[str, str]) -> dict[str, object]:
         "database_url": env.get("HD_DATABASE_URL", ""),
         "database_schema": env.get("HD_DATABASE_SCHEMA") or None,
     }
+
+
+def trusted_broker_users(amqp_url: str, env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Broker identities whose messages may speak for any agent: the process's own user and
+    those named in ``HD_TRUSTED_BROKER_USERS`` (comma-separated; an operator's, say)."""
+    env = os.environ if env is None else env
+    own = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).username or "")
+    named = [u.strip() for u in env.get("HD_TRUSTED_BROKER_USERS", "").split(",") if u.strip()]
+    return tuple(dict.fromkeys([own, *named] if own else named))
 
 
 def _require_connections(amqp_url: str, database_url: str) -> None:

@@ -46,6 +46,15 @@ async def connect(url: str, name: str, timeout: float = 30.0) -> Connection:
         raise BrokerUnavailable(f"cannot connect to the broker: {exc!r}") from exc
 
 
+async def credentials_refused(url: str) -> bool:
+    """True when the broker answers but refuses these credentials (a revoked identity)."""
+    try:
+        await probe(url)
+    except BrokerUnavailable as exc:
+        return "ACCESS_REFUSED" in str(exc)
+    return False
+
+
 async def probe(url: str, timeout: float = 10.0) -> dict[str, object]:
     """Open a plain connection and close it; the server's properties (product, version)."""
     try:

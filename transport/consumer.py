@@ -65,6 +65,7 @@ class Consumer(Generic[T]):
         on_poison: PoisonHandler[T] | None = None,
         dead_letters: bool = True,
         verify: Callable[[str | None, T], None] | None = None,
+        check_sender: Callable[[str | None, T], None] | None = None,
     ) -> None:
         self.queue_name = queue
         self._on_poison = on_poison
@@ -74,6 +75,7 @@ class Consumer(Generic[T]):
         #: Checks a decoded message against its delivery (its routing key); raising
         #: MessageRejected makes it poison.
         self._verify = verify
+        self._check_sender = check_sender
         self._queue_arguments = queue_arguments
         self._connection = connection
         self._decoder = decoder
@@ -140,6 +142,8 @@ class Consumer(Generic[T]):
                 message = self._decoder.decode(raw.body)
                 if self._verify is not None:
                     self._verify(raw.routing_key, message)
+                if self._check_sender is not None:
+                    self._check_sender(raw.user_id, message)
                 good.append(Delivery(message, raw))
             except (SchemaError, MessageRejected) as exc:
                 await self._poison(raw, None, str(exc))

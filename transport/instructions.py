@@ -44,8 +44,11 @@ class InstructionConsumer:
         handler: Callable[[Delivery[Instruction]], Coroutine[Any, Any, None]],
         capacity: Callable[[], int],
         agent_id: str | None = None,
+        bind: bool = True,
     ) -> None:
         self._agent_id = agent_id
+        #: False for an identity that may not bind queues (the control plane binds them).
+        self.bind = bind
         self._control_channel: aio_pika.abc.AbstractChannel | None = None
         self._connection = connection
         self._agent_queues = queues
@@ -67,13 +70,15 @@ class InstructionConsumer:
         try:
             self._channel = await self._connection.channel()
             for agent_queue in self._agent_queues:
-                queue = await declare_instructions_queue(self._channel, agent_queue)
+                queue = await declare_instructions_queue(self._channel, agent_queue, self.bind)
                 self._queues.append(queue)
             if self._agent_id is not None:
                 # This agent's own queue (TerminateRun) is consumed whatever the free slots.
                 self._control_channel = await self._connection.channel()
                 await self._control_channel.set_qos(prefetch_count=32)
-                control = await declare_control_queue(self._control_channel, self._agent_id)
+                control = await declare_control_queue(
+                    self._control_channel, self._agent_id, self.bind
+                )
                 await control.consume(functools.partial(self._on_message, control.name))
         except TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot consume instructions: {exc!r}") from exc

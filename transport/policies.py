@@ -23,6 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 from schemas.topology import DEAD_LETTER_EXCHANGE
 
@@ -136,17 +137,29 @@ def apply_policies(api: ManagementApi, limits: PolicyLimits) -> None:
 
 
 def _request(api: ManagementApi, method: str, path: str, body: object) -> None:
+    management_request(api, method, path, body)
+
+
+def management_request(
+    api: ManagementApi, method: str, path: str, body: object = None, reason: str = ""
+) -> Any:
+    """One call of the management API; its JSON answer (None when empty). Raises
+    BrokerUnavailable naming the call and the broker's answer."""
     url = api.base_url + path
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method=method)
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
     token = base64.b64encode(f"{api.user}:{api.password}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
     request.add_header("Content-Type", "application/json")
+    if reason:
+        request.add_header("X-Reason", reason)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            response.read()
+            answer = response.read()
     except urllib.error.HTTPError as exc:
         raise BrokerUnavailable(
             f"the management API refused {method} {path}: HTTP {exc.code} {exc.reason}"
         ) from exc
     except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
         raise BrokerUnavailable(f"the management API at {url} does not answer: {exc}") from exc
+    return json.loads(answer) if answer.strip() else None

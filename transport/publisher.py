@@ -33,6 +33,10 @@ class Publisher:
         self, connection: aio_pika.abc.AbstractRobustConnection, retry_deadline_s: float = 30.0
     ) -> None:
         self._connection = connection
+        #: Stamped on every message as its AMQP ``user_id``: the broker refuses a message whose
+        #: user_id is not the connection's user, so readers learn who really published it.
+        url = getattr(connection, "url", None)
+        self.user_id: str | None = getattr(url, "user", None) or None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._lock = asyncio.Lock()
@@ -94,6 +98,7 @@ class Publisher:
                         message_id=message_id,
                         type=kind,
                         headers=headers or {},
+                        user_id=self.user_id,
                     ),
                     routing_key=routing_key,
                 )

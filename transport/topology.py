@@ -74,14 +74,16 @@ async def declare_topology(
 
 
 async def declare_instructions_queue(
-    channel: aio_pika.abc.AbstractChannel, agent_queue: str
+    channel: aio_pika.abc.AbstractChannel, agent_queue: str, bind: bool = True
 ) -> aio_pika.abc.AbstractQueue:
-    """Declare the quorum queue of one agent queue name and bind it."""
-    exchange = await channel.get_exchange(INSTRUCTIONS_EXCHANGE, ensure=False)
+    """Declare the quorum queue of one agent queue name and bind it (``bind``: an identity
+    that may not bind leaves that to the control plane, which binds before it publishes)."""
     queue = await channel.declare_queue(
         instructions_queue(agent_queue), durable=True, arguments=_QUORUM
     )
-    await queue.bind(exchange, routing_key=agent_queue)
+    if bind:
+        exchange = await channel.get_exchange(INSTRUCTIONS_EXCHANGE, ensure=False)
+        await queue.bind(exchange, routing_key=agent_queue)
     return queue
 
 
@@ -105,22 +107,23 @@ async def declare_target(channel: aio_pika.abc.AbstractChannel, exchange: str, k
 
 
 async def declare_control_queue(
-    channel: aio_pika.abc.AbstractChannel, agent_id: str
+    channel: aio_pika.abc.AbstractChannel, agent_id: str, bind: bool = True
 ) -> aio_pika.abc.AbstractQueue:
     """Declare one agent's control queue (TerminateRun for that agent only) and bind it.
 
     Instructions wait there while the agent is away, so that a returning agent is fenced.
     An agent id that never comes back leaves a queue that expires after a week unused.
     """
-    exchange = await channel.declare_exchange(
-        CONTROL_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
-    )
     queue = await channel.declare_queue(
         control_queue(agent_id),
         durable=True,
         arguments={"x-queue-type": "quorum", "x-expires": 7 * 24 * 3600 * 1000},
     )
-    await queue.bind(exchange, routing_key=agent_id)
+    if bind:
+        exchange = await channel.declare_exchange(
+            CONTROL_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        await queue.bind(exchange, routing_key=agent_id)
     return queue
 
 

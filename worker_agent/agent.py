@@ -13,14 +13,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from transport.connection import Connection, connect
+from transport.connection import REFUSED, Connection, connect, credentials_refused
 from transport.errors import TransportError
 from transport.instructions import InstructionConsumer
 from transport.publisher import Publisher
 from transport.topology import declare_topology
 
 from .code_servers import CodeServers
-from .errors import AgentError, AgentFailed
+from .errors import AgentError, AgentFailed, AgentRevoked
 from .heartbeat import Heartbeat
 from .launcher import Launcher
 from .locations import LocationKeeper
@@ -64,8 +64,7 @@ class Agent:
         try:
             # Start-up: watch Docker first (which adopts what this agent ran before), so that
             # slots already taken are counted before any instruction is consumed.
-            async with connection.channel() as channel:
-                await declare_topology(channel, settings.queues)
+            parts.consumer.bind = await _declare_topology(connection, settings.queues)
             self._start("heartbeat", parts.heartbeat.run)
             self._start("watcher", parts.watcher.run)
             if await self._until(stop, parts.watcher.connected):
@@ -91,8 +90,24 @@ class Agent:
             failure.__cause__ = exc
         finally:
             await self._shutdown(parts, connection)
+            if isinstance(failure, AgentRevoked):
+                await self._stop_containers()
         if failure is not None:
             raise failure
+
+    async def _stop_containers(self) -> None:
+        """A revoked agent stops its run containers: their runs are failed over, and a retry
+        elsewhere must not overlap them."""
+        runtime = DockerRuntime(self.settings.agent_id, policy=self.settings.policy)
+        try:
+            running = [c for c in await runtime.list_managed() if not c.finished]
+            for container in running:
+                await runtime.stop(container.id, grace_s=10.0)
+            log.warning("revoked: %d run container(s) stopped", len(running))
+        except AgentError as exc:
+            log.error("revoked, but its containers could not all be stopped: %s", exc)
+        finally:
+            runtime.close()
 
     # ------------------------------------------------------------- components
 
@@ -130,6 +145,8 @@ class Agent:
             error = None if task.cancelled() else task.exception()
             if error is None:
                 return AgentFailed(f"component {name} ended while the agent was serving")
+            if isinstance(error, AgentRevoked):
+                return error
             log.error("component %s failed", name, exc_info=error)
             failed = AgentFailed(f"component {name} failed: {type(error).__name__}: {error}")
             failed.__cause__ = error
@@ -154,11 +171,19 @@ class Agent:
         def left() -> float:
             return max(0.0, deadline - loop.time())
 
+        async def bounded(step: Awaitable[object], what: str) -> None:
+            # A broker that is gone for good (or refuses us) must not hold the shutdown: a
+            # robust connection's operations wait for a reconnection that never comes.
+            try:
+                await asyncio.wait_for(step, max(left(), 2.0))
+            except TimeoutError:
+                log.warning("shutdown: %s did not finish in time; going on", what)
+
         # Stop consuming. Instructions held on purpose stop waiting; unacked, they go back
         # to their queue when the channel closes.
         parts.heartbeat.draining = True
         self._stopping.set()
-        await parts.consumer.stop()
+        await bounded(parts.consumer.stop(), "stopping the consumer")
         # Let launches in progress finish and final events go out, within the grace period;
         # the heartbeat goes on meanwhile, so that a draining agent does not look dead.
         await parts.consumer.drain(left())
@@ -170,10 +195,10 @@ class Agent:
         await asyncio.gather(*self._components.values(), return_exceptions=True)
         await parts.reporter.close()
         # Close: channels, then the connection (shielded: the last step must happen).
-        await parts.keeper.close()
-        await parts.consumer.close()
-        await parts.publisher.close()
-        await asyncio.shield(connection.close())
+        await bounded(parts.keeper.close(), "closing the location keeper")
+        await bounded(parts.consumer.close(), "closing the consumer")
+        await bounded(parts.publisher.close(), "closing the publisher")
+        await bounded(asyncio.shield(connection.close()), "closing the connection")
         self.runtime.close()
         log.info(
             "agent %s stopped; %d container(s) left running",
@@ -200,6 +225,7 @@ class _Parts:
             settings.max_concurrent,
             settings.heartbeat_interval_s,
             slots.in_flight,
+            refused=lambda: credentials_refused(settings.amqp_url),
         )
         self.keeper = self.launcher.keeper = LocationKeeper(
             CodeServers(runtime),
@@ -220,3 +246,16 @@ class _Parts:
             capacity=slots.prefetch,
             agent_id=settings.agent_id,
         )
+
+
+async def _declare_topology(connection: Connection, queues: tuple[str, ...]) -> bool:
+    """Declare the topology, as a development broker's single user may; False when this
+    agent's identity may not (least privilege: the control plane owns the topology and binds
+    the agent's queues, which the agent then only declares and consumes)."""
+    try:
+        async with connection.channel() as channel:
+            await declare_topology(channel, queues)
+    except REFUSED as exc:
+        log.info("this identity may not declare the topology (%s): using the control plane's", exc)
+        return False
+    return True

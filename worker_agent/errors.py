@@ -26,3 +26,8 @@ class LocationUnavailable(AgentError):
 class AgentFailed(AgentError):
     """A component of the agent failed, or ended when it should run forever; the agent shut
     down in order and its process exits non-zero, so that a supervisor restarts it."""
+
+
+class AgentRevoked(AgentFailed):
+    """The broker refuses this agent's credentials: its identity was revoked (or its secret
+    rotated). It stops its containers, since their runs are failed over elsewhere."""

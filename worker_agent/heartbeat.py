@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from schemas import AgentHeartbeat, ContainerState
 from schemas.bounds import MAX_IN_FLIGHT
 from schemas.topology import STATUS_EXCHANGE, heartbeat_routing_key
 from transport.errors import BrokerUnavailable
 from transport.ports import EventPublisher
+
+from .errors import AgentRevoked
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,10 @@ class Heartbeat:
         max_concurrent: int,
         interval_s: float,
         in_flight: Callable[[], tuple[ContainerState, ...]],
+        refused: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
+        #: Asked when a heartbeat cannot be sent: does the broker refuse our credentials?
+        self._refused = refused
         self._publisher = publisher
         self._agent_id = agent_id
         self._queues = queues
@@ -87,6 +92,11 @@ class Heartbeat:
                 await self.beat()
             except BrokerUnavailable as exc:
                 log.warning("heartbeat not sent: %s", exc)
+                if self._refused is not None and await self._refused():
+                    raise AgentRevoked(
+                        "the broker refuses this agent's credentials (its identity was revoked "
+                        "or its secret rotated)"
+                    ) from exc
             # Fixed-rate schedule: a slow publish does not stretch the interval.
             next_at += self._interval_s
             await asyncio.sleep(max(0.0, next_at - loop.time()))

@@ -1,0 +1,79 @@
+"""``dispatcher agents add|rotate|revoke``: agent identities on the broker."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+
+from .cli_common import KNOWN_ERRORS, AmqpUrl, _fail
+from .cli_ops import agents_app
+
+ManagementUrl = Annotated[
+    str,
+    typer.Option(
+        envvar="HD_AMQP_MANAGEMENT_URL",
+        help="RabbitMQ management API, http://user:pass@host:15672 (default: the broker's host "
+        "on 15672 with the AMQP credentials, which must be an administrator's).",
+    ),
+]
+Name = Annotated[str, typer.Argument(help="The agent's id (also its broker user name).")]
+
+
+def _need_broker(amqp_url: str) -> None:
+    if not amqp_url:
+        raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL (an administrator's)")
+
+
+@agents_app.command("add")
+def agents_add(
+    name: Name,
+    queue: Annotated[
+        list[str] | None,
+        typer.Option("--queue", "-q", help="Agent queue it may consume; repeatable (default)."),
+    ] = None,
+    amqp_url: AmqpUrl = "",
+    management_url: ManagementUrl = "",
+) -> None:
+    """Create an agent's broker identity: its own user, a generated secret, and permissions
+    for its queues and its own status keys only. Prints the agent's URL once: give it to
+    `worker-agent run --amqp-url` (or HD_AMQP_URL) on the agent's host."""
+    from .identities import add_agent
+
+    _need_broker(amqp_url)
+    try:
+        url = asyncio.run(add_agent(amqp_url, management_url, name, queue or ["default"]))
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(url)
+    typer.echo(f"agent {name}: the secret is shown once; rotate it with `agents rotate`", err=True)
+
+
+@agents_app.command("rotate")
+def agents_rotate(name: Name, amqp_url: AmqpUrl = "", management_url: ManagementUrl = "") -> None:
+    """Give an agent a new secret (its permissions stay) and close its open connections;
+    prints its new URL once."""
+    from .identities import rotate_agent
+
+    _need_broker(amqp_url)
+    try:
+        url, closed = rotate_agent(amqp_url, management_url, name)
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(url)
+    typer.echo(f"agent {name}: new secret; {closed} connection(s) closed", err=True)
+
+
+@agents_app.command("revoke")
+def agents_revoke(name: Name, amqp_url: AmqpUrl = "", management_url: ManagementUrl = "") -> None:
+    """Delete an agent's broker identity and close its connections: it can no longer take
+    instructions or report; the failure monitor declares it lost and fails its runs over."""
+    from .identities import revoke_agent
+
+    _need_broker(amqp_url)
+    try:
+        revoke_agent(amqp_url, management_url, name)
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(f"agent {name} revoked: its connections are cut and its secret refused")
