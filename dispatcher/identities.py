@@ -47,6 +47,11 @@ class IdentityNotFound(DispatcherError):
     """No agent identity has that name on the broker."""
 
 
+#: The tag that marks a broker user as an agent identity made here: rotate and revoke touch
+#: no other user (an operator's, the control plane's), and add never takes one over.
+AGENT_TAG = "hd-agent"
+
+
 @dataclass(frozen=True)
 class Permissions:
     configure: str
@@ -105,14 +110,26 @@ def _check(agent_id: str, queues: Sequence[str]) -> None:
             )
 
 
-def _exists(api: ManagementApi, agent_id: str) -> bool:
+def _tags(api: ManagementApi, name: str) -> list[str] | None:
+    """The user's tags; None when there is no such user."""
     try:
-        management_request(api, "GET", _user_path(agent_id))
+        user = management_request(api, "GET", _user_path(name))
     except BrokerUnavailable as exc:
         if "HTTP 404" in str(exc):
-            return False
+            return None
         raise
-    return True
+    tags = user.get("tags") if isinstance(user, dict) else None
+    if isinstance(tags, str):
+        return [t for t in tags.split(",") if t]
+    return [str(t) for t in tags] if isinstance(tags, list) else []
+
+
+def _require_agent(api: ManagementApi, agent_id: str) -> None:
+    tags = _tags(api, agent_id)
+    if tags is None:
+        raise IdentityNotFound(f"no agent identity {agent_id!r} on the broker")
+    if AGENT_TAG not in tags:
+        raise ConfigError(f"broker user {agent_id!r} is not an agent identity: left untouched")
 
 
 async def add_agent(
@@ -121,6 +138,9 @@ async def add_agent(
     """Create (or reset) the agent's broker user, its permissions and its queues; its URL."""
     _check(agent_id, queues)
     api = management_api(amqp_url, management_url)
+    tags = await asyncio.to_thread(_tags, api, agent_id)
+    if tags is not None and AGENT_TAG not in tags:
+        raise ConfigError(f"broker user {agent_id!r} exists and is not an agent identity")
     # The queues first: the agent's identity may declare them but not bind them.
     connection = await connect(amqp_url, "dispatcher-identities")
     try:
@@ -138,7 +158,7 @@ async def add_agent(
 
 
 def _put_user(api: ManagementApi, agent_id: str, password: str, permissions: Permissions) -> None:
-    management_request(api, "PUT", _user_path(agent_id), {"password": password, "tags": ""})
+    management_request(api, "PUT", _user_path(agent_id), {"password": password, "tags": AGENT_TAG})
     user = urllib.parse.quote(agent_id, safe="")
     management_request(
         api,
@@ -163,10 +183,9 @@ def rotate_agent(amqp_url: str, management_url: str, agent_id: str) -> tuple[str
 
     Returns its new URL and how many connections were closed."""
     api = management_api(amqp_url, management_url)
-    if not _exists(api, agent_id):
-        raise IdentityNotFound(f"no agent identity {agent_id!r} on the broker")
+    _require_agent(api, agent_id)
     password = secrets.token_urlsafe(24)
-    management_request(api, "PUT", _user_path(agent_id), {"password": password, "tags": ""})
+    management_request(api, "PUT", _user_path(agent_id), {"password": password, "tags": AGENT_TAG})
     return agent_url(amqp_url, agent_id, password), close_connections(api, agent_id, "rotated")
 
 
@@ -174,8 +193,7 @@ def revoke_agent(amqp_url: str, management_url: str, agent_id: str) -> None:
     """Delete the agent's broker user: the broker closes its connections at once and refuses
     new ones (any still listed are closed here too)."""
     api = management_api(amqp_url, management_url)
-    if not _exists(api, agent_id):
-        raise IdentityNotFound(f"no agent identity {agent_id!r} on the broker")
+    _require_agent(api, agent_id)
     management_request(api, "DELETE", _user_path(agent_id))
     close_connections(api, agent_id, "revoked")
 

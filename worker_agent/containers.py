@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,7 +56,7 @@ class ContainerInfo:
     def from_attrs(cls, attrs: dict[str, Any]) -> ContainerInfo:
         labels = attrs["Config"]["Labels"] or {}
         state = attrs["State"]
-        secret_keys = set(filter(None, labels.get(LABEL_SECRET_ENV, "").split(",")))
+        secret_keys = _secret_keys(labels.get(LABEL_SECRET_ENV))
         env = dict(item.partition("=")[::2] for item in attrs["Config"].get("Env") or ())
         status = state.get("Status", "unknown")
         return cls(
@@ -72,6 +73,15 @@ class ContainerInfo:
             else None,
             secrets=tuple(env[k] for k in sorted(secret_keys) if k in env),
         )
+
+
+def _secret_keys(label: str | None) -> set[str]:
+    """The env keys a container's label names as secrets (a JSON list; keys may hold ",")."""
+    try:
+        keys = json.loads(label) if label else []
+    except ValueError:
+        return set()
+    return {k for k in keys if isinstance(k, str)} if isinstance(keys, list) else set()
 
 
 def timestamp(value: str | None) -> float | None:

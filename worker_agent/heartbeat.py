@@ -35,6 +35,7 @@ class Heartbeat:
     ) -> None:
         #: Asked when a heartbeat cannot be sent: does the broker refuse our credentials?
         self._refused = refused
+        self._refusals = 0
         self._publisher = publisher
         self._agent_id = agent_id
         self._queues = queues
@@ -92,11 +93,17 @@ class Heartbeat:
                 await self.beat()
             except BrokerUnavailable as exc:
                 log.warning("heartbeat not sent: %s", exc)
-                if self._refused is not None and await self._refused():
+                refused = self._refused is not None and await self._refused()
+                # Twice in a row, a heartbeat's confirm deadline apart: one refusal may be an
+                # authentication backend's hiccup, and stopping every container is drastic.
+                self._refusals = self._refusals + 1 if refused else 0
+                if self._refusals >= 2:
                     raise AgentRevoked(
                         "the broker refuses this agent's credentials (its identity was revoked "
                         "or its secret rotated)"
                     ) from exc
+            else:
+                self._refusals = 0
             # Fixed-rate schedule: a slow publish does not stretch the interval.
             next_at += self._interval_s
             await asyncio.sleep(max(0.0, next_at - loop.time()))

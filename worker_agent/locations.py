@@ -282,9 +282,7 @@ class LocationKeeper:
                 redact = Redactor(self._secrets.resolve(spec.env)[0].values())
             except MissingSecret:
                 redact = Redactor()
-            tail = tuple(
-                redact(line) for line in await self.servers.runtime.output_tail(server.id, 50)
-            )
+            tail = await self.servers.runtime.output_tail(server.id, 50, redact)
         await self._publish(
             LocationFailed(
                 location=spec.name,

@@ -11,6 +11,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
 
 from schemas import ProgressItem, RunLog, RunProgress
 from schemas.bounds import INT32_MAX
@@ -65,6 +68,31 @@ class LineBatcher:
             # (the margin keeps a long progress frame whole).
             self._partial = self._partial[:_MAX_PARTIAL]
 
+    def _redacted(self, item: ProgressItem) -> ProgressItem:
+        """A frame's decoded strings redacted too: JSON escapes (quotes, backslashes,
+        non-ASCII) hide a secret from the raw line's redaction."""
+        redact = self.redact
+        if redact is None:
+            return item
+
+        def scrub(value: Any) -> Any:
+            if isinstance(value, str):
+                return redact(value)
+            if isinstance(value, dict):
+                return {scrub(k): scrub(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [scrub(v) for v in value]
+            return value
+
+        return msgspec.structs.replace(
+            item,
+            step=scrub(item.step),
+            status=scrub(item.status),
+            level=scrub(item.level),
+            message=scrub(item.message),
+            values=scrub(item.values),
+        )
+
     def finish(self) -> None:
         """The stream ended: a last line without a newline still counts."""
         if self._partial:
@@ -88,7 +116,7 @@ class LineBatcher:
         if item is not None:
             self.next_item += 1
             if not isinstance(item, Dropped):
-                self._progress.append(item)
+                self._progress.append(self._redacted(item))
             return
         if self.next_line >= min(self.max_lines, INT32_MAX):
             self.truncated = True

@@ -26,7 +26,7 @@ class LaunchPolicy:
 
     def check_image(self, image: str) -> None:
         """Raise LaunchFailed when ``image`` is not allowed on this agent."""
-        if self.allowed_images and not any(image.startswith(p) for p in self.allowed_images):
+        if self.allowed_images and not any(_within(image, p) for p in self.allowed_images):
             allowed = ", ".join(self.allowed_images)
             raise LaunchFailed(
                 f"image {image!r} is not allowed on this agent (allowed prefixes: {allowed})"
@@ -44,6 +44,16 @@ class LaunchPolicy:
         if self.user:
             options["user"] = self.user
         return options
+
+
+def _within(image: str, prefix: str) -> bool:
+    """``image`` is ``prefix`` or continues it at a boundary of the reference: a prefix
+    ``registry.example/team`` allows ``registry.example/team/job:1`` and ``.../team:1``, never
+    ``registry.example/team-evil/job`` or ``registry.example.evil/...``."""
+    if not image.startswith(prefix):
+        return False
+    rest = image[len(prefix) :]
+    return not rest or prefix[-1] in "/:@" or rest[0] in "/:@"
 
 
 def parse_capabilities(names: Sequence[str]) -> tuple[str, ...]:

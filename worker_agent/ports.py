@@ -8,7 +8,7 @@ ports are the transport's (``transport.ports``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from schemas import LaunchRun
@@ -39,8 +39,11 @@ class ContainerRuntime(Protocol):
         """The container's state now; None when it no longer exists."""
         ...
 
-    async def output_tail(self, container_id: str, lines: int) -> tuple[str, ...]:
-        """The last ``lines`` lines of its output; () when it no longer exists."""
+    async def output_tail(
+        self, container_id: str, lines: int, redact: Callable[[str], str] | None = None
+    ) -> tuple[str, ...]:
+        """The last ``lines`` lines of its output, each ``redact``-ed before it is cut to the
+        contract's limits; () when it no longer exists."""
         ...
 
     async def stop(self, container_id: str, grace_s: float) -> None:

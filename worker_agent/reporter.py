@@ -185,8 +185,10 @@ class Reporter:
                 wanted = self.settings.output_tail_lines
                 # Progress frames travel as RunProgress: the tail is the ordinary output.
                 tail = tuple(
-                    attempt.redact(line)
-                    for line in await self.runtime.output_tail(container_id, wanted * 4)
+                    line
+                    for line in await self.runtime.output_tail(
+                        container_id, wanted * 4, attempt.redact
+                    )
                     if not line.startswith(FRAME_PREFIX)
                 )[-wanted:]
                 break

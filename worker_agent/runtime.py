@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -104,7 +105,7 @@ class DockerRuntime:
             LABEL_ATTEMPT: str(launch.attempt),
         }
         if secret_keys:
-            labels[LABEL_SECRET_ENV] = ",".join(secret_keys)
+            labels[LABEL_SECRET_ENV] = json.dumps(list(secret_keys))
         return labels
 
     # ------------------------------------------------------------------- actions
@@ -236,16 +237,19 @@ class DockerRuntime:
 
         return await self.call(get)  # type: ignore[no-any-return]
 
-    async def output_tail(self, container_id: str, lines: int) -> tuple[str, ...]:
-        """The last ``lines`` lines of the container's output (stdout and stderr)."""
+    async def output_tail(
+        self, container_id: str, lines: int, redact: Callable[[str], str] | None = None
+    ) -> tuple[str, ...]:
+        """The last ``lines`` lines of the container's output (stdout and stderr), each
+        ``redact``-ed before it is cut (a cut secret could no longer be recognised)."""
 
         def tail(client: docker.DockerClient) -> tuple[str, ...]:
             try:
                 raw = client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
             except docker.errors.NotFound:
                 return ()
-            text = raw.decode("utf-8", errors="replace")
-            return limits.tail(text.splitlines(), lines)
+            found = raw.decode("utf-8", errors="replace").splitlines()
+            return limits.tail(map(redact, found) if redact else found, lines)
 
         return await self.call(tail)  # type: ignore[no-any-return]
 

@@ -9,8 +9,9 @@ real engine by ``tests/contracts/runtime_contract.py``.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from schemas import LaunchRun
@@ -61,7 +62,7 @@ class FakeDockerRuntime:
             LABEL_ATTEMPT: str(launch.attempt),
         }
         if secret_keys:
-            labels[LABEL_SECRET_ENV] = ",".join(secret_keys)
+            labels[LABEL_SECRET_ENV] = json.dumps(list(secret_keys))
         return labels
 
     async def launch(
@@ -129,13 +130,15 @@ class FakeDockerRuntime:
         container = self.engine.find(container_id)
         return container.info() if container is not None else None
 
-    async def output_tail(self, container_id: str, lines: int) -> tuple[str, ...]:
+    async def output_tail(
+        self, container_id: str, lines: int, redact: Callable[[str], str] | None = None
+    ) -> tuple[str, ...]:
         await self._call()
         container = self.engine.find(container_id)
         if container is None:
             return ()
-        text = b"".join(container.output).decode("utf-8", errors="replace")
-        return limits.tail(text.splitlines(), lines)
+        found = b"".join(container.output).decode("utf-8", errors="replace").splitlines()
+        return limits.tail(map(redact, found) if redact else found, lines)
 
     async def stop(self, container_id: str, grace_s: float) -> None:
         await self._call()

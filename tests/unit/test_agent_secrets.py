@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -61,13 +62,25 @@ def test_redaction_replaces_every_value_whole_and_line_by_line() -> None:
 
 
 def test_forwarded_lines_and_progress_frames_are_redacted() -> None:
-    batcher = LineBatcher(redact=Redactor([VALUE]))
-    frame = '\x02hd1 {"event": "log", "message": "using ' + VALUE + '"}'
+    quoted = 'p"w\\d-é-9f2c'  # JSON escapes it: the raw line does not show it as it is
+    batcher = LineBatcher(redact=Redactor([VALUE, quoted]))
+    frame = "\x02hd1 " + json.dumps(
+        {"event": "metadata", "message": f"using {VALUE}", "values": {"k": [quoted]}}
+    )
     batcher.feed(f"the token is {VALUE}\n{frame}\n")
     _, lines = batcher.take()
     assert lines == (f"the token is {REDACTED}",)
     [item] = batcher.take_progress()
     assert item.message == f"using {REDACTED}"
+    assert item.values == {"k": [REDACTED]}
+
+
+def test_a_tail_is_redacted_before_it_is_cut() -> None:
+    from worker_agent import limits
+
+    long_line = "x" * (limits.MAX_LINE_BYTES - 5) + VALUE
+    [line] = limits.tail(map(Redactor([VALUE]), [long_line]), 1)
+    assert VALUE[:5] not in line and line.endswith(REDACTED)
 
 
 def test_container_info_knows_its_secret_values_from_labels_and_env() -> None:
@@ -78,7 +91,7 @@ def test_container_info_knows_its_secret_values_from_labels_and_env() -> None:
             "Labels": {
                 "hybrid-dispatcher.run-id": "00000000-0000-0000-0000-000000000001",
                 "hybrid-dispatcher.attempt": "1",
-                LABEL_SECRET_ENV: "TOKEN",
+                LABEL_SECRET_ENV: '["TOKEN"]',
             },
             "Env": ["PATH=/bin", f"TOKEN={VALUE}", "MODE=a=b"],
         },
@@ -96,6 +109,15 @@ def test_the_policy_allows_images_by_prefix_and_confines_every_container() -> No
     policy.check_image("busybox:1.36")
     with pytest.raises(LaunchFailed, match="not allowed on this agent"):
         policy.check_image("registry.local/other/job:1")
+    # A prefix ends at a boundary of the reference, never inside a name.
+    team = LaunchPolicy(allowed_images=("registry.local/team",))
+    team.check_image("registry.local/team/job:1")
+    team.check_image("registry.local/team:1")
+    for sneaky in ("registry.local/team-evil/job:1", "registry.local/teams:1"):
+        with pytest.raises(LaunchFailed):
+            team.check_image(sneaky)
+    with pytest.raises(LaunchFailed):
+        LaunchPolicy(allowed_images=("registry.local",)).check_image("registry.local.evil/x:1")
     LaunchPolicy().check_image("anything:latest")
     options = LaunchPolicy(capabilities=("NET_BIND_SERVICE",), user="1000:1000").container_options()
     assert options == {
@@ -147,7 +169,7 @@ async def test_a_secret_reaches_the_container_and_never_its_reports(
     await agent.deliver(launch)
     container = only_container(engine)
     assert container.env == {"TOKEN": VALUE}
-    assert container.labels[LABEL_SECRET_ENV] == "TOKEN"
+    assert container.labels[LABEL_SECRET_ENV] == '["TOKEN"]'
     final = await agent.reported(launch.run_id)
     assert isinstance(final, RunFailed) and final.exit_code == 3
     assert final.output_tail == (f"token {REDACTED}",)
