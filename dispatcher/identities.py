@@ -1,20 +1,21 @@
 """Agent identities on the broker: one user per agent, with least-privilege permissions.
 
-An agent's broker user is named after its agent id. On the control plane's vhost it may:
+An agent's broker user is named after its agent id, and tagged ``hd-agent``. On the control
+plane's vhost it may:
 
-- configure and read only its own instruction queues, its control queue and the private
-  queue of its location snapshots (server-named ``amq.gen-*``); read ``hd.locations`` to bind
-  that queue;
+- read only its own instruction queues, its control queue and the private (exclusive)
+  queue of its location snapshots, which is all it may configure; read ``hd.locations`` to
+  bind that queue;
 - write only to the status exchange (and there, through topic permissions, only under its own
   routing keys: ``run.<event>.<agent id>.*``, ``agent.heartbeat.<agent id>``,
   ``location.<event>.<agent id>``), the requests exchange (LocationsWanted), the dead-letter
   exchange (what it cannot take) and its snapshot queue.
 
 It cannot publish instructions, control messages or snapshots, cannot read another agent's
-queues, and cannot speak for another agent. Its queues are declared and bound here, by the
-operator's identity, when the agent is added: the agent declares them again (same arguments)
-and consumes. The password is generated, printed once inside the agent's URL, and never stored
-by the control plane.
+queues (nor delete any), and cannot speak for another agent. Its queues are declared and bound
+here, by the operator's identity, when the agent is added: the agent only looks them up
+(passive declares) and consumes. The password is generated, printed once inside the agent's
+URL, and never stored by the control plane.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def agent_permissions(agent_id: str, queues: Sequence[str]) -> Permissions:
     own = _alternatives([*(instructions_queue(q) for q in queues), control_queue(agent_id)])
     agent = re.escape(agent_id)
     return Permissions(
-        configure=rf"^({own}|{_PRIVATE})$",
+        configure=rf"^({_PRIVATE})$",
         write=rf"^({_alternatives([STATUS_EXCHANGE, REQUESTS_EXCHANGE, DEAD_LETTER_EXCHANGE])}"
         rf"|{_PRIVATE})$",
         read=rf"^({own}|{re.escape(LOCATIONS_EXCHANGE)}|{_PRIVATE})$",

@@ -76,10 +76,11 @@ async def declare_topology(
 async def declare_instructions_queue(
     channel: aio_pika.abc.AbstractChannel, agent_queue: str, bind: bool = True
 ) -> aio_pika.abc.AbstractQueue:
-    """Declare the quorum queue of one agent queue name and bind it (``bind``: an identity
-    that may not bind leaves that to the control plane, which binds before it publishes)."""
+    """Declare the quorum queue of one agent queue name and bind it. Without ``bind`` (an
+    identity that may configure nothing) the queue, declared and bound by the control plane
+    when the agent was added, is only looked up (a passive declare)."""
     queue = await channel.declare_queue(
-        instructions_queue(agent_queue), durable=True, arguments=_QUORUM
+        instructions_queue(agent_queue), durable=True, arguments=_QUORUM, passive=not bind
     )
     if bind:
         exchange = await channel.get_exchange(INSTRUCTIONS_EXCHANGE, ensure=False)
@@ -118,6 +119,7 @@ async def declare_control_queue(
         control_queue(agent_id),
         durable=True,
         arguments={"x-queue-type": "quorum", "x-expires": 7 * 24 * 3600 * 1000},
+        passive=not bind,
     )
     if bind:
         exchange = await channel.declare_exchange(

@@ -279,7 +279,8 @@ class LocationKeeper:
         tail: tuple[str, ...] = ()
         if self._forward_output:
             try:
-                redact = Redactor(self._secrets.resolve(spec.env)[0].values())
+                env, keys = self._secrets.resolve(spec.env)
+                redact = Redactor(env[key] for key in keys)
             except MissingSecret:
                 redact = Redactor()
             tail = await self.servers.runtime.output_tail(server.id, 50, redact)

@@ -23,7 +23,7 @@ def matches(pattern: str, name: str) -> bool:
 def test_an_agent_may_touch_only_its_own_queues_and_keys() -> None:
     p = agent_permissions("a-1", ["default", "gpu"])
     for own in ("hd.instructions.default", "hd.instructions.gpu", "hd.control.a-1"):
-        assert matches(p.configure, own) and matches(p.read, own)
+        assert matches(p.read, own) and not matches(p.configure, own)
     for other in ("hd.instructions.other", "hd.control.a-2", "hd.control.a-1x", "hd.requests"):
         assert not matches(p.configure, other) and not matches(p.read, other)
     private = "amq_" + uuid.uuid4().hex
