@@ -6,11 +6,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 PROJECT=${HD_DEMO_PROJECT:-hybrid-dispatcher-demo}
+log() { echo "[demo] $*"; }
+
+# Credentials: generated once per checkout, kept out of git; a variable already set wins.
+CREDENTIALS=${HD_DEMO_ENV_FILE:-compose/demo.env}
+if [ ! -f "$CREDENTIALS" ]; then
+    (
+        umask 077
+        {
+            echo "# Made by compose/demo.sh on its first run: the demo stack's passwords."
+            for name in HD_DEMO_AMQP_PASSWORD HD_DEMO_DB_PASSWORD; do
+                echo "$name=$("$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(18))')"
+            done
+        } >"$CREDENTIALS"
+    )
+    log "generated the demo's passwords in $CREDENTIALS"
+fi
+while IFS='=' read -r key value; do
+    case "$key" in HD_DEMO_*) [ -n "${!key:-}" ] || export "$key=$value" ;; esac
+done <"$CREDENTIALS"
 COMPOSE=(docker-compose -f compose/docker-compose.yml -p "$PROJECT")
 RUN_IMAGE=${HD_IMAGE_RUN_TINY:-hybrid-dispatcher/run-tiny:latest}
-export HD_AMQP_URL="amqp://${HD_DEMO_AMQP_USER:-dispatcher}:${HD_DEMO_AMQP_PASSWORD:-dispatcher}@127.0.0.1:${HD_DEMO_AMQP_PORT:-5672}/"
-export HD_DATABASE_URL="postgresql://${HD_DEMO_DB_USER:-dispatcher}:${HD_DEMO_DB_PASSWORD:-dispatcher}@127.0.0.1:${HD_DEMO_DB_PORT:-5432}/dispatcher"
-log() { echo "[demo] $*"; }
+export HD_AMQP_URL="amqp://${HD_DEMO_AMQP_USER:-dispatcher}:${HD_DEMO_AMQP_PASSWORD}@127.0.0.1:${HD_DEMO_AMQP_PORT:-5672}/"
+export HD_DATABASE_URL="postgresql://${HD_DEMO_DB_USER:-dispatcher}:${HD_DEMO_DB_PASSWORD}@127.0.0.1:${HD_DEMO_DB_PORT:-5432}/dispatcher"
 
 log "starting RabbitMQ, PostgreSQL, the control plane, the failure monitor and one agent (project $PROJECT)"
 docker network inspect hybrid-dispatcher-locations >/dev/null 2>&1 \
