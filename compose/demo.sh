@@ -27,6 +27,8 @@ while IFS='=' read -r key value; do
 done <"$CREDENTIALS"
 COMPOSE=(docker-compose -f compose/docker-compose.yml -p "$PROJECT")
 RUN_IMAGE=${HD_IMAGE_RUN_TINY:-hybrid-dispatcher/run-tiny:latest}
+# The agent's container runs as an unprivileged user in the Docker socket's group.
+export HD_DOCKER_GID=${HD_DOCKER_GID:-$(stat -c %g /var/run/docker.sock)}
 export HD_AMQP_URL="amqp://${HD_DEMO_AMQP_USER:-dispatcher}:${HD_DEMO_AMQP_PASSWORD}@127.0.0.1:${HD_DEMO_AMQP_PORT:-5672}/"
 export HD_DATABASE_URL="postgresql://${HD_DEMO_DB_USER:-dispatcher}:${HD_DEMO_DB_PASSWORD}@127.0.0.1:${HD_DEMO_DB_PORT:-5432}/dispatcher"
 

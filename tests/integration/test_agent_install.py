@@ -114,6 +114,8 @@ async def test_the_agent_image_has_no_control_plane_and_runs_a_container(
         environment={"HD_AMQP_URL": stack.amqp_url},
         network_mode="host",
         volumes={socket: {"bind": "/var/run/docker.sock", "mode": "rw"}},
+        # The image runs as an unprivileged user: the socket's group lets it reach the engine.
+        group_add=[str(os.stat(socket).st_gid)],
         labels=labels_for_tests(),
         name=f"hd-agent-{agent_id}",
         detach=True,
