@@ -8,6 +8,7 @@ sends (forwarded lines, output tails) has the values of its run's secrets replac
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 from schemas import is_safe_name
 
 from .errors import LaunchFailed
+
+log = logging.getLogger(__name__)
 
 PREFIX = "secret:"
 REDACTED = "***"
@@ -46,9 +49,13 @@ class Secrets:
             except FileNotFoundError:
                 pass
             except (OSError, UnicodeDecodeError) as exc:
-                raise MissingSecret(f"secret {name} cannot be read on this host: {exc}") from exc
+                # The reason stays in this host's log: it may quote the secret's bytes.
+                log.error("secret %s cannot be read from %s: %r", name, self._directory, exc)
+                raise MissingSecret(f"secret {name} cannot be read on this host") from None
+        # Where the agent looked stays on the host too: its paths are nobody else's business.
         where = f"HD_SECRET_{name}" + (f" or {self._directory / name}" if self._directory else "")
-        raise MissingSecret(f"secret {name} is not set on this host ({where})")
+        log.warning("secret %s not found (%s)", name, where)
+        raise MissingSecret(f"secret {name} is not set on this host (HD_SECRET_{name})")
 
     def resolve(self, env: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
         """``env`` with every reference replaced by its value; and the keys that held one."""

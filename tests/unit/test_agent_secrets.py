@@ -42,7 +42,7 @@ def test_a_missing_or_unsafe_secret_is_named_without_any_value(tmp_path: Path) -
     secrets = Secrets({"HD_SECRET_OTHER": VALUE}, tmp_path)
     with pytest.raises(MissingSecret, match="secret TOKEN is not set on this host") as missing:
         secrets.resolve({"A": "secret:TOKEN"})
-    assert str(tmp_path / "TOKEN") in str(missing.value)
+    assert str(tmp_path) not in str(missing.value)  # the host's paths stay on the host
     assert isinstance(missing.value, LaunchFailed)
     with pytest.raises(MissingSecret, match="is not a secret name"):
         secrets.get("../etc/passwd")
