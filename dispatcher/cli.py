@@ -26,7 +26,7 @@ from .cli_common import (
     with_store,
 )
 from .cli_locations import locations_app
-from .cli_ops import agents_app, alerts_app, dead_letters_app
+from .cli_ops import agents_app, alerts_app, audit_app, dead_letters_app
 from .cli_runs import runs_app
 from .errors import InvalidSubmission
 
@@ -50,6 +50,7 @@ app.add_typer(runs_app, name="runs")
 
 app.add_typer(agents_app, name="agents")
 app.add_typer(alerts_app, name="alerts")
+app.add_typer(audit_app, name="audit")
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(locations_app, name="locations")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -88,3 +90,12 @@ def open_database() -> type[Database]:
             "pip install 'hybrid-dispatcher[control-plane]'"
         ) from None
     return Database
+
+
+def operator() -> str:
+    """Who runs this command, as the audit log names them: the OS user at this host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"

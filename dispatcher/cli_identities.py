@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import KNOWN_ERRORS, AmqpUrl, _fail
+from .cli_common import (
+    KNOWN_ERRORS,
+    AmqpUrl,
+    DatabaseSchema,
+    DatabaseUrl,
+    _fail,
+    operator,
+    with_store,
+)
 from .cli_ops import agents_app
 
 ManagementUrl = Annotated[
@@ -19,6 +27,19 @@ ManagementUrl = Annotated[
     ),
 ]
 Name = Annotated[str, typer.Argument(help="The agent's id (also its broker user name).")]
+
+
+def _audit(
+    database_url: str, schema: str | None, action: str, name: str, details: dict[str, object]
+) -> None:
+    """Record the action in the audit log when the control plane's database is given."""
+    if database_url:
+        with_store(
+            database_url,
+            schema,
+            lambda s: s.audit.record(operator(), action, name, details),
+            upgrade=True,
+        )
 
 
 def _need_broker(amqp_url: str) -> None:
@@ -35,6 +56,8 @@ def agents_add(
     ] = None,
     amqp_url: AmqpUrl = "",
     management_url: ManagementUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
 ) -> None:
     """Create an agent's broker identity: its own user, a generated secret, and permissions
     for its queues and its own status keys only. Prints the agent's URL once: give it to
@@ -46,12 +69,19 @@ def agents_add(
         url = asyncio.run(add_agent(amqp_url, management_url, name, queue or ["default"]))
     except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
+    _audit(database_url, database_schema, "agent.add", name, {"queues": queue or ["default"]})
     typer.echo(url)
     typer.echo(f"agent {name}: the secret is shown once; rotate it with `agents rotate`", err=True)
 
 
 @agents_app.command("rotate")
-def agents_rotate(name: Name, amqp_url: AmqpUrl = "", management_url: ManagementUrl = "") -> None:
+def agents_rotate(
+    name: Name,
+    amqp_url: AmqpUrl = "",
+    management_url: ManagementUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
     """Give an agent a new secret (its permissions stay) and close its open connections;
     prints its new URL once."""
     from .identities import rotate_agent
@@ -61,12 +91,19 @@ def agents_rotate(name: Name, amqp_url: AmqpUrl = "", management_url: Management
         url, closed = rotate_agent(amqp_url, management_url, name)
     except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
+    _audit(database_url, database_schema, "agent.rotate", name, {"connections_closed": closed})
     typer.echo(url)
     typer.echo(f"agent {name}: new secret; {closed} connection(s) closed", err=True)
 
 
 @agents_app.command("revoke")
-def agents_revoke(name: Name, amqp_url: AmqpUrl = "", management_url: ManagementUrl = "") -> None:
+def agents_revoke(
+    name: Name,
+    amqp_url: AmqpUrl = "",
+    management_url: ManagementUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
     """Delete an agent's broker identity and close its connections: it can no longer take
     instructions or report; the failure monitor declares it lost and fails its runs over."""
     from .identities import revoke_agent
@@ -76,4 +113,5 @@ def agents_revoke(name: Name, amqp_url: AmqpUrl = "", management_url: Management
         revoke_agent(amqp_url, management_url, name)
     except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
+    _audit(database_url, database_schema, "agent.revoke", name, {})
     typer.echo(f"agent {name} revoked: its connections are cut and its secret refused")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from .cli_common import DatabaseSchema, DatabaseUrl, parse_env, with_store
+from .cli_common import DatabaseSchema, DatabaseUrl, operator, parse_env, with_store
 
 if TYPE_CHECKING:
     from .store import Database, Location
@@ -63,7 +63,9 @@ def _put(
         _with_store(
             database_url,
             database_schema,
-            lambda s: s.locations.put(name, image, command or (), variables, queue, create=create),
+            lambda s: s.locations.put(
+                name, image, command or (), variables, queue, create=create, actor=operator()
+            ),
         )
     )
 
@@ -101,7 +103,9 @@ def redeploy(
     name: Name, database_url: DatabaseUrl = "", database_schema: DatabaseSchema = None
 ) -> None:
     """Start fresh code servers for a location, as it is."""
-    _show(_with_store(database_url, database_schema, lambda s: s.locations.redeploy(name)))
+    _show(
+        _with_store(database_url, database_schema, lambda s: s.locations.redeploy(name, operator()))
+    )
 
 
 @locations_app.command("remove")
@@ -109,7 +113,7 @@ def remove(
     name: Name, database_url: DatabaseUrl = "", database_schema: DatabaseSchema = None
 ) -> None:
     """Remove a location; its code servers are stopped."""
-    _with_store(database_url, database_schema, lambda s: s.locations.remove(name))
+    _with_store(database_url, database_schema, lambda s: s.locations.remove(name, operator()))
     typer.echo(f"{name}: removed")
 
 

@@ -13,6 +13,10 @@ from .cli_common import KNOWN_ERRORS, AmqpUrl, DatabaseSchema, DatabaseUrl, _fai
 
 agents_app = typer.Typer(help="Agents and their liveness (reads PostgreSQL).", no_args_is_help=True)
 alerts_app = typer.Typer(help="Alerts and their delivery (reads PostgreSQL).", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Who changed locations and agent identities, and when (reads PostgreSQL).",
+    no_args_is_help=True,
+)
 dead_letters_app = typer.Typer(
     help="Messages a consumer could not take, with the reason (reads the broker).",
     no_args_is_help=True,
@@ -118,3 +122,20 @@ def dead_letters_list(
     for letter in letters:
         body = letter.body[:120].decode("utf-8", errors="replace")
         typer.echo(f"from {letter.source_queue}: {letter.reason}\n    {body!r}")
+
+
+@audit_app.command("list")
+def audit_list(
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Operator actions, newest first: who, when, what, on which location or agent."""
+    entries = with_store(database_url, database_schema, lambda s: s.audit.recent(limit))
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2, default=_json_default))
+        return
+    for entry in entries:
+        at = entry["at"].isoformat(timespec="seconds")
+        typer.echo(f"{at}  {entry['actor']:30}  {entry['action']:18}  {entry['subject']}")

@@ -28,6 +28,7 @@ from schemas import (
 from .. import submissions as rules
 from . import agents, events, locations, migrations, outbox, output, runs
 from .alerts import Alerts
+from .audit import Audit
 from .connections import Connections
 from .dead_letters import DeadLetters
 from .supervision import Supervision
@@ -49,6 +50,7 @@ class Database:
         self.agents = agents.Agents(connections)
         self.locations = locations.Locations(connections)
         self.alerts = Alerts(connections)
+        self.audit = Audit(connections)
         self.outbox = outbox.Outbox(connections)
         self.dead_letters = DeadLetters(connections, retry_backoff_s)
         self.supervision = Supervision(connections, retry_backoff_s)

@@ -23,7 +23,7 @@ from schemas.topology import LOCATIONS_EXCHANGE
 
 from .. import submissions
 from ..errors import ConfigError, LocationNotFound
-from . import outbox
+from . import audit, outbox
 from .connections import Connections
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -85,6 +85,7 @@ class Locations:
         env: dict[str, str] | None = None,
         queue: str = "default",
         create: bool = True,
+        actor: str = "unknown",
     ) -> Location:
         """Add (``create``) or update a location; either bumps nothing else's generation."""
         check_location(name, image, queue, env)
@@ -114,9 +115,13 @@ class Locations:
             )
             queues = {queue} | ({before["queue"]} if before is not None else set())
             await snapshot(connection, queues)
+            details = {"image": image, "queue": queue, "generation": record["generation"]}
+            await audit.record(
+                connection, actor, "location.add" if create else "location.update", name, details
+            )
             return Location.from_record(record)
 
-    async def redeploy(self, name: str) -> Location:
+    async def redeploy(self, name: str, actor: str = "unknown") -> Location:
         """A new generation of the same spec: every agent starts a fresh code server."""
         async with self._connections.transaction() as connection:
             record = await connection.fetchrow(
@@ -130,9 +135,11 @@ class Locations:
             if record is None:
                 raise LocationNotFound(f"no location {name!r}")
             await snapshot(connection, {record["queue"]})
+            details = {"generation": record["generation"]}
+            await audit.record(connection, actor, "location.redeploy", name, details)
             return Location.from_record(record)
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, actor: str = "unknown") -> None:
         async with self._connections.transaction() as connection:
             queue = await connection.fetchval(
                 "DELETE FROM code_locations WHERE name = $1 RETURNING queue", name
@@ -140,6 +147,7 @@ class Locations:
             if queue is None:
                 raise LocationNotFound(f"no location {name!r}")
             await snapshot(connection, {queue})
+            await audit.record(connection, actor, "location.remove", name)
 
     async def wanted(self, queues: Sequence[str]) -> None:
         """An agent asked: the snapshots of its queues go out again."""

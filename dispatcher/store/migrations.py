@@ -202,6 +202,20 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        8,
+        "audit log of operator actions",
+        """
+        CREATE TABLE audit_log (
+            id      bigserial PRIMARY KEY,
+            at      timestamptz NOT NULL DEFAULT now(),
+            actor   text NOT NULL,
+            action  text NOT NULL,
+            subject text NOT NULL,
+            details jsonb NOT NULL DEFAULT '{}'
+        );
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time
