@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -73,6 +74,22 @@ class ContainerInfo:
             else None,
             secrets=tuple(env[k] for k in sorted(secret_keys) if k in env),
         )
+
+
+def container_labels(
+    agent_id: str, launch: LaunchRun, secret_keys: Sequence[str] = ()
+) -> dict[str, str]:
+    """The labels of an attempt's container: whose it is, and which env keys hold secrets
+    (as a JSON list: a key may hold ",")."""
+    labels = {
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_AGENT: agent_id,
+        LABEL_RUN: str(launch.run_id),
+        LABEL_ATTEMPT: str(launch.attempt),
+    }
+    if secret_keys:
+        labels[LABEL_SECRET_ENV] = json.dumps(list(secret_keys))
+    return labels
 
 
 def _secret_keys(label: str | None) -> set[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -28,9 +27,9 @@ from .containers import (
     LABEL_ATTEMPT,
     LABEL_MANAGED_BY,
     LABEL_RUN,
-    LABEL_SECRET_ENV,
     MANAGED_BY,
     ContainerInfo,
+    container_labels,
     container_name,
     run_options,
 )
@@ -98,15 +97,7 @@ class DockerRuntime:
         return await asyncio.get_running_loop().run_in_executor(self._executor, guarded)
 
     def labels_for(self, launch: LaunchRun, secret_keys: Sequence[str] = ()) -> dict[str, str]:
-        labels = {
-            LABEL_MANAGED_BY: MANAGED_BY,
-            LABEL_AGENT: self.agent_id,
-            LABEL_RUN: str(launch.run_id),
-            LABEL_ATTEMPT: str(launch.attempt),
-        }
-        if secret_keys:
-            labels[LABEL_SECRET_ENV] = json.dumps(list(secret_keys))
-        return labels
+        return container_labels(self.agent_id, launch, secret_keys)
 
     # ------------------------------------------------------------------- actions
 

@@ -9,7 +9,6 @@ real engine by ``tests/contracts/runtime_contract.py``.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,9 +21,9 @@ from worker_agent.containers import (
     LABEL_ATTEMPT,
     LABEL_MANAGED_BY,
     LABEL_RUN,
-    LABEL_SECRET_ENV,
     MANAGED_BY,
     ContainerInfo,
+    container_labels,
     container_name,
 )
 from worker_agent.errors import DockerUnavailable, ImageMissing, LaunchFailed
@@ -55,15 +54,7 @@ class FakeDockerRuntime:
             raise DockerUnavailable("the Docker engine does not answer: connection refused")
 
     def labels_for(self, launch: LaunchRun, secret_keys: Sequence[str] = ()) -> dict[str, str]:
-        labels = {
-            LABEL_MANAGED_BY: MANAGED_BY,
-            LABEL_AGENT: self.agent_id,
-            LABEL_RUN: str(launch.run_id),
-            LABEL_ATTEMPT: str(launch.attempt),
-        }
-        if secret_keys:
-            labels[LABEL_SECRET_ENV] = json.dumps(list(secret_keys))
-        return labels
+        return container_labels(self.agent_id, launch, secret_keys)
 
     async def launch(
         self, launch: LaunchRun, secret_keys: Sequence[str] = ()
