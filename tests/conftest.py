@@ -97,7 +97,54 @@ def _require_image(client: docker.DockerClient, name: str) -> str:
 # ------------------------------------------------------------------------ services
 
 
-def _start_rabbitmq(image: str) -> tuple[Any, str]:
+class Certificates:
+    """A CA of the session's own, the services' certificate, and client certificates.
+
+    The session's RabbitMQ and PostgreSQL show the server certificate on their TLS listeners
+    (beside their plain ones, which the rest of the suite uses)."""
+
+    #: Names the services answer to, as the tests reach them.
+    SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
+
+    def __init__(self, directory: Path, extra_names: tuple[str, ...] = ()) -> None:
+        import trustme
+
+        self.directory = directory
+        self._ca = trustme.CA(organization_name="hybrid-dispatcher tests")
+        self.ca = self._write(self._ca.cert_pem, "ca.pem")
+        server = self._ca.issue_cert(*dict.fromkeys((*self.SERVER_NAMES, *extra_names)))
+        self.server_cert = self._write(server.cert_chain_pems[0], "server.pem")
+        self.server_key = self._write(server.private_key_pem, "server-key.pem")
+
+    def _write(self, blob: Any, name: str) -> Path:
+        path = self.directory / name
+        blob.write_to_path(str(path))
+        path.chmod(0o644)  # read by the services' own users in their containers
+        return path
+
+    def client(self, name: str) -> tuple[Path, Path]:
+        """A client certificate whose common name is ``name``: (certificate, key)."""
+        issued = self._ca.issue_cert(name, common_name=name)
+        return (
+            self._write(issued.cert_chain_pems[0], f"client-{name}.pem"),
+            self._write(issued.private_key_pem, f"client-{name}-key.pem"),
+        )
+
+    @staticmethod
+    def other_ca(directory: Path) -> Path:
+        """A CA that signed nothing the services show (for the wrong-CA checks)."""
+        import trustme
+
+        path = directory / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(path))
+        return path
+
+
+#: Where the services find the session's certificates.
+_TLS_MOUNT = "/run/hd-tls"
+
+
+def _start_rabbitmq(image: str, certificates: Certificates) -> tuple[Any, str]:
     try:
         from testcontainers.community.rabbitmq import RabbitMqContainer
     except ImportError:  # testcontainers before the community split
@@ -105,7 +152,13 @@ def _start_rabbitmq(image: str) -> tuple[Any, str]:
 
     container = (
         RabbitMqContainer(image, username="hd", password="hd")
-        .with_exposed_ports(15672)
+        .with_exposed_ports(15672, 5671, 15671)
+        .with_volume_mapping(str(certificates.directory), _TLS_MOUNT, "ro")
+        .with_env("RABBITMQ_TLS_CERT", f"{_TLS_MOUNT}/server.pem")
+        .with_env("RABBITMQ_TLS_KEY", f"{_TLS_MOUNT}/server-key.pem")
+        .with_env("RABBITMQ_TLS_CA", f"{_TLS_MOUNT}/ca.pem")
+        # Mutual TLS on the AMQPS listener; the plain one stays open for the rest of the suite.
+        .with_env("RABBITMQ_TLS_REQUIRE_CLIENT_CERT", "true")
         .with_kwargs(labels=labels_for_tests())
     )
     container.start()
@@ -114,22 +167,38 @@ def _start_rabbitmq(image: str) -> tuple[Any, str]:
     return container, f"amqp://hd:hd@{params.host}:{params.port}/ {management}"
 
 
-def _start_postgres(image: str) -> tuple[Any, str]:
+def _start_postgres(image: str, certificates: Certificates) -> tuple[Any, str]:
     try:
         from testcontainers.community.postgres import PostgresContainer
     except ImportError:  # testcontainers before the community split
         from testcontainers.postgres import PostgresContainer
 
-    container = PostgresContainer(
-        image, username="hd", password="hd", dbname="hd", driver=None
-    ).with_kwargs(labels=labels_for_tests())
+    container = (
+        PostgresContainer(image, username="hd", password="hd", dbname="hd", driver=None)
+        .with_volume_mapping(str(certificates.directory), _TLS_MOUNT, "ro")
+        .with_env("POSTGRES_TLS_CERT", f"{_TLS_MOUNT}/server.pem")
+        .with_env("POSTGRES_TLS_KEY", f"{_TLS_MOUNT}/server-key.pem")
+        .with_kwargs(labels=labels_for_tests())
+    )
     container.start()
     return container, container.get_connection_url()
 
 
 @pytest.fixture(scope="session")
+def certificates(
+    tmp_path_factory: pytest.TempPathFactory, docker_client: docker.DockerClient
+) -> Certificates:
+    """The session's CA and certificates (the services' TLS listeners show them)."""
+    # Run inside a container, the tests reach the services through the bridge's gateway.
+    bridge = docker_client.networks.get("bridge").attrs.get("IPAM", {}).get("Config") or []
+    gateways = tuple(c["Gateway"] for c in bridge if c.get("Gateway"))
+    override = (os.environ["TC_HOST"],) if os.environ.get("TC_HOST") else ()
+    return Certificates(tmp_path_factory.mktemp("tls"), (*gateways, *override))
+
+
+@pytest.fixture(scope="session")
 def _service_starts(
-    docker_client: docker.DockerClient, images: ImageNames
+    docker_client: docker.DockerClient, images: ImageNames, certificates: Certificates
 ) -> Iterator[dict[str, Future[tuple[Any, str]] | str]]:
     """Start RabbitMQ and PostgreSQL side by side (once), unless the environment names them."""
     starts: dict[str, Future[tuple[Any, str]] | str] = {}
@@ -138,12 +207,12 @@ def _service_starts(
             starts["rabbitmq"] = f"{url} {os.environ.get('HD_TEST_AMQP_MANAGEMENT_URL', '')}"
         else:
             _require_image(docker_client, images.rabbitmq)
-            starts["rabbitmq"] = pool.submit(_start_rabbitmq, images.rabbitmq)
+            starts["rabbitmq"] = pool.submit(_start_rabbitmq, images.rabbitmq, certificates)
         if url := os.environ.get("HD_TEST_DATABASE_URL"):
             starts["postgres"] = url
         else:
             _require_image(docker_client, images.postgres)
-            starts["postgres"] = pool.submit(_start_postgres, images.postgres)
+            starts["postgres"] = pool.submit(_start_postgres, images.postgres, certificates)
         yield starts
         for start in starts.values():
             if isinstance(start, Future) and start.exception() is None:
@@ -216,3 +285,39 @@ def run_image(docker_client: docker.DockerClient, images: ImageNames) -> str:
 def unique() -> str:
     """A short unique suffix for names (queues, schemas, containers) of one test."""
     return uuid.uuid4().hex[:10]
+
+
+class TlsEndpoints:
+    """The TLS listeners of the session's own services (see ``Certificates``)."""
+
+    def __init__(self, starts: dict[str, Future[tuple[Any, str]] | str]) -> None:
+        rabbitmq, postgres = starts["rabbitmq"], starts["postgres"]
+        if not isinstance(rabbitmq, Future) or not isinstance(postgres, Future):
+            service_unavailable("the TLS listeners", "the services come from the environment")
+            raise AssertionError  # unreachable: the call above fails or skips
+        broker = _started(rabbitmq)
+        self.host = broker.get_container_host_ip()
+        self.amqps_port = int(broker.get_exposed_port(5671))
+        self.management_port = int(broker.get_exposed_port(15671))
+        #: The database's plain URL (add sslmode=, sslrootcert=... to it).
+        self.postgres_url = _service_url(starts, "postgres")
+
+    def amqps_url(self, user: str, password: str, vhost: str, **query: str) -> str:
+        """An AMQPS URL of the session's broker (``vhost`` as in its AMQP URL's path)."""
+        credentials = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}"
+        url = f"amqps://{credentials}@{self.host}:{self.amqps_port}/{vhost}"
+        return f"{url}?{urllib.parse.urlencode(query)}" if query else url
+
+
+def _started(start: Future[tuple[Any, str]]) -> Any:
+    try:
+        return start.result(timeout=240)[0]
+    except Exception as exc:
+        service_unavailable("a service", repr(exc))
+        raise
+
+
+@pytest.fixture(scope="session")
+def tls_endpoints(_service_starts: dict[str, Future[tuple[Any, str]] | str]) -> TlsEndpoints:
+    """Where the session's services listen for TLS (fails or skips if they came from outside)."""
+    return TlsEndpoints(_service_starts)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -99,6 +100,8 @@ class ManagementApi:
     user: str
     password: str
     vhost: str
+    #: The CA that signed the API's certificate over HTTPS (None: the system's CAs).
+    cafile: str | None = None
 
 
 def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
@@ -106,9 +109,12 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
 
     An explicit ``management_url`` (http://user:pass@host:port/prefix) is taken as it is; the
     AMQP credentials are used when it names none. Otherwise the broker's host on RabbitMQ's
-    default management port: 15672 (http), or 15671 (https) for an ``amqps`` broker.
+    default management port: 15672 (http), or 15671 (https) for an ``amqps`` broker. Over
+    HTTPS the server is verified with the CA of the management URL's ``cafile=``, else the
+    AMQP URL's, else the system's.
     """
     amqp = urllib.parse.urlsplit(amqp_url)
+    cafile = _query(amqp_url, "cafile") or _query(management_url, "cafile")
     vhost = urllib.parse.unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
     user = urllib.parse.unquote(amqp.username or "guest")
     password = urllib.parse.unquote(amqp.password or "guest")
@@ -123,10 +129,17 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
         if given.username:
             user = urllib.parse.unquote(given.username)
             password = urllib.parse.unquote(given.password or "")
-        return ManagementApi(base, user, password, vhost)
+        return ManagementApi(
+            base, user, password, vhost, _query(management_url, "cafile") or cafile
+        )
     scheme, default_port = ("https", 15671) if amqp.scheme == "amqps" else ("http", 15672)
     host = amqp.hostname or "localhost"
-    return ManagementApi(f"{scheme}://{host}:{default_port}", user, password, vhost)
+    return ManagementApi(f"{scheme}://{host}:{default_port}", user, password, vhost, cafile)
+
+
+def _query(url: str, name: str) -> str | None:
+    values = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).get(name)
+    return values[0] if values else None
 
 
 def apply_policies(api: ManagementApi, limits: PolicyLimits) -> None:
@@ -154,7 +167,10 @@ def management_request(
     if reason:
         request.add_header("X-Reason", reason)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        context = (
+            ssl.create_default_context(cafile=api.cafile) if url.startswith("https:") else None
+        )
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
             answer = response.read()
     except urllib.error.HTTPError as exc:
         raise BrokerUnavailable(

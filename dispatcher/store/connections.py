@@ -7,13 +7,14 @@ of the store takes its connections from ``Connections``.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Self
 
 import asyncpg
 
-from ..errors import StoreUnavailable
+from ..errors import ConfigError, DispatcherError, StoreUnavailable
 
 #: asyncpg's exceptions that mean "the database is out for now" (translated into
 #: StoreUnavailable, and only these).
@@ -41,8 +42,34 @@ async def connect(dsn: str, schema: str | None = None) -> asyncpg.Connection:
     """A connection of its own (outside the pool), for LISTEN and session locks."""
     try:
         return await asyncpg.connect(dsn, server_settings=_server_settings(schema), timeout=30)
-    except UNAVAILABLE as exc:
-        raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}") from exc
+    except (*UNAVAILABLE, *REFUSED) as exc:
+        raise cannot_connect(exc) from exc
+
+
+#: The server refused the client: a password, or a certificate it asks for (over SSL).
+REFUSED = (
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidPasswordError,
+)
+
+
+def cannot_connect(exc: BaseException) -> DispatcherError:
+    """The error for a failed connect; a TLS failure or a refusal is said in words."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and "mismatch" in str(exc.verify_message):
+        return StoreUnavailable(
+            "TLS with PostgreSQL failed: the server's certificate is not valid for this host "
+            f"name ({exc.verify_message}): connect by a name the certificate lists"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return StoreUnavailable(
+            "TLS with PostgreSQL failed: the server's certificate is not trusted "
+            f"({exc.verify_message}): give the CA that signed it (sslrootcert= in the URL)"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return StoreUnavailable(f"TLS with PostgreSQL failed: {exc.reason or exc}")
+    if isinstance(exc, REFUSED):
+        return ConfigError(f"PostgreSQL refused the connection: {exc}")
+    return StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}")
 
 
 async def close_quietly(connection: asyncpg.Connection) -> None:
@@ -75,8 +102,8 @@ class Connections:
                 server_settings=_server_settings(schema),
                 timeout=30,
             )
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}") from exc
+        except (*UNAVAILABLE, *REFUSED) as exc:
+            raise cannot_connect(exc) from exc
         assert pool is not None
         return cls(pool, dsn, schema)
 

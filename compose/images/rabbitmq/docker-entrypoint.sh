@@ -1,11 +1,24 @@
 #!/bin/sh
 # Writes rabbitmq.conf from the environment, then runs the server as the rabbitmq user.
+#
+# TLS: RABBITMQ_TLS_CERT and RABBITMQ_TLS_KEY (paths of PEM files in the container) turn on
+# the AMQPS listener (RABBITMQ_TLS_PORT, 5671) and the management API over HTTPS (15671).
+# RABBITMQ_TLS_CA names the CA that client certificates must chain to; with
+# RABBITMQ_TLS_REQUIRE_CLIENT_CERT=true a client without one is refused (mutual TLS), and a
+# client may log in with its certificate alone (EXTERNAL: the user is the certificate's CN).
+# RABBITMQ_PLAINTEXT=off closes the plain AMQP and HTTP listeners.
 set -eu
 conf=/etc/rabbitmq/rabbitmq.conf
+tls=/etc/rabbitmq/tls
+plaintext=${RABBITMQ_PLAINTEXT:-on}
 {
     echo "loopback_users = none"
-    echo "listeners.tcp.default = ${RABBITMQ_NODE_PORT:-5672}"
-    echo "management.tcp.port = 15672"
+    if [ "$plaintext" = off ]; then
+        echo "listeners.tcp = none"
+    else
+        echo "listeners.tcp.default = ${RABBITMQ_NODE_PORT:-5672}"
+        echo "management.tcp.port = 15672"
+    fi
     echo "default_user = ${RABBITMQ_DEFAULT_USER:-guest}"
     echo "default_pass = ${RABBITMQ_DEFAULT_PASS:-guest}"
     echo "default_vhost = ${RABBITMQ_DEFAULT_VHOST:-/}"
@@ -14,6 +27,38 @@ conf=/etc/rabbitmq/rabbitmq.conf
     echo "default_permissions.write = .*"
     echo "default_user_tags.administrator = true"
 } > "$conf"
+if [ -n "${RABBITMQ_TLS_CERT:-}" ]; then
+    : "${RABBITMQ_TLS_KEY:?RABBITMQ_TLS_CERT is set: RABBITMQ_TLS_KEY must name its key}"
+    # Copies the server may read as its own user, whoever owns the mounted files.
+    mkdir -p "$tls"
+    cp "$RABBITMQ_TLS_CERT" "$tls/cert.pem"
+    cp "$RABBITMQ_TLS_KEY" "$tls/key.pem"
+    chmod 600 "$tls/key.pem"
+    {
+        echo "listeners.ssl.default = ${RABBITMQ_TLS_PORT:-5671}"
+        echo "ssl_options.certfile = $tls/cert.pem"
+        echo "ssl_options.keyfile = $tls/key.pem"
+        echo "ssl_options.versions.1 = tlsv1.3"
+        echo "ssl_options.versions.2 = tlsv1.2"
+        echo "management.ssl.port = 15671"
+        echo "management.ssl.certfile = $tls/cert.pem"
+        echo "management.ssl.keyfile = $tls/key.pem"
+    } >> "$conf"
+    if [ -n "${RABBITMQ_TLS_CA:-}" ]; then
+        cp "$RABBITMQ_TLS_CA" "$tls/ca.pem"
+        require=${RABBITMQ_TLS_REQUIRE_CLIENT_CERT:-false}
+        {
+            echo "ssl_options.cacertfile = $tls/ca.pem"
+            echo "ssl_options.verify = verify_peer"
+            echo "ssl_options.fail_if_no_peer_cert = $require"
+            echo "auth_mechanisms.1 = PLAIN"
+            echo "auth_mechanisms.2 = AMQPLAIN"
+            echo "auth_mechanisms.3 = EXTERNAL"
+            echo "ssl_cert_login_from = common_name"
+        } >> "$conf"
+    fi
+    chown -R rabbitmq:rabbitmq "$tls"
+fi
 mkdir -p /var/lib/rabbitmq /var/log/rabbitmq
 chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq "$conf"
 if [ "$1" = rabbitmq-server ]; then
