@@ -25,14 +25,17 @@ fi
 while IFS='=' read -r key value; do
     case "$key" in HD_DEMO_*) [ -n "${!key:-}" ] || export "$key=$value" ;; esac
 done <"$CREDENTIALS"
+# Certificates: made once per checkout (compose/tls/, kept out of git). The stack speaks TLS only.
+"$BIN/python" compose/certs.py compose/tls
+CA="$PWD/compose/tls/ca.pem"
 COMPOSE=(docker-compose -f compose/docker-compose.yml -p "$PROJECT")
 RUN_IMAGE=${HD_IMAGE_RUN_TINY:-hybrid-dispatcher/run-tiny:latest}
 # The agent's container runs as an unprivileged user in the Docker socket's group.
 export HD_DOCKER_GID=${HD_DOCKER_GID:-$(stat -c %g /var/run/docker.sock)}
-export HD_AMQP_URL="amqp://${HD_DEMO_AMQP_USER:-dispatcher}:${HD_DEMO_AMQP_PASSWORD}@127.0.0.1:${HD_DEMO_AMQP_PORT:-5672}/"
-export HD_DATABASE_URL="postgresql://${HD_DEMO_DB_USER:-dispatcher}:${HD_DEMO_DB_PASSWORD}@127.0.0.1:${HD_DEMO_DB_PORT:-5432}/dispatcher"
+export HD_AMQP_URL="amqps://${HD_DEMO_AMQP_USER:-dispatcher}:${HD_DEMO_AMQP_PASSWORD}@127.0.0.1:${HD_DEMO_AMQP_PORT:-5671}/?cafile=$CA"
+export HD_DATABASE_URL="postgresql://${HD_DEMO_DB_USER:-dispatcher}:${HD_DEMO_DB_PASSWORD}@127.0.0.1:${HD_DEMO_DB_PORT:-5432}/dispatcher?sslmode=verify-full&sslrootcert=$CA"
 
-log "starting RabbitMQ, PostgreSQL, the control plane, the failure monitor and one agent (project $PROJECT)"
+log "starting RabbitMQ, PostgreSQL, the control plane, the failure monitor and one agent (project $PROJECT), TLS only"
 docker network inspect hybrid-dispatcher-locations >/dev/null 2>&1 \
     || docker network create hybrid-dispatcher-locations >/dev/null
 "${COMPOSE[@]}" up -d

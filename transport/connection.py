@@ -70,7 +70,7 @@ def _unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
 
 
 def _reset(exc: BaseException) -> bool:
-    return "Connection reset" in repr(exc) or isinstance(exc, ConnectionResetError)
+    return "connection reset" in repr(exc).lower() or isinstance(exc, ConnectionResetError)
 
 
 def tls_failure(exc: BaseException) -> str | None:
