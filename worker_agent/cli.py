@@ -113,6 +113,14 @@ def run(
     run_as_user: Annotated[
         str | None, typer.Option(help="UID[:GID] containers run as (default: the image's user).")
     ] = None,
+    pull: Annotated[
+        str | None,
+        typer.Option(
+            "--pull",
+            help="When to pull an image: always, if-missing (default) or never. Registry "
+            "credentials come from this host's Docker config (`docker login`, $DOCKER_CONFIG).",
+        ),
+    ] = None,
     metrics_port: Annotated[
         int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
     ] = 9466,
@@ -151,6 +159,7 @@ def run(
             pids_limit=pids_limit,
             capabilities=parse_capabilities(allow_capability) if allow_capability else None,
             run_as_user=run_as_user,
+            pull_policy=pull,
         )
     except AgentError as exc:
         typer.echo(f"error: {exc}", err=True)

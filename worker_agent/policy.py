@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from .errors import LaunchFailed
+
+#: When the agent pulls a run's image: before every launch, only when the engine lacks it,
+#: or never (the host's owner puts images there).
+PULL_POLICIES: Final = ("always", "if-missing", "never")
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,8 @@ class LaunchPolicy:
     capabilities: tuple[str, ...] = ()
     #: ``UID[:GID]`` the containers run as instead of their image's user; None: the image's.
     user: str | None = None
+    #: One of PULL_POLICIES.
+    pull: str = "if-missing"
 
     def check_image(self, image: str) -> None:
         """Raise LaunchFailed when ``image`` is not allowed on this agent."""

@@ -192,19 +192,28 @@ class DockerRuntime:
                 client.api.remove_container(summary["Id"], force=True, v=True)
 
     def ensure_image(self, client: docker.DockerClient, image: str) -> None:
-        """Pull ``image`` unless the engine has it (blocking: call it inside ``call``)."""
-        try:
-            client.images.get(image)
-            return
-        except docker.errors.ImageNotFound:
-            pass
-        except docker.errors.APIError as exc:
-            raise ImageMissing(f"image {image!r} is invalid: {_explain(exc)}") from exc
-        log.info("image %s is not on this host; trying to pull it", image)
+        """Have ``image`` on the engine as the pull policy says (blocking: call it inside
+        ``call``): pull it always, only when missing, or never."""
+        pull = self.policy.pull
+        if pull != "always":
+            try:
+                client.images.get(image)
+                return
+            except docker.errors.ImageNotFound:
+                pass
+            except docker.errors.APIError as exc:
+                raise ImageMissing(f"image {image!r} is invalid: {_explain(exc)}") from exc
+            if pull == "never":
+                raise ImageMissing(
+                    f"image {image!r} is not on this host, and this agent never pulls "
+                    "(--pull never): load it on the host first"
+                )
+            log.info("image %s is not on this host; trying to pull it", image)
         repository, _, tag = (
             image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
         )
         try:
+            # Credentials for the image's registry come from this host's Docker config.
             puller = docker.from_env(timeout=int(self._pull_timeout_s)).api
             try:
                 puller.pull(repository, tag=tag or "latest")
@@ -213,9 +222,8 @@ class DockerRuntime:
             client.images.get(image)
         except (docker.errors.APIError, docker.errors.ImageNotFound, *UNAVAILABLE) as exc:
             detail = _explain(exc) if isinstance(exc, docker.errors.APIError) else repr(exc)
-            raise ImageMissing(
-                f"image {image!r} is not on this host and cannot be pulled: {detail}"
-            ) from exc
+            where = "is not on this host and" if pull != "always" else "(--pull always)"
+            raise ImageMissing(f"image {image!r} {where} cannot be pulled: {detail}") from exc
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:
         """The container's current state, or None when it no longer exists."""

@@ -14,7 +14,7 @@ from schemas import is_safe_name
 from schemas.bounds import MAX_IN_FLIGHT
 
 from .errors import AgentError
-from .policy import LaunchPolicy, parse_capabilities
+from .policy import PULL_POLICIES, LaunchPolicy, parse_capabilities
 from .slots import MAX_SLOTS
 
 #: An agent id's length at most, and the hex digits of a host name's hash in a default one.
@@ -74,6 +74,8 @@ class AgentSettings:
     pids_limit: int = 1024
     capabilities: tuple[str, ...] = ()
     run_as_user: str | None = None
+    #: When images are pulled: always, if-missing or never (see ``policy.PULL_POLICIES``).
+    pull_policy: str = "if-missing"
     #: For tests only; see the class docstring.
     fault: str | None = None
 
@@ -84,6 +86,7 @@ class AgentSettings:
             pids_limit=self.pids_limit,
             capabilities=self.capabilities,
             user=self.run_as_user,
+            pull=self.pull_policy,
         )
 
     @property
@@ -119,6 +122,8 @@ class AgentSettings:
             values["secrets_dir"] = Path(secrets_dir)
         if allowed := env.get("HD_AGENT_ALLOW_IMAGES"):
             values["allowed_images"] = tuple(p.strip() for p in allowed.split(",") if p.strip())
+        if pull := env.get("HD_PULL_POLICY"):
+            values["pull_policy"] = pull
         if fault := env.get("HD_AGENT_FAULT"):
             values["fault"] = fault
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -152,6 +157,10 @@ class AgentSettings:
             raise AgentConfigError("the heartbeat interval must be positive, 0.05 s to 300 s")
         if self.secrets_dir is not None and not self.secrets_dir.is_dir():
             raise AgentConfigError(f"--secrets-dir {self.secrets_dir} is not a directory")
+        if self.pull_policy not in PULL_POLICIES:
+            raise AgentConfigError(
+                f"pull policy {self.pull_policy!r} is not one of {', '.join(PULL_POLICIES)}"
+            )
         if not 16 <= self.pids_limit <= 4_194_304:
             raise AgentConfigError("--pids-limit must be at least 16 (and at most 4,194,304)")
         for cap in self.capabilities:

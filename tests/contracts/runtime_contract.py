@@ -56,8 +56,8 @@ class RuntimeHarness(Protocol):
 
     def agent_id(self, n: int = 0) -> str: ...
 
-    def runtime(self, n: int = 0) -> ContainerRuntime:
-        """The runtime of agent ``n`` (closed by the harness)."""
+    def runtime(self, n: int = 0, pull: str = "if-missing") -> ContainerRuntime:
+        """The runtime of agent ``n`` with that pull policy (closed by the harness)."""
         ...
 
     async def describe(self, container_id: str) -> Described | None: ...
@@ -223,6 +223,23 @@ class RuntimeContract:
             with pytest.raises(ImageMissing):
                 await runtime.launch(launch)
             assert await harness.containers_of(launch.run_id) == []
+
+    async def test_the_pull_policy_decides_when_an_image_is_pulled(
+        self, harness: RuntimeHarness
+    ) -> None:
+        # never: an image the engine lacks is not even tried, and the reason says so.
+        launch = launch_of(harness, image=harness.unpullable_image)
+        with pytest.raises(ImageMissing, match=r"never pulls \(--pull never\)"):
+            await harness.runtime(0, pull="never").launch(launch)
+        # ... and one it has runs.
+        info, _ = await harness.runtime(0, pull="never").launch(launch_of(harness))
+        assert info.id
+        # always: pulled before every launch, even when the engine has it; an image no
+        # registry gives then cannot run, although the engine holds it.
+        local_only = launch_of(harness)
+        with pytest.raises(ImageMissing, match=r"\(--pull always\) cannot be pulled"):
+            await harness.runtime(1, pull="always").launch(local_only)
+        assert await harness.containers_of(local_only.run_id) == []
 
     async def test_a_command_that_cannot_start_is_a_launch_failure_every_time(
         self, harness: RuntimeHarness

@@ -234,10 +234,10 @@ class FakeEngine:
         self.answering = True
         self._watchers: list[tuple[FakeStream, Callable[[dict[str, Any]], bool]]] = []
 
-    def runtime(self, agent_id: str) -> FakeDockerRuntime:
+    def runtime(self, agent_id: str, pull: str = "if-missing") -> FakeDockerRuntime:
         from .runtime import FakeDockerRuntime
 
-        return FakeDockerRuntime(self, agent_id)
+        return FakeDockerRuntime(self, agent_id, pull)
 
     # --------------------------------------------------- what a test makes happen
 

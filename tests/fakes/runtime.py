@@ -40,9 +40,10 @@ _EVENTS = ("start", "die", "oom", "health_status")
 class FakeDockerRuntime:
     """``worker_agent.ports.ContainerRuntime`` on a ``FakeEngine``, for agent ``agent_id``."""
 
-    def __init__(self, engine: FakeEngine, agent_id: str) -> None:
+    def __init__(self, engine: FakeEngine, agent_id: str, pull: str = "if-missing") -> None:
         self.engine = engine
         self.agent_id = agent_id
+        self.pull = pull
         self._closed = False
 
     async def _call(self) -> None:
@@ -105,15 +106,19 @@ class FakeDockerRuntime:
             self.engine.remove(container)
 
     def _ensure_image(self, image: str) -> None:
-        if image in self.engine.images:
+        if self.pull != "always" and image in self.engine.images:
             return
         if re.match(IMAGE_REF_PATTERN, image) is None:
             raise ImageMissing(f"image {image!r} is invalid: invalid reference format")
+        if self.pull == "never":
+            raise ImageMissing(
+                f"image {image!r} is not on this host, and this agent never pulls "
+                "(--pull never): load it on the host first"
+            )
         pulled = self.engine.registry.get(image)
         if pulled is None:
-            raise ImageMissing(
-                f"image {image!r} is not on this host and cannot be pulled: pull access denied"
-            )
+            where = "(--pull always)" if self.pull == "always" else "is not on this host and"
+            raise ImageMissing(f"image {image!r} {where} cannot be pulled: pull access denied")
         self.engine.images[image] = pulled
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:

@@ -20,6 +20,7 @@ from tests.conftest import SESSION_ID
 from tests.contracts.runtime_contract import Described, RuntimeContract
 from tests.support import DockerSocketProxy
 from worker_agent.containers import LABEL_AGENT, LABEL_RUN
+from worker_agent.policy import LaunchPolicy
 from worker_agent.runtime import DockerRuntime
 
 
@@ -40,8 +41,10 @@ class DockerHarness:
     def agent_id(self, n: int = 0) -> str:
         return f"t-{SESSION_ID}-{self.unique}-{n}"
 
-    def runtime(self, n: int = 0) -> DockerRuntime:
-        runtime = DockerRuntime(self.agent_id(n), pull_timeout_s=10, threads=4)
+    def runtime(self, n: int = 0, pull: str = "if-missing") -> DockerRuntime:
+        runtime = DockerRuntime(
+            self.agent_id(n), pull_timeout_s=10, threads=4, policy=LaunchPolicy(pull=pull)
+        )
         self._runtimes.append(runtime)
         return runtime
 

@@ -138,6 +138,7 @@ def test_the_policy_allows_images_by_prefix_and_confines_every_container() -> No
         ({"run_as_user": "root; rm"}, "--run-as-user"),
         ({"allowed_images": ("has space",)}, "--allow-image"),
         ({"secrets_dir": Path("/no/such/dir")}, "--secrets-dir"),
+        ({"pull_policy": "sometimes"}, "pull policy 'sometimes' is not one of always"),
     ],
 )
 def test_bad_policy_settings_are_explained(override: dict[str, object], words: str) -> None:

@@ -23,8 +23,8 @@ class FakeHarness:
     def agent_id(self, n: int = 0) -> str:
         return f"agent-{n}"
 
-    def runtime(self, n: int = 0) -> FakeDockerRuntime:
-        return self.engine.runtime(self.agent_id(n))
+    def runtime(self, n: int = 0, pull: str = "if-missing") -> FakeDockerRuntime:
+        return self.engine.runtime(self.agent_id(n), pull)
 
     async def describe(self, container_id: str) -> Described | None:
         container = self.engine.find(container_id)
