@@ -93,6 +93,14 @@ def run(
             help="Secret files: `secret:NAME` reads the file NAME (after $HD_SECRET_NAME).",
         ),
     ] = None,
+    allow_secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-secret",
+            help="Only secrets whose name matches this pattern (CI_*) may be referenced by "
+            "runs and locations; repeatable (default: any the host has).",
+        ),
+    ] = None,
     allow_image: Annotated[
         list[str] | None,
         typer.Option(
@@ -156,6 +164,7 @@ def run(
             location_startup_timeout_s=location_startup_timeout,
             secrets_dir=secrets_dir,
             allowed_images=tuple(allow_image) if allow_image else None,
+            allowed_secrets=tuple(allow_secret) if allow_secret else None,
             pids_limit=pids_limit,
             capabilities=parse_capabilities(allow_capability) if allow_capability else None,
             run_as_user=run_as_user,

@@ -56,7 +56,7 @@ class Launcher:
         self.slots = slots
         self.reporter = reporter
         self.policy = settings.policy
-        self.secrets = Secrets(directory=settings.secrets_dir)
+        self.secrets = Secrets(directory=settings.secrets_dir, allowed=settings.allowed_secrets)
         self._stopping = stopping
         #: Set at start-up, before any instruction is consumed.
         self.keeper: LocationKeeper | None = None

@@ -8,9 +8,10 @@ sends (forwarded lines, output tails) has the values of its run's secrets replac
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from schemas import is_safe_name
@@ -31,15 +32,28 @@ class MissingSecret(LaunchFailed):
 
 
 class Secrets:
-    """This host's secret store: environment variables, then a directory of files."""
+    """This host's secret store: environment variables, then a directory of files.
 
-    def __init__(self, environ: Mapping[str, str] | None = None, directory: Path | None = None):
+    ``allowed`` (glob patterns, ``CI_*``): the only names a run or location may reference;
+    empty: any secret the host has."""
+
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        directory: Path | None = None,
+        allowed: Sequence[str] = (),
+    ):
         self._environ = os.environ if environ is None else environ
         self._directory = directory
+        self._allowed = tuple(allowed)
 
     def get(self, name: str) -> str:
         if not is_safe_name(name):
             raise MissingSecret(f"{PREFIX}{name!r} is not a secret name (letters, digits, _ -)")
+        if self._allowed and not any(fnmatch.fnmatchcase(name, p) for p in self._allowed):
+            raise MissingSecret(
+                f"secret {name} is not allowed on this agent (allowed: {', '.join(self._allowed)})"
+            )
         value = self._environ.get(f"HD_SECRET_{name}")
         if value is not None:
             return value

@@ -30,6 +30,7 @@ class AgentConfigError(AgentError):
 
 
 _CAPABILITY = re.compile(r"^[A-Z][A-Z_]{1,31}$")
+_SECRET_PATTERN = re.compile(r"^[A-Za-z0-9_*?][A-Za-z0-9_*?-]{0,63}$")
 _USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
 
 
@@ -69,6 +70,8 @@ class AgentSettings:
     reported_for_s: float = 60.0
     #: Where secrets are files (``NAME`` holds ``secret:NAME``), after ``HD_SECRET_NAME``.
     secrets_dir: Path | None = None
+    #: Secret names (glob patterns) a run or location may reference (empty: any).
+    allowed_secrets: tuple[str, ...] = ()
     #: Image prefixes a run may use (empty: any); see ``policy.LaunchPolicy``.
     allowed_images: tuple[str, ...] = ()
     pids_limit: int = 1024
@@ -122,6 +125,8 @@ class AgentSettings:
             values["secrets_dir"] = Path(secrets_dir)
         if allowed := env.get("HD_AGENT_ALLOW_IMAGES"):
             values["allowed_images"] = tuple(p.strip() for p in allowed.split(",") if p.strip())
+        if allowed := env.get("HD_AGENT_ALLOW_SECRETS"):
+            values["allowed_secrets"] = tuple(p.strip() for p in allowed.split(",") if p.strip())
         if pull := env.get("HD_PULL_POLICY"):
             values["pull_policy"] = pull
         if fault := env.get("HD_AGENT_FAULT"):
@@ -157,6 +162,12 @@ class AgentSettings:
             raise AgentConfigError("the heartbeat interval must be positive, 0.05 s to 300 s")
         if self.secrets_dir is not None and not self.secrets_dir.is_dir():
             raise AgentConfigError(f"--secrets-dir {self.secrets_dir} is not a directory")
+        for pattern in self.allowed_secrets:
+            if not _SECRET_PATTERN.match(pattern):
+                raise AgentConfigError(
+                    f"--allow-secret {pattern!r} is not a secret name or a pattern of one "
+                    "(letters, digits, _ -, and * or ?)"
+                )
         if self.pull_policy not in PULL_POLICIES:
             raise AgentConfigError(
                 f"pull policy {self.pull_policy!r} is not one of {', '.join(PULL_POLICIES)}"

@@ -93,19 +93,26 @@ async def test_a_secret_reaches_the_container_and_nothing_else(
     json.loads(listed.stdout)
 
 
-async def test_a_missing_secret_and_a_forbidden_image_fail_with_the_reason(
+async def test_a_missing_or_withheld_secret_and_a_forbidden_image_fail_with_the_reason(
     stack: Stack, store: Database
 ) -> None:
     await stack.start_control_plane()
-    await stack.start_agent(extra=("--allow-image", stack.run_image))
+    await stack.start_agent(
+        extra=("--allow-image", stack.run_image, "--allow-secret", "NOT_*"),
+        env={"HD_SECRET_HOST_ONLY": "kept for other runs"},
+    )
     async with stack.client() as client:
         missing = await client.submit(
             stack.run_image, ["true"], env={"KEY": "secret:NOT_ON_HOST"}, queue=stack.queue
         )
         forbidden = await client.submit("busybox:1.36", ["true"], queue=stack.queue)
+        withheld = await client.submit(
+            stack.run_image, ["true"], env={"KEY": "secret:HOST_ONLY"}, queue=stack.queue
+        )
     for run_id, words in (
         (missing, "secret NOT_ON_HOST is not set on this host"),
         (forbidden, "image 'busybox:1.36' is not allowed on this agent"),
+        (withheld, "secret HOST_ONLY is not allowed on this agent (allowed: NOT_*)"),
     ):
         run = await wait_for_state(store, run_id, RunState.FAILURE, RunState.SUCCESS, timeout=60)
         assert run.failure_reason == "LAUNCH_ERROR"

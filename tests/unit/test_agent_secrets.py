@@ -50,6 +50,13 @@ def test_a_missing_or_unsafe_secret_is_named_without_any_value(tmp_path: Path) -
         secrets.get("")
 
 
+def test_only_allowed_secret_names_can_be_referenced(tmp_path: Path) -> None:
+    secrets = Secrets({"HD_SECRET_CI_TOKEN": "ci", "HD_SECRET_DEPLOY_KEY": VALUE}, allowed=["CI_*"])
+    assert secrets.resolve({"T": "secret:CI_TOKEN"})[0] == {"T": "ci"}
+    with pytest.raises(MissingSecret, match=r"secret DEPLOY_KEY is not allowed on this agent"):
+        secrets.resolve({"K": "secret:DEPLOY_KEY"})
+
+
 def test_redaction_replaces_every_value_whole_and_line_by_line() -> None:
     redact = Redactor([VALUE, "line one\nline two", "ab", VALUE[:8]])
     assert redact(f"token={VALUE}; again {VALUE}") == f"token={REDACTED}; again {REDACTED}"
@@ -138,6 +145,7 @@ def test_the_policy_allows_images_by_prefix_and_confines_every_container() -> No
         ({"run_as_user": "root; rm"}, "--run-as-user"),
         ({"allowed_images": ("has space",)}, "--allow-image"),
         ({"secrets_dir": Path("/no/such/dir")}, "--secrets-dir"),
+        ({"allowed_secrets": ("A B",)}, "--allow-secret 'A B' is not a secret name"),
         ({"pull_policy": "sometimes"}, "pull policy 'sometimes' is not one of always"),
     ],
 )
