@@ -27,7 +27,9 @@ from .cli_common import (
 )
 from .cli_locations import locations_app
 from .cli_ops import agents_app, alerts_app, audit_app, dead_letters_app
+from .cli_roles import identities_app
 from .cli_runs import runs_app
+from .cli_tokens import tokens_app
 from .errors import InvalidSubmission
 
 app = typer.Typer(
@@ -53,6 +55,8 @@ app.add_typer(alerts_app, name="alerts")
 app.add_typer(audit_app, name="audit")
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(locations_app, name="locations")
+app.add_typer(identities_app, name="identities")
+app.add_typer(tokens_app, name="tokens")
 
 
 @app.callback()
@@ -100,7 +104,8 @@ def serve(
         typer.Option(
             envvar="HD_AMQP_MANAGEMENT_URL",
             help="RabbitMQ management API, http://user:pass@host:15672 (default: the broker's "
-            "host on 15672 with the AMQP credentials); used to set the broker policies.",
+            "host on 15672, or https on 15671 for amqps, with the AMQP credentials); used to "
+            "set the broker policies.",
         ),
     ] = "",
     broker_policies: Annotated[

@@ -25,7 +25,10 @@ KNOWN_ERRORS = (DispatcherError, TransportError)
 
 AmqpUrl = Annotated[
     str,
-    typer.Option(envvar="HD_AMQP_URL", help="Broker URL, amqp://user:pass@host:5672/ ."),
+    typer.Option(
+        envvar="HD_AMQP_URL",
+        help="Broker URL, amqp://user:pass@host:5672/ (amqps://...:5671/?cafile=CA.pem for TLS).",
+    ),
 ]
 DatabaseUrl = Annotated[
     str,

@@ -23,7 +23,8 @@ ManagementUrl = Annotated[
     typer.Option(
         envvar="HD_AMQP_MANAGEMENT_URL",
         help="RabbitMQ management API, http://user:pass@host:15672 (default: the broker's host "
-        "on 15672 with the AMQP credentials, which must be an administrator's).",
+        "on 15672, or https on 15671 for amqps, with the AMQP credentials, which must be an "
+        "administrator's).",
     ),
 ]
 Name = Annotated[str, typer.Argument(help="The agent's id (also its broker user name).")]

@@ -14,7 +14,7 @@ from .cli_common import KNOWN_ERRORS, AmqpUrl, DatabaseSchema, DatabaseUrl, _fai
 agents_app = typer.Typer(help="Agents and their liveness (reads PostgreSQL).", no_args_is_help=True)
 alerts_app = typer.Typer(help="Alerts and their delivery (reads PostgreSQL).", no_args_is_help=True)
 audit_app = typer.Typer(
-    help="Who changed locations and agent identities, and when (reads PostgreSQL).",
+    help="Who changed locations, identities and tokens, and when (reads PostgreSQL).",
     no_args_is_help=True,
 )
 dead_letters_app = typer.Typer(

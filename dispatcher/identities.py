@@ -23,11 +23,8 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from schemas import is_safe_name
 from schemas.topology import (
     DEAD_LETTER_EXCHANGE,
     LOCATIONS_EXCHANGE,
@@ -37,111 +34,63 @@ from schemas.topology import (
     instructions_queue,
 )
 from transport.connection import connect
-from transport.errors import BrokerUnavailable
-from transport.policies import ManagementApi, management_api, management_request
+from transport.policies import management_api
 from transport.topology import declare_control_queue, declare_instructions_queue, declare_topology
 
-from .errors import ConfigError, DispatcherError
+from .broker_users import (
+    PRIVATE,
+    IdentityNotFound,
+    Permissions,
+    alternatives,
+    check_names,
+    close_connections,
+    delete_user,
+    put_user,
+    refuse_other_users,
+    require_tag,
+    set_password,
+    user_url,
+)
 
-
-class IdentityNotFound(DispatcherError):
-    """No agent identity has that name on the broker."""
-
+__all__ = [
+    "AGENT_TAG",
+    "IdentityNotFound",
+    "Permissions",
+    "add_agent",
+    "agent_permissions",
+    "agent_url",
+    "revoke_agent",
+    "rotate_agent",
+]
 
 #: The tag that marks a broker user as an agent identity made here: rotate and revoke touch
 #: no other user (an operator's, the control plane's), and add never takes one over.
 AGENT_TAG = "hd-agent"
+_WHAT = "agent identity"
 
-
-@dataclass(frozen=True)
-class Permissions:
-    configure: str
-    write: str
-    read: str
-    #: On the status exchange: the routing keys it may publish under.
-    status_keys: str
-
-
-#: Names of exclusive, auto-deleted queues (the client's own ``amq_<hex>`` or the broker's
-#: ``amq.gen-*``): only their declaring connection can use them.
-_PRIVATE = r"amq_[0-9a-f]{32}|amq\.gen-[A-Za-z0-9_-]+"
-
-
-def _alternatives(names: Sequence[str]) -> str:
-    return "|".join(re.escape(n) for n in names)
+#: The agent's URL: the operator's broker URL with the agent's credentials.
+agent_url = user_url
 
 
 def agent_permissions(agent_id: str, queues: Sequence[str]) -> Permissions:
-    own = _alternatives([*(instructions_queue(q) for q in queues), control_queue(agent_id)])
+    own = alternatives([*(instructions_queue(q) for q in queues), control_queue(agent_id)])
     agent = re.escape(agent_id)
     return Permissions(
-        configure=rf"^({_PRIVATE})$",
-        write=rf"^({_alternatives([STATUS_EXCHANGE, REQUESTS_EXCHANGE, DEAD_LETTER_EXCHANGE])}"
-        rf"|{_PRIVATE})$",
-        read=rf"^({own}|{re.escape(LOCATIONS_EXCHANGE)}|{_PRIVATE})$",
+        configure=rf"^({PRIVATE})$",
+        write=rf"^({alternatives([STATUS_EXCHANGE, REQUESTS_EXCHANGE, DEAD_LETTER_EXCHANGE])}"
+        rf"|{PRIVATE})$",
+        read=rf"^({own}|{re.escape(LOCATIONS_EXCHANGE)}|{PRIVATE})$",
         status_keys=rf"^(run\.[a-z_]+\.{agent}\..+|agent\.heartbeat\.{agent}|location\.[a-z_]+\.{agent})$",
     )
-
-
-def _vhost(api: ManagementApi) -> str:
-    return urllib.parse.quote(api.vhost, safe="")
-
-
-def _user_path(name: str) -> str:
-    return f"/api/users/{urllib.parse.quote(name, safe='')}"
-
-
-def agent_url(amqp_url: str, agent_id: str, password: str) -> str:
-    """The operator's broker URL with the agent's credentials instead."""
-    parts = urllib.parse.urlsplit(amqp_url)
-    host = parts.hostname or "localhost"
-    netloc = f"{urllib.parse.quote(agent_id, safe='')}:{urllib.parse.quote(password, safe='')}@"
-    netloc += f"[{host}]" if ":" in host else host
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-
-
-def _check(agent_id: str, queues: Sequence[str]) -> None:
-    for name, what in [(agent_id, "agent id"), *((q, "queue name") for q in queues)]:
-        if not is_safe_name(name):
-            raise ConfigError(
-                f"{what} {name!r} is invalid: 1 to 64 letters, digits, '_' and '-', starting "
-                "with a letter or digit"
-            )
-
-
-def _tags(api: ManagementApi, name: str) -> list[str] | None:
-    """The user's tags; None when there is no such user."""
-    try:
-        user = management_request(api, "GET", _user_path(name))
-    except BrokerUnavailable as exc:
-        if "HTTP 404" in str(exc):
-            return None
-        raise
-    tags = user.get("tags") if isinstance(user, dict) else None
-    if isinstance(tags, str):
-        return [t for t in tags.split(",") if t]
-    return [str(t) for t in tags] if isinstance(tags, list) else []
-
-
-def _require_agent(api: ManagementApi, agent_id: str) -> None:
-    tags = _tags(api, agent_id)
-    if tags is None:
-        raise IdentityNotFound(f"no agent identity {agent_id!r} on the broker")
-    if AGENT_TAG not in tags:
-        raise ConfigError(f"broker user {agent_id!r} is not an agent identity: left untouched")
 
 
 async def add_agent(
     amqp_url: str, management_url: str, agent_id: str, queues: Sequence[str]
 ) -> str:
     """Create (or reset) the agent's broker user, its permissions and its queues; its URL."""
-    _check(agent_id, queues)
+    check_names((agent_id, "agent id"), *((q, "queue name") for q in queues))
     api = management_api(amqp_url, management_url)
-    tags = await asyncio.to_thread(_tags, api, agent_id)
-    if tags is not None and AGENT_TAG not in tags:
-        raise ConfigError(f"broker user {agent_id!r} exists and is not an agent identity")
+    await asyncio.to_thread(refuse_other_users, api, agent_id, AGENT_TAG, _WHAT)
     # The queues first: the agent's identity may declare them but not bind them.
     connection = await connect(amqp_url, "dispatcher-identities")
     try:
@@ -154,29 +103,8 @@ async def add_agent(
         await connection.close()
     password = secrets.token_urlsafe(24)
     permissions = agent_permissions(agent_id, queues)
-    await asyncio.to_thread(_put_user, api, agent_id, password, permissions)
+    await asyncio.to_thread(put_user, api, agent_id, password, [AGENT_TAG], permissions)
     return agent_url(amqp_url, agent_id, password)
-
-
-def _put_user(api: ManagementApi, agent_id: str, password: str, permissions: Permissions) -> None:
-    management_request(api, "PUT", _user_path(agent_id), {"password": password, "tags": AGENT_TAG})
-    user = urllib.parse.quote(agent_id, safe="")
-    management_request(
-        api,
-        "PUT",
-        f"/api/permissions/{_vhost(api)}/{user}",
-        {
-            "configure": permissions.configure,
-            "write": permissions.write,
-            "read": permissions.read,
-        },
-    )
-    management_request(
-        api,
-        "PUT",
-        f"/api/topic-permissions/{_vhost(api)}/{user}",
-        {"exchange": STATUS_EXCHANGE, "write": permissions.status_keys, "read": ".*"},
-    )
 
 
 def rotate_agent(amqp_url: str, management_url: str, agent_id: str) -> tuple[str, int]:
@@ -184,36 +112,17 @@ def rotate_agent(amqp_url: str, management_url: str, agent_id: str) -> tuple[str
 
     Returns its new URL and how many connections were closed."""
     api = management_api(amqp_url, management_url)
-    _require_agent(api, agent_id)
+    require_tag(api, agent_id, [AGENT_TAG], _WHAT)
     password = secrets.token_urlsafe(24)
-    management_request(api, "PUT", _user_path(agent_id), {"password": password, "tags": AGENT_TAG})
-    return agent_url(amqp_url, agent_id, password), close_connections(api, agent_id, "rotated")
+    set_password(api, agent_id, password, [AGENT_TAG])
+    closed = close_connections(api, agent_id, "agent identity rotated")
+    return agent_url(amqp_url, agent_id, password), closed
 
 
 def revoke_agent(amqp_url: str, management_url: str, agent_id: str) -> None:
     """Delete the agent's broker user: the broker closes its connections at once and refuses
     new ones (any still listed are closed here too)."""
     api = management_api(amqp_url, management_url)
-    _require_agent(api, agent_id)
-    management_request(api, "DELETE", _user_path(agent_id))
-    close_connections(api, agent_id, "revoked")
-
-
-def _connections_of(api: ManagementApi, user: str) -> list[dict[str, object]]:
-    listing = management_request(api, "GET", "/api/connections") or []
-    return [c for c in listing if c.get("user") == user]
-
-
-def close_connections(api: ManagementApi, user: str, why: str) -> int:
-    closed = 0
-    for connection in _connections_of(api, user):
-        name = urllib.parse.quote(str(connection["name"]), safe="")
-        try:
-            management_request(
-                api, "DELETE", f"/api/connections/{name}", reason=f"agent identity {why}"
-            )
-            closed += 1
-        except BrokerUnavailable as exc:
-            if "HTTP 404" not in str(exc):  # gone meanwhile
-                raise
-    return closed
+    require_tag(api, agent_id, [AGENT_TAG], _WHAT)
+    delete_user(api, agent_id)
+    close_connections(api, agent_id, "agent identity revoked")

@@ -33,7 +33,11 @@ from transport.connection import connect
 from transport.consumer import Consumer
 from transport.delivery import Delivery
 from transport.publisher import Publisher
-from transport.topology import MONITOR_QUEUE_ARGUMENTS, declare_monitor_queue, declare_topology
+from transport.topology import (
+    MONITOR_QUEUE_ARGUMENTS,
+    declare_monitor_queue,
+    declare_topology_if_allowed,
+)
 
 from . import metrics, provenance
 from .alerts import AlertDeliverer
@@ -285,8 +289,11 @@ async def _lead(
     await monitor.load()
     connection = await connect(settings.amqp_url, "dispatcher-monitor")
     try:
+        # The topology when this identity may declare it (one shared user); a monitor's own
+        # identity may declare only its queue, and finds the rest declared by the operator
+        # (`identities add`) or the control plane.
+        await declare_topology_if_allowed(connection)
         async with connection.channel() as channel:
-            await declare_topology(channel)
             await declare_monitor_queue(channel)
         publisher = Publisher(connection)
         consumer = Consumer(

@@ -83,14 +83,20 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             for letter in letters:
                 metrics.DEAD_LETTERS_SEEN.labels(letter.source_queue).inc()
 
+        trusted = trusted_broker_users(settings.amqp_url)
+
         async def on_requests(deliveries: list[Delivery[Request]]) -> None:
-            submissions = [d.message for d in deliveries if isinstance(d.message, SubmitRun)]
+            submitted = [d for d in deliveries if isinstance(d.message, SubmitRun)]
             for delivery in deliveries:
                 if isinstance(delivery.message, LocationsWanted):
                     await store.locations.wanted(delivery.message.queues)
                 elif isinstance(delivery.message, CancelRun):
                     raise CancellationNotSupported("CancelRun is not supported yet")
-            created = await store.accept_submissions(submissions)
+            # Who sent each submission (the broker verified the user_id) decides whether it
+            # may be made at all, and where: see dispatcher.submitters.
+            submissions = [d.message for d in submitted if isinstance(d.message, SubmitRun)]
+            senders = [d.raw.user_id for d in submitted]
+            created = await store.accept_submissions(submissions, senders, trusted)
             log.info("accepted %d submission(s), %d new run(s)", len(submissions), len(created))
 
         async def on_events(deliveries: list[Delivery[Event]]) -> None:
@@ -120,7 +126,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                     on_events,
                     publisher,
                     verify=provenance.check,
-                    check_sender=provenance.sender_check(trusted_broker_users(settings.amqp_url)),
+                    check_sender=provenance.sender_check(trusted),
                 )
             )
             # Dead letters on a connection of their own: one whose headers the client cannot

@@ -258,7 +258,7 @@ def vhost_url(broker: tuple[str, str], unique: str) -> Iterator[str]:
 
     name = f"t-{unique}"
     management_request(management, "PUT", f"/api/vhosts/{name}")
-    user = urllib.parse.urlsplit(amqp).username or "guest"
+    user = urllib.parse.urlsplit(amqp).username or ""
     management_request(
         management,
         "PUT",

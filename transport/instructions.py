@@ -22,6 +22,12 @@ from .topology import declare_control_queue, declare_instructions_queue
 log = logging.getLogger(__name__)
 
 
+def untrusted_sender(user_id: str | None, senders: frozenset[str]) -> str:
+    """The reason a message from ``user_id`` is refused by a reader that trusts ``senders``."""
+    who = f"broker user {user_id!r}" if user_id else "no broker user (no user_id)"
+    return f"published by {who}, not by the control plane ({', '.join(sorted(senders))})"
+
+
 class InstructionConsumer:
     """Consumes LaunchRun / TerminateRun from the agent's instruction queues.
 
@@ -45,8 +51,12 @@ class InstructionConsumer:
         capacity: Callable[[], int],
         agent_id: str | None = None,
         bind: bool = True,
+        senders: frozenset[str] = frozenset(),
     ) -> None:
         self._agent_id = agent_id
+        #: Broker users whose instructions are taken (empty: whoever may publish them); the
+        #: broker vouches for a message's ``user_id``.
+        self._senders = senders
         #: False for an identity that may not bind queues (the control plane binds them).
         self.bind = bind
         self._control_channel: aio_pika.abc.AbstractChannel | None = None
@@ -128,6 +138,9 @@ class InstructionConsumer:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, source: str, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if self._senders and raw.user_id not in self._senders:
+            await self._dead_letter(source, raw, untrusted_sender(raw.user_id, self._senders))
+            return
         try:
             instruction = self._decoder.decode(raw.body)
         except SchemaError as exc:

@@ -116,8 +116,8 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
     amqp = urllib.parse.urlsplit(amqp_url)
     cafile = _query(amqp_url, "cafile") or _query(management_url, "cafile")
     vhost = urllib.parse.unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
-    user = urllib.parse.unquote(amqp.username or "guest")
-    password = urllib.parse.unquote(amqp.password or "guest")
+    user = urllib.parse.unquote(amqp.username or "")
+    password = urllib.parse.unquote(amqp.password or "")
     if management_url:
         given = urllib.parse.urlsplit(management_url)
         host = given.hostname or "localhost"

@@ -34,6 +34,11 @@ class InboundDelivery(Protocol):
     def routing_key(self) -> str | None: ...
 
     @property
+    def user_id(self) -> str | None:
+        """Who published it, as the broker checked (None when the publisher set none)."""
+        ...
+
+    @property
     def processed(self) -> bool:
         """Settled (acked, nacked or rejected) on this side."""
         ...

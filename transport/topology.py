@@ -6,6 +6,7 @@ bound, the expiry of control queues) are set here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import aio_pika
@@ -32,8 +33,10 @@ from schemas.topology import (
     instructions_queue,
 )
 
-from .connection import REFUSED, TRANSIENT
+from .connection import REFUSED, TRANSIENT, Connection
 from .errors import BrokerRefused, BrokerUnavailable
+
+log = logging.getLogger(__name__)
 
 _QUORUM: Arguments = {"x-queue-type": "quorum"}
 
@@ -71,6 +74,21 @@ async def declare_topology(
     # LaunchRun fails its run. The operators' queue above is bounded and only listed.
     watch = await channel.declare_queue(DEAD_LETTER_WATCH_QUEUE, durable=True, arguments=_QUORUM)
     await watch.bind(dead, routing_key="")
+
+
+async def declare_topology_if_allowed(
+    connection: Connection, agent_queues: Sequence[str] = ()
+) -> bool:
+    """Declare the topology, as a development broker's single user may; False when this
+    identity may not (least privilege: the control plane's identity owns the topology, and
+    an agent's or the monitor's only uses it). The refusal closes only its own channel."""
+    try:
+        async with connection.channel() as channel:
+            await declare_topology(channel, agent_queues)
+    except REFUSED as exc:
+        log.info("this identity may not declare the topology (%s): using the control plane's", exc)
+        return False
+    return True
 
 
 async def declare_instructions_queue(

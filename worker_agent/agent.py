@@ -13,11 +13,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from transport.connection import REFUSED, Connection, connect, credentials_refused
+from transport.connection import Connection, connect, credentials_refused
 from transport.errors import TransportError
 from transport.instructions import InstructionConsumer
 from transport.publisher import Publisher
-from transport.topology import declare_topology
+from transport.topology import declare_topology_if_allowed
 
 from .code_servers import CodeServers
 from .errors import AgentError, AgentFailed, AgentRevoked
@@ -64,7 +64,7 @@ class Agent:
         try:
             # Start-up: watch Docker first (which adopts what this agent ran before), so that
             # slots already taken are counted before any instruction is consumed.
-            parts.consumer.bind = await _declare_topology(connection, settings.queues)
+            parts.consumer.bind = await declare_topology_if_allowed(connection, settings.queues)
             self._start("heartbeat", parts.heartbeat.run)
             self._start("watcher", parts.watcher.run)
             if await self._until(stop, parts.watcher.connected):
@@ -237,6 +237,7 @@ class _Parts:
             startup_timeout_s=settings.location_startup_timeout_s,
             secrets=self.launcher.secrets,
             forward_output=settings.log_forwarding,
+            senders=frozenset(settings.control_plane_users),
         )
         self.consumer = agent._consumer = InstructionConsumer(
             connection,
@@ -245,17 +246,5 @@ class _Parts:
             self.launcher.handle,
             capacity=slots.prefetch,
             agent_id=settings.agent_id,
+            senders=frozenset(settings.control_plane_users),
         )
-
-
-async def _declare_topology(connection: Connection, queues: tuple[str, ...]) -> bool:
-    """Declare the topology, as a development broker's single user may; False when this
-    agent's identity may not (least privilege: the control plane owns the topology and binds
-    the agent's queues, which the agent then only declares and consumes)."""
-    try:
-        async with connection.channel() as channel:
-            await declare_topology(channel, queues)
-    except REFUSED as exc:
-        log.info("this identity may not declare the topology (%s): using the control plane's", exc)
-        return False
-    return True

@@ -93,6 +93,15 @@ def run(
             help="Secret files: `secret:NAME` reads the file NAME (after $HD_SECRET_NAME).",
         ),
     ] = None,
+    trust_control_plane: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trust-control-plane",
+            help="Take instructions and location snapshots only from this broker user (the "
+            "control plane's); repeatable (HD_CONTROL_PLANE_USERS; default: any user the "
+            "broker lets publish them).",
+        ),
+    ] = None,
     allow_secret: Annotated[
         list[str] | None,
         typer.Option(
@@ -165,6 +174,7 @@ def run(
             secrets_dir=secrets_dir,
             allowed_images=tuple(allow_image) if allow_image else None,
             allowed_secrets=tuple(allow_secret) if allow_secret else None,
+            control_plane_users=tuple(trust_control_plane) if trust_control_plane else None,
             pids_limit=pids_limit,
             capabilities=parse_capabilities(allow_capability) if allow_capability else None,
             run_as_user=run_as_user,
@@ -176,6 +186,13 @@ def run(
     setup_logging(log_level)
     serve_metrics(metrics_port)
     log = logging.getLogger("worker_agent")
+    if settings.control_plane_users:
+        log.info("taking instructions only from %s", ", ".join(settings.control_plane_users))
+    else:
+        log.warning(
+            "taking instructions from any broker user allowed to publish them; "
+            "--trust-control-plane USER narrows it to the control plane's"
+        )
     try:
         run_until_signalled(lambda stop: Agent(settings).run(stop))
     except (AgentError, TransportError) as exc:

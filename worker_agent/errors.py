@@ -31,3 +31,8 @@ class AgentFailed(AgentError):
 class AgentRevoked(AgentFailed):
     """The broker refuses this agent's credentials: its identity was revoked (or its secret
     rotated). It stops its containers, since their runs are failed over elsewhere."""
+
+
+class UntrustedSender(AgentError):
+    """An instruction or snapshot published by another broker user than the control plane's
+    (it is dead-lettered with the reason)."""

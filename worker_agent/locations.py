@@ -41,12 +41,19 @@ from schemas.topology import (
 from transport.connection import Connection
 from transport.delivery import settle
 from transport.errors import BrokerUnavailable
+from transport.instructions import untrusted_sender
 from transport.ports import BrokerPublisher, InboundDelivery
 from transport.subscription import Subscription
 
 from .code_servers import CodeServer, CodeServers
 from .definitions import fit_to_message, job_definitions
-from .errors import AgentError, DockerUnavailable, LaunchFailed, LocationUnavailable
+from .errors import (
+    AgentError,
+    DockerUnavailable,
+    LaunchFailed,
+    LocationUnavailable,
+    UntrustedSender,
+)
 from .secrets import MissingSecret, Redactor, Secrets, is_reference
 
 log = logging.getLogger(__name__)
@@ -65,8 +72,11 @@ class LocationKeeper:
         failures_before_redeploy: int = 3,
         secrets: Secrets | None = None,
         forward_output: bool = True,
+        senders: frozenset[str] = frozenset(),
     ) -> None:
         self._secrets = secrets or Secrets()
+        #: Broker users whose snapshots are taken (empty: whoever may publish them).
+        self._senders = senders
         #: Off (--no-log-forwarding): a failing code server's output stays on the host too.
         self._forward_output = forward_output
         self.servers = servers
@@ -106,12 +116,14 @@ class LocationKeeper:
         is dead-lettered once, with the reason. Either way it is acked: a snapshot that cannot
         even be dead-lettered is dropped with a log line rather than delivered forever."""
         try:
+            if self._senders and raw.user_id not in self._senders:
+                raise UntrustedSender(untrusted_sender(raw.user_id, self._senders))
             snapshot = self._decoder.decode(raw.body)
             if snapshot.queue in self._queues:
                 self._snapshots[snapshot.queue] = snapshot.locations
                 self._wake.set()
         except Exception as exc:
-            if not isinstance(exc, SchemaError):
+            if not isinstance(exc, SchemaError | UntrustedSender):
                 log.exception("taking a location snapshot in failed")
             reason = f"location snapshot refused: {type(exc).__name__}: {exc}"
             log.warning("dead-lettering a message from %s: %s", source, reason)

@@ -70,6 +70,9 @@ class AgentSettings:
     reported_for_s: float = 60.0
     #: Where secrets are files (``NAME`` holds ``secret:NAME``), after ``HD_SECRET_NAME``.
     secrets_dir: Path | None = None
+    #: Broker users whose instructions and snapshots the agent takes (empty: any user the
+    #: broker lets publish them); others are dead-lettered with the reason.
+    control_plane_users: tuple[str, ...] = ()
     #: Secret names (glob patterns) a run or location may reference (empty: any).
     allowed_secrets: tuple[str, ...] = ()
     #: Image prefixes a run may use (empty: any); see ``policy.LaunchPolicy``.
@@ -125,6 +128,8 @@ class AgentSettings:
             values["secrets_dir"] = Path(secrets_dir)
         if allowed := env.get("HD_AGENT_ALLOW_IMAGES"):
             values["allowed_images"] = tuple(p.strip() for p in allowed.split(",") if p.strip())
+        if users := env.get("HD_CONTROL_PLANE_USERS"):
+            values["control_plane_users"] = tuple(u.strip() for u in users.split(",") if u.strip())
         if allowed := env.get("HD_AGENT_ALLOW_SECRETS"):
             values["allowed_secrets"] = tuple(p.strip() for p in allowed.split(",") if p.strip())
         if pull := env.get("HD_PULL_POLICY"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Self
 
@@ -26,7 +26,7 @@ from schemas import (
 )
 
 from .. import submissions as rules
-from . import agents, events, locations, migrations, outbox, output, runs
+from . import agents, events, locations, migrations, outbox, output, runs, submitters
 from .alerts import Alerts
 from .audit import Audit
 from .connections import Connections
@@ -51,6 +51,7 @@ class Database:
         self.locations = locations.Locations(connections)
         self.alerts = Alerts(connections)
         self.audit = Audit(connections)
+        self.submitters = submitters.Submitters(connections)
         self.outbox = outbox.Outbox(connections)
         self.dead_letters = DeadLetters(connections, retry_backoff_s)
         self.supervision = Supervision(connections, retry_backoff_s)
@@ -80,8 +81,20 @@ class Database:
 
     # ------------------------------------------------------------------------ intake
 
-    async def accept_submissions(self, submissions: Sequence[SubmitRun]) -> list[uuid.UUID]:
+    async def accept_submissions(
+        self,
+        submissions: Sequence[SubmitRun],
+        senders: Sequence[str | None] | None = None,
+        trusted: Collection[str] = (),
+    ) -> list[uuid.UUID]:
         """Create the runs that pass their checks; answer every job submission.
+
+        With ``senders`` (each submission's AMQP user_id, in order), a submission is first
+        held to its sender's rights (``dispatcher.submitters``): a trusted identity, a
+        registered submitter token within its limits, or (while no token is registered) no
+        user_id; any other is refused with RunRejected, unless its run id is an existing
+        run's or an accepted submission's (a forged submission must not answer for someone
+        else's run).
 
         A plain run needs an image; its ``secret:NAME`` env values are stored as references.
         A job run brings no image, command, env or ready check of its own, and needs a
@@ -89,10 +102,17 @@ class Database:
         the location's image on its queue. A refused submission creates no run: the submitter
         gets RunRejected naming the problem.
         """
-        plain = [s for s in submissions if s.location is None and s.job is None]
-        jobs = [s for s in submissions if s.location is not None or s.job is not None]
         async with self.connections.transaction() as connection:
             accepted, rejected = [], []
+            if senders is not None:
+                submissions, refused = await submitters.screen(
+                    connection, submissions, senders, trusted
+                )
+                taken = await runs.existing(connection, [s.run_id for s, _ in refused])
+                taken |= {s.run_id for s in submissions}
+                rejected += [(s, why) for s, why in refused if s.run_id not in taken]
+            plain = [s for s in submissions if s.location is None and s.job is None]
+            jobs = [s for s in submissions if s.location is not None or s.job is not None]
             for submission in plain:
                 if not submission.image:
                     rejected.append((submission, "a run needs an image, or a location and a job"))

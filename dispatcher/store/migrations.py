@@ -216,6 +216,21 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        9,
+        "submitter tokens and their limits",
+        """
+        -- Keyed by the token's broker user name (the AMQP user_id of its submissions); the
+        -- token itself, and its secret, live on the broker. Empty arrays: no limit.
+        CREATE TABLE submitters (
+            name       text PRIMARY KEY,
+            queues     text[] NOT NULL DEFAULT '{}',
+            locations  text[] NOT NULL DEFAULT '{}',
+            created_at timestamptz NOT NULL DEFAULT now(),
+            created_by text NOT NULL
+        );
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

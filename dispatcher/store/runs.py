@@ -184,6 +184,16 @@ async def create(
     return list(fresh)
 
 
+async def existing(connection: asyncpg.Connection, run_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``run_ids`` are runs."""
+    if not run_ids:
+        return set()
+    records = await connection.fetch(
+        "SELECT run_id FROM runs WHERE run_id = ANY($1::uuid[])", list(run_ids)
+    )
+    return {r["run_id"] for r in records}
+
+
 class Runs:
     """Runs and their history, read and created."""
 

@@ -60,6 +60,7 @@ class Stored:
     type: str | None = None
     delivery_mode: int = 1
     redelivered: bool = False
+    user_id: str | None = None
 
 
 class FakeDelivery:
@@ -80,6 +81,7 @@ class FakeDelivery:
         type: str | None = None,
         delivery_mode: int = 1,
         redelivered: bool = False,
+        user_id: str | None = None,
         channel: FakeChannel | None = None,
         consumer: Consumer | None = None,
         no_ack: bool = False,
@@ -92,6 +94,7 @@ class FakeDelivery:
         self.type = type
         self.delivery_mode = delivery_mode
         self.redelivered = redelivered
+        self.user_id = user_id
         #: How it was settled, in order: "ack", "nack(requeue=True)", "reject(requeue=False)".
         self.settlements: list[str] = []
         self._channel = channel
@@ -110,6 +113,7 @@ class FakeDelivery:
             type=stored.type,
             delivery_mode=stored.delivery_mode,
             redelivered=stored.redelivered,
+            user_id=stored.user_id,
             **kwargs,
         )
 
@@ -231,6 +235,7 @@ class FakeExchange:
             message.message_id,
             message.type,
             int(message.delivery_mode or 1),
+            user_id=message.user_id,
         )
         for queue in broker.route(self.name, routing_key):
             queue.put(Stored(**{**stored.__dict__, "headers": dict(stored.headers)}))

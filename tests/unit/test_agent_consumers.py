@@ -29,6 +29,7 @@ class Raw:
     exchange: str = INSTRUCTIONS_EXCHANGE
     routing_key: str = "default"
     message_id: str | None = None
+    user_id: str | None = None
     settled: list[str] = field(default_factory=list)
 
     @property
@@ -127,12 +128,17 @@ CONTROL = "hd.control.a1"
 
 
 async def consumer(
-    handler: Any, dead: DeadLetters, broker: Broker | None = None
+    handler: Any,
+    dead: DeadLetters,
+    broker: Broker | None = None,
+    senders: frozenset[str] = frozenset(),
 ) -> InstructionConsumer:
     """An instruction consumer of agent a1 on queue default, started on ``broker``."""
     connection: Any = broker or Broker()
     publisher: Any = dead
-    target = InstructionConsumer(connection, ("default",), publisher, handler, lambda: 1, "a1")
+    target = InstructionConsumer(
+        connection, ("default",), publisher, handler, lambda: 1, "a1", senders=senders
+    )
     await target.start()
     return target
 
@@ -260,12 +266,14 @@ async def test_an_error_after_the_handler_settled_the_instruction_is_not_dead_le
     assert dead.sent == []
 
 
-async def keeper(dead: DeadLetters, broker: Broker) -> tuple[LocationKeeper, Queue]:
+async def keeper(
+    dead: DeadLetters, broker: Broker, senders: frozenset[str] = frozenset()
+) -> tuple[LocationKeeper, Queue]:
     """A location keeper of agent a1 on queue default, started, and its snapshot queue."""
     servers: Any = None
     connection: Any = broker
     publisher: Any = dead
-    target = LocationKeeper(servers, connection, publisher, "a1", ("default",))
+    target = LocationKeeper(servers, connection, publisher, "a1", ("default",), senders=senders)
     await target.start()
     [queue] = broker.queues.values()
     return target, queue
@@ -304,3 +312,38 @@ async def test_a_location_snapshot_is_taken_in_and_acked() -> None:
     assert raw.settled == ["ack"]
     assert dead.sent == []
     assert target._snapshots == {"default": (spec,)}
+
+
+async def test_instructions_and_snapshots_from_another_broker_user_are_dead_lettered() -> None:
+    dead, broker = DeadLetters(), Broker()
+    handled: list[object] = []
+
+    async def handler(delivery: Delivery[Any]) -> None:
+        handled.append(delivery.message)
+        await delivery.raw.ack()
+
+    target = await consumer(handler, dead, broker, senders=frozenset({"control-plane"}))
+    trusted = Raw(encode(launch()), user_id="control-plane")
+    forged = Raw(encode(launch()), user_id="agent-7")
+    unsigned = Raw(encode(launch()))
+    for raw in (trusted, forged, unsigned):
+        await deliver(target, broker, INSTRUCTIONS, raw)
+        assert raw.settled == ["ack"]
+    assert len(handled) == 1
+    reasons = [reason for _, _, reason in dead.sent]
+    assert reasons == [
+        "published by broker user 'agent-7', not by the control plane (control-plane)",
+        "published by no broker user (no user_id), not by the control plane (control-plane)",
+    ]
+
+    dead, broker = DeadLetters(), Broker()
+    kept, queue = await keeper(dead, broker, senders=frozenset({"control-plane"}))
+    spec = LocationSpec(name="loc", image="evil/image")
+    snapshot = encode(LocationSnapshot(queue="default", locations=(spec,)))
+    forged = Raw(snapshot, user_id="agent-7")
+    await queue.deliver(forged)
+    assert forged.settled == ["ack"] and kept._snapshots == {}
+    [(_, _, reason)] = dead.sent
+    assert "published by broker user 'agent-7', not by the control plane" in reason
+    await queue.deliver(Raw(snapshot, user_id="control-plane"))
+    assert kept._snapshots == {"default": (spec,)}

@@ -1,5 +1,7 @@
 #!/bin/sh
-# Writes rabbitmq.conf from the environment, then runs the server as the rabbitmq user.
+# Writes rabbitmq.conf from the environment, then runs the server as the rabbitmq user. The
+# one user it makes is RABBITMQ_DEFAULT_USER (admin) with RABBITMQ_DEFAULT_PASS, which must be
+# set: there is no guest user.
 #
 # TLS: RABBITMQ_TLS_CERT and RABBITMQ_TLS_KEY (paths of PEM files in the container) turn on
 # the AMQPS listener (RABBITMQ_TLS_PORT, 5671) and the management API over HTTPS (15671).
@@ -8,6 +10,11 @@
 # client may log in with its certificate alone (EXTERNAL: the user is the certificate's CN).
 # RABBITMQ_PLAINTEXT=off closes the plain AMQP and HTTP listeners.
 set -eu
+if [ "${1:-}" = rabbitmq-server ] && [ -z "${RABBITMQ_DEFAULT_PASS:-}" ]; then
+    # No guest/guest fallback: a broker nobody set a password for accepts no one.
+    echo "error: RABBITMQ_DEFAULT_PASS is not set (and RABBITMQ_DEFAULT_USER, or the user is 'admin')" >&2
+    exit 1
+fi
 conf=/etc/rabbitmq/rabbitmq.conf
 tls=/etc/rabbitmq/tls
 plaintext=${RABBITMQ_PLAINTEXT:-on}
@@ -19,8 +26,8 @@ plaintext=${RABBITMQ_PLAINTEXT:-on}
         echo "listeners.tcp.default = ${RABBITMQ_NODE_PORT:-5672}"
         echo "management.tcp.port = 15672"
     fi
-    echo "default_user = ${RABBITMQ_DEFAULT_USER:-guest}"
-    echo "default_pass = ${RABBITMQ_DEFAULT_PASS:-guest}"
+    echo "default_user = ${RABBITMQ_DEFAULT_USER:-admin}"
+    echo "default_pass = ${RABBITMQ_DEFAULT_PASS}"
     echo "default_vhost = ${RABBITMQ_DEFAULT_VHOST:-/}"
     echo "default_permissions.configure = .*"
     echo "default_permissions.read = .*"

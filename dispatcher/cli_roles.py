@@ -1,0 +1,99 @@
+"""``dispatcher identities add|rotate|revoke``: the control plane's and the monitor's broker
+identities (roles)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Annotated
+
+import typer
+
+from .cli_common import KNOWN_ERRORS, AmqpUrl, DatabaseSchema, DatabaseUrl, _fail
+from .cli_identities import ManagementUrl, _audit, _need_broker
+
+identities_app = typer.Typer(
+    help="Broker identities of the control plane and the failure monitor: least privilege, "
+    "no administrator (agents: `agents add`; submitters: `tokens add`).",
+    no_args_is_help=True,
+)
+
+
+class RoleName(enum.StrEnum):
+    CONTROL_PLANE = "control-plane"
+    MONITOR = "monitor"
+
+
+Name = Annotated[str, typer.Argument(help="Its broker user name.")]
+
+_USE = {
+    RoleName.CONTROL_PLANE: "run `dispatcher serve` with it (HD_AMQP_URL); name the operators' "
+    "users in HD_TRUSTED_BROKER_USERS so that their submissions are taken",
+    RoleName.MONITOR: "run `dispatcher monitor` with it (HD_AMQP_URL)",
+}
+
+
+@identities_app.command("add")
+def identities_add(
+    role: Annotated[RoleName, typer.Argument(help="Which process it is for.")],
+    name: Name,
+    amqp_url: AmqpUrl = "",
+    management_url: ManagementUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Create (or reset) the broker identity of a control plane or a monitor, with the
+    permissions of what that process does and nothing more. Prints its URL once."""
+    from .roles import add_role, role_named
+
+    _need_broker(amqp_url)
+    try:
+        url = asyncio.run(add_role(amqp_url, management_url, role_named(role.value), name))
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None
+    _audit(database_url, database_schema, "identity.add", name, {"role": role.value})
+    typer.echo(url)
+    typer.echo(f"{role.value} identity {name}: the secret is shown once; {_USE[role]}", err=True)
+
+
+@identities_app.command("rotate")
+def identities_rotate(
+    name: Name,
+    amqp_url: AmqpUrl = "",
+    management_url: ManagementUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Give a control plane's or a monitor's identity a new secret (its permissions stay) and
+    close its connections; prints its new URL once."""
+    from .roles import rotate_role
+
+    _need_broker(amqp_url)
+    try:
+        role, url, closed = rotate_role(amqp_url, management_url, name)
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None
+    details = {"role": role.name, "connections_closed": closed}
+    _audit(database_url, database_schema, "identity.rotate", name, details)
+    typer.echo(url)
+    typer.echo(f"{role.name} identity {name}: new secret; {closed} connection(s) closed", err=True)
+
+
+@identities_app.command("revoke")
+def identities_revoke(
+    name: Name,
+    amqp_url: AmqpUrl = "",
+    management_url: ManagementUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Delete a control plane's or a monitor's identity; its connections are closed."""
+    from .roles import revoke_role
+
+    _need_broker(amqp_url)
+    try:
+        role = revoke_role(amqp_url, management_url, name)
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None
+    _audit(database_url, database_schema, "identity.revoke", name, {"role": role.name})
+    typer.echo(f"{role.name} identity {name} revoked: its connections are cut")

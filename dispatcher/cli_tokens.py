@@ -1,0 +1,173 @@
+"""``dispatcher tokens add|list|revoke``: submitter tokens, on the broker and in PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+import typer
+
+from .cli_common import (
+    KNOWN_ERRORS,
+    AmqpUrl,
+    DatabaseSchema,
+    DatabaseUrl,
+    _fail,
+    operator,
+    with_store,
+)
+from .cli_identities import ManagementUrl, _need_broker
+
+tokens_app = typer.Typer(
+    help="Submitter tokens: broker users that may only submit runs and follow their own, "
+    "within limits kept in PostgreSQL.",
+    no_args_is_help=True,
+)
+
+Name = Annotated[str, typer.Argument(help="The token's name (also its broker user name).")]
+
+
+def _need_database(database_url: str) -> None:
+    if not database_url:
+        raise _fail(
+            "a token's limits live in the control plane's database: pass --database-url or "
+            "set HD_DATABASE_URL"
+        )
+
+
+@tokens_app.command("add")
+def tokens_add(
+    name: Name,
+    queue: Annotated[
+        list[str] | None,
+        typer.Option("--queue", "-q", help="Agent queue it may submit to; repeatable (any)."),
+    ] = None,
+    location: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--location",
+            "-l",
+            help="Code location whose jobs it may submit; repeatable. Given, the token "
+            "submits only those jobs (no run of an image of its own).",
+        ),
+    ] = None,
+    amqp_url: AmqpUrl = "",
+    management_url: ManagementUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Create a submitter token (or reset its secret and limits): a broker user that may only
+    publish requests and follow its own runs. Prints its URL once: give it to the submitter's
+    `dispatcher submit --amqp-url` (or HD_AMQP_URL, or `Client(url)`)."""
+    from schemas import is_safe_name
+
+    from .submitters import Limits
+    from .tokens import add_submitter, revoke_submitter
+
+    _need_broker(amqp_url)
+    _need_database(database_url)
+    for name_ in queue or ():
+        if not is_safe_name(name_):
+            raise _fail(f"queue name {name_!r} is invalid: letters, digits, '_' and '-'")
+    limits = Limits(tuple(dict.fromkeys(queue or ())), tuple(dict.fromkeys(location or ())))
+    try:
+        url = asyncio.run(add_submitter(amqp_url, management_url, name))
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None
+    try:
+        actor = operator()
+        with_store(
+            database_url,
+            database_schema,
+            lambda s: s.submitters.register(actor, name, limits),
+            upgrade=True,
+        )
+    except typer.Exit:
+        # Unregistered, the token would be refused anyway; take it off the broker too.
+        try:
+            revoke_submitter(amqp_url, management_url, name)
+        except KNOWN_ERRORS as exc:
+            typer.echo(f"error: the token's broker user is left in place: {exc}", err=True)
+        raise
+    typer.echo(url)
+    typer.echo(
+        f"submitter token {name} ({limits.describe()}): the secret is shown once; "
+        "revoke it with `tokens revoke`",
+        err=True,
+    )
+
+
+@tokens_app.command("list")
+def tokens_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
+    amqp_url: AmqpUrl = "",
+    management_url: ManagementUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Registered tokens and their limits; with the broker given, also whether each has its
+    broker user (and the broker's submitter users that are not registered)."""
+    from .tokens import submitter_users
+
+    _need_database(database_url)
+    rows = with_store(database_url, database_schema, lambda s: s.submitters.all(), upgrade=True)
+    users: set[str] | None = None
+    if amqp_url:
+        try:
+            users = set(submitter_users(amqp_url, management_url))
+        except KNOWN_ERRORS as exc:
+            raise _fail(str(exc), 1) from None
+    strays = sorted((users or set()) - {row.name for row in rows})
+    if as_json:
+        listed = [
+            {
+                "name": row.name,
+                "queues": list(row.limits.queues),
+                "locations": list(row.limits.locations),
+                "created_at": row.created_at.isoformat(timespec="seconds"),
+                "created_by": row.created_by,
+                "broker_user": None if users is None else row.name in users,
+            }
+            for row in rows
+        ]
+        typer.echo(json.dumps({"tokens": listed, "unregistered_users": strays}, indent=2))
+        return
+    for row in rows:
+        missing = " (no broker user)" if users is not None and row.name not in users else ""
+        added = row.created_at.isoformat(timespec="seconds")
+        typer.echo(
+            f"{row.name:30}  {row.limits.describe()}  added {added} by {row.created_by}{missing}"
+        )
+    for stray in strays:
+        typer.echo(f"{stray:30}  on the broker only: not registered, its submissions are refused")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    name: Name,
+    amqp_url: AmqpUrl = "",
+    management_url: ManagementUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Delete a submitter token: its broker user (its connections are closed at once) and its
+    registration."""
+    from .tokens import revoke_submitter
+
+    _need_broker(amqp_url)
+    _need_database(database_url)
+    try:
+        deleted = revoke_submitter(amqp_url, management_url, name)
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None
+    actor = operator()
+    registered = with_store(
+        database_url,
+        database_schema,
+        lambda s: s.submitters.remove(actor, name, deleted),
+        upgrade=True,
+    )
+    if not deleted and not registered:
+        raise _fail(f"no submitter token {name!r}", 1)
+    typer.echo(f"submitter token {name} revoked: its connections are cut and its secret refused")
