@@ -38,7 +38,7 @@ export HD_DATABASE_URL="postgresql://${HD_DEMO_DB_USER:-dispatcher}:${HD_DEMO_DB
 log "starting RabbitMQ, PostgreSQL, the control plane, the failure monitor and one agent (project $PROJECT), TLS only"
 docker network inspect hybrid-dispatcher-locations >/dev/null 2>&1 \
     || docker network create hybrid-dispatcher-locations >/dev/null
-"${COMPOSE[@]}" up -d
+"${COMPOSE[@]}" up -d rabbitmq postgres
 
 wait_healthy() {
     local service=$1 id status
@@ -58,6 +58,22 @@ wait_healthy() {
 }
 wait_healthy postgres
 wait_healthy rabbitmq
+
+# Identities: one broker user per process, made (or given a new secret) on every run with the
+# administrator's credentials; only their passwords go to the containers.
+password_of() {
+    "$BIN/python" -c 'import sys, urllib.parse as u; print(u.unquote(u.urlsplit(sys.argv[1]).password))' "$1"
+}
+url=$("$BIN/dispatcher" identities add control-plane hd-control-plane)
+export HD_DEMO_CONTROL_PLANE_PASSWORD=$(password_of "$url")
+url=$("$BIN/dispatcher" identities add monitor hd-monitor)
+export HD_DEMO_MONITOR_PASSWORD=$(password_of "$url")
+url=$("$BIN/dispatcher" agents add demo-agent --queue default)
+export HD_DEMO_AGENT_PASSWORD=$(password_of "$url")
+# The demo's runs are submitted with a submitter token limited to the queue `default`.
+SUBMITTER_URL=$("$BIN/dispatcher" tokens add demo-submitter --queue default)
+log "identities: hd-control-plane, hd-monitor, agent demo-agent, token demo-submitter"
+"${COMPOSE[@]}" up -d
 "${COMPOSE[@]}" ps
 for i in $(seq 1 60); do
     if "${COMPOSE[@]}" logs monitor 2>/dev/null | grep -q "this monitor is active"; then
@@ -72,7 +88,7 @@ expect() {
     local want=$1 label=$2; shift 2
     log "submitting: $label"
     set +e
-    "$BIN/dispatcher" submit --image "$RUN_IMAGE" --wait --timeout 120 -- "$@"
+    HD_AMQP_URL=$SUBMITTER_URL "$BIN/dispatcher" submit --image "$RUN_IMAGE" --wait --timeout 120 -- "$@"
     local got=$?
     set -e
     if [ "$got" = "$want" ]; then
@@ -97,14 +113,15 @@ done
 "$BIN/dispatcher" locations list
 log "submitting: job count of location hello, which reports its steps"
 set +e
-"$BIN/dispatcher" submit --location hello --job count --config '{"to": 3, "pause_s": 0.2}' \
-    --wait --timeout 120
+HD_AMQP_URL=$SUBMITTER_URL "$BIN/dispatcher" submit --location hello --job count \
+    --config '{"to": 3, "pause_s": 0.2}' --wait --timeout 120
 got=$?
 set -e
 if [ "$got" = 0 ]; then log "as expected: exit code 0"; else
     log "UNEXPECTED: exit code $got"; failures=$((failures + 1)); fi
 log "submitting a job with a bad config: the control plane refuses it"
-if "$BIN/dispatcher" submit --location hello --job count --config '{"to": "three"}'; then
+if HD_AMQP_URL=$SUBMITTER_URL "$BIN/dispatcher" submit --location hello --job count \
+    --config '{"to": "three"}'; then
     log "UNEXPECTED: accepted"; failures=$((failures + 1))
 else
     log "as expected: rejected"
