@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 
 import aio_pika
@@ -93,6 +94,8 @@ async def heartbeat_load(url: str, agents: int, seconds: float) -> int:
         channel = await connection.channel(publisher_confirms=False)
         exchange = await channel.get_exchange(STATUS_EXCHANGE, ensure=False)
         ids = [f"sim-{i:04d}" for i in range(agents)]
+        # Readers refuse a status event without its publisher's (broker-checked) user_id.
+        user = urllib.parse.unquote(urllib.parse.urlsplit(url).username or "") or None
         gap = HEARTBEAT_S / agents
         started = time.monotonic()
         sequence = 0
@@ -100,7 +103,8 @@ async def heartbeat_load(url: str, agents: int, seconds: float) -> int:
             for agent_id in ids:
                 beat = AgentHeartbeat(agent_id=agent_id, sequence=sequence, interval_s=HEARTBEAT_S)
                 await exchange.publish(
-                    aio_pika.Message(encode(beat)), heartbeat_routing_key(beat.agent_id)
+                    aio_pika.Message(encode(beat), user_id=user),
+                    heartbeat_routing_key(beat.agent_id),
                 )
                 sent += 1
                 target = started + sent * gap

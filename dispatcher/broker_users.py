@@ -66,6 +66,12 @@ def check_names(*pairs: tuple[str, str]) -> None:
             )
 
 
+#: Options of the operator's URL that describe the broker, not who connects: the new URL
+#: keeps them. The operator's client certificate and login mechanism (certfile, keyfile,
+#: auth=external) stay the operator's.
+_SHARED_OPTIONS = frozenset({"cafile", "capath", "no_verify_ssl", "heartbeat", "timeout"})
+
+
 def user_url(amqp_url: str, user: str, password: str) -> str:
     """The operator's broker URL with another user's credentials instead."""
     parts = urllib.parse.urlsplit(amqp_url)
@@ -74,7 +80,14 @@ def user_url(amqp_url: str, user: str, password: str) -> str:
     netloc += f"[{host}]" if ":" in host else host
     if parts.port:
         netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    query = urllib.parse.urlencode(
+        [
+            (k, v)
+            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+            if k in _SHARED_OPTIONS
+        ]
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def _vhost(api: ManagementApi) -> str:

@@ -46,17 +46,32 @@ class Impersonation(DispatcherError, MessageRejected):
 
 
 def sender_check(trusted: Iterable[str]) -> Callable[[str | None, Message], None]:
-    """A check of who published an agent's event: its AMQP ``user_id``, which the broker
-    verified against the connection's user, must be the agent's own id, or a trusted identity
-    (the control plane's own, an operator's). A message without a user_id is left to the
-    other checks (routing key, run ownership): the broker's topic permissions pin an agent's
-    identity to its own routing keys."""
+    """A check of who published a status event: its AMQP ``user_id``, which the broker
+    verified against the connection's user.
+
+    An agent's event must come from the agent's own identity or a trusted one (the process's
+    own, an operator's); an event of a reserved source (the control plane's verdicts, the
+    monitor's decisions) from a trusted identity only. A message without a ``user_id`` is
+    refused: topic permissions alone cannot pin an identity to its keys, since a message
+    routed into the status exchange through an exchange-to-exchange binding is not checked
+    against them."""
     allowed = frozenset(trusted)
 
     def check_sender(user_id: str | None, event: Message) -> None:
-        agent = getattr(event, "agent_id", None)
-        if user_id is None or agent is None or user_id in allowed or user_id == agent:
+        if user_id is None:
+            raise Impersonation(
+                "no user_id: the publisher must set it to its connection's user (the broker "
+                "checks it), so that readers know who sent a status event"
+            )
+        if user_id in allowed:
             return
-        raise Impersonation(f"published by broker user {user_id!r}, not by agent {agent!r}")
+        agent = getattr(event, "agent_id", None)
+        if agent is None:
+            raise Impersonation(
+                f"published by broker user {user_id!r}: only the control plane and the "
+                "monitor speak for no agent"
+            )
+        if user_id != agent:
+            raise Impersonation(f"published by broker user {user_id!r}, not by agent {agent!r}")
 
     return check_sender

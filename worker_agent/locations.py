@@ -242,7 +242,9 @@ class LocationKeeper:
                 )
             if status == 400:
                 error = reply.get("error") if isinstance(reply, dict) else None
-                raise LaunchFailed(f"the code server refused the run: {error or 'bad request'}")
+                # The server holds the location's secrets: its words may quote them.
+                words = self._redactor(spec)(str(error or "bad request"))
+                raise LaunchFailed(f"the code server refused the run: {words}")
         raise LocationUnavailable(f"no code server of location {spec.name!r} answers yet")
 
     async def _start(self, spec: LocationSpec) -> None:
@@ -287,15 +289,18 @@ class LocationKeeper:
         log.info("location %s loaded: %d job(s)", spec.name, len(event.jobs))
         return True
 
+    def _redactor(self, spec: LocationSpec) -> Redactor:
+        """Redacts the values of the location's secrets (none when they cannot be read)."""
+        try:
+            env, keys = self._secrets.resolve(spec.env)
+        except MissingSecret:
+            return Redactor()
+        return Redactor(env[key] for key in keys)
+
     async def _report_failed(self, spec: LocationSpec, server: CodeServer, why: str) -> None:
         tail: tuple[str, ...] = ()
         if self._forward_output:
-            try:
-                env, keys = self._secrets.resolve(spec.env)
-                redact = Redactor(env[key] for key in keys)
-            except MissingSecret:
-                redact = Redactor()
-            tail = await self.servers.runtime.output_tail(server.id, 50, redact)
+            tail = await self.servers.runtime.output_tail(server.id, 50, self._redactor(spec))
         await self._publish(
             LocationFailed(
                 location=spec.name,

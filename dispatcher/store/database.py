@@ -92,15 +92,14 @@ class Database:
         With ``senders`` (each submission's AMQP user_id, in order), a submission is first
         held to its sender's rights (``dispatcher.submitters``): a trusted identity, a
         registered submitter token within its limits, or (while no token is registered) no
-        user_id; any other is refused with RunRejected, unless its run id is an existing
-        run's or an accepted submission's (a forged submission must not answer for someone
-        else's run).
+        user_id; any other is refused with RunRejected.
 
         A plain run needs an image; its ``secret:NAME`` env values are stored as references.
         A job run brings no image, command, env or ready check of its own, and needs a
         loaded location that has the job and a config that matches the job's schema; it runs
         the location's image on its queue. A refused submission creates no run: the submitter
-        gets RunRejected naming the problem.
+        gets RunRejected naming the problem, unless its run id is an existing run's or an
+        accepted submission's (a forged submission must not answer for someone else's run).
         """
         async with self.connections.transaction() as connection:
             accepted, rejected = [], []
@@ -108,9 +107,7 @@ class Database:
                 submissions, refused = await submitters.screen(
                     connection, submissions, senders, trusted
                 )
-                taken = await runs.existing(connection, [s.run_id for s, _ in refused])
-                taken |= {s.run_id for s in submissions}
-                rejected += [(s, why) for s, why in refused if s.run_id not in taken]
+                rejected += refused
             plain = [s for s in submissions if s.location is None and s.job is None]
             jobs = [s for s in submissions if s.location is not None or s.job is not None]
             for submission in plain:
@@ -128,9 +125,17 @@ class Database:
                 else:
                     assert run is not None
                     resolved.append(run)
+            # No answer for a run id that is a run's, or an accepted submission's: a forged or
+            # repeated submission must not answer for someone else's run.
+            taken = await runs.existing(connection, [s.run_id for s, _ in rejected])
+            taken |= {s.run_id for s in accepted} | {r.run_id for r in resolved}
             await outbox.insert(
                 connection,
-                [outbox.answer(RunRejected(run_id=s.run_id, reason=why)) for s, why in rejected],
+                [
+                    outbox.answer(RunRejected(run_id=s.run_id, reason=why))
+                    for s, why in rejected
+                    if s.run_id not in taken
+                ],
             )
             created = await runs.create(connection, accepted)
             created += await runs.create(connection, resolved, announce=True)

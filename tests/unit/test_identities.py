@@ -54,6 +54,9 @@ def test_an_agent_may_touch_only_its_own_queues_and_keys() -> None:
 def test_an_agent_url_carries_its_own_credentials_only() -> None:
     url = agent_url("amqp://admin:pw@broker.example:5671/prod", "a-1", "s/e:c@")
     assert url == "amqp://a-1:s%2Fe%3Ac%40@broker.example:5671/prod"
+    # The broker's CA goes along; the operator's certificate and login mechanism do not.
+    operator = "amqps://admin@b:5671/?auth=external&cafile=/ca.pem&certfile=/op.pem&keyfile=/k"
+    assert agent_url(operator, "a-1", "pw") == "amqps://a-1:pw@b:5671/?cafile=%2Fca.pem"
 
 
 def test_only_the_agent_itself_or_a_trusted_identity_speaks_for_an_agent() -> None:
@@ -61,10 +64,16 @@ def test_only_the_agent_itself_or_a_trusted_identity_speaks_for_an_agent() -> No
     beat = AgentHeartbeat(agent_id="a-1", sequence=1, max_concurrent=1)
     check("a-1", beat)
     check("control", beat)
-    check(None, beat)  # left to the routing key and ownership checks
     with pytest.raises(Impersonation, match="published by broker user 'a-2', not by agent 'a-1'"):
         check("a-2", beat)
-    check("a-2", RunEnded(run_id=uuid.uuid4(), attempt=1, state="SUCCESS"))  # no agent named
+    # Without a user_id nobody knows who sent it: refused, whatever the routing key says.
+    with pytest.raises(Impersonation, match="no user_id"):
+        check(None, beat)
+    # A verdict names no agent: only a trusted identity (the control plane's) gives one.
+    verdict = RunEnded(run_id=uuid.uuid4(), attempt=1, state="SUCCESS")
+    check("control", verdict)
+    with pytest.raises(Impersonation, match="only the control plane and the monitor"):
+        check("a-2", verdict)
 
 
 def test_the_trusted_identities_are_the_process_s_own_and_the_named_ones() -> None:
