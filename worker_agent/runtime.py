@@ -18,6 +18,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.utils
 
 from schemas import LaunchRun
 
@@ -209,9 +210,8 @@ class DockerRuntime:
                     "(--pull never): load it on the host first"
                 )
             log.info("image %s is not on this host; trying to pull it", image)
-        repository, _, tag = (
-            image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
-        )
+        # A tag or a digest (``repo@sha256:...``), as the engine's pull takes it.
+        repository, tag = docker.utils.parse_repository_tag(image)
         try:
             # Credentials for the image's registry come from this host's Docker config.
             puller = docker.from_env(timeout=int(self._pull_timeout_s)).api
