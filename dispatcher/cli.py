@@ -177,6 +177,13 @@ def monitor(
     retry_backoff: Annotated[
         float | None, typer.Option(help="Seconds before a first retry; doubles (default 1).")
     ] = None,
+    cancel_confirm: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds after a cancel's grace before an unconfirmed stop ends the run "
+            "CANCELED with CANCEL_TIMEOUT (default 30)."
+        ),
+    ] = None,
     metrics_port: Annotated[
         int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
     ] = 9465,
@@ -203,6 +210,7 @@ def monitor(
             start_timeout_s=start_timeout,
             long_running_s=long_running,
             retry_backoff_s=retry_backoff,
+            cancel_confirm_s=cancel_confirm,
             metrics_port=metrics_port,
         )
         setup_logging(log_level)
@@ -336,7 +344,13 @@ def submit(
                 return 2
             for line in outcome.output_tail:
                 typer.echo(f"  | {line}", err=True)
-            verdict = "SUCCESS" if outcome.succeeded else f"FAILURE ({outcome.reason})"
+            verdict = (
+                "SUCCESS"
+                if outcome.succeeded
+                else "CANCELED"
+                if outcome.canceled
+                else f"FAILURE ({outcome.reason})"
+            )
             code = "" if outcome.exit_code is None else f", exit code {outcome.exit_code}"
             tries = f" on attempt {outcome.attempt}" if outcome.attempt > 1 else ""
             typer.echo(f"run {run_id}: {verdict}{code}{tries}", err=True)

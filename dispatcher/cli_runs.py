@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .cli_common import DatabaseSchema, DatabaseUrl, _fail, with_store
-from .states import RunState
+from .cli_common import KNOWN_ERRORS, AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, with_store
+from .states import TERMINAL, RunState
 
 if TYPE_CHECKING:
     from .store import Database, RunEventRow, RunRow
 
-runs_app = typer.Typer(help="Inspect runs (reads PostgreSQL).", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="Inspect runs (reads PostgreSQL) and cancel them.", no_args_is_help=True
+)
 
 
 @runs_app.command("list")
@@ -150,3 +153,67 @@ def _describe_progress(item: dict[str, Any]) -> str:
     if event == "log":
         return f"[{item['level'] or 'info'}] {item['message']}"
     return "metadata " + ", ".join(f"{k}={v}" for k, v in sorted(item["details"].items()))
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_id: Annotated[str, typer.Argument(help="Run id (or, with the database, a unique prefix).")],
+    grace: Annotated[
+        float, typer.Option(help="Seconds a running run gets between SIGTERM and SIGKILL.")
+    ] = 30.0,
+    reason: Annotated[str, typer.Option(help="Why; recorded with the run.")] = "",
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the run's end; exit 0 when it was canceled.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after this long.")] = 300.0,
+    amqp_url: AmqpUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Cancel a run: a queued run never starts; a running one gets SIGTERM, then SIGKILL after
+    --grace, and ends CANCELED. Canceling it again changes nothing; a run that has ended stays
+    as it ended (exit 1 unless it was canceled)."""
+    import uuid
+
+    if not 0 <= grace <= 3600:
+        raise _fail("--grace must be 0 to 3600 seconds")
+    if not amqp_url:
+        raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
+    run: RunRow | None = None
+    if database_url:
+        run = with_store(database_url, database_schema, lambda s: s.runs.find(run_id))
+        target = run.run_id
+        if RunState(run.state) in TERMINAL:
+            typer.echo(f"run {target} has ended already: {run.state}")
+            raise typer.Exit(0 if run.state == RunState.CANCELED else 1)
+    else:
+        try:
+            target = uuid.UUID(run_id)
+        except ValueError:
+            raise _fail(f"{run_id!r} is not a run id (a prefix needs the database)") from None
+    code = _request_cancel(amqp_url, target, grace, reason, wait, timeout)
+    raise typer.Exit(code)
+
+
+def _request_cancel(
+    amqp_url: str, run_id: Any, grace: float, reason: str, wait: bool, timeout: float
+) -> int:
+    from .client import Client, wait_for_outcome
+
+    async def go() -> int:
+        async with Client(amqp_url) as client:
+            follower = await client.follow({run_id}) if wait else None
+            await client.cancel(run_id, grace_s=grace, reason=reason)
+            typer.echo(f"run {run_id}: cancel requested")
+            if follower is None:
+                return 0
+            outcome = await wait_for_outcome(follower, run_id, None)
+            typer.echo(f"run {run_id}: {outcome.state}")
+            return 0 if outcome.canceled else 1
+
+    try:
+        return asyncio.run(asyncio.wait_for(go(), timeout))
+    except TimeoutError:
+        raise _fail(f"the run did not end within {timeout:g} s", 124) from None
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas import (
+    CancelRun,
     Event,
     FailureReason,
     InvalidMessage,
@@ -60,13 +61,26 @@ class RunOutcome:
     message: str = ""
     #: The attempt that ended the run (1 unless it was retried).
     attempt: int = 1
+    #: SUCCESS, FAILURE or CANCELED.
+    state: str = "FAILURE"
+
+    @property
+    def canceled(self) -> bool:
+        return self.state == "CANCELED"
 
     @property
     def process_exit_code(self) -> int:
-        """What a command-line tool waiting for this run should exit with."""
+        """What a command-line tool waiting for this run should exit with: 0, the run's exit
+        code (1 when it has none), or CANCELED_EXIT_CODE for a canceled run."""
         if self.succeeded:
             return 0
+        if self.canceled:
+            return CANCELED_EXIT_CODE
         return self.exit_code if self.exit_code else 1
+
+
+#: What a waiter exits with when the run was canceled (as a process stopped by Ctrl-C).
+CANCELED_EXIT_CODE = 130
 
 
 class Follower:
@@ -180,6 +194,22 @@ class Client:
                 f"{exc} (is the control plane running? it declares {REQUESTS_EXCHANGE})"
             ) from exc
         return message.run_id
+
+    async def cancel(self, run_id: uuid.UUID, grace_s: float = 30.0, reason: str = "") -> None:
+        """Ask the control plane to cancel a run; returns once the broker has the request.
+
+        A queued run never starts; a running one gets SIGTERM, then SIGKILL after ``grace_s``.
+        Its end comes as any run's (``wait_for_outcome``: ``canceled``). Canceling a run that
+        has ended, or is being canceled, changes nothing."""
+        if self._publisher is None:
+            raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
+        message = CancelRun(run_id=run_id, grace_s=grace_s, reason=reason)
+        try:
+            await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
+        except BrokerRefused as exc:
+            raise BrokerUnavailable(
+                f"{exc} (is the control plane running? it declares {REQUESTS_EXCHANGE})"
+            ) from exc
 
     async def submit_job(
         self,
@@ -295,4 +325,5 @@ def outcome_of(event: RunEnded) -> RunOutcome:
         event.output_tail,
         event.message,
         event.attempt,
+        event.state,
     )

@@ -176,6 +176,19 @@ class FailureMonitor:
     async def _check_run(self, run: ActiveRun) -> None:
         settings = self.settings
         key = (run.run_id, run.attempt)
+        if run.state == RunState.CANCELING:
+            # The agent stops the container within its grace and says so; a frozen or cut
+            # off agent does not: the run ends CANCELED all the same (its container is fenced
+            # when the agent is heard of again).
+            deadline = (run.cancel_grace_s or 0.0) + settings.cancel_confirm_s
+            if run.in_state_s > deadline:
+                await self._fail(
+                    run,
+                    FailureReason.CANCEL_TIMEOUT,
+                    f"the stop was not confirmed within {deadline:g} s",
+                    terminate=False,
+                )
+            return
         start_timeout = run.start_timeout_s or settings.start_timeout_s
         if run.state == RunState.STARTING and run.in_state_s > start_timeout:
             await self._fail(

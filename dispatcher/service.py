@@ -48,10 +48,6 @@ from .store import Database
 log = logging.getLogger(__name__)
 
 
-class CancellationNotSupported(Exception):
-    """CancelRun arrives before cancellation is built; dead-lettered with this reason."""
-
-
 async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     """Run the control plane until ``stop`` is set or a component fails."""
     # Start-up: the store (and its migrations), then the broker and its topology.
@@ -87,17 +83,23 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
 
         async def on_requests(deliveries: list[Delivery[Request]]) -> None:
             submitted = [d for d in deliveries if isinstance(d.message, SubmitRun)]
+            cancels = [d for d in deliveries if isinstance(d.message, CancelRun)]
             for delivery in deliveries:
                 if isinstance(delivery.message, LocationsWanted):
                     await store.locations.wanted(delivery.message.queues)
-                elif isinstance(delivery.message, CancelRun):
-                    raise CancellationNotSupported("CancelRun is not supported yet")
             # Who sent each submission (the broker verified the user_id) decides whether it
             # may be made at all, and where: see dispatcher.submitters.
             submissions = [d.message for d in submitted if isinstance(d.message, SubmitRun)]
             senders = [d.raw.user_id for d in submitted]
             created = await store.accept_submissions(submissions, senders, trusted)
             log.info("accepted %d submission(s), %d new run(s)", len(submissions), len(created))
+            # After the submissions: a run submitted and canceled in one batch exists by now.
+            if cancels:
+                requests = [d.message for d in cancels if isinstance(d.message, CancelRun)]
+                outcomes = await store.cancel(requests, [d.raw.user_id for d in cancels], trusted)
+                for request, outcome in zip(requests, outcomes, strict=True):
+                    what = outcome if isinstance(outcome, str) else outcome.outcome.value
+                    log.info("cancel of run %s: %s", request.run_id, what)
 
         async def on_events(deliveries: list[Delivery[Event]]) -> None:
             await store.apply_events([d.message for d in deliveries])

@@ -169,6 +169,9 @@ class MonitorSettings:
     vanished_after_beats: int = 3
     #: A run its live agent lists as exited, with no final event after this long → vanished.
     exited_grace_s: float = 30.0
+    #: A CANCELING run whose agent has not confirmed the stop this long after the grace it
+    #: was given → CANCELED with CANCEL_TIMEOUT.
+    cancel_confirm_s: float = 30.0
     #: Alert once when a run has been STARTED for longer than this.
     long_running_s: float = 3600.0
     #: How often the rules are evaluated.
@@ -193,6 +196,7 @@ class MonitorSettings:
         numbers = {
             "HD_LOST_AFTER_BEATS": "lost_after_beats",
             "HD_START_TIMEOUT_S": "start_timeout_s",
+            "HD_CANCEL_CONFIRM_S": "cancel_confirm_s",
             "HD_LONG_RUNNING_S": "long_running_s",
             "HD_RETRY_BACKOFF_S": "retry_backoff_s",
         }

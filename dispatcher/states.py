@@ -3,8 +3,11 @@
 ```
 QUEUED ──▶ STARTING ──▶ STARTED ──▶ SUCCESS | FAILURE
    │           │            │
-   └▶ CANCELED └──▶ CANCELING ◀┘ ──▶ CANCELED
+   └▶ CANCELED └──▶ CANCELING ◀┘ ──▶ CANCELED (any failure) | SUCCESS
 ```
+
+A cancel moves QUEUED to CANCELED and STARTING or STARTED to CANCELING
+(``store.cancellation``); events do the rest.
 
 Terminal states never change. Events may overtake each other (a fast run's RunSucceeded can
 be applied before its RunStarted was seen), so a later state may be reached directly from
@@ -64,8 +67,13 @@ def target_state(event: Message) -> RunState | None:
 
 
 def next_state(current: RunState, event: Message) -> RunState | None:
-    """The state after applying ``event`` to a run in ``current``; None when it changes nothing."""
+    """The state after applying ``event`` to a run in ``current``; None when it changes nothing.
+
+    A failure of a CANCELING run (the stop asked for, its agent lost, no confirmation in
+    time) cancels it: never a FAILURE, never retried."""
     target = target_state(event)
+    if target == RunState.FAILURE and current == RunState.CANCELING:
+        target = RunState.CANCELED
     if target is None or target == current or not can_transition(current, target):
         return None
     return target

@@ -73,9 +73,11 @@ class SubmitRun(RunMessage, frozen=True, kw_only=True, tag="SubmitRun"):
 
 
 class CancelRun(RunMessage, frozen=True, kw_only=True, tag="CancelRun"):
-    """Ask the control plane to cancel a run."""
+    """Ask the control plane to cancel a run: a queued run never starts; a running one gets
+    SIGTERM, then SIGKILL after ``grace_s``. Idempotent; a finished run stays as it is."""
 
     reason: Text = ""
+    grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
 
 
 # ------------------------------------------------------------------------- instructions

@@ -7,7 +7,10 @@ Promises kept here:
   still loading) is held unacked and retried here, never nacked back: the queues count every
   redelivery against a delivery limit. At shutdown it is left unacked, and goes back to its
   queue when the channel closes;
-- on start, containers this agent labelled before are adopted and their state reported.
+- on start, containers this agent labelled before are adopted and their state reported;
+- a TerminateRun for an attempt with no container here (its LaunchRun still queued, held for
+  a slot, or being launched) fences it: its LaunchRun is acked and never launched, and
+  nothing is reported for it (the run is final on the control plane already).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 
 import msgspec
 
@@ -31,7 +35,7 @@ from .ports import ContainerRuntime
 from .reporter import Reporter
 from .secrets import Redactor, Secrets
 from .settings import AgentSettings
-from .slots import Attempt, AttemptKey, Slots
+from .slots import Attempt, AttemptKey, Fence, Slots
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,12 @@ class Launcher:
         attempt.state = info.status
         attempt.started = info.ready
         self.reporter.forward_output(attempt, container_id)
+        fence = self.slots.fenced(key)
+        if fence is not None and not info.finished:
+            # Terminated while its container was being created: stopped now, its end
+            # reported as any terminated attempt's.
+            self._terminating(attempt, fence)
+            await self._stop(attempt.run_id, container_id, fence.grace_s)
         try:
             await self.reporter.launched(*key, container_id, attempt.started)
         except BrokerUnavailable as exc:
@@ -110,7 +120,7 @@ class Launcher:
 
     async def _hold_slot(self, launch: LaunchRun, raw: InboundDelivery) -> Attempt | None:
         """A slot for the launch, waiting for one if need be; None when there is nothing to
-        launch (done before: settled here) or the agent stops (left unacked)."""
+        launch (done before, or fenced: settled here) or the agent stops (left unacked)."""
         key = (launch.run_id, launch.attempt)
         held = False
         while True:
@@ -126,6 +136,9 @@ class Launcher:
                     await self.reporter.launched(*key, existing.container_id, existing.started)
                 await settle(raw.ack())
                 return None
+            if self.slots.fenced(key) is not None:
+                await self._drop_fenced(key, raw)
+                return None
             attempt = self.slots.take(key)
             if attempt is not None:
                 return attempt
@@ -133,25 +146,40 @@ class Launcher:
                 # More deliveries than slots (prefetch changed while they were on their way).
                 log.info("run %s attempt %d held until a slot frees", *key)
                 held = True
-            if not await self.slots.wait_for_free(self._stopping):
+            if not await self.slots.wait_for_free(self._stopping, key):
                 return None
+
+    async def _drop_fenced(self, key: AttemptKey, raw: InboundDelivery) -> None:
+        log.info("run %s attempt %d was terminated before it started; instruction acked", *key)
+        await settle(raw.ack())
 
     async def _start(
         self, launch: LaunchRun, attempt: Attempt, raw: InboundDelivery
     ) -> tuple[ContainerInfo, bool] | None:
         """Start (or adopt) the container, retrying while Docker or the location is not there.
 
-        None when the launch failed for good (reported and acked) or the agent stops."""
+        None when the launch failed for good (reported and acked), was fenced (acked), or the
+        agent stops."""
         key = attempt.key
         delay = FIRST_RETRY_S
+        #: A create was sent: once it may have landed, a fenced attempt is no longer dropped
+        #: here (that could leave its container behind) but stopped once created, by _launch.
+        create_sent = False
         while True:
             try:
+                if not create_sent and await self._dropped(attempt, raw):
+                    return None
                 spec = launch
                 if launch.job is not None and self.keeper is not None:
                     spec = await self.keeper.launch_spec(launch)
                 self.policy.check_image(spec.image)
                 env, secret_keys = self.secrets.resolve(spec.env)
                 spec = msgspec.structs.replace(spec, env=env)
+                # Checked again: a code server may have taken its time. A TerminateRun that
+                # comes while the create is on its way is the one _launch catches.
+                if not create_sent and await self._dropped(attempt, raw):
+                    return None
+                create_sent = True
                 info, adopted = await self.runtime.launch(spec, secret_keys)
             except (DockerUnavailable, LocationUnavailable) as exc:
                 what = (
@@ -166,6 +194,8 @@ class Launcher:
                 delay = min(delay * 2, MAX_RETRY_S)
                 continue
             except (ImageMissing, LaunchFailed) as exc:
+                if not create_sent and await self._dropped(attempt, raw):
+                    return None  # failed, but terminated meanwhile: nothing to report
                 reason = (
                     FailureReason.IMAGE_NOT_FOUND
                     if isinstance(exc, ImageMissing)
@@ -177,6 +207,16 @@ class Launcher:
                 self.slots.release(key, reported=True)
                 return None
             return info, adopted
+
+    async def _dropped(self, attempt: Attempt, raw: InboundDelivery) -> bool:
+        """Whether the attempt, holding a slot but no container yet, was fenced; if so its
+        slot is freed and its instruction acked."""
+        if self.slots.fenced(attempt.key) is None:
+            return False
+        self.slots.release(attempt.key)
+        attempt.launched.set()  # a second delivery of it, waiting on this one, is acked
+        await self._drop_fenced(attempt.key, raw)
+        return True
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep ``seconds``; False if the agent began to stop meanwhile."""
@@ -208,33 +248,50 @@ class Launcher:
     # ---------------------------------------------------------------- terminations
 
     async def _terminate(self, terminate: TerminateRun, raw: InboundDelivery) -> None:
-        """Stop an attempt's container; its end is reported with the reason given."""
-        attempt = self.slots.attempts.get((terminate.run_id, terminate.attempt))
-        if attempt is not None and attempt.container_id is not None and not attempt.finishing:
-            attempt.terminated = terminate.failure_reason or FailureReason.UNEXPECTED_TERMINATION
-            attempt.terminate_note = terminate.reason
-            log.info(
-                "terminating run %s attempt %d: %s",
-                terminate.run_id,
-                terminate.attempt,
-                terminate.reason or "asked to",
-            )
-            delay = FIRST_RETRY_S
-            while True:
-                try:
-                    await self.runtime.stop(attempt.container_id, terminate.grace_s)
-                    break
-                except DockerUnavailable as exc:
-                    log.error(
-                        "cannot terminate run %s (%s); retried in %.1f s",
-                        terminate.run_id,
-                        exc,
-                        delay,
-                    )
-                    if not await self._pause(delay):
-                        return  # left unacked: back to its queue when the channel closes
-                    delay = min(delay * 2, MAX_RETRY_S)
+        """Stop an attempt's container; its end is reported with the reason given. An attempt
+        with no container here yet is fenced: it never starts."""
+        key = (terminate.run_id, terminate.attempt)
+        fence = Fence(
+            reason=terminate.failure_reason or FailureReason.UNEXPECTED_TERMINATION,
+            note=terminate.reason,
+            grace_s=terminate.grace_s,
+        )
+        attempt = self.slots.attempts.get(key)
+        if attempt is None or attempt.container_id is None:
+            if not self.slots.finished(key):
+                # Its LaunchRun may be on its way, held for a slot, or being launched.
+                log.debug("run %s attempt %d fenced: terminated before it started", *key)
+                self.slots.fence(key, fence)
+        elif not attempt.finishing:
+            self._terminating(attempt, fence)
+            if not await self._stop(terminate.run_id, attempt.container_id, fence.grace_s):
+                return  # left unacked: back to its queue when the channel closes
         await settle(raw.ack())
+
+    @staticmethod
+    def _terminating(attempt: Attempt, fence: Fence) -> None:
+        attempt.terminated = fence.reason
+        attempt.terminate_note = fence.note
+        log.info(
+            "terminating run %s attempt %d: %s",
+            attempt.run_id,
+            attempt.attempt,
+            fence.note or "asked to",
+        )
+
+    async def _stop(self, run_id: uuid.UUID, container_id: str, grace_s: float) -> bool:
+        """SIGTERM, then SIGKILL after ``grace_s``, retried while Docker is unreachable;
+        False when the agent began to stop first."""
+        delay = FIRST_RETRY_S
+        while True:
+            try:
+                await self.runtime.stop(container_id, grace_s)
+                return True
+            except DockerUnavailable as exc:
+                log.error("cannot terminate run %s (%s); retried in %.1f s", run_id, exc, delay)
+                if not await self._pause(delay):
+                    return False
+                delay = min(delay * 2, MAX_RETRY_S)
 
     # ------------------------------------------------------------------ adoption
 

@@ -4,6 +4,9 @@ Prefetch is the number of slots neither held nor promised to a waiting delivery,
 broker never hands out more launches than can start. An attempt releases its slot once its
 final event was confirmed; it is then listed as "reported" in heartbeats for a while, so that
 a monitor reading a store that lags behind the broker sees "reported", not "missing".
+
+An attempt terminated before its container existed here is fenced: remembered, never listed,
+so that its LaunchRun, still queued or held for a slot, is dropped instead of launched.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .secrets import Redactor
 
 AttemptKey = tuple[uuid.UUID, int]
 
-#: Finished attempts remembered, so that a redelivered LaunchRun of one is acked, not run.
+#: Finished (and fenced) attempts remembered, so that a LaunchRun of one is acked, not run.
 REMEMBERED = 10_000
 #: Reported attempts listed in a heartbeat at most (the most recent ones).
 MAX_LISTED_REPORTED = 1000
@@ -58,6 +61,15 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """A TerminateRun for an attempt that had no container here: what it said."""
+
+    reason: FailureReason
+    note: str
+    grace_s: float
+
+
+@dataclass(frozen=True)
 class Reported:
     """A finished attempt whose final event the broker confirmed."""
 
@@ -85,6 +97,8 @@ class Slots:
         self._clock = clock
         self._by_container: dict[str, AttemptKey] = {}
         self._finished: OrderedDict[AttemptKey, Reported] = OrderedDict()
+        self._fenced: OrderedDict[AttemptKey, Fence] = OrderedDict()
+        #: Set when a slot frees or an attempt is fenced: waiting deliveries look again.
         self._freed = asyncio.Event()
 
     # ------------------------------------------------------------------ counting
@@ -100,6 +114,10 @@ class Slots:
     def finished(self, key: AttemptKey) -> bool:
         return key in self._finished
 
+    def fenced(self, key: AttemptKey) -> Fence | None:
+        """The TerminateRun that came for ``key`` before its container existed here."""
+        return self._fenced.get(key)
+
     # ------------------------------------------------------------------ holding
 
     def take(self, key: AttemptKey) -> Attempt | None:
@@ -110,8 +128,9 @@ class Slots:
         self._on_change()
         return attempt
 
-    async def wait_for_free(self, stopping: asyncio.Event) -> bool:
-        """Wait until a slot is free (True), or ``stopping`` is set first (False).
+    async def wait_for_free(self, stopping: asyncio.Event, key: AttemptKey | None = None) -> bool:
+        """Wait until a slot is free or ``key`` is fenced (True: look again), or ``stopping``
+        is set first (False).
 
         Meanwhile the delivery waiting counts against prefetch, so that the broker does not
         hand out another one for the same slot.
@@ -119,7 +138,7 @@ class Slots:
         self.waiting += 1
         self._on_change()
         try:
-            while self.free() == 0:
+            while self.free() == 0 and (key is None or key not in self._fenced):
                 if stopping.is_set():
                     return False
                 self._freed.clear()
@@ -134,6 +153,15 @@ class Slots:
         finally:
             self.waiting -= 1
             self._on_change()
+
+    def fence(self, key: AttemptKey, fence: Fence) -> None:
+        """Remember that ``key`` was terminated before its container existed here, so that
+        the launcher drops its launch; a delivery held for a slot for it stops waiting."""
+        self._fenced[key] = fence
+        self._fenced.move_to_end(key)
+        while len(self._fenced) > REMEMBERED:
+            self._fenced.popitem(last=False)
+        self._freed.set()
 
     def adopt(self, attempt: Attempt) -> None:
         """Count an attempt found running (adoption): it holds a slot, even past the limit."""

@@ -7,6 +7,7 @@ package speaks SQL; asyncpg's connection errors become ``StoreUnavailable`` in
 """
 
 from .agents import AgentRow
+from .cancellation import Canceled, Outcome
 from .connections import UNAVAILABLE
 from .database import Database, opened
 from .leader import Leadership, LeadershipLost
@@ -19,12 +20,14 @@ __all__ = [
     "UNAVAILABLE",
     "ActiveRun",
     "AgentRow",
+    "Canceled",
     "Database",
     "Leadership",
     "LeadershipLost",
     "Location",
     "OutboxItem",
     "OutboxRow",
+    "Outcome",
     "RunEventRow",
     "RunRow",
     "Supervision",

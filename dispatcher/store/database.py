@@ -11,6 +11,7 @@ from typing import Self
 
 from schemas import (
     AgentHeartbeat,
+    CancelRun,
     Event,
     FailureReason,
     LocationFailed,
@@ -26,7 +27,18 @@ from schemas import (
 )
 
 from .. import submissions as rules
-from . import agents, events, locations, migrations, outbox, output, runs, submitters
+from .. import submitters as rules_of_senders
+from . import (
+    agents,
+    cancellation,
+    events,
+    locations,
+    migrations,
+    outbox,
+    output,
+    runs,
+    submitters,
+)
 from .alerts import Alerts
 from .audit import Audit
 from .connections import Connections
@@ -140,6 +152,29 @@ class Database:
             created = await runs.create(connection, accepted)
             created += await runs.create(connection, resolved, announce=True)
             return created
+
+    async def cancel(
+        self,
+        requests: Sequence[CancelRun],
+        senders: Sequence[str | None] | None = None,
+        trusted: Collection[str] = (),
+    ) -> list[cancellation.Canceled | str]:
+        """Cancel runs (``store.cancellation``), all in one transaction; for each request its
+        outcome, or why its sender may not cancel (who may submit may cancel: a trusted
+        identity, a registered submitter token, or no user_id while no token is registered)."""
+        async with self.connections.transaction() as connection:
+            known = await submitters.registry(
+                connection, [s for s in senders or () if s is not None]
+            )
+            outcomes: list[cancellation.Canceled | str] = []
+            for request, sender in zip(requests, senders or [None] * len(requests), strict=True):
+                why = (
+                    rules_of_senders.sender_problem(sender, trusted, known)
+                    if senders is not None
+                    else None
+                )
+                outcomes.append(why or await cancellation.cancel(connection, request))
+            return outcomes
 
     # ----------------------------------------------------------------- status events
 

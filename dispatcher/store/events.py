@@ -2,8 +2,8 @@
 
 An event applies only to its run's current attempt, and only from the agent that holds it
 once one does. A failure the run's policy retries sends the run back to QUEUED with a delayed
-LaunchRun; a terminal state is announced to the run's followers (RunEnded), and a failure
-raises an alert, all in the caller's transaction.
+LaunchRun; a failure of a CANCELING run cancels it; a terminal state is announced to the run's
+followers (RunEnded), and a failure raises an alert, all in the caller's transaction.
 """
 
 from __future__ import annotations

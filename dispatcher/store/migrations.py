@@ -231,6 +231,16 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        10,
+        "cancellation",
+        """
+        -- Set when a cancel is asked for: the grace the agent gives the container, and why.
+        ALTER TABLE runs
+            ADD COLUMN cancel_grace_s double precision,
+            ADD COLUMN cancel_reason  text;
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

@@ -40,6 +40,8 @@ class ActiveRun:
     max_runtime_s: float | None
     in_state_s: float
     running_s: float | None
+    #: For a CANCELING run: the grace its agent gives the container.
+    cancel_grace_s: float | None = None
 
 
 class Supervision:
@@ -59,8 +61,9 @@ class Supervision:
                 """
                 SELECT run_id, attempt, state, agent_id, start_timeout_s, max_runtime_s,
                        EXTRACT(EPOCH FROM now() - state_changed_at)::float8 AS in_state_s,
-                       EXTRACT(EPOCH FROM now() - started_at)::float8 AS running_s
-                FROM runs WHERE state IN ('STARTING', 'STARTED')
+                       EXTRACT(EPOCH FROM now() - started_at)::float8 AS running_s,
+                       cancel_grace_s
+                FROM runs WHERE state IN ('STARTING', 'STARTED', 'CANCELING')
                 """
             )
         return [
@@ -73,6 +76,7 @@ class Supervision:
                 r["max_runtime_s"],
                 r["in_state_s"],
                 r["running_s"],
+                r["cancel_grace_s"],
             )
             for r in records
         ]
@@ -130,7 +134,7 @@ class Supervision:
             runs = await connection.fetch(
                 """
                 SELECT run_id, attempt FROM runs
-                WHERE agent_id = $1 AND state IN ('STARTING', 'STARTED') FOR UPDATE
+                WHERE agent_id = $1 AND state IN ('STARTING', 'STARTED', 'CANCELING') FOR UPDATE
                 """,
                 agent_id,
             )

@@ -70,6 +70,7 @@ class FakeRun:
     state_changed_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
+    cancel_grace_s: float | None = None
 
     @property
     def run_id(self) -> uuid.UUID:
@@ -192,9 +193,10 @@ class FakeSupervision:
                 r.submission.max_runtime_s,
                 now - r.state_changed_at,
                 None if r.started_at is None else now - r.started_at,
+                r.cancel_grace_s,
             )
             for r in self.runs.values()
-            if r.state in (RunState.STARTING, RunState.STARTED)
+            if r.state in (RunState.STARTING, RunState.STARTED, RunState.CANCELING)
         ]
 
     async def fail_attempt(
@@ -231,7 +233,8 @@ class FakeSupervision:
         active = [
             (r.run_id, r.attempt)
             for r in self.runs.values()
-            if r.agent_id == agent_id and r.state in (RunState.STARTING, RunState.STARTED)
+            if r.agent_id == agent_id
+            and r.state in (RunState.STARTING, RunState.STARTED, RunState.CANCELING)
         ]
         failed = [
             run_id

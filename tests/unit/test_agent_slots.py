@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 
-from schemas import MAX_MESSAGE_BYTES, AgentHeartbeat, encode, event_decoder
+from schemas import MAX_MESSAGE_BYTES, AgentHeartbeat, FailureReason, encode, event_decoder
 from schemas.bounds import MAX_IN_FLIGHT
 from worker_agent.heartbeat import Heartbeat
-from worker_agent.slots import MAX_LISTED_REPORTED, MAX_SLOTS, Attempt, Slots
+from worker_agent.slots import MAX_LISTED_REPORTED, MAX_SLOTS, REMEMBERED, Attempt, Fence, Slots
 
 pytestmark = pytest.mark.unit
 
@@ -138,6 +138,49 @@ async def test_a_waiting_delivery_gives_up_its_wait_when_the_agent_stops() -> No
     assert await asyncio.wait_for(waiter, 5) is False
     assert slots.waiting == 0
     assert len(slots.attempts) == 1
+
+
+CANCELED = Fence(reason=FailureReason.UNEXPECTED_TERMINATION, note="canceled", grace_s=0)
+
+
+async def test_a_fence_wakes_the_delivery_waiting_for_its_attempt_and_no_other() -> None:
+    changes: list[int] = []
+    slots = Slots(1, on_change=lambda: changes.append(slots.prefetch()))
+    busy, fenced, other = key(), key(), key()
+    slots.take(busy)
+    stopping = asyncio.Event()
+    fenced_waiter = asyncio.create_task(slots.wait_for_free(stopping, fenced))
+    other_waiter = asyncio.create_task(slots.wait_for_free(stopping, other))
+    await asyncio.sleep(0)
+    assert slots.waiting == 2
+
+    slots.fence(fenced, CANCELED)
+    # True: look again (and find the fence), though no slot is free.
+    assert await asyncio.wait_for(fenced_waiter, 5) is True
+    assert slots.free() == 0
+    assert slots.waiting == 1
+    assert not other_waiter.done()
+    assert slots.fenced(fenced) == CANCELED
+    assert slots.fenced(other) is None
+    # A fence is never listed: the attempt holds no slot and was never reported here.
+    assert [(s.run_id, s.attempt) for s in slots.in_flight()] == [busy]
+
+    slots.release(busy, reported=True, exit_code=0)
+    assert await asyncio.wait_for(other_waiter, 5) is True
+    assert slots.waiting == 0
+    assert changes[-1] == slots.prefetch() == 1
+
+
+def test_fences_are_remembered_up_to_a_bound() -> None:
+    slots = Slots(1)
+    keys = [key() for _ in range(REMEMBERED + 1)]
+    for k in keys:
+        slots.fence(k, CANCELED)
+    assert slots.fenced(keys[0]) is None
+    assert slots.fenced(keys[1]) == CANCELED
+    assert slots.fenced(keys[-1]) == CANCELED
+    assert slots.in_flight() == ()
+    assert slots.free() == 1
 
 
 class Published:

@@ -422,6 +422,22 @@ async def test_after_a_takeover_an_agent_lost_before_is_back_with_its_first_hear
 # ------------------------------------------------------------- timeouts, long runs
 
 
+async def test_a_cancel_its_agent_does_not_confirm_ends_cancel_timeout_never_retried() -> None:
+    w = World(cancel_confirm_s=30)
+    run_id = await w.submit(max_retries=5, retry_on=("CANCEL_TIMEOUT",))
+    await w.started(run_id, A)
+    w.live(A, (run_id, 1, "running"))
+    run = w.run(run_id)
+    run.state, run.cancel_grace_s, run.state_changed_at = RunState.CANCELING, 10.0, w.clock()
+    await w.elapse(39)
+    assert state(w.run(run_id)) == (RunState.CANCELING, 1, None)
+    await w.elapse(1.5)
+    assert state(w.run(run_id)) == (RunState.CANCELED, 1, "CANCEL_TIMEOUT")
+    assert w.decisions() == [(run_id, 1, "CANCEL_TIMEOUT")]
+    assert w.launches(run_id) == [1]  # no retry, whatever its policy says
+    assert w.alerts("run_failed") == 0
+
+
 async def test_a_run_starting_for_too_long_fails_start_timeout_and_is_terminated() -> None:
     w = World(start_timeout_s=180)
     run_id = await w.submit()

@@ -56,3 +56,12 @@ def test_cancellation_paths_exist() -> None:
     assert can_transition(RunState.STARTED, RunState.CANCELING)
     assert can_transition(RunState.CANCELING, RunState.CANCELED)
     assert not can_transition(RunState.STARTED, RunState.QUEUED)
+
+
+def test_any_failure_of_a_canceling_run_cancels_it_and_a_success_first_stays() -> None:
+    run_id = uuid.uuid4()
+    for reason in (FailureReason.EXIT_CODE, FailureReason.AGENT_LOST, FailureReason.CANCEL_TIMEOUT):
+        failed = RunFailed(run_id=run_id, attempt=1, reason=reason)
+        assert next_state(RunState.CANCELING, failed) == RunState.CANCELED
+    succeeded = RunSucceeded(run_id=run_id, attempt=1, agent_id="a")
+    assert next_state(RunState.CANCELING, succeeded) == RunState.SUCCESS

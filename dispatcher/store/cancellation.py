@@ -1,0 +1,139 @@
+"""Cancellation: a run is stopped where it is, in one transaction.
+
+- QUEUED: CANCELED at once. Its LaunchRun rows not yet sent are dropped; one already sent
+  may sit in an agent's queue or be held by an agent waiting for a slot, so every live agent
+  of the run's queue gets a TerminateRun for the attempt on its own control queue, which
+  fences it there: the launch is dropped, never started.
+- STARTING or STARTED: CANCELING, and the agent holding the attempt gets a TerminateRun with
+  the grace asked for (SIGTERM, then SIGKILL). The attempt's end, whatever it reports, ends the
+  run CANCELED (a success that came first stays a success), never retried; the monitor ends
+  it CANCELED with CANCEL_TIMEOUT when the agent does not confirm in time.
+- CANCELING and final states: nothing changes (a cancel is idempotent).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+
+from schemas import CancelRun, RunEnded, TerminateRun
+from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
+
+from ..states import TERMINAL, RunState
+from . import outbox, runs
+
+_CANCELS = uuid.UUID("4b1d1c8e-2f55-4d0a-9e8b-6f0c2f1d3a77")
+
+
+class Outcome(enum.StrEnum):
+    CANCELED = "CANCELED"  # it was QUEUED: canceled now
+    CANCELING = "CANCELING"  # its agent was told to stop it
+    ALREADY_CANCELING = "ALREADY_CANCELING"
+    FINISHED = "FINISHED"  # it had ended before: nothing changed
+    UNKNOWN = "UNKNOWN"  # no such run
+
+
+@dataclass(frozen=True)
+class Canceled:
+    outcome: Outcome
+    #: The run's state after the request (None for an unknown run).
+    state: RunState | None
+
+
+def _id(run_id: uuid.UUID, attempt: int, what: str) -> uuid.UUID:
+    return uuid.uuid5(_CANCELS, f"{run_id}/{attempt}/{what}")
+
+
+async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled:
+    """Cancel ``request.run_id`` (see the module docstring), in the caller's transaction."""
+    run = await connection.fetchrow(
+        "SELECT run_id, attempt, state, queue, agent_id FROM runs WHERE run_id = $1 FOR UPDATE",
+        request.run_id,
+    )
+    if run is None:
+        return Canceled(Outcome.UNKNOWN, None)
+    state = RunState(run["state"])
+    if state in TERMINAL:
+        return Canceled(Outcome.FINISHED, state)
+    if state == RunState.CANCELING:
+        return Canceled(Outcome.ALREADY_CANCELING, state)
+    why = request.reason or "canceled"
+    attempt: int = run["attempt"]
+    if state == RunState.QUEUED:
+        await _record(connection, request, attempt, state, RunState.CANCELED, why)
+        await connection.execute(
+            """
+            DELETE FROM outbox WHERE run_id = $1 AND sent_at IS NULL AND exchange = $2
+            """,
+            request.run_id,
+            INSTRUCTIONS_EXCHANGE,
+        )
+        live = await connection.fetch(
+            "SELECT agent_id FROM agents WHERE status = 'ALIVE' AND queues ? $1", run["queue"]
+        )
+        fences = [_terminate(request, attempt, agent["agent_id"], why) for agent in live]
+        ended = RunEnded(
+            message_id=_id(request.run_id, attempt, "ended"),
+            run_id=request.run_id,
+            attempt=attempt,
+            state="CANCELED",
+            message=why,
+        )
+        await outbox.insert(connection, [*fences, outbox.answer(ended)])
+        return Canceled(Outcome.CANCELED, RunState.CANCELED)
+    await _record(connection, request, attempt, state, RunState.CANCELING, why)
+    if run["agent_id"] is not None:
+        await outbox.insert(connection, [_terminate(request, attempt, run["agent_id"], why)])
+    return Canceled(Outcome.CANCELING, RunState.CANCELING)
+
+
+def _terminate(request: CancelRun, attempt: int, agent_id: str, why: str) -> outbox.OutboxItem:
+    message = TerminateRun(
+        message_id=_id(request.run_id, attempt, f"terminate:{agent_id}"),
+        run_id=request.run_id,
+        attempt=attempt,
+        reason=why,
+        grace_s=request.grace_s,
+    )
+    return outbox.OutboxItem(message, CONTROL_EXCHANGE, agent_id)
+
+
+async def _record(
+    connection: asyncpg.Connection,
+    request: CancelRun,
+    attempt: int,
+    current: RunState,
+    new: RunState,
+    why: str,
+) -> None:
+    final = new in TERMINAL
+    await connection.execute(
+        """
+        UPDATE runs SET state = $2, cancel_grace_s = $3, cancel_reason = $4,
+            failure_message = CASE WHEN $5 THEN $4 ELSE failure_message END,
+            finished_at = CASE WHEN $5 THEN now() ELSE finished_at END,
+            state_changed_at = now(), updated_at = now()
+        WHERE run_id = $1
+        """,
+        request.run_id,
+        new.value,
+        request.grace_s,
+        why,
+        final,
+    )
+    await connection.execute(
+        """
+        INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state, payload)
+        VALUES ($1, $2, $3, 'CancelRun', $4, $5, $6::jsonb)
+        ON CONFLICT (event_id) DO NOTHING
+        """,
+        request.message_id,
+        request.run_id,
+        attempt,
+        current.value,
+        new.value,
+        runs.payload_json(request),
+    )

@@ -1,0 +1,120 @@
+"""Cancellation on a real broker, database and engine: a queued run never starts, a running
+one is stopped (SIGKILL after its grace when it ignores SIGTERM), a frozen agent's run ends
+CANCEL_TIMEOUT, and a cancel is idempotent."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+
+from dispatcher.client import CANCELED_EXIT_CODE, wait_for_outcome
+from dispatcher.states import RunState
+from dispatcher.store import Database
+from tests.integration.conftest import Stack
+from tests.integration.test_dispatch import wait_for_state
+from tests.integration.test_operators import dispatcher_cli
+from tests.support import eventually
+
+#: A run that ignores SIGTERM: only SIGKILL ends it.
+STUBBORN = ["sh", "-c", "trap '' TERM; while true; do sleep 1; done"]
+
+
+async def cancel(stack: Stack, run_id: uuid.UUID, *args: str) -> tuple[int, str]:
+    done = await dispatcher_cli(stack, "runs", "cancel", str(run_id), *args)
+    return done.returncode, done.stdout + done.stderr
+
+
+async def test_a_queued_run_is_canceled_and_its_waiter_says_so(
+    stack: Stack, store: Database
+) -> None:
+    await stack.start_control_plane()  # no agent: the run stays QUEUED
+    async with stack.client() as client:
+        follower = await client.follow()
+        run_id = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+        await follower.add(run_id)
+        await wait_for_state(store, run_id, RunState.QUEUED, timeout=30)
+        code, said = await cancel(stack, run_id, "--reason", "not needed")
+        assert code == 0 and "cancel requested" in said, said
+        outcome = await wait_for_outcome(follower, run_id, 30)
+    assert outcome.canceled and outcome.process_exit_code == CANCELED_EXIT_CODE
+    run = await store.runs.get(run_id)
+    assert run.state == RunState.CANCELED and run.failure_message == "not needed"
+    # Again: nothing changes, and it says so.
+    code, said = await cancel(stack, run_id)
+    assert code == 0 and "has ended already: CANCELED" in said
+    # An agent that comes now never starts it (its LaunchRun was never sent, or is fenced).
+    await stack.start_agent(0)
+    async with stack.client() as client:
+        later = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+    await wait_for_state(store, later, RunState.SUCCESS, timeout=60)
+    assert stack.containers_of(run_id) == []
+
+
+async def test_a_launch_waiting_in_an_agents_queue_is_never_started(
+    stack: Stack, store: Database
+) -> None:
+    await stack.start_control_plane()
+    agent = await stack.start_agent(0, max_concurrent=1)
+    async with stack.client() as client:
+        busy = await client.submit(stack.run_image, ["sleep", "4"], queue=stack.queue)
+        await wait_for_state(store, busy, RunState.STARTED, timeout=60)
+        # The agent's one slot is taken: this run's LaunchRun waits in its queue.
+        waiting = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+        await wait_for_state(store, waiting, RunState.QUEUED, timeout=30)
+        code, said = await cancel(stack, waiting)
+        assert code == 0, said
+    await wait_for_state(store, waiting, RunState.CANCELED, timeout=30)
+    await wait_for_state(store, busy, RunState.SUCCESS, timeout=60)
+    # The slot frees; the waiting launch is taken from the queue and dropped.
+    await agent.wait_for_output(f"run {waiting} attempt 1 was terminated before it started")
+    assert stack.containers_of(waiting) == []
+
+
+async def test_a_running_run_that_ignores_sigterm_is_killed_after_its_grace(
+    stack: Stack, store: Database
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_monitor()
+    await stack.start_agent(0, extra=("--keep-finished",))
+    async with stack.client() as client:
+        run_id = await client.submit(stack.run_image, STUBBORN, queue=stack.queue, max_retries=3)
+    await wait_for_state(store, run_id, RunState.STARTED, timeout=60)
+    code, said = await cancel(stack, run_id, "--grace", "1", "--wait", "--timeout", "60")
+    assert code == 0 and f"run {run_id}: CANCELED" in said, said
+    run = await store.runs.get(run_id)
+    assert (run.state, run.attempt) == (RunState.CANCELED, 1)  # never retried
+    [container] = stack.containers_of(run_id)
+    container.reload()
+    assert container.status == "exited"
+    assert container.attrs["State"]["ExitCode"] == 137  # SIGKILL: SIGTERM was ignored
+    # A finished run cannot be canceled: it says so.
+    async with stack.client() as client:
+        done = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+    await wait_for_state(store, done, RunState.SUCCESS, timeout=60)
+    code, said = await cancel(stack, done)
+    assert code == 1 and "has ended already: SUCCESS" in said
+
+
+async def test_a_run_on_a_frozen_agent_ends_cancel_timeout_and_is_stopped_when_it_thaws(
+    stack: Stack, store: Database
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_monitor(("--cancel-confirm", "2", "--lost-after-beats", "1000"))
+    agent = await stack.start_agent(0)
+    async with stack.client() as client:
+        run_id = await client.submit(stack.run_image, ["sleep", "300"], queue=stack.queue)
+    await wait_for_state(store, run_id, RunState.STARTED, timeout=60)
+    agent.signal(signal.SIGSTOP)
+    try:
+        code, said = await cancel(stack, run_id, "--grace", "1")
+        assert code == 0, said
+        run = await wait_for_state(store, run_id, RunState.CANCELED, timeout=60)
+        assert run.failure_reason == "CANCEL_TIMEOUT"
+    finally:
+        agent.signal(signal.SIGCONT)
+
+    # Back, the agent lists the container; the run has ended, so it is told to stop it.
+    async def stopped() -> bool:
+        return all(c.status != "running" for c in stack.containers_of(run_id))
+
+    await eventually(stopped, 90, interval=0.5, what="the canceled run's container stopped")

@@ -1,0 +1,193 @@
+"""A TerminateRun for an attempt the agent has not started: its LaunchRun never starts.
+
+A canceled QUEUED run is terminated on every live agent of its queue, because its LaunchRun
+may still be on its way, held for a slot, or being launched. The launcher, reporter, watcher
+and slots are the real ones; only the engine and the broker are fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from schemas import FailureReason, LaunchRun, RunFailed, TerminateRun
+from tests.fakes.clock import until
+from tests.fakes.runtime import FakeEngine
+from tests.unit.test_agent_launch import AgentUnderTest, launch_of, only_container
+from worker_agent.containers import LABEL_RUN
+
+pytestmark = pytest.mark.unit
+
+Factory = Callable[..., Awaitable[AgentUnderTest]]
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+async def agent_on(engine: FakeEngine) -> AsyncIterator[Factory]:
+    started: list[AgentUnderTest] = []
+
+    async def make(**kwargs: Any) -> AgentUnderTest:
+        agent = AgentUnderTest(engine, **kwargs)
+        await agent.start()
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        await agent.close()
+
+
+def terminate_of(launch: LaunchRun, **kw: Any) -> TerminateRun:
+    kw.setdefault("reason", "canceled")
+    kw.setdefault("grace_s", 0)
+    return TerminateRun(run_id=launch.run_id, attempt=launch.attempt, **kw)
+
+
+def containers_of(engine: FakeEngine, run_id: uuid.UUID) -> list[Any]:
+    return engine.labelled(**{LABEL_RUN: str(run_id)})
+
+
+class GatedKeeper:
+    """A location keeper whose code server answers only when told: the launch holds its
+    slot, with no container yet, for as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def launch_spec(self, launch: LaunchRun) -> LaunchRun:
+        self.asked.set()
+        await self.answer.wait()
+        return launch
+
+
+async def test_a_launch_terminated_before_it_arrived_is_acked_and_never_started(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    agent = await agent_on()
+    launch = launch_of()
+    terminated = await agent.deliver(terminate_of(launch))
+    delivered = await agent.deliver(launch)
+    again = await agent.deliver(launch)  # redelivered: still not run
+    assert [d.settlements for d in (terminated, delivered, again)] == [["ack"]] * 3
+    assert engine.containers == {}
+    assert agent.events() == []
+    assert (agent.slots.free(), agent.slots.prefetch()) == (2, 2)
+    assert agent.slots.in_flight() == ()
+    # Only that attempt is fenced: a later attempt of the run starts.
+    retry = launch_of(run_id=launch.run_id, attempt=2)
+    assert (await agent.deliver(retry)).settlements == ["ack"]
+    assert only_container(engine).status == "running"
+    assert agent.of_run(launch.run_id)[0] == "RunLaunched"
+
+
+async def test_a_launch_held_for_a_slot_is_dropped_at_once_when_terminated(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    agent = await agent_on(max_concurrent=1)
+    busy = launch_of()
+    await agent.deliver(busy)
+    held = launch_of()
+    handling = asyncio.create_task(agent.deliver(held))
+    await until(lambda: agent.slots.waiting == 1, what="the launch held for a slot")
+    assert agent.slots.prefetch() == 0
+
+    terminated = await agent.deliver(terminate_of(held))
+    # Done while the only slot is still busy: it did not wait for one.
+    delivery = await asyncio.wait_for(handling, 5)
+    assert (terminated.settlements, delivery.settlements) == (["ack"], ["ack"])
+    assert agent.slots.waiting == 0
+    assert [s.run_id for s in agent.slots.in_flight()] == [busy.run_id]
+
+    # The busy slot frees: nothing starts for the dropped launch, the slot is open again.
+    engine.exit(only_container(engine).id, 0)
+    await agent.reported(busy.run_id)
+    await until(lambda: agent.slots.prefetch() == 1, what="the slot freed")
+    assert engine.containers == {}
+    assert agent.of_run(held.run_id) == []
+    assert [(s.run_id, s.state) for s in agent.slots.in_flight()] == [(busy.run_id, "reported")]
+
+
+async def test_a_launch_terminated_before_its_create_frees_its_slot_and_reports_nothing(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    agent = await agent_on()
+    keeper = agent.launcher.keeper = GatedKeeper()
+    launch = launch_of(location="loc", job="nightly")
+    first = asyncio.create_task(agent.deliver(launch))
+    await asyncio.wait_for(keeper.asked.wait(), 5)
+    second = asyncio.create_task(agent.deliver(launch))  # a redelivery, while it launches
+    [launching] = agent.slots.in_flight()
+    assert (launching.container_id, launching.state) == (None, "launching")
+
+    terminated = await agent.deliver(terminate_of(launch))
+    keeper.answer.set()
+    deliveries = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert [d.settlements for d in (terminated, *deliveries)] == [["ack"]] * 3
+    assert engine.containers == {}
+    assert agent.events() == []
+    assert (agent.slots.free(), agent.slots.prefetch()) == (2, 2)
+    assert agent.slots.in_flight() == ()
+
+
+async def test_a_launch_terminated_while_its_create_was_sent_is_stopped_and_reported(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    agent = await agent_on()
+    engine.stop_answering()
+    launch = launch_of()
+    handling = asyncio.create_task(agent.deliver(launch))
+    # The slot is taken and the create sent in one step: from here the create may have
+    # landed although the call failed, so the launch is not dropped but stopped once created.
+    await until(lambda: agent.slots.free() == 1, what="the launch holds a slot")
+
+    terminated = await agent.deliver(terminate_of(launch, grace_s=3))
+    assert terminated.settlements == ["ack"]
+    engine.answer_again()
+    delivery = await asyncio.wait_for(handling, 5)
+    assert delivery.settlements == ["ack"]
+
+    final = await agent.reported(launch.run_id)
+    assert isinstance(final, RunFailed)
+    assert (final.reason, final.message) == (
+        FailureReason.UNEXPECTED_TERMINATION,
+        "terminated: canceled",
+    )
+    names = agent.of_run(launch.run_id)
+    assert (names[0], names[-1]) == ("RunLaunched", "RunFailed")
+    await until(lambda: agent.slots.free() == 2, what="the slot freed")
+    assert containers_of(engine, launch.run_id) == []
+
+
+async def test_a_terminate_for_a_running_attempt_still_stops_it(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    agent = await agent_on()
+    launch = launch_of()
+    await agent.deliver(launch)
+    container = only_container(engine)
+    engine.handles_sigterm(container.id, 143)
+    terminated = await agent.deliver(terminate_of(launch, grace_s=10))
+    assert terminated.settlements == ["ack"]
+    final = await agent.reported(launch.run_id)
+    assert isinstance(final, RunFailed)
+    assert (final.reason, final.exit_code, final.message) == (
+        FailureReason.UNEXPECTED_TERMINATION,
+        143,
+        "terminated: canceled",
+    )
+    await until(lambda: agent.slots.free() == 2, what="the slot freed")
+    assert engine.containers == {}
+    assert [s.state for s in agent.slots.in_flight()] == ["reported"]
+    # Reported as finished, not fenced: a redelivered LaunchRun of it is acked, not run.
+    assert agent.slots.fenced((launch.run_id, 1)) is None
+    assert (await agent.deliver(launch)).settlements == ["ack"]
+    assert engine.containers == {}
