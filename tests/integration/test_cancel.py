@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import uuid
+from datetime import UTC, datetime
 
 from dispatcher.client import CANCELED_EXIT_CODE, wait_for_outcome
 from dispatcher.states import RunState
@@ -14,6 +15,7 @@ from tests.integration.conftest import Stack
 from tests.integration.test_dispatch import wait_for_state
 from tests.integration.test_operators import dispatcher_cli
 from tests.support import eventually
+from worker_agent.containers import LABEL_RUN
 
 #: A run that ignores SIGTERM: only SIGKILL ends it.
 STUBBORN = ["sh", "-c", "trap '' TERM; while true; do sleep 1; done"]
@@ -53,6 +55,7 @@ async def test_a_queued_run_is_canceled_and_its_waiter_says_so(
 async def test_a_launch_waiting_in_an_agents_queue_is_never_started(
     stack: Stack, store: Database
 ) -> None:
+    began = datetime.now(UTC)
     await stack.start_control_plane()
     agent = await stack.start_agent(0, max_concurrent=1)
     async with stack.client() as client:
@@ -68,6 +71,20 @@ async def test_a_launch_waiting_in_an_agents_queue_is_never_started(
     # The slot frees; the waiting launch is taken from the queue and dropped.
     await agent.wait_for_output(f"run {waiting} attempt 1 was terminated before it started")
     assert stack.containers_of(waiting) == []
+    # Docker's own account: the busy run's container was created, the canceled one's never.
+    assert creates(stack, began, busy) == 1
+    assert creates(stack, began, waiting) == 0
+
+
+def creates(stack: Stack, since: datetime, run_id: uuid.UUID) -> int:
+    """How many containers of the run Docker says it created since ``since``."""
+    events = stack.docker.events(
+        since=since,
+        until=datetime.now(UTC),
+        filters={"type": "container", "label": f"{LABEL_RUN}={run_id}"},
+        decode=True,
+    )
+    return sum(1 for e in events if e.get("Action") == "create")
 
 
 async def test_a_running_run_that_ignores_sigterm_is_killed_after_its_grace(
