@@ -130,8 +130,10 @@ async def test_a_run_on_a_frozen_agent_ends_cancel_timeout_and_is_stopped_when_i
     finally:
         agent.signal(signal.SIGCONT)
 
-    # Back, the agent lists the container; the run has ended, so it is told to stop it.
-    async def stopped() -> bool:
-        return all(c.status != "running" for c in stack.containers_of(run_id))
+    # Back, the agent takes the TerminateRun that waited for it (and its heartbeat lists the
+    # container of an ended run, which the monitor fences): it stops the container and
+    # removes it as any finished one.
+    async def gone() -> bool:
+        return stack.containers_of(run_id) == []
 
-    await eventually(stopped, 90, interval=0.5, what="the canceled run's container stopped")
+    await eventually(gone, 90, interval=0.5, what="the canceled run's container gone")
