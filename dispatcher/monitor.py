@@ -71,6 +71,8 @@ class AgentView:
     in_flight: dict[AttemptKey, str] = field(default_factory=dict)
     #: The agent's listing is complete (it has adopted its containers since it started).
     synced: bool = True
+    #: Its last heartbeat said it drains: it takes no new work and will stop.
+    draining: bool = False
 
 
 @dataclass
@@ -133,6 +135,7 @@ class FailureMonitor:
         view.beats += 1
         view.in_flight = {(c.run_id, c.attempt): c.state for c in beat.in_flight}
         view.synced = beat.synced
+        view.draining = beat.draining
         returning = view.lost
         if returning:
             view.lost = False
@@ -162,6 +165,12 @@ class FailureMonitor:
             if view.lost or silent <= self.settings.lost_after_beats * view.interval_s:
                 continue
             view.lost = True
+            running = [s for s in view.in_flight.values() if s != "reported"]
+            if view.draining and not running:
+                # A drain that ended as it should: the agent stopped with nothing running.
+                if await self.store.agent_left(view.agent_id):
+                    log.info("agent %s drained and left", view.agent_id)
+                continue
             failed = await self.store.declare_agent_lost(view.agent_id, silent)
             metrics.DETECTION.labels("agent_lost").observe(silent)
             metrics.DECISIONS.labels(FailureReason.AGENT_LOST.value).inc(len(failed))

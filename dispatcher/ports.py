@@ -52,6 +52,11 @@ class SupervisionStore(Protocol):
         """
         ...
 
+    async def agent_left(self, agent_id: str) -> bool:
+        """DRAINING → LEFT (a drained agent stopped): no alert, no failover; False when the
+        agent was not DRAINING."""
+        ...
+
     async def agent_back(self, agent_id: str) -> bool:
         """LOST → ALIVE, alert once; False when the agent was not LOST."""
         ...

@@ -21,21 +21,36 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)``; the first SIGTERM or SIGINT sets ``stop``, a second one exits."""
+def run_until_signalled(
+    main: Callable[[asyncio.Event], Awaitable[None]],
+    drain: Callable[[], None] | None = None,
+    drain_on: tuple[int, ...] = (),
+) -> None:
+    """Run ``main(stop)``; the first SIGTERM or SIGINT sets ``stop``, a second one exits.
+
+    With ``drain``: the first of the ``drain_on`` signals calls it instead (a graceful drain,
+    which ends by itself); a later SIGTERM or SIGINT stops as above."""
 
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        drained = False
 
         def on_signal(signum: int) -> None:
+            nonlocal drained
+            name = signal.Signals(signum).name
+            if drain is not None and signum in drain_on and not drained and not stop.is_set():
+                drained = True
+                logging.getLogger(__name__).info("%s: draining", name)
+                drain()
+                return
             if stop.is_set():
                 logging.getLogger(__name__).warning("second signal: exiting now")
                 sys.exit(1)
-            logging.getLogger(__name__).info("%s: shutting down", signal.Signals(signum).name)
+            logging.getLogger(__name__).info("%s: shutting down", name)
             stop.set()
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in {signal.SIGTERM, signal.SIGINT, *drain_on}:
             loop.add_signal_handler(signum, on_signal, signum)
         await main(stop)
 

@@ -10,6 +10,7 @@ order and then raises ``AgentFailed``, so that the process exits non-zero.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -49,6 +50,8 @@ class Agent:
         )
         #: Set when the shutdown begins: instructions held on purpose stop waiting.
         self._stopping = asyncio.Event()
+        #: Set to drain: take no new work, let running containers finish, then stop.
+        self.drain_requested = asyncio.Event()
         self._components: dict[str, asyncio.Task[None]] = {}
         self._consumer: InstructionConsumer | None = None
 
@@ -79,8 +82,9 @@ class Agent:
                     ", ".join(settings.queues),
                     settings.max_concurrent,
                 )
-                # Serve: until asked to stop, or until a component ends.
-                await self._until(stop)
+                # Serve: until asked to stop or to drain, or until a component ends.
+                if await self._until(stop, self.drain_requested):
+                    await self._drain(parts, stop)
             failure = self._ended_component()
         except (AgentError, TransportError) as exc:
             failure = exc  # start-up failed: the error says why
@@ -156,6 +160,40 @@ class Agent:
     def _capacity_changed(self) -> None:
         if self._consumer is not None:
             self._consumer.capacity_changed()
+
+    # ------------------------------------------------------------------ drain
+
+    async def _drain(self, parts: _Parts, stop: asyncio.Event) -> None:
+        """Take no new work; keep watching, reporting and beating (as DRAINING) until every
+        run holding a slot has finished and been reported, the drain timeout passes, or a stop
+        comes. The shutdown follows."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout_s
+        parts.heartbeat.draining = True
+        # Held instructions stop waiting for a slot (they go back to their queue at the end).
+        self._stopping.set()
+        await parts.consumer.stop()
+        # The consumer's loop ends with its consuming: that end is the drain's, not a failure.
+        consumer = self._components.pop("consumer", None)
+        if consumer is not None:
+            await asyncio.wait([consumer], timeout=5)
+            if consumer.done() and not consumer.cancelled() and consumer.exception():
+                self._components["consumer"] = consumer  # a real failure: reported as such
+        log.info(
+            "draining: no new work; waiting for %d run(s), at most %g s",
+            len(self.slots.attempts),
+            self.settings.drain_timeout_s,
+        )
+        while self.slots.attempts and not stop.is_set() and not self._ended():
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning("drain timeout: %d container(s) left running", len(self.slots.attempts))
+                return
+            with contextlib.suppress(TimeoutError):
+                # Woken by a stop; else a look at the slots twice a second.
+                await asyncio.wait_for(stop.wait(), min(left, 0.5))
+        if not self.slots.attempts:
+            log.info("drained: every run finished and was reported")
 
     # --------------------------------------------------------------- shutdown
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -138,6 +139,18 @@ def run(
             "credentials come from this host's Docker config (`docker login`, $DOCKER_CONFIG).",
         ),
     ] = None,
+    drain: Annotated[
+        bool,
+        typer.Option(
+            "--drain",
+            help="SIGTERM drains (as SIGUSR1 and `worker-agent drain` always do): no new work, "
+            "running containers finish and are reported, then the agent exits 0.",
+        ),
+    ] = False,
+    drain_timeout: Annotated[
+        float | None,
+        typer.Option(help="A drain waits at most this long for running containers (3600 s)."),
+    ] = None,
     metrics_port: Annotated[
         int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
     ] = 9466,
@@ -146,7 +159,9 @@ def run(
     """Run the agent: consume launch instructions, run containers, report their status.
 
     SIGTERM or Ctrl-C stops consuming, finishes what is being published and exits 0;
-    running containers keep running and are adopted by the agent's next start. If a part of
+    running containers keep running and are adopted by the agent's next start. SIGUSR1 (and
+    SIGTERM with --drain) drains instead: no new work, the running containers finish and are
+    reported (the agent shows DRAINING meanwhile), then it exits 0. If a part of
     the agent fails, it shuts down the same way, then exits 1 with the reason in its log.
     """
     import logging
@@ -179,6 +194,8 @@ def run(
             capabilities=parse_capabilities(allow_capability) if allow_capability else None,
             run_as_user=run_as_user,
             pull_policy=pull,
+            drain_on_sigterm=drain or None,
+            drain_timeout_s=drain_timeout,
         )
     except AgentError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -194,13 +211,37 @@ def run(
             "--trust-control-plane USER narrows it to the control plane's"
         )
     try:
-        run_until_signalled(lambda stop: Agent(settings).run(stop))
+        agent = Agent(settings)
+        drain_on = (
+            (signal.SIGUSR1, signal.SIGTERM) if settings.drain_on_sigterm else (signal.SIGUSR1,)
+        )
+        run_until_signalled(agent.run, drain=agent.drain_requested.set, drain_on=drain_on)
     except (AgentError, TransportError) as exc:
         log.error("worker-agent %s exits: %s", settings.agent_id, exc)
         raise typer.Exit(1) from None
     except Exception:
         log.exception("worker-agent %s crashed", settings.agent_id)
         raise typer.Exit(1) from None
+
+
+@app.command()
+def drain(
+    pid: Annotated[int, typer.Argument(help="The process id of the agent to drain.")],
+) -> None:
+    """Drain a running agent on this host: it takes no new work, lets its running containers
+    finish and reports them, then exits 0 (SIGUSR1; for an agent in a container,
+    `docker kill --signal USR1 CONTAINER` does the same)."""
+    import os
+
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        typer.echo(f"error: no process {pid}", err=True)
+        raise typer.Exit(1) from None
+    except PermissionError:
+        typer.echo(f"error: not allowed to signal process {pid}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"agent {pid}: draining")
 
 
 def main() -> None:

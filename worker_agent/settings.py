@@ -55,6 +55,10 @@ class AgentSettings:
     pull_timeout_s: float = 30.0
     #: How long a graceful shutdown waits for launches in progress.
     shutdown_grace_s: float = 10.0
+    #: SIGTERM drains (as SIGUSR1 always does) instead of stopping at once.
+    drain_on_sigterm: bool = False
+    #: A drain waits at most this long for running containers to finish.
+    drain_timeout_s: float = 3600.0
     #: Forward runs' output lines as RunLog events. Off: only states and metadata (no output
     #: line, not even the tail of a failed run) leave the host.
     log_forwarding: bool = True
@@ -177,6 +181,8 @@ class AgentSettings:
             raise AgentConfigError(
                 f"pull policy {self.pull_policy!r} is not one of {', '.join(PULL_POLICIES)}"
             )
+        if not 0 <= self.drain_timeout_s <= 7 * 86400:
+            raise AgentConfigError("--drain-timeout must be 0 to 604800 seconds (a week)")
         if not 16 <= self.pids_limit <= 4_194_304:
             raise AgentConfigError("--pids-limit must be at least 16 (and at most 4,194,304)")
         for cap in self.capabilities:

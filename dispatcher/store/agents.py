@@ -24,15 +24,19 @@ class AgentRow:
 
 
 async def record_heartbeat(connection: asyncpg.Connection, beat: AgentHeartbeat) -> None:
+    """Record a heartbeat: ALIVE or DRAINING as it says (a LOST agent stays LOST until the
+    monitor sees it back; a LEFT one that beats again is ALIVE)."""
     await connection.execute(
         """
         INSERT INTO agents (agent_id, queues, max_concurrent, in_flight, last_sequence,
-                            interval_s, last_heartbeat_at)
-        VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, $6, now())
+                            interval_s, last_heartbeat_at, status)
+        VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, $6, now(),
+                CASE WHEN $7 THEN 'DRAINING' ELSE 'ALIVE' END)
         ON CONFLICT (agent_id) DO UPDATE SET
             queues = EXCLUDED.queues, max_concurrent = EXCLUDED.max_concurrent,
             in_flight = EXCLUDED.in_flight, last_sequence = EXCLUDED.last_sequence,
-            interval_s = EXCLUDED.interval_s, last_heartbeat_at = now()
+            interval_s = EXCLUDED.interval_s, last_heartbeat_at = now(),
+            status = CASE WHEN agents.status = 'LOST' THEN 'LOST' ELSE EXCLUDED.status END
         """,
         beat.agent_id,
         json.dumps(list(beat.queues)),
@@ -40,19 +44,29 @@ async def record_heartbeat(connection: asyncpg.Connection, beat: AgentHeartbeat)
         msgspec.json.encode(beat.in_flight).decode(),
         beat.sequence,
         beat.interval_s,
+        beat.draining,
     )
 
 
 async def mark_lost(connection: asyncpg.Connection, agent_id: str) -> datetime | None:
-    """ALIVE → LOST; when it changed now, the time it did."""
+    """ALIVE or DRAINING → LOST; when it changed now, the time it did."""
     lost_at: datetime | None = await connection.fetchval(
         """
         UPDATE agents SET status = 'LOST', lost_at = now()
-        WHERE agent_id = $1 AND status = 'ALIVE' RETURNING lost_at
+        WHERE agent_id = $1 AND status IN ('ALIVE', 'DRAINING') RETURNING lost_at
         """,
         agent_id,
     )
     return lost_at
+
+
+async def mark_left(connection: asyncpg.Connection, agent_id: str) -> bool:
+    """DRAINING → LEFT (a drained agent that stopped); True when it changed now."""
+    status = await connection.execute(
+        "UPDATE agents SET status = 'LEFT' WHERE agent_id = $1 AND status = 'DRAINING'",
+        agent_id,
+    )
+    return bool(status.endswith(" 1"))
 
 
 async def mark_alive(connection: asyncpg.Connection, agent_id: str) -> datetime | None:

@@ -164,6 +164,12 @@ class Supervision:
             )
             return failed
 
+    async def agent_left(self, agent_id: str) -> bool:
+        """A drained agent went quiet with nothing running: DRAINING → LEFT, no alert, no
+        failover. False when it was not DRAINING."""
+        async with self._connections.transaction() as connection:
+            return await agents.mark_left(connection, agent_id)
+
     async def agent_back(self, agent_id: str) -> bool:
         """An agent declared lost sent a heartbeat again: alert once."""
         async with self._connections.transaction() as connection:

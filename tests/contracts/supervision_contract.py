@@ -325,6 +325,23 @@ async def an_agent_comes_back_once_per_incident(h: Harness) -> None:
     assert await h.alert_kinds() == ["agent_back", "agent_back", "agent_down", "agent_down"]
 
 
+async def a_drained_agent_leaves_quietly_and_only_a_draining_one(h: Harness) -> None:
+    await h.report(AgentHeartbeat(agent_id=AGENT_A, sequence=0, interval_s=2.0, draining=True))
+    assert await h.agent_status(AGENT_A) == "DRAINING"
+    assert await h.store.agent_left(AGENT_A)
+    assert await h.agent_status(AGENT_A) == "LEFT"
+    assert not await h.store.agent_left(AGENT_A)
+    assert await h.alert_kinds() == []
+    await beat(h, AGENT_A)  # it beats again, not draining: ALIVE, and it does not leave
+    assert await h.agent_status(AGENT_A) == "ALIVE"
+    assert not await h.store.agent_left(AGENT_A)
+    # A draining agent can still be lost (it stopped beating with runs in flight).
+    await h.report(AgentHeartbeat(agent_id=AGENT_A, sequence=1, interval_s=2.0, draining=True))
+    assert await h.store.declare_agent_lost(AGENT_A, 7.0) == []
+    assert await h.agent_status(AGENT_A) == "LOST"
+    assert await h.alert_kinds() == ["agent_down"]
+
+
 # ---------------------------------------------------------------------------- fencing
 
 
@@ -387,6 +404,7 @@ CHECKS: tuple[Check, ...] = (
     a_lost_agent_s_runs_fail_over_once,
     only_a_known_alive_agent_is_declared_lost,
     an_agent_comes_back_once_per_incident,
+    a_drained_agent_leaves_quietly_and_only_a_draining_one,
     fencing_terminates_attempts_that_are_no_longer_their_run_s,
     a_long_running_alert_is_raised_once_per_attempt,
 )

@@ -225,7 +225,7 @@ class FakeSupervision:
 
     async def declare_agent_lost(self, agent_id: str, silent_s: float) -> list[uuid.UUID]:
         agent = self.agents_by_id.get(agent_id)
-        if agent is None or agent.status != "ALIVE":
+        if agent is None or agent.status not in ("ALIVE", "DRAINING"):
             return []  # ``agents.mark_lost`` changed nothing
         agent.status, agent.lost_at = "LOST", self.clock()
         agent.episodes += 1
@@ -248,6 +248,13 @@ class FakeSupervision:
             f"{note}; {len(failed)} run(s) in flight failed over",
         )
         return failed
+
+    async def agent_left(self, agent_id: str) -> bool:
+        agent = self.agents_by_id.get(agent_id)
+        if agent is None or agent.status != "DRAINING":
+            return False
+        agent.status = "LEFT"
+        return True
 
     async def agent_back(self, agent_id: str) -> bool:
         agent = self.agents_by_id.get(agent_id)
@@ -294,15 +301,19 @@ class FakeSupervision:
     # ------------------------------------------------------------------ tables
 
     def _record_heartbeat(self, beat: AgentHeartbeat) -> None:
-        """``agents.record_heartbeat``: an upsert that leaves the status alone."""
+        """``agents.record_heartbeat``: an upsert; ALIVE or DRAINING as the beat says, but a
+        LOST agent stays LOST (the monitor decides it is back)."""
+        said = "DRAINING" if beat.draining else "ALIVE"
         agent = self.agents_by_id.get(beat.agent_id)
         if agent is None:
             self.agents_by_id[beat.agent_id] = FakeAgent(
-                beat.agent_id, beat.interval_s, self.clock()
+                beat.agent_id, beat.interval_s, self.clock(), status=said
             )
             return
         agent.interval_s = beat.interval_s
         agent.last_heartbeat_at = self.clock()
+        if agent.status != "LOST":
+            agent.status = said
 
     def _raise_alert(self, dedupe_key: str, kind: str, subject: str, message: str) -> bool:
         if dedupe_key in self.alerts:

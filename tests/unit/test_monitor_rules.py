@@ -63,7 +63,12 @@ class World:
     # ------------------------------------------------------------------ agents
 
     async def beat(
-        self, agent_id: str, *listed: Listed, synced: bool = True, interval_s: float = INTERVAL_S
+        self,
+        agent_id: str,
+        *listed: Listed,
+        synced: bool = True,
+        interval_s: float = INTERVAL_S,
+        draining: bool = False,
     ) -> None:
         """One heartbeat: recorded by the control plane, then delivered to the monitor."""
         self._sequence += 1
@@ -76,6 +81,7 @@ class World:
                 for item in listed
             ),
             synced=synced,
+            draining=draining,
         )
         await self.store.apply_events([beat])
         await self.monitor.on_heartbeat(beat)
@@ -185,6 +191,24 @@ async def test_an_agent_silent_too_long_is_lost_and_its_runs_retried() -> None:
     assert w.status(B) == "ALIVE"
     assert state(w.run(other)) == (RunState.STARTED, 1, None)
     assert w.terminations(B) == []
+    assert w.alerts("agent_down") == 1
+
+
+async def test_a_drained_agent_that_stops_leaves_quietly_but_one_with_runs_is_lost() -> None:
+    w = World()
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    await w.beat(A, (run_id, 1, "running"), draining=True)
+    await w.beat(A, (run_id, 1, "reported"), draining=True)  # the run finished; it stops
+    await w.elapse(10 * INTERVAL_S)
+    assert w.status(A) == "LEFT"
+    assert w.alerts("agent_down") == 0
+    # Another drains with a run still running, then goes quiet: lost, its run failed over.
+    other = await w.submit()
+    await w.started(other, "b")
+    await w.beat("b", (other, 1, "running"), draining=True)
+    await w.elapse(10 * INTERVAL_S)
+    assert w.status("b") == "LOST"
     assert w.alerts("agent_down") == 1
 
 
