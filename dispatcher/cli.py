@@ -266,6 +266,10 @@ def submit(
     start_timeout: Annotated[
         float | None, typer.Option(help="Fail the run if not started after SECONDS.")
     ] = None,
+    queue_timeout: Annotated[
+        float | None,
+        typer.Option(help="Fail the run (QUEUE_TIMEOUT) if no agent took it after SECONDS."),
+    ] = None,
     max_retries: Annotated[
         int | None, typer.Option(help="Retries after a lost agent or a vanished container.")
     ] = None,
@@ -321,6 +325,7 @@ def submit(
                 idempotency_key=idempotency_key,
                 run_id=run_id,
                 max_runtime_s=max_runtime,
+                queue_timeout_s=queue_timeout,
                 start_timeout_s=start_timeout,
                 max_retries=max_retries,
                 memory_limit_mb=memory_mb,

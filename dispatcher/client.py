@@ -154,6 +154,7 @@ class Client:
         run_id: uuid.UUID | None = None,
         max_runtime_s: float | None = None,
         start_timeout_s: float | None = None,
+        queue_timeout_s: float | None = None,
         max_retries: int | None = None,
         retry_on: Sequence[FailureReason] | None = None,
         memory_limit_mb: int | None = None,
@@ -162,7 +163,8 @@ class Client:
         """Submit a run; returns its id once the broker has confirmed the request.
 
         ``max_runtime_s``, ``start_timeout_s``: the failure monitor fails (and stops) the run
-        past them; ``max_retries`` and ``retry_on`` override the retry policy (AGENT_LOST and
+        past them; ``queue_timeout_s``: it fails the run (QUEUE_TIMEOUT) still QUEUED after
+        it; ``max_retries`` and ``retry_on`` override the retry policy (AGENT_LOST and
         UNEXPECTED_TERMINATION, twice); ``ready_check`` is a command run in the container,
         and the run counts as STARTED once it succeeds.
         """
@@ -180,6 +182,7 @@ class Client:
             idempotency_key=idempotency_key,
             tags=dict(tags or {}),
             max_runtime_s=max_runtime_s,
+            queue_timeout_s=queue_timeout_s,
             start_timeout_s=start_timeout_s,
             max_retries=max_retries,
             retry_on=tuple(retry_on) if retry_on is not None else None,

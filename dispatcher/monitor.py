@@ -58,6 +58,10 @@ FINISHED_STATES = frozenset({"exited", "dead", "reported"})
 FENCE_EVERY = 10
 
 
+#: Queues waiting with no live agent are looked for every this many sweeps (a grouped query).
+UNSERVED_EVERY = 10
+
+
 @dataclass
 class AgentView:
     """What the monitor knows of one agent."""
@@ -100,6 +104,7 @@ class FailureMonitor:
         self.clock = clock
         self.agents: dict[str, AgentView] = {}
         self._suspicions: dict[AttemptKey, Suspicion] = {}
+        self._sweeps = 0
 
     async def load(self) -> None:
         """Rebuild the view from PostgreSQL: which agents exist and which are lost.
@@ -157,6 +162,18 @@ class FailureMonitor:
         await self._agents_lost()
         for run in await self.store.active_runs():
             await self._check_run(run)
+        for waiting in await self.store.overdue_queued():
+            note = f"still QUEUED after {waiting.waited_s:.0f} s (its queue timeout)"
+            if await self.store.time_out_queued(waiting, note):
+                metrics.DECISIONS.labels(FailureReason.QUEUE_TIMEOUT.value).inc()
+                log.warning("run %s: QUEUE_TIMEOUT (%s)", waiting.run_id, note)
+        self._sweeps += 1
+        if self._sweeps % UNSERVED_EVERY == 1:
+            for queue in await self.store.unserved_queues(self.settings.unserved_after_s):
+                if await self.store.alert_unserved(queue):
+                    log.warning(
+                        "%d run(s) wait on queue %s with no live agent", queue.waiting, queue.queue
+                    )
 
     async def _agents_lost(self) -> None:
         now = self.clock()

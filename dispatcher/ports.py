@@ -13,7 +13,7 @@ from typing import Protocol
 
 from schemas import ContainerState, FailureReason
 
-from .store import ActiveRun, AgentRow
+from .store import ActiveRun, AgentRow, UnservedQueue, WaitingRun
 
 
 class SupervisionStore(Protocol):
@@ -50,6 +50,22 @@ class SupervisionStore(Protocol):
 
         Returns the runs failed (or retried) now; [] when the agent was not ALIVE.
         """
+        ...
+
+    async def overdue_queued(self) -> list[WaitingRun]:
+        """QUEUED runs that have waited longer than their queue timeout."""
+        ...
+
+    async def time_out_queued(self, run: WaitingRun, note: str) -> bool:
+        """Fail a queued run QUEUE_TIMEOUT and fence its launch on the queue's live agents."""
+        ...
+
+    async def unserved_queues(self, min_wait_s: float) -> list[UnservedQueue]:
+        """Queues with runs QUEUED longer than ``min_wait_s`` and no live agent."""
+        ...
+
+    async def alert_unserved(self, queue: UnservedQueue) -> bool:
+        """Alert once per oldest waiting run; True when the alert is new."""
         ...
 
     async def agent_left(self, agent_id: str) -> bool:

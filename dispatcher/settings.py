@@ -172,6 +172,8 @@ class MonitorSettings:
     #: A CANCELING run whose agent has not confirmed the stop this long after the grace it
     #: was given → CANCELED with CANCEL_TIMEOUT.
     cancel_confirm_s: float = 30.0
+    #: Alert when runs have waited QUEUED this long on a queue no live agent consumes.
+    unserved_after_s: float = 60.0
     #: Alert once when a run has been STARTED for longer than this.
     long_running_s: float = 3600.0
     #: How often the rules are evaluated.
@@ -197,6 +199,7 @@ class MonitorSettings:
             "HD_LOST_AFTER_BEATS": "lost_after_beats",
             "HD_START_TIMEOUT_S": "start_timeout_s",
             "HD_CANCEL_CONFIRM_S": "cancel_confirm_s",
+            "HD_UNSERVED_AFTER_S": "unserved_after_s",
             "HD_LONG_RUNNING_S": "long_running_s",
             "HD_RETRY_BACKOFF_S": "retry_backoff_s",
         }

@@ -51,6 +51,7 @@ class FailureReason(enum.StrEnum):
     OOM = "OOM"
     MAX_RUNTIME = "MAX_RUNTIME"
     CANCEL_TIMEOUT = "CANCEL_TIMEOUT"
+    QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
 
 
 def kind_of(message: Message) -> str:

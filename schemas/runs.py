@@ -59,6 +59,8 @@ class SubmitRun(RunMessage, frozen=True, kw_only=True, tag="SubmitRun"):
     idempotency_key: NonEmpty | None = None
     tags: Tags = msgspec.field(default_factory=dict)
     max_runtime_s: Seconds | None = None
+    #: QUEUED for longer than this (no agent took it) fails the run: QUEUE_TIMEOUT.
+    queue_timeout_s: Seconds | None = None
     #: STARTING for longer than this fails the attempt (START_TIMEOUT); None: the default.
     start_timeout_s: Seconds | None = None
     #: Retries after a failure whose reason is in ``retry_on``; None: the default policy.

@@ -14,7 +14,7 @@ from .leader import Leadership, LeadershipLost
 from .locations import Location
 from .outbox import OutboxItem, OutboxRow
 from .runs import RunEventRow, RunRow
-from .supervision import ActiveRun, Supervision, decision_id
+from .supervision import ActiveRun, Supervision, UnservedQueue, WaitingRun, decision_id
 
 __all__ = [
     "UNAVAILABLE",
@@ -31,6 +31,8 @@ __all__ = [
     "RunEventRow",
     "RunRow",
     "Supervision",
+    "UnservedQueue",
+    "WaitingRun",
     "decision_id",
     "opened",
 ]

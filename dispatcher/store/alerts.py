@@ -23,6 +23,7 @@ RUN_FAILED = "run_failed"
 AGENT_DOWN = "agent_down"
 AGENT_BACK = "agent_back"
 RUN_LONG = "run_running_long"
+QUEUE_UNSERVED = "queue_unserved"
 DEAD_LETTERS = "messages_dead_lettered"
 
 #: Posts one alert's JSON body to one URL; returns None when delivered, else the error.

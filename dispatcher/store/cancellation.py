@@ -64,17 +64,7 @@ async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled
     attempt: int = run["attempt"]
     if state == RunState.QUEUED:
         await _record(connection, request, attempt, state, RunState.CANCELED, why)
-        await connection.execute(
-            """
-            DELETE FROM outbox WHERE run_id = $1 AND sent_at IS NULL AND exchange = $2
-            """,
-            request.run_id,
-            INSTRUCTIONS_EXCHANGE,
-        )
-        live = await connection.fetch(
-            "SELECT agent_id FROM agents WHERE status = 'ALIVE' AND queues ? $1", run["queue"]
-        )
-        fences = [_terminate(request, attempt, agent["agent_id"], why) for agent in live]
+        fences = await never_launch(connection, request.run_id, attempt, run["queue"], why)
         ended = RunEnded(
             message_id=_id(request.run_id, attempt, "ended"),
             run_id=request.run_id,
@@ -88,6 +78,35 @@ async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled
     if run["agent_id"] is not None:
         await outbox.insert(connection, [_terminate(request, attempt, run["agent_id"], why)])
     return Canceled(Outcome.CANCELING, RunState.CANCELING)
+
+
+async def never_launch(
+    connection: asyncpg.Connection, run_id: uuid.UUID, attempt: int, queue: str, why: str
+) -> list[outbox.OutboxItem]:
+    """For a queued attempt that has ended: drop its unsent LaunchRun rows, and the
+    TerminateRun (to write with the caller's other rows) that fences it on every live agent of
+    its queue, where its LaunchRun may wait already."""
+    await connection.execute(
+        "DELETE FROM outbox WHERE run_id = $1 AND sent_at IS NULL AND exchange = $2",
+        run_id,
+        INSTRUCTIONS_EXCHANGE,
+    )
+    live = await connection.fetch(
+        "SELECT agent_id FROM agents WHERE status = 'ALIVE' AND queues ? $1", queue
+    )
+    return [
+        outbox.OutboxItem(
+            TerminateRun(
+                message_id=_id(run_id, attempt, f"terminate:{agent['agent_id']}"),
+                run_id=run_id,
+                attempt=attempt,
+                reason=why,
+            ),
+            CONTROL_EXCHANGE,
+            agent["agent_id"],
+        )
+        for agent in live
+    ]
 
 
 def _terminate(request: CancelRun, attempt: int, agent_id: str, why: str) -> outbox.OutboxItem:

@@ -14,8 +14,8 @@ import uuid
 
 import asyncpg
 
-from schemas import RunEnded, RunEvent, RunFailed, RunRetrying
-from schemas.topology import INSTRUCTIONS_EXCHANGE
+from schemas import RunEnded, RunEvent, RunFailed, RunLaunched, RunRetrying, TerminateRun
+from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
 
 from ..retries import backoff_s
 from ..states import TERMINAL, RunState, next_state
@@ -43,6 +43,15 @@ async def apply(connection: asyncpg.Connection, event: RunEvent, retry_backoff_s
     if retry:
         new = RunState.QUEUED
     inserted = await _insert(connection, event, current if new else None, new)
+    if (
+        inserted
+        and current in TERMINAL
+        and isinstance(event, RunLaunched)
+        and foreign_launch(run, event)
+    ):
+        # The attempt ended before this agent launched it (canceled or timed out while its
+        # LaunchRun waited in a queue no live agent was told about): stop it at once.
+        await outbox.insert(connection, [_stop_stray(event)])
     if not inserted or new is None:
         return False  # a redelivered event, a stale attempt, or no transition
     if retry:
@@ -69,6 +78,22 @@ async def apply(connection: asyncpg.Connection, event: RunEvent, retry_backoff_s
             },
         )
     return True
+
+
+def foreign_launch(run: asyncpg.Record, event: RunLaunched) -> bool:
+    """A launch of the run's last attempt by an agent that never held it."""
+    return bool(event.attempt == run["attempt"] and run["agent_id"] != event.agent_id)
+
+
+def _stop_stray(event: RunLaunched) -> outbox.OutboxItem:
+    stop = TerminateRun(
+        message_id=uuid.uuid5(event.message_id, "stray"),
+        run_id=event.run_id,
+        attempt=event.attempt,
+        reason="the run ended before this launch",
+        grace_s=10.0,
+    )
+    return outbox.OutboxItem(stop, CONTROL_EXCHANGE, event.agent_id)
 
 
 async def _insert(

@@ -241,6 +241,15 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             ADD COLUMN cancel_reason  text;
         """,
     ),
+    (
+        11,
+        "queue timeouts",
+        """
+        ALTER TABLE runs ADD COLUMN queue_timeout_s double precision;
+        -- The monitor's look at waiting runs reads only them.
+        CREATE INDEX runs_queued ON runs (state_changed_at) WHERE state = 'QUEUED';
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

@@ -120,18 +120,19 @@ async def create(
         """
         INSERT INTO runs (run_id, idempotency_key, queue, image, command, env, tags,
                           max_runtime_s, start_timeout_s, max_retries, retry_on,
-                          memory_limit_mb, ready_check, location, job, config, state)
+                          memory_limit_mb, ready_check, location, job, config, queue_timeout_s,
+                          state)
         SELECT r.run_id, r.key, r.queue, r.image, r.command::jsonb, r.env::jsonb,
                r.tags::jsonb, r.max_runtime_s, r.start_timeout_s, r.max_retries,
                r.retry_on::jsonb, r.memory_limit_mb, r.ready_check::jsonb,
-               r.location, r.job, r.config::jsonb, 'QUEUED'
+               r.location, r.job, r.config::jsonb, r.queue_timeout_s, 'QUEUED'
         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                     $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[],
                     $11::text[], $12::int[], $13::text[], $14::text[], $15::text[],
-                    $16::text[])
+                    $16::text[], $17::float8[])
              AS r(run_id, key, queue, image, command, env, tags, max_runtime_s,
                   start_timeout_s, max_retries, retry_on, memory_limit_mb, ready_check,
-                  location, job, config)
+                  location, job, config, queue_timeout_s)
         ON CONFLICT DO NOTHING
         RETURNING run_id
         """,
@@ -154,6 +155,7 @@ async def create(
         [s.location for s in submissions],
         [s.job for s in submissions],
         [json.dumps(s.config) for s in submissions],
+        [s.queue_timeout_s for s in submissions],
     )
     created_ids = {record["run_id"] for record in created}
     # The same run id may come twice in one batch; keep the first.

@@ -18,7 +18,7 @@ from schemas import ContainerState, FailureReason, RunFailed, TerminateRun
 from schemas.topology import CONTROL_EXCHANGE, MONITOR_SOURCE, STATUS_EXCHANGE, event_routing_key
 
 from ..states import TERMINAL, RunState
-from . import agents, alerts, events, outbox
+from . import agents, alerts, cancellation, events, outbox
 from .agents import AgentRow
 from .connections import Connections
 
@@ -28,6 +28,26 @@ _DECISIONS = uuid.UUID("8f0e5b0c-6a4e-4c55-9a57-2f3d9e1b7a10")
 def decision_id(run_id: uuid.UUID, attempt: int, rule: str) -> uuid.UUID:
     """The same id for the same decision, whoever takes it and however often."""
     return uuid.uuid5(_DECISIONS, f"{run_id}/{attempt}/{rule}")
+
+
+@dataclass(frozen=True)
+class WaitingRun:
+    """A QUEUED run past its queue timeout."""
+
+    run_id: uuid.UUID
+    attempt: int
+    queue: str
+    waited_s: float
+
+
+@dataclass(frozen=True)
+class UnservedQueue:
+    """A queue whose runs wait with no live agent consuming it."""
+
+    queue: str
+    waiting: int
+    oldest_run_id: uuid.UUID
+    oldest_waited_s: float
 
 
 @dataclass(frozen=True)
@@ -120,6 +140,71 @@ class Supervision:
         if applied and terminate_on:
             await _terminate(connection, terminate_on, run_id, attempt, reason, message)
         return applied
+
+    async def overdue_queued(self) -> list[WaitingRun]:
+        """QUEUED runs that have waited longer than their queue timeout."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT run_id, attempt, queue,
+                       EXTRACT(EPOCH FROM now() - state_changed_at)::float8 AS waited_s
+                FROM runs
+                WHERE state = 'QUEUED' AND queue_timeout_s IS NOT NULL
+                  AND state_changed_at < now() - queue_timeout_s * interval '1 second'
+                """
+            )
+        return [WaitingRun(r["run_id"], r["attempt"], r["queue"], r["waited_s"]) for r in records]
+
+    async def time_out_queued(self, run: WaitingRun, note: str) -> bool:
+        """Fail a queued run QUEUE_TIMEOUT; its launch is fenced where it may wait already."""
+        async with self._connections.transaction() as connection:
+            applied = await self._fail(
+                connection, run.run_id, run.attempt, FailureReason.QUEUE_TIMEOUT, note, None
+            )
+            state = await connection.fetchval(
+                "SELECT state FROM runs WHERE run_id = $1", run.run_id
+            )
+            if applied and state in TERMINAL:
+                fences = await cancellation.never_launch(
+                    connection, run.run_id, run.attempt, run.queue, note
+                )
+                await outbox.insert(connection, fences)
+            return applied
+
+    async def unserved_queues(self, min_wait_s: float) -> list[UnservedQueue]:
+        """Queues with runs QUEUED for longer than ``min_wait_s`` and no live agent."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT DISTINCT ON (queue) queue, run_id,
+                       count(*) OVER (PARTITION BY queue) AS waiting,
+                       EXTRACT(EPOCH FROM now() - state_changed_at)::float8 AS waited_s
+                FROM runs r
+                WHERE state = 'QUEUED'
+                  AND state_changed_at < now() - $1 * interval '1 second'
+                  AND NOT EXISTS (
+                      SELECT 1 FROM agents a WHERE a.status = 'ALIVE' AND a.queues ? r.queue
+                  )
+                ORDER BY queue, state_changed_at
+                """,
+                min_wait_s,
+            )
+        return [
+            UnservedQueue(r["queue"], r["waiting"], r["run_id"], r["waited_s"]) for r in records
+        ]
+
+    async def alert_unserved(self, queue: UnservedQueue) -> bool:
+        """Alert once per oldest waiting run that its queue has no live agent."""
+        async with self._connections.transaction() as connection:
+            return await alerts.raise_alert(
+                connection,
+                f"queue-unserved:{queue.queue}:{queue.oldest_run_id}",
+                alerts.QUEUE_UNSERVED,
+                f"queue {queue.queue}",
+                f"{queue.waiting} run(s) wait on queue {queue.queue}, the oldest for "
+                f"{queue.oldest_waited_s:.0f} s, and no live agent consumes it",
+                {"queue": queue.queue, "waiting": queue.waiting},
+            )
 
     async def declare_agent_lost(self, agent_id: str, silent_s: float) -> list[uuid.UUID]:
         """Mark an agent lost, alert once, fail its in-flight runs (AGENT_LOST).

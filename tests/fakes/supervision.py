@@ -26,8 +26,15 @@ import msgspec
 
 from dispatcher.retries import DEFAULT_MAX_RETRIES, DEFAULT_RETRY_ON, RetryPolicy, backoff_s
 from dispatcher.states import TERMINAL, RunState, next_state
-from dispatcher.store import ActiveRun, AgentRow, OutboxItem, decision_id
-from dispatcher.store.alerts import AGENT_BACK, AGENT_DOWN, RUN_FAILED, RUN_LONG
+from dispatcher.store import (
+    ActiveRun,
+    AgentRow,
+    OutboxItem,
+    UnservedQueue,
+    WaitingRun,
+    decision_id,
+)
+from dispatcher.store.alerts import AGENT_BACK, AGENT_DOWN, QUEUE_UNSERVED, RUN_FAILED, RUN_LONG
 from dispatcher.store.outbox import answer
 from dispatcher.store.runs import launch
 from schemas import (
@@ -93,6 +100,7 @@ class FakeAgent:
     interval_s: float
     last_heartbeat_at: float
     status: str = "ALIVE"
+    queues: tuple[str, ...] = ()
     #: When it was last declared lost, and how many times it was: together they name the
     #: incident, as PostgreSQL's ``lost_at`` (the ``now()`` of a transaction) does alone; a
     #: manual clock need not move between two episodes.
@@ -249,6 +257,63 @@ class FakeSupervision:
         )
         return failed
 
+    async def overdue_queued(self) -> list[WaitingRun]:
+        now = self.clock()
+        return [
+            WaitingRun(r.run_id, r.attempt, r.submission.queue, now - r.state_changed_at)
+            for r in self.runs.values()
+            if r.state == RunState.QUEUED
+            and r.submission.queue_timeout_s is not None
+            and now - r.state_changed_at > r.submission.queue_timeout_s
+        ]
+
+    async def time_out_queued(self, run: WaitingRun, note: str) -> bool:
+        applied = await self.fail_attempt(
+            run.run_id, run.attempt, FailureReason.QUEUE_TIMEOUT, note
+        )
+        if applied and self.runs[run.run_id].state in TERMINAL:
+            for agent in self.agents_by_id.values():
+                if agent.status == "ALIVE" and run.queue in agent.queues:
+                    self._insert(
+                        OutboxItem(
+                            TerminateRun(
+                                message_id=decision_id(
+                                    run.run_id, run.attempt, f"fence:{agent.agent_id}"
+                                ),
+                                run_id=run.run_id,
+                                attempt=run.attempt,
+                                reason=note,
+                            ),
+                            CONTROL_EXCHANGE,
+                            agent.agent_id,
+                        )
+                    )
+        return applied
+
+    async def unserved_queues(self, min_wait_s: float) -> list[UnservedQueue]:
+        now = self.clock()
+        served = {q for a in self.agents_by_id.values() if a.status == "ALIVE" for q in a.queues}
+        waiting: dict[str, list[FakeRun]] = {}
+        for run in self.runs.values():
+            old_enough = now - run.state_changed_at > min_wait_s
+            if run.state == RunState.QUEUED and old_enough and run.submission.queue not in served:
+                waiting.setdefault(run.submission.queue, []).append(run)
+        found = []
+        for queue, runs in sorted(waiting.items()):
+            oldest = min(runs, key=lambda r: r.state_changed_at)
+            found.append(
+                UnservedQueue(queue, len(runs), oldest.run_id, now - oldest.state_changed_at)
+            )
+        return found
+
+    async def alert_unserved(self, queue: UnservedQueue) -> bool:
+        return self._raise_alert(
+            f"queue-unserved:{queue.queue}:{queue.oldest_run_id}",
+            QUEUE_UNSERVED,
+            f"queue {queue.queue}",
+            f"{queue.waiting} run(s) wait on queue {queue.queue} and no live agent consumes it",
+        )
+
     async def agent_left(self, agent_id: str) -> bool:
         agent = self.agents_by_id.get(agent_id)
         if agent is None or agent.status != "DRAINING":
@@ -307,9 +372,10 @@ class FakeSupervision:
         agent = self.agents_by_id.get(beat.agent_id)
         if agent is None:
             self.agents_by_id[beat.agent_id] = FakeAgent(
-                beat.agent_id, beat.interval_s, self.clock(), status=said
+                beat.agent_id, beat.interval_s, self.clock(), status=said, queues=beat.queues
             )
             return
+        agent.queues = beat.queues
         agent.interval_s = beat.interval_s
         agent.last_heartbeat_at = self.clock()
         if agent.status != "LOST":

@@ -74,7 +74,12 @@ class Stack:
         await proc.wait_for_output("control plane running", timeout=60)
         return proc
 
-    async def start_monitor(self, extra: tuple[str, ...] = (), wait_active: bool = True) -> Proc:
+    async def start_monitor(
+        self,
+        extra: tuple[str, ...] = (),
+        wait_active: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
         """A failure monitor with quick retries; waits until it is the active one."""
         n = len(self.processes)
         proc = Proc(
@@ -90,7 +95,7 @@ class Stack:
                 *extra,
             ],
             self.logs / f"monitor-{n}.log",
-            self._env(),
+            {**self._env(), **(env or {})},
         ).start()
         self.processes.append(proc)
         await proc.wait_for_output(

@@ -32,7 +32,7 @@ async def test_a_queued_run_is_canceled_and_its_waiter_says_so(
     await stack.start_control_plane()  # no agent: the run stays QUEUED
     async with stack.client() as client:
         follower = await client.follow()
-        run_id = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+        run_id = await client.submit(stack.run_image, ["sleep", "300"], queue=stack.queue)
         await follower.add(run_id)
         await wait_for_state(store, run_id, RunState.QUEUED, timeout=30)
         code, said = await cancel(stack, run_id, "--reason", "not needed")
@@ -44,12 +44,19 @@ async def test_a_queued_run_is_canceled_and_its_waiter_says_so(
     # Again: nothing changes, and it says so.
     code, said = await cancel(stack, run_id)
     assert code == 0 and "has ended already: CANCELED" in said
-    # An agent that comes now never starts it (its LaunchRun was never sent, or is fenced).
-    await stack.start_agent(0)
+    # Its LaunchRun waited in the queue before any agent was there to be told. An agent that
+    # comes now may launch it; it is then told to stop it at once (the run ended before that
+    # launch), and the run stays CANCELED.
+    await stack.start_agent(0, extra=("--keep-finished",))
     async with stack.client() as client:
-        later = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+        later = await client.submit(stack.run_image, ["sleep", "1"], queue=stack.queue)
     await wait_for_state(store, later, RunState.SUCCESS, timeout=60)
-    assert stack.containers_of(run_id) == []
+
+    async def not_running() -> bool:
+        return all(c.status != "running" for c in stack.containers_of(run_id))
+
+    await eventually(not_running, 60, what="no container of the canceled run running")
+    assert (await store.runs.get(run_id)).state == RunState.CANCELED
 
 
 async def test_a_launch_waiting_in_an_agents_queue_is_never_started(

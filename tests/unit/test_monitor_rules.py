@@ -446,6 +446,31 @@ async def test_after_a_takeover_an_agent_lost_before_is_back_with_its_first_hear
 # ------------------------------------------------------------- timeouts, long runs
 
 
+async def test_a_run_queued_past_its_queue_timeout_fails_and_is_fenced_on_live_agents() -> None:
+    w = World()
+    patient, hasty = await w.submit(), await w.submit(queue_timeout_s=5)
+    await w.beat(A)
+    w.store.agents_by_id[A].queues = ("q",)  # A consumes the runs' queue: it gets the fence
+    await w.elapse(5.5)
+    assert state(w.run(hasty)) == (RunState.FAILURE, 1, "QUEUE_TIMEOUT")
+    assert state(w.run(patient)) == (RunState.QUEUED, 1, None)
+    assert w.decisions() == [(hasty, 1, "QUEUE_TIMEOUT")]
+    assert w.terminations(A) == [(hasty, 1)]
+
+
+async def test_runs_waiting_on_a_queue_no_live_agent_consumes_are_alerted_once() -> None:
+    w = World(unserved_after_s=60)
+    first, _ = await w.submit(), await w.submit()
+    await w.elapse(61)
+    assert w.alerts("queue_unserved") == 1
+    await w.elapse(60)
+    assert w.alerts("queue_unserved") == 1  # the same oldest run: the same incident
+    # Once the oldest leaves the queue, a run still waiting is a new incident.
+    w.run(first).state = RunState.CANCELED
+    await w.elapse(SWEEP_S * 10)
+    assert w.alerts("queue_unserved") == 2
+
+
 async def test_a_cancel_its_agent_does_not_confirm_ends_cancel_timeout_never_retried() -> None:
     w = World(cancel_confirm_s=30)
     run_id = await w.submit(max_retries=5, retry_on=("CANCEL_TIMEOUT",))
