@@ -230,6 +230,29 @@ def db_upgrade(database_url: DatabaseUrl = "", database_schema: DatabaseSchema =
     typer.echo(f"applied migrations {applied}" if applied else "database is up to date")
 
 
+@db_app.command("prune")
+def db_prune(
+    older_than_days: Annotated[
+        float, typer.Option(help="Prune what runs finished more than this many days ago left.")
+    ] = 30.0,
+    batch: Annotated[int, typer.Option(help="Rows deleted per transaction.")] = 1000,
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Delete the history, output and progress of runs finished long ago, and old sent outbox
+    rows, in short batches (the runs' own rows stay). `serve` does it on a schedule when
+    HD_RETENTION_DAYS is set."""
+    if older_than_days < 0 or not 1 <= batch <= 100_000:
+        raise _fail("--older-than-days must be at least 0 and --batch 1 to 100000")
+    pruned = with_store(
+        database_url,
+        database_schema,
+        lambda s: s.retention.prune(older_than_days * 86400, batch),
+    )
+    details = ", ".join(f"{table} {n}" for table, n in pruned.counts.items())
+    typer.echo(f"pruned {pruned.total} row(s): {details}")
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def submit(
     command: Annotated[

@@ -113,6 +113,10 @@ class ControlPlaneSettings:
     delivery_limit: int = 20
     #: Dead letters kept for operators; older ones are dropped (and counted).
     dead_letter_max_length: int = 100_000
+    #: Prune what runs finished more than this many days ago left (None: keep everything).
+    retention_days: float | None = None
+    #: How often the retention runs, when it is on.
+    retention_every_s: float = 3600.0
 
     @classmethod
     def from_env(
@@ -137,10 +141,23 @@ class ControlPlaneSettings:
                     values[key] = int(raw)
                 except ValueError:
                     raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+        for name, key in (
+            ("HD_RETENTION_DAYS", "retention_days"),
+            ("HD_RETENTION_EVERY_S", "retention_every_s"),
+        ):
+            if raw := env.get(name):
+                try:
+                    values[key] = float(raw)
+                except ValueError:
+                    raise ConfigError(f"{name}={raw!r} is not a number") from None
 
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         _require_connections(settings.amqp_url, settings.database_url)
+        if settings.retention_days is not None and settings.retention_days < 0:
+            raise ConfigError("HD_RETENTION_DAYS must be at least 0")
+        if settings.retention_every_s < 1:
+            raise ConfigError("HD_RETENTION_EVERY_S must be at least 1")
         if settings.delivery_limit < 2:
             raise ConfigError("the delivery limit must be at least 2")
         if settings.dead_letter_max_length < 1:

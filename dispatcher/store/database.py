@@ -43,6 +43,7 @@ from .alerts import Alerts
 from .audit import Audit
 from .connections import Connections
 from .dead_letters import DeadLetters
+from .retention import Retention
 from .supervision import Supervision
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Database:
         self.locations = locations.Locations(connections)
         self.alerts = Alerts(connections)
         self.audit = Audit(connections)
+        self.retention = Retention(connections)
         self.submitters = submitters.Submitters(connections)
         self.outbox = outbox.Outbox(connections)
         self.dead_letters = DeadLetters(connections, retry_backoff_s)

@@ -36,6 +36,17 @@ def test_control_plane_options_override_the_environment() -> None:
     assert settings.components == ("relay",)
 
 
+def test_retention_is_off_unless_asked_for_and_bad_values_are_explained() -> None:
+    env = {"HD_AMQP_URL": "amqp://x/", "HD_DATABASE_URL": "postgresql://x/"}
+    assert ControlPlaneSettings.from_env(env).retention_days is None
+    on = ControlPlaneSettings.from_env({**env, "HD_RETENTION_DAYS": "7.5"})
+    assert (on.retention_days, on.retention_every_s) == (7.5, 3600.0)
+    with pytest.raises(ConfigError, match="HD_RETENTION_DAYS='soon' is not a number"):
+        ControlPlaneSettings.from_env({**env, "HD_RETENTION_DAYS": "soon"})
+    with pytest.raises(ConfigError, match="HD_RETENTION_DAYS must be at least 0"):
+        ControlPlaneSettings.from_env({**env, "HD_RETENTION_DAYS": "-1"})
+
+
 def test_unknown_components_are_refused() -> None:
     env = {"HD_AMQP_URL": "amqp://x/", "HD_DATABASE_URL": "postgresql://x/"}
     with pytest.raises(ConfigError, match="unknown component"):
