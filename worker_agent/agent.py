@@ -193,6 +193,10 @@ class Agent:
                 # Woken by a stop; else a look at the slots twice a second.
                 await asyncio.wait_for(stop.wait(), min(left, 0.5))
         if not self.slots.attempts:
+            # One last heartbeat that lists nothing running: the monitor takes the quiet that
+            # follows for a completed drain (LEFT), not for a loss.
+            with contextlib.suppress(TransportError, TimeoutError):
+                await asyncio.wait_for(parts.heartbeat.beat(), 10)
             log.info("drained: every run finished and was reported")
 
     # --------------------------------------------------------------- shutdown
