@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -17,6 +18,8 @@ from .cli_common import (
     with_store,
 )
 from .cli_ops import agents_app
+
+T = TypeVar("T")
 
 ManagementUrl = Annotated[
     str,
@@ -48,6 +51,16 @@ def _need_broker(amqp_url: str) -> None:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL (an administrator's)")
 
 
+def on_broker(amqp_url: str, call: Callable[[], T]) -> T:
+    """An identity command's broker call: a missing broker, or an error the call reports,
+    ends the command with its message."""
+    _need_broker(amqp_url)
+    try:
+        return call()
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None
+
+
 @agents_app.command("add")
 def agents_add(
     name: Name,
@@ -65,11 +78,10 @@ def agents_add(
     `worker-agent run --amqp-url` (or HD_AMQP_URL) on the agent's host."""
     from .identities import add_agent
 
-    _need_broker(amqp_url)
-    try:
-        url = asyncio.run(add_agent(amqp_url, management_url, name, queue or ["default"]))
-    except KNOWN_ERRORS as exc:
-        raise _fail(str(exc), 1) from None
+    url = on_broker(
+        amqp_url,
+        lambda: asyncio.run(add_agent(amqp_url, management_url, name, queue or ["default"])),
+    )
     _audit(database_url, database_schema, "agent.add", name, {"queues": queue or ["default"]})
     typer.echo(url)
     typer.echo(f"agent {name}: the secret is shown once; rotate it with `agents rotate`", err=True)
@@ -87,11 +99,7 @@ def agents_rotate(
     prints its new URL once."""
     from .identities import rotate_agent
 
-    _need_broker(amqp_url)
-    try:
-        url, closed = rotate_agent(amqp_url, management_url, name)
-    except KNOWN_ERRORS as exc:
-        raise _fail(str(exc), 1) from None
+    url, closed = on_broker(amqp_url, lambda: rotate_agent(amqp_url, management_url, name))
     _audit(database_url, database_schema, "agent.rotate", name, {"connections_closed": closed})
     typer.echo(url)
     typer.echo(f"agent {name}: new secret; {closed} connection(s) closed", err=True)
@@ -109,10 +117,6 @@ def agents_revoke(
     instructions or report; the failure monitor declares it lost and fails its runs over."""
     from .identities import revoke_agent
 
-    _need_broker(amqp_url)
-    try:
-        revoke_agent(amqp_url, management_url, name)
-    except KNOWN_ERRORS as exc:
-        raise _fail(str(exc), 1) from None
+    on_broker(amqp_url, lambda: revoke_agent(amqp_url, management_url, name))
     _audit(database_url, database_schema, "agent.revoke", name, {})
     typer.echo(f"agent {name} revoked: its connections are cut and its secret refused")

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import KNOWN_ERRORS, AmqpUrl, DatabaseSchema, DatabaseUrl, _fail
-from .cli_identities import ManagementUrl, _audit, _need_broker
+from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl
+from .cli_identities import ManagementUrl, _audit, on_broker
 
 identities_app = typer.Typer(
     help="Broker identities of the control plane and the failure monitor: least privilege, "
@@ -46,11 +46,10 @@ def identities_add(
     permissions of what that process does and nothing more. Prints its URL once."""
     from .roles import add_role, role_named
 
-    _need_broker(amqp_url)
-    try:
-        url = asyncio.run(add_role(amqp_url, management_url, role_named(role.value), name))
-    except KNOWN_ERRORS as exc:
-        raise _fail(str(exc), 1) from None
+    url = on_broker(
+        amqp_url,
+        lambda: asyncio.run(add_role(amqp_url, management_url, role_named(role.value), name)),
+    )
     _audit(database_url, database_schema, "identity.add", name, {"role": role.value})
     typer.echo(url)
     typer.echo(f"{role.value} identity {name}: the secret is shown once; {_USE[role]}", err=True)
@@ -68,11 +67,7 @@ def identities_rotate(
     close its connections; prints its new URL once."""
     from .roles import rotate_role
 
-    _need_broker(amqp_url)
-    try:
-        role, url, closed = rotate_role(amqp_url, management_url, name)
-    except KNOWN_ERRORS as exc:
-        raise _fail(str(exc), 1) from None
+    role, url, closed = on_broker(amqp_url, lambda: rotate_role(amqp_url, management_url, name))
     details = {"role": role.name, "connections_closed": closed}
     _audit(database_url, database_schema, "identity.rotate", name, details)
     typer.echo(url)
@@ -90,10 +85,6 @@ def identities_revoke(
     """Delete a control plane's or a monitor's identity; its connections are closed."""
     from .roles import revoke_role
 
-    _need_broker(amqp_url)
-    try:
-        role = revoke_role(amqp_url, management_url, name)
-    except KNOWN_ERRORS as exc:
-        raise _fail(str(exc), 1) from None
+    role = on_broker(amqp_url, lambda: revoke_role(amqp_url, management_url, name))
     _audit(database_url, database_schema, "identity.revoke", name, {"role": role.name})
     typer.echo(f"{role.name} identity {name} revoked: its connections are cut")

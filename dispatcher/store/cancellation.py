@@ -76,7 +76,8 @@ async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled
         return Canceled(Outcome.CANCELED, RunState.CANCELED)
     await _record(connection, request, attempt, state, RunState.CANCELING, why)
     if run["agent_id"] is not None:
-        await outbox.insert(connection, [_terminate(request, attempt, run["agent_id"], why)])
+        stop = _terminate(request.run_id, attempt, run["agent_id"], why, request.grace_s)
+        await outbox.insert(connection, [stop])
     return Canceled(Outcome.CANCELING, RunState.CANCELING)
 
 
@@ -94,28 +95,19 @@ async def never_launch(
     live = await connection.fetch(
         "SELECT agent_id FROM agents WHERE status = 'ALIVE' AND queues ? $1", queue
     )
-    return [
-        outbox.OutboxItem(
-            TerminateRun(
-                message_id=_id(run_id, attempt, f"terminate:{agent['agent_id']}"),
-                run_id=run_id,
-                attempt=attempt,
-                reason=why,
-            ),
-            CONTROL_EXCHANGE,
-            agent["agent_id"],
-        )
-        for agent in live
-    ]
+    return [_terminate(run_id, attempt, agent["agent_id"], why) for agent in live]
 
 
-def _terminate(request: CancelRun, attempt: int, agent_id: str, why: str) -> outbox.OutboxItem:
+def _terminate(
+    run_id: uuid.UUID, attempt: int, agent_id: str, why: str, grace_s: float = 30.0
+) -> outbox.OutboxItem:
+    """A TerminateRun of the attempt on ``agent_id``'s control queue, once per agent."""
     message = TerminateRun(
-        message_id=_id(request.run_id, attempt, f"terminate:{agent_id}"),
-        run_id=request.run_id,
+        message_id=_id(run_id, attempt, f"terminate:{agent_id}"),
+        run_id=run_id,
         attempt=attempt,
         reason=why,
-        grace_s=request.grace_s,
+        grace_s=grace_s,
     )
     return outbox.OutboxItem(message, CONTROL_EXCHANGE, agent_id)
 

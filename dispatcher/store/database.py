@@ -27,7 +27,7 @@ from schemas import (
 )
 
 from .. import submissions as rules
-from .. import submitters as rules_of_senders
+from .. import submitters as senders_rules
 from . import (
     agents,
     cancellation,
@@ -171,7 +171,7 @@ class Database:
             outcomes: list[cancellation.Canceled | str] = []
             for request, sender in zip(requests, senders or [None] * len(requests), strict=True):
                 why = (
-                    rules_of_senders.sender_problem(sender, trusted, known)
+                    senders_rules.sender_problem(sender, trusted, known)
                     if senders is not None
                     else None
                 )
