@@ -279,6 +279,21 @@ def submit(
     idempotency_key: Annotated[
         str | None, typer.Option(help="Submissions with the same key make one run.")
     ] = None,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tag",
+            "-t",
+            help="KEY=VALUE stored with the run; tag limits (tag:KEY=VALUE) count it. Repeatable.",
+        ),
+    ] = None,
+    priority: Annotated[
+        int,
+        typer.Option(
+            help="Among runs a concurrency limit holds back, higher starts first "
+            "(-1000..1000; FIFO within a priority). Runs under no limit start at once."
+        ),
+    ] = 0,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the run; exit with its exit code.")
     ] = False,
@@ -324,6 +339,7 @@ def submit(
     if not amqp_url:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
     environment = parse_env(env, "KEY=VALUE or KEY=secret:NAME")
+    tags = parse_env(tag, "KEY=VALUE", option="--tag")
     try:
         job_config = json.loads(config) if config else {}
     except ValueError as exc:
@@ -346,6 +362,8 @@ def submit(
                 env=environment,
                 queue=queue,
                 idempotency_key=idempotency_key,
+                tags=tags,
+                priority=priority,
                 run_id=run_id,
                 max_runtime_s=max_runtime,
                 queue_timeout_s=queue_timeout,

@@ -72,13 +72,15 @@ def with_store(
         raise _fail(str(exc), 1) from None
 
 
-def parse_env(pairs: list[str] | None, form: str = "KEY=VALUE") -> dict[str, str]:
-    """``--env`` options as a mapping; a pair without ``=`` ends the command."""
+def parse_env(
+    pairs: list[str] | None, form: str = "KEY=VALUE", option: str = "--env"
+) -> dict[str, str]:
+    """``--env`` (or ``option``) values as a mapping; a pair without ``=`` ends the command."""
     env: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise _fail(f"--env takes {form}, got {pair!r}")
+            raise _fail(f"{option} takes {form}, got {pair!r}")
         env[key] = value
     return env
 

@@ -159,6 +159,7 @@ class Client:
         retry_on: Sequence[FailureReason] | None = None,
         memory_limit_mb: int | None = None,
         ready_check: Sequence[str] = (),
+        priority: int = 0,
     ) -> uuid.UUID:
         """Submit a run; returns its id once the broker has confirmed the request.
 
@@ -166,7 +167,8 @@ class Client:
         past them; ``queue_timeout_s``: it fails the run (QUEUE_TIMEOUT) still QUEUED after
         it; ``max_retries`` and ``retry_on`` override the retry policy (AGENT_LOST and
         UNEXPECTED_TERMINATION, twice); ``ready_check`` is a command run in the container,
-        and the run counts as STARTED once it succeeds.
+        and the run counts as STARTED once it succeeds; ``priority`` orders the runs a
+        concurrency limit holds back (higher first).
         """
         if self._publisher is None:
             raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
@@ -188,6 +190,7 @@ class Client:
             retry_on=tuple(retry_on) if retry_on is not None else None,
             memory_limit_mb=memory_limit_mb,
             ready_check=tuple(ready_check),
+            priority=priority,
         )
         check_submission(message)
         try:

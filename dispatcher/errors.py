@@ -10,6 +10,7 @@ from __future__ import annotations
 from transport.errors import BrokerRefused, BrokerUnavailable, HandlerUnavailable, TransportError
 
 __all__ = [
+    "BadLimit",
     "BrokerRefused",
     "BrokerUnavailable",
     "ConfigError",
@@ -34,6 +35,10 @@ class ConfigError(DispatcherError):
 class StoreUnavailable(DispatcherError, HandlerUnavailable):
     """PostgreSQL cannot be reached; the operation may be retried. A consumer whose handler
     raises it holds the batch until the store is back."""
+
+
+class BadLimit(ConfigError):
+    """A concurrency limit's key or size is invalid; the message says how to write it."""
 
 
 class RunNotFound(DispatcherError):

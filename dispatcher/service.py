@@ -1,7 +1,8 @@
 """``dispatcher serve``: the control plane process.
 
 Components: the intake (SubmitRun → run row + outbox row), the outbox relay (→ LaunchRun on
-the instructions exchange) and the status consumer (run events and heartbeats → PostgreSQL).
+the instructions exchange, with the admitter that releases runs held by concurrency limits)
+and the status consumer (run events and heartbeats → PostgreSQL).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from transport.topology import declare_topology
 
 from . import dead_letters, metrics, provenance
 from .errors import StoreUnavailable
+from .admitter import Admitter
 from .relay import OutboxRelay
 from .settings import ControlPlaneSettings, trusted_broker_users
 from .store import Database
@@ -149,6 +151,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         if "relay" in settings.components:
             relay = OutboxRelay(store, publisher, batch=settings.relay_batch)
             runners.append(asyncio.create_task(relay.run(), name="relay"))
+            runners.append(asyncio.create_task(Admitter(store).run(), name="admitter"))
         if settings.retention_days is not None:
             runners.append(
                 asyncio.create_task(
@@ -171,7 +174,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         # The relay is cancelled at once: a row it was publishing stays unsent and goes out
         # again on the next start, which consumers absorb (idempotent on the container name).
         for task in runners:
-            if task.get_name() in ("relay", "retention"):
+            if task.get_name() in ("relay", "admitter", "retention"):
                 task.cancel()
         for consumer in consumers:
             await consumer.stop()

@@ -17,11 +17,14 @@ from .bounds import (
     Config,
     ContainerId,
     ContainerStatus,
+    Cpus,
     Env,
     ExitCode,
     Generation,
+    Gpus,
     ImageRef,
     Lines,
+    MemoryMb,
     Name,
     Text,
     check_json,
@@ -53,6 +56,10 @@ class AgentHeartbeat(Message, frozen=True, kw_only=True, tag="AgentHeartbeat"):
     #: ``in_flight`` is complete: the agent has listed (adopted) its containers since it
     #: started. Until then a run missing from it proves nothing.
     synced: bool = True
+    #: The capacity the agent declares; None: not counted (the host's own limit applies).
+    cpus: Cpus | None = None
+    memory_mb: MemoryMb | None = None
+    gpus: Gpus = 0
 
 
 # ----------------------------------------------------------------------- code locations

@@ -16,9 +16,11 @@ from .bounds import (
     AwareDatetime,
     Config,
     ContainerId,
+    Cpus,
     Delay,
     Env,
     ExitCode,
+    Gpus,
     ImageRef,
     ImageRefOrEmpty,
     LineNo,
@@ -26,6 +28,7 @@ from .bounds import (
     MemoryMb,
     Name,
     NonEmpty,
+    Priority,
     ProgressValues,
     Seconds,
     ShortText,
@@ -67,6 +70,13 @@ class SubmitRun(RunMessage, frozen=True, kw_only=True, tag="SubmitRun"):
     max_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
     retry_on: Annotated[tuple[FailureReason, ...], msgspec.Meta(max_length=32)] | None = None
     memory_limit_mb: MemoryMb | None = None
+    #: CPUs (Docker's nano-CPUs) and GPUs the container gets; an agent takes the run only
+    #: while its declared capacity has room for them.
+    cpus: Cpus | None = None
+    gpus: Gpus = 0
+    #: Among the runs a concurrency limit holds back, higher first (FIFO within a priority).
+    #: It orders nothing else: a run under no limit goes to its queue at once.
+    priority: Priority = 0
     #: A command run inside the container; the run is STARTED once it succeeds.
     ready_check: Argv = ()
 
@@ -100,6 +110,8 @@ class LaunchRun(AttemptMessage, frozen=True, kw_only=True, tag="LaunchRun"):
     tags: Tags = msgspec.field(default_factory=dict)
     max_runtime_s: Seconds | None = None
     memory_limit_mb: MemoryMb | None = None
+    cpus: Cpus | None = None
+    gpus: Gpus = 0
     ready_check: Argv = ()
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ from . import (
     agents,
     cancellation,
     events,
+    limits,
     locations,
     migrations,
     outbox,
@@ -67,6 +68,7 @@ class Database:
         self.retention = Retention(connections)
         self.submitters = submitters.Submitters(connections)
         self.outbox = outbox.Outbox(connections)
+        self.limits = limits.Limits(connections)
         self.dead_letters = DeadLetters(connections, retry_backoff_s)
         self.supervision = Supervision(connections, retry_backoff_s)
 
@@ -232,6 +234,11 @@ class Database:
                     )
                     await events.apply(connection, failed, self.retry_backoff_s)
             return len(rows)
+
+    def listen_admissions(self) -> AbstractAsyncContextManager[Callable[[float], Awaitable[None]]]:
+        """Wake-ups of the admitter: a held run was created, a slot may be free, a limit
+        changed."""
+        return self.connections.listen(limits.ADMIT_CHANNEL)
 
     def listen_outbox(self) -> AbstractAsyncContextManager[Callable[[float], Awaitable[None]]]:
         """Wake-ups of the relay: yields a function that waits for the next commit's NOTIFY."""

@@ -250,6 +250,53 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX runs_queued ON runs (state_changed_at) WHERE state = 'QUEUED';
         """,
     ),
+    (
+        12,
+        "concurrency limits, priorities, resources",
+        """
+        -- A limit on the runs holding a slot (admitted, not ended) that fall under it.
+        -- scope 'global' (name and value empty), 'queue', 'location' (name), 'tag' (name
+        -- and value).
+        CREATE TABLE limits (
+            key         text PRIMARY KEY,
+            scope       text NOT NULL,
+            name        text NOT NULL DEFAULT '',
+            value       text NOT NULL DEFAULT '',
+            max_running integer NOT NULL CHECK (max_running >= 0),
+            updated_at  timestamptz NOT NULL DEFAULT now()
+        );
+        -- held: QUEUED with no LaunchRun written, until every limit it falls under has room;
+        -- held_by names the limit that held it at the last look.
+        ALTER TABLE runs
+            ADD COLUMN priority integer NOT NULL DEFAULT 0,
+            ADD COLUMN held     boolean NOT NULL DEFAULT false,
+            ADD COLUMN held_by  text,
+            ADD COLUMN cpus     double precision,
+            ADD COLUMN gpus     integer NOT NULL DEFAULT 0;
+        CREATE INDEX runs_held ON runs (priority DESC, created_at, run_id)
+            WHERE held AND state = 'QUEUED';
+        -- What holds a slot: the admitter counts these for every limit.
+        CREATE INDEX runs_holding ON runs (queue)
+            WHERE NOT held AND state NOT IN ('SUCCESS', 'FAILURE', 'CANCELED');
+        -- A run that ends frees its slots: wake the admitter (only while limits exist).
+        CREATE FUNCTION hd_slot_freed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM limits) THEN
+                PERFORM pg_notify('hd_admit', '');
+            END IF;
+            RETURN NULL;
+        END
+        $fn$;
+        CREATE TRIGGER runs_slot_freed AFTER UPDATE OF state ON runs FOR EACH ROW
+            WHEN (NOT NEW.held AND OLD.state IS DISTINCT FROM NEW.state
+                  AND NEW.state IN ('SUCCESS', 'FAILURE', 'CANCELED'))
+            EXECUTE FUNCTION hd_slot_freed();
+        ALTER TABLE agents
+            ADD COLUMN cpus      double precision,
+            ADD COLUMN memory_mb integer,
+            ADD COLUMN gpus      integer NOT NULL DEFAULT 0;
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

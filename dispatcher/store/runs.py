@@ -22,7 +22,7 @@ from schemas.topology import INSTRUCTIONS_EXCHANGE
 from ..errors import RunNotFound
 from ..retries import DEFAULT_MAX_RETRIES, DEFAULT_RETRY_ON, RetryPolicy
 from ..states import RunState
-from . import outbox
+from . import limits, outbox
 from .connections import Connections
 
 #: Columns of ``runs`` stored as JSON text.
@@ -111,28 +111,35 @@ async def create(
 ) -> list[uuid.UUID]:
     """Insert runs, their first events and LaunchRun rows (and RunAccepted if ``announce``).
 
+    A run that falls under a concurrency limit is inserted held, with no LaunchRun: the
+    admitter (``limits.admit``) writes it once every limit has room.
+
     A submission whose run id or idempotency key exists already creates nothing; the ids of
     the runs created now are returned.
     """
     if not submissions:
         return []
+    in_force = await limits.in_force(connection)
+    held = [limits.holds(in_force, s) for s in submissions]
     created = await connection.fetch(
         """
         INSERT INTO runs (run_id, idempotency_key, queue, image, command, env, tags,
                           max_runtime_s, start_timeout_s, max_retries, retry_on,
                           memory_limit_mb, ready_check, location, job, config, queue_timeout_s,
-                          state)
+                          cpus, gpus, priority, held, state)
         SELECT r.run_id, r.key, r.queue, r.image, r.command::jsonb, r.env::jsonb,
                r.tags::jsonb, r.max_runtime_s, r.start_timeout_s, r.max_retries,
                r.retry_on::jsonb, r.memory_limit_mb, r.ready_check::jsonb,
-               r.location, r.job, r.config::jsonb, r.queue_timeout_s, 'QUEUED'
+               r.location, r.job, r.config::jsonb, r.queue_timeout_s,
+               r.cpus, r.gpus, r.priority, r.held, 'QUEUED'
         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                     $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[],
                     $11::text[], $12::int[], $13::text[], $14::text[], $15::text[],
-                    $16::text[], $17::float8[])
+                    $16::text[], $17::float8[], $18::float8[], $19::int[], $20::int[],
+                    $21::bool[])
              AS r(run_id, key, queue, image, command, env, tags, max_runtime_s,
                   start_timeout_s, max_retries, retry_on, memory_limit_mb, ready_check,
-                  location, job, config, queue_timeout_s)
+                  location, job, config, queue_timeout_s, cpus, gpus, priority, held)
         ON CONFLICT DO NOTHING
         RETURNING run_id
         """,
@@ -156,6 +163,10 @@ async def create(
         [s.job for s in submissions],
         [json.dumps(s.config) for s in submissions],
         [s.queue_timeout_s for s in submissions],
+        [s.cpus for s in submissions],
+        [s.gpus for s in submissions],
+        [s.priority for s in submissions],
+        held,
     )
     created_ids = {record["run_id"] for record in created}
     # The same run id may come twice in one batch; keep the first.
@@ -176,13 +187,17 @@ async def create(
         list(fresh),
         [payload_json(s) for s in fresh.values()],
     )
+    held_ids = {s.run_id for s, h in zip(submissions, held, strict=True) if h}
     items = [
         outbox.OutboxItem(launch(msgspec.structs.asdict(s), 1), INSTRUCTIONS_EXCHANGE, s.queue)
         for s in fresh.values()
+        if s.run_id not in held_ids
     ]
     if announce:
         items += [outbox.answer(RunAccepted(run_id=run_id)) for run_id in fresh]
     await outbox.insert(connection, items)
+    if held_ids & fresh.keys():
+        await limits.wake_admitter(connection)
     return list(fresh)
 
 
