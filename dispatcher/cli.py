@@ -25,6 +25,7 @@ from .cli_common import (
     parse_env,
     with_store,
 )
+from .cli_limits import limits_app
 from .cli_locations import locations_app
 from .cli_ops import agents_app, alerts_app, audit_app, dead_letters_app
 from .cli_roles import identities_app
@@ -57,6 +58,7 @@ app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(locations_app, name="locations")
 app.add_typer(identities_app, name="identities")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(limits_app, name="limits")
 
 
 @app.callback()

@@ -49,6 +49,8 @@ def runs_list(
             "failure_reason": r.failure_reason,
             "agent_id": r.agent_id,
             "created_at": r.created_at.isoformat(),
+            "priority": r.priority,
+            "waiting_on": r.waiting_on,
         }
         for r in rows
     ]
@@ -59,8 +61,10 @@ def runs_list(
     for run in runs:
         exit_code = "" if run["exit_code"] is None else str(run["exit_code"])
         created = str(run["created_at"])[:19].replace("T", " ")
+        waiting = f"  (waiting for {run['waiting_on']})" if run["waiting_on"] else ""
         typer.echo(
             f"{run['run_id']:36}  {run['state']:9}  {exit_code:>4}  {created}  {run['image']}"
+            f"{waiting}"
         )
 
 
@@ -78,13 +82,17 @@ def runs_show(
 
     async def read(
         store: Database,
-    ) -> tuple[RunRow, list[RunEventRow], list[tuple[int, int, str]], list[dict[str, Any]]]:
+    ) -> tuple[
+        RunRow, list[RunEventRow], list[tuple[int, int, str]], list[dict[str, Any]], str | None
+    ]:
         run = await store.runs.find(run_id)
         lines = await store.output.lines(run.run_id) if logs else []
         progress = await store.output.progress(run.run_id)
-        return run, await store.runs.events(run.run_id), lines, progress
+        waiting = await store.limits.waiting_reason(run.run_id) if run.waiting_on else None
+        return run, await store.runs.events(run.run_id), lines, progress, waiting
 
-    run, events, lines, progress = with_store(database_url, database_schema, read)
+    run, events, lines, progress, waiting = with_store(database_url, database_schema, read)
+    waiting = waiting or run.waiting_on
     if as_json:
         typer.echo(
             json.dumps(
@@ -100,6 +108,8 @@ def runs_show(
                     "failure_message": run.failure_message,
                     "agent_id": run.agent_id,
                     "container_id": run.container_id,
+                    "priority": run.priority,
+                    "waiting": waiting,
                     "output_tail": run.output_tail,
                     "progress": progress,
                     "events": [
@@ -120,7 +130,9 @@ def runs_show(
     typer.echo(f"run       {run.run_id}")
     typer.echo(f"state     {run.state.value} (attempt {run.attempt})")
     typer.echo(f"image     {run.image}  command {json.dumps(run.command)}")
-    typer.echo(f"queue     {run.queue}  agent {run.agent_id or '-'}")
+    typer.echo(f"queue     {run.queue}  agent {run.agent_id or '-'}  priority {run.priority}")
+    if waiting:
+        typer.echo(f"waiting   for {waiting}: sent to its queue once there is room")
     if run.exit_code is not None:
         typer.echo(f"exit code {run.exit_code}")
     if run.failure_reason:

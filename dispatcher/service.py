@@ -42,8 +42,8 @@ from transport.publisher import Publisher
 from transport.topology import declare_topology
 
 from . import dead_letters, metrics, provenance
-from .errors import StoreUnavailable
 from .admitter import Admitter
+from .errors import StoreUnavailable
 from .relay import OutboxRelay
 from .settings import ControlPlaneSettings, trusted_broker_users
 from .store import Database

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import asyncpg
 
 from schemas.topology import INSTRUCTIONS_EXCHANGE
 
-from ..errors import BadLimit
-from . import outbox, runs
+from ..limits import Limit, holds, parse
+from . import audit, outbox, runs
 from .connections import Connections
+
+__all__ = ["ADMIT_CHANNEL", "Limit", "LimitUsage", "Limits", "admit", "holds", "in_force"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 #: limit changed.
 ADMIT_CHANNEL = "hd_admit"
 _ADMIT_LOCK = 0x68642D61646D  # "hd-adm": one admission pass at a time, across processes
-SCOPES = ("global", "queue", "location", "tag")
 #: Whether run ``r`` falls under limit ``l``, in SQL (one place, read by every query here).
 _COVERS = """(l.scope = 'global'
               OR (l.scope = 'queue' AND r.queue = l.name)
@@ -40,63 +39,6 @@ _COVERS = """(l.scope = 'global'
               OR (l.scope = 'tag' AND r.tags ->> l.name = l.value))"""
 #: A run that holds a slot (matches the partial index ``runs_holding``).
 _HOLDING = "NOT r.held AND r.state NOT IN ('SUCCESS', 'FAILURE', 'CANCELED')"
-
-
-class Subject(Protocol):
-    """What a limit looks at in a run (a submission has these)."""
-
-    queue: str
-    location: str | None
-    tags: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class Limit:
-    key: str
-    scope: str
-    name: str = ""
-    value: str = ""
-    max_running: int = 0
-
-    def covers(self, run: Subject) -> bool:
-        """The Python twin of ``_COVERS``."""
-        if self.scope == "global":
-            return True
-        if self.scope == "queue":
-            return run.queue == self.name
-        if self.scope == "location":
-            return run.location == self.name
-        return run.tags.get(self.name) == self.value
-
-
-def parse(key: str, max_running: int = 0) -> Limit:
-    """A limit from its key; BadLimit says what is wrong with a bad one."""
-    if max_running < 0:
-        raise BadLimit(f"a limit is 0 or more runs, not {max_running}")
-    key = key.strip()
-    if key == "global":
-        return Limit("global", "global", max_running=max_running)
-    scope, sep, rest = key.partition(":")
-    if not sep or scope not in SCOPES[1:]:
-        raise BadLimit(
-            f"unknown limit {key!r}: use global, queue:NAME, location:NAME or tag:KEY=VALUE"
-        )
-    if scope == "tag":
-        name, eq, value = rest.partition("=")
-        if not eq or not name:
-            raise BadLimit(f"a tag limit is tag:KEY=VALUE, not {key!r}")
-    else:
-        name, value = rest, ""
-        if not name:
-            raise BadLimit(f"a {scope} limit names the {scope}: {scope}:NAME")
-    if len(key) > 400:
-        raise BadLimit("a limit's key is at most 400 characters")
-    return Limit(key, scope, name, value, max_running)
-
-
-def holds(in_force: Sequence[Limit], run: Subject) -> bool:
-    """Whether ``run`` falls under any limit in force (and so waits for the admitter)."""
-    return any(limit.covers(run) for limit in in_force)
 
 
 async def in_force(connection: asyncpg.Connection) -> list[Limit]:
@@ -169,9 +111,7 @@ async def admit(connection: asyncpg.Connection, batch: int = 1000) -> int:
     for record in rows:
         run = runs.decoded(record)
         items.append(
-            outbox.OutboxItem(
-                runs.launch(run, run["attempt"]), INSTRUCTIONS_EXCHANGE, run["queue"]
-            )
+            outbox.OutboxItem(runs.launch(run, run["attempt"]), INSTRUCTIONS_EXCHANGE, run["queue"])
         )
     await outbox.insert(connection, items)
     return len(items)
@@ -190,9 +130,12 @@ class Limits:
     def __init__(self, connections: Connections) -> None:
         self._connections = connections
 
-    async def set(self, key: str, max_running: int) -> Limit:
+    async def set(self, key: str, max_running: int, actor: str) -> Limit:
         limit = parse(key, max_running)
         async with self._connections.transaction() as connection:
+            await audit.record(
+                connection, actor, "limit.set", limit.key, {"max_running": max_running}
+            )
             await connection.execute(
                 """
                 INSERT INTO limits (key, scope, name, value, max_running)
@@ -209,13 +152,15 @@ class Limits:
             await wake_admitter(connection)
         return limit
 
-    async def remove(self, key: str) -> bool:
-        """Remove a limit (its held runs go on); False if there was none."""
+    async def remove(self, key: str, actor: str) -> bool:
+        """Remove a limit (the runs it held go on); False if there was none."""
         limit = parse(key)
         async with self._connections.transaction() as connection:
             status = await connection.execute("DELETE FROM limits WHERE key = $1", limit.key)
+            if status.endswith(" 1"):
+                await audit.record(connection, actor, "limit.remove", limit.key)
             await wake_admitter(connection)
-        return status.endswith(" 1")
+        return bool(status.endswith(" 1"))
 
     async def usage(self) -> list[LimitUsage]:
         """Every limit with the runs holding its slots and the runs it holds back."""
@@ -261,4 +206,3 @@ class Limits:
 
 def waiting_words(key: str, running: int, max_running: int) -> str:
     return f"limit {key} ({running} of {max_running} running)"
-

@@ -97,6 +97,17 @@ class RunRow:
     started_at: datetime | None
     finished_at: datetime | None
     tags: dict[str, str]
+    priority: int
+    #: Held back by a concurrency limit (QUEUED, no LaunchRun yet); ``held_by`` names it.
+    held: bool
+    held_by: str | None
+
+    @property
+    def waiting_on(self) -> str | None:
+        """What this run waits for while a limit holds it ("limit tag:team=ml")."""
+        if not self.held or self.state != RunState.QUEUED:
+            return None
+        return f"limit {self.held_by}" if self.held_by else "a concurrency limit"
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> RunRow:

@@ -1,0 +1,224 @@
+"""Concurrency limits and priorities on a real broker, database and engine: how many runs go
+at once is read from Docker's own start and die events, not from the runs table."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import Collection
+from datetime import UTC, datetime
+from typing import Any
+
+from dispatcher.errors import RunNotFound
+from dispatcher.states import RunState
+from dispatcher.store import Database
+from tests.integration.conftest import Stack
+from tests.integration.test_dispatch import wait_for_state
+from tests.integration.test_operators import dispatcher_cli
+from tests.support import Proc, eventually
+from worker_agent.containers import LABEL_RUN
+
+ML = {"team": "ml"}
+RUNS = 10
+
+
+def container_events(stack: Stack, since: datetime, runs: Collection[uuid.UUID]) -> list[Any]:
+    """Docker's start and die events of the runs' containers since ``since``, in order."""
+    wanted = {str(r) for r in runs}
+    events = stack.docker.events(
+        since=since,
+        until=datetime.now(UTC),
+        filters={"type": "container", "label": LABEL_RUN, "event": ["start", "die"]},
+        decode=True,
+    )
+    ours = [e for e in events if e["Actor"]["Attributes"].get(LABEL_RUN) in wanted]
+    return sorted(ours, key=lambda e: int(e["timeNano"]))
+
+
+def peak_running(events: list[Any]) -> int:
+    """The most containers running at once: +1 at each start, -1 at each die."""
+    running = peak = 0
+    for event in events:
+        running += 1 if event["Action"] == "start" else -1
+        peak = max(peak, running)
+    return peak
+
+
+async def limit(stack: Stack, *args: str) -> str:
+    done = await dispatcher_cli(stack, "limits", *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+async def submit_ml(stack: Stack, count: int = RUNS, seconds: int = 2) -> list[uuid.UUID]:
+    async with stack.client() as client:
+        return [
+            await client.submit(
+                stack.run_image, ["sleep", str(seconds)], queue=stack.queue, tags=ML
+            )
+            for _ in range(count)
+        ]
+
+
+async def states(store: Database, runs: Collection[uuid.UUID]) -> list[RunState | None]:
+    """Each run's state; None for one the control plane has not created yet."""
+    found = []
+    for run_id in runs:
+        try:
+            found.append((await store.runs.get(run_id)).state)
+        except RunNotFound:
+            found.append(None)
+    return found
+
+
+async def all_succeed(store: Database, runs: Collection[uuid.UUID], timeout: float = 180) -> None:
+    async def done() -> bool:
+        states_now = await states(store, runs)
+        assert RunState.FAILURE not in states_now, states_now
+        assert RunState.CANCELED not in states_now, states_now
+        return all(s == RunState.SUCCESS for s in states_now)
+
+    await eventually(done, timeout, interval=0.5, what=f"{len(runs)} runs SUCCESS")
+
+
+async def succeeded(store: Database, runs: Collection[uuid.UUID]) -> int:
+    return (await states(store, runs)).count(RunState.SUCCESS)
+
+
+async def test_a_tag_limit_holds_its_runs_and_says_so(stack: Stack, store: Database) -> None:
+    began = datetime.now(UTC)
+    await stack.start_control_plane()
+    await stack.start_agent(0, max_concurrent=8)
+    assert "tag:team=ml: at most 2" in await limit(stack, "set", "tag:team=ml", "2")
+    ml = await submit_ml(stack, seconds=3)
+    async with stack.client() as client:
+        # A run under no limit goes at once, whatever the limit holds back.
+        free = await client.submit(stack.run_image, ["sleep", "1"], queue=stack.queue)
+    await wait_for_state(store, free, RunState.SUCCESS, timeout=60)
+
+    # While runs wait, the listings say for what.
+    async def held_and_said() -> bool:
+        held_by = [(await store.runs.get(r)).held_by for r in ml]
+        return "tag:team=ml" in held_by
+
+    await eventually(held_and_said, 60, what="a run held by tag:team=ml")
+    held = [r for r in ml if (await store.runs.get(r)).held_by == "tag:team=ml"]
+    waiting = held[0]
+    # LIMIT MAX RUNNING WAITING (a run ending just now may leave a slot for an instant).
+    assert re.search(r"tag:team=ml\s+2\s+[0-2]\s+[1-9]", await limit(stack, "list"))
+    shown = await dispatcher_cli(stack, "runs", "show", str(waiting))
+    listed = await dispatcher_cli(stack, "runs", "list", "--state", "QUEUED")
+    assert re.search(r"waiting   for limit tag:team=ml \([0-2] of 2 running\)", shown.stdout), (
+        shown.stdout
+    )
+    assert "waiting for limit tag:team=ml" in listed.stdout, listed.stdout
+
+    await all_succeed(store, ml)
+    events = container_events(stack, began, ml)
+    assert sum(e["Action"] == "start" for e in events) == RUNS
+    assert peak_running(events) == 2
+    assert "no limits" not in await limit(stack, "list")
+    assert "removed" in await limit(stack, "remove", "tag:team=ml")
+    assert "no limits" in await limit(stack, "list")
+
+
+async def test_a_limit_holds_across_a_control_plane_killed_halfway(
+    stack: Stack, store: Database
+) -> None:
+    began = datetime.now(UTC)
+    control_plane = await stack.start_control_plane()
+    await stack.start_agent(0, max_concurrent=8)
+    await limit(stack, "set", "tag:team=ml", "2")
+    ml = await submit_ml(stack)
+
+    async def halfway() -> bool:
+        return await succeeded(store, ml) >= RUNS // 2
+
+    await eventually(halfway, 120, interval=0.2, what="half the runs done")
+    control_plane.kill()
+    # Runs end while no control plane runs; the next one finds their slots from the table.
+    await asyncio.sleep(3)
+    await stack.start_control_plane()
+    await all_succeed(store, ml)
+    events = container_events(stack, began, ml)
+    assert sum(e["Action"] == "start" for e in events) == RUNS
+    assert peak_running(events) <= 2
+
+
+async def test_a_limit_holds_with_two_control_planes(stack: Stack, store: Database) -> None:
+    began = datetime.now(UTC)
+    planes: list[Proc] = [await stack.start_control_plane() for _ in range(2)]
+    await stack.start_agent(0, max_concurrent=8)
+    await stack.start_agent(1, max_concurrent=8)
+    await limit(stack, "set", "tag:team=ml", "2")
+    ml = await submit_ml(stack)
+    await all_succeed(store, ml)
+    events = container_events(stack, began, ml)
+    assert sum(e["Action"] == "start" for e in events) == RUNS
+    assert peak_running(events) <= 2
+    # Both took part: each admitted some of the runs.
+    admitted = [p.output().count("admitted ") for p in planes]
+    assert all(admitted), admitted
+
+
+async def test_with_a_global_limit_of_one_runs_start_in_priority_order(
+    stack: Stack, store: Database
+) -> None:
+    began = datetime.now(UTC)
+    await stack.start_control_plane()
+    await stack.start_agent(0, max_concurrent=8)
+    await limit(stack, "set", "global", "1")
+    async with stack.client() as client:
+        blocker = await client.submit(stack.run_image, ["sleep", "3"], queue=stack.queue)
+        await wait_for_state(store, blocker, RunState.STARTING, RunState.STARTED, timeout=60)
+        priorities = [0, 5, -1, 5, 10, 0]
+        runs = [
+            await client.submit(stack.run_image, ["true"], queue=stack.queue, priority=p)
+            for p in priorities
+        ]
+    await all_succeed(store, [blocker, *runs])
+    order = [
+        uuid.UUID(e["Actor"]["Attributes"][LABEL_RUN])
+        for e in container_events(stack, began, [blocker, *runs])
+        if e["Action"] == "start"
+    ]
+    # Higher first, in submission order within a priority.
+    expected = [blocker, runs[4], runs[1], runs[3], runs[0], runs[5], runs[2]]
+    assert order == expected, (order, expected)
+    assert peak_running(container_events(stack, began, [blocker, *runs])) == 1
+
+
+async def test_a_held_run_can_be_canceled_and_times_out_in_the_queue(
+    stack: Stack, store: Database
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_monitor()
+    await stack.start_agent(0)
+    await limit(stack, "set", f"queue:{stack.queue}", "0")
+    async with stack.client() as client:
+        canceled = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+        timed_out = await client.submit(
+            stack.run_image, ["true"], queue=stack.queue, queue_timeout_s=2
+        )
+    await eventually(
+        lambda: _held(store, canceled), 30, what="the run held by the queue's limit of 0"
+    )
+    done = await dispatcher_cli(stack, "runs", "cancel", str(canceled))
+    assert done.returncode == 0, done.stdout + done.stderr
+    await wait_for_state(store, canceled, RunState.CANCELED, timeout=30)
+    run = await wait_for_state(store, timed_out, RunState.FAILURE, timeout=60)
+    assert run.failure_reason == "QUEUE_TIMEOUT"
+    # Neither ever reached Docker, and lifting the limit does not bring them back.
+    await limit(stack, "remove", f"queue:{stack.queue}")
+    await asyncio.sleep(2)
+    assert stack.containers_of(canceled) == [] and stack.containers_of(timed_out) == []
+    assert (await store.runs.get(canceled)).state == RunState.CANCELED
+
+
+async def _held(store: Database, run_id: uuid.UUID) -> bool:
+    try:
+        run = await store.runs.get(run_id)
+    except RunNotFound:
+        return False
+    return run.held and run.held_by is not None
