@@ -132,6 +132,11 @@ log "the runs as the control plane recorded them:"
 latest=$("$BIN/dispatcher" runs list --limit 1 --json | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)[0]["run_id"])')
 "$BIN/dispatcher" runs show "$latest"
 
+# An operator's token for the web UI (a new one each time: it is shown only once).
+"$BIN/dispatcher" api-tokens revoke demo-operator >/dev/null 2>&1 || true
+operator_token=$("$BIN/dispatcher" api-tokens add demo-operator --scope operate)
+log "web UI: http://127.0.0.1:${HD_DEMO_WEB_PORT:-8080}/ui (sign in with $operator_token);" \
+    "API: http://127.0.0.1:${HD_DEMO_WEB_PORT:-8080}/api/v1 (Authorization: Bearer <token>)"
 log "metrics: http://127.0.0.1:${HD_DEMO_SERVE_METRICS_PORT:-9464}/metrics (control plane)," \
     "http://127.0.0.1:${HD_DEMO_MONITOR_METRICS_PORT:-9465}/metrics (monitor)"
 log "stop the stack with: ${COMPOSE[*]} down"

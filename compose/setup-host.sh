@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make sure a Docker engine answers, and that the host tools the image build needs exist.
+# Make sure a Docker engine answers, and that the host tools the image build and the browser
+# tests need exist.
 #
 # When no engine answers and this is Debian and we are root, install docker.io (and
 # debootstrap, docker-compose), start dockerd in the background and wait until it answers.
@@ -15,6 +16,8 @@ command -v docker >/dev/null 2>&1 || missing+=(docker.io)
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+# The web UI's browser tests drive Debian's Chromium (no browser download).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 # shellcheck disable=SC2207
 missing=($(printf '%s\n' "${missing[@]}" | sort -u))
 

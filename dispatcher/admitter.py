@@ -27,7 +27,7 @@ class Admitter:
             try:
                 async with self._store.listen_admissions() as wait_for_notify:
                     while True:
-                        admitted = await self._store.limits.admit(self._batch)
+                        admitted = await self._store.admission.admit(self._batch)
                         if admitted:
                             log.info("admitted %d held run(s)", admitted)
                         if admitted < self._batch:

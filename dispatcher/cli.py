@@ -31,6 +31,7 @@ from .cli_ops import agents_app, alerts_app, audit_app, dead_letters_app
 from .cli_roles import identities_app
 from .cli_runs import runs_app
 from .cli_tokens import tokens_app
+from .cli_web import api_tokens_app, web
 from .errors import InvalidSubmission
 
 app = typer.Typer(
@@ -59,6 +60,8 @@ app.add_typer(locations_app, name="locations")
 app.add_typer(identities_app, name="identities")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(limits_app, name="limits")
+app.add_typer(api_tokens_app, name="api-tokens")
+app.command()(web)
 
 
 @app.callback()
@@ -95,7 +98,8 @@ def serve(
         str,
         typer.Option(
             envvar="HD_COMPONENTS",
-            help="Comma-separated components to run: intake, relay, status (default: all).",
+            help="Comma-separated components to run: intake, relay, status (the default), and "
+            "web (the HTTP API, on HD_WEB_HOST:HD_WEB_PORT, 127.0.0.1:8080 by default).",
         ),
     ] = "intake,relay,status",
     metrics_port: Annotated[
@@ -314,6 +318,16 @@ def submit(
         int | None, typer.Option(help="Retries after a lost agent or a vanished container.")
     ] = None,
     memory_mb: Annotated[int | None, typer.Option(help="Memory limit of the container.")] = None,
+    cpus: Annotated[
+        float | None,
+        typer.Option(
+            help="CPUs the container gets (fractions count: 0.5); an agent takes the run only "
+            "while it has them free."
+        ),
+    ] = None,
+    gpus: Annotated[
+        int, typer.Option(help="GPUs the container gets; only agents declaring them take it.")
+    ] = 0,
     ready_check: Annotated[
         str | None,
         typer.Option(help="Command run in the container; the run is STARTED once it succeeds."),
@@ -372,6 +386,8 @@ def submit(
                 start_timeout_s=start_timeout,
                 max_retries=max_retries,
                 memory_limit_mb=memory_mb,
+                cpus=cpus,
+                gpus=gpus,
                 ready_check=shlex.split(ready_check) if ready_check else (),
             )
             if is_job:
@@ -388,7 +404,8 @@ def submit(
             try:
                 outcome = await wait_for_outcome(follower, run_id, None, _show_progress)
             except SubmissionRejected as exc:
-                typer.echo(f"error: submission rejected: {exc}", err=True)
+                # The id printed above names no run: say so.
+                typer.echo(f"error: submission rejected, run {run_id} not created: {exc}", err=True)
                 return 2
             for line in outcome.output_tail:
                 typer.echo(f"  | {line}", err=True)

@@ -158,6 +158,8 @@ class Client:
         max_retries: int | None = None,
         retry_on: Sequence[FailureReason] | None = None,
         memory_limit_mb: int | None = None,
+        cpus: float | None = None,
+        gpus: int = 0,
         ready_check: Sequence[str] = (),
         priority: int = 0,
     ) -> uuid.UUID:
@@ -168,7 +170,10 @@ class Client:
         it; ``max_retries`` and ``retry_on`` override the retry policy (AGENT_LOST and
         UNEXPECTED_TERMINATION, twice); ``ready_check`` is a command run in the container,
         and the run counts as STARTED once it succeeds; ``priority`` orders the runs a
-        concurrency limit holds back (higher first).
+        concurrency limit holds back (higher first). ``memory_limit_mb``, ``cpus`` (fractions
+        count) and ``gpus`` limit the container and are what an agent must have free to take
+        the run; a run that no live agent of its queue could hold is refused (RunRejected:
+        ``wait_for_outcome`` raises SubmissionRejected).
         """
         if self._publisher is None:
             raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
@@ -189,9 +194,17 @@ class Client:
             max_retries=max_retries,
             retry_on=tuple(retry_on) if retry_on is not None else None,
             memory_limit_mb=memory_limit_mb,
+            cpus=cpus,
+            gpus=gpus,
             ready_check=tuple(ready_check),
             priority=priority,
         )
+        return await self.send(message)
+
+    async def send(self, message: SubmitRun) -> uuid.UUID:
+        """Submit a SubmitRun as it is (checked first, as ``submit`` does); returns its run id."""
+        if self._publisher is None:
+            raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
         check_submission(message)
         try:
             await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)

@@ -152,6 +152,16 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             relay = OutboxRelay(store, publisher, batch=settings.relay_batch)
             runners.append(asyncio.create_task(relay.run(), name="relay"))
             runners.append(asyncio.create_task(Admitter(store).run(), name="admitter"))
+        if "web" in settings.components:
+            from .settings import WebSettings
+
+            serve_web = web_server()
+            web = WebSettings.from_env(
+                amqp_url=settings.amqp_url,
+                database_url=settings.database_url,
+                database_schema=settings.database_schema,
+            )
+            runners.append(asyncio.create_task(serve_web(web, stop), name="web"))
         if settings.retention_days is not None:
             runners.append(
                 asyncio.create_task(
@@ -241,3 +251,16 @@ async def _apply_policies(settings: ControlPlaneSettings) -> None:
     log.info(
         "broker policies set on vhost %s (delivery limit %d)", api.vhost, limits.delivery_limit
     )
+
+
+def web_server() -> Any:
+    """``serve_web``; without the web extra installed, a ConfigError that says what to install."""
+    try:
+        from .web.server import serve_web
+    except ModuleNotFoundError as exc:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"the HTTP API needs {exc.name!r}: pip install 'hybrid-dispatcher[web]'"
+        ) from None
+    return serve_web

@@ -87,8 +87,10 @@ def _require_connections(amqp_url: str, database_url: str) -> None:
         raise ConfigError("no database: pass --database-url or set HD_DATABASE_URL")
 
 
-#: Components ``dispatcher serve`` can run; all by default.
+#: Components ``dispatcher serve`` runs by default.
 CONTROL_PLANE_COMPONENTS = ("intake", "relay", "status")
+#: ... and those it can run when asked (the HTTP API listens on a port: opt in).
+OPTIONAL_COMPONENTS = ("web",)
 
 
 @dataclass(frozen=True)
@@ -162,12 +164,44 @@ class ControlPlaneSettings:
             raise ConfigError("the delivery limit must be at least 2")
         if settings.dead_letter_max_length < 1:
             raise ConfigError("the dead-letter queue must keep at least one message")
-        unknown = set(settings.components) - set(CONTROL_PLANE_COMPONENTS)
+        known = (*CONTROL_PLANE_COMPONENTS, *OPTIONAL_COMPONENTS)
+        unknown = set(settings.components) - set(known)
         if unknown or not settings.components:
             raise ConfigError(
                 f"unknown component(s) {', '.join(sorted(unknown)) or '(none given)'}; "
-                f"choose from {', '.join(CONTROL_PLANE_COMPONENTS)}"
+                f"choose from {', '.join(known)}"
             )
+        return settings
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """Settings of ``dispatcher web`` (and of ``serve``'s web component)."""
+
+    amqp_url: str
+    database_url: str
+    database_schema: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> WebSettings:
+        """HD_AMQP_URL, HD_DATABASE_URL, HD_WEB_HOST, HD_WEB_PORT, then explicit overrides."""
+        from .errors import ConfigError
+
+        env = os.environ if env is None else env
+        values = _connections(env)
+        values["host"] = env.get("HD_WEB_HOST", "").strip() or cls.host
+        if raw := env.get("HD_WEB_PORT"):
+            try:
+                values["port"] = int(raw)
+            except ValueError:
+                raise ConfigError(f"HD_WEB_PORT={raw!r} is not a port number") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        _require_connections(settings.amqp_url, settings.database_url)
+        if not 0 <= settings.port <= 65535:
+            raise ConfigError(f"the web port must be 0 to 65535, not {settings.port}")
         return settings
 
 

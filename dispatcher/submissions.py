@@ -1,7 +1,9 @@
 """What a submission may carry beyond the wire contract's bounds.
 
 The client checks these rules before it sends and the control plane again when it accepts,
-so that the two refuse the same submissions, with the same words.
+so that the two refuse the same submissions, with the same words. One rule only the control
+plane can check: what a run asks for (CPUs, memory, GPUs) against what the live agents of its
+queue declare (``capacity_problem``).
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from schemas import SubmitRun, is_safe_name
+from schemas.resources import FIELDS, Capacity, Resources, amount
 
 #: An env value ``secret:NAME`` is a reference, resolved on the agent's host; only the
 #: reference ever reaches the control plane.
 SECRET_PREFIX = "secret:"
+
+#: Live agents named at most in a refusal that no one of them offers all a run asks for.
+LISTED_AGENTS = 3
 
 #: What a job run takes from its location alone: nothing user-supplied runs next to the
 #: location's resolved secrets.
@@ -53,3 +59,40 @@ def secret_reference_problem(env: Mapping[str, str]) -> str | None:
                 "letters, digits, '_' and '-', starting with a letter or digit"
             )
     return None
+
+
+def resources_of(submission: SubmitRun) -> Resources:
+    """What the run asks of an agent: its CPUs, memory limit and GPUs."""
+    return Resources.asked(submission.cpus, submission.memory_limit_mb, submission.gpus)
+
+
+def capacity_problem(submission: SubmitRun, offers: Mapping[str, Capacity]) -> Problem | None:
+    """Why no live agent of the submission's queue could ever take its run, or None.
+
+    ``offers``: the capacity each live agent of the queue declares (agent id → capacity).
+    With none alive nothing is refused: an agent may be on its way, and the queue-unserved
+    alert says so if none comes. A run that asks for nothing fits any agent.
+    """
+    need = resources_of(submission)
+    if not need or not offers or any(o.lacks(need) is None for o in offers.values()):
+        return None
+    queue = submission.queue
+    for field, asked in zip(FIELDS, need.amounts(), strict=True):
+        offered = [o.offered(field) for o in offers.values()]
+        counted = [value for value in offered if value is not None]
+        if asked and len(counted) == len(offered) and asked > max(counted):
+            return Problem(
+                field,
+                f"the run asks for {amount(field, asked)}; the largest live agent of queue "
+                f"{queue} offers {amount(field, max(counted))}",
+            )
+    # Each alone is offered somewhere, but not all of it by one agent.
+    listed = "; ".join(
+        f"{agent_id}: {offer.words()}" for agent_id, offer in sorted(offers.items())[:LISTED_AGENTS]
+    )
+    more = len(offers) - LISTED_AGENTS
+    return Problem(
+        next(f for f, asked in zip(FIELDS, need.amounts(), strict=True) if asked),
+        f"the run asks for {need.words()}; no live agent of queue {queue} offers all of it "
+        f"({listed}{f'; and {more} more' if more > 0 else ''})",
+    )

@@ -89,3 +89,16 @@ def limits_problem(
             f"(allowed: {', '.join(limits.queues)})"
         )
     return None
+
+
+def submitted_by_problem(
+    submission: SubmitRun, sender: str | None, trusted: Collection[str]
+) -> str | None:
+    """Why ``submitted_by`` may not stand, or None: it names who submitted through the
+    control plane's own front end (the HTTP API), so only a trusted identity may set it."""
+    if submission.submitted_by is None or (sender is not None and sender in trusted):
+        return None
+    return (
+        "submitted_by is set only by the control plane's own front ends (the HTTP API); "
+        "leave it out: the control plane records the sender itself"
+    )

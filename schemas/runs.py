@@ -77,6 +77,9 @@ class SubmitRun(RunMessage, frozen=True, kw_only=True, tag="SubmitRun"):
     #: Among the runs a concurrency limit holds back, higher first (FIFO within a priority).
     #: It orders nothing else: a run under no limit goes to its queue at once.
     priority: Priority = 0
+    #: Who submitted it through a front end of the control plane's own (the HTTP API puts
+    #: its token's name here); from any other sender the control plane refuses it.
+    submitted_by: Name | None = None
     #: A command run inside the container; the run is STARTED once it succeeds.
     ready_check: Argv = ()
 

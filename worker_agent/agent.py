@@ -46,7 +46,10 @@ class Agent:
             policy=settings.policy,
         )
         self.slots = Slots(
-            settings.max_concurrent, settings.reported_for_s, on_change=self._capacity_changed
+            settings.max_concurrent,
+            settings.reported_for_s,
+            on_change=self._capacity_changed,
+            capacity=settings.capacity,
         )
         #: Set when the shutdown begins: instructions held on purpose stop waiting.
         self._stopping = asyncio.Event()
@@ -77,10 +80,11 @@ class Agent:
                 await parts.consumer.start()
                 self._start("consumer", parts.consumer.run)
                 log.info(
-                    "agent %s consuming %s with %d slot(s)",
+                    "agent %s consuming %s with %d slot(s) and %s",
                     settings.agent_id,
                     ", ".join(settings.queues),
                     settings.max_concurrent,
+                    settings.capacity.words(),
                 )
                 # Serve: until asked to stop or to drain, or until a component ends.
                 if await self._until(stop, self.drain_requested):
@@ -268,6 +272,7 @@ class _Parts:
             settings.heartbeat_interval_s,
             slots.in_flight,
             refused=lambda: credentials_refused(settings.amqp_url),
+            capacity=settings.capacity,
         )
         self.keeper = self.launcher.keeper = LocationKeeper(
             CodeServers(runtime),

@@ -64,6 +64,27 @@ def run(
     max_concurrent: Annotated[
         int | None, typer.Option(help="Runs at once on this host (default 4).", min=1)
     ] = None,
+    cpus: Annotated[
+        float | None,
+        typer.Option(
+            help="CPUs this host offers runs (HD_AGENT_CPUS): a run is taken only while the "
+            "CPUs asked by its running ones leave room for it (default: not counted)."
+        ),
+    ] = None,
+    memory_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="Memory in MB this host offers runs (HD_AGENT_MEMORY_MB), counted as --cpus "
+            "is (default: not counted)."
+        ),
+    ] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            help="GPUs this host offers runs (HD_AGENT_GPUS); a run asking for more never runs "
+            "here (default 0)."
+        ),
+    ] = None,
     agent_id: Annotated[
         str | None, typer.Option(envvar="HD_AGENT_ID", help="This agent's id (default: hostname).")
     ] = None,
@@ -180,6 +201,9 @@ def run(
             amqp_url=amqp_url or None,
             queues=tuple(queue) if queue else None,
             max_concurrent=max_concurrent,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            gpus=gpus,
             agent_id=agent_id,
             heartbeat_interval_s=heartbeat_interval,
             keep_finished=keep_finished or None,

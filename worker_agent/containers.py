@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import docker.types
+
 from schemas import LaunchRun
+from schemas.resources import Resources, nano_cpus
 
 LABEL_MANAGED_BY = "hybrid-dispatcher.managed-by"
 LABEL_AGENT = "hybrid-dispatcher.agent-id"
@@ -19,6 +22,8 @@ LABEL_ATTEMPT = "hybrid-dispatcher.attempt"
 #: from the container's output, also by an agent that adopts it after a restart.
 LABEL_SECRET_ENV = "hybrid-dispatcher.secret-env"
 MANAGED_BY = "worker-agent"
+#: Bytes in a MB, as Docker reads a memory limit of "<n>m".
+MB = 1024 * 1024
 
 
 def container_name(run_id: uuid.UUID, attempt: int) -> str:
@@ -43,6 +48,8 @@ class ContainerInfo:
     finished_at: float | None = None
     #: The values of its secret env variables (to redact from its output); never sent.
     secrets: tuple[str, ...] = ()
+    #: What it was created with: CPUs, memory limit and GPUs (held by an adopted attempt).
+    resources: Resources = field(default_factory=Resources)
 
     @property
     def ready(self) -> bool:
@@ -73,7 +80,22 @@ class ContainerInfo:
             if status in ("exited", "dead")
             else None,
             secrets=tuple(env[k] for k in sorted(secret_keys) if k in env),
+            resources=_resources(attrs.get("HostConfig") or {}),
         )
+
+
+def _resources(host: dict[str, Any]) -> Resources:
+    """What a container's HostConfig gives it, as its run asked (``run_options``)."""
+    gpus = sum(
+        max(0, int(request.get("Count") or 0))
+        for request in host.get("DeviceRequests") or ()
+        if ["gpu"] in (request.get("Capabilities") or ())
+    )
+    return Resources(
+        nano_cpus=int(host.get("NanoCpus") or 0),
+        memory_mb=int(host.get("Memory") or 0) // MB,
+        gpus=gpus,
+    )
 
 
 def container_labels(
@@ -115,12 +137,19 @@ def timestamp(value: str | None) -> float | None:
 
 
 def run_options(launch: LaunchRun) -> dict[str, Any]:
-    """Docker options for the run's memory limit and ready check."""
+    """Docker options for the run's resources (memory limit, CPUs, GPUs) and ready check."""
     options: dict[str, Any] = {}
     if launch.memory_limit_mb is not None:
         # Swap counts against the same limit, so that the limit is the limit.
         options["mem_limit"] = f"{launch.memory_limit_mb}m"
         options["memswap_limit"] = f"{launch.memory_limit_mb}m"
+    if launch.cpus is not None:
+        options["nano_cpus"] = nano_cpus(launch.cpus)
+    if launch.gpus > 0:
+        # As `docker run --gpus N`: any N GPUs of the host, through its GPU runtime.
+        options["device_requests"] = [
+            docker.types.DeviceRequest(count=launch.gpus, capabilities=[["gpu"]])
+        ]
     if launch.ready_check:
         options["healthcheck"] = {
             "test": ["CMD", *launch.ready_check],

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from schemas import AgentHeartbeat, ContainerState
 from schemas.bounds import MAX_IN_FLIGHT
+from schemas.resources import Capacity
 from schemas.topology import STATUS_EXCHANGE, heartbeat_routing_key
 from transport.errors import BrokerUnavailable
 from transport.ports import EventPublisher
@@ -32,6 +33,7 @@ class Heartbeat:
         interval_s: float,
         in_flight: Callable[[], tuple[ContainerState, ...]],
         refused: Callable[[], Awaitable[bool]] | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         #: Asked when a heartbeat cannot be sent: does the broker refuse our credentials?
         self._refused = refused
@@ -42,6 +44,8 @@ class Heartbeat:
         self._max_concurrent = max_concurrent
         self._interval_s = interval_s
         self._in_flight = in_flight
+        #: Declared with every beat: the control plane refuses runs no live agent could take.
+        self._capacity = capacity or Capacity()
         #: Set when the agent's shutdown begins; the heartbeat goes on until it is over.
         self.draining = False
         #: Set once the agent has listed (adopted) its containers: before that, a run missing
@@ -75,6 +79,9 @@ class Heartbeat:
             in_flight=in_flight,
             draining=self.draining,
             synced=self.synced and complete,
+            cpus=self._capacity.cpus,
+            memory_mb=self._capacity.memory_mb,
+            gpus=self._capacity.gpus,
         )
 
     async def beat(self) -> None:

@@ -3,10 +3,12 @@
 Promises kept here:
 - a LaunchRun is acked only after its container started and RunLaunched was confirmed;
 - a redelivered LaunchRun adopts the container of the same name instead of starting another;
-- an instruction that waits on purpose (no free slot yet, Docker unreachable, its location
-  still loading) is held unacked and retried here, never nacked back: the queues count every
-  redelivery against a delivery limit. At shutdown it is left unacked, and goes back to its
-  queue when the channel closes;
+- an instruction that waits on purpose (no free slot or no room in the agent's capacity yet,
+  Docker unreachable, its location still loading) is held unacked and retried here, never
+  nacked back: the queues count every redelivery against a delivery limit. At shutdown it is
+  left unacked, and goes back to its queue when the channel closes;
+- a run that asks for more than the agent's whole capacity fails at once (LAUNCH_ERROR, with
+  what it asks and what the agent offers): it could only wait forever here;
 - on start, containers this agent labelled before are adopted and their state reported;
 - a TerminateRun for an attempt with no container here (its LaunchRun still queued, held for
   a slot, or being launched) fences it: its LaunchRun is acked and never launched, and
@@ -23,6 +25,7 @@ import uuid
 import msgspec
 
 from schemas import FailureReason, Instruction, LaunchRun, RunFailed, TerminateRun
+from schemas.resources import Resources, Shortfall
 from transport.delivery import Delivery, settle
 from transport.errors import BrokerUnavailable
 from transport.ports import InboundDelivery
@@ -38,6 +41,9 @@ from .settings import AgentSettings
 from .slots import Attempt, AttemptKey, Fence, Slots
 
 log = logging.getLogger(__name__)
+
+#: The agent's option that declares each dimension of its capacity.
+FLAGS = {"cpus": "--cpus", "memory_limit_mb": "--memory-mb", "gpus": "--gpus"}
 
 #: Pauses between tries of an instruction that waits for Docker or for its location.
 FIRST_RETRY_S = 0.5
@@ -119,9 +125,11 @@ class Launcher:
             self.reporter.on_exit(container_id)
 
     async def _hold_slot(self, launch: LaunchRun, raw: InboundDelivery) -> Attempt | None:
-        """A slot for the launch, waiting for one if need be; None when there is nothing to
-        launch (done before, or fenced: settled here) or the agent stops (left unacked)."""
+        """A slot for the launch, and room for what its run asks, waiting in line for them if
+        need be; None when there is nothing to launch (done before, fenced, or asking more
+        than this agent offers in all: settled here) or the agent stops (left unacked)."""
         key = (launch.run_id, launch.attempt)
+        need = Resources.asked(launch.cpus, launch.memory_limit_mb, launch.gpus)
         held = False
         while True:
             if self.slots.finished(key):
@@ -139,15 +147,49 @@ class Launcher:
             if self.slots.fenced(key) is not None:
                 await self._drop_fenced(key, raw)
                 return None
-            attempt = self.slots.take(key)
+            if (never := self.slots.never_fits(need)) is not None:
+                await self._refuse(launch, raw, never)
+                return None
+            attempt = self.slots.take(key, need)
             if attempt is not None:
                 return attempt
             if not held:
-                # More deliveries than slots (prefetch changed while they were on their way).
-                log.info("run %s attempt %d held until a slot frees", *key)
+                self._log_held(key, need)
                 held = True
-            if not await self.slots.wait_for_free(self._stopping, key):
-                return None
+            attempt = await self.slots.wait_in_line(self._stopping, key, need)
+            if attempt is not None:
+                return attempt
+            if self._stopping.is_set() and self.slots.fenced(key) is None:
+                return None  # left unacked: back to its queue when the channel closes
+
+    def _log_held(self, key: AttemptKey, need: Resources) -> None:
+        short = self.slots.lacks(need)
+        if short is not None:
+            log.info(
+                "run %s attempt %d waits for room: it asks for %s, %s of %s are free",
+                *key,
+                short.asked_words,
+                short.free_words,
+                short.offered_words,
+            )
+        elif self.slots.free() == 0:
+            # More deliveries than slots (prefetch changed while they were on their way).
+            log.info("run %s attempt %d held until a slot frees", *key)
+        else:
+            log.info("run %s attempt %d waits behind runs that came before it", *key)
+
+    async def _refuse(self, launch: LaunchRun, raw: InboundDelivery, short: Shortfall) -> None:
+        """A run asking for more than this agent offers in all fails here at once: waiting
+        would hold it forever, and handing it back would count against the queue's delivery
+        limit at every turn (see docs/architecture.md, "Resources")."""
+        why = (
+            f"the run asks for {short.asked_words}; agent {self.settings.agent_id} offers "
+            f"{short.offered_words} in all ({FLAGS[short.field]}), so it can never run there"
+        )
+        log.warning("run %s attempt %d refused: %s", launch.run_id, launch.attempt, why)
+        await self._report_failed(launch, FailureReason.LAUNCH_ERROR, why)
+        await settle(raw.ack())
+        self.slots.release((launch.run_id, launch.attempt), reported=True)
 
     async def _drop_fenced(self, key: AttemptKey, raw: InboundDelivery) -> None:
         log.info("run %s attempt %d was terminated before it started; instruction acked", *key)
@@ -303,7 +345,10 @@ class Launcher:
                 continue
             attempt = self.slots.attempts.get(key)
             if attempt is None:
-                attempt = Attempt(*key, container_id=info.id, state=info.status)
+                # What it holds is what its container was created with (HostConfig).
+                attempt = Attempt(
+                    *key, container_id=info.id, state=info.status, resources=info.resources
+                )
                 attempt.started = info.ready
                 attempt.redact = Redactor(info.secrets)
                 self.slots.adopt(attempt)

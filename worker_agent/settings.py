@@ -12,6 +12,7 @@ from pathlib import Path
 
 from schemas import is_safe_name
 from schemas.bounds import MAX_IN_FLIGHT
+from schemas.resources import Capacity
 
 from .errors import AgentError
 from .policy import PULL_POLICIES, LaunchPolicy, parse_capabilities
@@ -46,6 +47,11 @@ class AgentSettings:
     agent_id: str
     queues: tuple[str, ...] = ("default",)
     max_concurrent: int = 4
+    #: The capacity this agent declares (``resources.Capacity``): a run is taken only while
+    #: the runs holding its slots leave room for it. None: not counted; GPUs are always counted.
+    cpus: float | None = None
+    memory_mb: int | None = None
+    gpus: int = 0
     heartbeat_interval_s: float = 2.0
     #: Keep finished containers instead of removing them once reported.
     keep_finished: bool = False
@@ -100,6 +106,10 @@ class AgentSettings:
         )
 
     @property
+    def capacity(self) -> Capacity:
+        return Capacity(cpus=self.cpus, memory_mb=self.memory_mb, gpus=self.gpus)
+
+    @property
     def docker_threads(self) -> int:
         """Threads (and HTTP connections) for short Docker calls: some per slot, so that
         launches, inspections and output tails of every slot can be under way at once."""
@@ -117,6 +127,9 @@ class AgentSettings:
             values["queues"] = tuple(q.strip() for q in queues.split(",") if q.strip())
         for key, name, kind in (
             ("max_concurrent", "HD_AGENT_MAX_CONCURRENT", int),
+            ("cpus", "HD_AGENT_CPUS", float),
+            ("memory_mb", "HD_AGENT_MEMORY_MB", int),
+            ("gpus", "HD_AGENT_GPUS", int),
             ("heartbeat_interval_s", "HD_HEARTBEAT_INTERVAL_S", float),
         ):
             if raw := env.get(name):
@@ -167,6 +180,19 @@ class AgentSettings:
                 f"lists every run in flight and those just reported, at most {MAX_IN_FLIGHT} "
                 "in one message"
             )
+        # The contract's bounds (schemas.bounds): the heartbeat must carry what is declared.
+        if self.cpus is not None and not 0.01 <= self.cpus <= 4096:
+            raise AgentConfigError(
+                f"--cpus {self.cpus:g} is out of range: give 0.01 to 4096 CPUs (fractions count), "
+                "or leave it out not to count CPUs"
+            )
+        if self.memory_mb is not None and not 6 <= self.memory_mb <= 1_048_576:
+            raise AgentConfigError(
+                f"--memory-mb {self.memory_mb} is out of range: give 6 to 1048576 MB, or leave "
+                "it out not to count memory"
+            )
+        if not 0 <= self.gpus <= 256:
+            raise AgentConfigError(f"--gpus {self.gpus} is out of range: give 0 to 256 GPUs")
         if not 0.05 <= self.heartbeat_interval_s <= 300:
             raise AgentConfigError("the heartbeat interval must be positive, 0.05 s to 300 s")
         if self.secrets_dir is not None and not self.secrets_dir.is_dir():

@@ -1,9 +1,16 @@
 """The agent's slots: attempts that hold one, deliveries waiting for one, attempts just reported.
 
-Prefetch is the number of slots neither held nor promised to a waiting delivery, so that the
-broker never hands out more launches than can start. An attempt releases its slot once its
-final event was confirmed; it is then listed as "reported" in heartbeats for a while, so that
-a monitor reading a store that lags behind the broker sees "reported", not "missing".
+An attempt holds a slot and the resources its run asks for (``schemas.resources``); a
+delivery is taken only while a slot is free and the declared capacity has room for its run
+on top of what the attempts hold. One that does not fit yet waits, unacked, in line: the
+deliveries waiting are served first come, first served, so that a big run is not starved by
+small ones that keep fitting. While one waits, prefetch is 0: a delivery taken now would
+only wait behind it, where another agent may have room. Otherwise prefetch is the number of
+free slots, so that the broker never hands out more launches than can start.
+
+An attempt releases its slot, and its resources, once its final event was confirmed; it is
+then listed as "reported" in heartbeats for a while, so that a monitor reading a store that
+lags behind the broker sees "reported", not "missing".
 
 An attempt terminated before its container existed here is fenced: remembered, never listed,
 so that its LaunchRun, still queued or held for a slot, is dropped instead of launched.
@@ -14,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from schemas import ContainerState, FailureReason
 from schemas.bounds import MAX_IN_FLIGHT
+from schemas.resources import Capacity, Resources, Shortfall
 from transport.ports import Clock
 
 from .secrets import Redactor
@@ -54,6 +62,8 @@ class Attempt:
     forwarding: asyncio.Task[None] | None = None
     #: Its secret values, redacted from every output line that leaves the host.
     redact: Redactor = field(default_factory=Redactor)
+    #: What its run asks for, held while it holds its slot.
+    resources: Resources = field(default_factory=Resources)
 
     @property
     def key(self) -> AttemptKey:
@@ -79,7 +89,8 @@ class Reported:
 
 
 class Slots:
-    """Who holds the agent's ``max_concurrent`` slots; ``on_change`` when prefetch may change."""
+    """Who holds the agent's ``max_concurrent`` slots and its ``capacity``; ``on_change``
+    when prefetch may change."""
 
     def __init__(
         self,
@@ -87,12 +98,15 @@ class Slots:
         reported_for_s: float = 60.0,
         on_change: Callable[[], None] = lambda: None,
         clock: Clock = time.monotonic,
+        capacity: Capacity | None = None,
     ) -> None:
         self.max_concurrent = max_concurrent
+        self.capacity = capacity or Capacity()
         self.reported_for_s = reported_for_s
         self.attempts: dict[AttemptKey, Attempt] = {}
-        #: Deliveries held until a slot frees (more arrived than slots: a prefetch race).
-        self.waiting = 0
+        #: Deliveries held, in the order they came, until there is room for them (a slot, and
+        #: capacity).
+        self._line: deque[object] = deque()
         self._on_change = on_change
         self._clock = clock
         self._by_container: dict[str, AttemptKey] = {}
@@ -107,9 +121,29 @@ class Slots:
         """Slots no attempt holds."""
         return max(0, self.max_concurrent - len(self.attempts))
 
+    @property
+    def waiting(self) -> int:
+        """Deliveries held until there is room for them."""
+        return len(self._line)
+
     def prefetch(self) -> int:
-        """Deliveries the broker may still hand out: free slots not promised to a waiter."""
-        return max(0, self.free() - self.waiting)
+        """Deliveries the broker may still hand out: the free slots, none while one waits."""
+        return 0 if self._line else self.free()
+
+    def held(self) -> Resources:
+        """What the attempts holding slots hold together."""
+        total = Resources()
+        for attempt in self.attempts.values():
+            total += attempt.resources
+        return total
+
+    def lacks(self, need: Resources) -> Shortfall | None:
+        """What a run asking ``need`` lacks now, on top of what the attempts hold."""
+        return self.capacity.lacks(need, self.held())
+
+    def never_fits(self, need: Resources) -> Shortfall | None:
+        """What a run asking ``need`` lacks even with nothing else running here."""
+        return self.capacity.lacks(need)
 
     def finished(self, key: AttemptKey) -> bool:
         return key in self._finished
@@ -120,27 +154,42 @@ class Slots:
 
     # ------------------------------------------------------------------ holding
 
-    def take(self, key: AttemptKey) -> Attempt | None:
-        """Hold a slot for ``key``; None when none is free."""
-        if self.free() == 0:
+    def take(self, key: AttemptKey, need: Resources | None = None) -> Attempt | None:
+        """Hold a slot, and ``need``, for ``key``; None when there is no room for it now, or
+        deliveries that came before it wait for room."""
+        need = need or Resources()
+        if self._line or not self._room_for(need):
             return None
-        attempt = self.attempts[key] = Attempt(*key)
+        return self._hold(key, need)
+
+    def _room_for(self, need: Resources) -> bool:
+        return self.free() > 0 and self.lacks(need) is None
+
+    def _hold(self, key: AttemptKey, need: Resources) -> Attempt:
+        attempt = self.attempts[key] = Attempt(*key, resources=need)
         self._on_change()
         return attempt
 
-    async def wait_for_free(self, stopping: asyncio.Event, key: AttemptKey | None = None) -> bool:
-        """Wait until a slot is free or ``key`` is fenced (True: look again), or ``stopping``
-        is set first (False).
+    async def wait_in_line(
+        self, stopping: asyncio.Event, key: AttemptKey, need: Resources | None = None
+    ) -> Attempt | None:
+        """Wait in line until every delivery that came before has gone and there is room for
+        ``need`` (a slot and capacity), then hold them for ``key``. None when, first, ``key``
+        is fenced or held (by another delivery of it: the caller looks again), or
+        ``stopping`` is set.
 
-        Meanwhile the delivery waiting counts against prefetch, so that the broker does not
-        hand out another one for the same slot.
+        Meanwhile prefetch is 0: the broker hands out no delivery that would wait behind it.
         """
-        self.waiting += 1
+        need = need or Resources()
+        ticket = object()  # this delivery's place: another delivery of ``key`` has its own
+        self._line.append(ticket)
         self._on_change()
         try:
-            while self.free() == 0 and (key is None or key not in self._fenced):
-                if stopping.is_set():
-                    return False
+            while True:
+                if key in self._fenced or key in self.attempts or stopping.is_set():
+                    return None
+                if self._line[0] is ticket and self._room_for(need):
+                    break
                 self._freed.clear()
                 freed = asyncio.ensure_future(self._freed.wait())
                 stopped = asyncio.ensure_future(stopping.wait())
@@ -149,9 +198,11 @@ class Slots:
                 finally:
                     freed.cancel()
                     stopped.cancel()
-            return True
+            return self._hold(key, need)
         finally:
-            self.waiting -= 1
+            self._line.remove(ticket)
+            # The next in line looks again: it may be first now, and there may be room left.
+            self._freed.set()
             self._on_change()
 
     def fence(self, key: AttemptKey, fence: Fence) -> None:
@@ -164,7 +215,8 @@ class Slots:
         self._freed.set()
 
     def adopt(self, attempt: Attempt) -> None:
-        """Count an attempt found running (adoption): it holds a slot, even past the limit."""
+        """Count an attempt found running (adoption): it holds a slot and its resources, even
+        past the limit or the capacity."""
         self.attempts[attempt.key] = attempt
         if attempt.container_id is not None:
             self._by_container[attempt.container_id] = attempt.key
@@ -182,7 +234,8 @@ class Slots:
     def release(
         self, key: AttemptKey, reported: bool = False, exit_code: int | None = None
     ) -> None:
-        """Free the attempt's slot; ``reported``: its final event was confirmed."""
+        """Free the attempt's slot and resources; ``reported``: its final event was
+        confirmed."""
         attempt = self.attempts.pop(key, None)
         container_id = attempt.container_id if attempt is not None else None
         if container_id is not None:

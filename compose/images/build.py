@@ -5,9 +5,9 @@
 NAME is any of: base, rabbitmq, postgres, app, agent, run-tiny, example-location (default: all,
 in that order).
 
-``app`` holds every role (``hybrid-dispatcher[agent,control-plane]``); ``agent`` only the agent's
-(``hybrid-dispatcher[agent]``: no asyncpg). Both are installed from one wheelhouse of the project
-and all its extras, built once per run.
+``app`` holds every role (``hybrid-dispatcher[agent,control-plane,web]``); ``agent`` only the
+agent's (``hybrid-dispatcher[agent]``: no asyncpg). Both are installed from one wheelhouse of the
+project and all its extras, built once per run.
 
 Each image carries a label with a hash of its inputs (its recipe, the base image it is
 built on and, for the project's image, the project's sources). An image whose label
@@ -53,7 +53,7 @@ PROJECT_SOURCES = (
 )
 EXAMPLE_SOURCES = ("sdk", "examples/hello_location")
 #: The project with every extra: the wheelhouse then holds what any role installs.
-PROJECT_WHEELS = f"{ROOT}[agent,control-plane]"
+PROJECT_WHEELS = f"{ROOT}[agent,control-plane,web]"
 #: Images installed from a wheelhouse made on the host, and what the wheels are built from
 #: (a pip requirement: a path, with extras). Images naming the same one share it.
 WHEELS = {"app": PROJECT_WHEELS, "agent": PROJECT_WHEELS, "example-location": str(ROOT / "sdk")}

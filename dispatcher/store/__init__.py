@@ -13,7 +13,7 @@ from .database import Database, opened
 from .leader import Leadership, LeadershipLost
 from .locations import Location
 from .outbox import OutboxItem, OutboxRow
-from .runs import RunEventRow, RunRow
+from .runs import RunEventRow, RunFilters, RunRow
 from .supervision import ActiveRun, Supervision, UnservedQueue, WaitingRun, decision_id
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "OutboxRow",
     "Outcome",
     "RunEventRow",
+    "RunFilters",
     "RunRow",
     "Supervision",
     "UnservedQueue",

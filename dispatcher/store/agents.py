@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,6 +12,7 @@ import asyncpg
 import msgspec
 
 from schemas import AgentHeartbeat
+from schemas.resources import Capacity
 
 from .connections import Connections
 
@@ -29,14 +31,15 @@ async def record_heartbeat(connection: asyncpg.Connection, beat: AgentHeartbeat)
     await connection.execute(
         """
         INSERT INTO agents (agent_id, queues, max_concurrent, in_flight, last_sequence,
-                            interval_s, last_heartbeat_at, status)
+                            interval_s, last_heartbeat_at, status, cpus, memory_mb, gpus)
         VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, $6, now(),
-                CASE WHEN $7 THEN 'DRAINING' ELSE 'ALIVE' END)
+                CASE WHEN $7 THEN 'DRAINING' ELSE 'ALIVE' END, $8, $9, $10)
         ON CONFLICT (agent_id) DO UPDATE SET
             queues = EXCLUDED.queues, max_concurrent = EXCLUDED.max_concurrent,
             in_flight = EXCLUDED.in_flight, last_sequence = EXCLUDED.last_sequence,
             interval_s = EXCLUDED.interval_s, last_heartbeat_at = now(),
-            status = CASE WHEN agents.status = 'LOST' THEN 'LOST' ELSE EXCLUDED.status END
+            status = CASE WHEN agents.status = 'LOST' THEN 'LOST' ELSE EXCLUDED.status END,
+            cpus = EXCLUDED.cpus, memory_mb = EXCLUDED.memory_mb, gpus = EXCLUDED.gpus
         """,
         beat.agent_id,
         json.dumps(list(beat.queues)),
@@ -45,7 +48,32 @@ async def record_heartbeat(connection: asyncpg.Connection, beat: AgentHeartbeat)
         beat.sequence,
         beat.interval_s,
         beat.draining,
+        beat.cpus,
+        beat.memory_mb,
+        beat.gpus,
     )
+
+
+async def live_capacities(
+    connection: asyncpg.Connection, queues: Collection[str]
+) -> dict[str, dict[str, Capacity]]:
+    """The capacity each live (ALIVE) agent of each of ``queues`` declared in its latest
+    heartbeat: queue → agent id → capacity. A queue with no live agent is left out."""
+    records = await connection.fetch(
+        """
+        SELECT q.queue, a.agent_id, a.cpus, a.memory_mb, a.gpus
+        FROM agents a CROSS JOIN LATERAL jsonb_array_elements_text(a.queues) AS q(queue)
+        WHERE a.status = 'ALIVE' AND q.queue = ANY($1::text[])
+        ORDER BY q.queue, a.agent_id
+        """,
+        list(queues),
+    )
+    found: dict[str, dict[str, Capacity]] = {}
+    for r in records:
+        found.setdefault(r["queue"], {})[r["agent_id"]] = Capacity(
+            cpus=r["cpus"], memory_mb=r["memory_mb"], gpus=r["gpus"]
+        )
+    return found
 
 
 async def mark_lost(connection: asyncpg.Connection, agent_id: str) -> datetime | None:
@@ -88,12 +116,13 @@ class Agents:
         self._connections = connections
 
     async def all(self) -> list[dict[str, Any]]:
-        """Every agent the control plane has heard of, most recently heard first."""
+        """Every agent the control plane has heard of, most recently heard first, with the
+        capacity it declares (``cpus``, ``memory_mb``: None when not counted; ``gpus``)."""
         async with self._connections.connection() as connection:
             records = await connection.fetch(
                 """
-                SELECT agent_id, status, queues, max_concurrent, in_flight, last_sequence,
-                       first_seen_at, last_heartbeat_at, lost_at,
+                SELECT agent_id, status, queues, max_concurrent, cpus, memory_mb, gpus,
+                       in_flight, last_sequence, first_seen_at, last_heartbeat_at, lost_at,
                        EXTRACT(EPOCH FROM now() - last_heartbeat_at)::float8 AS silent_s
                 FROM agents ORDER BY last_heartbeat_at DESC
                 """

@@ -25,6 +25,7 @@ from schemas import (
     RunRetrying,
     SubmitRun,
 )
+from schemas.resources import Capacity
 
 from .. import submissions as rules
 from .. import submitters as senders_rules
@@ -40,10 +41,13 @@ from . import (
     runs,
     submitters,
 )
+from .admission import Admission
 from .alerts import Alerts
+from .api_tokens import ApiTokens
 from .audit import Audit
 from .connections import Connections
 from .dead_letters import DeadLetters
+from .overview import Overview
 from .retention import Retention
 from .supervision import Supervision
 
@@ -69,6 +73,9 @@ class Database:
         self.submitters = submitters.Submitters(connections)
         self.outbox = outbox.Outbox(connections)
         self.limits = limits.Limits(connections)
+        self.admission = Admission(connections)
+        self.overview = Overview(connections)
+        self.api_tokens = ApiTokens(connections)
         self.dead_letters = DeadLetters(connections, retry_backoff_s)
         self.supervision = Supervision(connections, retry_backoff_s)
 
@@ -113,9 +120,11 @@ class Database:
         A plain run needs an image; its ``secret:NAME`` env values are stored as references.
         A job run brings no image, command, env or ready check of its own, and needs a
         loaded location that has the job and a config that matches the job's schema; it runs
-        the location's image on its queue. A refused submission creates no run: the submitter
-        gets RunRejected naming the problem, unless its run id is an existing run's or an
-        accepted submission's (a forged submission must not answer for someone else's run).
+        the location's image on its queue. A run that asks for CPUs, memory or GPUs needs a
+        live agent of its queue whose declared capacity holds it, when any is live. A refused
+        submission creates no run: the submitter gets RunRejected naming the problem, unless
+        its run id is an existing run's or an accepted submission's (a forged submission must
+        not answer for someone else's run).
         """
         async with self.connections.transaction() as connection:
             accepted, rejected = [], []
@@ -141,6 +150,12 @@ class Database:
                 else:
                     assert run is not None
                     resolved.append(run)
+            # What a run asks for must fit one live agent of its queue (on its job's queue).
+            asking = {s.queue for s in (*accepted, *resolved) if rules.resources_of(s)}
+            if asking:
+                offers = await agents.live_capacities(connection, asking)
+                accepted = _fitting(accepted, offers, rejected)
+                resolved = _fitting(resolved, offers, rejected)
             # No answer for a run id that is a run's, or an accepted submission's: a forged or
             # repeated submission must not answer for someone else's run.
             taken = await runs.existing(connection, [s.run_id for s, _ in rejected])
@@ -243,6 +258,23 @@ class Database:
     def listen_outbox(self) -> AbstractAsyncContextManager[Callable[[float], Awaitable[None]]]:
         """Wake-ups of the relay: yields a function that waits for the next commit's NOTIFY."""
         return self.connections.listen(outbox.OUTBOX_CHANNEL)
+
+
+def _fitting(
+    submissions: list[SubmitRun],
+    offers: Mapping[str, Mapping[str, Capacity]],
+    rejected: list[tuple[SubmitRun, str]],
+) -> list[SubmitRun]:
+    """The submissions some live agent of their queue could take; the others are added to
+    ``rejected`` with the reason."""
+    fitting = []
+    for submission in submissions:
+        found = rules.capacity_problem(submission, offers.get(submission.queue, {}))
+        if found:
+            rejected.append((submission, found.reason))
+        else:
+            fitting.append(submission)
+    return fitting
 
 
 @asynccontextmanager

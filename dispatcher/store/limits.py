@@ -3,7 +3,7 @@
 A limit caps the runs that hold a slot: admitted (not held) and not ended. Its key names what
 it covers: ``global``, ``queue:NAME``, ``location:NAME`` or ``tag:KEY=VALUE``. A run under no
 limit is written with its LaunchRun at intake, as ever; a run under one or more is inserted
-held, and the admitter (``admit``) writes its LaunchRun in the transaction that takes its
+held, and the admitter (``admission.admit``) writes its LaunchRun in the transaction that takes its
 slots. Admitters serialize on one advisory lock and count slots from the runs table itself,
 so limits hold across restarts and with any number of control-plane processes. The admitter
 takes held runs highest priority first, oldest first within a priority; a run blocked by a
@@ -18,27 +18,33 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from schemas.topology import INSTRUCTIONS_EXCHANGE
-
 from ..limits import Limit, holds, parse
-from . import audit, outbox, runs
+from . import audit
 from .connections import Connections
 
-__all__ = ["ADMIT_CHANNEL", "Limit", "LimitUsage", "Limits", "admit", "holds", "in_force"]
+__all__ = [
+    "ADMIT_CHANNEL",
+    "COVERS",
+    "HOLDING",
+    "Limit",
+    "LimitUsage",
+    "Limits",
+    "holds",
+    "in_force",
+]
 
 log = logging.getLogger(__name__)
 
 #: NOTIFY channel that wakes the admitter: a held run was created, a slot may have freed, a
 #: limit changed.
 ADMIT_CHANNEL = "hd_admit"
-_ADMIT_LOCK = 0x68642D61646D  # "hd-adm": one admission pass at a time, across processes
 #: Whether run ``r`` falls under limit ``l``, in SQL (one place, read by every query here).
-_COVERS = """(l.scope = 'global'
+COVERS = """(l.scope = 'global'
               OR (l.scope = 'queue' AND r.queue = l.name)
               OR (l.scope = 'location' AND r.location = l.name)
               OR (l.scope = 'tag' AND r.tags ->> l.name = l.value))"""
 #: A run that holds a slot (matches the partial index ``runs_holding``).
-_HOLDING = "NOT r.held AND r.state NOT IN ('SUCCESS', 'FAILURE', 'CANCELED')"
+HOLDING = "NOT r.held AND r.state NOT IN ('SUCCESS', 'FAILURE', 'CANCELED')"
 
 
 async def in_force(connection: asyncpg.Connection) -> list[Limit]:
@@ -51,70 +57,6 @@ async def in_force(connection: asyncpg.Connection) -> list[Limit]:
 async def wake_admitter(connection: asyncpg.Connection) -> None:
     """Wake the admitter when this transaction commits."""
     await connection.execute(f"NOTIFY {ADMIT_CHANNEL}")
-
-
-async def admit(connection: asyncpg.Connection, batch: int = 1000) -> int:
-    """One admission pass (in the caller's transaction): write the LaunchRun of every held
-    run whose limits all have room, in priority order; returns how many were admitted."""
-    await connection.execute("SELECT pg_advisory_xact_lock($1)", _ADMIT_LOCK)
-    usage = {
-        r["key"]: (int(r["running"]), int(r["max_running"]))
-        for r in await connection.fetch(
-            f"""
-            SELECT l.key, l.max_running,
-                   (SELECT count(*) FROM runs r WHERE {_HOLDING} AND {_COVERS}) AS running
-            FROM limits l
-            """
-        )
-    }
-    waiting = await connection.fetch(
-        f"""
-        SELECT r.run_id, r.held_by,
-               array(SELECT l.key FROM limits l WHERE {_COVERS} ORDER BY l.key) AS keys
-        FROM runs r WHERE r.held AND r.state = 'QUEUED'
-        ORDER BY r.priority DESC, r.created_at, r.run_id
-        LIMIT $1 FOR UPDATE OF r SKIP LOCKED
-        """,
-        batch,
-    )
-    admitted: list[uuid.UUID] = []
-    blocked: dict[uuid.UUID, str] = {}
-    for run in waiting:
-        full = [key for key in run["keys"] if usage[key][0] >= usage[key][1]]
-        if full:
-            if run["held_by"] != full[0]:
-                blocked[run["run_id"]] = full[0]
-            continue
-        for key in run["keys"]:
-            running, most = usage[key]
-            usage[key] = (running + 1, most)
-        admitted.append(run["run_id"])
-    if blocked:
-        await connection.execute(
-            """
-            UPDATE runs SET held_by = b.key
-            FROM unnest($1::uuid[], $2::text[]) AS b(run_id, key) WHERE runs.run_id = b.run_id
-            """,
-            list(blocked),
-            list(blocked.values()),
-        )
-    if not admitted:
-        return 0
-    rows = await connection.fetch(
-        """
-        UPDATE runs SET held = false, held_by = NULL, updated_at = now()
-        WHERE run_id = ANY($1::uuid[]) RETURNING *
-        """,
-        admitted,
-    )
-    items = []
-    for record in rows:
-        run = runs.decoded(record)
-        items.append(
-            outbox.OutboxItem(runs.launch(run, run["attempt"]), INSTRUCTIONS_EXCHANGE, run["queue"])
-        )
-    await outbox.insert(connection, items)
-    return len(items)
 
 
 @dataclass(frozen=True)
@@ -168,7 +110,7 @@ class Limits:
             records = await connection.fetch(
                 f"""
                 SELECT l.key, l.scope, l.name, l.value, l.max_running,
-                       (SELECT count(*) FROM runs r WHERE {_HOLDING} AND {_COVERS}) AS running,
+                       (SELECT count(*) FROM runs r WHERE {HOLDING} AND {COVERS}) AS running,
                        (SELECT count(*) FROM runs r
                         WHERE r.held AND r.state = 'QUEUED' AND r.held_by = l.key) AS waiting
                 FROM limits l ORDER BY l.key
@@ -183,17 +125,13 @@ class Limits:
             for r in records
         ]
 
-    async def admit(self, batch: int = 1000) -> int:
-        async with self._connections.transaction() as connection:
-            return await admit(connection, batch)
-
     async def waiting_reason(self, run_id: uuid.UUID) -> str | None:
         """Why a held run waits ("limit tag:team=ml (2 of 2 running)"), or None."""
         async with self._connections.connection() as connection:
             record = await connection.fetchrow(
                 f"""
                 SELECT l.key, l.max_running,
-                       (SELECT count(*) FROM runs r WHERE {_HOLDING} AND {_COVERS}) AS running
+                       (SELECT count(*) FROM runs r WHERE {HOLDING} AND {COVERS}) AS running
                 FROM runs h JOIN limits l ON l.key = h.held_by
                 WHERE h.run_id = $1 AND h.held AND h.state = 'QUEUED'
                 """,

@@ -297,6 +297,42 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             ADD COLUMN gpus      integer NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        13,
+        "HTTP API tokens, who submitted a run, submission order",
+        """
+        -- Only a token's SHA-256 is kept; the token is shown once, when it is made.
+        CREATE TABLE api_tokens (
+            name         text PRIMARY KEY,
+            scope        text NOT NULL CHECK (scope IN ('read', 'operate', 'admin')),
+            digest       text NOT NULL UNIQUE,
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            created_by   text NOT NULL,
+            last_used_at timestamptz,
+            revoked_at   timestamptz
+        );
+        -- Who submitted a run: the API token's name, or the submission's broker user.
+        ALTER TABLE runs ADD COLUMN submitted_by text;
+        -- The order runs were accepted in (runs of one intake batch share created_at): FIFO
+        -- among held runs of one priority.
+        CREATE SEQUENCE runs_submit_seq;
+        ALTER TABLE runs ADD COLUMN submit_seq bigint;
+        DROP INDEX runs_held;
+        CREATE INDEX runs_held ON runs (priority DESC, submit_seq)
+            WHERE held AND state = 'QUEUED';
+        -- The HTTP API reads a refusal back by its run id.
+        CREATE INDEX outbox_rejections ON outbox (run_id) WHERE kind = 'RunRejected';
+        -- Browser sessions of the web UI, signed in with an API token; the cookie holds the
+        -- session's secret, this table its SHA-256.
+        CREATE TABLE web_sessions (
+            digest     text PRIMARY KEY,
+            token_name text NOT NULL REFERENCES api_tokens (name) ON DELETE CASCADE,
+            csrf       text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            expires_at timestamptz NOT NULL
+        );
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

@@ -86,12 +86,20 @@ class Output:
         async with self._connections.connection() as connection:
             records = await connection.fetch(
                 """
-                SELECT attempt, item_no, event, step, status, duration_s, level, message, details
+                SELECT attempt, item_no, event, step, status, duration_s, level, message, details,
+                       recorded_at
                 FROM run_progress WHERE run_id = $1 ORDER BY attempt, item_no
                 """,
                 run_id,
             )
-        return [{**dict(r), "details": json.loads(r["details"])} for r in records]
+        return [
+            {
+                **dict(r),
+                "details": json.loads(r["details"]),
+                "recorded_at": r["recorded_at"].isoformat(),
+            }
+            for r in records
+        ]
 
     async def lines(
         self, run_id: uuid.UUID, attempt: int | None = None, limit: int = 100_000
@@ -106,6 +114,30 @@ class Output:
                 """,
                 run_id,
                 attempt,
+                limit,
+            )
+        return [(r["attempt"], r["line_no"], r["line"]) for r in records]
+
+    async def page(
+        self,
+        run_id: uuid.UUID,
+        attempt: int | None,
+        after: tuple[int, int],
+        limit: int,
+    ) -> list[tuple[int, int, str]]:
+        """(attempt, line number, line) after ``after`` (an attempt and line number), in order."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT attempt, line_no, line FROM run_logs
+                WHERE run_id = $1 AND ($2::int IS NULL OR attempt = $2)
+                  AND (attempt, line_no) > ($3, $4)
+                ORDER BY attempt, line_no LIMIT $5
+                """,
+                run_id,
+                attempt,
+                after[0],
+                after[1],
                 limit,
             )
         return [(r["attempt"], r["line_no"], r["line"]) for r in records]

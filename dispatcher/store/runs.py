@@ -77,6 +77,30 @@ class RunEventRow:
     payload: dict[str, Any]
 
 
+def _event_row(r: asyncpg.Record) -> RunEventRow:
+    return RunEventRow(
+        r["seq"],
+        r["kind"],
+        r["attempt"],
+        r["from_state"],
+        r["to_state"],
+        r["recorded_at"],
+        json.loads(r["payload"]),
+    )
+
+
+@dataclass(frozen=True)
+class RunFilters:
+    """What a listing of runs keeps; None keeps everything."""
+
+    state: str | None = None
+    queue: str | None = None
+    location: str | None = None
+    tags: dict[str, str] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
 @dataclass(frozen=True)
 class RunRow:
     run_id: uuid.UUID
@@ -97,6 +121,9 @@ class RunRow:
     started_at: datetime | None
     finished_at: datetime | None
     tags: dict[str, str]
+    location: str | None
+    job: str | None
+    submitted_by: str | None
     priority: int
     #: Held back by a concurrency limit (QUEUED, no LaunchRun yet); ``held_by`` names it.
     held: bool
@@ -137,20 +164,23 @@ async def create(
         INSERT INTO runs (run_id, idempotency_key, queue, image, command, env, tags,
                           max_runtime_s, start_timeout_s, max_retries, retry_on,
                           memory_limit_mb, ready_check, location, job, config, queue_timeout_s,
-                          cpus, gpus, priority, held, state)
+                          cpus, gpus, priority, held, submitted_by, submit_seq, state)
         SELECT r.run_id, r.key, r.queue, r.image, r.command::jsonb, r.env::jsonb,
                r.tags::jsonb, r.max_runtime_s, r.start_timeout_s, r.max_retries,
                r.retry_on::jsonb, r.memory_limit_mb, r.ready_check::jsonb,
                r.location, r.job, r.config::jsonb, r.queue_timeout_s,
-               r.cpus, r.gpus, r.priority, r.held, 'QUEUED'
+               r.cpus, r.gpus, r.priority, r.held, r.submitted_by,
+               nextval('runs_submit_seq'), 'QUEUED'
         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                     $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[],
                     $11::text[], $12::int[], $13::text[], $14::text[], $15::text[],
                     $16::text[], $17::float8[], $18::float8[], $19::int[], $20::int[],
-                    $21::bool[])
+                    $21::bool[], $22::text[]) WITH ORDINALITY
              AS r(run_id, key, queue, image, command, env, tags, max_runtime_s,
                   start_timeout_s, max_retries, retry_on, memory_limit_mb, ready_check,
-                  location, job, config, queue_timeout_s, cpus, gpus, priority, held)
+                  location, job, config, queue_timeout_s, cpus, gpus, priority, held,
+                  submitted_by, ord)
+        ORDER BY r.ord
         ON CONFLICT DO NOTHING
         RETURNING run_id
         """,
@@ -178,6 +208,7 @@ async def create(
         [s.gpus for s in submissions],
         [s.priority for s in submissions],
         held,
+        [s.submitted_by for s in submissions],
     )
     created_ids = {record["run_id"] for record in created}
     # The same run id may come twice in one batch; keep the first.
@@ -274,6 +305,86 @@ class Runs:
             )
         return [RunRow.from_record(r) for r in records]
 
+    async def page(
+        self,
+        filters: RunFilters,
+        limit: int = 50,
+        before: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[RunRow]:
+        """Runs newest first, filtered; ``before`` is the (created_at, run_id) of the last run
+        of the previous page (a keyset cursor: stable while runs are added)."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT * FROM runs
+                WHERE ($1::text IS NULL OR state = $1)
+                  AND ($2::text IS NULL OR queue = $2)
+                  AND ($3::text IS NULL OR location = $3)
+                  AND ($4::jsonb IS NULL OR tags @> $4::jsonb)
+                  AND ($5::timestamptz IS NULL OR created_at >= $5)
+                  AND ($6::timestamptz IS NULL OR created_at < $6)
+                  AND ($7::timestamptz IS NULL OR (created_at, run_id) < ($7, $8::uuid))
+                ORDER BY created_at DESC, run_id DESC LIMIT $9
+                """,
+                filters.state,
+                filters.queue,
+                filters.location,
+                json.dumps(filters.tags) if filters.tags else None,
+                filters.since,
+                filters.until,
+                before[0] if before else None,
+                before[1] if before else None,
+                limit,
+            )
+        return [RunRow.from_record(r) for r in records]
+
+    async def events_after(
+        self, seq: int, run_id: uuid.UUID | None = None, upto: int | None = None, limit: int = 500
+    ) -> list[tuple[uuid.UUID, RunEventRow]]:
+        """Every run's events (or one run's) with a sequence number above ``seq`` (and at most
+        ``upto``), in order."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT run_id, seq, kind, attempt, from_state, to_state, recorded_at, payload
+                FROM run_events
+                WHERE seq > $1 AND ($2::uuid IS NULL OR run_id = $2)
+                  AND ($3::bigint IS NULL OR seq <= $3)
+                ORDER BY seq LIMIT $4
+                """,
+                seq,
+                run_id,
+                upto,
+                limit,
+            )
+        return [(r["run_id"], _event_row(r)) for r in records]
+
+    async def sequence_after(self, seq: int, limit: int = 1000) -> list[int]:
+        """The event sequence numbers visible above ``seq``, in order (gaps are events not
+        committed yet, or never)."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                "SELECT seq FROM run_events WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit
+            )
+        return [r["seq"] for r in records]
+
+    async def answer(self, run_id: uuid.UUID) -> tuple[bool, str | None]:
+        """What the intake made of a submission: (the run exists, why it was refused)."""
+        async with self._connections.connection() as connection:
+            if await connection.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id):
+                return True, None
+            payload = await connection.fetchval(
+                "SELECT payload FROM outbox WHERE run_id = $1 AND kind = 'RunRejected' LIMIT 1",
+                run_id,
+            )
+        if payload is None:
+            return False, None
+        return False, str(msgspec.json.decode(payload).get("reason", "refused"))
+
+    async def last_event_seq(self) -> int:
+        async with self._connections.connection() as connection:
+            return int(await connection.fetchval("SELECT coalesce(max(seq), 0) FROM run_events"))
+
     async def events(self, run_id: uuid.UUID) -> list[RunEventRow]:
         async with self._connections.connection() as connection:
             records = await connection.fetch(
@@ -283,18 +394,7 @@ class Runs:
                 """,
                 run_id,
             )
-        return [
-            RunEventRow(
-                r["seq"],
-                r["kind"],
-                r["attempt"],
-                r["from_state"],
-                r["to_state"],
-                r["recorded_at"],
-                json.loads(r["payload"]),
-            )
-            for r in records
-        ]
+        return [_event_row(r) for r in records]
 
     async def count_by_state(self) -> dict[str, int]:
         async with self._connections.connection() as connection:

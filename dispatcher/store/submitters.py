@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+import msgspec
 
 from schemas import SubmitRun
 
@@ -70,6 +71,11 @@ async def screen(
             queue = queues.get(submission.location) if submission.location else submission.queue
             why = rules.limits_problem(sender, limits, submission, queue)
         if why is None:
+            why = rules.submitted_by_problem(submission, sender, trusted)
+        if why is None:
+            if submission.submitted_by is None and sender is not None:
+                # Who submitted it, as the broker verified: the token or identity.
+                submission = msgspec.structs.replace(submission, submitted_by=sender)
             allowed.append(submission)
         else:
             log.warning("submission of run %s refused: %s", submission.run_id, why)

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 import pytest
 
 from schemas import LaunchRun
+from schemas.resources import Resources
 from worker_agent.containers import (
     LABEL_AGENT,
     LABEL_ATTEMPT,
@@ -181,6 +182,19 @@ class RuntimeContract:
         )
         assert described.env.items() >= {"HD_ANSWER": "42", "EMPTY": ""}.items()
         assert await harness.containers_of(launch.run_id) == [info.id]
+
+    async def test_a_container_shows_the_resources_its_run_asked_for(
+        self, harness: RuntimeHarness
+    ) -> None:
+        # What an agent that adopts the container after a restart counts it as holding.
+        runtime = harness.runtime()
+        launch = launch_of(harness, cpus=0.5, memory_limit_mb=64)
+        info, _ = await runtime.launch(launch)
+        assert info.resources == Resources(nano_cpus=500_000_000, memory_mb=64)
+        [listed] = [c for c in await runtime.list_managed() if c.id == info.id]
+        assert listed.resources == info.resources
+        plain, _ = await runtime.launch(launch_of(harness))
+        assert plain.resources == Resources()
 
     async def test_launching_an_attempt_again_adopts_its_container(
         self, harness: RuntimeHarness

@@ -169,6 +169,9 @@ class FakeContainer:
     labels: dict[str, str]
     healthcheck: tuple[str, ...] | None = None
     mem_limit_mb: int | None = None
+    #: The Docker options it was created with (``containers.run_options``): nano_cpus,
+    #: device_requests... as the real runtime passes them to ``containers.create``.
+    options: dict[str, Any] = field(default_factory=dict)
     status: str = "created"
     exit_code: int = 0
     error: str = ""
@@ -208,7 +211,17 @@ class FakeContainer:
                 "Labels": dict(self.labels),
             },
             "State": state,
+            "HostConfig": {
+                "NanoCpus": self.options.get("nano_cpus", 0),
+                "Memory": (self.mem_limit_mb or 0) * 1024 * 1024,
+                "DeviceRequests": [dict(r) for r in self.options.get("device_requests", ())]
+                or None,
+            },
         }
+
+    def gpus(self) -> int:
+        """GPUs its device requests ask for."""
+        return sum(int(r["Count"]) for r in self.options.get("device_requests", ()))
 
     def info(self) -> ContainerInfo:
         return ContainerInfo.from_attrs(self.attrs())
@@ -232,6 +245,8 @@ class FakeEngine:
         self.containers: dict[str, FakeContainer] = {}
         self.events: list[tuple[float, dict[str, Any]]] = []
         self.answering = True
+        #: GPUs the engine's GPU runtime has (none, as on the hosts the tests run on).
+        self.gpus = 0
         self._watchers: list[tuple[FakeStream, Callable[[dict[str, Any]], bool]]] = []
 
     def runtime(self, agent_id: str, pull: str = "if-missing") -> FakeDockerRuntime:
@@ -314,6 +329,7 @@ class FakeEngine:
         env: dict[str, str],
         healthcheck: tuple[str, ...] | None = None,
         mem_limit_mb: int | None = None,
+        options: dict[str, Any] | None = None,
     ) -> FakeContainer:
         existing = self.find(name)
         if existing is not None:
@@ -332,6 +348,7 @@ class FakeEngine:
             labels=dict(labels),
             healthcheck=healthcheck,
             mem_limit_mb=mem_limit_mb,
+            options=dict(options or {}),
         )
         self.containers[container.id] = container
         self._emit(container, "create")
@@ -341,6 +358,9 @@ class FakeEngine:
         if container.status == "running":
             return
         try:
+            if container.gpus() > self.gpus:
+                # What the real engine says with no GPU runtime (no NVIDIA toolkit).
+                raise StartFailed('could not select device driver "" with capabilities: [[gpu]]')
             program = interpret(container.command, container.image)
         except StartFailed as exc:
             container.exit_code = 127

@@ -2,8 +2,10 @@
 
 It carries out the adapter's rules on the engine (adopt the container of an attempt that
 exists, fence older attempts, pull a missing image, translate failures into
-``DockerUnavailable``, ``ImageMissing`` and ``LaunchFailed``). Held to ``DockerRuntime`` on a
-real engine by ``tests/contracts/runtime_contract.py``.
+``DockerUnavailable``, ``ImageMissing`` and ``LaunchFailed``). A container keeps the Docker
+options its launch asked for (``FakeContainer.options``: ``nano_cpus``, ``device_requests``...,
+as ``DockerRuntime`` passes them to ``containers.create``) and shows them in its HostConfig.
+Held to ``DockerRuntime`` on a real engine by ``tests/contracts/runtime_contract.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from worker_agent.containers import (
     ContainerInfo,
     container_labels,
     container_name,
+    run_options,
 )
 from worker_agent.errors import DockerUnavailable, ImageMissing, LaunchFailed
 from worker_agent.ports import ContainerRuntime
@@ -80,6 +83,7 @@ class FakeDockerRuntime:
                     dict(launch.env),
                     tuple(launch.ready_check) or None,
                     launch.memory_limit_mb,
+                    run_options(launch),
                 )
             except NameConflict:
                 adopted = True

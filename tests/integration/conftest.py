@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -102,6 +103,21 @@ class Stack:
             "this monitor is active" if wait_active else "standing by", timeout=60
         )
         return proc
+
+    async def start_web(self) -> tuple[Proc, str]:
+        """``dispatcher web`` on a free port; returns it with the API's base URL."""
+        n = len(self.processes)
+        proc = Proc(
+            "dispatcher",
+            ["web", "--port", "0", "--log-level", "DEBUG"],
+            self.logs / f"web-{n}.log",
+            self._env(),
+        ).start()
+        self.processes.append(proc)
+        await proc.wait_for_output(r"HTTP API on http://\S+/api/v1", timeout=60)
+        found = re.search(r"HTTP API on (http://\S+/api/v1)", proc.output())
+        assert found is not None
+        return proc, found.group(1)
 
     def agent_id(self, n: int = 0) -> str:
         return f"t-{SESSION_ID}-{self.unique}-{n}"

@@ -8,22 +8,19 @@ and the containers' lives as Docker's event stream reports them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import docker
 import pytest
 
 from tests.integration.conftest import Stack
+from tests.integration.docker_events import ContainerEvents, Life
 from tests.support import Proc, eventually
-from worker_agent.containers import LABEL_AGENT, LABEL_ATTEMPT, LABEL_RUN
+from worker_agent.containers import LABEL_AGENT
 from worker_agent.settings import AgentSettings
 
 BURST = 60
@@ -36,103 +33,6 @@ pytestmark = pytest.mark.timeout(600)
 
 
 # ------------------------------------------------------------------ Docker's view
-
-
-@dataclass(frozen=True)
-class Life:
-    """One container's time running, from Docker's start and die events (ns since the epoch)."""
-
-    container_id: str
-    run_id: str
-    attempt: int
-    started: int
-    died: int | None  # None: still running when the recording stopped
-    exit_code: int | None = None
-
-
-class ContainerEvents:
-    """Docker's container events of one agent, recorded on a thread of its own.
-
-    The engine keeps only a short backlog of past events, too short for the hundreds that a
-    burst of 60 produces, so the stream is followed live for the whole test.
-    """
-
-    def __init__(self, agent_id: str) -> None:
-        self.agent_id = agent_id
-        self.events: list[dict[str, Any]] = []
-        self._client = docker.from_env(timeout=None)
-        self._stream: Any = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> ContainerEvents:
-        self._stream = self._client.api.events(
-            since=int(time.time()) - 1,
-            decode=True,
-            filters={
-                "type": "container",
-                "label": f"{LABEL_AGENT}={self.agent_id}",
-                "event": ["create", "start", "die", "destroy"],
-            },
-        )
-        self._thread = threading.Thread(target=self._read, name="burst-events", daemon=True)
-        self._thread.start()
-        return self
-
-    def _read(self) -> None:
-        # Closing the stream from the test's thread ends this loop with an error: expected.
-        with contextlib.suppress(Exception):
-            for event in self._stream:
-                self.events.append(event)
-
-    def stop(self) -> None:
-        if self._stream is not None:
-            with contextlib.suppress(Exception):
-                self._stream.close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._client.close()
-
-    def created(self) -> dict[str, tuple[str, int]]:
-        """Container id -> (run id, attempt) of every container created."""
-        return {
-            event["id"]: (
-                event["Actor"]["Attributes"][LABEL_RUN],
-                int(event["Actor"]["Attributes"][LABEL_ATTEMPT]),
-            )
-            for event in list(self.events)
-            if event["Action"] == "create"
-        }
-
-    def lives(self) -> list[Life]:
-        """Every start-to-die interval of every container, in the order they started."""
-        open_: dict[str, dict[str, Any]] = {}
-        lives: list[Life] = []
-        for event in sorted(list(self.events), key=lambda e: int(e["timeNano"])):
-            action, container_id = event["Action"], event["id"]
-            if action == "start":
-                open_[container_id] = event
-            elif action == "die" and container_id in open_:
-                started = open_.pop(container_id)
-                code = int(event["Actor"]["Attributes"].get("exitCode", -1))
-                lives.append(_life(started, int(event["timeNano"]), code))
-        lives.extend(_life(started, None, None) for started in open_.values())
-        return sorted(lives, key=lambda life: life.started)
-
-    def all_died(self) -> bool:
-        """Every container that started has died (its die event has arrived)."""
-        return all(life.died is not None for life in self.lives())
-
-
-def _life(start: dict[str, Any], died: int | None, exit_code: int | None) -> Life:
-    labels = start["Actor"]["Attributes"]
-    return Life(
-        start["id"],
-        labels[LABEL_RUN],
-        int(labels[LABEL_ATTEMPT]),
-        int(start["timeNano"]),
-        died,
-        exit_code,
-    )
 
 
 def overlaps(lives: list[Life]) -> list[tuple[Life, Life]]:
@@ -154,7 +54,7 @@ def overlaps(lives: list[Life]) -> list[tuple[Life, Life]]:
 @pytest.fixture
 def container_events(stack: Stack) -> Iterator[ContainerEvents]:
     """Docker's events for agent 0 of the test, recorded from before it launches anything."""
-    recording = ContainerEvents(stack.agent_id(0)).start()
+    recording = ContainerEvents(f"{LABEL_AGENT}={stack.agent_id(0)}").start()
     yield recording
     recording.stop()
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Collection
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Collection, Iterator
+
+import pytest
 
 from dispatcher.errors import RunNotFound
 from dispatcher.states import RunState
 from dispatcher.store import Database
 from tests.integration.conftest import Stack
+from tests.integration.docker_events import ContainerEvents, Life, peak_running
 from tests.integration.test_dispatch import wait_for_state
 from tests.integration.test_operators import dispatcher_cli
 from tests.support import Proc, eventually
@@ -23,26 +24,26 @@ ML = {"team": "ml"}
 RUNS = 10
 
 
-def container_events(stack: Stack, since: datetime, runs: Collection[uuid.UUID]) -> list[Any]:
-    """Docker's start and die events of the runs' containers since ``since``, in order."""
+@pytest.fixture
+def docker_events() -> Iterator[ContainerEvents]:
+    """Docker's start and die events of every run container, followed live from the start
+    (the engine's own backlog is too short to ask for them afterwards)."""
+    recording = ContainerEvents(LABEL_RUN).start()
+    yield recording
+    recording.stop()
+
+
+def lives_of(events: ContainerEvents, runs: Collection[uuid.UUID]) -> list[Life]:
     wanted = {str(r) for r in runs}
-    events = stack.docker.events(
-        since=since,
-        until=datetime.now(UTC),
-        filters={"type": "container", "label": LABEL_RUN, "event": ["start", "die"]},
-        decode=True,
-    )
-    ours = [e for e in events if e["Actor"]["Attributes"].get(LABEL_RUN) in wanted]
-    return sorted(ours, key=lambda e: int(e["timeNano"]))
+    return [life for life in events.lives() if life.run_id in wanted]
 
 
-def peak_running(events: list[Any]) -> int:
-    """The most containers running at once: +1 at each start, -1 at each die."""
-    running = peak = 0
-    for event in events:
-        running += 1 if event["Action"] == "start" else -1
-        peak = max(peak, running)
-    return peak
+async def all_died(events: ContainerEvents, runs: Collection[uuid.UUID]) -> None:
+    async def seen() -> bool:
+        lives = lives_of(events, runs)
+        return len(lives) >= len(runs) and all(life.died is not None for life in lives)
+
+    await eventually(seen, 30, what="Docker's die event of every run's container")
 
 
 async def limit(stack: Stack, *args: str) -> str:
@@ -86,8 +87,9 @@ async def succeeded(store: Database, runs: Collection[uuid.UUID]) -> int:
     return (await states(store, runs)).count(RunState.SUCCESS)
 
 
-async def test_a_tag_limit_holds_its_runs_and_says_so(stack: Stack, store: Database) -> None:
-    began = datetime.now(UTC)
+async def test_a_tag_limit_holds_its_runs_and_says_so(
+    stack: Stack, store: Database, docker_events: ContainerEvents
+) -> None:
     await stack.start_control_plane()
     await stack.start_agent(0, max_concurrent=8)
     assert "tag:team=ml: at most 2" in await limit(stack, "set", "tag:team=ml", "2")
@@ -115,18 +117,18 @@ async def test_a_tag_limit_holds_its_runs_and_says_so(stack: Stack, store: Datab
     assert "waiting for limit tag:team=ml" in listed.stdout, listed.stdout
 
     await all_succeed(store, ml)
-    events = container_events(stack, began, ml)
-    assert sum(e["Action"] == "start" for e in events) == RUNS
-    assert peak_running(events) == 2
+    await all_died(docker_events, ml)
+    lives = lives_of(docker_events, ml)
+    assert len(lives) == RUNS
+    assert peak_running(lives) == 2
     assert "no limits" not in await limit(stack, "list")
     assert "removed" in await limit(stack, "remove", "tag:team=ml")
     assert "no limits" in await limit(stack, "list")
 
 
 async def test_a_limit_holds_across_a_control_plane_killed_halfway(
-    stack: Stack, store: Database
+    stack: Stack, store: Database, docker_events: ContainerEvents
 ) -> None:
-    began = datetime.now(UTC)
     control_plane = await stack.start_control_plane()
     await stack.start_agent(0, max_concurrent=8)
     await limit(stack, "set", "tag:team=ml", "2")
@@ -141,31 +143,33 @@ async def test_a_limit_holds_across_a_control_plane_killed_halfway(
     await asyncio.sleep(3)
     await stack.start_control_plane()
     await all_succeed(store, ml)
-    events = container_events(stack, began, ml)
-    assert sum(e["Action"] == "start" for e in events) == RUNS
-    assert peak_running(events) <= 2
+    await all_died(docker_events, ml)
+    lives = lives_of(docker_events, ml)
+    assert len(lives) == RUNS
+    assert peak_running(lives) <= 2
 
 
-async def test_a_limit_holds_with_two_control_planes(stack: Stack, store: Database) -> None:
-    began = datetime.now(UTC)
+async def test_a_limit_holds_with_two_control_planes(
+    stack: Stack, store: Database, docker_events: ContainerEvents
+) -> None:
     planes: list[Proc] = [await stack.start_control_plane() for _ in range(2)]
     await stack.start_agent(0, max_concurrent=8)
     await stack.start_agent(1, max_concurrent=8)
     await limit(stack, "set", "tag:team=ml", "2")
     ml = await submit_ml(stack)
     await all_succeed(store, ml)
-    events = container_events(stack, began, ml)
-    assert sum(e["Action"] == "start" for e in events) == RUNS
-    assert peak_running(events) <= 2
+    await all_died(docker_events, ml)
+    lives = lives_of(docker_events, ml)
+    assert len(lives) == RUNS
+    assert peak_running(lives) <= 2
     # Both took part: each admitted some of the runs.
     admitted = [p.output().count("admitted ") for p in planes]
     assert all(admitted), admitted
 
 
 async def test_with_a_global_limit_of_one_runs_start_in_priority_order(
-    stack: Stack, store: Database
+    stack: Stack, store: Database, docker_events: ContainerEvents
 ) -> None:
-    began = datetime.now(UTC)
     await stack.start_control_plane()
     await stack.start_agent(0, max_concurrent=8)
     await limit(stack, "set", "global", "1")
@@ -178,15 +182,13 @@ async def test_with_a_global_limit_of_one_runs_start_in_priority_order(
             for p in priorities
         ]
     await all_succeed(store, [blocker, *runs])
-    order = [
-        uuid.UUID(e["Actor"]["Attributes"][LABEL_RUN])
-        for e in container_events(stack, began, [blocker, *runs])
-        if e["Action"] == "start"
-    ]
+    await all_died(docker_events, [blocker, *runs])
+    lives = lives_of(docker_events, [blocker, *runs])
+    order = [uuid.UUID(life.run_id) for life in lives]  # in the order they started
     # Higher first, in submission order within a priority.
     expected = [blocker, runs[4], runs[1], runs[3], runs[0], runs[5], runs[2]]
     assert order == expected, (order, expected)
-    assert peak_running(container_events(stack, began, [blocker, *runs])) == 1
+    assert peak_running(lives) == 1
 
 
 async def test_a_held_run_can_be_canceled_and_times_out_in_the_queue(

@@ -59,7 +59,14 @@ class AgentUnderTest:
     """The agent's launch-side components over a fake engine and publisher (no broker
     connection, no heartbeat, no location keeper): what ``agent._Parts`` wires."""
 
-    def __init__(self, engine: FakeEngine, agent_id: str = "a1", max_concurrent: int = 2) -> None:
+    def __init__(
+        self,
+        engine: FakeEngine,
+        agent_id: str = "a1",
+        max_concurrent: int = 2,
+        **declared: Any,
+    ) -> None:
+        """``declared``: the capacity the agent declares (``cpus``, ``memory_mb``, ``gpus``)."""
         self.engine = engine
         self.clock = ManualClock()
         self.settings = AgentSettings(
@@ -68,10 +75,16 @@ class AgentUnderTest:
             max_concurrent=max_concurrent,
             log_batch_interval_s=0.02,
             output_tail_lines=5,
+            **declared,
         )
         self.runtime = engine.runtime(agent_id)
         self.publisher = FakePublisher()
-        self.slots = Slots(max_concurrent, reported_for_s=60.0, clock=self.clock)
+        self.slots = Slots(
+            max_concurrent,
+            reported_for_s=60.0,
+            clock=self.clock,
+            capacity=self.settings.capacity,
+        )
         self.stopping = asyncio.Event()
         self.reporter = Reporter(self.settings, self.runtime, self.slots, self.publisher)
         self.launcher = Launcher(

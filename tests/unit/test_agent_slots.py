@@ -109,19 +109,20 @@ def test_an_exit_code_outside_the_contract_is_listed_as_unknown() -> None:
 async def test_a_delivery_beyond_the_slots_waits_for_one_and_counts_against_prefetch() -> None:
     changes: list[int] = []
     slots = Slots(1, on_change=lambda: changes.append(slots.prefetch()))
-    running = key()
+    running, waiting = key(), key()
     slots.take(running)
     assert slots.prefetch() == 0
     stopping = asyncio.Event()
-    waiter = asyncio.create_task(slots.wait_for_free(stopping))
+    waiter = asyncio.create_task(slots.wait_in_line(stopping, waiting))
     await asyncio.sleep(0)
     assert slots.waiting == 1
     # Freeing the slot does not open the prefetch: the slot is promised to the waiter.
     slots.release(running, reported=True, exit_code=0)
     assert slots.prefetch() == 0
-    assert await asyncio.wait_for(waiter, 5) is True
+    assert slots.take(key()) is None  # nor does it go to a delivery that came later
+    held = await asyncio.wait_for(waiter, 5)
+    assert held is not None and held.key == waiting
     assert slots.waiting == 0
-    assert slots.take(key()) is not None
     assert slots.prefetch() == 0
     # The consumer was told, and what it reads now is the truth.
     assert changes
@@ -132,10 +133,10 @@ async def test_a_waiting_delivery_gives_up_its_wait_when_the_agent_stops() -> No
     slots = Slots(1)
     slots.take(key())
     stopping = asyncio.Event()
-    waiter = asyncio.create_task(slots.wait_for_free(stopping))
+    waiter = asyncio.create_task(slots.wait_in_line(stopping, key()))
     await asyncio.sleep(0)
     stopping.set()
-    assert await asyncio.wait_for(waiter, 5) is False
+    assert await asyncio.wait_for(waiter, 5) is None
     assert slots.waiting == 0
     assert len(slots.attempts) == 1
 
@@ -149,14 +150,14 @@ async def test_a_fence_wakes_the_delivery_waiting_for_its_attempt_and_no_other()
     busy, fenced, other = key(), key(), key()
     slots.take(busy)
     stopping = asyncio.Event()
-    fenced_waiter = asyncio.create_task(slots.wait_for_free(stopping, fenced))
-    other_waiter = asyncio.create_task(slots.wait_for_free(stopping, other))
+    fenced_waiter = asyncio.create_task(slots.wait_in_line(stopping, fenced))
+    other_waiter = asyncio.create_task(slots.wait_in_line(stopping, other))
     await asyncio.sleep(0)
     assert slots.waiting == 2
 
     slots.fence(fenced, CANCELED)
-    # True: look again (and find the fence), though no slot is free.
-    assert await asyncio.wait_for(fenced_waiter, 5) is True
+    # None: look again (and find the fence), though no slot is free.
+    assert await asyncio.wait_for(fenced_waiter, 5) is None
     assert slots.free() == 0
     assert slots.waiting == 1
     assert not other_waiter.done()
@@ -166,8 +167,10 @@ async def test_a_fence_wakes_the_delivery_waiting_for_its_attempt_and_no_other()
     assert [(s.run_id, s.attempt) for s in slots.in_flight()] == [busy]
 
     slots.release(busy, reported=True, exit_code=0)
-    assert await asyncio.wait_for(other_waiter, 5) is True
+    held = await asyncio.wait_for(other_waiter, 5)
+    assert held is not None and held.key == other
     assert slots.waiting == 0
+    slots.release(other, reported=True, exit_code=0)
     assert changes[-1] == slots.prefetch() == 1
 
 

@@ -1,6 +1,7 @@
 """What a submission may carry beyond the wire contract: a job run brings no image, command,
 env or ready check of its own, and a ``secret:NAME`` reference has a safe NAME. The client
-refuses before sending; the locations registry refuses a bad reference too."""
+refuses before sending; the locations registry refuses a bad reference too. What a run asks
+of an agent (CPUs, memory, GPUs) must fit one live agent of its queue."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 from dispatcher.client import check_submission
 from dispatcher.errors import ConfigError, InvalidSubmission
 from dispatcher.store.locations import check_location
+from dispatcher.submissions import Problem, capacity_problem
 from schemas import SubmitRun
+from schemas.resources import Capacity
 from tests.unit.test_cli import run
 
 
@@ -92,3 +95,69 @@ def test_submit_help_shows_secret_references() -> None:
     result = run("submit", "--help")
     assert result.returncode == 0
     assert "KEY=secret:NAME" in result.stdout
+
+
+# --------------------------------------------------- what a run asks of an agent
+
+
+def asking(**fields: Any) -> SubmitRun:
+    return SubmitRun(run_id=uuid.uuid4(), image="busybox", queue="default", **fields)
+
+
+def test_a_run_asking_more_cpus_than_the_largest_live_agent_is_refused_with_both() -> None:
+    offers = {"small": Capacity(cpus=2), "bigger": Capacity(cpus=4, gpus=1)}
+    found = capacity_problem(asking(cpus=8), offers)
+    assert found == Problem(
+        "cpus", "the run asks for 8 CPUs; the largest live agent of queue default offers 4 CPUs"
+    )
+    assert capacity_problem(asking(cpus=4), offers) is None
+    gpus = capacity_problem(asking(gpus=2), offers)
+    assert gpus is not None and gpus.field == "gpus"
+    assert gpus.reason.endswith("offers 1 GPU")
+
+
+def test_what_no_agent_counts_or_no_agent_lives_for_is_not_refused() -> None:
+    # Memory not counted by one of them: any limit fits there.
+    offers = {"a": Capacity(cpus=2, memory_mb=512), "b": Capacity(cpus=1)}
+    assert capacity_problem(asking(memory_limit_mb=100_000), offers) is None
+    # No live agent: the queue-unserved alert says so; an agent may be on its way.
+    assert capacity_problem(asking(cpus=64, gpus=8), {}) is None
+    # A run that asks for nothing fits any agent.
+    assert capacity_problem(asking(), {"a": Capacity(cpus=1)}) is None
+
+
+def test_a_run_that_no_one_agent_holds_whole_is_refused_naming_them() -> None:
+    offers = {
+        "cpu-box": Capacity(cpus=16, memory_mb=1024),
+        "mem-box": Capacity(cpus=1, memory_mb=65536),
+    }
+    found = capacity_problem(asking(cpus=4, memory_limit_mb=4096), offers)
+    assert found == Problem(
+        "cpus",
+        "the run asks for 4 CPUs and 4096 MB of memory; no live agent of queue default offers "
+        "all of it (cpu-box: 16 CPUs, 1024 MB of memory, no GPU; mem-box: 1 CPU, 65536 MB of "
+        "memory, no GPU)",
+    )
+
+
+def test_submit_has_cpus_and_gpus_next_to_memory() -> None:
+    result = run("submit", "--help")
+    assert result.returncode == 0
+    for option in ("--memory-mb", "--cpus", "--gpus"):
+        assert option in result.stdout
+    for fields in ({"cpus": 0.0}, {"gpus": -1}):
+        with pytest.raises(InvalidSubmission) as refused:
+            check_submission(asking(**fields))
+        assert refused.value.field == next(iter(fields))
+
+
+def test_only_a_trusted_identity_says_who_submitted() -> None:
+    from dispatcher.submitters import submitted_by_problem
+
+    via_api = SubmitRun(run_id=uuid.uuid4(), image="busybox", submitted_by="ops-bot")
+    assert submitted_by_problem(via_api, "hd-control-plane", {"hd-control-plane"}) is None
+    for sender in ("token-a", None):
+        why = submitted_by_problem(via_api, sender, {"hd-control-plane"})
+        assert why is not None and "submitted_by is set only by" in why
+    plain = SubmitRun(run_id=uuid.uuid4(), image="busybox")
+    assert submitted_by_problem(plain, "token-a", {"hd-control-plane"}) is None

@@ -1,0 +1,72 @@
+"""``/api/v1``: agents, locations, alerts and limits (reads PostgreSQL), and health."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from litestar import Controller, get
+from litestar.exceptions import NotFoundException
+from litestar.params import Parameter
+from litestar.response import Response
+
+from ..errors import DispatcherError, LocationNotFound
+from ..store import Database
+
+
+class OpsController(Controller):
+    path = "/"
+
+    @get("/health", opt={"public": True}, tags=["health"])
+    async def health(self, store: Database) -> Response[dict[str, str]]:
+        """Whether the web process reaches PostgreSQL (no token needed)."""
+        try:
+            await store.runs.last_event_seq()
+        except DispatcherError as exc:
+            return Response({"status": "unavailable", "detail": str(exc)}, status_code=503)
+        return Response({"status": "ok"})
+
+    @get("/agents", tags=["agents"])
+    async def agents(self, store: Database) -> list[dict[str, Any]]:
+        """Every agent heard of: status, silence, queues, capacity, runs in flight."""
+        return await store.agents.all()
+
+    @get("/locations", tags=["locations"])
+    async def locations(self, store: Database) -> list[dict[str, Any]]:
+        """Code locations: state, generation, image, queue and jobs with their schemas."""
+        return [asdict(location) for location in await store.locations.all()]
+
+    @get("/locations/{name:str}", tags=["locations"])
+    async def location(self, store: Database, name: str) -> dict[str, Any]:
+        try:
+            return asdict(await store.locations.get(name))
+        except LocationNotFound:
+            raise NotFoundException(f"no location {name!r}") from None
+
+    @get("/alerts", tags=["alerts"])
+    async def alerts(
+        self, store: Database, limit: Annotated[int, Parameter(ge=1, le=1000)] = 50
+    ) -> list[dict[str, Any]]:
+        """Alerts, newest first, each with its webhook deliveries."""
+        return await store.alerts.recent(limit)
+
+    @get("/overview", tags=["overview"])
+    async def overview(
+        self, store: Database, hours: Annotated[float, Parameter(gt=0, le=24 * 31)] = 6
+    ) -> dict[str, Any]:
+        """Runs created in the last ``hours`` by state (24 intervals), failure reasons, and
+        launch latency percentiles (created to STARTED, from the stored events)."""
+        return await store.overview.recent(hours)
+
+    @get("/limits", tags=["limits"])
+    async def limits(self, store: Database) -> list[dict[str, Any]]:
+        """Concurrency limits with the runs holding their slots and the runs they hold back."""
+        return [
+            {
+                "key": u.limit.key,
+                "max_running": u.limit.max_running,
+                "running": u.running,
+                "waiting": u.waiting,
+            }
+            for u in await store.limits.usage()
+        ]

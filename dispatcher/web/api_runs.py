@@ -1,0 +1,194 @@
+"""``/api/v1/runs``: list, read, submit and cancel runs.
+
+Reads go to PostgreSQL; a submission or a cancel is published through the broker, as the CLI
+does, and answered once the control plane has taken it (or refused it, with the reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, get, post
+from litestar.exceptions import ClientException, NotFoundException, ValidationException
+from litestar.params import Parameter
+
+from schemas import SubmitRun
+
+from ..client import check_submission
+from ..errors import InvalidSubmission, RunNotFound
+from ..states import TERMINAL, RunState
+from ..store import Database, RunFilters
+from . import views
+from .auth import token_of
+from .broker import Broker
+
+#: How long a submission waits for the control plane's word before answering "sent".
+ANSWER_WITHIN_S = 10.0
+
+
+def _cursor(run: views.RunSummary) -> str:
+    raw = f"{run.created_at.isoformat()}|{run.run_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, _, run_id = raw.partition("|")
+        return datetime.fromisoformat(at), uuid.UUID(run_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValidationException(
+            "cursor: not a cursor this API gave (pass next_cursor as it is)"
+        ) from None
+
+
+def _tags(tag: list[str] | None) -> dict[str, str] | None:
+    if not tag:
+        return None
+    tags = {}
+    for pair in tag:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValidationException(f"tag: KEY=VALUE, not {pair!r}")
+        tags[key] = value
+    return tags
+
+
+async def _run(store: Database, run_id: uuid.UUID) -> views.RunSummary:
+    try:
+        return views.summary(await store.runs.get(run_id))
+    except RunNotFound:
+        raise NotFoundException(f"no run {run_id}") from None
+
+
+class RunsController(Controller):
+    path = "/runs"
+    tags = ["runs"]
+
+    @get("/")
+    async def list_runs(
+        self,
+        store: Database,
+        run_state: Annotated[str | None, Parameter(query="state")] = None,
+        queue: str | None = None,
+        location: str | None = None,
+        tag: Annotated[
+            list[str] | None, Parameter(description="KEY=VALUE; repeat to require several")
+        ] = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
+        cursor: str | None = None,
+    ) -> views.RunPage:
+        """Runs, newest first, filtered; page with ``cursor``."""
+        if run_state is not None and run_state.upper() not in RunState.__members__:
+            raise ValidationException(
+                f"state: one of {', '.join(RunState.__members__)}, not {run_state!r}"
+            )
+        filters = RunFilters(
+            state=run_state.upper() if run_state else None,
+            queue=queue,
+            location=location,
+            tags=_tags(tag),
+            since=since,
+            until=until,
+        )
+        before = _after_cursor(cursor) if cursor else None
+        rows = await store.runs.page(filters, limit + 1, before)
+        runs = [views.summary(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return views.RunPage(runs=runs, next_cursor=_cursor(runs[-1]) if more else None)
+
+    @get("/{run_id:uuid}")
+    async def get_run(self, store: Database, run_id: uuid.UUID) -> views.RunDetail:
+        """A run: its history, output tail, progress and what it waits for."""
+        try:
+            run = await store.runs.get(run_id)
+        except RunNotFound:
+            raise NotFoundException(f"no run {run_id}") from None
+        events = await store.runs.events(run_id)
+        waiting = await store.limits.waiting_reason(run_id) if run.waiting_on else None
+        return views.RunDetail(
+            run=views.summary(run),
+            command=run.command,
+            container_id=run.container_id,
+            failure_message=run.failure_message,
+            output_tail=run.output_tail,
+            waiting=waiting or run.waiting_on,
+            events=[views.event_view(run_id, e) for e in events],
+            progress=await store.output.progress(run_id),
+        )
+
+    @get("/{run_id:uuid}/output")
+    async def get_output(
+        self,
+        store: Database,
+        run_id: uuid.UUID,
+        attempt: Annotated[int | None, Parameter(ge=1)] = None,
+        after: Annotated[
+            str | None, Parameter(description="ATTEMPT:LINE of the last line seen")
+        ] = None,
+        limit: Annotated[int, Parameter(ge=1, le=10_000)] = 1000,
+    ) -> views.OutputPage:
+        """A run's forwarded output lines, in order, a page at a time."""
+        await _run(store, run_id)
+        start = (0, -1)
+        if after:
+            a, _, n = after.partition(":")
+            try:
+                start = (int(a), int(n))
+            except ValueError:
+                raise ValidationException(f"after: ATTEMPT:LINE, not {after!r}") from None
+        lines = await store.output.page(run_id, attempt, start, limit + 1)
+        page = [views.OutputLine(*line) for line in lines[:limit]]
+        last = page[-1] if page else None
+        return views.OutputPage(
+            lines=page,
+            next_after=f"{last.attempt}:{last.line_no}" if last and len(lines) > limit else None,
+        )
+
+    @post("/", status_code=202, opt={"scope": "operate"})
+    async def submit(
+        self, request: Request[Any, Any, Any], store: Database, broker: Broker, data: SubmitRun
+    ) -> views.Submitted:
+        """Submit a run or a job (the contract's SubmitRun; choose its run_id). Answered once
+        the run exists (202), or with the control plane's refusal and its reason (422)."""
+        try:
+            check_submission(data)
+        except InvalidSubmission as exc:
+            raise ValidationException(str(exc), extra={"field": exc.field}) from None
+        await broker.submit(msgspec.structs.replace(data, submitted_by=token_of(request).name))
+        # The intake's word is in PostgreSQL: the run, or the RunRejected it answered with.
+        for _ in range(int(ANSWER_WITHIN_S / 0.05)):
+            accepted, reason = await store.runs.answer(data.run_id)
+            if reason is not None:
+                raise ClientException(f"submission rejected: {reason}", status_code=422)
+            if accepted:
+                return views.Submitted(run_id=data.run_id, status="accepted")
+            await asyncio.sleep(0.05)
+        return views.Submitted(run_id=data.run_id, status="sent")
+
+    @post("/{run_id:uuid}/cancel", status_code=202, opt={"scope": "operate"})
+    async def cancel(
+        self, store: Database, broker: Broker, run_id: uuid.UUID, data: views.CancelBody | None
+    ) -> views.CancelAnswer:
+        """Cancel a run (idempotent); a finished run is answered 409 with its state."""
+        body = data or views.CancelBody()
+        if not 0 <= body.grace_s <= 3600:
+            raise ValidationException("grace_s: 0 to 3600 seconds")
+        run = await _run(store, run_id)
+        if RunState(run.state) in TERMINAL and run.state != RunState.CANCELED:
+            raise ClientException(f"run {run_id} has ended already: {run.state}", status_code=409)
+        await broker.cancel(run_id, body.grace_s, body.reason)
+        for _ in range(int(ANSWER_WITHIN_S / 0.1)):
+            run = await _run(store, run_id)
+            if run.state in (RunState.CANCELING, RunState.CANCELED) or run.state in TERMINAL:
+                break
+            await asyncio.sleep(0.1)
+        return views.CancelAnswer(run_id=run_id, state=run.state, message="cancel requested")

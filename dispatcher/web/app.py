@@ -1,0 +1,114 @@
+"""The ASGI application: the API's routes under ``/api/v1``, its OpenAPI document, auth, and
+the store and broker connections opened for the process's lifetime."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from litestar import Litestar, Request, Response, Router, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent
+
+from ..client import Client
+from ..errors import DispatcherError, StoreUnavailable
+from ..settings import WebSettings
+from ..store import Database
+from .api_ops import OpsController
+from .api_runs import RunsController
+from .auth import require_token
+from .broker import Broker
+from .sse import EventStream
+from .ui import ui_router
+
+API = "/api/v1"
+
+
+def _store(state: State) -> Database:
+    store: Database = state.store
+    return store
+
+
+def _broker(state: State) -> Broker:
+    broker: Broker = state.broker
+    return broker
+
+
+@get("/events", tags=["events"])
+async def events(
+    request: Request,  # type: ignore[type-arg]
+    store: Database,
+    run_id: uuid.UUID | None = None,
+    last_event_id: Annotated[
+        int | None,
+        Parameter(
+            query="last_event_id",
+            ge=0,
+            description="Resume after this event (the Last-Event-ID header does the same)",
+        ),
+    ] = None,
+) -> ServerSentEvent:
+    """Run events as Server-Sent Events (``id`` is the event's sequence number), from now, or
+    after ``Last-Event-ID``; ``run_id`` keeps one run's."""
+    header = request.headers.get("last-event-id")
+    if header is not None:
+        try:
+            last_event_id = int(header)
+        except ValueError:
+            raise ValidationException(f"Last-Event-ID: a number, not {header!r}") from None
+    after = last_event_id if last_event_id is not None else await store.runs.last_event_seq()
+    return ServerSentEvent(EventStream(store, after, run_id).frames())
+
+
+def _unavailable(_: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
+    return Response({"status_code": 503, "detail": str(exc)}, status_code=503)
+
+
+def create_app(settings: WebSettings) -> Litestar:
+    @asynccontextmanager
+    async def connections(app: Litestar) -> AsyncIterator[None]:
+        store = await Database.open(settings.database_url, schema=settings.database_schema)
+        try:
+            await store.upgrade()
+            async with Client(settings.amqp_url) as client:
+                app.state.store = store
+                app.state.broker = Broker(client)
+                yield
+        finally:
+            await store.close()
+
+    api = Router(path=API, route_handlers=[RunsController, OpsController, events])
+    return Litestar(
+        route_handlers=[api, ui_router()],
+        lifespan=[connections],
+        dependencies={
+            "store": Provide(_store, sync_to_thread=False),
+            "broker": Provide(_broker, sync_to_thread=False),
+        },
+        # Every route, the OpenAPI document's too, needs a token; health is marked public.
+        guards=[require_token],
+        openapi_config=OpenAPIConfig(
+            title="hybrid-dispatcher",
+            version="1",
+            path=API,
+            render_plugins=[JsonRenderPlugin()],
+            use_handler_docstrings=True,
+            security=[{"BearerToken": []}],
+            components=Components(
+                security_schemes={
+                    "BearerToken": SecurityScheme(
+                        type="http", scheme="bearer", description="an API token, hdw_..."
+                    )
+                }
+            ),
+        ),
+        exception_handlers={StoreUnavailable: _unavailable, DispatcherError: _unavailable},
+    )

@@ -1,0 +1,242 @@
+"""The HTTP API against a real control plane, database, broker and engine: every endpoint,
+pagination, filters, token scopes, bad input answered 4xx with the field named, and live
+events resumable with Last-Event-ID across a restart of the web process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import httpx
+
+from dispatcher.states import RunState
+from dispatcher.store import Database
+from tests.integration.conftest import Stack
+from tests.integration.test_dispatch import wait_for_state
+from tests.integration.test_operators import dispatcher_cli
+
+
+async def token(stack: Stack, name: str, scope: str) -> str:
+    done = await dispatcher_cli(stack, "api-tokens", "add", name, "--scope", scope)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip()
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def submission(stack: Stack, **fields: Any) -> dict[str, Any]:
+    return {
+        "run_id": str(uuid.uuid4()),
+        "image": stack.run_image,
+        "command": ["sh", "-c", "echo one; echo two; echo three"],
+        "queue": stack.queue,
+        **fields,
+    }
+
+
+async def test_runs_are_submitted_listed_read_and_canceled_through_the_api(
+    stack: Stack, store: Database
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent(0)
+    _, base = await stack.start_web()
+    operate = bearer(await token(stack, "ops-bot", "operate"))
+    read = bearer(await token(stack, "viewer", "read"))
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        # Health needs no token; everything else does.
+        assert (await http.get("/health")).json() == {"status": "ok"}
+        for path in ("/runs", "/agents", "/locations", "/alerts", "/limits", "/openapi.json"):
+            answer = await http.get(path)
+            assert answer.status_code == 401, (path, answer.text)
+        assert (await http.get("/runs", headers=bearer("hdw_not-a-token"))).status_code == 401
+
+        # The OpenAPI document describes the API.
+        spec = (await http.get("/openapi.json", headers=read)).json()
+        assert {"/api/v1/runs", "/api/v1/runs/{run_id}", "/api/v1/events"} <= set(spec["paths"])
+
+        # Submit: a read token may not; an operate token may, and the run records who.
+        body = submission(stack, tags={"team": "ml"})
+        refused = await http.post("/runs", json=body, headers=read)
+        assert refused.status_code == 403 and "needs 'operate'" in refused.text
+        accepted = await http.post("/runs", json=body, headers=operate)
+        assert accepted.status_code == 202, accepted.text
+        run_id = uuid.UUID(accepted.json()["run_id"])
+        assert run_id == uuid.UUID(body["run_id"])
+        await wait_for_state(store, run_id, RunState.SUCCESS, timeout=60)
+        assert (await store.runs.get(run_id)).submitted_by == "ops-bot"
+
+        # Read it back: the run, its history and its output, a page at a time.
+        detail = (await http.get(f"/runs/{run_id}", headers=read)).json()
+        assert detail["run"]["state"] == "SUCCESS" and detail["run"]["submitted_by"] == "ops-bot"
+        assert [e["to_state"] for e in detail["events"] if e["to_state"]][-1] == "SUCCESS"
+
+        async def output_lines() -> list[str]:
+            lines, after = [], None
+            while True:
+                params = {"limit": 2, **({"after": after} if after else {})}
+                page = (
+                    await http.get(f"/runs/{run_id}/output", params=params, headers=read)
+                ).json()
+                lines += [line["line"] for line in page["lines"]]
+                after = page["next_after"]
+                if after is None:
+                    return lines
+
+        for _ in range(100):
+            if await output_lines() == ["one", "two", "three"]:
+                break
+            await asyncio.sleep(0.1)
+        assert await output_lines() == ["one", "two", "three"]
+
+        # Cancel: a read token may not; a running run is canceled; a finished one says so.
+        long = submission(stack, command=["sleep", "300"])
+        await http.post("/runs", json=long, headers=operate)
+        long_id = uuid.UUID(long["run_id"])
+        await wait_for_state(store, long_id, RunState.STARTED, timeout=60)
+        denied = await http.post(f"/runs/{long_id}/cancel", json={}, headers=read)
+        assert denied.status_code == 403
+        canceled = await http.post(f"/runs/{long_id}/cancel", json={"grace_s": 1}, headers=operate)
+        assert canceled.status_code == 202 and canceled.json()["state"] in ("CANCELING", "CANCELED")
+        await wait_for_state(store, long_id, RunState.CANCELED, timeout=60)
+        finished = await http.post(f"/runs/{run_id}/cancel", json={}, headers=operate)
+        assert finished.status_code == 409 and "has ended already: SUCCESS" in finished.text
+
+        # The other listings answer.
+        agents = (await http.get("/agents", headers=read)).json()
+        assert [a["agent_id"] for a in agents] == [stack.agent_id(0)]
+        assert (await http.get("/locations", headers=read)).json() == []
+        assert (await http.get("/limits", headers=read)).json() == []
+        assert isinstance((await http.get("/alerts", headers=read)).json(), list)
+        missing = await http.get(f"/runs/{uuid.uuid4()}", headers=read)
+        assert missing.status_code == 404
+
+
+async def test_bad_input_is_answered_4xx_with_the_field_named(stack: Stack) -> None:
+    await stack.start_control_plane()
+    _, base = await stack.start_web()
+    operate = bearer(await token(stack, "ops", "operate"))
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        cases: list[tuple[str, str, Any, str]] = [
+            ("post", "/runs", {"image": "busybox"}, "run_id"),
+            ("post", "/runs", {**submission(stack), "queue": "no.dots"}, "queue"),
+            ("post", "/runs", {**submission(stack), "memory_limit_mb": "lots"}, "memory_limit_mb"),
+            ("post", "/runs", {**submission(stack), "priority": 5000}, "priority"),
+            ("post", "/runs", {**submission(stack), "cpus": -1}, "cpus"),
+            ("post", "/runs", "not json", ""),
+            ("get", "/runs?state=SLEEPING", None, "state"),
+            ("get", "/runs?limit=0", None, "limit"),
+            ("get", "/runs?cursor=%%%", None, "cursor"),
+            ("get", "/runs?since=yesterday", None, "since"),
+            ("get", "/runs?tag=team", None, "tag"),
+            ("get", f"/runs/{uuid.uuid4()}/output?after=x", None, ""),
+            ("get", "/runs/not-a-uuid", None, ""),
+        ]
+        for method, path, body, field in cases:
+            if method == "post":
+                content = body if isinstance(body, str) else json.dumps(body)
+                answer = await http.post(
+                    path, content=content, headers={**operate, "content-type": "application/json"}
+                )
+            else:
+                answer = await http.get(path, headers=operate)
+            assert 400 <= answer.status_code < 500, (path, body, answer.status_code, answer.text)
+            assert answer.headers["content-type"].startswith("application/json"), answer.text
+            assert field in answer.text, (path, body, answer.text)
+
+
+async def test_runs_are_filtered_and_paged(stack: Stack, store: Database) -> None:
+    await stack.start_control_plane()  # no agent: the runs stay QUEUED
+    _, base = await stack.start_web()
+    read = bearer(await token(stack, "viewer", "read"))
+    async with stack.client() as client:
+        ml = [
+            await client.submit(stack.run_image, ["true"], queue=stack.queue, tags={"team": "ml"})
+            for _ in range(5)
+        ]
+        other = [
+            await client.submit(stack.run_image, ["true"], queue=stack.queue) for _ in range(2)
+        ]
+    for run_id in [*ml, *other]:
+        await wait_for_state(store, run_id, RunState.QUEUED, timeout=30)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"tag": "team=ml", "limit": 2, "state": "queued"}
+            if cursor:
+                params["cursor"] = cursor
+            page = (await http.get("/runs", params=params, headers=read)).json()
+            assert len(page["runs"]) <= 2
+            seen += [r["run_id"] for r in page["runs"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert sorted(seen) == sorted(str(r) for r in ml) and len(seen) == len(set(seen))
+        everything = (await http.get("/runs", params={"queue": stack.queue}, headers=read)).json()
+        assert len(everything["runs"]) == 7 and everything["next_cursor"] is None
+        created = [r["created_at"] for r in everything["runs"]]
+        assert created == sorted(created, reverse=True)
+        none = (await http.get("/runs", params={"queue": "elsewhere"}, headers=read)).json()
+        assert none == {"runs": [], "next_cursor": None}
+
+
+async def read_events(
+    http: httpx.AsyncClient, headers: dict[str, str], count: int, **params: Any
+) -> list[tuple[int, str, dict[str, Any]]]:
+    """The first ``count`` events of the stream: (id, kind, data)."""
+    found: list[tuple[int, str, dict[str, Any]]] = []
+    async with http.stream("GET", "/events", params=params, headers=headers) as stream:
+        assert stream.status_code == 200
+        frame: dict[str, str] = {}
+        async for line in stream.aiter_lines():
+            if line == "":
+                if "id" in frame:
+                    found.append((int(frame["id"]), frame["event"], json.loads(frame["data"])))
+                    if len(found) == count:
+                        return found
+                frame = {}
+            elif not line.startswith(":"):
+                key, _, value = line.partition(": ")
+                frame[key] = value
+    return found
+
+
+async def test_events_resume_after_last_event_id_across_a_web_restart(
+    stack: Stack, store: Database
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent(0)
+    web, base = await stack.start_web()
+    read = bearer(await token(stack, "viewer", "read"))
+    async with stack.client() as client:
+        first = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+    await wait_for_state(store, first, RunState.SUCCESS, timeout=60)
+    history = await store.runs.events(first)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        got = await asyncio.wait_for(
+            read_events(http, read, 2, last_event_id=0, run_id=str(first)), 30
+        )
+    assert [seq for seq, _, _ in got] == [e.seq for e in history[:2]]
+    last_seen = got[-1][0]
+
+    # The web process goes away; runs go on; a new one serves whatever came since.
+    web.stop()
+    async with stack.client() as client:
+        second = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+    await wait_for_state(store, second, RunState.SUCCESS, timeout=60)
+    _, base = await stack.start_web()
+    everything = [e.seq for e in await store.runs.events(first)] + [
+        e.seq for e in await store.runs.events(second)
+    ]
+    missed = sorted(seq for seq in everything if seq > last_seen)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        resumed = await asyncio.wait_for(
+            read_events(http, {**read, "Last-Event-ID": str(last_seen)}, len(missed)),
+            30,
+        )
+    assert [seq for seq, _, _ in resumed] == missed
+    assert {data["run_id"] for _, _, data in resumed} == {str(first), str(second)}
