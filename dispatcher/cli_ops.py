@@ -42,17 +42,24 @@ def agents_list(
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
 ) -> None:
-    """Every agent heard of: status (ALIVE or LOST), silence, queues, runs in flight."""
+    """Every agent heard of: status (ALIVE, DRAINING, LOST, LEFT), silence, runs in flight,
+    declared capacity ("-": not counted) and queues."""
 
     agents = with_store(database_url, database_schema, lambda s: s.agents.all())
     if as_json:
         typer.echo(json.dumps(agents, indent=2, default=_json_default))
         return
-    typer.echo(f"{'AGENT':30}  {'STATUS':6}  {'SILENT':>8}  {'RUNS':>4}  QUEUES")
+    typer.echo(
+        f"{'AGENT':30}  {'STATUS':8}  {'SILENT':>8}  {'RUNS':>4}  {'CPUS':>5}  {'MEM MB':>7}  "
+        f"{'GPUS':>4}  QUEUES"
+    )
     for agent in agents:
+        cpus = "-" if agent["cpus"] is None else f"{agent['cpus']:g}"
+        memory = "-" if agent["memory_mb"] is None else str(agent["memory_mb"])
         typer.echo(
-            f"{agent['agent_id']:30}  {agent['status']:6}  {agent['silent_s']:7.1f}s  "
-            f"{len(agent['in_flight']):>4}  {', '.join(agent['queues'])}"
+            f"{agent['agent_id']:30}  {agent['status']:8}  {agent['silent_s']:7.1f}s  "
+            f"{len(agent['in_flight']):>4}  {cpus:>5}  {memory:>7}  {agent['gpus']:>4}  "
+            f"{', '.join(agent['queues'])}"
         )
 
 

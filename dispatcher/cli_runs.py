@@ -109,6 +109,10 @@ def runs_show(
                     "agent_id": run.agent_id,
                     "container_id": run.container_id,
                     "priority": run.priority,
+                    "cpus": run.cpus,
+                    "memory_limit_mb": run.memory_limit_mb,
+                    "gpus": run.gpus,
+                    "submitted_by": run.submitted_by,
                     "waiting": waiting,
                     "output_tail": run.output_tail,
                     "progress": progress,
@@ -131,6 +135,13 @@ def runs_show(
     typer.echo(f"state     {run.state.value} (attempt {run.attempt})")
     typer.echo(f"image     {run.image}  command {json.dumps(run.command)}")
     typer.echo(f"queue     {run.queue}  agent {run.agent_id or '-'}  priority {run.priority}")
+    asks = [
+        f"{run.cpus:g} CPUs" if run.cpus is not None else "",
+        f"{run.memory_limit_mb} MB" if run.memory_limit_mb is not None else "",
+        f"{run.gpus} GPUs" if run.gpus else "",
+    ]
+    if any(asks):
+        typer.echo(f"asks for  {', '.join(a for a in asks if a)}")
     if waiting:
         typer.echo(f"waiting   for {waiting}: sent to its queue once there is room")
     if run.exit_code is not None:

@@ -39,6 +39,7 @@ from schemas.topology import (
     follow_pattern,
 )
 from transport.connection import Connection, connect
+from transport.dead_letters import DeadLetter, peek_dead_letters
 from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.publisher import Publisher
 from transport.subscription import Subscription
@@ -229,6 +230,13 @@ class Client:
             raise BrokerUnavailable(
                 f"{exc} (is the control plane running? it declares {REQUESTS_EXCHANGE})"
             ) from exc
+
+    async def dead_letters(self, limit: int = 20) -> list[DeadLetter]:
+        """Up to ``limit`` dead letters, oldest first, with the queue each came from and why;
+        they stay in the dead-letter queue."""
+        if self._connection is None:
+            raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
+        return await peek_dead_letters(self._connection, limit)
 
     async def submit_job(
         self,

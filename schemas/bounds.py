@@ -131,8 +131,9 @@ ExitCode = Annotated[int, msgspec.Meta(ge=-1, le=255)]
 LineNo = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 Generation = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 MemoryMb = Annotated[int, msgspec.Meta(ge=6, le=1_048_576)]
-#: CPUs a run asks for (Docker's nano-CPUs, so fractions count) or an agent offers.
-Cpus = Annotated[float, msgspec.Meta(gt=0, le=4096)]
+#: CPUs a run asks for (Docker's nano-CPUs, so fractions count; 0.01 is Docker's least) or
+#: an agent offers.
+Cpus = Annotated[float, msgspec.Meta(ge=0.01, le=4096)]
 #: GPUs a run asks for or an agent offers.
 Gpus = Annotated[int, msgspec.Meta(ge=0, le=256)]
 #: Higher first among the runs a concurrency limit holds back.

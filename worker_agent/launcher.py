@@ -5,8 +5,8 @@ Promises kept here:
 - a redelivered LaunchRun adopts the container of the same name instead of starting another;
 - an instruction that waits on purpose (no free slot or no room in the agent's capacity yet,
   Docker unreachable, its location still loading) is held unacked and retried here, never
-  nacked back: the queues count every redelivery against a delivery limit. At shutdown it is
-  left unacked, and goes back to its queue when the channel closes;
+  nacked back: the queues count every redelivery against a delivery limit. At shutdown or at
+  the start of a drain it goes back to its queue (nacked), for another agent;
 - a run that asks for more than the agent's whole capacity fails at once (LAUNCH_ERROR, with
   what it asks and what the agent offers): it could only wait forever here;
 - on start, containers this agent labelled before are adopted and their state reported;
@@ -127,7 +127,8 @@ class Launcher:
     async def _hold_slot(self, launch: LaunchRun, raw: InboundDelivery) -> Attempt | None:
         """A slot for the launch, and room for what its run asks, waiting in line for them if
         need be; None when there is nothing to launch (done before, fenced, or asking more
-        than this agent offers in all: settled here) or the agent stops (left unacked)."""
+        than this agent offers in all: settled here) or the agent stops or drains (sent back to
+        its queue)."""
         key = (launch.run_id, launch.attempt)
         need = Resources.asked(launch.cpus, launch.memory_limit_mb, launch.gpus)
         held = False
@@ -160,7 +161,10 @@ class Launcher:
             if attempt is not None:
                 return attempt
             if self._stopping.is_set() and self.slots.fenced(key) is None:
-                return None  # left unacked: back to its queue when the channel closes
+                # Back to its queue now, for another agent: a drain keeps this channel open
+                # for as long as its running containers take.
+                await settle(raw.nack(requeue=True))
+                return None
 
     def _log_held(self, key: AttemptKey, need: Resources) -> None:
         short = self.slots.lacks(need)

@@ -50,7 +50,8 @@ def _id(run_id: uuid.UUID, attempt: int, what: str) -> uuid.UUID:
 async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled:
     """Cancel ``request.run_id`` (see the module docstring), in the caller's transaction."""
     run = await connection.fetchrow(
-        "SELECT run_id, attempt, state, queue, agent_id FROM runs WHERE run_id = $1 FOR UPDATE",
+        "SELECT run_id, attempt, state, queue, agent_id, held FROM runs WHERE run_id = $1"
+        " FOR UPDATE",
         request.run_id,
     )
     if run is None:
@@ -64,7 +65,12 @@ async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled
     attempt: int = run["attempt"]
     if state == RunState.QUEUED:
         await _record(connection, request, attempt, state, RunState.CANCELED, why)
-        fences = await never_launch(connection, request.run_id, attempt, run["queue"], why)
+        # A run a limit held never had a LaunchRun: no agent needs telling.
+        fences = (
+            []
+            if run["held"]
+            else await never_launch(connection, request.run_id, attempt, run["queue"], why)
+        )
         ended = RunEnded(
             message_id=_id(request.run_id, attempt, "ended"),
             run_id=request.run_id,

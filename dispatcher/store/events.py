@@ -150,14 +150,14 @@ async def _schedule_retry(
         delay_s=delay,
         message=failed.message,
     )
+    launch = outbox.OutboxItem(
+        runs.launch(runs.decoded(run), attempt), INSTRUCTIONS_EXCHANGE, run["queue"], delay
+    )
+    # A run a limit still holds (it timed out waiting) gets its next attempt from the
+    # admitter, like its first.
     await outbox.insert(
         connection,
-        [
-            outbox.OutboxItem(
-                runs.launch(runs.decoded(run), attempt), INSTRUCTIONS_EXCHANGE, run["queue"], delay
-            ),
-            outbox.answer(retrying),
-        ],
+        [launch, outbox.answer(retrying)] if not run["held"] else [outbox.answer(retrying)],
     )
     log.info(
         "run %s attempt %d failed (%s); attempt %d in %.1f s",

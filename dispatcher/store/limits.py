@@ -24,6 +24,7 @@ from .connections import Connections
 
 __all__ = [
     "ADMIT_CHANNEL",
+    "ADMIT_LOCK",
     "COVERS",
     "HOLDING",
     "Limit",
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 #: NOTIFY channel that wakes the admitter: a held run was created, a slot may have freed, a
 #: limit changed.
 ADMIT_CHANNEL = "hd_admit"
+#: One admission pass, or one change of the limits, at a time, across processes.
+ADMIT_LOCK = 0x68642D61646D  # "hd-adm"
 #: Whether run ``r`` falls under limit ``l``, in SQL (one place, read by every query here).
 COVERS = """(l.scope = 'global'
               OR (l.scope = 'queue' AND r.queue = l.name)
@@ -75,6 +78,7 @@ class Limits:
     async def set(self, key: str, max_running: int, actor: str) -> Limit:
         limit = parse(key, max_running)
         async with self._connections.transaction() as connection:
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", ADMIT_LOCK)
             await audit.record(
                 connection, actor, "limit.set", limit.key, {"max_running": max_running}
             )
@@ -98,6 +102,7 @@ class Limits:
         """Remove a limit (the runs it held go on); False if there was none."""
         limit = parse(key)
         async with self._connections.transaction() as connection:
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", ADMIT_LOCK)
             status = await connection.execute("DELETE FROM limits WHERE key = $1", limit.key)
             if status.endswith(" 1"):
                 await audit.record(connection, actor, "limit.remove", limit.key)
@@ -112,7 +117,7 @@ class Limits:
                 SELECT l.key, l.scope, l.name, l.value, l.max_running,
                        (SELECT count(*) FROM runs r WHERE {HOLDING} AND {COVERS}) AS running,
                        (SELECT count(*) FROM runs r
-                        WHERE r.held AND r.state = 'QUEUED' AND r.held_by = l.key) AS waiting
+                        WHERE r.held AND r.state = 'QUEUED' AND {COVERS}) AS waiting
                 FROM limits l ORDER BY l.key
                 """
             )

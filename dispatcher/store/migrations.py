@@ -333,6 +333,27 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        14,
+        "a NOTIFY when run events are stored",
+        """
+        -- Wakes the HTTP API's event streams at once (one notification per statement, and
+        -- one per transaction at most: PostgreSQL folds equal ones).
+        CREATE FUNCTION hd_run_events_stored() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            PERFORM pg_notify('hd_run_events', '');
+            RETURN NULL;
+        END
+        $fn$;
+        CREATE TRIGGER run_events_stored AFTER INSERT ON run_events FOR EACH STATEMENT
+            EXECUTE FUNCTION hd_run_events_stored();
+        -- When the row was written, not when its transaction began: an event stream takes a
+        -- gap before a row this old for good (see dispatcher/web/sse.py).
+        ALTER TABLE run_events ALTER COLUMN recorded_at SET DEFAULT clock_timestamp();
+        -- The slot trigger reads the limits of its own schema, whatever the session's path.
+        ALTER FUNCTION hd_slot_freed() SET search_path FROM CURRENT;
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

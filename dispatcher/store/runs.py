@@ -124,6 +124,9 @@ class RunRow:
     location: str | None
     job: str | None
     submitted_by: str | None
+    memory_limit_mb: int | None
+    cpus: float | None
+    gpus: int
     priority: int
     #: Held back by a concurrency limit (QUEUED, no LaunchRun yet); ``held_by`` names it.
     held: bool
@@ -313,29 +316,31 @@ class Runs:
     ) -> list[RunRow]:
         """Runs newest first, filtered; ``before`` is the (created_at, run_id) of the last run
         of the previous page (a keyset cursor: stable while runs are added)."""
+        # Only the filters given go into the query (as fixed fragments; every value is a
+        # parameter), so that the planner sees each one and picks its index.
+        wanted: list[tuple[str, object]] = [
+            ("state = ${}", filters.state),
+            ("queue = ${}", filters.queue),
+            ("location = ${}", filters.location),
+            ("tags @> ${}::jsonb", json.dumps(filters.tags) if filters.tags else None),
+            ("created_at >= ${}", filters.since),
+            ("created_at < ${}", filters.until),
+        ]
+        clauses, values = [], []
+        for fragment, value in wanted:
+            if value is not None:
+                values.append(value)
+                clauses.append(fragment.format(len(values)))
+        if before is not None:
+            values += [before[0], before[1]]
+            clauses.append(f"(created_at, run_id) < (${len(values) - 1}, ${len(values)}::uuid)")
+        values.append(limit)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = (
+            f"SELECT * FROM runs {where} ORDER BY created_at DESC, run_id DESC LIMIT ${len(values)}"
+        )
         async with self._connections.connection() as connection:
-            records = await connection.fetch(
-                """
-                SELECT * FROM runs
-                WHERE ($1::text IS NULL OR state = $1)
-                  AND ($2::text IS NULL OR queue = $2)
-                  AND ($3::text IS NULL OR location = $3)
-                  AND ($4::jsonb IS NULL OR tags @> $4::jsonb)
-                  AND ($5::timestamptz IS NULL OR created_at >= $5)
-                  AND ($6::timestamptz IS NULL OR created_at < $6)
-                  AND ($7::timestamptz IS NULL OR (created_at, run_id) < ($7, $8::uuid))
-                ORDER BY created_at DESC, run_id DESC LIMIT $9
-                """,
-                filters.state,
-                filters.queue,
-                filters.location,
-                json.dumps(filters.tags) if filters.tags else None,
-                filters.since,
-                filters.until,
-                before[0] if before else None,
-                before[1] if before else None,
-                limit,
-            )
+            records = await connection.fetch(query, *values)
         return [RunRow.from_record(r) for r in records]
 
     async def events_after(
@@ -359,27 +364,46 @@ class Runs:
             )
         return [(r["run_id"], _event_row(r)) for r in records]
 
-    async def sequence_after(self, seq: int, limit: int = 1000) -> list[int]:
-        """The event sequence numbers visible above ``seq``, in order (gaps are events not
-        committed yet, or never)."""
+    async def sequence_after(
+        self, seq: int, limit: int = 1000
+    ) -> tuple[list[tuple[int, float]], bool]:
+        """The event sequence numbers visible above ``seq``, in order, each with its row's
+        age in seconds; and whether no other transaction is open (then every gap is final:
+        numbers taken by inserts that rolled back, or that conflicted)."""
         async with self._connections.connection() as connection:
             records = await connection.fetch(
-                "SELECT seq FROM run_events WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit
+                """
+                SELECT seq, extract(epoch FROM clock_timestamp() - recorded_at)::float8 AS age
+                FROM run_events WHERE seq > $1 ORDER BY seq LIMIT $2
+                """,
+                seq,
+                limit,
             )
-        return [r["seq"] for r in records]
+            quiet = await connection.fetchval(
+                "SELECT pg_snapshot_xmin(s) = pg_snapshot_xmax(s) FROM pg_current_snapshot() s"
+            )
+        return [(r["seq"], r["age"]) for r in records], bool(quiet)
 
-    async def answer(self, run_id: uuid.UUID) -> tuple[bool, str | None]:
-        """What the intake made of a submission: (the run exists, why it was refused)."""
+    async def answer(
+        self, run_id: uuid.UUID, idempotency_key: str | None = None
+    ) -> tuple[uuid.UUID | None, str | None]:
+        """What the intake made of a submission: (the run that has its id or its idempotency
+        key, why it was refused)."""
         async with self._connections.connection() as connection:
-            if await connection.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id):
-                return True, None
+            found = await connection.fetchval(
+                "SELECT run_id FROM runs WHERE run_id = $1 OR idempotency_key = $2 LIMIT 1",
+                run_id,
+                idempotency_key or str(run_id),
+            )
+            if found is not None:
+                return found, None
             payload = await connection.fetchval(
                 "SELECT payload FROM outbox WHERE run_id = $1 AND kind = 'RunRejected' LIMIT 1",
                 run_id,
             )
         if payload is None:
-            return False, None
-        return False, str(msgspec.json.decode(payload).get("reason", "refused"))
+            return None, None
+        return None, str(msgspec.json.decode(payload).get("reason", "refused"))
 
     async def last_event_seq(self) -> int:
         async with self._connections.connection() as connection:

@@ -161,10 +161,11 @@ class Supervision:
             applied = await self._fail(
                 connection, run.run_id, run.attempt, FailureReason.QUEUE_TIMEOUT, note, None
             )
-            state = await connection.fetchval(
-                "SELECT state FROM runs WHERE run_id = $1", run.run_id
+            state, held = await connection.fetchrow(
+                "SELECT state, held FROM runs WHERE run_id = $1", run.run_id
             )
-            if applied and state in TERMINAL:
+            # A run a limit held never had a LaunchRun: no agent needs telling.
+            if applied and state in TERMINAL and not held:
                 fences = await cancellation.never_launch(
                     connection, run.run_id, run.attempt, run.queue, note
                 )

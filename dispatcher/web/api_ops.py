@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Annotated, Any
 
 from litestar import Controller, get
-from litestar.exceptions import NotFoundException
 from litestar.params import Parameter
 from litestar.response import Response
 
-from ..errors import DispatcherError, LocationNotFound
+from ..errors import DispatcherError
 from ..store import Database
+from .broker import Broker
 
 
 class OpsController(Controller):
@@ -31,18 +30,6 @@ class OpsController(Controller):
         """Every agent heard of: status, silence, queues, capacity, runs in flight."""
         return await store.agents.all()
 
-    @get("/locations", tags=["locations"])
-    async def locations(self, store: Database) -> list[dict[str, Any]]:
-        """Code locations: state, generation, image, queue and jobs with their schemas."""
-        return [asdict(location) for location in await store.locations.all()]
-
-    @get("/locations/{name:str}", tags=["locations"])
-    async def location(self, store: Database, name: str) -> dict[str, Any]:
-        try:
-            return asdict(await store.locations.get(name))
-        except LocationNotFound:
-            raise NotFoundException(f"no location {name!r}") from None
-
     @get("/alerts", tags=["alerts"])
     async def alerts(
         self, store: Database, limit: Annotated[int, Parameter(ge=1, le=1000)] = 50
@@ -52,11 +39,27 @@ class OpsController(Controller):
 
     @get("/overview", tags=["overview"])
     async def overview(
-        self, store: Database, hours: Annotated[float, Parameter(gt=0, le=24 * 31)] = 6
+        self, store: Database, hours: Annotated[float, Parameter(gt=0, le=24 * 7)] = 6
     ) -> dict[str, Any]:
         """Runs created in the last ``hours`` by state (24 intervals), failure reasons, and
         launch latency percentiles (created to STARTED, from the stored events)."""
         return await store.overview.recent(hours)
+
+    @get("/dead-letters", tags=["dead letters"], opt={"scope": "operate"})
+    async def dead_letters(
+        self, broker: Broker, limit: Annotated[int, Parameter(ge=1, le=500)] = 50
+    ) -> list[dict[str, Any]]:
+        """Messages a consumer could not take, oldest first, with the queue each came from and
+        why (they stay in the dead-letter queue)."""
+        return [
+            {
+                "source_queue": letter.source_queue,
+                "reason": letter.reason,
+                "message_id": letter.message_id,
+                "body": letter.body[:4096].decode("utf-8", errors="replace"),
+            }
+            for letter in await broker.dead_letters(limit)
+        ]
 
     @get("/limits", tags=["limits"])
     async def limits(self, store: Database) -> list[dict[str, Any]]:

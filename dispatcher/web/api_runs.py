@@ -10,7 +10,7 @@ import asyncio
 import base64
 import binascii
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -18,7 +18,8 @@ from litestar import Controller, Request, get, post
 from litestar.exceptions import ClientException, NotFoundException, ValidationException
 from litestar.params import Parameter
 
-from schemas import SubmitRun
+from schemas import SubmitRun, is_safe_name
+from schemas.bounds import INT32_MAX
 
 from ..client import check_submission
 from ..errors import InvalidSubmission, RunNotFound
@@ -41,8 +42,11 @@ def _after_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, _, run_id = raw.partition("|")
-        return datetime.fromisoformat(at), uuid.UUID(run_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError(at)
+        return when.astimezone(UTC), uuid.UUID(run_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         raise ValidationException(
             "cursor: not a cursor this API gave (pass next_cursor as it is)"
         ) from None
@@ -54,10 +58,31 @@ def _tags(tag: list[str] | None) -> dict[str, str] | None:
     tags = {}
     for pair in tag:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValidationException(f"tag: KEY=VALUE, not {pair!r}")
+        if not sep or not key or "\x00" in pair or len(pair) > 1000:
+            raise ValidationException(
+                f"tag: KEY=VALUE (no NUL, 1000 characters at most), not {pair[:60]!r}"
+            )
         tags[key] = value
     return tags
+
+
+def _name(field: str, value: str | None) -> str | None:
+    """A queue or location name to filter on: it has a name's form, or nothing has it."""
+    if value is not None and not is_safe_name(value):
+        raise ValidationException(
+            f"{field}: 1 to 64 letters, digits, '_' and '-', not {value[:60]!r}"
+        )
+    return value
+
+
+def _instant(field: str, value: datetime | None) -> datetime | None:
+    """A time to filter on, in UTC; one without a zone is taken as UTC."""
+    if value is None:
+        return None
+    try:
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ValidationException(f"{field}: a time between the years 1 and 9999") from None
 
 
 async def _run(store: Database, run_id: uuid.UUID) -> views.RunSummary:
@@ -93,11 +118,11 @@ class RunsController(Controller):
             )
         filters = RunFilters(
             state=run_state.upper() if run_state else None,
-            queue=queue,
-            location=location,
+            queue=_name("queue", queue),
+            location=_name("location", location),
             tags=_tags(tag),
-            since=since,
-            until=until,
+            since=_instant("since", since),
+            until=_instant("until", until),
         )
         before = _after_cursor(cursor) if cursor else None
         rows = await store.runs.page(filters, limit + 1, before)
@@ -130,21 +155,25 @@ class RunsController(Controller):
         self,
         store: Database,
         run_id: uuid.UUID,
-        attempt: Annotated[int | None, Parameter(ge=1)] = None,
+        attempt: Annotated[int | None, Parameter(ge=1, le=1000)] = None,
         after: Annotated[
             str | None, Parameter(description="ATTEMPT:LINE of the last line seen")
         ] = None,
         limit: Annotated[int, Parameter(ge=1, le=10_000)] = 1000,
     ) -> views.OutputPage:
         """A run's forwarded output lines, in order, a page at a time."""
-        await _run(store, run_id)
         start = (0, -1)
         if after:
             a, _, n = after.partition(":")
             try:
                 start = (int(a), int(n))
             except ValueError:
-                raise ValidationException(f"after: ATTEMPT:LINE, not {after!r}") from None
+                start = (-1, -1)
+            if not (0 <= start[0] <= 1000 and 0 <= start[1] <= INT32_MAX):
+                raise ValidationException(
+                    f"after: ATTEMPT:LINE as next_after gave it, not {after[:40]!r}"
+                ) from None
+        await _run(store, run_id)
         lines = await store.output.page(run_id, attempt, start, limit + 1)
         page = [views.OutputLine(*line) for line in lines[:limit]]
         last = page[-1] if page else None
@@ -166,11 +195,13 @@ class RunsController(Controller):
         await broker.submit(msgspec.structs.replace(data, submitted_by=token_of(request).name))
         # The intake's word is in PostgreSQL: the run, or the RunRejected it answered with.
         for _ in range(int(ANSWER_WITHIN_S / 0.05)):
-            accepted, reason = await store.runs.answer(data.run_id)
+            found, reason = await store.runs.answer(data.run_id, data.idempotency_key)
             if reason is not None:
                 raise ClientException(f"submission rejected: {reason}", status_code=422)
-            if accepted:
-                return views.Submitted(run_id=data.run_id, status="accepted")
+            if found is not None:
+                # Another run_id: the idempotency key named a run submitted before.
+                status = "accepted" if found == data.run_id else "existing"
+                return views.Submitted(run_id=found, status=status)
             await asyncio.sleep(0.05)
         return views.Submitted(run_id=data.run_id, status="sent")
 

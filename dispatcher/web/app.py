@@ -3,6 +3,7 @@ the store and broker connections opened for the process's lifetime."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,15 +19,18 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 
+from schemas.bounds import INT64_MAX
+
 from ..client import Client
 from ..errors import DispatcherError, StoreUnavailable
 from ..settings import WebSettings
 from ..store import Database
+from .api_locations import LocationsController
 from .api_ops import OpsController
 from .api_runs import RunsController
-from .auth import require_token
+from .auth import SESSION_COOKIE, require_token, still_allowed
 from .broker import Broker
-from .sse import EventStream
+from .sse import EventStream, Wakeups
 from .ui import ui_router
 
 API = "/api/v1"
@@ -52,24 +56,40 @@ async def events(
         Parameter(
             query="last_event_id",
             ge=0,
+            le=INT64_MAX,
             description="Resume after this event (the Last-Event-ID header does the same)",
         ),
     ] = None,
 ) -> ServerSentEvent:
     """Run events as Server-Sent Events (``id`` is the event's sequence number), from now, or
-    after ``Last-Event-ID``; ``run_id`` keeps one run's."""
+    after ``Last-Event-ID``; ``run_id`` keeps one run's. The stream ends when the token is
+    revoked or the session ends."""
     header = request.headers.get("last-event-id")
     if header is not None:
-        try:
-            last_event_id = int(header)
-        except ValueError:
-            raise ValidationException(f"Last-Event-ID: a number, not {header!r}") from None
+        if not header.isdigit() or int(header) > INT64_MAX:
+            raise ValidationException(
+                f"Last-Event-ID: an event id this stream sent (a number), not {header[:40]!r}"
+            )
+        last_event_id = int(header)
     after = last_event_id if last_event_id is not None else await store.runs.last_event_seq()
-    return ServerSentEvent(EventStream(store, after, run_id).frames())
+    wakeups: Wakeups = request.app.state.wakeups
+    authorization = request.headers.get("authorization", "")
+    cookie = request.cookies.get(SESSION_COOKIE)
+
+    async def allowed() -> bool:
+        return await still_allowed(store, authorization, cookie)
+
+    return ServerSentEvent(EventStream(store, wakeups, after, run_id, allowed=allowed).frames())
 
 
 def _unavailable(_: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
     return Response({"status_code": 503, "detail": str(exc)}, status_code=503)
+
+
+def _too_deep(_: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
+    return Response(
+        {"status_code": 400, "detail": "the body is nested too deeply to read"}, status_code=400
+    )
 
 
 def create_app(settings: WebSettings) -> Litestar:
@@ -81,11 +101,19 @@ def create_app(settings: WebSettings) -> Litestar:
             async with Client(settings.amqp_url) as client:
                 app.state.store = store
                 app.state.broker = Broker(client)
-                yield
+                app.state.wakeups = wakeups = Wakeups()
+                listening = asyncio.create_task(wakeups.run(store), name="event-wakeups")
+                try:
+                    yield
+                finally:
+                    listening.cancel()
+                    await asyncio.gather(listening, return_exceptions=True)
         finally:
             await store.close()
 
-    api = Router(path=API, route_handlers=[RunsController, OpsController, events])
+    api = Router(
+        path=API, route_handlers=[RunsController, LocationsController, OpsController, events]
+    )
     return Litestar(
         route_handlers=[api, ui_router()],
         lifespan=[connections],
@@ -110,5 +138,9 @@ def create_app(settings: WebSettings) -> Litestar:
                 }
             ),
         ),
-        exception_handlers={StoreUnavailable: _unavailable, DispatcherError: _unavailable},
+        exception_handlers={
+            StoreUnavailable: _unavailable,
+            DispatcherError: _unavailable,
+            RecursionError: _too_deep,
+        },
     )

@@ -10,6 +10,7 @@ cookie, never the header.
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -38,9 +39,30 @@ async def require_token(
         return
     needed = handler.opt.get("scope", "read")
     store: Database = connection.app.state.store
-    header = connection.headers.get("authorization", "")
-    cookie = connection.cookies.get(SESSION_COOKIE)
-    found: ApiToken | None
+    found, csrf = await credentials(
+        store, connection.headers.get("authorization", ""), connection.cookies.get(SESSION_COOKIE)
+    )
+    if csrf is not None:
+        connection.scope[CSRF_KEY] = csrf  # type: ignore[literal-required]
+        sent = connection.headers.get(CSRF_HEADER, "")
+        if connection.scope.get("method", "GET") not in _SAFE and not hmac.compare_digest(
+            sent.encode(), csrf.encode()
+        ):
+            raise PermissionDeniedException(
+                "a change made with the session cookie needs its CSRF token (X-CSRF-Token)"
+            )
+    if not allows(found.scope, needed):
+        raise PermissionDeniedException(
+            f"the token {found.name!r} has scope {found.scope!r}; this needs {needed!r}"
+        )
+    connection.scope[TOKEN_KEY] = found  # type: ignore[literal-required]
+
+
+async def credentials(
+    store: Database, header: str, cookie: str | None
+) -> tuple[ApiToken, str | None]:
+    """The live token a request carries (a bearer token, or the session cookie's) and, for a
+    session, its CSRF token; NotAuthorizedException when there is none."""
     if header:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -48,27 +70,24 @@ async def require_token(
         found = await store.api_tokens.check(token.strip())
         if found is None:
             raise NotAuthorizedException("the API token is unknown or revoked")
-    elif cookie:
+        return found, None
+    if cookie:
         session = await store.api_tokens.session(cookie)
         if session is None:
             raise SignInNeeded("the session has ended; sign in again")
-        found, csrf = session
-        connection.scope[CSRF_KEY] = csrf  # type: ignore[literal-required]
-        if connection.scope.get("method", "GET") not in _SAFE and (
-            connection.headers.get(CSRF_HEADER) != csrf
-        ):
-            raise PermissionDeniedException(
-                "a change made with the session cookie needs its CSRF token (X-CSRF-Token)"
-            )
-    else:
-        raise SignInNeeded(
-            "an API token is needed: Authorization: Bearer hdw_... (dispatcher api-tokens add)"
-        )
-    if not allows(found.scope, needed):
-        raise PermissionDeniedException(
-            f"the token {found.name!r} has scope {found.scope!r}; this needs {needed!r}"
-        )
-    connection.scope[TOKEN_KEY] = found  # type: ignore[literal-required]
+        return session
+    raise SignInNeeded(
+        "an API token is needed: Authorization: Bearer hdw_... (dispatcher api-tokens add)"
+    )
+
+
+async def still_allowed(store: Database, header: str, cookie: str | None) -> bool:
+    """Whether what let a request in still stands (a long stream asks now and then)."""
+    try:
+        await credentials(store, header, cookie)
+    except NotAuthorizedException:
+        return False
+    return True
 
 
 def token_of(connection: ASGIConnection[Any, Any, Any, Any]) -> ApiToken:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 
 from schemas import SubmitRun
+from transport.dead_letters import DeadLetter
 
 from ..client import Client
 
@@ -20,3 +21,6 @@ class Broker:
 
     async def cancel(self, run_id: uuid.UUID, grace_s: float, reason: str) -> None:
         await self._client.cancel(run_id, grace_s, reason)
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        return await self._client.dead_letters(limit)

@@ -4,37 +4,82 @@ Each event's SSE id is its ``run_events.seq``: a client that reconnects with ``L
 (browsers do it by themselves) gets every event after it, from the table, so a restart of the
 web process loses nothing. Sequence numbers are taken when a transaction inserts and become
 visible when it commits, so a later number can be seen before an earlier one: the stream
-stops at a gap and waits for it to fill (``gap_wait_s``; a rolled-back insert leaves a gap
-that never fills), so it never skips an event that commits late.
+stops at a gap until it fills, or until it is sure it never will (see ``frames``). A stream
+ends when its token is revoked or its session ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 from litestar.response.sse import ServerSentEventMessage
 
+from ..errors import StoreUnavailable
 from ..store import Database
 from . import views
 
+log = logging.getLogger(__name__)
+
 #: Keeps proxies from closing an idle stream.
 KEEPALIVE_S = 15.0
+#: How often an open stream checks that its token or session still stands.
+RECHECK_S = 5.0
+#: NOTIFY channel of run events being stored (migration 14's trigger).
+RUN_EVENTS_CHANNEL = "hd_run_events"
+
+
+class Wakeups:
+    """One LISTEN of the web process, rung to every stream at each NOTIFY of new events."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def ring(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        """Until the next ring, or ``timeout``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+    async def run(self, store: Database) -> None:
+        """Listen until cancelled; a lost connection is opened again (streams still poll)."""
+        while True:
+            try:
+                async with store.connections.listen(RUN_EVENTS_CHANNEL) as notified:
+                    while True:
+                        await notified(5.0)
+                        self.ring()
+            except StoreUnavailable as exc:
+                log.warning("event streams: %s; listening again in 1 s", exc)
+                await asyncio.sleep(1.0)
+
+
+async def _always() -> bool:
+    return True
 
 
 class EventStream:
     def __init__(
         self,
         store: Database,
+        wakeups: Wakeups,
         after: int,
         run_id: uuid.UUID | None = None,
-        poll_s: float = 0.2,
+        poll_s: float = 1.0,
         gap_wait_s: float = 2.0,
+        allowed: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
+        self._allowed = allowed or _always
         self._store = store
+        self._wakeups = wakeups
         self._after = after
         self._run_id = run_id
         self._poll_s = poll_s
@@ -43,15 +88,19 @@ class EventStream:
     async def frames(self) -> AsyncIterator[ServerSentEventMessage]:
         """SSE frames (``id``, ``event``, ``data``), forever; a comment line as keep-alive."""
         horizon = self._after  # every event up to here is visible
-        gap_since: float | None = None
-        quiet_since = time.monotonic()
+        quiet_since = checked = time.monotonic()
         while True:
-            for seq in await self._store.runs.sequence_after(horizon):
-                if seq != horizon + 1:
-                    gap_since = gap_since or time.monotonic()
-                    if time.monotonic() - gap_since < self._gap_wait_s:
-                        break
-                gap_since = None
+            if time.monotonic() - checked > RECHECK_S:
+                checked = time.monotonic()
+                if not await self._allowed():
+                    return  # the token was revoked, or the session ended
+            visible, quiet = await self._store.runs.sequence_after(horizon)
+            for seq, age_s in visible:
+                # A gap is final when no other transaction is open, or when the row after
+                # it is older than gap_wait_s: the number was taken before that row's, so
+                # its transaction has been open that long, or it rolled back.
+                if seq != horizon + 1 and not quiet and age_s < self._gap_wait_s:
+                    break
                 horizon = seq
             sent = False
             while self._after < horizon:
@@ -69,4 +118,5 @@ class EventStream:
             elif time.monotonic() - quiet_since > KEEPALIVE_S:
                 quiet_since = time.monotonic()
                 yield ServerSentEventMessage(comment="keep-alive")
-            await asyncio.sleep(self._poll_s)
+            # A gap fills when its transaction commits, which rings too; the poll is a net.
+            await self._wakeups.wait(self._poll_s)

@@ -30,6 +30,7 @@ PAGES = {
     "agents": "Agents",
     "locations": "Locations",
     "alerts": "Alerts",
+    "dead-letters": "Dead letters",
     "overview": "Overview",
 }
 

@@ -13,6 +13,7 @@ import pytest
 from dispatcher.errors import RunNotFound
 from dispatcher.states import RunState
 from dispatcher.store import Database
+from schemas import SubmitRun
 from tests.integration.conftest import Stack
 from tests.integration.docker_events import ContainerEvents, Life, peak_running
 from tests.integration.test_dispatch import wait_for_state
@@ -224,3 +225,24 @@ async def _held(store: Database, run_id: uuid.UUID) -> bool:
     except RunNotFound:
         return False
     return run.held and run.held_by is not None
+
+
+async def test_runs_behind_a_thousand_blocked_ones_are_reached(store: Database) -> None:
+    """The admitter reads only held runs no full limit covers: a run under a limit with room
+    starts even behind more blocked runs than one pass reads."""
+    await store.limits.set("queue:blocked", 0, "test")
+    await store.limits.set("queue:open", 1, "test")
+    blocked = [
+        SubmitRun(run_id=uuid.uuid4(), image="busybox", queue="blocked", priority=10)
+        for _ in range(1200)
+    ]
+    behind = SubmitRun(run_id=uuid.uuid4(), image="busybox", queue="open", priority=0)
+    await store.accept_submissions([*blocked, behind])
+    assert await store.admission.admit(batch=1000) == 1
+    run = await store.runs.get(behind.run_id)
+    assert not run.held and run.state == RunState.QUEUED
+    assert [e.kind for e in await store.runs.events(behind.run_id)] == ["SubmitRun", "Admitted"]
+    assert (await store.runs.get(blocked[0].run_id)).held_by == "queue:blocked"
+    assert await store.outbox.count_unsent("LaunchRun") == 1
+    usage = {u.limit.key: (u.running, u.waiting) for u in await store.limits.usage()}
+    assert usage == {"queue:blocked": (0, 1200), "queue:open": (1, 0)}

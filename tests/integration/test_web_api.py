@@ -11,11 +11,15 @@ from typing import Any
 
 import httpx
 
+from dispatcher.settings import ImageNames
 from dispatcher.states import RunState
 from dispatcher.store import Database
+from schemas.topology import REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY
 from tests.integration.conftest import Stack
+from tests.integration.test_crashes import publish_raw
 from tests.integration.test_dispatch import wait_for_state
 from tests.integration.test_operators import dispatcher_cli
+from tests.support import eventually
 
 
 async def token(stack: Stack, name: str, scope: str) -> str:
@@ -114,6 +118,28 @@ async def test_runs_are_submitted_listed_read_and_canceled_through_the_api(
         missing = await http.get(f"/runs/{uuid.uuid4()}", headers=read)
         assert missing.status_code == 404
 
+        # The same idempotency key again: answered with the run it named first.
+        keyed = submission(stack, idempotency_key=f"nightly-{stack.unique}")
+        first = (await http.post("/runs", json=keyed, headers=operate)).json()
+        again = (
+            await http.post("/runs", json={**keyed, "run_id": str(uuid.uuid4())}, headers=operate)
+        ).json()
+        assert first["status"] == "accepted"
+        assert again == {"run_id": first["run_id"], "status": "existing"}
+
+        # A revoked token is refused at once, and its open event stream ends.
+        async with http.stream("GET", "/events", headers=read) as stream:
+            assert stream.status_code == 200
+            done = await dispatcher_cli(stack, "api-tokens", "revoke", "viewer")
+            assert done.returncode == 0, done.stderr
+            assert (await http.get("/runs", headers=read)).status_code == 401
+
+            async def drained() -> None:
+                async for _ in stream.aiter_lines():
+                    pass
+
+            await asyncio.wait_for(drained(), 30)  # the server ends it
+
 
 async def test_bad_input_is_answered_4xx_with_the_field_named(stack: Stack) -> None:
     await stack.start_control_plane()
@@ -132,6 +158,16 @@ async def test_bad_input_is_answered_4xx_with_the_field_named(stack: Stack) -> N
             ("get", "/runs?cursor=%%%", None, "cursor"),
             ("get", "/runs?since=yesterday", None, "since"),
             ("get", "/runs?tag=team", None, "tag"),
+            ("get", "/runs?tag=k=%00", None, "tag"),
+            ("get", "/runs?queue=%00", None, "queue"),
+            ("get", "/runs?location=no.dots", None, "location"),
+            ("get", "/runs?since=0001-01-01T00:00:00%2B05:00", None, "since"),
+            ("get", f"/runs/{uuid.uuid4()}/output?attempt=99999999999", None, "attempt"),
+            ("get", f"/runs/{uuid.uuid4()}/output?after=99999999999:1", None, "after"),
+            ("get", "/events?last_event_id=9223372036854775808", None, "last_event_id"),
+            ("get", "/events?last_event_id=-1", None, "last_event_id"),
+            ("get", "/overview?hours=100000", None, "hours"),
+            ("post", "/runs", "[" * 100_000, ""),
             ("get", f"/runs/{uuid.uuid4()}/output?after=x", None, ""),
             ("get", "/runs/not-a-uuid", None, ""),
         ]
@@ -143,9 +179,12 @@ async def test_bad_input_is_answered_4xx_with_the_field_named(stack: Stack) -> N
                 )
             else:
                 answer = await http.get(path, headers=operate)
-            assert 400 <= answer.status_code < 500, (path, body, answer.status_code, answer.text)
+            assert 400 <= answer.status_code < 500, (path, answer.status_code, answer.text)
             assert answer.headers["content-type"].startswith("application/json"), answer.text
-            assert field in answer.text, (path, body, answer.text)
+            assert field in answer.text, (path, answer.text)
+        for header in ("-7", "x", "99999999999999999999"):
+            answer = await http.get("/events", headers={**operate, "Last-Event-ID": header})
+            assert answer.status_code == 400 and "Last-Event-ID" in answer.text, answer.text
 
 
 async def test_runs_are_filtered_and_paged(stack: Stack, store: Database) -> None:
@@ -240,3 +279,70 @@ async def test_events_resume_after_last_event_id_across_a_web_restart(
         )
     assert [seq for seq, _, _ in resumed] == missed
     assert {data["run_id"] for _, _, data in resumed} == {str(first), str(second)}
+
+
+async def test_locations_dead_letters_and_the_overview_through_the_api(
+    stack: Stack, store: Database, images: ImageNames
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent(0, extra=("--location-check-interval", "0.5"))
+    _, base = await stack.start_web()
+    admin = bearer(await token(stack, "admin", "admin"))
+    operate = bearer(await token(stack, "ops", "operate"))
+    name = f"api-{stack.unique}"
+    spec = {"image": images.example_location, "queue": stack.queue}
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        # Changing locations takes an admin token; bad specs are 4xx naming the field.
+        denied = await http.post(f"/locations/{name}", json=spec, headers=operate)
+        assert denied.status_code == 403 and "needs 'admin'" in denied.text
+        bad = await http.post(f"/locations/{name}", json={**spec, "image": "UPPER:"}, headers=admin)
+        assert bad.status_code == 400 and "image" in bad.text, bad.text
+        added = await http.post(f"/locations/{name}", json=spec, headers=admin)
+        assert added.status_code == 201, added.text
+        assert (added.json()["status"], added.json()["generation"]) == ("LOADING", 1)
+        again = await http.post(f"/locations/{name}", json=spec, headers=admin)
+        assert again.status_code == 409 and "exists already" in again.text
+
+        async def loaded() -> dict[str, Any] | None:
+            found: dict[str, Any] = (await http.get(f"/locations/{name}", headers=operate)).json()
+            return found if found["status"] == "LOADED" else None
+
+        location = await eventually(loaded, 90, what="the location LOADED")
+        assert {job["name"] for job in location["jobs"]} == {"hello", "count", "broken"}
+        changed = await http.put(
+            f"/locations/{name}", json={**spec, "env": {"GREETING": "hi"}}, headers=admin
+        )
+        assert changed.status_code == 200 and changed.json()["generation"] == 2
+        redeployed = await http.post(f"/locations/{name}/redeploy", headers=admin)
+        assert redeployed.status_code == 202 and redeployed.json()["generation"] == 3
+        audit = [(e["action"], e["actor"]) for e in await store.audit.recent(10)]
+        assert ("location.add", "api:admin") in audit and (
+            "location.redeploy",
+            "api:admin",
+        ) in audit
+        assert (await http.delete(f"/locations/{name}", headers=admin)).status_code == 204
+        assert (await http.get(f"/locations/{name}", headers=operate)).status_code == 404
+        assert (await http.delete(f"/locations/{name}", headers=admin)).status_code == 404
+
+        # A poison message shows among the dead letters, with its queue and reason.
+        await publish_raw(stack.amqp_url, REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, b"not a message")
+
+        async def dead_letters() -> list[dict[str, Any]]:
+            answer = await http.get("/dead-letters", headers=operate)
+            assert answer.status_code == 200, answer.text
+            found: list[dict[str, Any]] = answer.json()
+            return found
+
+        letters = await eventually(dead_letters, 30, what="the dead letter listed")
+        assert [(d["source_queue"], d["body"]) for d in letters] == [
+            ("hd.requests", "not a message")
+        ]
+        assert letters[0]["reason"]
+
+        # The overview counts runs by state and their launch latency, from the stored events.
+        async with stack.client() as client:
+            run_id = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+        await wait_for_state(store, run_id, RunState.SUCCESS, timeout=60)
+        overview = (await http.get("/overview", params={"hours": 1}, headers=operate)).json()
+        assert sum(b["states"].get("SUCCESS", 0) for b in overview["buckets"]) == 1
+        assert overview["launched"] == 1 and overview["launch_latency_s"]["p50"] > 0

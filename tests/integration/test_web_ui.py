@@ -146,7 +146,7 @@ async def test_an_operator_launches_follows_and_cancels_runs_and_sees_an_agent_l
     assert (await store.runs.get(long)).state == RunState.CANCELED
 
     # The other pages.
-    for name in ("overview", "alerts"):
+    for name in ("overview", "alerts", "dead-letters"):
         await page.goto(f"{ui}/{name}")
         await expect(page.locator("#content")).not_to_contain_text("Loading")
         await shot(page, name)

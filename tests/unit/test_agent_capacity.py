@@ -218,15 +218,15 @@ async def test_memory_limits_are_counted_against_the_declared_memory(
     assert agent.slots.held() == Resources(memory_mb=64)
 
 
-async def test_a_run_waiting_for_room_is_left_unacked_when_the_agent_stops(
+async def test_a_run_waiting_for_room_goes_back_to_its_queue_when_the_agent_stops(
     engine: FakeEngine, agent_on: Factory
 ) -> None:
     agent = await agent_on(max_concurrent=4, cpus=1)
     await agent.deliver(launch_of(cpus=1))
     handling = await waiting(agent, launch_of(cpus=1))
     agent.stopping.set()
-    # Back to its queue when the channel closes, without counting as a redelivery.
-    assert (await asyncio.wait_for(handling, 5)).settlements == []
+    # Back to its queue at once, for another agent (a drain keeps the channel open).
+    assert (await asyncio.wait_for(handling, 5)).settlements == ["nack(requeue=True)"]
     assert agent.slots.waiting == 0
     assert len(engine.containers) == 1
 

@@ -90,7 +90,7 @@ env = st.dictionaries(
 argv = st.lists(text, max_size=5).map(tuple)
 lines = st.lists(text, max_size=20).map(tuple)
 positive = st.floats(min_value=0.001, max_value=315_360_000)
-cpus = st.floats(min_value=0.001, max_value=4096)
+cpus = st.floats(min_value=0.01, max_value=4096)
 
 submit_runs = st.builds(
     SubmitRun,

@@ -257,6 +257,7 @@ async function runPage() {
     el("h2", {}, "Output"), output, el("h2", {}, "History"), history);
   let after = null;
   let state = null;
+  let lastSeq = 0;
 
   async function refresh() {
     let detail;
@@ -268,6 +269,7 @@ async function runPage() {
     }
     const run = detail.run;
     state = run.state;
+    lastSeq = detail.events.reduce((most, e) => Math.max(most, e.seq), lastSeq);
     const rows = [
       ["State", badge(run.state)], ["Attempt", run.attempt], ["Queue", run.queue],
       ["Image", run.image], ["Command", detail.command.join(" ")],
@@ -333,7 +335,8 @@ async function runPage() {
 
   await refresh();
   await tail();
-  follow("?run_id=" + runId + "&last_event_id=0", throttle(refresh, 200));
+  // From the newest event the page shows: what comes after it updates the page.
+  follow("?run_id=" + runId + "&last_event_id=" + lastSeq, throttle(refresh, 200));
   const beat = setInterval(async () => {
     await tail();
     if (TERMINAL.has(state)) {
@@ -489,6 +492,24 @@ async function alertsPage() {
   }
 }
 
+// ---------------------------------------------------------------------- dead letters
+
+async function deadLettersPage() {
+  try {
+    const letters = await api("/dead-letters?limit=200");
+    if (!letters.length) {
+      content.replaceChildren(el("p", {}, "No dead letters."));
+      return;
+    }
+    content.replaceChildren(el("table", { id: "dead-letters" },
+      el("tr", {}, ["From", "Why", "Message id", "Body"].map((h) => el("th", {}, h))),
+      ...letters.map((d) => el("tr", {}, el("td", {}, d.source_queue), el("td", {}, d.reason),
+        el("td", {}, d.message_id || ""), el("td", {}, el("code", {}, d.body.slice(0, 300)))))));
+  } catch (error) {
+    content.replaceChildren(problem(error));
+  }
+}
+
 // -------------------------------------------------------------------------- overview
 
 async function overviewPage() {
@@ -532,6 +553,7 @@ const PAGES = {
   agents: agentsPage,
   locations: locationsPage,
   alerts: alertsPage,
+  "dead-letters": deadLettersPage,
   overview: overviewPage,
 };
 (PAGES[PAGE] || runsPage)();
