@@ -106,7 +106,10 @@ async def _insert(
     seq = await connection.fetchval(
         """
         INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state, payload)
-        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+        SELECT $1::uuid, $2::uuid, $3::int, $4::text, $5::text, $6::text, $7::jsonb
+        -- A redelivery takes no sequence number (ON CONFLICT alone would burn one, a gap the
+        -- event streams would wait at); the conflict clause covers a race of two deliveries.
+        WHERE NOT EXISTS (SELECT 1 FROM run_events WHERE event_id = $1)
         ON CONFLICT (event_id) DO NOTHING
         RETURNING seq
         """,
