@@ -144,8 +144,4 @@ class Limits:
             )
         if record is None:
             return None
-        return waiting_words(record["key"], int(record["running"]), int(record["max_running"]))
-
-
-def waiting_words(key: str, running: int, max_running: int) -> str:
-    return f"limit {key} ({running} of {max_running} running)"
+        return f"limit {record['key']} ({record['running']} of {record['max_running']} running)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -28,7 +27,7 @@ from schemas import (
 from schemas.resources import Capacity, Resources, Shortfall
 from tests.fakes.clock import until
 from tests.fakes.runtime import FakeContainer, FakeEngine
-from tests.unit.test_agent_launch import AgentUnderTest, launch_of
+from tests.unit.test_agent_launch import AgentUnderTest, Factory, launch_of
 from tests.unit.test_cli import run_agent
 from worker_agent.containers import container_name, run_options
 from worker_agent.heartbeat import Heartbeat
@@ -36,29 +35,7 @@ from worker_agent.settings import AgentConfigError, AgentSettings
 
 pytestmark = pytest.mark.unit
 
-Factory = Callable[..., Awaitable[AgentUnderTest]]
 CPU = 1_000_000_000
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-async def agent_on(engine: FakeEngine) -> AsyncIterator[Factory]:
-    """``await agent_on(max_concurrent=4, cpus=1)``: an agent declaring that capacity."""
-    started: list[AgentUnderTest] = []
-
-    async def make(**kwargs: Any) -> AgentUnderTest:
-        agent = AgentUnderTest(engine, **kwargs)
-        await agent.start()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        await agent.close()
 
 
 def container_of(engine: FakeEngine, launch: LaunchRun) -> FakeContainer | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,32 +16,10 @@ import pytest
 from schemas import FailureReason, LaunchRun, RunFailed, TerminateRun
 from tests.fakes.clock import until
 from tests.fakes.runtime import FakeEngine
-from tests.unit.test_agent_launch import AgentUnderTest, launch_of, only_container
+from tests.unit.test_agent_launch import Factory, launch_of, only_container
 from worker_agent.containers import LABEL_RUN
 
 pytestmark = pytest.mark.unit
-
-Factory = Callable[..., Awaitable[AgentUnderTest]]
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-async def agent_on(engine: FakeEngine) -> AsyncIterator[Factory]:
-    started: list[AgentUnderTest] = []
-
-    async def make(**kwargs: Any) -> AgentUnderTest:
-        agent = AgentUnderTest(engine, **kwargs)
-        await agent.start()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        await agent.close()
 
 
 def terminate_of(launch: LaunchRun, **kw: Any) -> TerminateRun:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -137,27 +137,6 @@ class AgentUnderTest:
 
 
 Factory = Callable[..., Awaitable[AgentUnderTest]]
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-async def agent_on(engine: FakeEngine) -> AsyncIterator[Factory]:
-    """Start an agent on the engine: ``await agent_on(agent_id="a1", max_concurrent=2)``."""
-    started: list[AgentUnderTest] = []
-
-    async def make(**kwargs: Any) -> AgentUnderTest:
-        agent = AgentUnderTest(engine, **kwargs)
-        await agent.start()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        await agent.close()
 
 
 def launch_of(
