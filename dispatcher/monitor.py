@@ -77,6 +77,9 @@ class AgentView:
     synced: bool = True
     #: Its last heartbeat said it drains: it takes no new work and will stop.
     draining: bool = False
+    #: Since when (monotonic) its heartbeats say its Docker engine does not answer, and why.
+    engine_down_since: float | None = None
+    engine_error: str = ""
 
 
 @dataclass
@@ -141,7 +144,13 @@ class FailureMonitor:
         view.in_flight = {(c.run_id, c.attempt): c.state for c in beat.in_flight}
         view.synced = beat.synced
         view.draining = beat.draining
-        returning = view.lost
+        if beat.engine_ok:
+            view.engine_down_since = None
+        elif view.engine_down_since is None:
+            view.engine_down_since = view.last_seen
+        view.engine_error = beat.engine_error
+        # An agent lost for its engine is back once the engine answers again.
+        returning = view.lost and beat.engine_ok
         if returning:
             view.lost = False
             if await self.store.agent_back(beat.agent_id):
@@ -179,29 +188,37 @@ class FailureMonitor:
         now = self.clock()
         for view in list(self.agents.values()):
             silent = now - view.last_seen
-            if view.lost or silent <= self.settings.lost_after_beats * view.interval_s:
+            threshold = self.settings.lost_after_beats * view.interval_s
+            engine_down = now - (view.engine_down_since or now)
+            if view.lost or (silent <= threshold and engine_down <= threshold):
                 continue
             view.lost = True
+            why = None
+            if silent <= threshold:
+                # It beats, but its Docker engine has not answered for as long as silence
+                # would make it lost: its containers are out of its reach.
+                why = f"its Docker engine has not answered for {engine_down:.1f} s"
+                if view.engine_error:
+                    why += f" ({view.engine_error})"
             running = [s for s in view.in_flight.values() if s != "reported"]
-            if view.draining and not running:
+            if why is None and view.draining and not running:
                 # A drain that ended as it should: the agent stopped with nothing running.
                 if await self.store.agent_left(view.agent_id):
                     log.info("agent %s drained and left", view.agent_id)
                 continue
-            failed = await self.store.declare_agent_lost(view.agent_id, silent)
-            metrics.DETECTION.labels("agent_lost").observe(silent)
+            failed = await self.store.declare_agent_lost(view.agent_id, silent, why)
+            metrics.DETECTION.labels("agent_lost").observe(silent if why is None else engine_down)
             metrics.DECISIONS.labels(FailureReason.AGENT_LOST.value).inc(len(failed))
             log.warning(
-                "agent %s lost (silent for %.1f s); %d run(s) failed over",
+                "agent %s lost (%s); %d run(s) failed over",
                 view.agent_id,
-                silent,
+                why or f"silent for {silent:.1f} s",
                 len(failed),
             )
             self._update_gauges()
 
     async def _check_run(self, run: ActiveRun) -> None:
         settings = self.settings
-        key = (run.run_id, run.attempt)
         if run.state == RunState.CANCELING:
             # The agent stops the container within its grace and says so; a frozen or cut
             # off agent does not: the run ends CANCELED all the same (its container is fenced
@@ -214,6 +231,10 @@ class FailureMonitor:
                     f"the stop was not confirmed within {deadline:g} s",
                     terminate=False,
                 )
+            return
+        if run.state == RunState.QUEUED:
+            # Claimed, its container being created: only its agent's listing matters.
+            await self._check_listed(run)
             return
         start_timeout = run.start_timeout_s or settings.start_timeout_s
         if run.state == RunState.STARTING and run.in_state_s > start_timeout:
@@ -235,6 +256,13 @@ class FailureMonitor:
             return
         if run.state == RunState.STARTED and running > settings.long_running_s:
             await self.store.alert_long_running(run, settings.long_running_s)
+        await self._check_listed(run)
+
+    async def _check_listed(self, run: ActiveRun) -> None:
+        """A run its live agent no longer lists (vanished), or lists as exited for too long
+        with no final event, fails."""
+        settings = self.settings
+        key = (run.run_id, run.attempt)
         view = self.agents.get(run.agent_id or "")
         if view is None or view.lost:
             return

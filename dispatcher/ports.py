@@ -45,8 +45,11 @@ class SupervisionStore(Protocol):
         """
         ...
 
-    async def declare_agent_lost(self, agent_id: str, silent_s: float) -> list[uuid.UUID]:
-        """ALIVE → LOST, alert once, fail its in-flight runs (AGENT_LOST) and terminate them.
+    async def declare_agent_lost(
+        self, agent_id: str, silent_s: float, why: str | None = None
+    ) -> list[uuid.UUID]:
+        """ALIVE → LOST, alert once, fail its in-flight runs (AGENT_LOST) and terminate them;
+        ``why`` names the cause when it is not silence.
 
         Returns the runs failed (or retried) now; [] when the agent was not ALIVE.
         """

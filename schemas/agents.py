@@ -60,6 +60,10 @@ class AgentHeartbeat(Message, frozen=True, kw_only=True, tag="AgentHeartbeat"):
     cpus: Cpus | None = None
     memory_mb: MemoryMb | None = None
     gpus: Gpus = 0
+    #: False while the agent's Docker engine does not answer its ping: past the monitor's
+    #: loss threshold, the agent counts as lost (its runs fail over) though it still beats.
+    engine_ok: bool = True
+    engine_error: Text = ""
 
 
 # ----------------------------------------------------------------------- code locations

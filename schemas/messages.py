@@ -44,9 +44,11 @@ from .envelope import (
 )
 from .runs import (
     CancelRun,
+    LaunchGranted,
     LaunchRun,
     ProgressItem,
     RunAccepted,
+    RunClaimed,
     RunEnded,
     RunFailed,
     RunLaunched,
@@ -72,6 +74,7 @@ __all__ = [
     "FailureReason",
     "Instruction",
     "JobDefinition",
+    "LaunchGranted",
     "LaunchRun",
     "LocationFailed",
     "LocationLoaded",
@@ -82,6 +85,7 @@ __all__ = [
     "ProgressItem",
     "Request",
     "RunAccepted",
+    "RunClaimed",
     "RunEnded",
     "RunEvent",
     "RunFailed",
@@ -98,12 +102,13 @@ __all__ = [
     "kind_of",
 ]
 
-Instruction = LaunchRun | TerminateRun
+Instruction = LaunchRun | TerminateRun | LaunchGranted
 
 Request = SubmitRun | CancelRun | LocationsWanted
-RunEvent = RunLaunched | RunStarted | RunSucceeded | RunFailed
+RunEvent = RunClaimed | RunLaunched | RunStarted | RunSucceeded | RunFailed
 Event = (
-    RunLaunched
+    RunClaimed
+    | RunLaunched
     | RunStarted
     | RunSucceeded
     | RunFailed
@@ -122,6 +127,8 @@ AnyMessage = (
     | CancelRun
     | LaunchRun
     | TerminateRun
+    | LaunchGranted
+    | RunClaimed
     | RunLaunched
     | RunStarted
     | RunSucceeded

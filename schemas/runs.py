@@ -132,7 +132,22 @@ class TerminateRun(AttemptMessage, frozen=True, kw_only=True, tag="TerminateRun"
     failure_reason: FailureReason | None = None
 
 
+class LaunchGranted(AttemptMessage, frozen=True, kw_only=True, tag="LaunchGranted"):
+    """The control plane's answer to the first ``RunClaimed`` of an attempt: this agent holds
+    it and may start its container. Any later claimant is answered with a ``TerminateRun``."""
+
+    agent_id: Name
+
+
 # ------------------------------------------------------------------------------- events
+
+
+class RunClaimed(AttemptMessage, frozen=True, kw_only=True, tag="RunClaimed"):
+    """The agent asks to hold the attempt before it starts its container (sent while the
+    container is being created): the first claim recorded wins, so an attempt never runs on
+    two engines at once."""
+
+    agent_id: Name
 
 
 class RunLaunched(AttemptMessage, frozen=True, kw_only=True, tag="RunLaunched"):

@@ -6,7 +6,7 @@ Declaring them is the job of ``transport.topology.declare_topology``.
 Every status event's routing key names its source, so that the broker can hold each identity
 to its own keys (a topic permission per agent) and a consumer can bind only what it follows:
 
-- run events: ``run.<event>.<source>.<run_id>``, ``<event>`` one of launched, started,
+- run events: ``run.<event>.<source>.<run_id>``, ``<event>`` one of claimed, launched, started,
   succeeded, failed, log, progress (from agents), accepted, rejected, retrying, ended (from the
   control plane);
 - heartbeats: ``agent.heartbeat.<agent_id>``;
@@ -72,6 +72,7 @@ DEAD_LETTER_QUEUE_HEADER: Final = "x-hd-source-queue"
 DEFAULT_AGENT_QUEUE: Final = "default"
 
 _RUN_EVENTS: Final = {
+    "RunClaimed": "claimed",
     "RunLaunched": "launched",
     "RunStarted": "started",
     "RunSucceeded": "succeeded",

@@ -21,6 +21,7 @@ from transport.publisher import Publisher
 from transport.topology import declare_topology_if_allowed
 
 from .code_servers import CodeServers
+from .engine import EngineHealth
 from .errors import AgentError, AgentFailed, AgentRevoked
 from .heartbeat import Heartbeat
 from .launcher import Launcher
@@ -51,6 +52,13 @@ class Agent:
             on_change=self._capacity_changed,
             capacity=settings.capacity,
         )
+        #: Whether the Docker engine answers: no new work while it does not.
+        self.engine = EngineHealth(
+            self.runtime.probe(settings.engine_timeout_s),
+            interval_s=min(settings.heartbeat_interval_s, 1.0),
+            timeout_s=settings.engine_timeout_s,
+            on_change=self._capacity_changed,
+        )
         #: Set when the shutdown begins: instructions held on purpose stop waiting.
         self._stopping = asyncio.Event()
         #: Set to drain: take no new work, let running containers finish, then stop.
@@ -71,6 +79,7 @@ class Agent:
             # Start-up: watch Docker first (which adopts what this agent ran before), so that
             # slots already taken are counted before any instruction is consumed.
             parts.consumer.bind = await declare_topology_if_allowed(connection, settings.queues)
+            self._start("engine", self.engine.run)
             self._start("heartbeat", parts.heartbeat.run)
             self._start("watcher", parts.watcher.run)
             if await self._until(stop, parts.watcher.connected):
@@ -273,6 +282,7 @@ class _Parts:
             slots.in_flight,
             refused=lambda: credentials_refused(settings.amqp_url),
             capacity=settings.capacity,
+            engine=lambda: (agent.engine.ok, agent.engine.error),
         )
         self.keeper = self.launcher.keeper = LocationKeeper(
             CodeServers(runtime),
@@ -291,7 +301,7 @@ class _Parts:
             settings.queues,
             self.publisher,
             self.launcher.handle,
-            capacity=slots.prefetch,
+            capacity=lambda: slots.prefetch() if agent.engine.ok else 0,
             agent_id=settings.agent_id,
             senders=frozenset(settings.control_plane_users),
         )

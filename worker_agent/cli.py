@@ -91,6 +91,22 @@ def run(
     heartbeat_interval: Annotated[
         float | None, typer.Option(help="Seconds between heartbeats (default 2).")
     ] = None,
+    engine_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="A ping of the Docker engine not answered in this long makes it unhealthy: "
+            "no new work, and heartbeats say so; past the monitor's loss threshold the runs "
+            "fail over (default 5 s; HD_AGENT_ENGINE_TIMEOUT_S)."
+        ),
+    ] = None,
+    run_network: Annotated[
+        str | None,
+        typer.Option(
+            help="Docker network of run containers: none, host or a network's name "
+            "(default: the engine's; HD_AGENT_RUN_NETWORK). An engine started with "
+            "--bridge=none needs none or host."
+        ),
+    ] = None,
     keep_finished: Annotated[
         bool, typer.Option("--keep-finished", help="Keep finished containers (default: remove).")
     ] = False,
@@ -206,6 +222,8 @@ def run(
             gpus=gpus,
             agent_id=agent_id,
             heartbeat_interval_s=heartbeat_interval,
+            engine_timeout_s=engine_timeout,
+            run_network=run_network,
             keep_finished=keep_finished or None,
             log_forwarding=False if no_log_forwarding else None,
             location_check_interval_s=location_check_interval,

@@ -13,7 +13,11 @@ from schemas.topology import STATUS_EXCHANGE, heartbeat_routing_key
 from transport.errors import BrokerUnavailable
 from transport.ports import EventPublisher
 
+from . import limits
 from .errors import AgentRevoked
+
+#: An engine error is said in a heartbeat in at most this many bytes.
+MAX_ENGINE_ERROR_BYTES = 1000
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,10 @@ class Heartbeat:
         in_flight: Callable[[], tuple[ContainerState, ...]],
         refused: Callable[[], Awaitable[bool]] | None = None,
         capacity: Capacity | None = None,
+        engine: Callable[[], tuple[bool, str]] | None = None,
     ) -> None:
+        #: Whether the Docker engine answers, and why not (``engine.EngineHealth``).
+        self._engine = engine or (lambda: (True, ""))
         #: Asked when a heartbeat cannot be sent: does the broker refuse our credentials?
         self._refused = refused
         self._refusals = 0
@@ -62,6 +69,7 @@ class Heartbeat:
         that no run left out of it is taken for vanished.
         """
         in_flight = self._in_flight()
+        engine_ok, engine_error = self._engine()
         complete = len(in_flight) <= MAX_IN_FLIGHT
         if not complete:
             log.warning(
@@ -82,6 +90,8 @@ class Heartbeat:
             cpus=self._capacity.cpus,
             memory_mb=self._capacity.memory_mb,
             gpus=self._capacity.gpus,
+            engine_ok=engine_ok,
+            engine_error=limits.clip(limits.clean(engine_error), MAX_ENGINE_ERROR_BYTES),
         )
 
     async def beat(self) -> None:

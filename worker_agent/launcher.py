@@ -2,6 +2,8 @@
 
 Promises kept here:
 - a LaunchRun is acked only after its container started and RunLaunched was confirmed;
+- an attempt's container is started only once the control plane granted this agent's claim
+  of the attempt (``claims``); refused, it is removed unstarted;
 - a redelivered LaunchRun adopts the container of the same name instead of starting another;
 - an instruction that waits on purpose (no free slot or no room in the agent's capacity yet,
   Docker unreachable, its location still loading) is held unacked and retried here, never
@@ -24,13 +26,22 @@ import uuid
 
 import msgspec
 
-from schemas import FailureReason, Instruction, LaunchRun, RunFailed, TerminateRun
+from schemas import (
+    FailureReason,
+    Instruction,
+    LaunchGranted,
+    LaunchRun,
+    RunClaimed,
+    RunFailed,
+    TerminateRun,
+)
 from schemas.resources import Resources, Shortfall
 from transport.delivery import Delivery, settle
 from transport.errors import BrokerUnavailable
 from transport.ports import InboundDelivery
 
 from . import limits, metrics
+from .claims import Claims
 from .containers import ContainerInfo
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed, LocationUnavailable
 from .locations import LocationKeeper
@@ -48,6 +59,8 @@ FLAGS = {"cpus": "--cpus", "memory_limit_mb": "--memory-mb", "gpus": "--gpus"}
 #: Pauses between tries of an instruction that waits for Docker or for its location.
 FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 30.0
+#: A claim with no answer for this long is sent again (the control plane may be away).
+CLAIM_RESEND_S = 10.0
 
 
 class Launcher:
@@ -70,6 +83,8 @@ class Launcher:
         self._stopping = stopping
         #: Set at start-up, before any instruction is consumed.
         self.keeper: LocationKeeper | None = None
+        #: Claims waiting for the control plane's answer.
+        self.claims = Claims()
 
     async def handle(self, delivery: Delivery[Instruction]) -> None:
         """Carry out one instruction. A defect is raised to the consumer (which dead-letters
@@ -80,6 +95,10 @@ class Launcher:
                 await self._launch(message, delivery.raw)
             elif isinstance(message, TerminateRun):
                 await self._terminate(message, delivery.raw)
+            elif isinstance(message, LaunchGranted):
+                if message.agent_id == self.settings.agent_id:
+                    self.claims.answer((message.run_id, message.attempt), True)
+                await settle(delivery.raw.ack())
         except Exception as exc:
             if isinstance(message, LaunchRun):
                 await self._report_defect(message, exc)
@@ -204,55 +223,110 @@ class Launcher:
     ) -> tuple[ContainerInfo, bool] | None:
         """Start (or adopt) the container, retrying while Docker or the location is not there.
 
-        None when the launch failed for good (reported and acked), was fenced (acked), or the
-        agent stops."""
+        The attempt is claimed while its container is being created, and the container is
+        started only once the claim is granted (``claims``). None when the launch failed for
+        good (reported and acked), was fenced or refused (acked), or the agent stops."""
         key = attempt.key
         delay = FIRST_RETRY_S
         #: A create was sent: once it may have landed, a fenced attempt is no longer dropped
         #: here (that could leave its container behind) but stopped once created, by _launch.
         create_sent = False
+        claiming: asyncio.Task[None] | None = None
+        try:
+            while True:
+                try:
+                    if not create_sent and await self._dropped(attempt, raw):
+                        return None
+                    if claiming is None:
+                        # Sent now, answered while the container is being made.
+                        self.claims.open(key)
+                        claiming = asyncio.create_task(self._claim(launch, until_sent=True))
+                    spec = launch
+                    if launch.job is not None and self.keeper is not None:
+                        spec = await self.keeper.launch_spec(launch)
+                    self.policy.check_image(spec.image)
+                    env, secret_keys = self.secrets.resolve(spec.env)
+                    spec = msgspec.structs.replace(spec, env=env)
+                    # Checked again: a code server may have taken its time. A TerminateRun
+                    # that comes while the create is on its way is the one _launch catches.
+                    if not create_sent and await self._dropped(attempt, raw):
+                        return None
+                    create_sent = True
+                    info, adopted = await self.runtime.create(spec, secret_keys)
+                    if info.status == "created":
+                        if not await self._granted(launch, attempt, raw, info):
+                            return None
+                        info = await self.runtime.start(info)
+                except (DockerUnavailable, LocationUnavailable) as exc:
+                    what = (
+                        "Docker engine unreachable"
+                        if isinstance(exc, DockerUnavailable)
+                        else "location not ready"
+                    )
+                    log.error("%s; run %s attempt %d retried in %.1f s: %s", what, *key, delay, exc)
+                    if not await self._pause(delay):
+                        self.slots.release(key)
+                        return None
+                    delay = min(delay * 2, MAX_RETRY_S)
+                    continue
+                except (ImageMissing, LaunchFailed) as exc:
+                    if not create_sent and await self._dropped(attempt, raw):
+                        return None  # failed, but terminated meanwhile: nothing to report
+                    reason = (
+                        FailureReason.IMAGE_NOT_FOUND
+                        if isinstance(exc, ImageMissing)
+                        else FailureReason.LAUNCH_ERROR
+                    )
+                    log.warning("run %s attempt %d failed to launch: %s", *key, exc)
+                    await self._report_failed(launch, reason, str(exc))
+                    await settle(raw.ack())
+                    self.slots.release(key, reported=True)
+                    return None
+                return info, adopted
+        finally:
+            if claiming is not None and not claiming.done():
+                claiming.cancel()
+            self.claims.close(key)
+
+    async def _claim(self, launch: LaunchRun, until_sent: bool = False) -> None:
+        claim = RunClaimed(
+            run_id=launch.run_id, attempt=launch.attempt, agent_id=self.settings.agent_id
+        )
+        if until_sent:
+            await self.reporter.publish_until_sent(claim)
+        else:
+            await self.reporter.publish(claim)
+
+    async def _granted(
+        self, launch: LaunchRun, attempt: Attempt, raw: InboundDelivery, info: ContainerInfo
+    ) -> bool:
+        """Wait for the answer to the attempt's claim; True when granted. Refused (or
+        terminated meanwhile), the container is removed unstarted and the instruction acked;
+        when the agent stops first, the instruction goes back to its queue."""
+        key = attempt.key
         while True:
-            try:
-                if not create_sent and await self._dropped(attempt, raw):
-                    return None
-                spec = launch
-                if launch.job is not None and self.keeper is not None:
-                    spec = await self.keeper.launch_spec(launch)
-                self.policy.check_image(spec.image)
-                env, secret_keys = self.secrets.resolve(spec.env)
-                spec = msgspec.structs.replace(spec, env=env)
-                # Checked again: a code server may have taken its time. A TerminateRun that
-                # comes while the create is on its way is the one _launch catches.
-                if not create_sent and await self._dropped(attempt, raw):
-                    return None
-                create_sent = True
-                info, adopted = await self.runtime.launch(spec, secret_keys)
-            except (DockerUnavailable, LocationUnavailable) as exc:
-                what = (
-                    "Docker engine unreachable"
-                    if isinstance(exc, DockerUnavailable)
-                    else "location not ready"
-                )
-                log.error("%s; run %s attempt %d retried in %.1f s: %s", what, *key, delay, exc)
-                if not await self._pause(delay):
-                    self.slots.release(key)
-                    return None
-                delay = min(delay * 2, MAX_RETRY_S)
-                continue
-            except (ImageMissing, LaunchFailed) as exc:
-                if not create_sent and await self._dropped(attempt, raw):
-                    return None  # failed, but terminated meanwhile: nothing to report
-                reason = (
-                    FailureReason.IMAGE_NOT_FOUND
-                    if isinstance(exc, ImageMissing)
-                    else FailureReason.LAUNCH_ERROR
-                )
-                log.warning("run %s attempt %d failed to launch: %s", *key, exc)
-                await self._report_failed(launch, reason, str(exc))
-                await settle(raw.ack())
-                self.slots.release(key, reported=True)
-                return None
-            return info, adopted
+            answer = await self.claims.wait(key, CLAIM_RESEND_S, self._stopping)
+            if answer is True:
+                return True
+            refused = answer is False or self.slots.fenced(key) is not None
+            if refused or self._stopping.is_set():
+                with contextlib.suppress(DockerUnavailable):
+                    await self.runtime.remove(info.id)
+                self.slots.release(key)
+                attempt.launched.set()  # a second delivery of it, waiting on this one
+                if refused:
+                    log.info("run %s attempt %d: claim refused; never started here", *key)
+                    await settle(raw.ack())
+                else:
+                    await settle(raw.nack(requeue=True))
+                return False
+            log.warning(
+                "run %s attempt %d: no answer to its claim in %.0f s; claiming again",
+                *key,
+                CLAIM_RESEND_S,
+            )
+            with contextlib.suppress(BrokerUnavailable):
+                await self._claim(launch)
 
     async def _dropped(self, attempt: Attempt, raw: InboundDelivery) -> bool:
         """Whether the attempt, holding a slot but no container yet, was fenced; if so its
@@ -297,6 +371,8 @@ class Launcher:
         """Stop an attempt's container; its end is reported with the reason given. An attempt
         with no container here yet is fenced: it never starts."""
         key = (terminate.run_id, terminate.attempt)
+        # A claim waiting for its answer has it: the attempt does not start here.
+        self.claims.answer(key, False)
         fence = Fence(
             reason=terminate.failure_reason or FailureReason.UNEXPECTED_TERMINATION,
             note=terminate.reason,
@@ -348,6 +424,12 @@ class Launcher:
             if self.slots.finished(key):
                 continue
             attempt = self.slots.attempts.get(key)
+            if attempt is None and info.status == "created":
+                # Created, never started: its claim was not granted before this agent
+                # stopped, so its LaunchRun was not acked and comes back (here or elsewhere).
+                log.info("removing container %s, created and never started", info.id[:12])
+                await self.runtime.remove(info.id)
+                continue
             if attempt is None:
                 # What it holds is what its container was created with (HostConfig).
                 attempt = Attempt(

@@ -29,6 +29,8 @@ class LaunchPolicy:
     user: str | None = None
     #: One of PULL_POLICIES.
     pull: str = "if-missing"
+    #: Docker network mode of run containers; None: the engine's default.
+    network: str | None = None
 
     def check_image(self, image: str) -> None:
         """Raise LaunchFailed when ``image`` is not allowed on this agent."""
@@ -49,6 +51,8 @@ class LaunchPolicy:
             options["cap_add"] = list(self.capabilities)
         if self.user:
             options["user"] = self.user
+        if self.network:
+            options["network_mode"] = self.network
         return options
 
 

@@ -35,6 +35,18 @@ class ContainerRuntime(Protocol):
         back in ``ContainerInfo.secrets`` (for redaction), also after a restart."""
         ...
 
+    async def create(
+        self, launch: LaunchRun, secret_keys: Sequence[str] = ()
+    ) -> tuple[ContainerInfo, bool]:
+        """``launch`` without the start: the container created (older attempts removed first,
+        as there), or the one of the same name found in whatever state; (info, adopted)."""
+        ...
+
+    async def start(self, info: ContainerInfo) -> ContainerInfo:
+        """Start a container ``create`` made (one already started is left as it is); its
+        state after. Raises ``LaunchFailed`` when the engine refuses the start."""
+        ...
+
     async def inspect(self, container_id: str) -> ContainerInfo | None:
         """The container's state now; None when it no longer exists."""
         ...

@@ -102,6 +102,18 @@ class DockerRuntime:
 
     # ------------------------------------------------------------------- actions
 
+    def probe(self, timeout_s: float) -> Callable[[], object]:
+        """A blocking ping on a client of its own with a short timeout, for ``EngineHealth``:
+        the pool's calls wait up to a minute for a frozen engine."""
+        clients: list[Any] = []
+
+        def ping() -> object:
+            if not clients:
+                clients.append(docker.from_env(timeout=timeout_s).api)
+            return clients[0].ping()
+
+        return ping
+
     async def ping(self) -> str:
         """The engine's version; raises DockerUnavailable when it does not answer."""
         return str(await self.call(lambda client: client.version().get("Version", "?")))
@@ -113,9 +125,30 @@ class DockerRuntime:
 
         ``secret_keys``: the env keys whose values are secrets, labelled for redaction.
         """
-        return await self.call(lambda client: self._launch(client, launch, secret_keys))  # type: ignore[no-any-return]
+        info, adopted = await self.create(launch, secret_keys)
+        return await self.start(info), adopted
 
-    def _launch(
+    async def create(
+        self, launch: LaunchRun, secret_keys: Sequence[str] = ()
+    ) -> tuple[ContainerInfo, bool]:
+        """Create the attempt's container without starting it, or find the one that exists
+        (in whatever state); (info, adopted)."""
+        return await self.call(lambda client: self._create(client, launch, secret_keys))  # type: ignore[no-any-return]
+
+    async def start(self, info: ContainerInfo) -> ContainerInfo:
+        """Start a container that was created and never started; its state after."""
+
+        def start(client: docker.DockerClient) -> ContainerInfo:
+            if info.status == "created":
+                try:
+                    client.api.start(info.id)
+                except docker.errors.APIError as exc:
+                    raise LaunchFailed(f"cannot start the container: {_explain(exc)}") from exc
+            return ContainerInfo.from_attrs(client.api.inspect_container(info.id))
+
+        return await self.call(start)  # type: ignore[no-any-return]
+
+    def _create(
         self, client: docker.DockerClient, launch: LaunchRun, secret_keys: Sequence[str]
     ) -> tuple[ContainerInfo, bool]:
         name = container_name(launch.run_id, launch.attempt)
@@ -142,12 +175,6 @@ class DockerRuntime:
                     raise LaunchFailed(f"cannot create the container: {_explain(exc)}") from exc
                 adopted = True
                 container = client.containers.get(name)
-        if container.status == "created":
-            try:
-                container.start()
-            except docker.errors.APIError as exc:
-                raise LaunchFailed(f"cannot start the container: {_explain(exc)}") from exc
-        container.reload()
         return ContainerInfo.from_attrs(container.attrs), adopted
 
     def _fence_older_attempts(self, client: docker.DockerClient, launch: LaunchRun) -> None:

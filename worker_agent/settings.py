@@ -53,6 +53,12 @@ class AgentSettings:
     memory_mb: int | None = None
     gpus: int = 0
     heartbeat_interval_s: float = 2.0
+    #: A ping of the Docker engine not answered in this long makes it unhealthy: the agent
+    #: takes no new work and says so in its heartbeats (``engine``).
+    engine_timeout_s: float = 5.0
+    #: Docker network of run containers (``none``, ``host`` or a network's name); None: the
+    #: engine's default (an engine without its default bridge needs one given).
+    run_network: str | None = None
     #: Keep finished containers instead of removing them once reported.
     keep_finished: bool = False
     #: Lines of output sent with a run's final event.
@@ -103,6 +109,7 @@ class AgentSettings:
             capabilities=self.capabilities,
             user=self.run_as_user,
             pull=self.pull_policy,
+            network=self.run_network,
         )
 
     @property
@@ -131,6 +138,7 @@ class AgentSettings:
             ("memory_mb", "HD_AGENT_MEMORY_MB", int),
             ("gpus", "HD_AGENT_GPUS", int),
             ("heartbeat_interval_s", "HD_HEARTBEAT_INTERVAL_S", float),
+            ("engine_timeout_s", "HD_AGENT_ENGINE_TIMEOUT_S", float),
         ):
             if raw := env.get(name):
                 try:
@@ -151,6 +159,8 @@ class AgentSettings:
             values["allowed_secrets"] = tuple(p.strip() for p in allowed.split(",") if p.strip())
         if pull := env.get("HD_PULL_POLICY"):
             values["pull_policy"] = pull
+        if network := env.get("HD_AGENT_RUN_NETWORK"):
+            values["run_network"] = network
         if fault := env.get("HD_AGENT_FAULT"):
             values["fault"] = fault
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -193,6 +203,13 @@ class AgentSettings:
             )
         if not 0 <= self.gpus <= 256:
             raise AgentConfigError(f"--gpus {self.gpus} is out of range: give 0 to 256 GPUs")
+        if not 0.5 <= self.engine_timeout_s <= 300:
+            raise AgentConfigError("--engine-timeout must be 0.5 to 300 seconds")
+        if self.run_network is not None and not is_safe_name(self.run_network):
+            raise AgentConfigError(
+                f"--run-network {self.run_network!r} is invalid: give none, host or a network's "
+                "name (letters, digits, '_' and '-')"
+            )
         if not 0.05 <= self.heartbeat_interval_s <= 300:
             raise AgentConfigError("the heartbeat interval must be positive, 0.05 s to 300 s")
         if self.secrets_dir is not None and not self.secrets_dir.is_dir():

@@ -14,7 +14,16 @@ import uuid
 
 import asyncpg
 
-from schemas import RunEnded, RunEvent, RunFailed, RunLaunched, RunRetrying, TerminateRun
+from schemas import (
+    LaunchGranted,
+    RunClaimed,
+    RunEnded,
+    RunEvent,
+    RunFailed,
+    RunLaunched,
+    RunRetrying,
+    TerminateRun,
+)
 from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
 
 from ..retries import backoff_s
@@ -27,6 +36,9 @@ log = logging.getLogger(__name__)
 async def apply(connection: asyncpg.Connection, event: RunEvent, retry_backoff_s: float) -> bool:
     """Apply one run event; True when it changed its run's state."""
     run = await connection.fetchrow("SELECT * FROM runs WHERE run_id = $1 FOR UPDATE", event.run_id)
+    if isinstance(event, RunClaimed):
+        await claim(connection, run, event)
+        return False
     if run is None:
         log.warning("event %s for unknown run %s ignored", type(event).__name__, event.run_id)
         return False
@@ -78,6 +90,70 @@ async def apply(connection: asyncpg.Connection, event: RunEvent, retry_backoff_s
             },
         )
     return True
+
+
+async def claim(
+    connection: asyncpg.Connection, run: asyncpg.Record | None, event: RunClaimed
+) -> bool:
+    """Record the first claim of an attempt and answer the claimant; True when it holds it.
+
+    The claimant's agent is the run's holder from now on (the run stays QUEUED until its
+    RunLaunched): it is answered with ``LaunchGranted``, and so is a claim repeated by the
+    holder. Any other claim (another agent's, of an earlier attempt, of a run that ended) is
+    answered with a ``TerminateRun``: that agent never starts its container. The answer's id
+    derives from the claim's, so a redelivered claim is answered once.
+    """
+    why = _claim_refused(run, event)
+    if why is None and run is not None and run["agent_id"] is None:
+        await connection.execute(
+            "UPDATE runs SET agent_id = $2, updated_at = now() WHERE run_id = $1",
+            event.run_id,
+            event.agent_id,
+        )
+    if run is not None:
+        await _insert(connection, event, None, None)  # in the run's history, granted or not
+    answer: LaunchGranted | TerminateRun
+    if why is None:
+        answer = LaunchGranted(
+            message_id=uuid.uuid5(event.message_id, "granted"),
+            run_id=event.run_id,
+            attempt=event.attempt,
+            agent_id=event.agent_id,
+        )
+    else:
+        log.warning(
+            "run %s attempt %d: claim of agent %s refused: %s",
+            event.run_id,
+            event.attempt,
+            event.agent_id,
+            why,
+        )
+        answer = TerminateRun(
+            message_id=uuid.uuid5(event.message_id, "refused"),
+            run_id=event.run_id,
+            attempt=event.attempt,
+            reason=f"claim refused: {why}",
+            grace_s=10.0,
+        )
+    await outbox.insert(connection, [outbox.OutboxItem(answer, CONTROL_EXCHANGE, event.agent_id)])
+    return why is None
+
+
+def _claim_refused(run: asyncpg.Record | None, event: RunClaimed) -> str | None:
+    """Why a claim is refused, in words; None when the claimant holds the attempt."""
+    if run is None:
+        return "no such run"
+    if event.attempt != run["attempt"]:
+        return f"attempt {event.attempt} was superseded by attempt {run['attempt']}"
+    state = RunState(run["state"])
+    if state in TERMINAL:
+        return f"the run ended {state.value}"
+    if run["held"]:
+        return "the run waits for a concurrency limit"
+    holder = run["agent_id"]
+    if holder is not None and holder != event.agent_id:
+        return f"attempt {event.attempt} is held by agent {holder}"
+    return None
 
 
 def foreign_launch(run: asyncpg.Record, event: RunLaunched) -> bool:

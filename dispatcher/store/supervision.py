@@ -84,6 +84,8 @@ class Supervision:
                        EXTRACT(EPOCH FROM now() - started_at)::float8 AS running_s,
                        cancel_grace_s
                 FROM runs WHERE state IN ('STARTING', 'STARTED', 'CANCELING')
+                   -- claimed by an agent, its container being created
+                   OR (state = 'QUEUED' AND agent_id IS NOT NULL)
                 """
             )
         return [
@@ -207,8 +209,13 @@ class Supervision:
                 {"queue": queue.queue, "waiting": queue.waiting},
             )
 
-    async def declare_agent_lost(self, agent_id: str, silent_s: float) -> list[uuid.UUID]:
-        """Mark an agent lost, alert once, fail its in-flight runs (AGENT_LOST).
+    async def declare_agent_lost(
+        self, agent_id: str, silent_s: float, why: str | None = None
+    ) -> list[uuid.UUID]:
+        """Mark an agent lost, alert once, fail its in-flight runs (AGENT_LOST), those it
+        claimed and is still creating included.
+
+        ``why``: what made it lost, when not its silence (its Docker engine stopped answering).
 
         Its containers get a TerminateRun on its own queue, so that it stops them if it ever
         comes back. Returns the runs failed (or retried) now.
@@ -220,11 +227,12 @@ class Supervision:
             runs = await connection.fetch(
                 """
                 SELECT run_id, attempt FROM runs
-                WHERE agent_id = $1 AND state IN ('STARTING', 'STARTED', 'CANCELING') FOR UPDATE
+                WHERE agent_id = $1 AND state IN ('QUEUED', 'STARTING', 'STARTED', 'CANCELING')
+                FOR UPDATE
                 """,
                 agent_id,
             )
-            note = f"agent {agent_id} lost: no heartbeat for {silent_s:.1f} s"
+            note = f"agent {agent_id} lost: {why or f'no heartbeat for {silent_s:.1f} s'}"
             failed = []
             for run in runs:
                 if await self._fail(
@@ -275,8 +283,9 @@ class Supervision:
     async def fence(self, agent_id: str, in_flight: Sequence[ContainerState]) -> int:
         """Stop, on ``agent_id``, containers of attempts that are no longer the run's own.
 
-        An attempt is fenced when its run has moved to a later attempt, or has ended while
-        the container still runs (failed over while its agent was away). Returns how many
+        An attempt is fenced when its run has moved to a later attempt, has ended while the
+        container still runs (failed over while its agent was away), or is held by another
+        agent (its claim was recorded first). Returns how many
         TerminateRun were written now.
         """
         live = [c for c in in_flight if c.state not in ("exited", "dead", "reported")]
@@ -284,7 +293,7 @@ class Supervision:
             return 0
         async with self._connections.transaction() as connection:
             records = await connection.fetch(
-                "SELECT run_id, attempt, state FROM runs WHERE run_id = ANY($1::uuid[])",
+                "SELECT run_id, attempt, state, agent_id FROM runs WHERE run_id = ANY($1::uuid[])",
                 [c.run_id for c in live],
             )
             runs = {r["run_id"]: r for r in records}
@@ -294,15 +303,21 @@ class Supervision:
                 if run is None:
                     continue
                 superseded = container.attempt < run["attempt"]
-                ended = container.attempt == run["attempt"] and RunState(run["state"]) in TERMINAL
-                if superseded or ended:
+                current = container.attempt == run["attempt"]
+                ended = current and RunState(run["state"]) in TERMINAL
+                # Held by another agent: a claim refused that started all the same (an agent
+                # of an earlier release, or a fault); the holder's container is the one.
+                foreign = current and run["agent_id"] not in (None, agent_id)
+                if superseded or ended or foreign:
                     fenced += await _terminate(
                         connection,
                         agent_id,
                         container.run_id,
                         container.attempt,
                         FailureReason.AGENT_LOST,
-                        "fenced: this attempt was failed over while its agent was away",
+                        f"fenced: this attempt is held by agent {run['agent_id']}"
+                        if foreign and not superseded
+                        else "fenced: this attempt was failed over while its agent was away",
                         rule="fence",
                     )
             return fenced

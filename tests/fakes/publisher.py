@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,8 @@ class FakePublisher:
         self.published: list[Published] = []
         self.failure: TransportError | None = None
         self.closed = False
+        #: Called with each confirmed publish: a test's stand-in for a peer that answers.
+        self.answerers: list[Callable[[Published], None]] = []
 
     @property
     def exchanges(self) -> set[str]:
@@ -140,6 +143,8 @@ class FakePublisher:
                     Stored(body, routing_key, exchange, dict(headers or {}), message_id, kind, 2)
                 )
         self.published.append(record)
+        for answer in self.answerers:
+            answer(record)
 
     async def dead_letter(self, message: InboundDelivery, queue: str, reason: str) -> None:
         headers = {DEAD_LETTER_REASON_HEADER: reason[:1000], DEAD_LETTER_QUEUE_HEADER: queue}

@@ -63,6 +63,24 @@ class FakeDockerRuntime:
     async def launch(
         self, launch: LaunchRun, secret_keys: Sequence[str] = ()
     ) -> tuple[ContainerInfo, bool]:
+        info, adopted = await self.create(launch, secret_keys)
+        return await self.start(info), adopted
+
+    async def start(self, info: ContainerInfo) -> ContainerInfo:
+        await self._call()
+        container = self.engine.find(info.name)
+        if container is None or container.id != info.id:
+            raise LaunchFailed(f"cannot start the container: No such container: {info.id}")
+        if container.status == "created":
+            try:
+                self.engine.start(container)
+            except StartFailed as exc:
+                raise LaunchFailed(f"cannot start the container: {exc}") from exc
+        return container.info()
+
+    async def create(
+        self, launch: LaunchRun, secret_keys: Sequence[str] = ()
+    ) -> tuple[ContainerInfo, bool]:
         await self._call()
         engine = self.engine
         name = container_name(launch.run_id, launch.attempt)
@@ -92,11 +110,6 @@ class FakeDockerRuntime:
                     raise LaunchFailed(
                         f"the Docker engine refused: No such container: {name}"
                     ) from None
-        if container.status == "created":
-            try:
-                engine.start(container)
-            except StartFailed as exc:
-                raise LaunchFailed(f"cannot start the container: {exc}") from exc
         return container.info(), adopted
 
     def _fence_older_attempts(self, launch: LaunchRun) -> None:

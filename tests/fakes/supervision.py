@@ -43,6 +43,7 @@ from schemas import (
     Event,
     FailureReason,
     Message,
+    RunClaimed,
     RunEnded,
     RunEvent,
     RunFailed,
@@ -205,6 +206,7 @@ class FakeSupervision:
             )
             for r in self.runs.values()
             if r.state in (RunState.STARTING, RunState.STARTED, RunState.CANCELING)
+            or (r.state == RunState.QUEUED and r.agent_id is not None)
         ]
 
     async def fail_attempt(
@@ -231,18 +233,21 @@ class FakeSupervision:
             self._terminate(terminate_on, run_id, attempt, reason, message)
         return applied
 
-    async def declare_agent_lost(self, agent_id: str, silent_s: float) -> list[uuid.UUID]:
+    async def declare_agent_lost(
+        self, agent_id: str, silent_s: float, why: str | None = None
+    ) -> list[uuid.UUID]:
         agent = self.agents_by_id.get(agent_id)
         if agent is None or agent.status not in ("ALIVE", "DRAINING"):
             return []  # ``agents.mark_lost`` changed nothing
         agent.status, agent.lost_at = "LOST", self.clock()
         agent.episodes += 1
-        note = f"agent {agent_id} lost: no heartbeat for {silent_s:.1f} s"
+        note = f"agent {agent_id} lost: {why or f'no heartbeat for {silent_s:.1f} s'}"
         active = [
             (r.run_id, r.attempt)
             for r in self.runs.values()
             if r.agent_id == agent_id
-            and r.state in (RunState.STARTING, RunState.STARTED, RunState.CANCELING)
+            and r.state
+            in (RunState.QUEUED, RunState.STARTING, RunState.STARTED, RunState.CANCELING)
         ]
         failed = [
             run_id
@@ -343,14 +348,18 @@ class FakeSupervision:
             if run is None:
                 continue
             superseded = container.attempt < run.attempt
-            ended = container.attempt == run.attempt and run.state in TERMINAL
-            if superseded or ended:
+            current = container.attempt == run.attempt
+            ended = current and run.state in TERMINAL
+            foreign = current and run.agent_id not in (None, agent_id)
+            if superseded or ended or foreign:
                 fenced += self._terminate(
                     agent_id,
                     container.run_id,
                     container.attempt,
                     FailureReason.AGENT_LOST,
-                    "fenced: this attempt was failed over while its agent was away",
+                    f"fenced: this attempt is held by agent {run.agent_id}"
+                    if foreign and not superseded
+                    else "fenced: this attempt was failed over while its agent was away",
                     rule="fence",
                 )
         return fenced
@@ -429,6 +438,12 @@ class FakeSupervision:
         if run is None:
             return False
         current = run.state
+        if isinstance(event, RunClaimed):
+            # ``events.claim``: the first claim of the current attempt holds it (the answers
+            # to claimants are the agent tests' concern, not the monitor's).
+            if event.attempt == run.attempt and current not in TERMINAL and run.agent_id is None:
+                run.agent_id = event.agent_id
+            return False
         sender = getattr(event, "agent_id", None)
         foreign = run.agent_id is not None and sender is not None and sender != run.agent_id
         new = next_state(current, event) if event.attempt == run.attempt and not foreign else None

@@ -10,7 +10,7 @@ import aio_pika
 
 from dispatcher.states import RunState
 from dispatcher.store import Database
-from schemas import LaunchRun, SubmitRun, encode
+from schemas import SubmitRun, encode
 from schemas.topology import (
     INSTRUCTIONS_EXCHANGE,
     REQUESTS_EXCHANGE,
@@ -37,39 +37,35 @@ async def test_the_same_launch_delivered_twice_gives_one_container(
 ) -> None:
     await stack.start_control_plane()
     await stack.start_agent(extra=("--keep-finished",))
-    launch = LaunchRun(
-        run_id=uuid.uuid4(), attempt=1, image=stack.run_image, command=("sh", "-c", "sleep 1")
-    )
-    # Twice, back to back: the second arrives while the first is being launched or running.
-    await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, encode(launch))
-    await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, encode(launch))
-
-    async def reported() -> bool:
-        # The run is unknown to the store (a bare LaunchRun), so its end shows in Docker (the
-        # container exited) and in the agent's heartbeats as PostgreSQL records them.
-        exited = [c.status for c in stack.containers_of(launch.run_id)] == ["exited"]
-        listed = {
-            (entry["run_id"], entry["attempt"], entry["state"])
-            for agent in await store.agents.all()
-            if agent["agent_id"] == stack.agent_id()
-            for entry in agent["in_flight"]
-        }
-        return exited and (str(launch.run_id), 1, "reported") in listed
-
-    await eventually(reported, 60, what="the attempt exited and reported by its agent")
+    async with stack.client() as client:
+        run_id = await client.submit(stack.run_image, ["sh", "-c", "sleep 1"], queue=stack.queue)
+    # The relay's row, published twice more (a relay that sent it again): the second and third
+    # arrive while the first is being launched or running.
+    async with store.connections.connection() as connection:
+        payload = await eventually(
+            lambda: connection.fetchval(
+                "SELECT payload FROM outbox WHERE run_id = $1 AND kind = 'LaunchRun'", run_id
+            ),
+            30,
+            what="the run's LaunchRun row",
+        )
+    for _ in range(2):
+        await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, bytes(payload))
+    run = await wait_for_state(store, run_id, RunState.SUCCESS, RunState.FAILURE)
+    assert run.state == RunState.SUCCESS
     # And once more after it finished: acked, not run again.
-    await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, encode(launch))
+    await publish_raw(stack.amqp_url, INSTRUCTIONS_EXCHANGE, stack.queue, bytes(payload))
 
     async def all_acked() -> bool:
         stats = stack.queue_stats(instructions_queue(stack.queue))
         acked = stats.get("message_stats", {}).get("ack", 0)
-        return acked >= 3 and stats.get("messages") == 0
+        return acked >= 4 and stats.get("messages") == 0
 
-    await eventually(all_acked, 60, interval=0.5, what="the broker: all three deliveries acked")
-    assert stack.queue_stats(instructions_queue(stack.queue))["message_stats"]["ack"] == 3
-    containers = stack.containers_of(launch.run_id)
+    await eventually(all_acked, 60, interval=0.5, what="the broker: all four deliveries acked")
+    assert stack.queue_stats(instructions_queue(stack.queue))["message_stats"]["ack"] == 4
+    containers = stack.containers_of(run_id)
     assert len(containers) == 1
-    assert containers[0].name == f"hd-run-{launch.run_id}-1"
+    assert containers[0].name == f"hd-run-{run_id}-1"
 
 
 async def test_the_same_submission_published_twice_gives_one_run(

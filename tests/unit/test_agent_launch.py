@@ -18,8 +18,10 @@ from prometheus_client import REGISTRY
 from schemas import (
     FailureReason,
     Instruction,
+    LaunchGranted,
     LaunchRun,
     Message,
+    RunClaimed,
     RunFailed,
     RunLaunched,
     RunLog,
@@ -32,7 +34,7 @@ from schemas import (
 from schemas.topology import STATUS_EXCHANGE, event_routing_key
 from tests.fakes.broker import FakeDelivery
 from tests.fakes.clock import ManualClock, until
-from tests.fakes.publisher import FakePublisher
+from tests.fakes.publisher import FakePublisher, Published
 from tests.fakes.runtime import RUN_IMAGE, FakeContainer, FakeEngine
 from transport.delivery import Delivery
 from transport.errors import BrokerUnavailable
@@ -94,6 +96,31 @@ class AgentUnderTest:
             self.runtime, self.reporter.on_exit, self.launcher.adopt, self.reporter.on_ready
         )
         self._watching: asyncio.Task[None] | None = None
+        #: Claims answered with a TerminateRun, as the control plane answers a claimant when
+        #: another agent holds the attempt; every other claim is granted.
+        self.refused: set[tuple[uuid.UUID, int]] = set()
+        #: Claims left unanswered (a test answers them itself, or never).
+        self.unanswered = False
+        self._answers: set[asyncio.Task[Any]] = set()
+        self.publisher.answerers.append(self._answer_claim)
+
+    def _answer_claim(self, published: Published) -> None:
+        """The control plane's answer to a claim, delivered as the control queue would."""
+        claim = published.message
+        if not isinstance(claim, RunClaimed) or self.unanswered:
+            return
+        answer: Instruction
+        if (claim.run_id, claim.attempt) in self.refused:
+            answer = TerminateRun(
+                run_id=claim.run_id, attempt=claim.attempt, reason="claim refused", grace_s=0
+            )
+        else:
+            answer = LaunchGranted(
+                run_id=claim.run_id, attempt=claim.attempt, agent_id=claim.agent_id
+            )
+        task = asyncio.create_task(self.deliver(answer))
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
 
     async def start(self) -> None:
         """Watch Docker (which adopts what this agent ran before), as the agent starts."""
@@ -107,11 +134,17 @@ class AgentUnderTest:
         return delivery
 
     def events(self, kind: type[Message] | None = None) -> list[Any]:
-        return [e for e in self.publisher.events if kind is None or isinstance(e, kind)]
+        """What the agent published, of ``kind``; without one, all but its claims (which
+        the claim tests look at by name)."""
+        return [
+            e
+            for e in self.publisher.events
+            if (kind is None and not isinstance(e, RunClaimed)) or (kind and isinstance(e, kind))
+        ]
 
     def of_run(self, run_id: uuid.UUID) -> list[str]:
-        events = self.publisher.events
-        return [type(e).__name__ for e in events if getattr(e, "run_id", None) == run_id]
+        """The kinds of the run's events, but for its claims."""
+        return [type(e).__name__ for e in self.events() if getattr(e, "run_id", None) == run_id]
 
     async def reported(self, run_id: uuid.UUID) -> RunSucceeded | RunFailed:
         """Wait for the final event of the run."""
@@ -218,11 +251,17 @@ async def test_a_launch_is_acked_only_once_its_report_is_confirmed(
 ) -> None:
     agent = await agent_on()
     launch = launch_of()
-    agent.publisher.failure = BrokerUnavailable("not confirmed in time")
+
+    def fail_after_the_claim(published: Published) -> None:
+        if isinstance(published.message, RunClaimed):  # granted; what follows is lost
+            agent.publisher.failure = BrokerUnavailable("not confirmed in time")
+
+    agent.publisher.answerers.append(fail_after_the_claim)
     first = await agent.deliver(launch)
     assert first.settlements == []  # left to the broker to deliver again
     assert agent.events() == []
     container = only_container(engine)
+    agent.publisher.answerers.remove(fail_after_the_claim)
     agent.publisher.failure = None
     again = await agent.deliver(launch)  # the redelivery adopts the container
     assert again.settlements == ["ack"]

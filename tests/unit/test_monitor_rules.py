@@ -23,6 +23,7 @@ from schemas import (
     ContainerState,
     FailureReason,
     LaunchRun,
+    RunClaimed,
     RunFailed,
     RunLaunched,
     RunStarted,
@@ -54,6 +55,8 @@ class World:
         #: What each live agent lists in its heartbeats; agents not here are silent.
         self.listings: dict[str, list[Listed]] = {}
         self.synced: dict[str, bool] = {}
+        #: Agents whose heartbeats say their Docker engine does not answer.
+        self.engine_down: set[str] = set()
         self._last_beat: dict[str, float] = {}
         self._sequence = 0
 
@@ -82,6 +85,8 @@ class World:
             ),
             synced=synced,
             draining=draining,
+            engine_ok=agent_id not in self.engine_down,
+            engine_error="no answer to a ping in 5 s" if agent_id in self.engine_down else "",
         )
         await self.store.apply_events([beat])
         await self.monitor.on_heartbeat(beat)
@@ -192,6 +197,46 @@ async def test_an_agent_silent_too_long_is_lost_and_its_runs_retried() -> None:
     assert state(w.run(other)) == (RunState.STARTED, 1, None)
     assert w.terminations(B) == []
     assert w.alerts("agent_down") == 1
+
+
+async def test_an_agent_whose_engine_stops_answering_is_lost_though_it_beats() -> None:
+    w = World(lost_after_beats=3)
+    running, claimed = await w.submit(), await w.submit()
+    await w.started(running, A)
+    await w.store.apply_events([RunClaimed(run_id=claimed, attempt=1, agent_id=A)])
+    w.live(A, (running, 1), (claimed, 1, "launching"))
+    await w.elapse(4)
+    w.engine_down.add(A)  # its dockerd froze: heartbeats go on, saying so
+    await w.elapse(3 * INTERVAL_S)  # not yet past the threshold since the first such beat
+    assert w.status(A) == "ALIVE"
+    await w.elapse(2 * INTERVAL_S)
+    assert w.status(A) == "LOST"
+    # The started run and the one it claimed (its container being created) fail over.
+    for run_id in (running, claimed):
+        assert state(w.run(run_id)) == (RunState.QUEUED, 2, "AGENT_LOST")
+    assert sorted(w.terminations(A)) == sorted([(running, 1), (claimed, 1)])
+    [alert] = [a for a in w.store.alerts.values() if a.kind == "agent_down"]
+    assert "its Docker engine has not answered" in alert.message
+    assert "no answer to a ping in 5 s" in alert.message
+    # Still beating with its engine down: still lost, no second alert.
+    await w.elapse(10)
+    assert (w.status(A), w.alerts("agent_down"), w.alerts("agent_back")) == ("LOST", 1, 0)
+    # The engine answers again: back, and the superseded attempt it still runs is fenced.
+    await w.started(running, B, attempt=2)
+    w.engine_down.discard(A)
+    w.live(A, (running, 1))
+    await w.elapse(2)
+    assert (w.status(A), w.alerts("agent_back")) == ("ALIVE", 1)
+    assert decision_id(running, 1, f"fence:{A}") in w.store.outbox
+
+
+async def test_a_claimed_run_its_agent_stops_listing_fails_as_vanished() -> None:
+    w = World()
+    run_id = await w.submit()
+    await w.store.apply_events([RunClaimed(run_id=run_id, attempt=1, agent_id=A)])
+    w.live(A)  # restarted since it claimed: it holds nothing
+    await w.elapse(3 * INTERVAL_S + SWEEP_S)
+    assert state(w.run(run_id)) == (RunState.QUEUED, 2, "UNEXPECTED_TERMINATION")
 
 
 async def test_a_drained_agent_that_stops_leaves_quietly_but_one_with_runs_is_lost() -> None:

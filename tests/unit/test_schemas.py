@@ -22,6 +22,7 @@ from schemas import (
     FailureReason,
     InvalidMessage,
     JobDefinition,
+    LaunchGranted,
     LaunchRun,
     LocationFailed,
     LocationLoaded,
@@ -33,6 +34,7 @@ from schemas import (
     OutOfBounds,
     ProgressItem,
     RunAccepted,
+    RunClaimed,
     RunEnded,
     RunFailed,
     RunLaunched,
@@ -84,6 +86,8 @@ EXAMPLES: list[Message] = [
     CancelRun(run_id=RUN, reason="user asked"),
     LaunchRun(run_id=RUN, attempt=2, image="busybox", command=("true",), env={"B": "2"}),
     TerminateRun(run_id=RUN, attempt=2, reason="cancel", grace_s=5),
+    LaunchGranted(run_id=RUN, attempt=2, agent_id="host-1"),
+    RunClaimed(run_id=RUN, attempt=2, agent_id="host-1"),
     RunLaunched(
         run_id=RUN, attempt=1, agent_id="a1", container_id="c" * 64, container_name="hd-run-x"
     ),
@@ -169,10 +173,11 @@ def test_every_message_round_trips(message: Message) -> None:
     ("decoder", "kinds"),
     [
         (request_decoder(), {"SubmitRun", "CancelRun", "LocationsWanted"}),
-        (instruction_decoder(), {"LaunchRun", "TerminateRun"}),
+        (instruction_decoder(), {"LaunchRun", "TerminateRun", "LaunchGranted"}),
         (
             event_decoder(),
             {
+                "RunClaimed",
                 "RunLaunched",
                 "RunStarted",
                 "RunSucceeded",
@@ -278,7 +283,7 @@ def test_nested_field_errors_name_the_path() -> None:
 
 
 def test_unknown_failure_reason_is_rejected() -> None:
-    body = json.loads(encode(EXAMPLES[7]))
+    body = json.loads(encode(next(e for e in EXAMPLES if isinstance(e, RunFailed))))
     body["reason"] = "GREMLINS"
     with pytest.raises(InvalidMessage) as caught:
         event_decoder().decode(json.dumps(body).encode())

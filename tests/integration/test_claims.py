@@ -1,0 +1,160 @@
+"""Claims on a real PostgreSQL: the first claim of an attempt holds it, every other claimant
+is answered with a TerminateRun, and the failure monitor fails over what a lost agent held."""
+
+from __future__ import annotations
+
+import uuid
+
+from dispatcher.states import RunState
+from dispatcher.store import Database
+from schemas import (
+    AgentHeartbeat,
+    ContainerState,
+    FailureReason,
+    LaunchGranted,
+    RunClaimed,
+    RunFailed,
+    RunLaunched,
+    SubmitRun,
+    TerminateRun,
+    any_decoder,
+)
+from schemas.topology import CONTROL_EXCHANGE
+
+
+async def submitted(store: Database) -> uuid.UUID:
+    submission = SubmitRun(run_id=uuid.uuid4(), image="busybox", command=("true",))
+    assert await store.accept_submissions([submission]) == [submission.run_id]
+    return submission.run_id
+
+
+async def answers(store: Database, run_id: uuid.UUID) -> list[tuple[str, object]]:
+    """(agent, answer) for every claim answer written for the run, oldest first."""
+    async with store.connections.connection() as connection:
+        rows = await connection.fetch(
+            """
+            SELECT routing_key, payload FROM outbox
+            WHERE run_id = $1 AND exchange = $2 AND kind IN ('LaunchGranted', 'TerminateRun')
+            ORDER BY id
+            """,
+            run_id,
+            CONTROL_EXCHANGE,
+        )
+    decoder = any_decoder()
+    return [(r["routing_key"], decoder.decode(bytes(r["payload"]))) for r in rows]
+
+
+def claim(run_id: uuid.UUID, agent_id: str, attempt: int = 1) -> RunClaimed:
+    return RunClaimed(run_id=run_id, attempt=attempt, agent_id=agent_id)
+
+
+async def test_the_first_claim_holds_the_attempt_and_later_claimants_are_told_to_stop(
+    store: Database,
+) -> None:
+    run_id = await submitted(store)
+    first = claim(run_id, "host-a")
+    await store.apply_events([first, claim(run_id, "host-b")])
+    run = await store.runs.get(run_id)
+    assert (run.state, run.agent_id) == (RunState.QUEUED, "host-a")
+    [(to_a, granted), (to_b, refused)] = await answers(store, run_id)
+    assert to_a == "host-a" and isinstance(granted, LaunchGranted)
+    assert (granted.attempt, granted.agent_id) == (1, "host-a")
+    assert to_b == "host-b" and isinstance(refused, TerminateRun)
+    assert refused.attempt == 1
+    assert refused.reason == "claim refused: attempt 1 is held by agent host-a"
+    # A redelivered claim is answered once; the holder claiming again is granted again.
+    await store.apply_events([first])
+    assert len(await answers(store, run_id)) == 2
+    await store.apply_events([claim(run_id, "host-a")])
+    assert [type(a).__name__ for _, a in await answers(store, run_id)] == [
+        "LaunchGranted",
+        "TerminateRun",
+        "LaunchGranted",
+    ]
+    # Both claims are in the run's history; the refused one changed nothing.
+    kinds = [e.kind for e in await store.runs.events(run_id)]
+    assert kinds.count("RunClaimed") == 3
+    # The other agent's events of the attempt are recorded and change nothing.
+    await store.apply_events(
+        [
+            RunLaunched(
+                run_id=run_id,
+                attempt=1,
+                agent_id="host-b",
+                container_id="b" * 64,
+                container_name=f"hd-run-{run_id}-1",
+            )
+        ]
+    )
+    assert (await store.runs.get(run_id)).state == RunState.QUEUED
+    await store.apply_events(
+        [
+            RunLaunched(
+                run_id=run_id,
+                attempt=1,
+                agent_id="host-a",
+                container_id="a" * 64,
+                container_name=f"hd-run-{run_id}-1",
+            )
+        ]
+    )
+    run = await store.runs.get(run_id)
+    assert (run.state, run.agent_id, run.container_id) == (RunState.STARTING, "host-a", "a" * 64)
+
+
+async def test_claims_of_ended_runs_superseded_attempts_and_unknown_runs_are_refused(
+    store: Database,
+) -> None:
+    ended = await submitted(store)
+    await store.apply_events([claim(ended, "host-a")])
+    await store.apply_events(
+        [RunFailed(run_id=ended, attempt=1, agent_id="host-a", reason=FailureReason.LAUNCH_ERROR)]
+    )
+    await store.apply_events([claim(ended, "host-b"), claim(ended, "host-a", attempt=2)])
+    refusals = [a.reason for _, a in await answers(store, ended) if isinstance(a, TerminateRun)]
+    assert refusals == [
+        "claim refused: the run ended FAILURE",
+        "claim refused: attempt 2 was superseded by attempt 1",
+    ]
+    unknown = uuid.uuid4()
+    await store.apply_events([claim(unknown, "host-a")])
+    [(to, refused)] = await answers(store, unknown)
+    assert to == "host-a" and isinstance(refused, TerminateRun)
+    assert refused.reason == "claim refused: no such run"
+
+
+async def test_a_lost_agent_gives_up_the_attempts_it_claimed_and_a_stray_is_fenced(
+    store: Database,
+) -> None:
+    held = await submitted(store)
+    await store.apply_events(
+        [
+            AgentHeartbeat(agent_id="host-a", sequence=1, queues=("default",)),
+            AgentHeartbeat(agent_id="host-b", sequence=1, queues=("default",)),
+            claim(held, "host-a"),
+        ]
+    )
+    # A claimed attempt (its container being created) is watched like a started one.
+    assert [(r.run_id, r.state) for r in await store.supervision.active_runs()] == [
+        (held, RunState.QUEUED)
+    ]
+    failed = await store.supervision.declare_agent_lost(
+        "host-a", 9.0, "its Docker engine has not answered for 9.0 s"
+    )
+    assert failed == [held]
+    run = await store.runs.get(held)
+    assert run.failure_reason == FailureReason.AGENT_LOST.value
+    events = await store.runs.events(held)
+    [decision] = [e for e in events if e.kind == "RunFailed"]
+    assert "its Docker engine has not answered" in decision.payload["message"]
+    # Host b lists the current attempt of a run host a holds: it is told to stop it.
+    other = await submitted(store)
+    await store.apply_events([claim(other, "host-a")])
+    fenced = await store.supervision.fence(
+        "host-b",
+        [ContainerState(run_id=other, attempt=1, container_id="c" * 64, state="running")],
+    )
+    assert fenced == 1
+    [stop] = [a for to, a in await answers(store, other) if to == "host-b"]
+    assert isinstance(stop, TerminateRun)
+    assert stop.reason == "fenced: this attempt is held by agent host-a"
