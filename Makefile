@@ -4,12 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export TESTCONTAINERS_RYUK_DISABLED ?= true
 
-.PHONY: help venv host images test test-unit lint format demo bench clean
+.PHONY: help venv host images test test-unit soak lint format demo bench clean
 
 help:
 	@echo "make demo       set up everything, then run the demo"
-	@echo "make test       set up everything, then run the whole test suite"
+	@echo "make test       set up everything, then run the test suite (all but the soak tests)"
 	@echo "make test-unit  unit tests only (no services)"
+	@echo "make soak       the long soak tests the default run leaves out (minutes each)"
 	@echo "make lint       ruff (lint and format check), mypy and the import contracts"
 	@echo "make format     rewrite the code with ruff format"
 	@echo "make bench      run the benchmarks"
@@ -34,6 +35,9 @@ test: images
 
 test-unit: venv
 	$(BIN)/pytest -m unit tests/unit
+
+soak: images
+	$(BIN)/pytest -m soak
 
 lint: venv
 	$(BIN)/ruff check .

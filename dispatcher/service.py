@@ -37,7 +37,7 @@ from transport import policies
 from transport.connection import connect
 from transport.consumer import Consumer
 from transport.delivery import Delivery
-from transport.errors import BrokerUnavailable
+from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.publisher import Publisher
 from transport.topology import declare_topology
 
@@ -46,7 +46,7 @@ from .admitter import Admitter
 from .errors import StoreUnavailable
 from .relay import OutboxRelay
 from .settings import ControlPlaneSettings, trusted_broker_users
-from .store import Database
+from .store import Database, OutboxItem
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,19 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                     log.info("cancel of run %s: %s", request.run_id, what)
 
         async def on_events(deliveries: list[Delivery[Event]]) -> None:
-            await store.apply_events([d.message for d in deliveries])
+            answers: list[OutboxItem] = []
+            await store.apply_events([d.message for d in deliveries], answers)
+            if answers:
+                # Committed: claimants wait on these to start their containers.
+                await asyncio.gather(*(answer_claim(item) for item in answers))
+
+        async def answer_claim(item: OutboxItem) -> None:
+            try:
+                await publisher.publish(item.exchange, item.routing_key, item.message)
+            except (BrokerUnavailable, BrokerRefused) as exc:
+                # The claimant claims again when no answer comes, and is answered the same.
+                run_id = getattr(item.message, "run_id", None)
+                log.warning("answer to a claim of run %s not sent: %s", run_id, exc)
 
         consumers: list[Consumer[Request] | Consumer[Event] | Consumer[bytes]] = []
         runners: list[asyncio.Task[Any]] = []

@@ -32,6 +32,7 @@ class ImageNames:
     agent: str = "hybrid-dispatcher/agent:latest"
     run_tiny: str = "hybrid-dispatcher/run-tiny:latest"
     example_location: str = "hybrid-dispatcher/example-location:latest"
+    host: str = "hybrid-dispatcher/host:latest"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ImageNames:
@@ -45,6 +46,7 @@ class ImageNames:
             agent=_get(env, "HD_IMAGE_AGENT", d.agent),
             run_tiny=_get(env, "HD_IMAGE_RUN_TINY", d.run_tiny),
             example_location=_get(env, "HD_IMAGE_EXAMPLE_LOCATION", d.example_location),
+            host=_get(env, "HD_IMAGE_HOST", d.host),
         )
 
 

@@ -60,7 +60,7 @@ FLAGS = {"cpus": "--cpus", "memory_limit_mb": "--memory-mb", "gpus": "--gpus"}
 FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 30.0
 #: A claim with no answer for this long is sent again (the control plane may be away).
-CLAIM_RESEND_S = 10.0
+CLAIM_RESEND_S = 2.0
 
 
 class Launcher:

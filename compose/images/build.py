@@ -2,8 +2,8 @@
 
     python compose/images/build.py [--force] [NAME ...]
 
-NAME is any of: base, rabbitmq, postgres, app, agent, run-tiny, example-location (default: all,
-in that order).
+NAME is any of: base, rabbitmq, postgres, app, agent, run-tiny, example-location, host (default:
+all, in that order).
 
 ``app`` holds every role (``hybrid-dispatcher[agent,control-plane,web]``); ``agent`` only the
 agent's (``hybrid-dispatcher[agent]``: no asyncpg). Both are installed from one wheelhouse of the
@@ -42,7 +42,7 @@ HASH_LABEL = "hybrid-dispatcher.inputs-hash"
 SUITE = "bookworm"
 # Bump when the way the base root file system is made changes.
 BASE_RECIPE_VERSION = "3"
-ORDER = ("base", "rabbitmq", "postgres", "app", "agent", "run-tiny", "example-location")
+ORDER = ("base", "rabbitmq", "postgres", "app", "agent", "run-tiny", "example-location", "host")
 PROJECT_SOURCES = (
     "pyproject.toml",
     "schemas",
@@ -325,6 +325,7 @@ def build(names: ImageNames, which: Iterable[str], force: bool) -> None:
         "agent": names.agent,
         "run-tiny": names.run_tiny,
         "example-location": names.example_location,
+        "host": names.host,
     }
     default_tags = {
         "base": defaults.base,
@@ -334,6 +335,7 @@ def build(names: ImageNames, which: Iterable[str], force: bool) -> None:
         "agent": defaults.agent,
         "run-tiny": defaults.run_tiny,
         "example-location": defaults.example_location,
+        "host": defaults.host,
     }
     wanted = [name for name in ORDER if name in set(which)]
     needs_base = any(tags[n] == default_tags[n] for n in wanted if n != "base")

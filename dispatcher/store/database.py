@@ -197,8 +197,13 @@ class Database:
 
     # ----------------------------------------------------------------- status events
 
-    async def apply_events(self, batch: Sequence[Event]) -> int:
-        """Apply status events idempotently in one transaction; returns state changes made."""
+    async def apply_events(
+        self, batch: Sequence[Event], answers: list[outbox.OutboxItem] | None = None
+    ) -> int:
+        """Apply status events idempotently in one transaction; returns state changes made.
+
+        ``answers``: claims' answers are put there, to be published once this returns (the
+        transaction committed), instead of into the outbox (``events.claim``)."""
         changes = 0
         async with self.connections.transaction() as connection:
             for event in batch:
@@ -212,7 +217,7 @@ class Database:
                     continue  # the control plane's own announcements: written by the store
                 elif isinstance(event, LocationLoaded | LocationFailed):
                     await locations.record_event(connection, event)
-                elif await events.apply(connection, event, self.retry_backoff_s):
+                elif await events.apply(connection, event, self.retry_backoff_s, answers):
                     changes += 1
         return changes
 

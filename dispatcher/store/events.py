@@ -33,11 +33,19 @@ from . import alerts, outbox, runs
 log = logging.getLogger(__name__)
 
 
-async def apply(connection: asyncpg.Connection, event: RunEvent, retry_backoff_s: float) -> bool:
-    """Apply one run event; True when it changed its run's state."""
+async def apply(
+    connection: asyncpg.Connection,
+    event: RunEvent,
+    retry_backoff_s: float,
+    answers: list[outbox.OutboxItem] | None = None,
+) -> bool:
+    """Apply one run event; True when it changed its run's state.
+
+    ``answers``: where a claim's answer goes, for the caller to publish once the transaction
+    commits (see ``claim``); None: to the outbox."""
     run = await connection.fetchrow("SELECT * FROM runs WHERE run_id = $1 FOR UPDATE", event.run_id)
     if isinstance(event, RunClaimed):
-        await claim(connection, run, event)
+        await claim(connection, run, event, answers)
         return False
     if run is None:
         log.warning("event %s for unknown run %s ignored", type(event).__name__, event.run_id)
@@ -93,7 +101,10 @@ async def apply(connection: asyncpg.Connection, event: RunEvent, retry_backoff_s
 
 
 async def claim(
-    connection: asyncpg.Connection, run: asyncpg.Record | None, event: RunClaimed
+    connection: asyncpg.Connection,
+    run: asyncpg.Record | None,
+    event: RunClaimed,
+    answers: list[outbox.OutboxItem] | None = None,
 ) -> bool:
     """Record the first claim of an attempt and answer the claimant; True when it holds it.
 
@@ -102,6 +113,11 @@ async def claim(
     holder. Any other claim (another agent's, of an earlier attempt, of a run that ended) is
     answered with a ``TerminateRun``: that agent never starts its container. The answer's id
     derives from the claim's, so a redelivered claim is answered once.
+
+    The answer goes to ``answers`` when given: the status consumer publishes it right after
+    the commit, sparing the launch the relay's round trip. Nothing is lost if that publish
+    is: a claimant with no answer claims again (``worker_agent.claims``), and is answered the
+    same, since the claim was recorded.
     """
     why = _claim_refused(run, event)
     if why is None and run is not None and run["agent_id"] is None:
@@ -135,7 +151,11 @@ async def claim(
             reason=f"claim refused: {why}",
             grace_s=10.0,
         )
-    await outbox.insert(connection, [outbox.OutboxItem(answer, CONTROL_EXCHANGE, event.agent_id)])
+    item = outbox.OutboxItem(answer, CONTROL_EXCHANGE, event.agent_id)
+    if answers is not None:
+        answers.append(item)
+    else:
+        await outbox.insert(connection, [item])
     return why is None
 
 

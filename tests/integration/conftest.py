@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import urllib.parse
 import uuid
@@ -14,9 +15,11 @@ import asyncpg
 import docker
 import pytest
 
+from compose import hosts
 from dispatcher.client import Client
+from dispatcher.settings import ImageNames
 from dispatcher.store import Database
-from tests.conftest import SESSION_ID
+from tests.conftest import SESSION_ID, labels_for_tests, service_unavailable
 from tests.support import Proc, management_request
 from worker_agent.containers import LABEL_AGENT, LABEL_RUN
 
@@ -233,6 +236,40 @@ def stack(
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(built.dump_logs())
+
+
+@pytest.fixture(scope="session")
+def engine_hosts(
+    docker_client: docker.DockerClient, images: ImageNames, run_image: str
+) -> Iterator[list[hosts.Host]]:
+    """Two agent hosts, each a Docker engine of its own holding the run image (Docker in
+    Docker, see compose/hosts.py); started on first use, shared by the session.
+
+    A test that freezes one (``host.freeze()``) thaws it before it ends; what a test starts on
+    an engine it removes."""
+    try:
+        docker_client.images.get(images.host)
+    except docker.errors.ImageNotFound:
+        service_unavailable(f"image {images.host}", "not built (run `make images`)")
+    hosts.remove_leftovers(docker_client)
+    prefix = f"hd-t-{SESSION_ID}"
+    try:
+        started = hosts.up(
+            docker_client,
+            2,
+            prefix,
+            image=images.host,
+            labels=labels_for_tests(),
+            images=[run_image],
+            owner=os.getpid(),
+        )
+    except hosts.HostError as exc:
+        service_unavailable("agent hosts (Docker in Docker)", exc)
+        raise
+    yield started
+    for host in started:
+        host.close()
+    hosts.down(docker_client, prefix)
 
 
 @pytest.hookimpl(hookwrapper=True)

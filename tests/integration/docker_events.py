@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +34,22 @@ class ContainerEvents:
     burst of 60 produces, so the stream is followed live for the whole test.
     """
 
-    def __init__(self, label: str) -> None:
+    def __init__(
+        self,
+        label: str,
+        base_url: str | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """``base_url``: the engine (default: the environment's); ``on_event`` is called on
+        the recording thread with each event as it comes."""
         self.label = label
         self.events: list[dict[str, Any]] = []
-        self._client = docker.from_env(timeout=None)
+        self._on_event = on_event
+        self._client = (
+            docker.DockerClient(base_url=base_url, timeout=None)
+            if base_url
+            else docker.from_env(timeout=None)
+        )
         self._stream: Any = None
         self._thread: threading.Thread | None = None
 
@@ -59,6 +72,8 @@ class ContainerEvents:
         with contextlib.suppress(Exception):
             for event in self._stream:
                 self.events.append(event)
+                if self._on_event is not None:
+                    self._on_event(event)
 
     def stop(self) -> None:
         if self._stream is not None:

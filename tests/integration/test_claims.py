@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 
 from dispatcher.states import RunState
-from dispatcher.store import Database
+from dispatcher.store import Database, OutboxItem
 from schemas import (
     AgentHeartbeat,
     ContainerState,
@@ -158,3 +158,16 @@ async def test_a_lost_agent_gives_up_the_attempts_it_claimed_and_a_stray_is_fenc
     [stop] = [a for to, a in await answers(store, other) if to == "host-b"]
     assert isinstance(stop, TerminateRun)
     assert stop.reason == "fenced: this attempt is held by agent host-a"
+
+
+async def test_the_status_consumer_takes_claim_answers_to_publish_itself(store: Database) -> None:
+    """``serve`` publishes answers right after the commit, not through the outbox."""
+    run_id = await submitted(store)
+    answered: list[OutboxItem] = []
+    await store.apply_events([claim(run_id, "host-a"), claim(run_id, "host-b")], answered)
+    assert [(i.routing_key, type(i.message).__name__) for i in answered] == [
+        ("host-a", "LaunchGranted"),
+        ("host-b", "TerminateRun"),
+    ]
+    assert await answers(store, run_id) == []
+    assert (await store.runs.get(run_id)).agent_id == "host-a"
