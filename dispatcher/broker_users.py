@@ -19,6 +19,7 @@ from schemas import is_safe_name
 from schemas.topology import STATUS_EXCHANGE
 from transport.errors import BrokerUnavailable
 from transport.policies import ManagementApi, management_request
+from transport.urls import broker_urls, join
 
 from .errors import ConfigError, DispatcherError
 
@@ -73,7 +74,12 @@ _SHARED_OPTIONS = frozenset({"cafile", "capath", "no_verify_ssl", "heartbeat", "
 
 
 def user_url(amqp_url: str, user: str, password: str) -> str:
-    """The operator's broker URL with another user's credentials instead."""
+    """The operator's broker URL (every node's, for a cluster) with another user's
+    credentials instead."""
+    return join([_with_user(one, user, password) for one in broker_urls(amqp_url)])
+
+
+def _with_user(amqp_url: str, user: str, password: str) -> str:
     parts = urllib.parse.urlsplit(amqp_url)
     host = parts.hostname or "localhost"
     netloc = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}@"

@@ -27,7 +27,8 @@ AmqpUrl = Annotated[
     str,
     typer.Option(
         envvar="HD_AMQP_URL",
-        help="Broker URL, amqp://user:pass@host:5672/ (amqps://...:5671/?cafile=CA.pem for TLS).",
+        help="Broker URL, amqp://user:pass@host:5672/ (amqps://...:5671/?cafile=CA.pem for TLS); "
+        "a cluster's nodes separated by commas.",
     ),
 ]
 DatabaseUrl = Annotated[

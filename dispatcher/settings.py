@@ -7,9 +7,11 @@ object instead of calling ``os.getenv``. Environment variables use the ``HD_`` p
 from __future__ import annotations
 
 import os
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from transport.errors import BrokerUrlInvalid
+from transport.urls import broker_urls, user_of
 
 
 def _get(env: Mapping[str, str], name: str, default: str) -> str:
@@ -75,7 +77,7 @@ def trusted_broker_users(amqp_url: str, env: Mapping[str, str] | None = None) ->
     """Broker identities whose messages may speak for any agent: the process's own user and
     those named in ``HD_TRUSTED_BROKER_USERS`` (comma-separated; an operator's, say)."""
     env = os.environ if env is None else env
-    own = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).username or "")
+    own = user_of(amqp_url)
     named = [u.strip() for u in env.get("HD_TRUSTED_BROKER_USERS", "").split(",") if u.strip()]
     return tuple(dict.fromkeys([own, *named] if own else named))
 
@@ -85,6 +87,10 @@ def _require_connections(amqp_url: str, database_url: str) -> None:
 
     if not amqp_url:
         raise ConfigError("no broker: pass --amqp-url or set HD_AMQP_URL")
+    try:
+        broker_urls(amqp_url)
+    except BrokerUrlInvalid as exc:
+        raise ConfigError(f"HD_AMQP_URL / --amqp-url: {exc}") from None
     if not database_url:
         raise ConfigError("no database: pass --database-url or set HD_DATABASE_URL")
 

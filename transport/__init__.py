@@ -4,8 +4,11 @@ It imports ``schemas`` and third-party libraries only. Public, imported from the
 (this package imports none of them, so that a command's ``--help`` does not load the broker
 driver):
 
-- ``connection``: ``connect`` (a robust connection); ``TRANSIENT`` and ``REFUSED``, the
-  driver's exceptions by meaning.
+- ``urls``: ``broker_urls``, the broker setting (one URL, or a cluster's nodes separated by
+  commas) split and checked; ``user_of``, ``vhost_of``, ``where_of``, ``hide_password``.
+- ``connection``: ``connect`` (a robust connection that fails over between a cluster's nodes,
+  ``FailoverConnection``), ``probe``; ``TRANSIENT`` and ``REFUSED``, the driver's exceptions
+  by meaning.
 - ``topology``: ``declare_topology``, and the queues declared one at a time
   (``declare_instructions_queue``, ``declare_control_queue``, ``declare_monitor_queue``,
   ``declare_target``, ``declare_consumed_queue``).
@@ -19,6 +22,6 @@ driver):
 - ``ports``: the broker as its users see it (``EventPublisher``, ``DeadLetterer``,
   ``BrokerPublisher``, ``InboundDelivery``) and ``Clock``: Protocols that the adapter and the
   tests' fakes both satisfy.
-- ``errors``: ``TransportError`` and below it ``BrokerUnavailable``, ``BrokerRefused``,
-  ``HandlerUnavailable``, ``MessageRejected``, ``PortUnavailable``.
+- ``errors``: ``TransportError`` and below it ``BrokerUnavailable``, ``BrokerUrlInvalid``,
+  ``BrokerRefused``, ``HandlerUnavailable``, ``MessageRejected``, ``PortUnavailable``.
 """

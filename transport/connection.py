@@ -1,17 +1,31 @@
-"""The broker connection, and which of aio-pika's exceptions mean what."""
+"""The broker connection, and which of aio-pika's exceptions mean what.
+
+The broker setting may list the nodes of a cluster (``transport.urls``). aio-pika has no
+failover of its own: its robust connection reconnects to the one URL it was given. The
+``FailoverConnection`` below is that robust connection, moving on to the next node whenever
+an attempt fails or the connection is lost; aio-pika's own restore then re-opens the channels
+and re-declares their queues, bindings and consumers on whichever node answers.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import urllib.parse
+from collections.abc import Sequence
+from typing import Any
 
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
+from yarl import URL
 
 from .errors import BrokerUnavailable
+from .urls import broker_urls, where_of
+
+log = logging.getLogger(__name__)
 
 #: The broker connection both sides hold (it reconnects by itself).
 Connection = aio_pika.abc.AbstractRobustConnection
@@ -33,19 +47,96 @@ REFUSED = (
     aiormq.exceptions.ChannelNotFoundEntity,
     aiormq.exceptions.ChannelPreconditionFailed,
 )
+#: What a failed connection attempt raises.
+_CANNOT_CONNECT = (*TRANSIENT, aiormq.exceptions.AMQPError)
+
+
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection to the nodes of one cluster, taken in turn.
+
+    RobustConnection calls ``_on_connection_close`` both when an open connection is lost and
+    when an attempt fails, and reads ``url`` afresh at every attempt: moving ``url`` on to the
+    next node there is all the failover needs. Publishes whose confirm was lost with the node
+    fail, and ``Publisher`` retries them on the next connection.
+    """
+
+    def __init__(self, urls: Sequence[str], **kwargs: Any) -> None:
+        self.urls = tuple(URL(u) for u in urls)
+        self._at = 0
+        super().__init__(self.urls[0], **kwargs)
+        #: The node of the last attempt, which aio-pika's own log lines name (``__str__``):
+        #: ``url`` already names the next one when they are written.
+        self._tried = self.url
+
+    @property
+    def node(self) -> str:
+        """``host:port`` of the node connected to (or to be tried next)."""
+        return where_of(str(self.url))
+
+    def __str__(self) -> str:
+        shown = self._tried.with_password("******") if self._tried.password else self._tried
+        return str(shown)
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        lost = self.connected.is_set()
+        if len(self.urls) > 1 and not self._close_called:
+            self._tried = self.url
+            self._at = (self._at + 1) % len(self.urls)
+            self.url = self.urls[self._at]
+            if lost:
+                log.warning(
+                    "lost the broker at %s (%s); trying %s next",
+                    where_of(str(self._tried)),
+                    _reason(closing),
+                    self.node,
+                )
+        await super()._on_connection_close(closing)
+
+    async def _on_connected(self) -> None:
+        await super()._on_connected()
+        self._tried = self.url
+        if self.connection_attempt > 1:
+            log.info("reconnected to the broker at %s", self.node)
+
+
+def _reason(closing: asyncio.Future[Any]) -> str:
+    if closing.cancelled():
+        return "closed"
+    exc = closing.exception()
+    return repr(exc) if exc is not None else "closed"
 
 
 async def connect(url: str, name: str, timeout: float = 30.0) -> Connection:
-    """A connection that reconnects by itself and restores its channels and consumers."""
-    try:
-        return await aio_pika.connect_robust(
-            url,
-            timeout=timeout,
+    """A connection that reconnects by itself and restores its channels and consumers.
+
+    ``url`` is the broker setting: one URL, or a cluster's nodes separated by commas. The
+    nodes are tried in the order given and the first that answers is taken; after a loss the
+    connection goes round the list from the node after the lost one.
+    """
+    urls = broker_urls(url)
+    failures: list[tuple[str, BaseException]] = []
+    for first in range(len(urls)):
+        connection = FailoverConnection(
+            urls[first:] + urls[:first],
             reconnect_interval=1.0,
             client_properties={"connection_name": name},
         )
-    except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
-        raise _unavailable(url, exc) from exc
+        try:
+            await connection.connect(timeout=timeout)
+        except _CANNOT_CONNECT as exc:
+            failures.append((urls[first], exc))
+            await connection.close()  # ends its reconnection task
+            continue
+        return connection
+    raise _unavailable_all(failures)
+
+
+def _unavailable_all(failures: list[tuple[str, BaseException]]) -> BrokerUnavailable:
+    """The error when no node answers: each node's failure, in words."""
+    if len(failures) == 1:
+        return _unavailable(*failures[0])
+    each = "; ".join(f"{where_of(url)}: {_unavailable(url, exc)}" for url, exc in failures)
+    return BrokerUnavailable(f"none of the {len(failures)} broker nodes answers: {each}")
 
 
 def _unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
@@ -116,7 +207,8 @@ def _describe(error: ssl.SSLError) -> str:
 
 
 async def credentials_refused(url: str) -> bool:
-    """True when the broker answers but refuses these credentials (a revoked identity)."""
+    """True when the broker answers but refuses these credentials (a revoked identity): no
+    node of the setting lets it in, and one at least says ACCESS_REFUSED."""
     try:
         await probe(url)
     except BrokerUnavailable as exc:
@@ -125,11 +217,16 @@ async def credentials_refused(url: str) -> bool:
 
 
 async def probe(url: str, timeout: float = 10.0) -> dict[str, object]:
-    """Open a plain connection and close it; the server's properties (product, version)."""
-    try:
-        connection = await aio_pika.connect(url, timeout=timeout)
-    except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
-        raise _unavailable(url, exc) from exc
-    async with connection:
-        transport = connection.transport
-        return dict(transport.connection.server_properties) if transport else {}
+    """Open a plain connection and close it; the server's properties (product, version), of
+    the first node of the setting that answers."""
+    failures: list[tuple[str, BaseException]] = []
+    for one in broker_urls(url):
+        try:
+            connection = await aio_pika.connect(one, timeout=timeout)
+        except _CANNOT_CONNECT as exc:
+            failures.append((one, exc))
+            continue
+        async with connection:
+            transport = connection.transport
+            return dict(transport.connection.server_properties) if transport else {}
+    raise _unavailable_all(failures)

@@ -16,6 +16,11 @@ class BrokerUnavailable(TransportError):
     """The broker cannot be reached, or a publish was not confirmed in time."""
 
 
+class BrokerUrlInvalid(TransportError):
+    """The broker setting (one AMQP URL, or several separated by commas) cannot be used: the
+    message names the URL and what is wrong with it."""
+
+
 class BrokerRefused(TransportError):
     """The broker refused one operation (a name it rejects, a permission, a missing exchange):
     retrying the same operation cannot help, unlike ``BrokerUnavailable``."""

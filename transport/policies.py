@@ -29,6 +29,7 @@ from typing import Any
 from schemas.topology import DEAD_LETTER_EXCHANGE
 
 from .errors import BrokerUnavailable
+from .urls import broker_urls, vhost_of
 
 log = logging.getLogger(__name__)
 
@@ -94,47 +95,64 @@ def policies(limits: PolicyLimits) -> dict[str, dict[str, object]]:
 
 @dataclass(frozen=True)
 class ManagementApi:
-    """Where RabbitMQ's management API answers, and as whom."""
+    """Where RabbitMQ's management API answers, and as whom.
 
-    base_url: str  # scheme, host, port and any path prefix; no credentials
+    A cluster's nodes each serve the whole cluster's API: a call goes to the first of
+    ``base_urls`` that answers."""
+
+    base_urls: tuple[str, ...]  # scheme, host, port and any path prefix; no credentials
     user: str
     password: str
     vhost: str
     #: The CA that signed the API's certificate over HTTPS (None: the system's CAs).
     cafile: str | None = None
 
+    @property
+    def base_url(self) -> str:
+        return self.base_urls[0]
+
 
 def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
-    """The management API of the broker of ``amqp_url``, on its vhost.
+    """The management API of the broker of ``amqp_url`` (the broker setting: one URL or a
+    cluster's), on its vhost.
 
-    An explicit ``management_url`` (http://user:pass@host:port/prefix) is taken as it is; the
-    AMQP credentials are used when it names none. Otherwise the broker's host on RabbitMQ's
-    default management port: 15672 (http), or 15671 (https) for an ``amqps`` broker. Over
-    HTTPS the server is verified with the CA of the management URL's ``cafile=``, else the
-    AMQP URL's, else the system's.
+    An explicit ``management_url`` (http://user:pass@host:port/prefix, or several separated by
+    commas) is taken as it is; the AMQP credentials are used when it names none. Otherwise
+    each broker node's host on RabbitMQ's default management port: 15672 (http), or 15671
+    (https) for an ``amqps`` broker. Over HTTPS the server is verified with the CA of the
+    management URL's ``cafile=``, else the AMQP URL's, else the system's.
     """
-    amqp = urllib.parse.urlsplit(amqp_url)
-    cafile = _query(amqp_url, "cafile") or _query(management_url, "cafile")
-    vhost = urllib.parse.unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
-    user = urllib.parse.unquote(amqp.username or "")
-    password = urllib.parse.unquote(amqp.password or "")
-    if management_url:
-        given = urllib.parse.urlsplit(management_url)
-        host = given.hostname or "localhost"
-        try:
-            port = f":{given.port}" if given.port else ""
-        except ValueError as exc:
-            raise BrokerUnavailable(f"the management URL {management_url!r}: {exc}") from exc
-        base = f"{given.scheme}://{host}{port}{given.path.rstrip('/')}"
-        if given.username:
-            user = urllib.parse.unquote(given.username)
-            password = urllib.parse.unquote(given.password or "")
-        return ManagementApi(
-            base, user, password, vhost, _query(management_url, "cafile") or cafile
-        )
-    scheme, default_port = ("https", 15671) if amqp.scheme == "amqps" else ("http", 15672)
-    host = amqp.hostname or "localhost"
-    return ManagementApi(f"{scheme}://{host}:{default_port}", user, password, vhost, cafile)
+    amqp_urls = broker_urls(amqp_url)
+    given = [u.strip() for u in management_url.split(",") if u.strip()]
+    first = urllib.parse.urlsplit(amqp_urls[0])
+    cafile = _query(amqp_urls[0], "cafile")
+    user = urllib.parse.unquote(first.username or "")
+    password = urllib.parse.unquote(first.password or "")
+    bases = []
+    if given:
+        for one in given:
+            parts = urllib.parse.urlsplit(one)
+            try:
+                port = f":{parts.port}" if parts.port else ""
+            except ValueError as exc:
+                raise BrokerUnavailable(f"the management URL {one!r}: {exc}") from exc
+            bases.append(f"{parts.scheme}://{_host(one)}{port}{parts.path.rstrip('/')}")
+        named = urllib.parse.urlsplit(given[0])
+        if named.username:
+            user = urllib.parse.unquote(named.username)
+            password = urllib.parse.unquote(named.password or "")
+        cafile = _query(given[0], "cafile") or cafile
+    else:
+        for one in amqp_urls:
+            scheme, default = ("https", 15671) if one.startswith("amqps:") else ("http", 15672)
+            bases.append(f"{scheme}://{_host(one)}:{default}")
+    vhost = vhost_of(amqp_urls[0])
+    return ManagementApi(tuple(dict.fromkeys(bases)), user, password, vhost, cafile)
+
+
+def _host(url: str) -> str:
+    host = urllib.parse.urlsplit(url).hostname or "localhost"
+    return f"[{host}]" if ":" in host else host
 
 
 def _query(url: str, name: str) -> str | None:
@@ -156,9 +174,27 @@ def _request(api: ManagementApi, method: str, path: str, body: object) -> None:
 def management_request(
     api: ManagementApi, method: str, path: str, body: object = None, reason: str = ""
 ) -> Any:
-    """One call of the management API; its JSON answer (None when empty). Raises
-    BrokerUnavailable naming the call and the broker's answer."""
-    url = api.base_url + path
+    """One call of the management API, at the first node that answers; its JSON answer (None
+    when empty). Raises BrokerUnavailable naming the call and the broker's answer."""
+    unanswered: list[str] = []
+    for base in api.base_urls:
+        try:
+            return _call(api, base, method, path, body, reason)
+        except _NoAnswer as exc:
+            unanswered.append(str(exc))
+    raise BrokerUnavailable("; ".join(unanswered))
+
+
+#: Answers of a proxy or a node that cannot serve now: another node may do better.
+_NODE_TROUBLE = frozenset({502, 503, 504})
+
+
+class _NoAnswer(Exception):
+    """This node's API did not answer (another node's may)."""
+
+
+def _call(api: ManagementApi, base: str, method: str, path: str, body: object, reason: str) -> Any:
+    url = base + path
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
     token = base64.b64encode(f"{api.user}:{api.password}".encode()).decode()
@@ -173,9 +209,11 @@ def management_request(
         with urllib.request.urlopen(request, timeout=10, context=context) as response:
             answer = response.read()
     except urllib.error.HTTPError as exc:
+        if exc.code in _NODE_TROUBLE:
+            raise _NoAnswer(f"the management API at {url} answers HTTP {exc.code}") from exc
         raise BrokerUnavailable(
             f"the management API refused {method} {path}: HTTP {exc.code} {exc.reason}"
         ) from exc
     except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
-        raise BrokerUnavailable(f"the management API at {url} does not answer: {exc}") from exc
+        raise _NoAnswer(f"the management API at {url} does not answer: {exc}") from exc
     return json.loads(answer) if answer.strip() else None

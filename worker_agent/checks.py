@@ -8,7 +8,7 @@ import docker
 import docker.errors
 
 from transport.connection import probe
-from transport.errors import BrokerUnavailable
+from transport.errors import BrokerUnavailable, BrokerUrlInvalid
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ async def check_broker(amqp_url: str) -> CheckResult:
     """A connection to the broker opens; report the server's product and version."""
     try:
         props = await probe(amqp_url)
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, BrokerUrlInvalid) as exc:
         return CheckResult(False, str(exc))
     product = props.get("product", "broker")
     version = props.get("version", "?")

@@ -53,7 +53,11 @@ def check(
 @app.command()
 def run(
     amqp_url: Annotated[
-        str, typer.Option(envvar="HD_AMQP_URL", help="Broker URL, amqp://user:pass@host:5672/ .")
+        str,
+        typer.Option(
+            envvar="HD_AMQP_URL",
+            help="Broker URL, amqp://user:pass@host:5672/ (a cluster's nodes: comma-separated).",
+        ),
     ] = "",
     queue: Annotated[
         list[str] | None,

@@ -13,6 +13,8 @@ from pathlib import Path
 from schemas import is_safe_name
 from schemas.bounds import MAX_IN_FLIGHT
 from schemas.resources import Capacity
+from transport.errors import BrokerUrlInvalid
+from transport.urls import broker_urls
 
 from .errors import AgentError
 from .policy import PULL_POLICIES, LaunchPolicy, parse_capabilities
@@ -171,6 +173,10 @@ class AgentSettings:
     def validate(self) -> None:
         if not self.amqp_url:
             raise AgentConfigError("no broker: pass --amqp-url or set HD_AMQP_URL")
+        try:
+            broker_urls(self.amqp_url)
+        except BrokerUrlInvalid as exc:
+            raise AgentConfigError(f"HD_AMQP_URL / --amqp-url: {exc}") from None
         if not is_safe_name(self.agent_id):
             raise AgentConfigError(
                 f"agent id {self.agent_id!r} is invalid: use 1 to 64 letters, digits, '_' "

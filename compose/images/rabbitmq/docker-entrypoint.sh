@@ -9,6 +9,17 @@
 # RABBITMQ_TLS_REQUIRE_CLIENT_CERT=true a client without one is refused (mutual TLS), and a
 # client may log in with its certificate alone (EXTERNAL: the user is the certificate's CN).
 # RABBITMQ_PLAINTEXT=off closes the plain AMQP and HTTP listeners.
+#
+# Clustering: RABBITMQ_ERLANG_COOKIE is the secret the nodes share (written to the cookie
+# file the server and the CLI tools read); RABBITMQ_NODENAME (rabbit@HOST, where HOST is a
+# name the other nodes resolve) is read by rabbitmq-server and the CLI tools themselves;
+# RABBITMQ_CLUSTER_NODES lists every node of the cluster (commas or spaces), the same list on
+# every node. The first one listed is the seed: with no database yet it starts the cluster
+# alone. Every other node with no database yet looks for a running node of the list (peer
+# discovery from the config file) for RABBITMQ_CLUSTER_JOIN_TIMEOUT seconds (300) and joins
+# its cluster, so the nodes may be started in any order. A node that was a member rejoins its
+# peers by itself after a restart; a seed whose database is lost must be joined by hand
+# (rabbitmqctl join_cluster), or it starts a cluster of its own.
 set -eu
 if [ "${1:-}" = rabbitmq-server ] && [ -z "${RABBITMQ_DEFAULT_PASS:-}" ]; then
     # No guest/guest fallback: a broker nobody set a password for accepts no one.
@@ -65,6 +76,36 @@ if [ -n "${RABBITMQ_TLS_CERT:-}" ]; then
         } >> "$conf"
     fi
     chown -R rabbitmq:rabbitmq "$tls"
+fi
+if [ -n "${RABBITMQ_CLUSTER_NODES:-}" ]; then
+    nodes=$(echo "$RABBITMQ_CLUSTER_NODES" | tr ',' ' ')
+    self=${RABBITMQ_NODENAME:-rabbit@$(hostname -s)}
+    seed=$(echo "$nodes" | awk '{print $1}')
+    case " $nodes " in
+        *" $self "*) ;;
+        *) echo "error: RABBITMQ_CLUSTER_NODES does not list this node ($self)" >&2; exit 1 ;;
+    esac
+    # The seed does no peer discovery: RabbitMQ 3.10 holds one cluster-wide lock while a
+    # node looks for its peers, so a seed that looked too would wait for the nodes waiting
+    # for it.
+    if [ "$self" != "$seed" ]; then
+        interval=2
+        {
+            echo "cluster_formation.peer_discovery_backend = classic_config"
+            n=0
+            for node in $nodes; do
+                n=$((n + 1))
+                echo "cluster_formation.classic_config.nodes.$n = $node"
+            done
+            echo "cluster_formation.discovery_retry_limit = $(( ${RABBITMQ_CLUSTER_JOIN_TIMEOUT:-300} / interval ))"
+            echo "cluster_formation.discovery_retry_interval = $((interval * 1000))"
+        } >> "$conf"
+    fi
+fi
+if [ -n "${RABBITMQ_ERLANG_COOKIE:-}" ]; then
+    mkdir -p /var/lib/rabbitmq
+    printf '%s' "$RABBITMQ_ERLANG_COOKIE" > /var/lib/rabbitmq/.erlang.cookie
+    chmod 400 /var/lib/rabbitmq/.erlang.cookie
 fi
 mkdir -p /var/lib/rabbitmq /var/log/rabbitmq
 chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq "$conf"

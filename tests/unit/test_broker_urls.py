@@ -1,0 +1,152 @@
+"""The broker setting: one URL or a cluster's, read in one place; what is derived from it
+(user, vhost, management API, identities' URLs) holds for a list; errors name the URL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dispatcher.broker_users import user_url
+from dispatcher.errors import ConfigError
+from dispatcher.settings import ControlPlaneSettings, trusted_broker_users
+from transport.connection import connect, probe
+from transport.errors import BrokerUnavailable, BrokerUrlInvalid
+from transport.policies import management_api
+from transport.urls import broker_urls, hide_password, join, user_of, vhost_of, where_of
+from worker_agent.settings import AgentConfigError, AgentSettings
+
+pytestmark = pytest.mark.unit
+
+CLUSTER = (
+    "amqp://u:pw@rabbit-1:5672/prod, amqp://u:pw@rabbit-2:5673/prod,amqps://u:pw@rabbit-3/prod"
+)
+
+
+def test_one_url_is_a_list_of_one() -> None:
+    assert broker_urls("amqp://u:pw@broker:5672/") == ("amqp://u:pw@broker:5672/",)
+
+
+def test_several_urls_are_split_on_commas_in_order_and_trimmed() -> None:
+    urls = broker_urls(CLUSTER)
+    assert urls == (
+        "amqp://u:pw@rabbit-1:5672/prod",
+        "amqp://u:pw@rabbit-2:5673/prod",
+        "amqps://u:pw@rabbit-3/prod",
+    )
+    assert [where_of(u) for u in urls] == ["rabbit-1:5672", "rabbit-2:5673", "rabbit-3:5671"]
+    assert join(urls) == ",".join(urls)
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("", "no broker URL"),
+        ("  ", "no broker URL"),
+        ("amqp://u:pw@a/,", "URL 2 of 2 is empty (a stray comma?)"),
+        ("amqp://u:pw@a/,,amqp://u:pw@b/", "URL 2 of 3 is empty"),
+        ("http://u:pw@a/", "the broker URL (http://u:***@a/) is no amqp:// or amqps:// URL"),
+        ("amqp://u:pw@a/,rabbit-2", "URL 2 of 2 (rabbit-2) is no amqp:// or amqps:// URL"),
+        ("amqp://u:pw@a:port/", "the broker URL (amqp://u:***@a:port/) is invalid"),
+        ("amqp:///vh", "names no host"),
+        ("amqp://u:pw@a/,amqp://u:pw@a/", "URL 2 of 2 repeats an earlier one (a:5672)"),
+        ("amqp://u:pw@a/x,amqp://u:pw@b/y", "URL 2 of 2 names vhost 'y', URL 1 'x'"),
+        ("amqp://u:pw@a/,amqp://v:pw@b/", "logs in otherwise than URL 1"),
+    ],
+)
+def test_a_setting_that_cannot_be_used_is_refused_with_the_url_and_the_reason(
+    setting: str, words: str
+) -> None:
+    with pytest.raises(BrokerUrlInvalid) as refused:
+        broker_urls(setting)
+    assert words in str(refused.value)
+
+
+def test_a_password_is_never_shown_not_even_when_it_differs() -> None:
+    with pytest.raises(BrokerUrlInvalid) as refused:
+        broker_urls("amqp://u:first-secret@a/,amqp://u:second-secret@b/")
+    text = str(refused.value)
+    assert "same user and password" in text
+    assert "secret" not in text
+
+
+def test_a_comma_in_a_password_is_written_percent_encoded() -> None:
+    with pytest.raises(BrokerUrlInvalid, match="%2C"):
+        broker_urls("amqp://u:a,b@a/,amqp://u:pw@b/")
+    assert broker_urls("amqp://u:a%2Cb@a/") == ("amqp://u:a%2Cb@a/",)
+
+
+def test_user_vhost_and_hidden_password_of_a_list() -> None:
+    assert user_of(CLUSTER) == "u"
+    assert user_of("amqps://agent%2D1@a/?auth=external") == "agent-1"
+    assert user_of("amqp://a/") == ""
+    assert vhost_of("amqp://u:pw@a/") == "/"
+    assert vhost_of("amqp://u:pw@a/t%2F1") == "t/1"
+    assert hide_password("amqp://u:p%40ss@a:5672/v?x=1") == "amqp://u:***@a:5672/v?x=1"
+    assert hide_password("amqp://a/") == "amqp://a/"
+
+
+def test_the_trusted_identity_of_a_list_is_its_one_user() -> None:
+    assert trusted_broker_users(CLUSTER, {"HD_TRUSTED_BROKER_USERS": "ops"}) == ("u", "ops")
+
+
+def test_the_management_api_is_each_node_s_default_one_unless_given() -> None:
+    api = management_api(CLUSTER)
+    assert api.base_urls == (
+        "http://rabbit-1:15672",
+        "http://rabbit-2:15672",
+        "https://rabbit-3:15671",
+    )
+    assert (api.user, api.password, api.vhost) == ("u", "pw", "prod")
+
+    given = management_api(CLUSTER, "http://admin:s@m-1:15672/, http://m-2:15672/?cafile=/x")
+    assert given.base_urls == ("http://m-1:15672", "http://m-2:15672")
+    assert (given.user, given.password, given.vhost) == ("admin", "s", "prod")
+
+
+def test_an_identity_s_url_lists_every_node_with_its_own_credentials_only() -> None:
+    operator = "amqps://admin:pw@r-1:5671/prod?cafile=/ca.pem&certfile=/op.pem,amqps://admin:pw@r-2:5671/prod?cafile=/ca.pem"
+    made = user_url(operator, "agent-1", "s3cret")
+    assert broker_urls(made) == (
+        "amqps://agent-1:s3cret@r-1:5671/prod?cafile=%2Fca.pem",
+        "amqps://agent-1:s3cret@r-2:5671/prod?cafile=%2Fca.pem",
+    )
+
+
+def test_every_process_refuses_a_bad_list_at_start_up() -> None:
+    bad = {"HD_AMQP_URL": "amqp://u:pw@a/,", "HD_DATABASE_URL": "postgresql://x/"}
+    with pytest.raises(ConfigError, match="URL 2 of 2 is empty"):
+        ControlPlaneSettings.from_env(bad)
+    with pytest.raises(AgentConfigError, match="URL 2 of 2 is empty"):
+        AgentSettings.from_env(bad)
+
+
+async def _closing_listener(seen: list[int], n: int) -> tuple[asyncio.Server, int]:
+    """A port that accepts a connection and closes it at once, noting the order of arrival."""
+
+    async def close(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(n)
+        writer.close()
+
+    server = await asyncio.start_server(close, "127.0.0.1", 0)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+async def test_the_nodes_are_tried_in_order_and_each_failure_is_told() -> None:
+    seen: list[int] = []
+    listeners = [await _closing_listener(seen, n) for n in (1, 2, 3)]
+    setting = join([f"amqp://u:pw@127.0.0.1:{port}/" for _, port in listeners])
+    try:
+        with pytest.raises(BrokerUnavailable) as failed:
+            await connect(setting, "test", timeout=5)
+        with pytest.raises(BrokerUnavailable):
+            await probe(setting, timeout=5)
+    finally:
+        for server, _ in listeners:
+            server.close()
+            await server.wait_closed()
+    assert seen == [1, 2, 3, 1, 2, 3]
+    text = str(failed.value)
+    assert text.startswith("none of the 3 broker nodes answers: ")
+    assert all(f"127.0.0.1:{port}: cannot connect" in text for _, port in listeners)
+    assert "pw" not in text

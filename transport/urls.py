@@ -1,0 +1,101 @@
+"""The broker setting: one AMQP URL, or the URLs of a cluster's nodes separated by commas.
+
+``HD_AMQP_URL=amqp://u:p@rabbit-1:5672/vh,amqp://u:p@rabbit-2:5672/vh`` is read here and
+nowhere else. The nodes of one cluster share their users and virtual hosts, so every URL of a
+list must log in as the same user (with the same password) on the same vhost: what is derived
+from "the" URL (the ``user_id`` stamped on messages, the vhost of the policies, the trusted
+identity) is then the same whichever node a process is connected to. Each URL keeps its own
+host, port, scheme and query (TLS options), so a node may have a certificate of its own.
+
+A comma inside a URL (in a password, say) must be percent-encoded (``%2C``).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+from .errors import BrokerUrlInvalid
+
+SCHEMES = ("amqp", "amqps")
+
+
+def broker_urls(setting: str) -> tuple[str, ...]:
+    """The URLs of a broker setting, in the order given; BrokerUrlInvalid says what is wrong."""
+    if not setting.strip():
+        raise BrokerUrlInvalid("no broker URL given")
+    urls = tuple(part.strip() for part in setting.split(","))
+    several = len(urls) > 1
+    for n, url in enumerate(urls, 1):
+        where = f"URL {n} of {len(urls)}" if several else "the broker URL"
+        _check_one(url, where, several)
+    first = urllib.parse.urlsplit(urls[0])
+    for n, url in enumerate(urls[1:], 2):
+        parts = urllib.parse.urlsplit(url)
+        if (parts.username, parts.password) != (first.username, first.password):
+            raise BrokerUrlInvalid(
+                f"URL {n} of {len(urls)} ({hide_password(url)}) logs in otherwise than URL 1 "
+                f"({hide_password(urls[0])}): the nodes of a cluster share their users, so "
+                "give every URL the same user and password"
+            )
+        if vhost_of(url) != vhost_of(urls[0]):
+            raise BrokerUrlInvalid(
+                f"URL {n} of {len(urls)} names vhost {vhost_of(url)!r}, URL 1 "
+                f"{vhost_of(urls[0])!r}: every URL of a cluster must name the same vhost"
+            )
+        if url in urls[: n - 1]:
+            raise BrokerUrlInvalid(
+                f"URL {n} of {len(urls)} repeats an earlier one ({where_of(url)})"
+            )
+    return urls
+
+
+def _check_one(url: str, where: str, several: bool) -> None:
+    if not url:
+        raise BrokerUrlInvalid(f"{where} is empty (a stray comma?)")
+    hint = " (a comma inside a URL must be written %2C)" if several else ""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+    except ValueError as exc:
+        raise BrokerUrlInvalid(f"{where} ({hide_password(url)}) is invalid: {exc}{hint}") from None
+    if parts.scheme not in SCHEMES:
+        raise BrokerUrlInvalid(
+            f"{where} ({hide_password(url)}) is no amqp:// or amqps:// URL{hint}"
+        )
+    if not parts.hostname:
+        raise BrokerUrlInvalid(f"{where} ({hide_password(url)}) names no host{hint}")
+
+
+def user_of(setting: str) -> str:
+    """The user name every URL of the setting logs in as ("" when none is given)."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(broker_urls(setting)[0]).username or "")
+
+
+def vhost_of(url: str) -> str:
+    """The virtual host of one URL ("/" when it names none)."""
+    path = urllib.parse.urlsplit(url).path
+    return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def where_of(url: str) -> str:
+    """``host:port`` of one URL, as logs and errors name a node."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    return f"{host}:{port}"
+
+
+def hide_password(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for messages)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def join(urls: tuple[str, ...] | list[str]) -> str:
+    """The setting that lists ``urls`` (the inverse of ``broker_urls``)."""
+    return ",".join(urls)
