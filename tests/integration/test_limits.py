@@ -106,16 +106,25 @@ async def test_a_tag_limit_holds_its_runs_and_says_so(
         return "tag:team=ml" in held_by
 
     await eventually(held_and_said, 60, what="a run held by tag:team=ml")
-    held = [r for r in ml if (await store.runs.get(r)).held_by == "tag:team=ml"]
-    waiting = held[0]
     # LIMIT MAX RUNNING WAITING (a run ending just now may leave a slot for an instant).
     assert re.search(r"tag:team=ml\s+2\s+[0-2]\s+[1-9]", await limit(stack, "list"))
-    shown = await dispatcher_cli(stack, "runs", "show", str(waiting))
-    listed = await dispatcher_cli(stack, "runs", "list", "--state", "QUEUED")
-    assert re.search(r"waiting   for limit tag:team=ml \([0-2] of 2 running\)", shown.stdout), (
-        shown.stdout
-    )
-    assert "waiting for limit tag:team=ml" in listed.stdout, listed.stdout
+
+    async def shown_waiting() -> bool:
+        # A held run; it may be admitted while the command starts: then the next one.
+        for run_id in ml:
+            if (await store.runs.get(run_id)).held_by != "tag:team=ml":
+                continue
+            shown = await dispatcher_cli(stack, "runs", "show", str(run_id))
+            if re.search(r"waiting   for limit tag:team=ml \([0-2] of 2 running\)", shown.stdout):
+                return True
+        return False
+
+    async def listed_waiting() -> bool:
+        listed = await dispatcher_cli(stack, "runs", "list", "--state", "QUEUED")
+        return "waiting for limit tag:team=ml" in listed.stdout
+
+    await eventually(shown_waiting, 60, what="runs show: waiting for limit tag:team=ml")
+    await eventually(listed_waiting, 60, what="runs list: waiting for limit tag:team=ml")
 
     await all_succeed(store, ml)
     await all_died(docker_events, ml)
