@@ -50,6 +50,8 @@ class ContainerInfo:
     secrets: tuple[str, ...] = ()
     #: What it was created with: CPUs, memory limit and GPUs (held by an adopted attempt).
     resources: Resources = field(default_factory=Resources)
+    #: The agent that created it (its label).
+    agent_id: str = ""
 
     @property
     def ready(self) -> bool:
@@ -81,6 +83,7 @@ class ContainerInfo:
             else None,
             secrets=tuple(env[k] for k in sorted(secret_keys) if k in env),
             resources=_resources(attrs.get("HostConfig") or {}),
+            agent_id=labels.get(LABEL_AGENT, ""),
         )
 
 

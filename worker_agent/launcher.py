@@ -253,6 +253,20 @@ class Launcher:
                         return None
                     create_sent = True
                     info, adopted = await self.runtime.create(spec, secret_keys)
+                    if info.agent_id != self.settings.agent_id:
+                        # Another agent on this engine made the attempt's container: that
+                        # agent holds the attempt (a LaunchRun that reached both), and what
+                        # happens to the container is its business alone.
+                        log.info(
+                            "run %s attempt %d: its container %s is agent %s's; instruction acked",
+                            *key,
+                            info.id[:12],
+                            info.agent_id or "(unknown)",
+                        )
+                        self.slots.release(key)
+                        attempt.launched.set()
+                        await settle(raw.ack())
+                        return None
                     if info.status == "created":
                         if not await self._granted(launch, attempt, raw, info):
                             return None

@@ -112,3 +112,19 @@ async def test_on_start_a_container_created_and_never_started_is_removed(
     await until(lambda: engine.containers == {}, what="the unstarted container removed")
     assert agent.events() == []
     assert agent.slots.free() == 2
+
+
+async def test_an_attempt_whose_container_another_agent_made_here_is_left_to_it(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    """Two agents on one engine both get the attempt: the second finds the first's container
+    by its name and leaves it alone (neither starts, stops nor removes it)."""
+    launch = launch_of()
+    theirs, _ = await engine.runtime("a2").create(launch)  # a2 waits for its claim's answer
+    agent = await agent_on(agent_id="a1")
+    delivery = await agent.deliver(launch)
+    assert delivery.settlements == ["ack"]
+    assert only_container(engine).id == theirs.id
+    assert only_container(engine).status == "created"
+    assert agent.events() == []
+    assert agent.slots.free() == 2
