@@ -14,8 +14,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +26,14 @@ from dispatcher.settings import ImageNames  # noqa: E402
 from tests.support import Proc  # noqa: E402
 
 LABELS = {"hybrid-dispatcher.bench": "1"}
+
+#: What to undo when the watchdog ends the benchmark: ``os._exit`` skips every ``finally``.
+_on_fatal: list[Callable[[], object]] = []
+
+
+def on_fatal(cleanup: Callable[[], object]) -> None:
+    """Run ``cleanup`` (remove containers, hosts...) should the watchdog end the benchmark."""
+    _on_fatal.append(cleanup)
 
 
 def progress(message: str) -> None:
@@ -50,6 +58,8 @@ def services() -> Iterator[tuple[str, str]]:
         images.postgres, username="hd", password="hd", dbname="hd", driver=None
     ).with_kwargs(labels=LABELS)
     with rabbit, postgres:
+        on_fatal(rabbit.stop)
+        on_fatal(postgres.stop)
         params = rabbit.get_connection_params()
         yield f"amqp://hd:hd@{params.host}:{params.port}/", postgres.get_connection_url()
 
@@ -66,12 +76,13 @@ class Processes:
         self.logs = Path(tempfile.mkdtemp(prefix="hd-bench-"))
         self.started: list[Proc] = []
 
-    def start(self, module: str, args: list[str]) -> Proc:
+    def start(self, module: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         # No process of a benchmark serves metrics: a port in use (the demo's, say) must not
         # be what a benchmark measures.
         if args and args[0] in ("serve", "monitor", "run") and "--metrics-port" not in args:
             args = [*args, "--metrics-port", "0"]
-        proc = Proc(module, args, self.logs / f"{module}-{len(self.started)}.log", self.env)
+        log = self.logs / f"{module}-{len(self.started)}.log"
+        proc = Proc(module, args, log, {**self.env, **(env or {})})
         self.started.append(proc.start())
         return proc
 
@@ -97,8 +108,26 @@ class Processes:
                 if code is not None and code > 0 and self._watching:
                     progress(f"{proc.module} {' '.join(proc.args)} exited with code {code}:")
                     print(proc.output()[-3000:], file=sys.stderr, flush=True)
-                    os._exit(1)
+                    self._fatal()
             time.sleep(0.2)
+
+    def _fatal(self) -> None:
+        """Stop the other processes and undo what was registered, then exit 1."""
+        self._watching = False
+        for proc in reversed(self.started):
+            with suppress(Exception):
+                proc.stop(timeout=10)
+        for cleanup in reversed(_on_fatal):
+            with suppress(Exception):
+                cleanup()
+        os._exit(1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import signal
 import subprocess
@@ -27,7 +26,7 @@ import uuid
 
 import aio_pika
 import asyncpg
-from _harness import ROOT, Processes, percentile, progress, report, services
+from _harness import ROOT, Processes, cpu_seconds, percentile, progress, report, services
 
 from schemas import AgentHeartbeat, encode
 from schemas.topology import AGENT_EVENTS, STATUS_EXCHANGE, heartbeat_routing_key
@@ -35,12 +34,6 @@ from transport.connection import connect
 
 HEARTBEAT_S = 2.0
 LOST_AFTER_BEATS = 3
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def lost_at(database_url: str, schema: str, agent_id: str) -> float | None:
