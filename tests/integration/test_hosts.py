@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from compose.hosts import Host
@@ -46,6 +47,10 @@ def test_a_stopped_dockerd_freezes_its_engine_alone(engine_hosts: list[Host]) ->
     frozen, other = engine_hosts
     os.kill(frozen.dockerd_pid, signal.SIGSTOP)
     try:
+        # The stop reaches every thread of the process soon, not at once.
+        deadline = time.monotonic() + 10
+        while _state(frozen.dockerd_pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _state(frozen.dockerd_pid) == "T"
         assert not frozen.answers(timeout=1)
         assert other.answers()
