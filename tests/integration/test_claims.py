@@ -44,6 +44,18 @@ async def answers(store: Database, run_id: uuid.UUID) -> list[tuple[str, object]
     return [(r["routing_key"], decoder.decode(bytes(r["payload"]))) for r in rows]
 
 
+def launched(run_id: uuid.UUID, agent_id: str) -> RunLaunched:
+    """Attempt 1's RunLaunched from ``agent_id``, its container id made of its first letter
+    after the host- prefix."""
+    return RunLaunched(
+        run_id=run_id,
+        attempt=1,
+        agent_id=agent_id,
+        container_id=agent_id[-1] * 64,
+        container_name=f"hd-run-{run_id}-1",
+    )
+
+
 def claim(run_id: uuid.UUID, agent_id: str, attempt: int = 1) -> RunClaimed:
     return RunClaimed(run_id=run_id, attempt=attempt, agent_id=agent_id)
 
@@ -75,29 +87,9 @@ async def test_the_first_claim_holds_the_attempt_and_later_claimants_are_told_to
     kinds = [e.kind for e in await store.runs.events(run_id)]
     assert kinds.count("RunClaimed") == 3
     # The other agent's events of the attempt are recorded and change nothing.
-    await store.apply_events(
-        [
-            RunLaunched(
-                run_id=run_id,
-                attempt=1,
-                agent_id="host-b",
-                container_id="b" * 64,
-                container_name=f"hd-run-{run_id}-1",
-            )
-        ]
-    )
+    await store.apply_events([launched(run_id, "host-b")])
     assert (await store.runs.get(run_id)).state == RunState.QUEUED
-    await store.apply_events(
-        [
-            RunLaunched(
-                run_id=run_id,
-                attempt=1,
-                agent_id="host-a",
-                container_id="a" * 64,
-                container_name=f"hd-run-{run_id}-1",
-            )
-        ]
-    )
+    await store.apply_events([launched(run_id, "host-a")])
     run = await store.runs.get(run_id)
     assert (run.state, run.agent_id, run.container_id) == (RunState.STARTING, "host-a", "a" * 64)
 

@@ -10,23 +10,38 @@ import asyncio
 
 import pytest
 
-from schemas import LaunchGranted, RunClaimed, RunLaunched, TerminateRun
+from schemas import LaunchGranted, LaunchRun, RunClaimed, RunLaunched, TerminateRun
+from tests.fakes.broker import FakeDelivery
 from tests.fakes.clock import until
 from tests.fakes.runtime import RUN_IMAGE, FakeEngine
-from tests.unit.test_agent_launch import SLEEP, Factory, launch_of, only_container
+from tests.unit.test_agent_launch import (
+    SLEEP,
+    AgentUnderTest,
+    Factory,
+    launch_of,
+    only_container,
+)
 from worker_agent.containers import container_name
 
 pytestmark = pytest.mark.unit
 
 
-async def test_the_container_is_created_while_the_claim_waits_and_started_once_granted(
+async def waiting_for_the_answer(
     engine: FakeEngine, agent_on: Factory
-) -> None:
+) -> tuple[AgentUnderTest, LaunchRun, asyncio.Task[FakeDelivery]]:
+    """An agent whose claims go unanswered, handling a launch: its container created."""
     agent = await agent_on()
     agent.unanswered = True
     launch = launch_of()
     handling = asyncio.create_task(agent.deliver(launch))
     await until(lambda: engine.containers, what="the container created")
+    return agent, launch, handling
+
+
+async def test_the_container_is_created_while_the_claim_waits_and_started_once_granted(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    agent, launch, handling = await waiting_for_the_answer(engine, agent_on)
     [claim] = agent.events(RunClaimed)
     assert (claim.run_id, claim.attempt, claim.agent_id) == (launch.run_id, 1, "a1")
     await asyncio.sleep(0.05)
@@ -84,11 +99,7 @@ async def test_a_late_refusal_of_a_running_container_stops_it(
 async def test_a_stop_while_the_claim_waits_sends_the_launch_back_and_removes_the_container(
     engine: FakeEngine, agent_on: Factory
 ) -> None:
-    agent = await agent_on()
-    agent.unanswered = True
-    launch = launch_of()
-    handling = asyncio.create_task(agent.deliver(launch))
-    await until(lambda: engine.containers, what="the container created")
+    agent, _, handling = await waiting_for_the_answer(engine, agent_on)
     agent.stopping.set()
     delivery = await asyncio.wait_for(handling, 5)
     assert delivery.settlements == ["nack(requeue=True)"]
