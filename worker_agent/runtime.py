@@ -19,8 +19,10 @@ from typing import Any
 import docker
 import docker.errors
 import docker.utils
+from docker.models.containers import RUN_CREATE_KWARGS
 
 from schemas import LaunchRun
+from schemas.resources import Resources
 
 from . import limits
 from .containers import (
@@ -151,31 +153,70 @@ class DockerRuntime:
     def _create(
         self, client: docker.DockerClient, launch: LaunchRun, secret_keys: Sequence[str]
     ) -> tuple[ContainerInfo, bool]:
+        """The create is sent first, without looking for the name or the image: on the
+        launch path every round trip to the engine counts. A 409 means the attempt's
+        container exists (adopted); a missing image is pulled as the policy says, once."""
         name = container_name(launch.run_id, launch.attempt)
-        adopted = True
-        try:
-            container = client.containers.get(name)
-        except docker.errors.NotFound:
-            adopted = False
-            self._fence_older_attempts(client, launch)
+        self._fence_older_attempts(client, launch)
+        if self.policy.pull == "always":
             self.ensure_image(client, launch.image)
+        pulled = self.policy.pull == "always"
+        while True:
             try:
-                container = client.containers.create(
-                    launch.image,
-                    list(launch.command) or None,
-                    name=name,
-                    labels=self.labels_for(launch, secret_keys),
-                    environment=dict(launch.env),
-                    detach=True,
-                    **run_options(launch),
-                    **self.policy.container_options(),
-                )
+                return self._create_container(client, launch, name, secret_keys), False
+            except docker.errors.ImageNotFound:
+                if pulled:
+                    raise ImageMissing(f"image {launch.image!r} is not on this host") from None
+                self.ensure_image(client, launch.image)
+                pulled = True
             except docker.errors.APIError as exc:
-                if exc.status_code != 409:  # 409: the name exists, a concurrent create won
+                if exc.status_code == 400 and "reference format" in _explain(exc):
+                    raise ImageMissing(
+                        f"image {launch.image!r} is invalid: {_explain(exc)}"
+                    ) from exc
+                if exc.status_code != 409:  # 409: the name exists (adopted, or a racing create)
                     raise LaunchFailed(f"cannot create the container: {_explain(exc)}") from exc
-                adopted = True
-                container = client.containers.get(name)
-        return ContainerInfo.from_attrs(container.attrs), adopted
+                try:
+                    return ContainerInfo.from_attrs(client.api.inspect_container(name)), True
+                except docker.errors.NotFound as gone:
+                    # The name is taken by a create still on its way (or a container removed
+                    # meanwhile): the launcher tries again shortly.
+                    raise DockerUnavailable(f"container {name} is being made or removed") from gone
+
+    def _create_container(
+        self,
+        client: docker.DockerClient,
+        launch: LaunchRun,
+        name: str,
+        secret_keys: Sequence[str],
+    ) -> ContainerInfo:
+        """One POST: the container's state is known from what was asked, so no inspect
+        follows (docker-py's ``containers.create`` makes one)."""
+        options = {**run_options(launch), **self.policy.container_options()}
+        create = {key: options.pop(key) for key in list(options) if key in RUN_CREATE_KWARGS}
+        env = dict(launch.env)
+        made = client.api.create_container(
+            launch.image,
+            list(launch.command) or None,
+            name=name,
+            labels=self.labels_for(launch, secret_keys),
+            environment=env,
+            detach=True,
+            host_config=client.api.create_host_config(**options),
+            **create,
+        )
+        return ContainerInfo(
+            id=made["Id"],
+            name=name,
+            run_id=launch.run_id,
+            attempt=launch.attempt,
+            status="created",
+            exit_code=None,
+            oom_killed=False,
+            secrets=tuple(env[key] for key in sorted(set(secret_keys)) if key in env),
+            resources=Resources.asked(launch.cpus, launch.memory_limit_mb, launch.gpus),
+            agent_id=self.agent_id,
+        )
 
     def _fence_older_attempts(self, client: docker.DockerClient, launch: LaunchRun) -> None:
         """Kill and remove this engine's containers of the run's earlier attempts.

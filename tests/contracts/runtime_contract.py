@@ -196,6 +196,21 @@ class RuntimeContract:
         plain, _ = await runtime.launch(launch_of(harness))
         assert plain.resources == Resources()
 
+    async def test_a_create_answers_what_the_engine_then_shows(
+        self, harness: RuntimeHarness
+    ) -> None:
+        # The runtime answers a create without inspecting the container: what it answers
+        # must be what an inspect shows, secrets and resources included.
+        runtime = harness.runtime()
+        launch = launch_of(
+            harness, env={"TOKEN": "s3cret", "PLAIN": "1"}, cpus=0.25, memory_limit_mb=32
+        )
+        info, adopted = await runtime.create(launch, ["TOKEN"])
+        assert not adopted and info.status == "created" and info.secrets == ("s3cret",)
+        assert await runtime.inspect(info.id) == info
+        again, adopted = await runtime.create(launch, ["TOKEN"])
+        assert adopted and again == info
+
     async def test_launching_an_attempt_again_adopts_its_container(
         self, harness: RuntimeHarness
     ) -> None:
