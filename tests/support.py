@@ -76,11 +76,16 @@ class Proc:
         regex = re.compile(pattern)
 
         async def seen() -> bool:
-            if self.process is not None and self.process.poll() is not None:
+            # Exited is read before the output: a line printed just before a quick exit counts.
+            exited = self.process is not None and self.process.poll() is not None
+            if regex.search(self.output()[after:]):
+                return True
+            if exited:
+                assert self.process is not None
                 raise AssertionError(
                     f"{self.module} exited ({self.process.returncode}):\n{self.output()[-3000:]}"
                 )
-            return bool(regex.search(self.output()[after:]))
+            return False
 
         await eventually(seen, timeout, what=f"{self.module} printing {pattern!r}")
 

@@ -1,8 +1,9 @@
 """The reporter: what happens to the agent's containers, told to the control plane.
 
 Promises kept here:
-- an exit is reported from Docker's events stream, with the output tail, then the container
-  is removed (unless ``keep_finished``), and only then is the attempt's slot freed;
+- an exit frees the attempt's slot at once (``Slots.exited``); it is reported from Docker's
+  events stream, with the output tail, and the container is removed (unless
+  ``keep_finished``) after the report, off the way of the next launch;
 - a final event is never dropped: it is published until the broker confirms it;
 - a run's output goes out (as RunLog and RunProgress) before its final event.
 """
@@ -140,8 +141,7 @@ class Reporter:
             return
         if attempt.finishing:
             return
-        attempt.finishing = True
-        attempt.state = "exited"
+        self.slots.exited(attempt)
         self._spawn(self._finish(attempt, container_id))
 
     def exited_unbound(self, container_id: str) -> bool:
@@ -215,12 +215,12 @@ class Reporter:
             type(event).__name__,
             note,
         )
-        if not self.settings.keep_finished:
-            with contextlib.suppress(DockerUnavailable):
-                await self.runtime.remove(container_id)
         self.slots.release(
             attempt.key, reported=True, exit_code=info.exit_code if info is not None else None
         )
+        if not self.settings.keep_finished:
+            with contextlib.suppress(DockerUnavailable):
+                await self.runtime.remove(container_id)
 
     # ------------------------------------------------------------------ shutdown
 

@@ -8,9 +8,11 @@ small ones that keep fitting. While one waits, prefetch is 0: a delivery taken n
 only wait behind it, where another agent may have room. Otherwise prefetch is the number of
 free slots, so that the broker never hands out more launches than can start.
 
-An attempt releases its slot, and its resources, once its final event was confirmed; it is
-then listed as "reported" in heartbeats for a while, so that a monitor reading a store that
-lags behind the broker sees "reported", not "missing".
+An attempt's slot, and its resources, are free again the moment its container's exit is
+known (``exited``): the next launch does not wait for the exit's report or the container's
+removal. The attempt is still listed, as "exited", until its final event was confirmed
+(``release``); it is then listed as "reported" in heartbeats for a while, so that a monitor
+reading a store that lags behind the broker sees "reported", not "missing".
 
 An attempt terminated before its container existed here is fenced: remembered, never listed,
 so that its LaunchRun, still queued or held for a slot, is dropped instead of launched.
@@ -118,8 +120,10 @@ class Slots:
     # ------------------------------------------------------------------ counting
 
     def free(self) -> int:
-        """Slots no attempt holds."""
-        return max(0, self.max_concurrent - len(self.attempts))
+        """Slots no running attempt holds. Exited attempts being reported hold none, but all
+        the attempts listed stay within what a heartbeat may list."""
+        running = sum(1 for attempt in self.attempts.values() if not attempt.finishing)
+        return max(0, min(self.max_concurrent - running, MAX_SLOTS - len(self.attempts)))
 
     @property
     def waiting(self) -> int:
@@ -131,10 +135,11 @@ class Slots:
         return 0 if self._line else self.free()
 
     def held(self) -> Resources:
-        """What the attempts holding slots hold together."""
+        """What the running attempts hold together."""
         total = Resources()
         for attempt in self.attempts.values():
-            total += attempt.resources
+            if not attempt.finishing:
+                total += attempt.resources
         return total
 
     def lacks(self, need: Resources) -> Shortfall | None:
@@ -230,6 +235,14 @@ class Slots:
     def of_container(self, container_id: str) -> Attempt | None:
         key = self._by_container.get(container_id)
         return self.attempts.get(key) if key is not None else None
+
+    def exited(self, attempt: Attempt) -> None:
+        """The attempt's container exited: its slot and resources are free from now on; it
+        stays listed until ``release``."""
+        attempt.finishing = True
+        attempt.state = "exited"
+        self._freed.set()
+        self._on_change()
 
     def release(
         self, key: AttemptKey, reported: bool = False, exit_code: int | None = None

@@ -9,6 +9,7 @@ import pytest
 
 from schemas import MAX_MESSAGE_BYTES, AgentHeartbeat, FailureReason, encode, event_decoder
 from schemas.bounds import MAX_IN_FLIGHT
+from schemas.resources import Capacity, Resources
 from worker_agent.heartbeat import Heartbeat
 from worker_agent.slots import MAX_LISTED_REPORTED, MAX_SLOTS, REMEMBERED, Attempt, Fence, Slots
 
@@ -50,6 +51,45 @@ def test_a_reported_attempt_is_listed_as_reported_and_holds_no_slot() -> None:
     assert listed[first].container_id == "c" * 64
     assert listed[second].state == "launching"
     assert slots.of_container("c" * 64) is None
+
+
+async def test_an_exit_frees_the_slot_and_resources_while_the_attempt_is_still_listed() -> None:
+    changes: list[int] = []
+    slots = Slots(1, capacity=Capacity(memory_mb=100), on_change=lambda: changes.append(1))
+    first = key()
+    attempt = slots.take(first, Resources(memory_mb=80))
+    assert attempt is not None
+    slots.bind(attempt, "e" * 64)
+    assert slots.free() == 0 and slots.lacks(Resources(memory_mb=80)) is not None
+    stopping = asyncio.Event()
+    waiter = asyncio.create_task(slots.wait_in_line(stopping, key(), Resources(memory_mb=80)))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    changes.clear()
+
+    slots.exited(attempt)
+
+    # The next launch takes the slot and the memory before the exit is reported.
+    held = await asyncio.wait_for(waiter, 5)
+    assert held is not None
+    assert changes
+    listed = {(s.run_id, s.attempt): s.state for s in slots.in_flight()}
+    assert listed[first] == "exited"
+    assert slots.of_container("e" * 64) is attempt
+    assert not slots.finished(first)
+    slots.release(first, reported=True, exit_code=0)
+    assert {(s.run_id, s.attempt): s.state for s in slots.in_flight()}[first] == "reported"
+
+
+def test_exited_attempts_waiting_for_their_report_never_list_more_than_a_heartbeat_holds() -> None:
+    slots = Slots(MAX_SLOTS)
+    for _ in range(MAX_SLOTS):
+        attempt = slots.take(key())
+        assert attempt is not None
+        slots.exited(attempt)  # none reported: the broker is away, say
+    assert slots.free() == 0
+    assert slots.take(key()) is None
+    assert len(slots.in_flight()) <= MAX_IN_FLIGHT
 
 
 def test_reported_attempts_expire_from_heartbeats_but_stay_known() -> None:
