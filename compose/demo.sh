@@ -2,8 +2,11 @@
 # The demo: the whole stack with docker-compose, four runs submitted from the host (one a job
 # of the example code location), their progress and final states. Exits 0 when all four end
 # as expected.
+#
+# Sourced (compose/demo-hosts.sh does), it only sets up what every demo shares: credentials,
+# certificates, the URLs and the functions above the line that says so; it starts nothing.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${VENV:-.venv}/bin
 PROJECT=${HD_DEMO_PROJECT:-hybrid-dispatcher-demo}
 log() { echo "[demo] $*"; }
@@ -34,11 +37,8 @@ RUN_IMAGE=${HD_IMAGE_RUN_TINY:-hybrid-dispatcher/run-tiny:latest}
 export HD_DOCKER_GID=${HD_DOCKER_GID:-$(stat -c %g /var/run/docker.sock)}
 export HD_AMQP_URL="amqps://${HD_DEMO_AMQP_USER:-dispatcher}:${HD_DEMO_AMQP_PASSWORD}@127.0.0.1:${HD_DEMO_AMQP_PORT:-5671}/?cafile=$CA"
 export HD_DATABASE_URL="postgresql://${HD_DEMO_DB_USER:-dispatcher}:${HD_DEMO_DB_PASSWORD}@127.0.0.1:${HD_DEMO_DB_PORT:-5432}/dispatcher?sslmode=verify-full&sslrootcert=$CA"
-
-log "starting RabbitMQ, PostgreSQL, the control plane, the failure monitor and one agent (project $PROJECT), TLS only"
-docker network inspect hybrid-dispatcher-locations >/dev/null 2>&1 \
-    || docker network create hybrid-dispatcher-locations >/dev/null
-"${COMPOSE[@]}" up -d rabbitmq postgres
+# Named, not derived from the AMQP URL: a stack on other ports must not reach another's API.
+export HD_AMQP_MANAGEMENT_URL="https://127.0.0.1:${HD_DEMO_MANAGEMENT_PORT:-15671}"
 
 wait_healthy() {
     local service=$1 id status
@@ -56,32 +56,52 @@ wait_healthy() {
     docker logs --tail 30 "$id" >&2
     return 1
 }
-wait_healthy postgres
-wait_healthy rabbitmq
 
 # Identities: one broker user per process, made (or given a new secret) on every run with the
 # administrator's credentials; only their passwords go to the containers.
 password_of() {
     "$BIN/python" -c 'import sys, urllib.parse as u; print(u.unquote(u.urlsplit(sys.argv[1]).password))' "$1"
 }
-url=$("$BIN/dispatcher" identities add control-plane hd-control-plane)
-export HD_DEMO_CONTROL_PLANE_PASSWORD=$(password_of "$url")
-url=$("$BIN/dispatcher" identities add monitor hd-monitor)
-export HD_DEMO_MONITOR_PASSWORD=$(password_of "$url")
+
+# RabbitMQ, PostgreSQL, the control plane and the failure monitor, each process with a broker
+# identity of its own; returns once the monitor is active.
+start_stack() {
+    docker network inspect hybrid-dispatcher-locations >/dev/null 2>&1 \
+        || docker network create hybrid-dispatcher-locations >/dev/null
+    "${COMPOSE[@]}" up -d rabbitmq postgres
+    wait_healthy postgres
+    wait_healthy rabbitmq
+    local url i
+    url=$("$BIN/dispatcher" identities add control-plane hd-control-plane)
+    export HD_DEMO_CONTROL_PLANE_PASSWORD=$(password_of "$url")
+    url=$("$BIN/dispatcher" identities add monitor hd-monitor)
+    export HD_DEMO_MONITOR_PASSWORD=$(password_of "$url")
+    log "identities: hd-control-plane, hd-monitor"
+    "${COMPOSE[@]}" up -d control-plane monitor
+    for i in $(seq 1 120); do
+        if "${COMPOSE[@]}" logs monitor 2>/dev/null | grep -q "this monitor is active"; then
+            log "the failure monitor is active"
+            return 0
+        fi
+        sleep 1
+    done
+    log "error: the failure monitor did not become active; its last output:"
+    "${COMPOSE[@]}" logs --tail 30 monitor >&2
+    return 1
+}
+
+# ---- what a demo that sources this file shares ends here.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
+
+log "starting RabbitMQ, PostgreSQL, the control plane, the failure monitor and one agent (project $PROJECT), TLS only"
+start_stack
 url=$("$BIN/dispatcher" agents add demo-agent --queue default)
 export HD_DEMO_AGENT_PASSWORD=$(password_of "$url")
 # The demo's runs are submitted with a submitter token limited to the queue `default`.
 SUBMITTER_URL=$("$BIN/dispatcher" tokens add demo-submitter --queue default)
-log "identities: hd-control-plane, hd-monitor, agent demo-agent, token demo-submitter"
-"${COMPOSE[@]}" up -d
+log "identities: agent demo-agent, token demo-submitter"
+"${COMPOSE[@]}" up -d agent
 "${COMPOSE[@]}" ps
-for i in $(seq 1 60); do
-    if "${COMPOSE[@]}" logs monitor 2>/dev/null | grep -q "this monitor is active"; then
-        log "the failure monitor is active"
-        break
-    fi
-    sleep 1
-done
 
 failures=0
 expect() {

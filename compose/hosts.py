@@ -1,6 +1,6 @@
 """Agent hosts with Docker engines of their own (Docker in Docker), several on one machine.
 
-    python compose/hosts.py up N [--prefix P] [--load IMAGE ...]
+    python compose/hosts.py up N [--prefix P] [--load IMAGE ...] [--network NET]
     python compose/hosts.py load IMAGE ... [--prefix P]
     python compose/hosts.py list [--prefix P]
     python compose/hosts.py down [--prefix P]
@@ -11,7 +11,9 @@ so an agent started here with ``DOCKER_HOST=unix:///tmp/hd-hosts/NAME/docker.soc
 its runs there. ``up`` removes the hosts of the same prefix first, and prints one line a host:
 its name, its engine's URL and the PID of its ``dockerd`` as this machine sees it (SIGSTOP
 freezes that engine, SIGCONT resumes it). Images reach the engines by ``docker save`` from the
-outer engine, saved once and loaded into every host.
+outer engine, saved once and loaded into every host. ``--network`` attaches the hosts to a
+network of the outer engine (say, a compose stack's), so that what runs on a host with the
+host's network (``network_mode=host`` on its engine) reaches that network's services by name.
 """
 
 from __future__ import annotations
@@ -113,11 +115,18 @@ def up(
     images: Iterable[str] = (),
     owner: int | None = None,
     timeout: float = 60.0,
+    network: str | None = None,
 ) -> list[Host]:
     """Start ``count`` hosts named ``prefix-0``... (removing any of that prefix first), wait
     until every engine answers and load ``images`` into them; on any failure, remove them all.
-    ``owner``: a PID whose end makes the hosts leftovers (see ``remove_leftovers``)."""
+    ``owner``: a PID whose end makes the hosts leftovers (see ``remove_leftovers``).
+    ``network``: a network of the outer engine the hosts join instead of its default bridge."""
     image = image or ImageNames.from_env().host
+    if network is not None:
+        try:
+            outer.networks.get(network)
+        except docker.errors.NotFound as exc:
+            raise HostError(f"network {network} of the outer engine is missing") from exc
     down(outer, prefix)
     all_labels = {**(labels or {}), HOST_LABEL: prefix}
     if owner is not None:
@@ -125,7 +134,7 @@ def up(
     started = []
     try:
         for n in range(count):
-            started.append(_start(outer, f"{prefix}-{n}", image, all_labels))
+            started.append(_start(outer, f"{prefix}-{n}", image, all_labels, network))
         hosts = [_ready(outer, container, timeout) for container in started]
         if images:
             load(outer, hosts, images)
@@ -135,7 +144,13 @@ def up(
         raise
 
 
-def _start(outer: docker.DockerClient, name: str, image: str, labels: dict[str, str]) -> str:
+def _start(
+    outer: docker.DockerClient,
+    name: str,
+    image: str,
+    labels: dict[str, str],
+    network: str | None = None,
+) -> str:
     socket_dir = SOCKETS / name
     socket_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -149,6 +164,9 @@ def _start(outer: docker.DockerClient, name: str, image: str, labels: dict[str, 
             cap_add=list(CAPABILITIES),
             security_opt=list(SECURITY_OPT),
             device_cgroup_rules=list(DEVICE_CGROUP_RULES),
+            # Joined at creation, not later: the host's resolv.conf then points at the outer
+            # engine's DNS, which its own engine hands on to host-network containers.
+            network=network,
             environment={"HD_HOST_SOCKET_GID": str(_outer_socket_gid())},
             volumes={
                 str(socket_dir): {"bind": SOCKET_MOUNT, "mode": "rw"},
@@ -264,7 +282,7 @@ def load(outer: docker.DockerClient, hosts: Iterable[Host], images: Iterable[str
                 with tarball.open("rb") as data:
                     try:
                         host.client.images.load(data)
-                    except docker.errors.DockerException as exc:
+                    except (docker.errors.DockerException, requests.RequestException) as exc:
                         raise HostError(f"loading into {host.name} failed: {exc}") from exc
 
         with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
@@ -288,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     start = commands.add_parser("up", help="start N hosts (removing those of the prefix first)")
     start.add_argument("count", type=int, metavar="N")
     start.add_argument("--load", nargs="+", default=[], metavar="IMAGE", help="images to load")
+    start.add_argument("--network", metavar="NET", help="a network of the outer engine to join")
     put = commands.add_parser("load", help="load images of the outer engine into the hosts")
     put.add_argument("images", nargs="+", metavar="IMAGE")
     commands.add_parser("list", help="the running hosts")
@@ -315,7 +334,7 @@ def _command(outer: docker.DockerClient, args: argparse.Namespace) -> None:
             print(f"[hosts] removed {name}", file=sys.stderr)
         return
     if args.command == "up":
-        hosts = up(outer, args.count, args.prefix, images=args.load)
+        hosts = up(outer, args.count, args.prefix, images=args.load, network=args.network)
         print(f"[hosts] {len(hosts)} up in {time.monotonic() - began:.1f} s", file=sys.stderr)
     else:
         hosts = find(outer, args.prefix)
