@@ -122,7 +122,7 @@ async def test_two_replicas_one_killed_every_few_seconds_run_each_attempt_once(
 
 
 @pytest.mark.soak
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 async def test_two_replicas_under_kills_with_2000_submissions(
     stack: Stack, store: Database
 ) -> None:
@@ -130,7 +130,7 @@ async def test_two_replicas_under_kills_with_2000_submissions(
 
 
 @pytest.mark.soak
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 async def test_one_serve_with_2000_submissions_for_comparison(
     stack: Stack, store: Database
 ) -> None:
