@@ -52,6 +52,8 @@ class ContainerInfo:
     resources: Resources = field(default_factory=Resources)
     #: The agent that created it (its label).
     agent_id: str = ""
+    #: It was created with a ready check (a Docker health check).
+    ready_check: bool = False
 
     @property
     def ready(self) -> bool:
@@ -84,6 +86,7 @@ class ContainerInfo:
             secrets=tuple(env[k] for k in sorted(secret_keys) if k in env),
             resources=_resources(attrs.get("HostConfig") or {}),
             agent_id=labels.get(LABEL_AGENT, ""),
+            ready_check=bool((attrs["Config"].get("Healthcheck") or {}).get("Test")),
         )
 
 

@@ -44,7 +44,8 @@ class ContainerRuntime(Protocol):
 
     async def start(self, info: ContainerInfo) -> ContainerInfo:
         """Start a container ``create`` made (one already started is left as it is); its
-        state after. Raises ``LaunchFailed`` when the engine refuses the start."""
+        state after, as far as the start tells: "running" even when it exited at once (that
+        exit comes from the events). Raises ``LaunchFailed`` when the engine refuses it."""
         ...
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:

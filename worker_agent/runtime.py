@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -138,15 +139,20 @@ class DockerRuntime:
         return await self.call(lambda client: self._create(client, launch, secret_keys))  # type: ignore[no-any-return]
 
     async def start(self, info: ContainerInfo) -> ContainerInfo:
-        """Start a container that was created and never started; its state after."""
+        """Start a container that was created and never started: running, as far as the
+        start tells (its exit, however soon, comes from the events)."""
 
         def start(client: docker.DockerClient) -> ContainerInfo:
-            if info.status == "created":
-                try:
-                    client.api.start(info.id)
-                except docker.errors.APIError as exc:
-                    raise LaunchFailed(f"cannot start the container: {_explain(exc)}") from exc
-            return ContainerInfo.from_attrs(client.api.inspect_container(info.id))
+            if info.status != "created":
+                return info
+            try:
+                client.api.start(info.id)
+            except docker.errors.APIError as exc:
+                raise LaunchFailed(f"cannot start the container: {_explain(exc)}") from exc
+            # No inspect: the exit of a container over this soon comes from the events.
+            return dataclasses.replace(
+                info, status="running", health="starting" if info.ready_check else None
+            )
 
         return await self.call(start)  # type: ignore[no-any-return]
 
@@ -206,6 +212,7 @@ class DockerRuntime:
             **create,
         )
         return ContainerInfo(
+            ready_check=bool(launch.ready_check),
             id=made["Id"],
             name=name,
             run_id=launch.run_id,
