@@ -3,6 +3,8 @@
     python bench/scale.py [--hosts 2,4] [--runs 120] [--slots 4]
                           [--agents 5000] [--interval 2] [--seconds 30] [--publishers 2]
 
+``--hosts ''`` runs the monitor part alone, ``--agents 0`` the launch part alone.
+
 1. Launch rate, for each host count H: H agent hosts (Docker in Docker, ``compose/hosts.py``)
    start with the run image loaded. Floor: on all H engines at once, SLOTS threads an engine
    create, start, wait for and remove containers of ``true`` (docker-py), RUNS in all, half
@@ -13,9 +15,12 @@
    engines). The hosts' engines use vfs, slower than the outer engine: the floor is taken on
    those same engines.
 2. Monitor CPU: AGENTS simulated agents heartbeat every INTERVAL (confirmed, persistent, as
-   agents publish, from PUBLISHERS processes); once the monitor knows them all, its CPU time
-   over SECONDS, as a share of one core and per heartbeat it consumed. Floor: a bare consumer of
-   the same stream (decode and ack) on the control plane's status queue. No agent may be
+   agents publish, from PUBLISHERS processes, ``bench/_heartbeats.py``); once the monitor
+   knows them all, its CPU time over SECONDS, as a share of one core and per heartbeat it
+   consumed. The rate offered is what the broker took in over the window (a queue nobody
+   reads counts it), next to the publishers' own count of confirmed beats. Floor: a bare
+   consumer of the same stream (decode and ack) on the control plane's status queue. Whether
+   a consumer fell behind is what its queue grew by over the window. No agent may be
    declared lost while it beats: only those whose beats the publishers could not send within
    the loss threshold (three intervals) may be.
 The last line is one JSON object.
@@ -346,17 +351,30 @@ def monitor_cpu(procs: Processes, amqp_url: str, database_url: str, args: Any) -
     steady = cost_above_idle is not None and not lost and seen["known"] == args.agents
     monitor_share, floor_share = (cpu / wall for cpu in seen["cpu"])
     asked = args.agents / args.interval
+    publishers = seen["publishers"]
+    beating = seen["beating_s"]
+    offered = sum(r["confirmed"] for r in publishers) / beating
     progress(
         f"monitor: {monitor_share:.1%} of a core (floor {floor_share:.1%}) at "
-        f"{published / wall:.0f} heartbeats/s of {asked:.0f} asked; {len(lost)} agent(s) lost, "
-        f"{len(excused)} silent past the threshold, {len(lost - excused)} lost while beating"
+        f"{published / wall:.0f} heartbeats/s of {asked:.0f} asked (publishers: {offered:.0f}/s "
+        f"confirmed over {beating:.0f} s); its queue grew by {grown[0]} over the window "
+        f"(floor's: {grown[1]}); {len(lost)} agent(s) lost, {len(excused)} silent past the "
+        f"threshold, {len(lost - excused)} lost while beating"
     )
     return {
         "simulated_agents": args.agents,
         "heartbeat_interval_s": args.interval,
         "heartbeats_per_s_asked": round(asked),
         "heartbeats_per_s_achieved": round(published / wall),
-        "publishers_behind_schedule_max_s": max(r["behind_s"] for r in seen["publishers"]),
+        "heartbeats_per_s_confirmed_to_publishers": round(offered),
+        "heartbeats_refused_by_broker": sum(r["refused"] for r in publishers),
+        "heartbeat_publishers": len(publishers),
+        "publishers_cpu_us_per_heartbeat": round(
+            sum(r["cpu_s"] for r in publishers)
+            / max(1, sum(r["published"] for r in publishers))
+            * 1e6
+        ),
+        "publishers_behind_schedule_max_s": max(r["behind_s"] for r in publishers),
         "agents_known_to_monitor_at_window": seen["known"],
         "monitor_cpu_share_of_one_core": round(monitor_share, 3),
         "floor_consumer_cpu_share": round(floor_share, 3),
@@ -374,6 +392,8 @@ def monitor_cpu(procs: Processes, amqp_url: str, database_url: str, args: Any) -
             else None
         ),
         "monitor_queue_backlog_at_end": seen["backlog_at_end"],
+        "monitor_queue_growth_over_window": grown[0],
+        "floor_queue_growth_over_window": grown[1],
         "agents_lost": len(lost),
         "agents_silent_past_threshold": len(excused),
         "agents_lost_while_beating": len(lost - excused),
@@ -459,6 +479,7 @@ def beat_for_a_while(
         "backlog_at_end": backlog_after[1],
         "lost": lost,
         "publishers": publishers,
+        "beating_s": end_at - start_at,
         "load_average": load,
     }
 

@@ -23,11 +23,11 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas import AgentHeartbeat, Event, FailureReason, event_decoder
+from schemas import AgentHeartbeat, ContainerState, Event, FailureReason, event_decoder
 from schemas.topology import STATUS_MONITOR_QUEUE
 from transport.connection import connect
 from transport.consumer import Consumer
@@ -45,7 +45,7 @@ from .errors import StoreUnavailable
 from .ports import SupervisionStore
 from .settings import MonitorSettings, trusted_broker_users
 from .states import RunState
-from .store import ActiveRun, Database, Leadership, LeadershipLost
+from .store import ActiveRun, AgentLoss, Database, Leadership, LeadershipLost
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,13 @@ class Suspicion:
 
 
 class FailureMonitor:
-    """The rules, over an in-memory view of agents rebuilt from PostgreSQL and heartbeats."""
+    """The rules, over an in-memory view of agents rebuilt from PostgreSQL and heartbeats.
+
+    Heartbeats only update the view; what they call for in PostgreSQL (an agent back, its
+    attempts fenced) is written once per batch of deliveries, and what a sweep finds (agents
+    lost or gone) once per sweep: a transaction per agent would put PostgreSQL's round trips
+    on the path of every heartbeat.
+    """
 
     def __init__(
         self,
@@ -108,6 +114,14 @@ class FailureMonitor:
         self.agents: dict[str, AgentView] = {}
         self._suspicions: dict[AttemptKey, Suspicion] = {}
         self._sweeps = 0
+        #: Agents held lost in the view (kept as the view changes: the gauges read it).
+        self._lost = 0
+        #: What heartbeats called for that PostgreSQL has not yet recorded: agents heard from
+        #: again since they were lost, and listings to check for fencing (the latest of each
+        #: agent). Kept until recorded, so that a batch handed over again (the store was
+        #: down) still records them though the view has moved on.
+        self._returning: set[str] = set()
+        self._fencing: dict[str, tuple[ContainerState, ...]] = {}
 
     async def load(self) -> None:
         """Rebuild the view from PostgreSQL: which agents exist and which are lost.
@@ -120,22 +134,44 @@ class FailureMonitor:
         """
         now = self.clock()
         for row in await self.store.agents():
-            view = AgentView(row.agent_id, now, row.interval_s, lost=row.status == "LOST")
+            view = AgentView(row.agent_id, now, row.interval_s)
             view.synced = False
             self.agents[row.agent_id] = view
+            self._set_lost(view, row.status == "LOST")
         self._update_gauges()
         log.info("monitor view loaded: %d agent(s)", len(self.agents))
 
     async def on_events(self, deliveries: list[Delivery[Event]]) -> None:
-        for delivery in deliveries:
-            if isinstance(delivery.message, AgentHeartbeat):
-                await self.on_heartbeat(delivery.message)
+        beats = [d.message for d in deliveries if isinstance(d.message, AgentHeartbeat)]
+        if beats:
+            await self.on_heartbeats(beats)
 
     async def on_heartbeat(self, beat: AgentHeartbeat) -> None:
+        await self.on_heartbeats([beat])
+
+    async def on_heartbeats(self, beats: Sequence[AgentHeartbeat]) -> None:
+        """A batch of heartbeats: the view first, then the returns and the fencing they call
+        for, each in one transaction for the whole batch."""
+        for beat in beats:
+            self._heard(beat)
+        # Returns before fencing, as one agent's heartbeat would have them. An agent the
+        # view holds lost again is left for its next heartbeat to bring back.
+        back = sorted(a for a in self._returning if not self.agents[a].lost)
+        if back:
+            for agent_id in await self.store.agents_back(back):
+                log.warning("agent %s is back", agent_id)
+        self._returning.clear()
+        if self._fencing:
+            for agent_id, fenced in (await self.store.fence_all(self._fencing)).items():
+                log.warning("agent %s: fenced %d superseded attempt(s)", agent_id, fenced)
+            self._fencing.clear()
+        self._update_gauges()
+
+    def _heard(self, beat: AgentHeartbeat) -> None:
+        """Update the view from one heartbeat; note what it calls for in PostgreSQL."""
         view = self.agents.get(beat.agent_id)
         if view is None:
             view = self.agents[beat.agent_id] = AgentView(beat.agent_id, 0.0, beat.interval_s)
-            self._update_gauges()
         # Heartbeats of one agent arrive in order (one connection, one queue). A restarted
         # agent's sequence starts from 0 again, so the monitor counts beats itself.
         view.last_seen = self.clock()
@@ -152,17 +188,13 @@ class FailureMonitor:
         # An agent lost for its engine is back once the engine answers again.
         returning = view.lost and beat.engine_ok
         if returning:
-            view.lost = False
-            if await self.store.agent_back(beat.agent_id):
-                log.warning("agent %s is back", beat.agent_id)
-            self._update_gauges()
+            self._set_lost(view, False)
+            self._returning.add(beat.agent_id)
         # Fencing asks PostgreSQL about every run listed: do it when it can matter (an agent
         # back from being lost, or first heard of since this monitor took over), and every
         # FENCE_EVERY beats as a safety net, not on every heartbeat of every agent.
         if beat.in_flight and (returning or view.beats % FENCE_EVERY == 1):
-            fenced = await self.store.fence(beat.agent_id, beat.in_flight)
-            if fenced:
-                log.warning("agent %s: fenced %d superseded attempt(s)", beat.agent_id, fenced)
+            self._fencing[beat.agent_id] = beat.in_flight
 
     # ------------------------------------------------------------------- sweeps
 
@@ -185,14 +217,21 @@ class FailureMonitor:
                     )
 
     async def _agents_lost(self) -> None:
+        """Agents silent (or with their engine down) past the threshold: those that drained
+        leave, the others are lost, in one transaction each for the whole sweep.
+
+        An agent is held lost in the view only once PostgreSQL has taken the decision: a
+        sweep that fails (the store is down) leaves them for the next one.
+        """
         now = self.clock()
-        for view in list(self.agents.values()):
+        losses: list[tuple[AgentView, AgentLoss, float]] = []
+        leaving: list[AgentView] = []
+        for view in self.agents.values():
             silent = now - view.last_seen
             threshold = self.settings.lost_after_beats * view.interval_s
             engine_down = now - (view.engine_down_since or now)
             if view.lost or (silent <= threshold and engine_down <= threshold):
                 continue
-            view.lost = True
             why = None
             if silent <= threshold:
                 # It beats, but its Docker engine has not answered for as long as silence
@@ -203,19 +242,29 @@ class FailureMonitor:
             running = [s for s in view.in_flight.values() if s != "reported"]
             if why is None and view.draining and not running:
                 # A drain that ended as it should: the agent stopped with nothing running.
-                if await self.store.agent_left(view.agent_id):
-                    log.info("agent %s drained and left", view.agent_id)
+                leaving.append(view)
                 continue
-            failed = await self.store.declare_agent_lost(view.agent_id, silent, why)
-            metrics.DETECTION.labels("agent_lost").observe(silent if why is None else engine_down)
-            metrics.DECISIONS.labels(FailureReason.AGENT_LOST.value).inc(len(failed))
-            log.warning(
-                "agent %s lost (%s); %d run(s) failed over",
-                view.agent_id,
-                why or f"silent for {silent:.1f} s",
-                len(failed),
-            )
-            self._update_gauges()
+            detected = silent if why is None else engine_down
+            losses.append((view, AgentLoss(view.agent_id, silent, why), detected))
+        if leaving:
+            for agent_id in await self.store.agents_left([v.agent_id for v in leaving]):
+                log.info("agent %s drained and left", agent_id)
+            for view in leaving:
+                self._set_lost(view, True)
+        if losses:
+            failed = await self.store.declare_agents_lost([loss for _, loss, _ in losses])
+            for view, loss, detected in losses:
+                self._set_lost(view, True)
+                runs = failed.get(view.agent_id, [])
+                metrics.DETECTION.labels("agent_lost").observe(detected)
+                metrics.DECISIONS.labels(FailureReason.AGENT_LOST.value).inc(len(runs))
+                log.warning(
+                    "agent %s lost (%s); %d run(s) failed over",
+                    view.agent_id,
+                    loss.why or f"silent for {loss.silent_s:.1f} s",
+                    len(runs),
+                )
+        self._update_gauges()
 
     async def _check_run(self, run: ActiveRun) -> None:
         settings = self.settings
@@ -314,9 +363,13 @@ class FailureMonitor:
             metrics.DECISIONS.labels(reason.value).inc()
             log.warning("run %s attempt %d: %s (%s)", run.run_id, run.attempt, reason.value, note)
 
+    def _set_lost(self, view: AgentView, lost: bool) -> None:
+        self._lost += lost - view.lost
+        view.lost = lost
+
     def _update_gauges(self) -> None:
-        metrics.AGENTS_ALIVE.set(sum(1 for v in self.agents.values() if not v.lost))
-        metrics.AGENTS_LOST.set(sum(1 for v in self.agents.values() if v.lost))
+        metrics.AGENTS_ALIVE.set(len(self.agents) - self._lost)
+        metrics.AGENTS_LOST.set(self._lost)
 
 
 async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> None:

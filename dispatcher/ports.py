@@ -8,12 +8,12 @@ one behaviour. The monitor's clock is a plain callable (``transport.ports.Clock`
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from schemas import ContainerState, FailureReason
 
-from .store import ActiveRun, AgentRow, UnservedQueue, WaitingRun
+from .store import ActiveRun, AgentLoss, AgentRow, UnservedQueue, WaitingRun
 
 
 class SupervisionStore(Protocol):
@@ -89,4 +89,24 @@ class SupervisionStore(Protocol):
 
     async def alert_long_running(self, run: ActiveRun, threshold_s: float) -> bool:
         """Alert once per attempt that it runs long; True when the alert is new."""
+        ...
+
+    # Many at a time: all the losses a sweep finds, all the returns and fencing a batch of
+    # heartbeats calls for, each batch in one transaction; each decision stays what the
+    # one-at-a-time method above takes.
+
+    async def declare_agents_lost(self, losses: Sequence[AgentLoss]) -> dict[str, list[uuid.UUID]]:
+        """``declare_agent_lost`` of each loss; the agents lost now, with their runs failed."""
+        ...
+
+    async def agents_left(self, agent_ids: Sequence[str]) -> list[str]:
+        """``agent_left`` of each agent; those that left now."""
+        ...
+
+    async def agents_back(self, agent_ids: Sequence[str]) -> list[str]:
+        """``agent_back`` of each agent; those back now."""
+        ...
+
+    async def fence_all(self, listings: Mapping[str, Sequence[ContainerState]]) -> dict[str, int]:
+        """``fence`` of each agent's listing; TerminateRun written now, by agent."""
         ...

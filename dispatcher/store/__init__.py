@@ -14,11 +14,12 @@ from .leader import Leadership, LeadershipLost
 from .locations import Location
 from .outbox import OutboxItem, OutboxRow
 from .runs import RunEventRow, RunFilters, RunRow
-from .supervision import ActiveRun, Supervision, UnservedQueue, WaitingRun, decision_id
+from .supervision import ActiveRun, AgentLoss, Supervision, UnservedQueue, WaitingRun, decision_id
 
 __all__ = [
     "UNAVAILABLE",
     "ActiveRun",
+    "AgentLoss",
     "AgentRow",
     "Canceled",
     "Database",

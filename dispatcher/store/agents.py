@@ -76,37 +76,60 @@ async def live_capacities(
     return found
 
 
-async def mark_lost(connection: asyncpg.Connection, agent_id: str) -> datetime | None:
-    """ALIVE or DRAINING → LOST; when it changed now, the time it did."""
-    lost_at: datetime | None = await connection.fetchval(
+# The three changes of status below lock the agents' rows first, in one order (by id), so
+# that two transactions changing many agents at once never wait for each other in a cycle.
+
+
+async def mark_lost(
+    connection: asyncpg.Connection, agent_ids: Collection[str]
+) -> dict[str, datetime]:
+    """ALIVE or DRAINING → LOST; for each agent that changed now, the time it did."""
+    records = await connection.fetch(
         """
-        UPDATE agents SET status = 'LOST', lost_at = now()
-        WHERE agent_id = $1 AND status IN ('ALIVE', 'DRAINING') RETURNING lost_at
+        UPDATE agents a SET status = 'LOST', lost_at = now()
+        FROM (SELECT agent_id FROM agents
+              WHERE agent_id = ANY($1::text[]) AND status IN ('ALIVE', 'DRAINING')
+              ORDER BY agent_id FOR UPDATE) AS chosen
+        WHERE a.agent_id = chosen.agent_id
+        RETURNING a.agent_id, a.lost_at
         """,
-        agent_id,
+        list(agent_ids),
     )
-    return lost_at
+    return {r["agent_id"]: r["lost_at"] for r in records}
 
 
-async def mark_left(connection: asyncpg.Connection, agent_id: str) -> bool:
-    """DRAINING → LEFT (a drained agent that stopped); True when it changed now."""
-    status = await connection.execute(
-        "UPDATE agents SET status = 'LEFT' WHERE agent_id = $1 AND status = 'DRAINING'",
-        agent_id,
-    )
-    return bool(status.endswith(" 1"))
-
-
-async def mark_alive(connection: asyncpg.Connection, agent_id: str) -> datetime | None:
-    """LOST → ALIVE; when it changed now, the time it had been declared lost."""
-    lost_at: datetime | None = await connection.fetchval(
+async def mark_left(connection: asyncpg.Connection, agent_ids: Collection[str]) -> list[str]:
+    """DRAINING → LEFT (drained agents that stopped); the agents that changed now."""
+    records = await connection.fetch(
         """
-        UPDATE agents SET status = 'ALIVE' WHERE agent_id = $1 AND status = 'LOST'
-        RETURNING lost_at
+        UPDATE agents a SET status = 'LEFT'
+        FROM (SELECT agent_id FROM agents
+              WHERE agent_id = ANY($1::text[]) AND status = 'DRAINING'
+              ORDER BY agent_id FOR UPDATE) AS chosen
+        WHERE a.agent_id = chosen.agent_id
+        RETURNING a.agent_id
         """,
-        agent_id,
+        list(agent_ids),
     )
-    return lost_at
+    return [r["agent_id"] for r in records]
+
+
+async def mark_alive(
+    connection: asyncpg.Connection, agent_ids: Collection[str]
+) -> dict[str, datetime]:
+    """LOST → ALIVE; for each agent that changed now, the time it had been declared lost."""
+    records = await connection.fetch(
+        """
+        UPDATE agents a SET status = 'ALIVE'
+        FROM (SELECT agent_id FROM agents
+              WHERE agent_id = ANY($1::text[]) AND status = 'LOST'
+              ORDER BY agent_id FOR UPDATE) AS chosen
+        WHERE a.agent_id = chosen.agent_id
+        RETURNING a.agent_id, a.lost_at
+        """,
+        list(agent_ids),
+    )
+    return {r["agent_id"]: r["lost_at"] for r in records}
 
 
 class Agents:

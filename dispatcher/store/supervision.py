@@ -9,20 +9,26 @@ duplicate failure, no duplicate retry, no duplicate instruction.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 
 from schemas import ContainerState, FailureReason, RunFailed, TerminateRun
 from schemas.topology import CONTROL_EXCHANGE, MONITOR_SOURCE, STATUS_EXCHANGE, event_routing_key
 
+from ..errors import StoreUnavailable
 from ..states import TERMINAL, RunState
 from . import agents, alerts, cancellation, events, outbox
 from .agents import AgentRow
 from .connections import Connections
 
 _DECISIONS = uuid.UUID("8f0e5b0c-6a4e-4c55-9a57-2f3d9e1b7a10")
+#: Tries of a batch of decisions that PostgreSQL rolls back for a deadlock (see ``_batch``).
+_DEADLOCK_TRIES = 5
+
+T = TypeVar("T")
 
 
 def decision_id(run_id: uuid.UUID, attempt: int, rule: str) -> uuid.UUID:
@@ -48,6 +54,16 @@ class UnservedQueue:
     waiting: int
     oldest_run_id: uuid.UUID
     oldest_waited_s: float
+
+
+@dataclass(frozen=True)
+class AgentLoss:
+    """An agent the monitor found lost: how long it had been silent, and what made it lost
+    when not its silence."""
+
+    agent_id: str
+    silent_s: float
+    why: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,21 +236,47 @@ class Supervision:
         Its containers get a TerminateRun on its own queue, so that it stops them if it ever
         comes back. Returns the runs failed (or retried) now.
         """
-        async with self._connections.transaction() as connection:
-            lost_at = await agents.mark_lost(connection, agent_id)
-            if lost_at is None:
-                return []
-            runs = await connection.fetch(
-                """
-                SELECT run_id, attempt FROM runs
-                WHERE agent_id = $1 AND state IN ('QUEUED', 'STARTING', 'STARTED', 'CANCELING')
-                FOR UPDATE
-                """,
-                agent_id,
-            )
-            note = f"agent {agent_id} lost: {why or f'no heartbeat for {silent_s:.1f} s'}"
-            failed = []
-            for run in runs:
+        failed = await self.declare_agents_lost([AgentLoss(agent_id, silent_s, why)])
+        return failed.get(agent_id, [])
+
+    async def declare_agents_lost(self, losses: Sequence[AgentLoss]) -> dict[str, list[uuid.UUID]]:
+        """``declare_agent_lost`` for every agent of ``losses``, in one transaction.
+
+        Returns, for each agent declared lost now, the runs failed (or retried) now; an agent
+        that was not ALIVE or DRAINING is left out.
+        """
+        if not losses:
+            return {}
+        return await self._batch(lambda connection: self._declare_lost(connection, losses))
+
+    async def _declare_lost(
+        self, connection: asyncpg.Connection, losses: Sequence[AgentLoss]
+    ) -> dict[str, list[uuid.UUID]]:
+        lost_at = await agents.mark_lost(connection, [loss.agent_id for loss in losses])
+        if not lost_at:
+            return {}
+        records = await connection.fetch(
+            """
+            SELECT run_id, attempt, agent_id FROM runs
+            WHERE agent_id = ANY($1::text[])
+              AND state IN ('QUEUED', 'STARTING', 'STARTED', 'CANCELING')
+            ORDER BY run_id
+            FOR UPDATE
+            """,
+            list(lost_at),
+        )
+        runs: dict[str, list[asyncpg.Record]] = {}
+        for record in records:
+            runs.setdefault(record["agent_id"], []).append(record)
+        declared: dict[str, list[uuid.UUID]] = {}
+        for loss in losses:
+            agent_id = loss.agent_id
+            if agent_id not in lost_at or agent_id in declared:
+                continue
+            silent_s = loss.silent_s
+            note = f"agent {agent_id} lost: {loss.why or f'no heartbeat for {silent_s:.1f} s'}"
+            failed = declared[agent_id] = []
+            for run in runs.get(agent_id, []):
                 if await self._fail(
                     connection,
                     run["run_id"],
@@ -246,7 +288,7 @@ class Supervision:
                     failed.append(run["run_id"])
             await alerts.raise_alert(
                 connection,
-                f"agent-down:{agent_id}:{lost_at.isoformat()}",
+                f"agent-down:{agent_id}:{lost_at[agent_id].isoformat()}",
                 alerts.AGENT_DOWN,
                 f"agent {agent_id}",
                 f"{note}; {len(failed)} run(s) in flight failed over",
@@ -256,29 +298,41 @@ class Supervision:
                     "runs": [str(r) for r in failed],
                 },
             )
-            return failed
+        return declared
 
     async def agent_left(self, agent_id: str) -> bool:
         """A drained agent went quiet with nothing running: DRAINING → LEFT, no alert, no
         failover. False when it was not DRAINING."""
-        async with self._connections.transaction() as connection:
-            return await agents.mark_left(connection, agent_id)
+        return bool(await self.agents_left([agent_id]))
+
+    async def agents_left(self, agent_ids: Sequence[str]) -> list[str]:
+        """``agent_left`` for many agents, in one transaction; those that left now."""
+        if not agent_ids:
+            return []
+        return await self._batch(lambda connection: agents.mark_left(connection, agent_ids))
 
     async def agent_back(self, agent_id: str) -> bool:
         """An agent declared lost sent a heartbeat again: alert once."""
-        async with self._connections.transaction() as connection:
-            lost_at = await agents.mark_alive(connection, agent_id)
-            if lost_at is None:
-                return False
+        return bool(await self.agents_back([agent_id]))
+
+    async def agents_back(self, agent_ids: Sequence[str]) -> list[str]:
+        """``agent_back`` for many agents, in one transaction; those back now."""
+        if not agent_ids:
+            return []
+        return await self._batch(lambda connection: self._back(connection, agent_ids))
+
+    async def _back(self, connection: asyncpg.Connection, agent_ids: Sequence[str]) -> list[str]:
+        lost_at = await agents.mark_alive(connection, agent_ids)
+        for agent_id, since in sorted(lost_at.items()):
             await alerts.raise_alert(
                 connection,
-                f"agent-back:{agent_id}:{lost_at.isoformat()}",
+                f"agent-back:{agent_id}:{since.isoformat()}",
                 alerts.AGENT_BACK,
                 f"agent {agent_id}",
                 f"agent {agent_id} is back after being declared lost",
-                {"agent_id": agent_id, "lost_at": lost_at.isoformat()},
+                {"agent_id": agent_id, "lost_at": since.isoformat()},
             )
-            return True
+        return sorted(lost_at)
 
     async def fence(self, agent_id: str, in_flight: Sequence[ContainerState]) -> int:
         """Stop, on ``agent_id``, containers of attempts that are no longer the run's own.
@@ -288,17 +342,31 @@ class Supervision:
         agent (its claim was recorded first). Returns how many
         TerminateRun were written now.
         """
-        live = [c for c in in_flight if c.state not in ("exited", "dead", "reported")]
-        if not live:
-            return 0
-        async with self._connections.transaction() as connection:
-            records = await connection.fetch(
-                "SELECT run_id, attempt, state, agent_id FROM runs WHERE run_id = ANY($1::uuid[])",
-                [c.run_id for c in live],
-            )
-            runs = {r["run_id"]: r for r in records}
+        return (await self.fence_all({agent_id: in_flight})).get(agent_id, 0)
+
+    async def fence_all(self, listings: Mapping[str, Sequence[ContainerState]]) -> dict[str, int]:
+        """``fence`` for several agents' listings (agent id → its listing), in one
+        transaction; for each agent with a TerminateRun written now, how many."""
+        live = {
+            agent_id: [c for c in in_flight if c.state not in ("exited", "dead", "reported")]
+            for agent_id, in_flight in listings.items()
+        }
+        if not any(live.values()):
+            return {}
+        return await self._batch(lambda connection: self._fence(connection, live))
+
+    async def _fence(
+        self, connection: asyncpg.Connection, live: Mapping[str, Sequence[ContainerState]]
+    ) -> dict[str, int]:
+        records = await connection.fetch(
+            "SELECT run_id, attempt, state, agent_id FROM runs WHERE run_id = ANY($1::uuid[])",
+            list({c.run_id for listing in live.values() for c in listing}),
+        )
+        runs = {r["run_id"]: r for r in records}
+        counts: dict[str, int] = {}
+        for agent_id, listing in live.items():
             fenced = 0
-            for container in live:
+            for container in listing:
                 run = runs.get(container.run_id)
                 if run is None:
                     continue
@@ -320,7 +388,29 @@ class Supervision:
                         else "fenced: this attempt was failed over while its agent was away",
                         rule="fence",
                     )
-            return fenced
+            if fenced:
+                counts[agent_id] = fenced
+        return counts
+
+    async def _batch(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """``work`` in one transaction, taken again whole if PostgreSQL breaks a deadlock
+        by rolling it back.
+
+        A batch locks many agents' and runs' rows; the control plane's status consumer locks
+        some of the same rows (agents' heartbeats, runs' events) in the order its messages
+        arrive, so the two can deadlock: the loser is rolled back, never half-applied.
+        """
+        tries = 1
+        while True:
+            try:
+                async with self._connections.transaction() as connection:
+                    return await work(connection)
+            except asyncpg.exceptions.DeadlockDetectedError as exc:
+                if tries == _DEADLOCK_TRIES:
+                    raise StoreUnavailable(
+                        f"a batch of the monitor's decisions deadlocked {tries} times: {exc}"
+                    ) from exc
+                tries += 1
 
     async def alert_long_running(self, run: ActiveRun, threshold_s: float) -> bool:
         async with self._connections.connection() as connection:

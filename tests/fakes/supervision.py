@@ -13,13 +13,14 @@ Seeded as the control plane would: ``create`` (``Database.runs.create``) and ``a
 given clock, read where PostgreSQL reads ``now()``.
 
 Not modelled: output, locations, cancellation requests, the relay (nothing is ever sent),
-alert delivery, concurrency (each call is one transaction by construction).
+alert delivery, concurrency (each call is one transaction by construction: a batch method,
+``declare_agents_lost`` say, is one call, and calls none of the others).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -28,6 +29,7 @@ from dispatcher.retries import DEFAULT_MAX_RETRIES, DEFAULT_RETRY_ON, RetryPolic
 from dispatcher.states import TERMINAL, RunState, next_state
 from dispatcher.store import (
     ActiveRun,
+    AgentLoss,
     AgentRow,
     OutboxItem,
     UnservedQueue,
@@ -217,6 +219,16 @@ class FakeSupervision:
         message: str,
         terminate_on: str | None = None,
     ) -> bool:
+        return self._fail(run_id, attempt, reason, message, terminate_on)
+
+    def _fail(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        reason: FailureReason,
+        message: str,
+        terminate_on: str | None,
+    ) -> bool:
         event = RunFailed(
             message_id=decision_id(run_id, attempt, reason.value),
             run_id=run_id,
@@ -236,12 +248,23 @@ class FakeSupervision:
     async def declare_agent_lost(
         self, agent_id: str, silent_s: float, why: str | None = None
     ) -> list[uuid.UUID]:
-        agent = self.agents_by_id.get(agent_id)
-        if agent is None or agent.status not in ("ALIVE", "DRAINING"):
-            return []  # ``agents.mark_lost`` changed nothing
+        failed = await self.declare_agents_lost([AgentLoss(agent_id, silent_s, why)])
+        return failed.get(agent_id, [])
+
+    async def declare_agents_lost(self, losses: Sequence[AgentLoss]) -> dict[str, list[uuid.UUID]]:
+        declared: dict[str, list[uuid.UUID]] = {}
+        for loss in losses:
+            agent = self.agents_by_id.get(loss.agent_id)
+            if agent is None or agent.status not in ("ALIVE", "DRAINING"):
+                continue  # ``agents.mark_lost`` changed nothing
+            declared[loss.agent_id] = self._declare_lost(agent, loss)
+        return declared
+
+    def _declare_lost(self, agent: FakeAgent, loss: AgentLoss) -> list[uuid.UUID]:
         agent.status, agent.lost_at = "LOST", self.clock()
         agent.episodes += 1
-        note = f"agent {agent_id} lost: {why or f'no heartbeat for {silent_s:.1f} s'}"
+        agent_id = agent.agent_id
+        note = f"agent {agent_id} lost: {loss.why or f'no heartbeat for {loss.silent_s:.1f} s'}"
         active = [
             (r.run_id, r.attempt)
             for r in self.runs.values()
@@ -252,7 +275,7 @@ class FakeSupervision:
         failed = [
             run_id
             for run_id, attempt in active
-            if await self.fail_attempt(run_id, attempt, FailureReason.AGENT_LOST, note, agent_id)
+            if self._fail(run_id, attempt, FailureReason.AGENT_LOST, note, agent_id)
         ]
         self._raise_alert(
             f"agent-down:{agent.incident}",
@@ -273,9 +296,7 @@ class FakeSupervision:
         ]
 
     async def time_out_queued(self, run: WaitingRun, note: str) -> bool:
-        applied = await self.fail_attempt(
-            run.run_id, run.attempt, FailureReason.QUEUE_TIMEOUT, note
-        )
+        applied = self._fail(run.run_id, run.attempt, FailureReason.QUEUE_TIMEOUT, note, None)
         if applied and self.runs[run.run_id].state in TERMINAL:
             for agent in self.agents_by_id.values():
                 if agent.status == "ALIVE" and run.queue in agent.queues:
@@ -320,26 +341,46 @@ class FakeSupervision:
         )
 
     async def agent_left(self, agent_id: str) -> bool:
-        agent = self.agents_by_id.get(agent_id)
-        if agent is None or agent.status != "DRAINING":
-            return False
-        agent.status = "LEFT"
-        return True
+        return bool(await self.agents_left([agent_id]))
+
+    async def agents_left(self, agent_ids: Sequence[str]) -> list[str]:
+        left = []
+        for agent_id in agent_ids:
+            agent = self.agents_by_id.get(agent_id)
+            if agent is not None and agent.status == "DRAINING":
+                agent.status = "LEFT"
+                left.append(agent_id)
+        return sorted(left)
 
     async def agent_back(self, agent_id: str) -> bool:
-        agent = self.agents_by_id.get(agent_id)
-        if agent is None or agent.status != "LOST":
-            return False
-        agent.status = "ALIVE"  # lost_at stays, as ``agents.mark_alive`` leaves it
-        self._raise_alert(
-            f"agent-back:{agent.incident}",
-            AGENT_BACK,
-            f"agent {agent_id}",
-            f"agent {agent_id} is back after being declared lost",
-        )
-        return True
+        return bool(await self.agents_back([agent_id]))
+
+    async def agents_back(self, agent_ids: Sequence[str]) -> list[str]:
+        back = []
+        for agent_id in sorted(set(agent_ids)):
+            agent = self.agents_by_id.get(agent_id)
+            if agent is None or agent.status != "LOST":
+                continue
+            agent.status = "ALIVE"  # lost_at stays, as ``agents.mark_alive`` leaves it
+            self._raise_alert(
+                f"agent-back:{agent.incident}",
+                AGENT_BACK,
+                f"agent {agent_id}",
+                f"agent {agent_id} is back after being declared lost",
+            )
+            back.append(agent_id)
+        return back
 
     async def fence(self, agent_id: str, in_flight: Sequence[ContainerState]) -> int:
+        return (await self.fence_all({agent_id: in_flight})).get(agent_id, 0)
+
+    async def fence_all(self, listings: Mapping[str, Sequence[ContainerState]]) -> dict[str, int]:
+        counts = {
+            agent_id: self._fence(agent_id, listing) for agent_id, listing in listings.items()
+        }
+        return {agent_id: n for agent_id, n in counts.items() if n}
+
+    def _fence(self, agent_id: str, in_flight: Sequence[ContainerState]) -> int:
         fenced = 0
         for container in in_flight:
             if container.state in _ENDED:
