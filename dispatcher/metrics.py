@@ -20,6 +20,10 @@ __all__ = [
 
 AGENTS_ALIVE = Gauge("hd_agents_alive", "Agents whose heartbeats arrive (failure monitor's view).")
 AGENTS_LOST = Gauge("hd_agents_lost", "Agents declared lost and not back.")
+MONITOR_LAG = Gauge(
+    "hd_monitor_lag_seconds",
+    "How late the failure monitor reads heartbeats (a backed-up queue); silence counts beyond it.",
+)
 RUNS = Gauge("hd_runs", "Runs by state, as PostgreSQL holds them.", ["state"])
 DEAD_LETTERS_SEEN = Counter(
     "hd_dead_letters_seen_total",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -58,6 +59,9 @@ FINISHED_STATES = frozenset({"exited", "dead", "reported"})
 FENCE_EVERY = 10
 
 
+#: A lag past this many seconds is logged (once, and once more when caught up).
+LAG_LOGGED_S = 1.0
+
 #: Queues waiting with no live agent are looked for every this many sweeps (a grouped query).
 UNSERVED_EVERY = 10
 
@@ -80,6 +84,9 @@ class AgentView:
     #: Since when (monotonic) its heartbeats say its Docker engine does not answer, and why.
     engine_down_since: float | None = None
     engine_error: str = ""
+    #: The shortest time from a heartbeat's ``sent_at`` to its reading here: the clocks'
+    #: difference plus the way through the broker, with no queue in front of the monitor.
+    fastest_s: float | None = None
 
 
 @dataclass
@@ -107,10 +114,15 @@ class FailureMonitor:
         store: SupervisionStore,
         settings: MonitorSettings,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.wall = wall
+        #: How far behind its heartbeats the monitor reads (``lag``), and when it was measured.
+        self._lag = 0.0
+        self._lag_at = 0.0
         self.agents: dict[str, AgentView] = {}
         self._suspicions: dict[AttemptKey, Suspicion] = {}
         self._sweeps = 0
@@ -152,8 +164,8 @@ class FailureMonitor:
     async def on_heartbeats(self, beats: Sequence[AgentHeartbeat]) -> None:
         """A batch of heartbeats: the view first, then the returns and the fencing they call
         for, each in one transaction for the whole batch."""
-        for beat in beats:
-            self._heard(beat)
+        late = [self._heard(beat) for beat in beats]
+        self._measure_lag(late)
         # Returns before fencing, as one agent's heartbeat would have them. An agent the
         # view holds lost again is left for its next heartbeat to bring back.
         back = sorted(a for a in self._returning if not self.agents[a].lost)
@@ -167,11 +179,37 @@ class FailureMonitor:
             self._fencing.clear()
         self._update_gauges()
 
-    def _heard(self, beat: AgentHeartbeat) -> None:
-        """Update the view from one heartbeat; note what it calls for in PostgreSQL."""
+    def lag(self) -> float:
+        """How many seconds behind its heartbeats the monitor reads now: what the last
+        batch measured, less the time since (with nothing more to read, it caught up)."""
+        return max(0.0, self._lag - (self.clock() - self._lag_at))
+
+    def _measure_lag(self, late: Sequence[float]) -> None:
+        """The batch's lag: the median of how much later than its agent's fastest each
+        heartbeat was read. A median, so that one agent's clock jumping does not move it."""
+        if not late:
+            return
+        was = self.lag()
+        self._lag, self._lag_at = statistics.median(late), self.clock()
+        metrics.MONITOR_LAG.set(self._lag)
+        if self._lag > LAG_LOGGED_S >= was:
+            log.warning(
+                "the monitor reads heartbeats %.1f s late (its queue is backing up); agents "
+                "are judged on their silence beyond that",
+                self._lag,
+            )
+        elif was > LAG_LOGGED_S >= self._lag:
+            log.info("the monitor caught up with its heartbeats")
+
+    def _heard(self, beat: AgentHeartbeat) -> float:
+        """Update the view from one heartbeat; note what it calls for in PostgreSQL. Returns
+        how much later than the agent's fastest heartbeat this one was read (its lateness)."""
         view = self.agents.get(beat.agent_id)
         if view is None:
             view = self.agents[beat.agent_id] = AgentView(beat.agent_id, 0.0, beat.interval_s)
+        took = self.wall() - beat.sent_at.timestamp()
+        if view.fastest_s is None or took < view.fastest_s:
+            view.fastest_s = took
         # Heartbeats of one agent arrive in order (one connection, one queue). A restarted
         # agent's sequence starts from 0 again, so the monitor counts beats itself.
         view.last_seen = self.clock()
@@ -195,6 +233,7 @@ class FailureMonitor:
         # FENCE_EVERY beats as a safety net, not on every heartbeat of every agent.
         if beat.in_flight and (returning or view.beats % FENCE_EVERY == 1):
             self._fencing[beat.agent_id] = beat.in_flight
+        return took - view.fastest_s
 
     # ------------------------------------------------------------------- sweeps
 
@@ -224,11 +263,14 @@ class FailureMonitor:
         sweep that fails (the store is down) leaves them for the next one.
         """
         now = self.clock()
+        # What the monitor has not read yet may hold any agent's next heartbeat: silence is
+        # counted beyond the monitor's own lag, not from it.
+        behind = self.lag()
         losses: list[tuple[AgentView, AgentLoss, float]] = []
         leaving: list[AgentView] = []
         for view in self.agents.values():
             silent = now - view.last_seen
-            threshold = self.settings.lost_after_beats * view.interval_s
+            threshold = self.settings.lost_after_beats * view.interval_s + behind
             engine_down = now - (view.engine_down_since or now)
             if view.lost or (silent <= threshold and engine_down <= threshold):
                 continue
