@@ -6,6 +6,8 @@ HD_BENCH_DATABASE_URL name running ones (with HD_BENCH_AMQP_MANAGEMENT_URL for a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -22,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
+from dispatcher.client import Client  # noqa: E402
 from dispatcher.settings import ImageNames  # noqa: E402
+from schemas import RunEnded  # noqa: E402
 from tests.support import Proc  # noqa: E402
 
 LABELS = {"hybrid-dispatcher.bench": "1"}
@@ -140,3 +144,36 @@ def percentile(values: list[float], p: float) -> float:
 def report(figures: dict[str, object]) -> None:
     """The benchmark's result: one JSON object, always the last line printed."""
     print(json.dumps(figures, sort_keys=True), flush=True)
+
+
+async def submit_all(
+    amqp_url: str, image: str, agent_queue: str, runs: int, timeout: float
+) -> tuple[float, float, dict[uuid.UUID, str]]:
+    """Submit ``runs`` runs of ``true`` at once; (first submit, last RunEnded, each run's
+    final state)."""
+    ended: dict[uuid.UUID, str] = {}
+    async with Client(amqp_url) as client:
+        run_ids = [uuid.uuid4() for _ in range(runs)]
+        follower = await client.follow(set(run_ids))
+
+        async def until_all_ended() -> float:
+            async with contextlib.aclosing(follower.events()) as events:
+                async for event in events:
+                    if isinstance(event, RunEnded):
+                        ended[event.run_id] = event.state
+                        if len(ended) == runs:
+                            return time.time()
+            raise RuntimeError("the status stream ended")
+
+        waiting = asyncio.create_task(until_all_ended())
+        began = time.time()
+        await asyncio.gather(
+            *(client.submit(image, ["true"], queue=agent_queue, run_id=r) for r in run_ids)
+        )
+        try:
+            last = await asyncio.wait_for(waiting, timeout)
+        except TimeoutError:
+            raise SystemExit(
+                f"only {len(ended)} of {runs} runs ended within {timeout:.0f} s"
+            ) from None
+    return began, last, ended

@@ -33,11 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import docker
-from _harness import LABELS, Processes, on_fatal, progress, report, services
+from _harness import LABELS, Processes, on_fatal, progress, report, services, submit_all
 
-from dispatcher.client import Client
 from dispatcher.settings import ImageNames
-from schemas import RunEnded
 
 #: The agent's labels on its containers (worker_agent.containers).
 AGENT_LABEL = "hybrid-dispatcher.agent-id"
@@ -133,38 +131,6 @@ class Starts:
         self._reader.join(5)
 
 
-async def submit_all(
-    amqp_url: str, image: str, agent_queue: str, runs: int
-) -> tuple[float, float, dict[uuid.UUID, str]]:
-    """Submit ``runs`` runs at once; (first submit, last RunEnded, each run's final state)."""
-    ended: dict[uuid.UUID, str] = {}
-    async with Client(amqp_url) as client:
-        run_ids = [uuid.uuid4() for _ in range(runs)]
-        follower = await client.follow(set(run_ids))
-
-        async def until_all_ended() -> float:
-            async with contextlib.aclosing(follower.events()) as events:
-                async for event in events:
-                    if isinstance(event, RunEnded):
-                        ended[event.run_id] = event.state
-                        if len(ended) == runs:
-                            return time.time()
-            raise RuntimeError("the status stream ended")
-
-        waiting = asyncio.create_task(until_all_ended())
-        began = time.time()
-        await asyncio.gather(
-            *(client.submit(image, ["true"], queue=agent_queue, run_id=r) for r in run_ids)
-        )
-        try:
-            last = await asyncio.wait_for(waiting, TIMEOUT_S)
-        except TimeoutError:
-            raise SystemExit(
-                f"only {len(ended)} of {runs} runs ended within {TIMEOUT_S:.0f} s"
-            ) from None
-    return began, last, ended
-
-
 def system(procs: Processes, amqp_url: str, image: str, runs: int, slots: int) -> dict[str, Any]:
     """One agent with ``slots`` slots, every run submitted at once; the agent is stopped after."""
     suffix = uuid.uuid4().hex[:8]
@@ -176,11 +142,13 @@ def system(procs: Processes, amqp_url: str, image: str, runs: int, slots: int) -
     agent = procs.start("worker_agent", [*args, "--max-concurrent", str(slots)])
     try:
         asyncio.run(agent.wait_for_output("consuming", timeout=120))
-        asyncio.run(submit_all(amqp_url, image, agent_queue, slots))  # warm-up
+        asyncio.run(submit_all(amqp_url, image, agent_queue, slots, TIMEOUT_S))  # warm-up
         load = load_average()
         starts = Starts(agent_id)
         try:
-            began, last, ended = asyncio.run(submit_all(amqp_url, image, agent_queue, runs))
+            began, last, ended = asyncio.run(
+                submit_all(amqp_url, image, agent_queue, runs, TIMEOUT_S)
+            )
         finally:
             starts.close()
     finally:

@@ -58,12 +58,11 @@ from _harness import (
     progress,
     report,
     services,
+    submit_all,
 )
 
 from compose import hosts
-from dispatcher.client import Client
 from dispatcher.settings import ImageNames
-from schemas import RunEnded
 from schemas.topology import (
     AGENT_EVENTS,
     STATUS_EXCHANGE,
@@ -154,38 +153,6 @@ class Starts:
         for stream in self._streams:
             with contextlib.suppress(Exception):
                 stream.close()
-
-
-async def submit_all(
-    amqp_url: str, image: str, agent_queue: str, runs: int, timeout: float
-) -> tuple[float, float, dict[uuid.UUID, str]]:
-    """Submit ``runs`` runs at once; (first submit, last RunEnded, each run's final state)."""
-    ended: dict[uuid.UUID, str] = {}
-    async with Client(amqp_url) as client:
-        run_ids = [uuid.uuid4() for _ in range(runs)]
-        follower = await client.follow(set(run_ids))
-
-        async def until_all_ended() -> float:
-            async with contextlib.aclosing(follower.events()) as events:
-                async for event in events:
-                    if isinstance(event, RunEnded):
-                        ended[event.run_id] = event.state
-                        if len(ended) == runs:
-                            return time.time()
-            raise RuntimeError("the status stream ended")
-
-        waiting = asyncio.create_task(until_all_ended())
-        began = time.time()
-        await asyncio.gather(
-            *(client.submit(image, ["true"], queue=agent_queue, run_id=r) for r in run_ids)
-        )
-        try:
-            last = await asyncio.wait_for(waiting, timeout)
-        except TimeoutError:
-            raise SystemExit(
-                f"only {len(ended)} of {runs} runs ended within {timeout:.0f} s"
-            ) from None
-    return began, last, ended
 
 
 def launch_rate(
