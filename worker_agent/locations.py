@@ -88,6 +88,7 @@ class LocationKeeper:
         self._startup_timeout_s = startup_timeout_s
         self._failures_before_redeploy = failures_before_redeploy
         self._snapshots: dict[str, tuple[LocationSpec, ...]] = {}
+        self._revisions: dict[str, int] = {}  # queue → revision of the snapshot kept
         self._wake = asyncio.Event()
         self._reported: set[str] = set()  # server container ids reported loaded
         self._failures: dict[str, int] = {}
@@ -119,9 +120,20 @@ class LocationKeeper:
             if self._senders and raw.user_id not in self._senders:
                 raise UntrustedSender(untrusted_sender(raw.user_id, self._senders))
             snapshot = self._decoder.decode(raw.body)
-            if snapshot.queue in self._queues:
+            known = self._revisions.get(snapshot.queue, 0)
+            if snapshot.queue in self._queues and (
+                snapshot.revision == 0 or snapshot.revision >= known
+            ):
                 self._snapshots[snapshot.queue] = snapshot.locations
+                self._revisions[snapshot.queue] = snapshot.revision
                 self._wake.set()
+            elif snapshot.queue in self._queues:
+                log.info(
+                    "snapshot %d of queue %s is older than the one kept (%d): ignored",
+                    snapshot.revision,
+                    snapshot.queue,
+                    known,
+                )
         except Exception as exc:
             if not isinstance(exc, SchemaError | UntrustedSender):
                 log.exception("taking a location snapshot in failed")

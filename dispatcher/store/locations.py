@@ -230,12 +230,25 @@ async def record_event(
 
 
 async def snapshot(connection: asyncpg.Connection, queues: set[str]) -> None:
+    """Write the snapshots of ``queues`` to the outbox, each under its queue's lock.
+
+    The lock (held to the end of the transaction, taken in queue order) makes snapshots of a
+    queue one at a time: one that waited reads, as a new statement, what the one before it
+    committed. Without it, an agent asking while a location is added could have a snapshot
+    read before the addition committed sent after the addition's own, and keep no server.
+    The revision, taken under the lock, lets agents drop a snapshot that arrives late.
+    """
     for queue in sorted(queues):
+        await connection.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"hd-snapshot:{queue}"
+        )
+        revision = await connection.fetchval("SELECT nextval('location_snapshot_revisions')")
         records = await connection.fetch(
             "SELECT * FROM code_locations WHERE queue = $1 ORDER BY name", queue
         )
         message = LocationSnapshot(
             queue=queue,
+            revision=revision,
             locations=tuple(
                 LocationSpec(
                     name=r["name"],

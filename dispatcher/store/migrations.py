@@ -354,6 +354,15 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER FUNCTION hd_slot_freed() SET search_path FROM CURRENT;
         """,
     ),
+    (
+        15,
+        "location snapshot revisions",
+        """
+        -- Taken under the queue's snapshot lock, so a later snapshot of a queue always has
+        -- the higher number (see dispatcher/store/locations.py).
+        CREATE SEQUENCE location_snapshot_revisions;
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import docker
 import pytest
 
@@ -31,6 +33,42 @@ async def loaded(locations: Locations, name: str, after: object = None) -> Locat
     if after is not None and location.loaded_at is not None and location.loaded_at <= after:
         return None
     return location
+
+
+async def test_a_snapshot_asked_for_during_an_addition_is_not_sent_after_it_without_it(
+    store: Database, locations: Locations, unique: str
+) -> None:
+    from dispatcher.store.locations import snapshot
+    from schemas import Decoder, LocationSnapshot
+
+    queue, name = f"q-{unique}", f"added-{unique}"
+    async with store.connections.transaction() as adding:
+        # An addition, written but not yet committed, with its snapshot in the outbox ...
+        await adding.execute(
+            "INSERT INTO code_locations (name, image, command, env, queue)"
+            " VALUES ($1, 'busybox', '[]', '{}', $2)",
+            name,
+            queue,
+        )
+        await snapshot(adding, {queue})
+        # ... while an agent of the queue asks for its snapshot.
+        asking = asyncio.create_task(locations.wanted([queue]))
+        await asyncio.sleep(0.5)
+        assert not asking.done(), "the asked-for snapshot did not wait for the addition"
+    await asking
+
+    async with store.connections.connection() as connection:
+        payloads = await connection.fetch(
+            "SELECT payload FROM outbox WHERE kind = 'LocationSnapshot' AND routing_key = $1"
+            " ORDER BY id",
+            queue,
+        )
+    decoder = Decoder(LocationSnapshot)
+    sent = [decoder.decode(row["payload"]) for row in payloads]
+    assert len(sent) == 2
+    # The one sent last is the newest, and it has the location.
+    assert sent[0].revision < sent[1].revision
+    assert [spec.name for spec in sent[1].locations] == [name]
 
 
 async def test_a_location_is_served_kept_and_removed(

@@ -314,6 +314,24 @@ async def test_a_location_snapshot_is_taken_in_and_acked() -> None:
     assert target._snapshots == {"default": (spec,)}
 
 
+async def test_a_snapshot_older_than_the_one_kept_is_ignored() -> None:
+    dead, broker = DeadLetters(), Broker()
+    target, queue = await keeper(dead, broker)
+    old, new = LocationSpec(name="old", image="busybox"), LocationSpec(name="new", image="busybox")
+    for revision, spec in ((7, new), (6, old)):
+        raw = Raw(encode(LocationSnapshot(queue="default", locations=(spec,), revision=revision)))
+        await queue.deliver(raw)
+        assert raw.settled == ["ack"]
+    assert target._snapshots == {"default": (new,)}
+    # A newer one, and one from a control plane that does not number them, are taken.
+    for revision, spec in ((8, old), (0, new)):
+        await queue.deliver(
+            Raw(encode(LocationSnapshot(queue="default", locations=(spec,), revision=revision)))
+        )
+        assert target._snapshots == {"default": (spec,)}
+    assert dead.sent == []
+
+
 async def test_instructions_and_snapshots_from_another_broker_user_are_dead_lettered() -> None:
     dead, broker = DeadLetters(), Broker()
     handled: list[object] = []
