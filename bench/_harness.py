@@ -55,8 +55,10 @@ def services() -> Iterator[tuple[str, str]]:
 
     images = ImageNames.from_env()
     progress("starting RabbitMQ and PostgreSQL")
+    # Without the image's health check: it starts an Erlang VM every 5 s, a fifth of a core
+    # in bursts that would land in the middle of a floor or a system run.
     rabbit = RabbitMqContainer(images.rabbitmq, username="hd", password="hd").with_kwargs(
-        labels=LABELS
+        labels=LABELS, healthcheck={"test": ["NONE"]}
     )
     postgres = PostgresContainer(
         images.postgres, username="hd", password="hd", dbname="hd", driver=None

@@ -3,7 +3,7 @@
     python bench/throughput.py [--runs N]
 
 Floor: aio-pika publishes with publisher confirms, persistent, to a quorum queue, from one
-process (in flights of 500). System: N SubmitRun wait in the requests queue; the control plane
+process (in flights of 500), taken before and after the system (the ratio is to the mean). System: N SubmitRun wait in the requests queue; the control plane
 (intake + outbox relay) starts, and the clock runs from its first line of work until every
 run is in PostgreSQL and every LaunchRun has been confirmed into the instructions queue.
 The last line is one JSON object.
@@ -80,12 +80,22 @@ async def preload(url: str, n: int, agent_queue: str) -> None:
         await publish_all(channel, REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, bodies)
 
 
-async def dispatched(url: str, agent_queue: str) -> int:
+async def follow(url: str, agent_queue: str, n: int, started: float) -> float:
+    """Seconds from ``started`` until ``n`` LaunchRun wait in the agent queue's instructions
+    queue (counted by passive declares on one channel, every 50 ms)."""
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(instructions_queue(agent_queue), passive=True)
-        return int(queue.declaration_result.message_count or 0)
+        last = -1
+        while True:
+            queue = await channel.declare_queue(instructions_queue(agent_queue), passive=True)
+            count = int(queue.declaration_result.message_count or 0)
+            if count != last:
+                progress(f"dispatched {count}/{n}")
+                last = count
+            if count >= n:
+                return time.perf_counter() - started
+            await asyncio.sleep(0.05)
 
 
 async def persisted(database_url: str, schema: str) -> int:
@@ -105,33 +115,26 @@ def main() -> None:
     with services() as (amqp_url, database_url), Processes(amqp_url, database_url) as procs:
         progress(f"floor: {n} confirmed persistent publishes")
         asyncio.run(floor(amqp_url, 500))  # warm-up
-        floor_rate = asyncio.run(floor(amqp_url, n))
-        progress(f"floor: {floor_rate:.0f} msg/s; queueing {n} submissions for the control plane")
+        before = asyncio.run(floor(amqp_url, n))
+        progress(f"floor: {before:.0f} msg/s; queueing {n} submissions for the control plane")
         asyncio.run(preload(amqp_url, n, agent_queue))
         # Migrations first, so that the clock measures the work, not the start-up.
         procs.start("dispatcher", ["db", "upgrade"]).process.wait(60)  # type: ignore[union-attr]
         proc = procs.start("dispatcher", ["serve", "--components", "intake,relay"])
         asyncio.run(proc.wait_for_output("control plane running", timeout=60))
-        started = time.perf_counter()
-
-        async def follow() -> float:
-            last = -1
-            while True:
-                count = await dispatched(amqp_url, agent_queue)
-                if count != last:
-                    progress(f"dispatched {count}/{n}")
-                    last = count
-                if count >= n:
-                    return time.perf_counter() - started
-                await asyncio.sleep(0.05)
-
-        elapsed = asyncio.run(follow())
+        elapsed = asyncio.run(follow(amqp_url, agent_queue, n, time.perf_counter()))
         rows = asyncio.run(persisted(database_url, procs.env["HD_DATABASE_SCHEMA"]))
+        proc.stop()
+        # The floor again, after: the machine's pace drifts; the ratio is to both's mean.
+        after = asyncio.run(floor(amqp_url, n))
+        progress(f"floor after: {after:.0f} msg/s")
+    floor_rate = (before + after) / 2
     system_rate = n / elapsed
     figures = {
         "benchmark": "throughput",
         "runs": n,
         "floor_publish_confirmed_per_s": round(floor_rate),
+        "floor_before_and_after_per_s": [round(before), round(after)],
         "system_dispatched_per_s": round(system_rate),
         "ratio": round(system_rate / floor_rate, 2),
         "runs_persisted": rows,

@@ -159,7 +159,9 @@ def _start_rabbitmq(image: str, certificates: Certificates) -> tuple[Any, str]:
         .with_env("RABBITMQ_TLS_CA", f"{_TLS_MOUNT}/ca.pem")
         # Mutual TLS on the AMQPS listener; the plain one stays open for the rest of the suite.
         .with_env("RABBITMQ_TLS_REQUIRE_CLIENT_CERT", "true")
-        .with_kwargs(labels=labels_for_tests())
+        # The image's health check starts an Erlang VM every 5 s (a fifth of a core, in
+        # bursts); testcontainers waits for the broker itself.
+        .with_kwargs(labels=labels_for_tests(), healthcheck={"test": ["NONE"]})
     )
     container.start()
     params = container.get_connection_params()

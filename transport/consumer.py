@@ -89,6 +89,8 @@ class Consumer(Generic[T]):
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self._tag: str | None = None
         self._stopping = False
+        #: A handled batch was left unacked: acks "up to and including" would take it too.
+        self._left_unacked = False
 
     async def start(self) -> None:
         """Begin consuming (deliveries queue up until ``run`` handles them)."""
@@ -153,6 +155,7 @@ class Consumer(Generic[T]):
             return
         try:
             if not await self._apply(good):
+                self._left_unacked = True
                 return
         except Exception as exc:
             if len(good) > 1:
@@ -163,12 +166,32 @@ class Consumer(Generic[T]):
             log.exception("%s: handler failed; dead-lettering the message", self.queue_name)
             await self._poison(good[0].raw, good[0].message, f"handler error: {_describe(exc)}")
             return
-        for delivery in good:
-            await settle(delivery.raw.ack())
+        await self._ack(good)
+
+    async def _ack(self, batch: list[Delivery[T]]) -> None:
+        """Ack a handled batch: on each channel it came in, its last delivery "and every one
+        before it".
+
+        Every delivery before the batch was settled already (batches are handled in order,
+        poison is acked where it is met), so this acks exactly the batch, in one frame and,
+        on a quorum queue, in one log entry instead of one per message: that halves what the
+        broker spends on a consumed message. Once a batch was left unacked (the consumer
+        stopping with it in hand), each delivery is acked on its own.
+        """
+        if self._left_unacked:
+            for delivery in batch:
+                await settle(delivery.raw.ack())
+            return
+        last: dict[int, aio_pika.abc.AbstractIncomingMessage] = {}
+        for delivery in batch:
+            last[id(_channel_of(delivery.raw))] = delivery.raw
+        for raw in last.values():
+            await settle(raw.ack(multiple=True))
 
     async def _handle_one(self, delivery: Delivery[T]) -> None:
         try:
             if not await self._apply([delivery]):
+                self._left_unacked = True
                 return
         except Exception as exc:
             log.exception("%s: handler failed; dead-lettering the message", self.queue_name)
@@ -217,6 +240,15 @@ class Consumer(Generic[T]):
             await self._publisher.reject(raw, self.queue_name, reason)
         else:
             await settle(raw.ack())
+
+
+def _channel_of(raw: aio_pika.abc.AbstractIncomingMessage) -> object:
+    """The channel a delivery came in on; None once it is closed (the broker requeued what it
+    held: acking is moot)."""
+    try:
+        return raw.channel
+    except Exception:
+        return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -216,6 +216,18 @@ class BrokerContract:
         await channel.close()
         assert await left_in(await redeclared(harness, source)) == []
 
+    async def test_a_multiple_ack_settles_every_earlier_delivery_of_its_channel(
+        self, harness: BrokerHarness
+    ) -> None:
+        channel, source = await harness.source()
+        for body in (b"one", b"two", b"three", b"four"):
+            await harness.put(source, body)
+        first, _, third, _ = await taken_unacked(source, 4)
+        await first.ack()
+        await third.ack(multiple=True)  # two and three (one is settled already)
+        await channel.close()
+        assert await left_in(await redeclared(harness, source)) == [b"four"]
+
     async def test_a_delivery_is_settled_once(self, harness: BrokerHarness) -> None:
         _, source = await harness.source()
         await harness.put(source, b"one")

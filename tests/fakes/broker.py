@@ -121,7 +121,19 @@ class FakeDelivery:
     def processed(self) -> bool:
         return self._processed
 
+    @property
+    def channel(self) -> FakeChannel:
+        if self._channel is None or self._channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
+        return self._channel
+
     async def ack(self, multiple: bool = False) -> None:
+        """``multiple``: and every delivery of the channel before it still unsettled."""
+        if self._channel is not None:
+            self._channel.acks_sent += 1
+        if multiple and self._channel is not None and not self._channel.is_closed:
+            for earlier in self._channel.unsettled_before(self):
+                earlier._settle("ack", requeue=False)
         self._settle("ack", requeue=False)
 
     async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
@@ -303,6 +315,8 @@ class FakeChannel:
         self.is_closed = False
         self.prefetch = 0
         self.unacked: dict[int, tuple[QueueState, FakeDelivery]] = {}
+        #: How many acks were sent on it (one "multiple" ack counts once).
+        self.acks_sent = 0
 
     def __await__(self) -> Generator[Any, None, FakeChannel]:
         yield from asyncio.sleep(0).__await__()
@@ -379,6 +393,15 @@ class FakeChannel:
                 f"PRECONDITION_FAILED - inequivalent arguments for queue '{name}'"
             )
         return FakeQueue(self, state)
+
+    def unsettled_before(self, delivery: FakeDelivery) -> list[FakeDelivery]:
+        """The deliveries of this channel still unsettled that came before ``delivery``."""
+        earlier = []
+        for key, (_, held) in self.unacked.items():
+            if key == id(delivery):
+                return earlier
+            earlier.append(held)
+        return []
 
     def settled(self, delivery: FakeDelivery, requeue: bool) -> None:
         queue, _ = self.unacked.pop(id(delivery))

@@ -135,6 +135,43 @@ async def test_a_batch_holds_at_most_max_batch_messages(harness: Harness) -> Non
     assert harness.batches == [bodies[0:2], bodies[2:4], bodies[4:5]]
 
 
+async def test_a_batch_is_acked_with_one_ack_of_its_last_delivery(harness: Harness) -> None:
+    await harness.start(max_batch=3)
+    bodies = [encode(event()) for _ in range(5)]
+    deliveries = await harness.put(*bodies)
+    [channel] = {d.channel for d in deliveries}
+    harness.run()
+    await until(lambda: all(d.processed for d in deliveries), what="every batch acked")
+    assert harness.batches == [bodies[0:3], bodies[3:5]]
+    # One ack a batch, "up to and including" its last delivery: each acked exactly once.
+    assert channel.acks_sent == 2
+    assert [d.settlements for d in deliveries] == [["ack"]] * 5
+    assert harness.queue.unacked == 0
+
+
+async def test_a_batch_left_unacked_is_not_acked_by_the_next_one(harness: Harness) -> None:
+    calls = 0
+
+    async def handler(batch: list[Delivery[Event]]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            # The shutdown begins while the store is out and the first batch is in hand.
+            assert harness.consumer is not None
+            await harness.consumer.stop()
+            raise HandlerUnavailable("the store is down")
+
+    await harness.start(handler, max_batch=2)
+    bodies = [encode(event()) for _ in range(4)]
+    deliveries = await harness.put(*bodies)
+    harness.run()
+    await until(lambda: all(d.processed for d in deliveries[2:]), what="the second batch acked")
+    # The second batch, handled while stopping, is acked; the first one is not.
+    assert [d.settlements for d in deliveries] == [[], [], ["ack"], ["ack"]]
+    await harness.stop()
+    assert [s.body for s in harness.queue.ready] == bodies[0:2]
+
+
 async def test_poison_is_dead_lettered_once_with_its_reason_and_acked_the_rest_handled(
     harness: Harness,
 ) -> None:
