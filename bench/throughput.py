@@ -3,9 +3,10 @@
     python bench/throughput.py [--runs N]
 
 Floor: aio-pika publishes with publisher confirms, persistent, to a quorum queue, from one
-process (in flights of 500), taken before and after the system (the ratio is to the mean). System: N SubmitRun wait in the requests queue; the control plane
-(intake + outbox relay) starts, and the clock runs from its first line of work until every
-run is in PostgreSQL and every LaunchRun has been confirmed into the instructions queue.
+process (in flights of 500), taken before and after the system (the ratio is to the mean).
+System: N SubmitRun wait in the requests queue; the control plane (intake + outbox relay)
+starts, and the clock runs from its first line of work until every run is in PostgreSQL and
+every LaunchRun has been confirmed into the instructions queue.
 The last line is one JSON object.
 """
 
