@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq
+from pamqp.commands import Basic
 
 from schemas import Message, encode, kind_of
 from schemas.topology import (
@@ -25,6 +27,9 @@ from .ports import InboundDelivery
 
 log = logging.getLogger(__name__)
 
+#: AMQP's delivery mode of a message written to disk.
+PERSISTENT = 2
+
 
 class Publisher:
     """Publishes with confirms and persistent delivery on a channel of its own."""
@@ -38,7 +43,6 @@ class Publisher:
         url = getattr(connection, "url", None)
         self.user_id: str | None = getattr(url, "user", None) or None
         self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._lock = asyncio.Lock()
         self.retry_deadline_s = retry_deadline_s
 
@@ -46,16 +50,7 @@ class Publisher:
         async with self._lock:
             if self._channel is None or self._channel.is_closed:
                 self._channel = await self._connection.channel(publisher_confirms=True)
-                self._exchanges.clear()
             return self._channel
-
-    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
-        channel = await self.channel()
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            exchange = await channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
 
     async def publish(
         self,
@@ -89,18 +84,24 @@ class Publisher:
         delay = 0.1
         while True:
             try:
-                target = await self._exchange(exchange)
-                await target.publish(
-                    aio_pika.Message(
-                        body,
+                channel = cast(aiormq.Channel, await (await self.channel()).get_underlay_channel())
+                # Straight to the protocol's channel: aio-pika's message and exchange objects
+                # cost as much as the publish itself. ``wait=False`` releases the channel for
+                # the next publish as soon as this one's frames are queued, not once written;
+                # the broker's confirm, awaited here, is what the publish waits for.
+                await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=Basic.Properties(
                         content_type="application/json",
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        delivery_mode=PERSISTENT,
                         message_id=message_id,
-                        type=kind,
+                        message_type=kind,
                         headers=headers or {},
                         user_id=self.user_id,
                     ),
-                    routing_key=routing_key,
+                    wait=False,
                 )
                 return
             except aio_pika.exceptions.DeliveryError as exc:
