@@ -88,8 +88,9 @@ class LocationSnapshot(Message, frozen=True, kw_only=True, tag="LocationSnapshot
 
     queue: Name
     locations: Annotated[tuple[LocationSpec, ...], msgspec.Meta(max_length=1000)] = ()
-    #: Increases with every snapshot the control plane writes: an agent keeps a queue's
-    #: highest, so one sent late (or by another relay) does not undo a newer one. 0: unknown.
+    #: Increases with every snapshot of the queue the control plane writes: an agent keeps
+    #: the highest, so one sent late (or by another relay) does not undo a newer one. 0: not
+    #: numbered (always taken).
     revision: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] = 0
 
 

@@ -232,17 +232,26 @@ async def record_event(
 async def snapshot(connection: asyncpg.Connection, queues: set[str]) -> None:
     """Write the snapshots of ``queues`` to the outbox, each under its queue's lock.
 
-    The lock (held to the end of the transaction, taken in queue order) makes snapshots of a
-    queue one at a time: one that waited reads, as a new statement, what the one before it
-    committed. Without it, an agent asking while a location is added could have a snapshot
-    read before the addition committed sent after the addition's own, and keep no server.
-    The revision, taken under the lock, lets agents drop a snapshot that arrives late.
+    The lock (the queue's row of ``location_snapshot_revisions``, held to the end of the
+    transaction, taken in queue order) makes snapshots of a queue one at a time: one that
+    waited reads, as a new statement, what the one before it committed. Without it, an agent
+    asking while a location is added could have a snapshot read before the addition committed
+    sent after the addition's own, and keep no server. The revision, taken under the lock,
+    lets agents drop a snapshot that arrives late: the clock in microseconds, and always above
+    the queue's last one (a clock set back, a database restored from a backup, do not make
+    agents ignore what comes next).
     """
     for queue in sorted(queues):
-        await connection.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"hd-snapshot:{queue}"
+        revision = await connection.fetchval(
+            """
+            INSERT INTO location_snapshot_revisions AS r (queue, revision)
+            VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+            ON CONFLICT (queue) DO UPDATE
+                SET revision = greatest(EXCLUDED.revision, r.revision + 1)
+            RETURNING revision
+            """,
+            queue,
         )
-        revision = await connection.fetchval("SELECT nextval('location_snapshot_revisions')")
         records = await connection.fetch(
             "SELECT * FROM code_locations WHERE queue = $1 ORDER BY name", queue
         )

@@ -358,9 +358,12 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         15,
         "location snapshot revisions",
         """
-        -- Taken under the queue's snapshot lock, so a later snapshot of a queue always has
-        -- the higher number (see dispatcher/store/locations.py).
-        CREATE SEQUENCE location_snapshot_revisions;
+        -- The last revision of each agent queue's location snapshot. Its row is the lock
+        -- that writes a queue's snapshots one at a time (see dispatcher/store/locations.py).
+        CREATE TABLE location_snapshot_revisions (
+            queue    text PRIMARY KEY,
+            revision bigint NOT NULL
+        );
         """,
     ),
 )
