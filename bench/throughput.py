@@ -6,7 +6,9 @@ Floor: aio-pika publishes with publisher confirms, persistent, to a quorum queue
 process (in flights of 500), taken before and after the system (the ratio is to the mean).
 System: N SubmitRun wait in the requests queue; the control plane (intake + outbox relay)
 starts, and the clock runs from its first line of work until every run is in PostgreSQL and
-every LaunchRun has been confirmed into the instructions queue.
+every LaunchRun has been confirmed into the instructions queue. Twice: intake and relay in
+one process (``serve``'s default), then each in a process of its own (``--components``), as
+the compose stack runs them. Target: at least half of the floor.
 The last line is one JSON object.
 """
 
@@ -107,41 +109,60 @@ async def persisted(database_url: str, schema: str) -> int:
         await connection.close()
 
 
+#: How the control plane's intake and relay are run: in one process (``serve``'s default), or
+#: each in a process of its own (as the compose stack runs them).
+LAYOUTS = {"one_process": [["intake,relay"]], "split": [["relay"], ["intake"]]}
+
+
+def system(amqp_url: str, database_url: str, n: int, layout: str) -> tuple[float, int]:
+    """Runs/s from N queued submissions to N LaunchRun confirmed, and the rows persisted."""
+    agent_queue = f"bench-{uuid.uuid4().hex[:8]}"
+    with Processes(amqp_url, database_url) as procs:
+        progress(f"{layout}: queueing {n} submissions for the control plane")
+        asyncio.run(preload(amqp_url, n, agent_queue))
+        # Migrations first, so that the clock measures the work, not the start-up.
+        procs.start("dispatcher", ["db", "upgrade"]).process.wait(60)  # type: ignore[union-attr]
+        started = [
+            procs.start("dispatcher", ["serve", "--components", *components])
+            for components in LAYOUTS[layout]
+        ]
+        for proc in started:
+            asyncio.run(proc.wait_for_output("control plane running", timeout=60))
+        elapsed = asyncio.run(follow(amqp_url, agent_queue, n, time.perf_counter()))
+        rows = asyncio.run(persisted(database_url, procs.env["HD_DATABASE_SCHEMA"]))
+    rate = n / elapsed
+    progress(f"{layout}: {rate:.0f} runs/s persisted and dispatched")
+    return rate, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5000)
     args = parser.parse_args()
     n = args.runs
-    agent_queue = f"bench-{uuid.uuid4().hex[:8]}"
-    with services() as (amqp_url, database_url), Processes(amqp_url, database_url) as procs:
+    with services() as (amqp_url, database_url):
         progress(f"floor: {n} confirmed persistent publishes")
         asyncio.run(floor(amqp_url, 500))  # warm-up
         before = asyncio.run(floor(amqp_url, n))
-        progress(f"floor: {before:.0f} msg/s; queueing {n} submissions for the control plane")
-        asyncio.run(preload(amqp_url, n, agent_queue))
-        # Migrations first, so that the clock measures the work, not the start-up.
-        procs.start("dispatcher", ["db", "upgrade"]).process.wait(60)  # type: ignore[union-attr]
-        proc = procs.start("dispatcher", ["serve", "--components", "intake,relay"])
-        asyncio.run(proc.wait_for_output("control plane running", timeout=60))
-        elapsed = asyncio.run(follow(amqp_url, agent_queue, n, time.perf_counter()))
-        rows = asyncio.run(persisted(database_url, procs.env["HD_DATABASE_SCHEMA"]))
-        proc.stop()
+        progress(f"floor: {before:.0f} msg/s")
+        systems = {layout: system(amqp_url, database_url, n, layout) for layout in LAYOUTS}
         # The floor again, after: the machine's pace drifts; the ratio is to both's mean.
         after = asyncio.run(floor(amqp_url, n))
         progress(f"floor after: {after:.0f} msg/s")
     floor_rate = (before + after) / 2
-    system_rate = n / elapsed
-    figures = {
+    figures: dict[str, object] = {
         "benchmark": "throughput",
         "runs": n,
         "floor_publish_confirmed_per_s": round(floor_rate),
         "floor_before_and_after_per_s": [round(before), round(after)],
-        "system_dispatched_per_s": round(system_rate),
-        "ratio": round(system_rate / floor_rate, 2),
-        "runs_persisted": rows,
-        "target_at_least_1000_per_s": system_rate >= 1000,
     }
-    progress(f"control plane: {system_rate:.0f} runs/s persisted and dispatched")
+    for layout, (rate, rows) in systems.items():
+        figures[layout] = {
+            "system_dispatched_per_s": round(rate),
+            "ratio": round(rate / floor_rate, 2),
+            "runs_persisted": rows,
+            "target_ratio_0_5_met": rate / floor_rate >= 0.5,
+        }
     report(figures)
 
 

@@ -77,7 +77,7 @@ start_stack() {
     url=$("$BIN/dispatcher" identities add monitor hd-monitor)
     export HD_DEMO_MONITOR_PASSWORD=$(password_of "$url")
     log "identities: hd-control-plane, hd-monitor"
-    "${COMPOSE[@]}" up -d control-plane monitor
+    "${COMPOSE[@]}" up -d control-plane relay monitor
     for i in $(seq 1 120); do
         if "${COMPOSE[@]}" logs monitor 2>/dev/null | grep -q "this monitor is active"; then
             log "the failure monitor is active"
