@@ -121,19 +121,19 @@ class LocationKeeper:
                 raise UntrustedSender(untrusted_sender(raw.user_id, self._senders))
             snapshot = self._decoder.decode(raw.body)
             known = self._revisions.get(snapshot.queue, 0)
-            if snapshot.queue in self._queues and (
-                snapshot.revision == 0 or snapshot.revision >= known
-            ):
-                self._snapshots[snapshot.queue] = snapshot.locations
-                self._revisions[snapshot.queue] = snapshot.revision
-                self._wake.set()
-            elif snapshot.queue in self._queues:
+            if snapshot.queue not in self._queues:
+                pass
+            elif 0 < snapshot.revision < known:
                 log.info(
                     "snapshot %d of queue %s is older than the one kept (%d): ignored",
                     snapshot.revision,
                     snapshot.queue,
                     known,
                 )
+            else:
+                self._snapshots[snapshot.queue] = snapshot.locations
+                self._revisions[snapshot.queue] = snapshot.revision
+                self._wake.set()
         except Exception as exc:
             if not isinstance(exc, SchemaError | UntrustedSender):
                 log.exception("taking a location snapshot in failed")

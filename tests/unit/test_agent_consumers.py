@@ -332,6 +332,19 @@ async def test_a_snapshot_older_than_the_one_kept_is_ignored() -> None:
     assert dead.sent == []
 
 
+@pytest.mark.parametrize("revision", ["-1", str(2**63), "1.5", '"7"', "null"])
+async def test_a_snapshot_with_a_hostile_revision_is_dead_lettered(revision: str) -> None:
+    dead, broker = DeadLetters(), Broker()
+    target, queue = await keeper(dead, broker)
+    body = encode(LocationSnapshot(queue="default", revision=3))
+    raw = Raw(body.replace(b'"revision":3', b'"revision":' + revision.encode()))
+    assert raw.body != body
+    await queue.deliver(raw)
+    assert raw.settled == ["ack"] and target._snapshots == {}
+    [(_, _, reason)] = dead.sent
+    assert "location snapshot refused" in reason and "revision" in reason
+
+
 async def test_instructions_and_snapshots_from_another_broker_user_are_dead_lettered() -> None:
     dead, broker = DeadLetters(), Broker()
     handled: list[object] = []
