@@ -9,6 +9,8 @@ import asyncio
 import codecs
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +59,13 @@ class LineBatcher:
     _progress: list[ProgressItem] = field(default_factory=list)
     #: Applied to every line first (the run's secret values become ``***``).
     redact: Callable[[str], str] | None = None
+    #: How many of the last output lines (not frames) to keep for ``tail``, whether or not
+    #: they were forwarded.
+    tail_lines: int = 0
+    _recent: deque[str] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self._recent = deque(maxlen=max(0, self.tail_lines))
 
     def feed(self, chunk: str) -> None:
         text = self._partial + chunk
@@ -118,6 +127,7 @@ class LineBatcher:
             if not isinstance(item, Dropped):
                 self._progress.append(self._redacted(item))
             return
+        self._recent.append(line)
         if self.next_line >= min(self.max_lines, INT32_MAX):
             self.truncated = True
             return
@@ -125,6 +135,11 @@ class LineBatcher:
             self._pending_first = self.next_line
         self._pending.append(limits.line(line, self.max_line_chars))
         self.next_line += 1
+
+    def tail(self) -> tuple[str, ...]:
+        """The last ``tail_lines`` output lines fed so far (redacted), as a final event
+        carries them."""
+        return limits.tail(self._recent, self.tail_lines)
 
     @property
     def pending(self) -> int:
@@ -153,6 +168,15 @@ class LineBatcher:
         return first, lines
 
 
+@dataclass(frozen=True)
+class OutputEnd:
+    """A container's output, followed to its end: when it ended (UNIX time) and its last
+    lines, as a final event carries them."""
+
+    at: float
+    tail: tuple[str, ...]
+
+
 class LogForwarder:
     """Follows one container's output and publishes it in batches until the container ends."""
 
@@ -170,6 +194,7 @@ class LogForwarder:
         max_lines: int = 10_000,
         forward_lines: bool = True,
         redact: Callable[[str], str] | None = None,
+        tail_lines: int = 0,
     ) -> None:
         self._forward_lines = forward_lines
         self._runtime = runtime
@@ -181,52 +206,57 @@ class LogForwarder:
         self._interval = batch_interval_s
         self._batch_lines = batch_lines
         self.batcher = LineBatcher(
-            max_line_chars=max_line_chars, max_lines=max_lines, redact=redact
+            max_line_chars=max_line_chars, max_lines=max_lines, redact=redact, tail_lines=tail_lines
         )
         self._chunks: asyncio.Queue[str | None] = asyncio.Queue()
         # Incremental: a character split between two chunks is still one character.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stream: Stream | None = None
 
-    async def run(self) -> None:
-        """Forward until the container's output ends (it exited, or was removed).
+    async def run(self) -> OutputEnd | None:
+        """Forward until the container's output ends (it exited, or was removed); how it
+        ended when it was read to its end without an error, else None.
 
         A failure ends the forwarding of this run's output, with a log line; it never ends
-        the run, whose final event still carries the output's tail."""
+        the run, whose final event still carries the output's tail (read from the engine
+        then)."""
         try:
-            await self._forward()
+            if (ended_at := await self._forward()) is not None:
+                return OutputEnd(ended_at, self.batcher.tail())
         except Exception:
             log.exception(
                 "output of run %s (container %s) no longer forwarded",
                 self._run_id,
                 self._container_id[:12],
             )
+        return None
 
-    async def _forward(self) -> None:
+    async def _forward(self) -> float | None:
+        """Forward the output; when it ended, unless it broke."""
         try:
             self._stream = await self._runtime.open_log_stream(self._container_id)
         except DockerUnavailable as exc:
             log.warning("output of container %s not followed: %s", self._container_id[:12], exc)
-            return
+            return None
         reader = asyncio.create_task(
             read_on_thread(self._stream, self._on_chunk, f"output-{self._container_id[:12]}")
         )
         reader.add_done_callback(lambda _: self._chunks.put_nowait(None))
-        ended = False
+        ended: float | None = None
         try:
-            while not ended:
+            while ended is None:
                 try:
                     chunk = await asyncio.wait_for(self._chunks.get(), self._interval)
                 except TimeoutError:
                     chunk = ""
                 if chunk is None:
-                    ended = True
+                    ended = time.time()
                     self.batcher.feed(self._decoder.decode(b"", final=True))
                     self.batcher.finish()
                 elif chunk:
                     self.batcher.feed(chunk)
                 if self.batcher.pending and (
-                    ended or not chunk or self.batcher.pending >= self._batch_lines
+                    ended is not None or not chunk or self.batcher.pending >= self._batch_lines
                 ):
                     await self._send()
             if self.batcher.truncated:
@@ -235,12 +265,14 @@ class LogForwarder:
             self.close()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-            if not reader.cancelled() and (error := reader.exception()) is not None:
-                log.warning(
-                    "output of container %s not followed to its end: %s",
-                    self._container_id[:12],
-                    error,
-                )
+        if not reader.cancelled() and (error := reader.exception()) is not None:
+            log.warning(
+                "output of container %s not followed to its end: %s",
+                self._container_id[:12],
+                error,
+            )
+            return None
+        return ended
 
     def _on_chunk(self, raw: bytes) -> None:
         self._chunks.put_nowait(self._decoder.decode(raw))

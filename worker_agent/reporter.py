@@ -25,9 +25,9 @@ from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.ports import EventPublisher
 
 from . import metrics
-from .containers import container_name
+from .containers import ContainerInfo, container_name
 from .errors import DockerUnavailable
-from .logs import LogForwarder
+from .logs import LogForwarder, OutputEnd
 from .outcome import final_event
 from .ports import ContainerRuntime
 from .progress import FRAME_PREFIX
@@ -53,7 +53,7 @@ class Reporter:
         self._publisher = publisher
         #: Reports in progress (RunStarted after a ready check, final events).
         self._tasks: set[asyncio.Task[None]] = set()
-        self._forwarders: set[asyncio.Task[None]] = set()
+        self._forwarders: set[asyncio.Task[OutputEnd | None]] = set()
         #: Exits of containers no attempt was bound to yet: a container may die before its
         #: launch returned; the launcher asks here once it bound the container.
         self._unbound_exits: OrderedDict[str, None] = OrderedDict()
@@ -168,6 +168,7 @@ class Reporter:
             max_lines=settings.log_max_lines_per_run,
             forward_lines=settings.log_forwarding,
             redact=attempt.redact or None,
+            tail_lines=settings.output_tail_lines,
         )
         attempt.forwarding = asyncio.create_task(forwarder.run())
         self._forwarders.add(attempt.forwarding)
@@ -176,12 +177,20 @@ class Reporter:
     async def _finish(self, attempt: Attempt, container_id: str) -> None:
         """Report an exit with its output tail; then remove the container and free the slot."""
         await attempt.launched.wait()
+        output: OutputEnd | None = None
         if attempt.forwarding is not None:
             # The output's last lines go out before the final event.
             await asyncio.wait([attempt.forwarding], timeout=10)
+            if attempt.forwarding.done() and not attempt.forwarding.cancelled():
+                output = attempt.forwarding.result()
         while True:
             try:
                 info = await self.runtime.inspect(container_id)
+                if _followed_to_exit(output, info):
+                    # The output was read up to the exit: its tail is known, without
+                    # reading the container's log again.
+                    tail = output.tail  # type: ignore[union-attr]
+                    break
                 wanted = self.settings.output_tail_lines
                 # Progress frames travel as RunProgress: the tail is the ordinary output.
                 tail = tuple(
@@ -240,3 +249,16 @@ class Reporter:
         for task in left:
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
+
+
+def _followed_to_exit(output: OutputEnd | None, info: ContainerInfo | None) -> bool:
+    """Whether the output was followed until the container had exited: a stream that broke
+    earlier ends like one that reached its end, and its tail would miss the last lines.
+    (A break noticed only after an exit that came within milliseconds of it still passes:
+    the tail then misses what was written in those milliseconds.)"""
+    return (
+        output is not None
+        and info is not None
+        and info.finished_at is not None
+        and output.at >= info.finished_at
+    )

@@ -26,6 +26,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from schemas import ContainerState, FailureReason
 from schemas.bounds import MAX_IN_FLIGHT
@@ -33,6 +34,9 @@ from schemas.resources import Capacity, Resources, Shortfall
 from transport.ports import Clock
 
 from .secrets import Redactor
+
+if TYPE_CHECKING:
+    from .logs import OutputEnd
 
 AttemptKey = tuple[uuid.UUID, int]
 
@@ -60,8 +64,9 @@ class Attempt:
     #: Set by a TerminateRun: what the attempt's end is reported as.
     terminated: FailureReason | None = None
     terminate_note: str = ""
-    #: Forwards the container's output while it runs (when log forwarding is on).
-    forwarding: asyncio.Task[None] | None = None
+    #: Follows the container's output while it runs (lines are forwarded when log forwarding
+    #: is on); its result is how the output ended, when it was read to its end.
+    forwarding: asyncio.Task[OutputEnd | None] | None = None
     #: Its secret values, redacted from every output line that leaves the host.
     redact: Redactor = field(default_factory=Redactor)
     #: What its run asks for, held while it holds its slot.

@@ -48,6 +48,8 @@ class FakeDockerRuntime:
         self.agent_id = agent_id
         self.pull = pull
         self._closed = False
+        #: Times a container's output tail was read from the engine.
+        self.tail_reads = 0
 
     async def _call(self) -> None:
         """A call to the engine: it yields to the loop (the real one hops to a thread)."""
@@ -147,6 +149,7 @@ class FakeDockerRuntime:
         self, container_id: str, lines: int, redact: Callable[[str], str] | None = None
     ) -> tuple[str, ...]:
         await self._call()
+        self.tail_reads += 1
         container = self.engine.find(container_id)
         if container is None:
             return ()

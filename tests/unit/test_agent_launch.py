@@ -8,6 +8,7 @@ contract tests.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,6 +48,7 @@ from worker_agent.containers import (
     container_name,
 )
 from worker_agent.launcher import Launcher
+from worker_agent.progress import FRAME_PREFIX
 from worker_agent.reporter import Reporter
 from worker_agent.settings import AgentSettings
 from worker_agent.slots import Slots
@@ -430,6 +432,48 @@ async def test_an_oom_kill_is_reported_as_such(engine: FakeEngine, agent_on: Fac
     final = await agent.reported(launch.run_id)
     assert isinstance(final, RunFailed)
     assert (final.reason, final.exit_code) == (FailureReason.OOM, 137)
+
+
+async def test_the_output_tail_comes_from_the_output_followed_to_the_exit(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    """The final event's tail is the followed output's last lines (frames left out), and the
+    container's output is not read a second time."""
+    agent = await agent_on()
+    launch = launch_of()
+    await agent.deliver(launch)
+    container = only_container(engine)
+    frame = FRAME_PREFIX + json.dumps({"event": "step_started", "step": "load"})
+    engine.write(container.id, "".join(f"line {n}\n" for n in range(8)) + frame + "\nlast")
+    engine.exit(container.id, 0)
+
+    final = await agent.reported(launch.run_id)
+    # output_tail_lines=5; the frame went out as progress; "last" had no newline.
+    assert final.output_tail == ("line 4", "line 5", "line 6", "line 7", "last")
+    assert agent.runtime.tail_reads == 0
+
+
+async def test_output_whose_follow_broke_early_has_its_tail_read_from_the_engine(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    """A follow that ended before the exit (docker-py ends a stream whose connection broke as
+    if the output had ended) misses the last lines: the tail is read from the engine."""
+    agent = await agent_on()
+    launch = launch_of()
+    await agent.deliver(launch)
+    container = only_container(engine)
+    engine.write(container.id, "before\n")
+    await until(lambda: agent.events(RunLog), what="the first line forwarded")
+    engine.break_output(container.id)
+    [attempt] = agent.slots.attempts.values()
+    assert attempt.forwarding is not None
+    await asyncio.wait_for(attempt.forwarding, 5)  # the agent saw the output end
+    engine.write(container.id, "after the break\n")
+    engine.exit(container.id, 3)
+
+    final = await agent.reported(launch.run_id)
+    assert final.output_tail == ("before", "after the break")
+    assert agent.runtime.tail_reads == 1
 
 
 async def test_a_finished_attempt_delivered_again_is_acked_and_not_run(

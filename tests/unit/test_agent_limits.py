@@ -88,6 +88,17 @@ def test_the_output_tail_keeps_the_last_lines_within_the_contract() -> None:
         travels(RunSucceeded(run_id=RUN, attempt=1, agent_id="a1", output_tail=kept))
 
 
+def test_the_batcher_keeps_the_last_output_lines_past_the_forwarding_limit() -> None:
+    """The tail is the output's end even once lines are no longer forwarded; it is redacted,
+    and frames are not output."""
+    batcher = LineBatcher(max_lines=3, tail_lines=2, redact=lambda s: s.replace("pw", "***"))
+    batcher.feed("".join(f"line {n}\n" for n in range(6)))
+    batcher.feed(frame(event="step_started", step="s") + "\nthe pw\n")
+    assert batcher.truncated
+    assert batcher.take() == (0, ("line 0", "line 1", "line 2"))
+    assert batcher.tail() == ("line 5", "the ***")
+
+
 def test_progress_strings_are_cleaned_and_cut() -> None:
     item = parse_progress(
         frame(event="log", message="m\u0000" * 5000, step="s\u0000", values={"k\u0000": "v\u0000"}),
