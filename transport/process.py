@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import signal
 import sys
@@ -25,11 +26,16 @@ def run_until_signalled(
     main: Callable[[asyncio.Event], Awaitable[None]],
     drain: Callable[[], None] | None = None,
     drain_on: tuple[int, ...] = (),
+    exit_within: float = 60.0,
 ) -> None:
     """Run ``main(stop)``; the first SIGTERM or SIGINT sets ``stop``, a second one exits.
 
     With ``drain``: the first of the ``drain_on`` signals calls it instead (a graceful drain,
-    which ends by itself); a later SIGTERM or SIGINT stops as above."""
+    which ends by itself); a later SIGTERM or SIGINT stops as above.
+
+    A process that has not ended ``exit_within`` seconds after it was asked to stop (or after
+    ``main`` returned) writes every thread's stack to stderr and exits 1: a shutdown that
+    hangs fails loudly, and says where, instead of hanging until it is killed."""
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -48,13 +54,21 @@ def run_until_signalled(
                 logging.getLogger(__name__).warning("second signal: exiting now")
                 sys.exit(1)
             logging.getLogger(__name__).info("%s: shutting down", name)
+            faulthandler.dump_traceback_later(exit_within, exit=True)
             stop.set()
 
         for signum in {signal.SIGTERM, signal.SIGINT, *drain_on}:
             loop.add_signal_handler(signum, on_signal, signum)
-        await main(stop)
+        try:
+            await main(stop)
+        finally:
+            # What is left (the loop cancelling its tasks, joining its threads) is bounded too.
+            faulthandler.dump_traceback_later(exit_within, exit=True)
 
-    asyncio.run(runner())
+    try:
+        asyncio.run(runner())
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def version_option(command: str) -> Any:

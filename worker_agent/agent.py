@@ -247,8 +247,15 @@ class Agent:
         parts.watcher.close()
         for task in self._components.values():
             task.cancel()
-        await asyncio.gather(*self._components.values(), return_exceptions=True)
-        await parts.reporter.close()
+        if self._components:
+            ended, stuck = await asyncio.wait(self._components.values(), timeout=max(left(), 2.0))
+            for task in ended:
+                if not task.cancelled():
+                    task.exception()  # taken: a failure was reported when the serving ended
+            if stuck:
+                names = ", ".join(sorted(t.get_name() for t in stuck))
+                log.warning("shutdown: %s did not end when cancelled; going on", names)
+        await bounded(parts.reporter.close(), "cancelling the reports left")
         # Close: channels, then the connection (shielded: the last step must happen).
         await bounded(parts.keeper.close(), "closing the location keeper")
         await bounded(parts.consumer.close(), "closing the consumer")

@@ -261,7 +261,13 @@ def run(
         drain_on = (
             (signal.SIGUSR1, signal.SIGTERM) if settings.drain_on_sigterm else (signal.SIGUSR1,)
         )
-        run_until_signalled(agent.run, drain=agent.drain_requested.set, drain_on=drain_on)
+        run_until_signalled(
+            agent.run,
+            drain=agent.drain_requested.set,
+            drain_on=drain_on,
+            # The shutdown's grace, its bounded closes, and a margin.
+            exit_within=settings.shutdown_grace_s + 30,
+        )
     except (AgentError, TransportError) as exc:
         log.error("worker-agent %s exits: %s", settings.agent_id, exc)
         raise typer.Exit(1) from None
