@@ -150,6 +150,7 @@ async def test_agent_exits_0_on_sigterm(stack: Stack) -> None:
     agent = await stack.start_agent()
     agent.signal(signal.SIGTERM)
     assert agent.process is not None
-    code = await asyncio.to_thread(agent.process.wait, 30)
-    assert code == 0
+    # Past its grace + 30 s, an agent whose shutdown hangs exits 1 with its threads' stacks.
+    code = await asyncio.to_thread(agent.process.wait, 60)
+    assert code == 0, agent.output()
     assert "stopped" in agent.output()
