@@ -195,7 +195,13 @@ class LogForwarder:
         forward_lines: bool = True,
         redact: Callable[[str], str] | None = None,
         tail_lines: int = 0,
+        exited: asyncio.Event | None = None,
     ) -> None:
+        """``exited``: set when the container's exit is known. Given it, the output is followed
+        only once the container exited or ran for ``batch_interval_s``: a short run's output is
+        then read once, as a finished container's, instead of followed live (a live follow is
+        a long-lived stream, a thread and a file watch in the engine, per container). Its
+        lines go out no later than a batch interval after that."""
         self._forward_lines = forward_lines
         self._runtime = runtime
         self._publish = publish
@@ -212,6 +218,7 @@ class LogForwarder:
         # Incremental: a character split between two chunks is still one character.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stream: Stream | None = None
+        self._exited = exited
 
     async def run(self) -> OutputEnd | None:
         """Forward until the container's output ends (it exited, or was removed); how it
@@ -233,6 +240,9 @@ class LogForwarder:
 
     async def _forward(self) -> float | None:
         """Forward the output; when it ended, unless it broke."""
+        if self._exited is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), self._interval)
         try:
             self._stream = await self._runtime.open_log_stream(self._container_id)
         except DockerUnavailable as exc:

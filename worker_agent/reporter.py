@@ -169,6 +169,7 @@ class Reporter:
             forward_lines=settings.log_forwarding,
             redact=attempt.redact or None,
             tail_lines=settings.output_tail_lines,
+            exited=attempt.exited,
         )
         attempt.forwarding = asyncio.create_task(forwarder.run())
         self._forwarders.add(attempt.forwarding)

@@ -391,7 +391,8 @@ class DockerRuntime:
     async def _open_stream(self, what: str, request: Callable[[Any], Any]) -> EventStream:
         def open_stream() -> EventStream:
             # A client of its own: the stream holds its connection for as long as it lasts.
-            client = docker.from_env(timeout=None)
+            # On the API version the pool's client found: no version request per stream.
+            client = docker.from_env(timeout=None, version=self._docker().api.api_version)
             try:
                 return EventStream(client, request(client.api))
             except BaseException:

@@ -59,6 +59,8 @@ class Attempt:
     state: str = "launching"
     launched: asyncio.Event = field(default_factory=asyncio.Event)
     finishing: bool = False
+    #: Set when its container's exit is known (``finishing`` as an event).
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
     #: RunStarted was reported (at once, or when the ready check passed).
     started: bool = False
     #: Set by a TerminateRun: what the attempt's end is reported as.
@@ -245,6 +247,7 @@ class Slots:
         """The attempt's container exited: its slot and resources are free from now on; it
         stays listed until ``release``."""
         attempt.finishing = True
+        attempt.exited.set()
         attempt.state = "exited"
         self._freed.set()
         self._on_change()

@@ -239,6 +239,9 @@ class FakeEngine:
 
     def __init__(self, clock: Clock = time.time, images: Iterable[str] = (RUN_IMAGE,)) -> None:
         self.clock = clock
+        #: Output streams opened; of them, on a running container (followed live).
+        self.follows = 0
+        self.live_follows = 0
         self.images: dict[str, FakeImage] = {name: FakeImage(name) for name in images}
         #: Images a pull would find (none: the registry is out of reach).
         self.registry: dict[str, FakeImage] = {}
@@ -412,9 +415,11 @@ class FakeEngine:
 
     def follow(self, container: FakeContainer) -> FakeStream:
         stream = FakeStream()
+        self.follows += 1
         for chunk in container.output:
             stream.put(chunk)
         if container.status == "running":
+            self.live_follows += 1
             container.followers.append(stream)
         else:
             stream.end()

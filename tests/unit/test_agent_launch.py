@@ -70,16 +70,15 @@ class AgentUnderTest:
         max_concurrent: int = 2,
         **declared: Any,
     ) -> None:
-        """``declared``: the capacity the agent declares (``cpus``, ``memory_mb``, ``gpus``)."""
+        """``declared``: the capacity the agent declares (``cpus``, ``memory_mb``, ``gpus``),
+        or other settings."""
         self.engine = engine
         self.clock = ManualClock()
         self.settings = AgentSettings(
             amqp_url="amqp://unused/",
             agent_id=agent_id,
             max_concurrent=max_concurrent,
-            log_batch_interval_s=0.02,
-            output_tail_lines=5,
-            **declared,
+            **{"log_batch_interval_s": 0.02, "output_tail_lines": 5, **declared},
         )
         self.runtime = engine.runtime(agent_id)
         self.publisher = FakePublisher()
@@ -451,6 +450,43 @@ async def test_the_output_tail_comes_from_the_output_followed_to_the_exit(
     # output_tail_lines=5; the frame went out as progress; "last" had no newline.
     assert final.output_tail == ("line 4", "line 5", "line 6", "line 7", "last")
     assert agent.runtime.tail_reads == 0
+
+
+async def test_a_short_run_s_output_is_read_once_after_its_exit_not_followed_live(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    """Within its first batch interval a container's output is not followed live: a run
+    that ends by then has its output read once, finished, and forwarded in full."""
+    agent = await agent_on(log_batch_interval_s=30.0)
+    launch = launch_of()
+    await agent.deliver(launch)
+    container = only_container(engine)
+    engine.write(container.id, "one\ntwo\n")
+    engine.exit(container.id, 0)
+
+    final = await agent.reported(launch.run_id)
+    assert final.output_tail == ("one", "two")
+    [log] = agent.events(RunLog)
+    assert (log.first_line, log.lines) == (0, ("one", "two"))
+    assert (engine.follows, engine.live_follows) == (1, 0)
+
+
+async def test_a_longer_run_s_output_is_followed_live_after_its_first_batch_interval(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    agent = await agent_on(log_batch_interval_s=0.05)
+    launch = launch_of()
+    await agent.deliver(launch)
+    container = only_container(engine)
+    engine.write(container.id, "early\n")
+    await until(lambda: engine.live_follows == 1, what="the output followed live")
+    await until(lambda: agent.events(RunLog), what="the first line forwarded")
+    engine.write(container.id, "late\n")
+    await until(lambda: len(agent.events(RunLog)) == 2, what="the second line forwarded")
+    engine.exit(container.id, 0)
+    final = await agent.reported(launch.run_id)
+    assert final.output_tail == ("early", "late")
+    assert [log.lines for log in agent.events(RunLog)] == [("early",), ("late",)]
 
 
 async def test_output_whose_follow_broke_early_has_its_tail_read_from_the_engine(
