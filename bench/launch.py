@@ -93,7 +93,7 @@ async def path_floor(amqp_url: str, database_url: str, runs: int) -> list[float]
             await message.ack()
             delivered.put_nowait(None)
 
-        await queue.consume(on_message)
+        tag = await queue.consume(on_message)
         await database.execute(f"CREATE TABLE {name.replace('-', '_')} (id uuid, body bytea)")
         insert = f"INSERT INTO {name.replace('-', '_')} VALUES ($1, $2)"
         body = b"x" * 300  # about a SubmitRun's size
@@ -111,6 +111,7 @@ async def path_floor(amqp_url: str, database_url: str, runs: int) -> list[float]
                 await database.execute(insert, uuid.uuid4(), body)
             await hop()
             samples.append(time.perf_counter() - before)
+        await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
     finally:
         with contextlib.suppress(Exception):
