@@ -118,8 +118,8 @@ class Agent:
         runtime = DockerRuntime(self.settings.agent_id, policy=self.settings.policy)
         try:
             running = [c for c in await runtime.list_managed() if not c.finished]
-            for container in running:
-                await runtime.stop(container.id, grace_s=10.0)
+            # All at once: each may take its whole grace period.
+            await asyncio.gather(*(runtime.stop(c.id, grace_s=10.0) for c in running))
             log.warning("revoked: %d run container(s) stopped", len(running))
         except AgentError as exc:
             log.error("revoked, but its containers could not all be stopped: %s", exc)
@@ -245,13 +245,15 @@ class Agent:
         await parts.reporter.drain(left())
         # Stop watching and beating. Closing the streams ends their threads.
         parts.watcher.close()
-        for task in self._components.values():
+        serving = {task for task in self._components.values() if not task.done()}
+        for task in serving:
             task.cancel()
-        if self._components:
-            ended, stuck = await asyncio.wait(self._components.values(), timeout=max(left(), 2.0))
+        if serving:
+            ended, stuck = await asyncio.wait(serving, timeout=max(left(), 2.0))
             for task in ended:
-                if not task.cancelled():
-                    task.exception()  # taken: a failure was reported when the serving ended
+                # One that ended before was reported as the reason of this shutdown.
+                if not task.cancelled() and (error := task.exception()) is not None:
+                    log.warning("shutdown: component %s failed: %r", task.get_name(), error)
             if stuck:
                 names = ", ".join(sorted(t.get_name() for t in stuck))
                 log.warning("shutdown: %s did not end when cancelled; going on", names)

@@ -9,7 +9,6 @@ import asyncio
 import codecs
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from . import limits
 from .errors import DockerUnavailable
 from .limits import TRUNCATED_MARK
 from .ports import ContainerRuntime
-from .progress import Dropped, parse_progress
+from .progress import FRAME_PREFIX, Dropped, parse_progress
 from .streams import Stream, read_on_thread
 
 log = logging.getLogger(__name__)
@@ -127,7 +126,10 @@ class LineBatcher:
             if not isinstance(item, Dropped):
                 self._progress.append(self._redacted(item))
             return
-        self._recent.append(line)
+        if self._recent.maxlen and not line.startswith(FRAME_PREFIX):
+            # As the engine's own read of the output splits it (a carriage return ends a
+            # line there too), each line cut as a tail line is.
+            self._recent.extend(limits.line(part) for part in line.splitlines() or [""])
         if self.next_line >= min(self.max_lines, INT32_MAX):
             self.truncated = True
             return
@@ -137,8 +139,8 @@ class LineBatcher:
         self.next_line += 1
 
     def tail(self) -> tuple[str, ...]:
-        """The last ``tail_lines`` output lines fed so far (redacted), as a final event
-        carries them."""
+        """The last ``tail_lines`` output lines fed so far (redacted; frames, even those not
+        understood, left out), as a final event carries them."""
         return limits.tail(self._recent, self.tail_lines)
 
     @property
@@ -170,10 +172,9 @@ class LineBatcher:
 
 @dataclass(frozen=True)
 class OutputEnd:
-    """A container's output, followed to its end: when it ended (UNIX time) and its last
-    lines, as a final event carries them."""
+    """A finished container's output, read whole once it had exited: its last lines, as a
+    final event carries them."""
 
-    at: float
     tail: tuple[str, ...]
 
 
@@ -219,17 +220,21 @@ class LogForwarder:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stream: Stream | None = None
         self._exited = exited
+        #: The stream was opened once the container had exited: not followed live.
+        self._after_exit = False
 
     async def run(self) -> OutputEnd | None:
-        """Forward until the container's output ends (it exited, or was removed); how it
-        ended when it was read to its end without an error, else None.
+        """Forward until the container's output ends (it exited, or was removed). The
+        output's end when it was opened after the exit and read to its end without an error,
+        else None (a live follow may miss the last line when it has no newline, and ends the
+        same way when its connection breaks: its tail is read again then).
 
         A failure ends the forwarding of this run's output, with a log line; it never ends
         the run, whose final event still carries the output's tail (read from the engine
         then)."""
         try:
-            if (ended_at := await self._forward()) is not None:
-                return OutputEnd(ended_at, self.batcher.tail())
+            if await self._forward() and self._after_exit:
+                return OutputEnd(self.batcher.tail())
         except Exception:
             log.exception(
                 "output of run %s (container %s) no longer forwarded",
@@ -238,35 +243,36 @@ class LogForwarder:
             )
         return None
 
-    async def _forward(self) -> float | None:
-        """Forward the output; when it ended, unless it broke."""
+    async def _forward(self) -> bool:
+        """Forward the output; True when it was read to its end without an error."""
         if self._exited is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._exited.wait(), self._interval)
+            self._after_exit = self._exited.is_set()
         try:
             self._stream = await self._runtime.open_log_stream(self._container_id)
         except DockerUnavailable as exc:
             log.warning("output of container %s not followed: %s", self._container_id[:12], exc)
-            return None
+            return False
         reader = asyncio.create_task(
             read_on_thread(self._stream, self._on_chunk, f"output-{self._container_id[:12]}")
         )
         reader.add_done_callback(lambda _: self._chunks.put_nowait(None))
-        ended: float | None = None
+        ended = False
         try:
-            while ended is None:
+            while not ended:
                 try:
                     chunk = await asyncio.wait_for(self._chunks.get(), self._interval)
                 except TimeoutError:
                     chunk = ""
                 if chunk is None:
-                    ended = time.time()
+                    ended = True
                     self.batcher.feed(self._decoder.decode(b"", final=True))
                     self.batcher.finish()
                 elif chunk:
                     self.batcher.feed(chunk)
                 if self.batcher.pending and (
-                    ended is not None or not chunk or self.batcher.pending >= self._batch_lines
+                    ended or not chunk or self.batcher.pending >= self._batch_lines
                 ):
                     await self._send()
             if self.batcher.truncated:
@@ -281,8 +287,8 @@ class LogForwarder:
                 self._container_id[:12],
                 error,
             )
-            return None
-        return ended
+            return False
+        return True
 
     def _on_chunk(self, raw: bytes) -> None:
         self._chunks.put_nowait(self._decoder.decode(raw))

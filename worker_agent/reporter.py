@@ -25,7 +25,7 @@ from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.ports import EventPublisher
 
 from . import metrics
-from .containers import ContainerInfo, container_name
+from .containers import container_name
 from .errors import DockerUnavailable
 from .logs import LogForwarder, OutputEnd
 from .outcome import final_event
@@ -187,10 +187,10 @@ class Reporter:
         while True:
             try:
                 info = await self.runtime.inspect(container_id)
-                if _followed_to_exit(output, info):
-                    # The output was read up to the exit: its tail is known, without
+                if output is not None:
+                    # The output was read whole after the exit: its tail is known, without
                     # reading the container's log again.
-                    tail = output.tail  # type: ignore[union-attr]
+                    tail = output.tail
                     break
                 wanted = self.settings.output_tail_lines
                 # Progress frames travel as RunProgress: the tail is the ordinary output.
@@ -250,16 +250,3 @@ class Reporter:
         for task in left:
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
-
-
-def _followed_to_exit(output: OutputEnd | None, info: ContainerInfo | None) -> bool:
-    """Whether the output was followed until the container had exited: a stream that broke
-    earlier ends like one that reached its end, and its tail would miss the last lines.
-    (A break noticed only after an exit that came within milliseconds of it still passes:
-    the tail then misses what was written in those milliseconds.)"""
-    return (
-        output is not None
-        and info is not None
-        and info.finished_at is not None
-        and output.at >= info.finished_at
-    )

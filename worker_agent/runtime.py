@@ -322,6 +322,17 @@ class DockerRuntime:
                 raw = client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
             except docker.errors.NotFound:
                 return ()
+            except docker.errors.APIError as exc:
+                if exc.status_code != 501:
+                    raise
+                # The engine's log driver does not read back (``none``, say): no tail, for
+                # good. Retried, the run's final event would never go out.
+                log.warning(
+                    "the output of container %s cannot be read: %s",
+                    container_id[:12],
+                    _explain(exc),
+                )
+                return ()
             found = raw.decode("utf-8", errors="replace").splitlines()
             return limits.tail(map(redact, found) if redact else found, lines)
 

@@ -299,14 +299,6 @@ class FakeEngine:
         for stream in streams:
             stream.fail(DockerUnavailable("a Docker stream broke: the engine went away"))
 
-    def break_output(self, container_id: str) -> None:
-        """The container's output streams end early, as docker-py ends one whose connection
-        broke (no error: it looks like the end of the output); the container runs on."""
-        container = self.get(container_id)
-        for stream in container.followers:
-            stream.end()
-        container.followers.clear()
-
     def answer_again(self) -> None:
         self.answering = True
 

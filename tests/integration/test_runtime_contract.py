@@ -103,3 +103,26 @@ class TestDockerRuntime(RuntimeContract):
         finally:
             await asyncio.to_thread(harness.cleanup)
             await proxy.down()
+
+
+async def test_a_log_driver_that_does_not_read_back_gives_an_empty_tail(
+    docker_client: docker.DockerClient, run_image: str, unique: str
+) -> None:
+    """The engine answers 501 to a read of a ``none`` log driver's output: the tail is empty
+    (an error there would hold the run's final event, retried for ever)."""
+    agent_id = f"t-{SESSION_ID}-{unique}-logs"
+    container = await asyncio.to_thread(
+        docker_client.containers.create,
+        run_image,
+        ["true"],
+        labels={LABEL_AGENT: agent_id},
+        log_config=docker.types.LogConfig(type="none"),
+    )
+    runtime = DockerRuntime(agent_id, threads=2)
+    try:
+        await asyncio.to_thread(container.start)
+        await asyncio.to_thread(container.wait, timeout=60)
+        assert await runtime.output_tail(container.id, 5) == ()
+    finally:
+        runtime.close()
+        await asyncio.to_thread(container.remove, force=True)

@@ -12,7 +12,7 @@ import pytest
 
 from schemas import RunFailed, RunLog, RunProgress, RunSucceeded, encode, event_decoder
 from worker_agent import limits
-from worker_agent.logs import LineBatcher, LogForwarder
+from worker_agent.logs import TRUNCATED_MARK, LineBatcher, LogForwarder
 from worker_agent.progress import DROPPED, FRAME_PREFIX, parse_progress
 
 pytestmark = pytest.mark.unit
@@ -91,12 +91,18 @@ def test_the_output_tail_keeps_the_last_lines_within_the_contract() -> None:
 def test_the_batcher_keeps_the_last_output_lines_past_the_forwarding_limit() -> None:
     """The tail is the output's end even once lines are no longer forwarded; it is redacted,
     and frames are not output."""
-    batcher = LineBatcher(max_lines=3, tail_lines=2, redact=lambda s: s.replace("pw", "***"))
+    batcher = LineBatcher(max_lines=3, tail_lines=3, redact=lambda s: s.replace("pw", "***"))
     batcher.feed("".join(f"line {n}\n" for n in range(6)))
     batcher.feed(frame(event="step_started", step="s") + "\nthe pw\n")
     assert batcher.truncated
     assert batcher.take() == (0, ("line 0", "line 1", "line 2"))
-    assert batcher.tail() == ("line 5", "the ***")
+    assert batcher.tail() == ("line 4", "line 5", "the ***")
+    # A frame not understood is output, but not tail; a carriage return ends a tail line
+    # (the last state of a progress bar shows), and a tail line is cut as one.
+    batcher.feed("\n".join([FRAME_PREFIX + "{not json", "10%\r50%\r100%", "x" * 100_000]) + "\n")
+    tail = batcher.tail()
+    assert tail[:2] == ("50%", "100%")
+    assert tail[2].startswith("x") and tail[2].endswith(TRUNCATED_MARK)
 
 
 def test_progress_strings_are_cleaned_and_cut() -> None:
