@@ -79,6 +79,7 @@ async def measure(
 async def path_floor(amqp_url: str, database_url: str, runs: int) -> list[float]:
     """``runs`` samples of: publish → delivered, commit, publish → delivered (seconds)."""
     name = f"bench-path-{uuid.uuid4().hex[:8]}"
+    table = name.replace("-", "_")
     connection = await aio_pika.connect(amqp_url)
     database = await asyncpg.connect(database_url)
     samples: list[float] = []
@@ -94,8 +95,8 @@ async def path_floor(amqp_url: str, database_url: str, runs: int) -> list[float]
             delivered.put_nowait(None)
 
         tag = await queue.consume(on_message)
-        await database.execute(f"CREATE TABLE {name.replace('-', '_')} (id uuid, body bytea)")
-        insert = f"INSERT INTO {name.replace('-', '_')} VALUES ($1, $2)"
+        await database.execute(f"CREATE TABLE {table} (id uuid, body bytea)")
+        insert = f"INSERT INTO {table} VALUES ($1, $2)"
         body = b"x" * 300  # about a SubmitRun's size
 
         async def hop() -> None:
@@ -115,7 +116,7 @@ async def path_floor(amqp_url: str, database_url: str, runs: int) -> list[float]
         await queue.delete(if_unused=False, if_empty=False)
     finally:
         with contextlib.suppress(Exception):
-            await database.execute(f"DROP TABLE IF EXISTS {name.replace('-', '_')}")
+            await database.execute(f"DROP TABLE IF EXISTS {table}")
         await database.close()
         await connection.close()
     return samples

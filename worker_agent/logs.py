@@ -170,14 +170,6 @@ class LineBatcher:
         return first, lines
 
 
-@dataclass(frozen=True)
-class OutputEnd:
-    """A finished container's output, read whole once it had exited: its last lines, as a
-    final event carries them."""
-
-    tail: tuple[str, ...]
-
-
 class LogForwarder:
     """Follows one container's output and publishes it in batches until the container ends."""
 
@@ -223,9 +215,9 @@ class LogForwarder:
         #: The stream was opened once the container had exited: not followed live.
         self._after_exit = False
 
-    async def run(self) -> OutputEnd | None:
+    async def run(self) -> tuple[str, ...] | None:
         """Forward until the container's output ends (it exited, or was removed). The
-        output's end when it was opened after the exit and read to its end without an error,
+        output's tail when it was opened after the exit and read to its end without an error,
         else None (a live follow may miss the last line when it has no newline, and ends the
         same way when its connection breaks: its tail is read again then).
 
@@ -234,7 +226,7 @@ class LogForwarder:
         then)."""
         try:
             if await self._forward() and self._after_exit:
-                return OutputEnd(self.batcher.tail())
+                return self.batcher.tail()
         except Exception:
             log.exception(
                 "output of run %s (container %s) no longer forwarded",

@@ -27,7 +27,7 @@ from transport.ports import EventPublisher
 from . import metrics
 from .containers import container_name
 from .errors import DockerUnavailable
-from .logs import LogForwarder, OutputEnd
+from .logs import LogForwarder
 from .outcome import final_event
 from .ports import ContainerRuntime
 from .progress import FRAME_PREFIX
@@ -53,7 +53,7 @@ class Reporter:
         self._publisher = publisher
         #: Reports in progress (RunStarted after a ready check, final events).
         self._tasks: set[asyncio.Task[None]] = set()
-        self._forwarders: set[asyncio.Task[OutputEnd | None]] = set()
+        self._forwarders: set[asyncio.Task[tuple[str, ...] | None]] = set()
         #: Exits of containers no attempt was bound to yet: a container may die before its
         #: launch returned; the launcher asks here once it bound the container.
         self._unbound_exits: OrderedDict[str, None] = OrderedDict()
@@ -178,19 +178,19 @@ class Reporter:
     async def _finish(self, attempt: Attempt, container_id: str) -> None:
         """Report an exit with its output tail; then remove the container and free the slot."""
         await attempt.launched.wait()
-        output: OutputEnd | None = None
+        known_tail: tuple[str, ...] | None = None
         if attempt.forwarding is not None:
             # The output's last lines go out before the final event.
             await asyncio.wait([attempt.forwarding], timeout=10)
             if attempt.forwarding.done() and not attempt.forwarding.cancelled():
-                output = attempt.forwarding.result()
+                known_tail = attempt.forwarding.result()
         while True:
             try:
                 info = await self.runtime.inspect(container_id)
-                if output is not None:
+                if known_tail is not None:
                     # The output was read whole after the exit: its tail is known, without
                     # reading the container's log again.
-                    tail = output.tail
+                    tail = known_tail
                     break
                 wanted = self.settings.output_tail_lines
                 # Progress frames travel as RunProgress: the tail is the ordinary output.

@@ -26,7 +26,6 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from schemas import ContainerState, FailureReason
 from schemas.bounds import MAX_IN_FLIGHT
@@ -34,9 +33,6 @@ from schemas.resources import Capacity, Resources, Shortfall
 from transport.ports import Clock
 
 from .secrets import Redactor
-
-if TYPE_CHECKING:
-    from .logs import OutputEnd
 
 AttemptKey = tuple[uuid.UUID, int]
 
@@ -58,8 +54,7 @@ class Attempt:
     container_id: str | None = None
     state: str = "launching"
     launched: asyncio.Event = field(default_factory=asyncio.Event)
-    finishing: bool = False
-    #: Set when its container's exit is known (``finishing`` as an event).
+    #: Set when its container's exit is known.
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     #: RunStarted was reported (at once, or when the ready check passed).
     started: bool = False
@@ -67,12 +62,17 @@ class Attempt:
     terminated: FailureReason | None = None
     terminate_note: str = ""
     #: Follows the container's output while it runs (lines are forwarded when log forwarding
-    #: is on); its result is how the output ended, when it was read to its end.
-    forwarding: asyncio.Task[OutputEnd | None] | None = None
+    #: is on); its result is the output's tail when it was read whole after the exit.
+    forwarding: asyncio.Task[tuple[str, ...] | None] | None = None
     #: Its secret values, redacted from every output line that leaves the host.
     redact: Redactor = field(default_factory=Redactor)
     #: What its run asks for, held while it holds its slot.
     resources: Resources = field(default_factory=Resources)
+
+    @property
+    def finishing(self) -> bool:
+        """Its container exited: it holds no slot, and waits for its report."""
+        return self.exited.is_set()
 
     @property
     def key(self) -> AttemptKey:
@@ -246,7 +246,6 @@ class Slots:
     def exited(self, attempt: Attempt) -> None:
         """The attempt's container exited: its slot and resources are free from now on; it
         stays listed until ``release``."""
-        attempt.finishing = True
         attempt.exited.set()
         attempt.state = "exited"
         self._freed.set()
