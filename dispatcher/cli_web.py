@@ -72,15 +72,38 @@ def api_tokens_add(
         str,
         typer.Option(help="read (look), operate (also submit and cancel), admin (everything)."),
     ] = "read",
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue", "-q", help="Agent queue it may submit to and cancel on; repeatable (any)."
+        ),
+    ] = None,
+    location: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--location",
+            "-l",
+            help="Code location whose jobs it may submit and cancel; repeatable. Given, the "
+            "token submits only those jobs (no run of an image of its own).",
+        ),
+    ] = None,
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
 ) -> None:
-    """Make a token and print it, once: only its hash is kept."""
+    """Make a token and print it, once: only its hash is kept. Limited by --queue or
+    --location, it submits and cancels only there, whatever its scope."""
+    from .submitters import Limits
+
     who = operator()
+    limits = Limits(tuple(dict.fromkeys(queue or ())), tuple(dict.fromkeys(location or ())))
     token = with_store(
-        database_url, database_schema, lambda s: s.api_tokens.add(name, scope, who), upgrade=True
+        database_url,
+        database_schema,
+        lambda s: s.api_tokens.add(name, scope, who, limits),
+        upgrade=True,
     )
     typer.echo(token)
+    typer.echo(f"API token {name} ({scope}; {limits.describe()}): shown once", err=True)
 
 
 @api_tokens_app.command("revoke")
@@ -102,12 +125,15 @@ def api_tokens_list(
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
 ) -> None:
-    """Every API token: scope, who made it, when it was last used, whether it is revoked."""
+    """Every API token: scope, limits, who made it, when it was last used, whether it is
+    revoked."""
     tokens = with_store(database_url, database_schema, lambda s: s.api_tokens.list())
     rows = [
         {
             "name": t.name,
             "scope": t.scope,
+            "queues": list(t.limits.queues),
+            "locations": list(t.limits.locations),
             "created_by": t.created_by,
             "created_at": t.created_at.isoformat(),
             "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
@@ -118,6 +144,7 @@ def api_tokens_list(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    for r in rows:
+    for t, r in zip(tokens, rows, strict=True):
         state = "revoked" if r["revoked"] else f"last used {r['last_used_at'] or 'never'}"
-        typer.echo(f"{r['name']:30}  {r['scope']:8}  by {r['created_by']}  {state}")
+        limits = t.limits.describe()
+        typer.echo(f"{r['name']:30}  {r['scope']:8}  {limits}  by {r['created_by']}  {state}")

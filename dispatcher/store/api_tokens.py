@@ -12,15 +12,20 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import asyncpg
+
 from schemas import is_safe_name
 
 from ..errors import ConfigError
+from ..submitters import Limits
 from . import audit
 from .connections import Connections
 
 TOKEN_PREFIX = "hdw_"
 #: Each scope includes the ones before it.
 SCOPES = ("read", "operate", "admin")
+#: No limits: every queue and location.
+ANYWHERE = Limits()
 
 
 def digest(token: str) -> str:
@@ -40,13 +45,32 @@ class ApiToken:
     created_by: str
     last_used_at: datetime | None
     revoked_at: datetime | None
+    #: Where it may submit and cancel runs (the submitter tokens' rules); empty: anywhere.
+    limits: Limits = ANYWHERE
+
+
+#: A token's columns, as ``_token`` reads them.
+_COLUMNS = (
+    "t.name, t.scope, t.created_at, t.created_by, t.last_used_at, t.revoked_at, t.queues,"
+    " t.locations"
+)
+
+
+def _token(record: asyncpg.Record) -> ApiToken:
+    fields = {k: record[k] for k in ("name", "scope", "created_at", "created_by")}
+    return ApiToken(
+        **fields,
+        last_used_at=record["last_used_at"],
+        revoked_at=record["revoked_at"],
+        limits=Limits(tuple(record["queues"]), tuple(record["locations"])),
+    )
 
 
 class ApiTokens:
     def __init__(self, connections: Connections) -> None:
         self._connections = connections
 
-    async def add(self, name: str, scope: str, actor: str) -> str:
+    async def add(self, name: str, scope: str, actor: str, limits: Limits = ANYWHERE) -> str:
         """Make a token; returns its secret (never stored, never shown again)."""
         if scope not in SCOPES:
             raise ConfigError(f"unknown scope {scope!r}; one of {', '.join(SCOPES)}")
@@ -54,6 +78,14 @@ class ApiTokens:
             raise ConfigError(
                 f"a token's name is 1 to 64 letters, digits, '_' and '-', not {name!r}"
             )
+        for queue in limits.queues:
+            if not is_safe_name(queue):
+                raise ConfigError(f"queue name {queue!r} is invalid: letters, digits, '_' and '-'")
+        for location in limits.locations:
+            if not is_safe_name(location):
+                raise ConfigError(
+                    f"location name {location!r} is invalid: letters, digits, '_' and '-'"
+                )
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         async with self._connections.transaction() as connection:
             if await connection.fetchval(
@@ -63,17 +95,25 @@ class ApiTokens:
             # A revoked token's name may be given again (its record goes with the new one).
             await connection.execute(
                 """
-                INSERT INTO api_tokens (name, scope, digest, created_by) VALUES ($1, $2, $3, $4)
+                INSERT INTO api_tokens (name, scope, digest, created_by, queues, locations)
+                VALUES ($1, $2, $3, $4, $5::text[], $6::text[])
                 ON CONFLICT (name) DO UPDATE SET scope = excluded.scope, digest = excluded.digest,
                     created_by = excluded.created_by, created_at = now(), last_used_at = NULL,
-                    revoked_at = NULL
+                    revoked_at = NULL, queues = excluded.queues, locations = excluded.locations
                 """,
                 name,
                 scope,
                 digest(token),
                 actor,
+                list(limits.queues),
+                list(limits.locations),
             )
-            await audit.record(connection, actor, "api-token.add", name, {"scope": scope})
+            details = {
+                "scope": scope,
+                "queues": list(limits.queues),
+                "locations": list(limits.locations),
+            }
+            await audit.record(connection, actor, "api-token.add", name, details)
         return token
 
     async def revoke(self, name: str, actor: str) -> bool:
@@ -93,11 +133,8 @@ class ApiTokens:
 
     async def list(self) -> list[ApiToken]:
         async with self._connections.connection() as connection:
-            records = await connection.fetch(
-                "SELECT name, scope, created_at, created_by, last_used_at, revoked_at"
-                " FROM api_tokens ORDER BY name"
-            )
-        return [ApiToken(**dict(r)) for r in records]
+            records = await connection.fetch(f"SELECT {_COLUMNS} FROM api_tokens t ORDER BY name")
+        return [_token(r) for r in records]
 
     async def check(self, token: str) -> ApiToken | None:
         """The live token a secret belongs to, or None; notes when it was last used."""
@@ -105,8 +142,7 @@ class ApiTokens:
             return None
         async with self._connections.connection() as connection:
             record = await connection.fetchrow(
-                "SELECT name, scope, created_at, created_by, last_used_at, revoked_at"
-                " FROM api_tokens WHERE digest = $1 AND revoked_at IS NULL",
+                f"SELECT {_COLUMNS} FROM api_tokens t WHERE digest = $1 AND revoked_at IS NULL",
                 digest(token),
             )
             if record is None:
@@ -117,7 +153,7 @@ class ApiTokens:
                 await connection.execute(
                     "UPDATE api_tokens SET last_used_at = now() WHERE name = $1", record["name"]
                 )
-        return ApiToken(**dict(record))
+        return _token(record)
 
     async def open_session(self, token: str, hours: float) -> tuple[str, str, ApiToken] | None:
         """Sign a browser in with a token: (session secret, CSRF token, the token) or None."""
@@ -147,9 +183,8 @@ class ApiTokens:
             return None
         async with self._connections.connection() as connection:
             record = await connection.fetchrow(
-                """
-                SELECT t.name, t.scope, t.created_at, t.created_by, t.last_used_at,
-                       t.revoked_at, s.csrf
+                f"""
+                SELECT {_COLUMNS}, s.csrf
                 FROM web_sessions s JOIN api_tokens t ON t.name = s.token_name
                 WHERE s.digest = $1 AND s.expires_at > now() AND t.revoked_at IS NULL
                 """,
@@ -157,9 +192,7 @@ class ApiTokens:
             )
         if record is None:
             return None
-        fields = dict(record)
-        csrf = fields.pop("csrf")
-        return ApiToken(**fields), csrf
+        return _token(record), record["csrf"]
 
     async def close_session(self, session: str) -> None:
         async with self._connections.connection() as connection:

@@ -366,6 +366,17 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        16,
+        "API tokens' limits",
+        """
+        -- Where an API token may submit and cancel runs (empty: anywhere), as a submitter
+        -- token's limits (dispatcher/submitters.py).
+        ALTER TABLE api_tokens
+            ADD COLUMN queues    text[] NOT NULL DEFAULT '{}',
+            ADD COLUMN locations text[] NOT NULL DEFAULT '{}';
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

@@ -15,16 +15,23 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get, post
-from litestar.exceptions import ClientException, NotFoundException, ValidationException
+from litestar.exceptions import (
+    ClientException,
+    NotFoundException,
+    PermissionDeniedException,
+    ValidationException,
+)
 from litestar.params import Parameter
 
 from schemas import SubmitRun, is_safe_name
 from schemas.bounds import INT32_MAX
 
 from ..client import check_submission
-from ..errors import InvalidSubmission, RunNotFound
+from ..errors import InvalidSubmission, LocationNotFound, RunNotFound
 from ..states import TERMINAL, RunState
 from ..store import Database, RunFilters
+from ..store.api_tokens import ApiToken
+from ..submitters import cancel_problem, limits_problem
 from . import views
 from .auth import token_of
 from .broker import Broker
@@ -83,6 +90,23 @@ def _instant(field: str, value: datetime | None) -> datetime | None:
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
     except (OverflowError, ValueError):
         raise ValidationException(f"{field}: a time between the years 1 and 9999") from None
+
+
+async def _within_limits(store: Database, token: ApiToken, submission: SubmitRun) -> None:
+    """Refuse (403, with the reason) a submission outside the token's queues or locations."""
+    limits = token.limits
+    if not (limits.queues or limits.locations):
+        return
+    queue: str | None = submission.queue
+    if submission.location is not None:
+        try:
+            # A job runs on its location's queue: that is the queue the limits apply to.
+            queue = (await store.locations.get(submission.location)).queue
+        except LocationNotFound:
+            queue = None  # the intake refuses it, naming the location
+    why = limits_problem(token.name, limits, submission, queue)
+    if why is not None:
+        raise PermissionDeniedException(why)
 
 
 async def _run(store: Database, run_id: uuid.UUID) -> views.RunSummary:
@@ -192,7 +216,9 @@ class RunsController(Controller):
             check_submission(data)
         except InvalidSubmission as exc:
             raise ValidationException(str(exc), extra={"field": exc.field}) from None
-        await broker.submit(msgspec.structs.replace(data, submitted_by=token_of(request).name))
+        token = token_of(request)
+        await _within_limits(store, token, data)
+        await broker.submit(msgspec.structs.replace(data, submitted_by=token.name))
         # The intake's word is in PostgreSQL: the run, or the RunRejected it answered with.
         for _ in range(int(ANSWER_WITHIN_S / 0.05)):
             found, reason = await store.runs.answer(data.run_id, data.idempotency_key)
@@ -207,13 +233,23 @@ class RunsController(Controller):
 
     @post("/{run_id:uuid}/cancel", status_code=202, opt={"scope": "operate"})
     async def cancel(
-        self, store: Database, broker: Broker, run_id: uuid.UUID, data: views.CancelBody | None
+        self,
+        request: Request[Any, Any, Any],
+        store: Database,
+        broker: Broker,
+        run_id: uuid.UUID,
+        data: views.CancelBody | None,
     ) -> views.CancelAnswer:
-        """Cancel a run (idempotent); a finished run is answered 409 with its state."""
+        """Cancel a run (idempotent); a finished run is answered 409 with its state, a run
+        outside the token's queues or locations 403."""
         body = data or views.CancelBody()
         if not 0 <= body.grace_s <= 3600:
             raise ValidationException("grace_s: 0 to 3600 seconds")
         run = await _run(store, run_id)
+        token = token_of(request)
+        why = cancel_problem(token.name, token.limits, run.queue, run.location)
+        if why is not None:
+            raise PermissionDeniedException(why)
         if RunState(run.state) in TERMINAL and run.state != RunState.CANCELED:
             raise ClientException(f"run {run_id} has ended already: {run.state}", status_code=409)
         await broker.cancel(run_id, body.grace_s, body.reason)

@@ -10,7 +10,9 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 
+from dispatcher.errors import RunNotFound
 from dispatcher.settings import ImageNames
 from dispatcher.states import RunState
 from dispatcher.store import Database
@@ -22,8 +24,8 @@ from tests.integration.test_operators import dispatcher_cli
 from tests.support import eventually
 
 
-async def token(stack: Stack, name: str, scope: str) -> str:
-    done = await dispatcher_cli(stack, "api-tokens", "add", name, "--scope", scope)
+async def token(stack: Stack, name: str, scope: str, *limits: str) -> str:
+    done = await dispatcher_cli(stack, "api-tokens", "add", name, "--scope", scope, *limits)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.strip()
 
@@ -40,6 +42,47 @@ def submission(stack: Stack, **fields: Any) -> dict[str, Any]:
         "queue": stack.queue,
         **fields,
     }
+
+
+async def test_a_limited_token_submits_and_cancels_only_on_its_queues_and_locations(
+    stack: Stack, store: Database
+) -> None:
+    await stack.start_control_plane()
+    _, base = await stack.start_web()
+    other_queue = f"{stack.queue}-other"
+    team = bearer(await token(stack, "team-bot", "operate", "--queue", stack.queue))
+    jobs_only = bearer(await token(stack, "jobs-bot", "admin", "--location", "etl"))
+    anywhere = bearer(await token(stack, "ops-bot", "operate"))
+    listed = await dispatcher_cli(stack, "api-tokens", "list", "--json")
+    by_name = {t["name"]: t for t in json.loads(listed.stdout)}
+    assert by_name["team-bot"]["queues"] == [stack.queue] and by_name["team-bot"]["locations"] == []
+    assert by_name["jobs-bot"]["locations"] == ["etl"]
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        # Its own queue: accepted. Another: refused with the reason, and no run exists.
+        mine = submission(stack, command=["sleep", "300"])
+        accepted = await http.post("/runs", json=mine, headers=team)
+        assert accepted.status_code == 202, accepted.text
+        elsewhere = submission(stack, queue=other_queue)
+        refused = await http.post("/runs", json=elsewhere, headers=team)
+        assert refused.status_code == 403, refused.text
+        assert f"may not submit to queue '{other_queue}'" in refused.text
+        # A token limited to locations submits no run of an image, whatever its scope.
+        plain = await http.post("/runs", json=submission(stack), headers=jobs_only)
+        assert plain.status_code == 403 and "only jobs of its locations" in plain.text
+
+        # Cancel: only runs it could have submitted.
+        theirs = submission(stack, queue=other_queue, command=["sleep", "300"])
+        assert (await http.post("/runs", json=theirs, headers=anywhere)).status_code == 202
+        denied = await http.post(f"/runs/{theirs['run_id']}/cancel", json={}, headers=team)
+        assert denied.status_code == 403 and "only runs on its queues" in denied.text
+        denied = await http.post(f"/runs/{mine['run_id']}/cancel", json={}, headers=jobs_only)
+        assert denied.status_code == 403 and "only jobs of its locations" in denied.text
+        canceled = await http.post(f"/runs/{mine['run_id']}/cancel", json={}, headers=team)
+        assert canceled.status_code == 202, canceled.text
+    await wait_for_state(store, uuid.UUID(mine["run_id"]), RunState.CANCELED, timeout=60)
+    assert (await store.runs.get(uuid.UUID(theirs["run_id"]))).state == RunState.QUEUED
+    with pytest.raises(RunNotFound):  # a refused submission makes no run
+        await store.runs.get(uuid.UUID(elsewhere["run_id"]))
 
 
 async def test_runs_are_submitted_listed_read_and_canceled_through_the_api(

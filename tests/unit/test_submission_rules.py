@@ -14,6 +14,7 @@ from dispatcher.client import check_submission
 from dispatcher.errors import ConfigError, InvalidSubmission
 from dispatcher.store.locations import check_location
 from dispatcher.submissions import Problem, capacity_problem
+from dispatcher.submitters import Limits, cancel_problem
 from schemas import SubmitRun
 from schemas.resources import Capacity
 from tests.unit.test_cli import run
@@ -161,3 +162,17 @@ def test_only_a_trusted_identity_says_who_submitted() -> None:
         assert why is not None and "submitted_by is set only by" in why
     plain = SubmitRun(run_id=uuid.uuid4(), image="busybox")
     assert submitted_by_problem(plain, "token-a", {"hd-control-plane"}) is None
+
+
+def test_a_limited_token_cancels_only_what_it_could_submit() -> None:
+    assert cancel_problem("any", Limits(), "q", None) is None
+    by_queue = Limits(queues=("etl",))
+    assert cancel_problem("t", by_queue, "etl", None) is None
+    assert "only runs on its queues (allowed: etl)" in (
+        cancel_problem("t", by_queue, "ml", None) or ""
+    )
+    by_location = Limits(locations=("jobs",))
+    assert cancel_problem("t", by_location, "any-queue", "jobs") is None
+    # A run of an image is not one of its locations' jobs.
+    assert "only jobs of its locations" in (cancel_problem("t", by_location, "q", None) or "")
+    assert "only jobs of its locations" in (cancel_problem("t", by_location, "q", "other") or "")
