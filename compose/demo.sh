@@ -63,8 +63,8 @@ password_of() {
     "$BIN/python" -c 'import sys, urllib.parse as u; print(u.unquote(u.urlsplit(sys.argv[1]).password))' "$1"
 }
 
-# RabbitMQ, PostgreSQL, the control plane and the failure monitor, each process with a broker
-# identity of its own; returns once the monitor is active.
+# RabbitMQ, PostgreSQL, the control plane, the failure monitor and the web process, each with a
+# broker identity of its own; returns once the monitor is active.
 start_stack() {
     docker network inspect hybrid-dispatcher-locations >/dev/null 2>&1 \
         || docker network create hybrid-dispatcher-locations >/dev/null
@@ -76,8 +76,10 @@ start_stack() {
     export HD_DEMO_CONTROL_PLANE_PASSWORD=$(password_of "$url")
     url=$("$BIN/dispatcher" identities add monitor hd-monitor)
     export HD_DEMO_MONITOR_PASSWORD=$(password_of "$url")
-    log "identities: hd-control-plane, hd-monitor"
-    "${COMPOSE[@]}" up -d control-plane relay monitor
+    url=$("$BIN/dispatcher" identities add web hd-web)
+    export HD_DEMO_WEB_PASSWORD=$(password_of "$url")
+    log "identities: hd-control-plane, hd-monitor, hd-web"
+    "${COMPOSE[@]}" up -d control-plane relay monitor web
     for i in $(seq 1 120); do
         if "${COMPOSE[@]}" logs monitor 2>/dev/null | grep -q "this monitor is active"; then
             log "the failure monitor is active"

@@ -1,5 +1,5 @@
-"""``dispatcher identities add|rotate|revoke``: the control plane's and the monitor's broker
-identities (roles)."""
+"""``dispatcher identities add|rotate|revoke``: the broker identities (roles) of the control
+plane, the failure monitor and the web process."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from .cli_common import AmqpUrl, DatabaseSchema, DatabaseUrl
 from .cli_identities import ManagementUrl, _audit, on_broker
 
 identities_app = typer.Typer(
-    help="Broker identities of the control plane and the failure monitor: least privilege, "
-    "no administrator (agents: `agents add`; submitters: `tokens add`).",
+    help="Broker identities of the control plane, the failure monitor and the web process: "
+    "least privilege, no administrator (agents: `agents add`; submitters: `tokens add`).",
     no_args_is_help=True,
 )
 
@@ -22,6 +22,7 @@ identities_app = typer.Typer(
 class RoleName(enum.StrEnum):
     CONTROL_PLANE = "control-plane"
     MONITOR = "monitor"
+    WEB = "web"
 
 
 Name = Annotated[str, typer.Argument(help="Its broker user name.")]
@@ -30,6 +31,8 @@ _USE = {
     RoleName.CONTROL_PLANE: "run `dispatcher serve` with it (HD_AMQP_URL); name the operators' "
     "users in HD_TRUSTED_BROKER_USERS so that their submissions are taken",
     RoleName.MONITOR: "run `dispatcher monitor` with it (HD_AMQP_URL)",
+    RoleName.WEB: "run `dispatcher web` with it (HD_AMQP_URL) and name it in the control "
+    "plane's HD_TRUSTED_BROKER_USERS so that its submissions are taken",
 }
 
 
@@ -42,8 +45,8 @@ def identities_add(
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
 ) -> None:
-    """Create (or reset) the broker identity of a control plane or a monitor, with the
-    permissions of what that process does and nothing more. Prints its URL once."""
+    """Create (or reset) the broker identity of a control plane, a monitor or a web process,
+    with the permissions of what that process does and nothing more. Prints its URL once."""
     from .roles import add_role, role_named
 
     url = on_broker(
@@ -63,8 +66,8 @@ def identities_rotate(
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
 ) -> None:
-    """Give a control plane's or a monitor's identity a new secret (its permissions stay) and
-    close its connections; prints its new URL once."""
+    """Give a control plane's, a monitor's or a web process's identity a new secret (its
+    permissions stay) and close its connections; prints its new URL once."""
     from .roles import rotate_role
 
     role, url, closed = on_broker(amqp_url, lambda: rotate_role(amqp_url, management_url, name))
@@ -82,7 +85,8 @@ def identities_revoke(
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
 ) -> None:
-    """Delete a control plane's or a monitor's identity; its connections are closed."""
+    """Delete a control plane's, a monitor's or a web process's identity; its connections
+    are closed."""
     from .roles import revoke_role
 
     role = on_broker(amqp_url, lambda: revoke_role(amqp_url, management_url, name))

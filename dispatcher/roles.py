@@ -1,4 +1,4 @@
-"""Role identities: broker users for the control plane and the failure monitor.
+"""Role identities: broker users for the control plane, the failure monitor and the web process.
 
 Each gets what its process really does on the broker, and nothing else (none is an
 administrator):
@@ -16,6 +16,12 @@ administrator):
   versions), consumes it, and dead-letters what it cannot take. It publishes nothing on
   ``hd.status``: its decisions are rows in PostgreSQL, which the control plane's relay
   publishes.
+- **web** (``dispatcher web``, tagged ``hd-web``): publishes submissions and cancels to
+  ``hd.requests`` and reads the dead-letter queue (looked up, never declared); nothing
+  else. It reads everything else from PostgreSQL. The intake takes its submissions (and the
+  ``submitted_by`` it stamps) once its name is in the control plane's
+  ``HD_TRUSTED_BROKER_USERS``; a web process that is broken into can then submit and
+  cancel, but never publish an instruction, a control message or a status event.
 """
 
 from __future__ import annotations
@@ -76,7 +82,8 @@ class Role:
 
 CONTROL_PLANE = Role("control-plane", "hd-control-plane", ("hd-control-plane", "policymaker"))
 MONITOR = Role("monitor", "hd-monitor", ("hd-monitor",))
-ROLES = {role.name: role for role in (CONTROL_PLANE, MONITOR)}
+WEB = Role("web", "hd-web", ("hd-web",))
+ROLES = {role.name: role for role in (CONTROL_PLANE, MONITOR, WEB)}
 
 
 def control_plane_permissions() -> Permissions:
@@ -146,8 +153,21 @@ def monitor_permissions() -> Permissions:
     )
 
 
+def web_permissions() -> Permissions:
+    return Permissions(
+        configure=NOTHING,
+        write=rf"^{re.escape(REQUESTS_EXCHANGE)}$",
+        # Peeked at: taken unacked, and all returned when the channel closes.
+        read=rf"^{re.escape(DEAD_LETTER_QUEUE)}$",
+        status_keys=NOTHING,
+        status_read=NOTHING,
+    )
+
+
 def permissions_of(role: Role) -> Permissions:
-    return control_plane_permissions() if role is CONTROL_PLANE else monitor_permissions()
+    if role is CONTROL_PLANE:
+        return control_plane_permissions()
+    return monitor_permissions() if role is MONITOR else web_permissions()
 
 
 def role_named(name: str) -> Role:
@@ -178,7 +198,7 @@ async def add_role(amqp_url: str, management_url: str, role: Role, name: str) ->
 
 def _require_role(api: ManagementApi, name: str) -> Role:
     tags = [role.tag for role in ROLES.values()]
-    tag = require_tag(api, name, tags, "control-plane or monitor identity")
+    tag = require_tag(api, name, tags, "control-plane, monitor or web identity")
     return next(role for role in ROLES.values() if role.tag == tag)
 
 

@@ -11,7 +11,6 @@ from schemas.topology import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_HEADER, DEAD_L
 
 from .connection import TRANSIENT
 from .errors import BrokerUnavailable
-from .topology import declare_consumed_queue
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,9 @@ async def peek_dead_letters(
     """Up to ``limit`` dead letters, oldest first, left in the queue."""
     channel = await connection.channel()
     try:
-        queue = await declare_consumed_queue(channel, DEAD_LETTER_QUEUE)
+        # Looked up, not declared: a reader needs no configure permission (the web's
+        # identity has none), and this channel is closed before any reconnect.
+        queue = await channel.get_queue(DEAD_LETTER_QUEUE, ensure=True)
         found: list[DeadLetter] = []
         # Taken without acking, then all returned at once: nothing is lost or reordered.
         while len(found) < limit:

@@ -107,14 +107,14 @@ class Stack:
         )
         return proc
 
-    async def start_web(self) -> tuple[Proc, str]:
+    async def start_web(self, env: dict[str, str] | None = None) -> tuple[Proc, str]:
         """``dispatcher web`` on a free port; returns it with the API's base URL."""
         n = len(self.processes)
         proc = Proc(
             "dispatcher",
             ["web", "--port", "0", "--log-level", "DEBUG"],
             self.logs / f"web-{n}.log",
-            self._env(),
+            {**self._env(), **(env or {})},
         ).start()
         self.processes.append(proc)
         await proc.wait_for_output(r"HTTP API on http://\S+/api/v1", timeout=60)

@@ -1,4 +1,5 @@
-"""Submitter tokens and the control plane's and monitor's role identities, on a real RabbitMQ
+"""Submitter tokens and the control plane's, monitor's and web process's role identities, on a
+real RabbitMQ
 (the test's vhost), PostgreSQL and Docker: what each identity may do, what the broker refuses,
 and the intake's limits."""
 
@@ -9,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 
 import aio_pika
+import httpx
 import pytest
 
 from dispatcher.client import Client, wait_for_outcome
@@ -33,6 +35,7 @@ from tests.integration.test_crashes import publish_raw
 from tests.integration.test_dispatch import wait_for_state
 from tests.integration.test_identities import add_identity, refused
 from tests.integration.test_operators import dispatcher_cli
+from tests.integration.test_web_api import bearer, submission, token
 from tests.support import Proc, eventually, management_request
 
 Channel = aio_pika.abc.AbstractChannel
@@ -322,3 +325,48 @@ async def test_the_control_plane_and_the_monitor_run_with_their_own_least_identi
     # The control plane speaks for no agent.
     speak_for_agent = publish_to(STATUS_EXCHANGE, f"agent.heartbeat.{agent_id}", encode(beat))
     assert "ACCESS_REFUSED" in await refused(control_url, speak_for_agent)
+
+
+async def test_the_web_process_runs_with_an_identity_that_may_only_submit_and_cancel(
+    stack: Stack, store: Database, users: BrokerUsers
+) -> None:
+    web = users.name("web")
+    web_url = await add_role(stack, "web", web)
+    assert "hd-web" in users.get(web)["tags"]  # type: ignore[operator]
+    # The control plane takes the web identity's submissions once it is named trusted.
+    await start_as(
+        stack,
+        "serve",
+        stack._env()["HD_AMQP_URL"],
+        "control plane running",
+        HD_TRUSTED_BROKER_USERS=web,
+    )
+    await stack.start_agent(0)
+    _, base = await stack.start_web(env={"HD_AMQP_URL": web_url})
+    operate = bearer(await token(stack, "web-bot", "operate"))
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        quick = submission(stack, command=["true"])
+        answer = await http.post("/runs", json=quick, headers=operate)
+        assert answer.status_code == 202 and answer.json()["status"] == "accepted", answer.text
+        long = submission(stack, command=["sleep", "300"])
+        assert (await http.post("/runs", json=long, headers=operate)).status_code == 202
+        await wait_for_state(store, uuid.UUID(long["run_id"]), RunState.STARTED, timeout=60)
+        canceled = await http.post(f"/runs/{long['run_id']}/cancel", json={}, headers=operate)
+        assert canceled.status_code == 202, canceled.text
+        # The dead-letter queue is read with it too (looked up, not declared).
+        letters = await http.get("/dead-letters", headers=operate)
+        assert letters.status_code == 200, letters.text
+    await wait_for_state(store, uuid.UUID(quick["run_id"]), RunState.SUCCESS, timeout=60)
+    assert (await store.runs.get(uuid.UUID(quick["run_id"]))).submitted_by == "web-bot"
+    await wait_for_state(store, uuid.UUID(long["run_id"]), RunState.CANCELED, timeout=60)
+
+    # Anything but a request, the broker refuses it.
+    launch = LaunchRun(run_id=uuid.uuid4(), attempt=1, image=stack.run_image)
+    failed = RunFailed(run_id=uuid.uuid4(), attempt=1, reason=FailureReason.AGENT_LOST)
+    for attempt in (
+        publish_to(INSTRUCTIONS_EXCHANGE, stack.queue, encode(launch)),
+        publish_to(CONTROL_EXCHANGE, stack.agent_id(0)),
+        publish_to(STATUS_EXCHANGE, event_routing_key(failed, MONITOR_SOURCE), encode(failed)),
+        publish_to(LOCATIONS_EXCHANGE, stack.queue),
+    ):
+        assert "ACCESS_REFUSED" in await refused(web_url, attempt), attempt.__name__  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from dispatcher.broker_users import Permissions
-from dispatcher.roles import control_plane_permissions, monitor_permissions
+from dispatcher.roles import control_plane_permissions, monitor_permissions, web_permissions
 from dispatcher.submitters import Limits, Registry, limits_problem, sender_problem
 from dispatcher.tokens import submitter_permissions
 from schemas import (
@@ -165,6 +165,22 @@ async def test_the_monitor_may_touch_only_its_own_queue() -> None:
         assert not matches(p.configure, name) and not matches(p.read, name), name
     for key in [*control_keys(), monitor_decision_key(), *agent_keys()]:
         assert not matches(p.status_keys, key), key
+
+
+async def test_the_web_process_may_only_publish_requests_and_read_dead_letters() -> None:
+    broker = await declared_by()
+    p = web_permissions()
+    assert matches(p.write, "hd.requests") and matches(p.read, "hd.dead-letters")
+    for name in EVERY_EXCHANGE:
+        if name != "hd.requests":
+            assert not matches(p.write, name), name
+    # It declares nothing (the dead-letter queue is looked up) and reads no other queue.
+    for name in [*broker.queues, *PRIVATE, "hd.instructions.gpu"]:
+        assert not matches(p.configure, name), name
+        if name != "hd.dead-letters":
+            assert not matches(p.read, name), name
+    for key in [*control_keys(), monitor_decision_key(), *agent_keys(), "run.#", "agent.#"]:
+        assert not matches(p.status_keys, key) and not matches(p.status_read, key), key
 
 
 def test_a_submitter_may_publish_requests_and_follow_one_run_at_a_time() -> None:
