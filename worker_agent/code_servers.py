@@ -90,7 +90,8 @@ class CodeServers:
         return CodeServer(
             id=attrs["Id"],
             location=labels[LABEL_LOCATION],
-            generation=int(labels.get(LABEL_GENERATION, "0")),
+            # A generation that does not read as one (a label set by hand) is older than any.
+            generation=_generation(labels.get(LABEL_GENERATION, "0")),
             running=state.get("Status") == "running",
             address=address,
             started_at=timestamp(state.get("StartedAt")),
@@ -164,3 +165,10 @@ class CodeServers:
                 return 0, None
 
         return await asyncio.to_thread(post)
+
+
+def _generation(label: str) -> int:
+    try:
+        return int(label)
+    except ValueError:
+        return -1

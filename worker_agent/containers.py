@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ import docker.types
 
 from schemas import LaunchRun
 from schemas.resources import Resources, nano_cpus
+
+log = logging.getLogger(__name__)
 
 LABEL_MANAGED_BY = "hybrid-dispatcher.managed-by"
 LABEL_AGENT = "hybrid-dispatcher.agent-id"
@@ -88,6 +91,23 @@ class ContainerInfo:
             agent_id=labels.get(LABEL_AGENT, ""),
             ready_check=bool((attrs["Config"].get("Healthcheck") or {}).get("Test")),
         )
+
+
+def managed(found: Sequence[dict[str, Any]]) -> list[ContainerInfo]:
+    """The containers of ``found`` (inspections) as this agent's runs; one whose labels do not
+    read as a run's (made by hand with the agent's labels, say) is left alone, with a warning:
+    it must not stop the agent from starting or watching the others."""
+    infos = []
+    for attrs in found:
+        try:
+            infos.append(ContainerInfo.from_attrs(attrs))
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning(
+                "container %s has this agent's labels but not a run's (%r); left alone",
+                str(attrs.get("Id", "?"))[:12],
+                exc,
+            )
+    return infos
 
 
 def _resources(host: dict[str, Any]) -> Resources:

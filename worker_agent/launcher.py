@@ -113,6 +113,9 @@ class Launcher:
             return
         started = await self._start(launch, attempt, raw)
         if started is None:
+            # Failed, refused, fenced or handed back: a second delivery of the attempt,
+            # waiting on this one, is settled too (never left holding a prefetch slot).
+            attempt.launched.set()
             return
         info, adopted = started
         container_id = info.id
@@ -132,12 +135,11 @@ class Launcher:
         except BrokerUnavailable as exc:
             # Not acked: the broker redelivers, and the redelivery adopts this container.
             log.error("could not report the launch of run %s: %s", launch.run_id, exc)
-            attempt.launched.set()
-            return
-        await settle(raw.ack())
+        else:
+            await settle(raw.ack())
+            if not adopted:
+                metrics.LAUNCHES.inc()
         attempt.launched.set()
-        if not adopted:
-            metrics.LAUNCHES.inc()
         what = "adopted" if adopted else "started"
         log.info("run %s attempt %d %s container %s", *key, what, container_id[:12])
         if info.finished or self.reporter.exited_unbound(container_id):
@@ -242,6 +244,8 @@ class Launcher:
                         self.claims.open(key)
                         claiming = asyncio.create_task(self._claim(launch, until_sent=True))
                     spec = launch
+                    if launch.job is not None and launch.location is None:
+                        raise LaunchFailed(f"job {launch.job!r} names no code location")
                     if launch.job is not None and self.keeper is not None:
                         spec = await self.keeper.launch_spec(launch)
                     self.policy.check_image(spec.image)
@@ -378,6 +382,8 @@ class Launcher:
         if attempt is None or attempt.container_id is None:
             await self._report_failed(launch, FailureReason.LAUNCH_ERROR, f"agent error: {exc!r}")
             self.slots.release(key, reported=True)
+            if attempt is not None:
+                attempt.launched.set()
 
     # ---------------------------------------------------------------- terminations
 

@@ -12,9 +12,6 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import msgspec
 
 from schemas import ProgressItem, RunLog, RunProgress
 from schemas.bounds import INT32_MAX
@@ -76,31 +73,6 @@ class LineBatcher:
             # (the margin keeps a long progress frame whole).
             self._partial = self._partial[:_MAX_PARTIAL]
 
-    def _redacted(self, item: ProgressItem) -> ProgressItem:
-        """A frame's decoded strings redacted too: JSON escapes (quotes, backslashes,
-        non-ASCII) hide a secret from the raw line's redaction."""
-        redact = self.redact
-        if redact is None:
-            return item
-
-        def scrub(value: Any) -> Any:
-            if isinstance(value, str):
-                return redact(value)
-            if isinstance(value, dict):
-                return {scrub(k): scrub(v) for k, v in value.items()}
-            if isinstance(value, list | tuple):
-                return [scrub(v) for v in value]
-            return value
-
-        return msgspec.structs.replace(
-            item,
-            step=scrub(item.step),
-            status=scrub(item.status),
-            level=scrub(item.level),
-            message=scrub(item.message),
-            values=scrub(item.values),
-        )
-
     def finish(self) -> None:
         """The stream ended: a last line without a newline still counts."""
         if self._partial:
@@ -113,7 +85,11 @@ class LineBatcher:
             line = self.redact(line)
         try:
             # Items are numbered like lines, within a PostgreSQL integer.
-            item = parse_progress(line, self.next_item) if self.next_item <= INT32_MAX else None
+            item = (
+                parse_progress(line, self.next_item, self.redact)
+                if self.next_item <= INT32_MAX
+                else None
+            )
         except Exception:
             # A frame this agent cannot read is output like any other line: reading the run's
             # output must go on whatever one line holds.
@@ -124,7 +100,7 @@ class LineBatcher:
         if item is not None:
             self.next_item += 1
             if not isinstance(item, Dropped):
-                self._progress.append(self._redacted(item))
+                self._progress.append(item)
             return
         if self._recent.maxlen and not line.startswith(FRAME_PREFIX):
             # As the engine's own read of the output splits it (a carriage return ends a

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from schemas import FailureReason, RunFailed, RunSucceeded
 
+from . import limits
 from .containers import ContainerInfo
 
 
@@ -22,7 +23,11 @@ def final_event(
     attempt: EndedAttempt, agent_id: str, info: ContainerInfo | None, tail: tuple[str, ...]
 ) -> RunSucceeded | RunFailed:
     """RunSucceeded for exit code 0; otherwise RunFailed with the reason, in this order:
-    stopped on instruction, container gone, killed for memory, non-zero exit."""
+    stopped on instruction, container gone, killed for memory, non-zero exit.
+
+    What it carries stays within the contract's bounds whatever the engine or the instruction
+    said: a message at its limit, an exit code outside -1..255 (an engine of another kind) only
+    in words."""
     exit_code = info.exit_code if info else None
     if attempt.terminated is not None:
         reason = attempt.terminated
@@ -43,6 +48,6 @@ def final_event(
         agent_id=agent_id,
         output_tail=tail,
         reason=reason,
-        exit_code=exit_code,
-        message=message,
+        exit_code=exit_code if exit_code is None or -1 <= exit_code <= 255 else None,
+        message=limits.clip(limits.clean(message), limits.MAX_PROGRESS_TEXT_BYTES),
     )

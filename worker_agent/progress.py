@@ -9,6 +9,8 @@ big, too deep) is dropped with a log line rather than break the message that wou
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from hd_sdk.frames import FRAME_PREFIX, parse_frame
 from schemas import OutOfBounds, ProgressItem
@@ -27,11 +29,19 @@ class Dropped:
 DROPPED = Dropped()
 
 
-def parse_progress(line: str, number: int) -> ProgressItem | Dropped | None:
-    """The progress item a line holds, numbered ``number``; None for ordinary output."""
+def parse_progress(
+    line: str, number: int, redact: Callable[[str], str] | None = None
+) -> ProgressItem | Dropped | None:
+    """The progress item a line holds, numbered ``number``; None for ordinary output.
+
+    ``redact`` is applied to every decoded string (keys too) before anything is cut to its
+    limit: JSON escapes (quotes, backslashes, non-ASCII) hide a secret from the raw line's
+    redaction, and a secret cut in two would no longer be found."""
     frame = parse_frame(line)
     if frame is None:
         return None
+    if redact is not None:
+        frame = _scrub(frame, redact)
     values = limits.progress_values(frame.get("values"))
     if values is None:
         log.warning(
@@ -58,3 +68,13 @@ def parse_progress(line: str, number: int) -> ProgressItem | Dropped | None:
         # The contract's own check, should it be stricter than the one above.
         log.warning("progress frame %d dropped: %s", number, exc)
         return DROPPED
+
+
+def _scrub(value: Any, redact: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {_scrub(k, redact): _scrub(v, redact) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v, redact) for v in value]
+    return value

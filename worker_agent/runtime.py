@@ -35,6 +35,7 @@ from .containers import (
     ContainerInfo,
     container_labels,
     container_name,
+    managed,
     run_options,
 )
 from .errors import DockerUnavailable, ImageMissing, LaunchFailed
@@ -372,12 +373,10 @@ class DockerRuntime:
             found = []
             for summary in client.api.containers(all=True, filters=filters):
                 try:
-                    found.append(
-                        ContainerInfo.from_attrs(client.api.inspect_container(summary["Id"]))
-                    )
+                    found.append(client.api.inspect_container(summary["Id"]))
                 except docker.errors.NotFound:
                     continue
-            return found
+            return managed(found)
 
         return await self.call(listing)  # type: ignore[no-any-return]
 

@@ -27,6 +27,7 @@ from worker_agent.containers import (
     ContainerInfo,
     container_labels,
     container_name,
+    managed,
     run_options,
 )
 from worker_agent.errors import DockerUnavailable, ImageMissing, LaunchFailed
@@ -171,7 +172,7 @@ class FakeDockerRuntime:
     async def list_managed(self) -> list[ContainerInfo]:
         await self._call()
         mine = self.engine.labelled(**{LABEL_MANAGED_BY: MANAGED_BY, LABEL_AGENT: self.agent_id})
-        return [c.info() for c in mine if LABEL_RUN in c.labels]
+        return managed([c.attrs() for c in mine if LABEL_RUN in c.labels])
 
     async def open_events(self, since: int | None) -> FakeStream:
         try:
