@@ -61,6 +61,14 @@ FENCE_EVERY = 10
 
 #: A lag past this many seconds is logged (once, and once more when caught up).
 LAG_LOGGED_S = 1.0
+#: A heartbeat this much earlier or later than its agent's fastest is read as the agent's
+#: clock being stepped, not as the way through the broker: that agent is measured afresh
+#: from it. Without this, one beat stamped a day ahead would make every later beat of that
+#: agent look a day late, and the monitor, counting silence beyond its lag, blind.
+CLOCK_STEP_S = 600.0
+#: The heartbeat interval assumed for an agent that holds a run but was never heard from
+#: (the agents' default).
+UNHEARD_INTERVAL_S = 2.0
 
 #: Queues waiting with no live agent are looked for every this many sweeps (a grouped query).
 UNSERVED_EVERY = 10
@@ -208,7 +216,8 @@ class FailureMonitor:
         if view is None:
             view = self.agents[beat.agent_id] = AgentView(beat.agent_id, 0.0, beat.interval_s)
         took = self.wall() - beat.sent_at.timestamp()
-        if view.fastest_s is None or took < view.fastest_s:
+        stepped = view.fastest_s is not None and abs(took - view.fastest_s) > CLOCK_STEP_S
+        if view.fastest_s is None or stepped or took < view.fastest_s:
             view.fastest_s = took
         # Heartbeats of one agent arrive in order (one connection, one queue). A restarted
         # agent's sequence starts from 0 again, so the monitor counts beats itself.
@@ -354,8 +363,18 @@ class FailureMonitor:
         with no final event, fails."""
         settings = self.settings
         key = (run.run_id, run.attempt)
-        view = self.agents.get(run.agent_id or "")
-        if view is None or view.lost:
+        if run.agent_id is None:
+            return
+        view = self.agents.get(run.agent_id)
+        if view is None:
+            # It holds a run but was never heard from (killed before its first heartbeat
+            # came through, or an identity that never beats): judged on its silence from
+            # now, like any agent, so that the run fails over rather than stay for ever.
+            log.info("agent %s holds run %s but was never heard from", run.agent_id, run.run_id)
+            view = self.agents[run.agent_id] = AgentView(
+                run.agent_id, self.clock(), UNHEARD_INTERVAL_S
+            )
+        if view.lost:
             return
         suspicion = self._suspicions.setdefault(key, Suspicion())
         if view.beats == suspicion.last_beat:

@@ -83,7 +83,20 @@ async def live_capacities(
 async def mark_lost(
     connection: asyncpg.Connection, agent_ids: Collection[str]
 ) -> dict[str, datetime]:
-    """ALIVE or DRAINING → LOST; for each agent that changed now, the time it did."""
+    """ALIVE or DRAINING → LOST; for each agent that changed now, the time it did.
+
+    An agent with no row yet that holds an active run (no heartbeat of its ever came
+    through) is recorded first, so that it is declared lost like the others."""
+    await connection.execute(
+        """
+        INSERT INTO agents (agent_id)
+        SELECT DISTINCT agent_id FROM runs
+        WHERE agent_id = ANY($1::text[]) AND state IN ('QUEUED', 'STARTING', 'STARTED', 'CANCELING')
+        ORDER BY agent_id
+        ON CONFLICT DO NOTHING
+        """,
+        list(agent_ids),
+    )
     records = await connection.fetch(
         """
         UPDATE agents a SET status = 'LOST', lost_at = now()

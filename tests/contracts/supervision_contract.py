@@ -307,6 +307,14 @@ async def only_a_known_alive_agent_is_declared_lost(h: Harness) -> None:
     assert await h.alert_kinds() == []
 
 
+async def an_agent_never_heard_from_that_holds_a_run_is_declared_lost(h: Harness) -> None:
+    run_id = await submit(h)
+    await started(h, run_id, "silent")
+    assert await h.agent_status("silent") is None
+    assert await h.store.declare_agent_lost("silent", 6.5) == [run_id]
+    assert await h.agent_status("silent") == "LOST"
+
+
 async def an_agent_comes_back_once_per_incident(h: Harness) -> None:
     await beat(h, AGENT_A)
     assert not await h.store.agent_back(AGENT_A)  # never lost
@@ -403,6 +411,7 @@ CHECKS: tuple[Check, ...] = (
     an_event_is_applied_once_even_when_it_came_too_early,
     a_lost_agent_s_runs_fail_over_once,
     only_a_known_alive_agent_is_declared_lost,
+    an_agent_never_heard_from_that_holds_a_run_is_declared_lost,
     an_agent_comes_back_once_per_incident,
     a_drained_agent_leaves_quietly_and_only_a_draining_one,
     fencing_terminates_attempts_that_are_no_longer_their_run_s,

@@ -64,6 +64,9 @@ from schemas.topology import (
 #: Listed states of containers that have ended (``Supervision.fence`` skips them).
 _ENDED = ("exited", "dead", "reported")
 
+#: A run's states while an agent holds it.
+_ACTIVE = (RunState.QUEUED, RunState.STARTING, RunState.STARTED, RunState.CANCELING)
+
 
 @dataclass
 class FakeRun:
@@ -255,6 +258,13 @@ class FakeSupervision:
         declared: dict[str, list[uuid.UUID]] = {}
         for loss in losses:
             agent = self.agents_by_id.get(loss.agent_id)
+            if agent is None and any(
+                r.agent_id == loss.agent_id and r.state in _ACTIVE for r in self.runs.values()
+            ):
+                # Never heard from, but it holds a run: recorded first (``agents.mark_lost``).
+                agent = self.agents_by_id[loss.agent_id] = FakeAgent(
+                    loss.agent_id, 2.0, self.clock()
+                )
             if agent is None or agent.status not in ("ALIVE", "DRAINING"):
                 continue  # ``agents.mark_lost`` changed nothing
             declared[loss.agent_id] = self._declare_lost(agent, loss)
