@@ -40,6 +40,9 @@ from .bounds import (
 from .envelope import AttemptMessage, FailureReason, RunMessage
 from .errors import OutOfBounds
 
+#: An idempotency key's most UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+
 # ----------------------------------------------------------------------------- requests
 
 
@@ -47,6 +50,8 @@ class SubmitRun(RunMessage, frozen=True, kw_only=True, tag="SubmitRun"):
     """Ask the control plane for a new run. The client chooses ``run_id``.
 
     ``idempotency_key`` makes repeated submissions one run; when absent, ``run_id`` is the key.
+    It is at most 1,024 characters and 1,024 bytes of UTF-8 (PostgreSQL's unique index takes
+    no more than about 2,700 bytes of a value).
     A run is either an ``image`` (and ``command``), or a ``job`` of a code ``location`` with
     its ``config``; the latter is checked against the location's definitions and answered with
     RunAccepted or RunRejected.
@@ -85,6 +90,8 @@ class SubmitRun(RunMessage, frozen=True, kw_only=True, tag="SubmitRun"):
 
     def __post_init__(self) -> None:
         check_json("config", self.config, MAX_CONFIG_BYTES)
+        if self.idempotency_key is not None:
+            check_text_budget("idempotency_key", (self.idempotency_key,), MAX_KEY_BYTES)
 
 
 class CancelRun(RunMessage, frozen=True, kw_only=True, tag="CancelRun"):

@@ -170,6 +170,28 @@ class Database:
             )
             created = await runs.create(connection, accepted)
             created += await runs.create(connection, resolved, announce=True)
+            # A new run id whose idempotency key is an earlier run's created nothing: say so,
+            # or its submitter waits for an answer that never comes. The earlier run is not
+            # named (keys are chosen by people, and may be guessed).
+            made = set(created)
+            keyed = [
+                s for s in (*accepted, *resolved) if s.run_id not in made and s.idempotency_key
+            ]
+            known = await runs.existing(connection, [s.run_id for s in keyed])
+            repeated = [s for s in keyed if s.run_id not in known]
+            await outbox.insert(
+                connection,
+                [
+                    outbox.answer(
+                        RunRejected(
+                            run_id=s.run_id,
+                            reason=f"idempotency key {s.idempotency_key!r} was given to an "
+                            "earlier submission: nothing new was submitted",
+                        )
+                    )
+                    for s in repeated
+                ],
+            )
             return created
 
     async def cancel(

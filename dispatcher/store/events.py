@@ -32,6 +32,20 @@ from . import alerts, outbox, runs
 
 log = logging.getLogger(__name__)
 
+#: The namespace of agents' events' stored ids (see ``stored_id``).
+_AGENT_EVENTS = uuid.UUID("5d7c54c2-7a5e-4c51-9d0e-2f6c3b1a9e47")
+
+
+def stored_id(event: RunEvent) -> uuid.UUID:
+    """The id an event is recorded under: an agent's event under one derived from its agent
+    and its message id, so that the id an agent chooses can never be one that the control
+    plane or the monitor gives a decision (a decision whose id is taken would be skipped as
+    a redelivery). A redelivered event still gets the same id."""
+    agent_id = getattr(event, "agent_id", None)
+    if agent_id is None:
+        return event.message_id
+    return uuid.uuid5(_AGENT_EVENTS, f"{agent_id}/{event.message_id}")
+
 
 async def apply(
     connection: asyncpg.Connection,
@@ -209,7 +223,7 @@ async def _insert(
         ON CONFLICT (event_id) DO NOTHING
         RETURNING seq
         """,
-        event.message_id,
+        stored_id(event),
         event.run_id,
         event.attempt,
         type(event).__name__,

@@ -18,7 +18,18 @@ import asyncpg
 import msgspec
 
 from hd_sdk.config import problems
-from schemas import LocationFailed, LocationLoaded, LocationSnapshot, LocationSpec, SubmitRun
+from schemas import (
+    InvalidMessage,
+    LocationFailed,
+    LocationLoaded,
+    LocationSnapshot,
+    LocationSpec,
+    SchemaError,
+    SubmitRun,
+    encode,
+    is_safe_name,
+)
+from schemas.codec import Decoder
 from schemas.topology import LOCATIONS_EXCHANGE
 
 from .. import submissions
@@ -26,7 +37,10 @@ from ..errors import ConfigError, LocationNotFound
 from . import audit, outbox
 from .connections import Connections
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+#: What agents decode a queue's snapshot with: a location it refuses would take every
+#: location of its queue down with it.
+_SNAPSHOTS: Decoder[LocationSnapshot] = Decoder(LocationSnapshot)
 
 
 @dataclass(frozen=True)
@@ -58,17 +72,38 @@ class Location:
         )
 
 
-def check_location(name: str, image: str, queue: str, env: dict[str, str] | None = None) -> None:
-    if not _NAME.match(name):
+def check_location(
+    name: str,
+    image: str,
+    queue: str,
+    env: dict[str, str] | None = None,
+    command: Sequence[str] = (),
+) -> None:
+    """Refuse (ConfigError, in words) a location its agents could not take: it is checked as
+    part of its queue's snapshot, with the agents' own decoder."""
+    if not _NAME.fullmatch(name):
         raise ConfigError(
-            f"location name {name!r} is invalid: lowercase letters, digits, '_', '.', '-'"
+            f"location name {name!r} is invalid: 1 to 63 lowercase letters, digits, '_' and '-'"
         )
     if not image.strip():
         raise ConfigError("a location needs an image")
     if not queue.strip():
         raise ConfigError("a location needs an agent queue")
+    if not is_safe_name(queue):
+        raise ConfigError(f"agent queue name {queue!r} is invalid: letters, digits, '_' and '-'")
     if reason := submissions.secret_reference_problem(env or {}):
         raise ConfigError(reason)
+    try:
+        spec = LocationSpec(name=name, image=image, command=tuple(command), env=dict(env or {}))
+        _SNAPSHOTS.decode(encode(LocationSnapshot(queue=queue, locations=(spec,))))
+    except InvalidMessage as exc:
+        where = (exc.field or "").removeprefix("locations[0].")
+        detail = exc.detail
+        if "matching regex" in detail:
+            detail = f"{image!r} is not an image reference" if where == "image" else "not valid"
+        raise ConfigError(f"invalid location: {where + ': ' if where else ''}{detail}") from None
+    except SchemaError as exc:
+        raise ConfigError(f"invalid location: {exc}") from None
 
 
 class Locations:
@@ -88,7 +123,7 @@ class Locations:
         actor: str = "unknown",
     ) -> Location:
         """Add (``create``) or update a location; either bumps nothing else's generation."""
-        check_location(name, image, queue, env)
+        check_location(name, image, queue, env, command)
         async with self._connections.transaction() as connection:
             before = await connection.fetchrow(
                 "SELECT * FROM code_locations WHERE name = $1 FOR UPDATE", name
@@ -191,7 +226,16 @@ async def resolve_job(
     if job is None:
         known = ", ".join(sorted(j["name"] for j in location.jobs)) or "none"
         return f"no job {submission.job!r} in location {location.name!r} (jobs: {known})", None
-    found = problems(job.get("config_schema") or {}, submission.config)
+    try:
+        found = problems(job.get("config_schema") or {}, submission.config)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        # The schema came from the location's code server, unchecked beyond its size: one
+        # it cannot be read by refuses the job's submissions in words, never fails the batch.
+        return (
+            f"job {submission.job!r} of location {location.name!r} has a config schema that "
+            f"cannot be applied ({exc!r}): fix the job's definition",
+            None,
+        )
     if found:
         return f"invalid config for job {submission.job!r}: " + "; ".join(found), None
     return None, msgspec.structs.replace(submission, image=location.image, queue=location.queue)

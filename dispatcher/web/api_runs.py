@@ -23,7 +23,15 @@ from litestar.exceptions import (
 )
 from litestar.params import Parameter
 
-from schemas import SubmitRun, is_safe_name
+from schemas import (
+    CancelRun,
+    InvalidMessage,
+    SchemaError,
+    SubmitRun,
+    encode,
+    is_safe_name,
+    request_decoder,
+)
 from schemas.bounds import INT32_MAX
 
 from ..client import check_submission
@@ -245,6 +253,15 @@ class RunsController(Controller):
         body = data or views.CancelBody()
         if not 0 <= body.grace_s <= 3600:
             raise ValidationException("grace_s: 0 to 3600 seconds")
+        try:
+            # What the intake would dead-letter is refused here, in words, not answered 202.
+            cancel = CancelRun(run_id=run_id, grace_s=body.grace_s, reason=body.reason)
+            request_decoder().decode(encode(cancel))
+        except InvalidMessage as exc:
+            where = f"{exc.field.removeprefix('$.')}: " if exc.field else ""
+            raise ValidationException(f"{where}{exc.detail}") from None
+        except SchemaError as exc:
+            raise ValidationException(str(exc)) from None
         run = await _run(store, run_id)
         token = token_of(request)
         why = cancel_problem(token.name, token.limits, run.queue, run.location)

@@ -46,6 +46,17 @@ def _broker(state: State) -> Broker:
     return broker
 
 
+def event_id_header(header: str) -> int:
+    """The event id a ``Last-Event-ID`` header names; ValidationException (400) otherwise.
+
+    ``isascii``: ``str.isdigit`` takes '²' (a latin-1 header byte), which ``int`` does not."""
+    if not (header.isascii() and header.isdigit()) or int(header) > INT64_MAX:
+        raise ValidationException(
+            f"Last-Event-ID: an event id this stream sent (a number), not {header[:40]!r}"
+        )
+    return int(header)
+
+
 @get("/events", tags=["events"])
 async def events(
     request: Request,  # type: ignore[type-arg]
@@ -66,11 +77,7 @@ async def events(
     revoked or the session ends."""
     header = request.headers.get("last-event-id")
     if header is not None:
-        if not header.isdigit() or int(header) > INT64_MAX:
-            raise ValidationException(
-                f"Last-Event-ID: an event id this stream sent (a number), not {header[:40]!r}"
-            )
-        last_event_id = int(header)
+        last_event_id = event_id_header(header)
     after = last_event_id if last_event_id is not None else await store.runs.last_event_seq()
     wakeups: Wakeups = request.app.state.wakeups
     authorization = request.headers.get("authorization", "")

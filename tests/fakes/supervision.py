@@ -37,6 +37,7 @@ from dispatcher.store import (
     decision_id,
 )
 from dispatcher.store.alerts import AGENT_BACK, AGENT_DOWN, QUEUE_UNSERVED, RUN_FAILED, RUN_LONG
+from dispatcher.store.events import stored_id
 from dispatcher.store.outbox import answer
 from dispatcher.store.runs import launch
 from schemas import (
@@ -507,7 +508,7 @@ class FakeSupervision:
             new = RunState.QUEUED
         kind = type(event).__name__
         row = FakeEventRow(
-            event.message_id, event.run_id, event.attempt, kind, current if new else None, new
+            stored_id(event), event.run_id, event.attempt, kind, current if new else None, new
         )
         if not self._record(row) or new is None:
             return False

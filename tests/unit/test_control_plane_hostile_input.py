@@ -1,10 +1,15 @@
-"""Hostile and unusual input against the control plane: the monitor's view of agents."""
+"""Hostile and unusual input against the control plane: the monitor's view of agents, the HTTP
+API's headers."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+from litestar.exceptions import ValidationException
+
 from dispatcher.states import RunState
+from dispatcher.web.app import event_id_header
 from schemas import AgentHeartbeat
 from tests.unit.test_monitor_rules import INTERVAL_S, World, state
 
@@ -38,3 +43,12 @@ async def test_a_run_held_by_an_agent_the_monitor_never_heard_from_is_not_stuck(
     w.live(B)
     await w.elapse(600)  # ten minutes, every other agent beating
     assert w.run(run_id).state != RunState.STARTED
+
+
+@pytest.mark.parametrize("header", ["\u00b2", "\u00b9\u00b3", "12a", "-1", "", "9" * 30])
+def test_a_last_event_id_that_is_not_an_event_id_is_a_400(header: str) -> None:
+    """'²' (byte 0xB2, read as latin-1 as ASGI headers are) passes str.isdigit() but not
+    int(): refused as any other bad value, with the header named, never a 500."""
+    with pytest.raises(ValidationException, match="Last-Event-ID"):
+        event_id_header(header)
+    assert event_id_header("42") == 42
