@@ -48,9 +48,12 @@ class DeadLetterSeen:
     source_queue: str
     reason: str
     body: bytes
+    message_id: str | None = None
 
 
-def seen(headers: Mapping[str, Any] | None, body: bytes) -> DeadLetterSeen:
+def seen(
+    headers: Mapping[str, Any] | None, body: bytes, message_id: str | None = None
+) -> DeadLetterSeen:
     """What a dead letter's headers say of it (ours, or the broker's own)."""
     headers = headers or {}
     source = headers.get(DEAD_LETTER_QUEUE_HEADER) or headers.get("x-first-death-queue") or "?"
@@ -58,7 +61,8 @@ def seen(headers: Mapping[str, Any] | None, body: bytes) -> DeadLetterSeen:
     if not reason:
         why = headers.get("x-first-death-reason") or "unknown"
         reason = f"dead-lettered by the broker ({_text(why)})"
-    return DeadLetterSeen(known_queue(_text(source)), _text(reason)[:2000], body)
+    kept_id = _text(message_id)[:200] if message_id else None
+    return DeadLetterSeen(known_queue(_text(source)), _text(reason)[:2000], body, kept_id)
 
 
 def known_queue(name: str) -> str:

@@ -61,14 +61,17 @@ FENCE_EVERY = 10
 
 #: A lag past this many seconds is logged (once, and once more when caught up).
 LAG_LOGGED_S = 1.0
-#: A heartbeat this much earlier or later than its agent's fastest is read as the agent's
-#: clock being stepped, not as the way through the broker: that agent is measured afresh
-#: from it. Without this, one beat stamped a day ahead would make every later beat of that
-#: agent look a day late, and the monitor, counting silence beyond its lag, blind.
+#: A heartbeat this much earlier than its agent's fastest, or later than that by this much
+#: beyond the monitor's own lag, is read as the agent's clock being stepped, not as the way
+#: through the broker: that agent is measured afresh from it. Without this, one beat stamped
+#: a day ahead would make every later beat of that agent look a day late, and the monitor,
+#: counting silence beyond its lag, blind. A backlog delays every agent's beats a little more
+#: at each batch, so the lag follows it and it is never read as a step.
 CLOCK_STEP_S = 600.0
-#: The heartbeat interval assumed for an agent that holds a run but was never heard from
-#: (the agents' default).
-UNHEARD_INTERVAL_S = 2.0
+#: The heartbeat interval assumed for an agent that holds a run but was never heard from:
+#: the longest the contract allows, so that no agent is taken for lost before its first
+#: heartbeat could have come (a run it holds still fails over, not stays for ever).
+UNHEARD_INTERVAL_S = 300.0
 
 #: Queues waiting with no live agent are looked for every this many sweeps (a grouped query).
 UNSERVED_EVERY = 10
@@ -216,7 +219,10 @@ class FailureMonitor:
         if view is None:
             view = self.agents[beat.agent_id] = AgentView(beat.agent_id, 0.0, beat.interval_s)
         took = self.wall() - beat.sent_at.timestamp()
-        stepped = view.fastest_s is not None and abs(took - view.fastest_s) > CLOCK_STEP_S
+        stepped = view.fastest_s is not None and (
+            took < view.fastest_s - CLOCK_STEP_S
+            or took - view.fastest_s > self.lag() + CLOCK_STEP_S
+        )
         if view.fastest_s is None or stepped or took < view.fastest_s:
             view.fastest_s = took
         # Heartbeats of one agent arrive in order (one connection, one queue). A restarted

@@ -17,8 +17,9 @@ administrator):
   ``hd.status``: its decisions are rows in PostgreSQL, which the control plane's relay
   publishes.
 - **web** (``dispatcher web``, tagged ``hd-web``): publishes submissions and cancels to
-  ``hd.requests`` and reads the dead-letter queue (looked up, never declared); nothing
-  else. It reads everything else from PostgreSQL. The intake takes its submissions (and the
+  ``hd.requests``, and nothing else: no read permission at all, so it cannot bind anything
+  (a binding needs read on its source). It reads everything from PostgreSQL, the dead
+  letters too. The intake takes its submissions (and the
   ``submitted_by`` it stamps) once its name is in the control plane's
   ``HD_TRUSTED_BROKER_USERS``; a web process that is broken into can then submit and
   cancel, but never publish an instruction, a control message or a status event.
@@ -156,9 +157,10 @@ def monitor_permissions() -> Permissions:
 def web_permissions() -> Permissions:
     return Permissions(
         configure=NOTHING,
+        # The exchange; the queue of the same name too (RabbitMQ's permissions name both),
+        # which without read on any exchange it can bind nothing to.
         write=rf"^{re.escape(REQUESTS_EXCHANGE)}$",
-        # Peeked at: taken unacked, and all returned when the channel closes.
-        read=rf"^{re.escape(DEAD_LETTER_QUEUE)}$",
+        read=NOTHING,
         status_keys=NOTHING,
         status_read=NOTHING,
     )

@@ -77,7 +77,9 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                 await publisher.publish(STATUS_EXCHANGE, key, rejected)
 
         async def on_dead_letters(deliveries: list[Delivery[bytes]]) -> None:
-            letters = [dead_letters.seen(d.raw.headers, d.message) for d in deliveries]
+            letters = [
+                dead_letters.seen(d.raw.headers, d.message, d.raw.message_id) for d in deliveries
+            ]
             await store.dead_letters.record(letters)
             for letter in letters:
                 metrics.DEAD_LETTERS_SEEN.labels(letter.source_queue).inc()

@@ -147,7 +147,7 @@ async def _record(
         VALUES ($1, $2, $3, 'CancelRun', $4, $5, $6::jsonb)
         ON CONFLICT (event_id) DO NOTHING
         """,
-        request.message_id,
+        runs.request_event_id("CancelRun", request.message_id),
         request.run_id,
         attempt,
         current.value,

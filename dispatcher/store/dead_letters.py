@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,15 +43,48 @@ async def _count(connection: asyncpg.Connection, letters: Sequence[DeadLetterSee
         )
 
 
+#: How many of the latest dead letters are kept for the HTTP API, and how much of each body.
+DEAD_LETTERS_KEPT = 1000
+BODY_KEPT = 4096
+
+
+async def _keep(connection: asyncpg.Connection, letters: Sequence[DeadLetterSeen]) -> None:
+    await connection.execute(
+        """
+        INSERT INTO dead_letters_seen (source_queue, reason, message_id, body)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
+        """,
+        [letter.source_queue for letter in letters],
+        [letter.reason for letter in letters],
+        [letter.message_id for letter in letters],
+        [letter.body[:BODY_KEPT] for letter in letters],
+    )
+    await connection.execute(
+        "DELETE FROM dead_letters_seen WHERE seq <= (SELECT max(seq) FROM dead_letters_seen) - $1",
+        DEAD_LETTERS_KEPT,
+    )
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    seen_at: datetime
+    source_queue: str
+    reason: str
+    message_id: str | None
+    body: bytes
+
+
 class DeadLetters:
     def __init__(self, connections: Connections, retry_backoff_s: float) -> None:
         self._connections = connections
         self._retry_backoff_s = retry_backoff_s
 
     async def record(self, letters: Sequence[DeadLetterSeen]) -> None:
-        """Count and alert on dead letters; a dead LaunchRun fails its attempt if still QUEUED."""
+        """Count, keep (the latest, for the HTTP API) and alert on dead letters; a dead LaunchRun
+        fails its attempt if still QUEUED."""
         async with self._connections.transaction() as connection:
             await _count(connection, letters)
+            await _keep(connection, letters)
             for letter in letters:
                 failed = launch_failure(letter)
                 # Only an attempt still waiting to launch: a dead LaunchRun never started a
@@ -61,6 +95,19 @@ class DeadLetters:
                     failed.attempt,
                 ):
                     await events.apply(connection, failed, self._retry_backoff_s)
+
+    async def latest(self, limit: int) -> list[DeadLetterRow]:
+        """The latest ``limit`` dead letters seen, oldest first."""
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT seen_at, source_queue, reason, message_id, body FROM (
+                    SELECT * FROM dead_letters_seen ORDER BY seq DESC LIMIT $1
+                ) latest ORDER BY seq
+                """,
+                limit,
+            )
+        return [DeadLetterRow(**dict(r)) for r in records]
 
     async def counts(self) -> list[dict[str, Any]]:
         """Dead letters seen so far, by source queue."""

@@ -377,6 +377,22 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             ADD COLUMN locations text[] NOT NULL DEFAULT '{}';
         """,
     ),
+    (
+        17,
+        "the latest dead letters seen",
+        """
+        -- What the HTTP API lists: the web process reads no queue on the broker. Bounded
+        -- (the newest DEAD_LETTERS_KEPT); each body cut to 4 KiB.
+        CREATE TABLE dead_letters_seen (
+            seq          bigserial PRIMARY KEY,
+            seen_at      timestamptz NOT NULL DEFAULT now(),
+            source_queue text NOT NULL,
+            reason       text NOT NULL,
+            message_id   text,
+            body         bytea NOT NULL
+        );
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

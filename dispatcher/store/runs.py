@@ -25,6 +25,17 @@ from ..states import RunState
 from . import limits, outbox
 from .connections import Connections
 
+#: The namespace of the stored ids of requests' events (see ``request_event_id``).
+_REQUESTS = uuid.UUID("0c6a3f8e-91b4-4f57-8d2e-7a1e5b9c4d60")
+
+
+def request_event_id(kind: str, message_id: uuid.UUID) -> uuid.UUID:
+    """The id a request (SubmitRun, CancelRun) is recorded under in its run's history: one
+    derived from the id its sender chose, so that no sender can take the id of a decision of
+    the control plane's or the monitor's to come (it would be skipped as a redelivery)."""
+    return uuid.uuid5(_REQUESTS, f"{kind}/{message_id}")
+
+
 #: Columns of ``runs`` stored as JSON text.
 _JSON_COLUMNS = ("command", "env", "tags", "ready_check", "config", "output_tail")
 #: What a LaunchRun carries of its run (the attempt header aside).
@@ -228,7 +239,7 @@ async def create(
         FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS e(event_id, run_id, payload)
         ON CONFLICT (event_id) DO NOTHING
         """,
-        [s.message_id for s in fresh.values()],
+        [request_event_id("SubmitRun", s.message_id) for s in fresh.values()],
         list(fresh),
         [payload_json(s) for s in fresh.values()],
     )

@@ -10,7 +10,6 @@ from litestar.response import Response
 
 from ..errors import DispatcherError
 from ..store import Database
-from .broker import Broker
 
 
 class OpsController(Controller):
@@ -47,18 +46,20 @@ class OpsController(Controller):
 
     @get("/dead-letters", tags=["dead letters"], opt={"scope": "operate"})
     async def dead_letters(
-        self, broker: Broker, limit: Annotated[int, Parameter(ge=1, le=500)] = 50
+        self, store: Database, limit: Annotated[int, Parameter(ge=1, le=500)] = 50
     ) -> list[dict[str, Any]]:
-        """Messages a consumer could not take, oldest first, with the queue each came from and
-        why (they stay in the dead-letter queue)."""
+        """The latest messages a consumer could not take, oldest first, with the queue each
+        came from and why, as the control plane saw them arrive in the dead-letter queue (the
+        latest 1,000 are kept, each body's first 4 KiB)."""
         return [
             {
+                "seen_at": letter.seen_at,
                 "source_queue": letter.source_queue,
                 "reason": letter.reason,
                 "message_id": letter.message_id,
-                "body": letter.body[:4096].decode("utf-8", errors="replace"),
+                "body": letter.body.decode("utf-8", errors="replace"),
             }
-            for letter in await broker.dead_letters(limit)
+            for letter in await store.dead_letters.latest(limit)
         ]
 
     @get("/limits", tags=["limits"])

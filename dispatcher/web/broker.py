@@ -1,13 +1,12 @@
 """The web process's way to the broker: one client connection that publishes submissions and
-cancels; their answers are read back from PostgreSQL, never from the status stream (the web
-process needs no queue of its own on the broker)."""
+cancels, and nothing else; their answers, like everything the web shows, are read back from
+PostgreSQL (the web process reads no queue on the broker)."""
 
 from __future__ import annotations
 
 import uuid
 
 from schemas import SubmitRun
-from transport.dead_letters import DeadLetter
 
 from ..client import Client
 
@@ -21,6 +20,3 @@ class Broker:
 
     async def cancel(self, run_id: uuid.UUID, grace_s: float, reason: str) -> None:
         await self._client.cancel(run_id, grace_s, reason)
-
-    async def dead_letters(self, limit: int) -> list[DeadLetter]:
-        return await self._client.dead_letters(limit)

@@ -39,7 +39,7 @@ from dispatcher.store import (
 from dispatcher.store.alerts import AGENT_BACK, AGENT_DOWN, QUEUE_UNSERVED, RUN_FAILED, RUN_LONG
 from dispatcher.store.events import stored_id
 from dispatcher.store.outbox import answer
-from dispatcher.store.runs import launch
+from dispatcher.store.runs import launch, request_event_id
 from schemas import (
     AgentHeartbeat,
     ContainerState,
@@ -165,7 +165,14 @@ class FakeSupervision:
             self._keys.add(key)
             self.runs[s.run_id] = FakeRun(s, state_changed_at=self.clock())
             self._record(
-                FakeEventRow(s.message_id, s.run_id, 1, "SubmitRun", None, RunState.QUEUED)
+                FakeEventRow(
+                    request_event_id("SubmitRun", s.message_id),
+                    s.run_id,
+                    1,
+                    "SubmitRun",
+                    None,
+                    RunState.QUEUED,
+                )
             )
             self._insert(
                 OutboxItem(launch(msgspec.structs.asdict(s), 1), INSTRUCTIONS_EXCHANGE, s.queue)

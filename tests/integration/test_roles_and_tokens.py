@@ -21,10 +21,12 @@ from schemas import AgentHeartbeat, LaunchRun, RunFailed, SubmitRun, encode
 from schemas.runs import FailureReason
 from schemas.topology import (
     CONTROL_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
     INSTRUCTIONS_EXCHANGE,
     LOCATIONS_EXCHANGE,
     MONITOR_SOURCE,
     REQUESTS_EXCHANGE,
+    REQUESTS_QUEUE,
     REQUESTS_ROUTING_KEY,
     STATUS_EXCHANGE,
     event_routing_key,
@@ -353,7 +355,7 @@ async def test_the_web_process_runs_with_an_identity_that_may_only_submit_and_ca
         await wait_for_state(store, uuid.UUID(long["run_id"]), RunState.STARTED, timeout=60)
         canceled = await http.post(f"/runs/{long['run_id']}/cancel", json={}, headers=operate)
         assert canceled.status_code == 202, canceled.text
-        # The dead-letter queue is read with it too (looked up, not declared).
+        # The dead letters are listed from PostgreSQL: the identity reads nothing.
         letters = await http.get("/dead-letters", headers=operate)
         assert letters.status_code == 200, letters.text
     await wait_for_state(store, uuid.UUID(quick["run_id"]), RunState.SUCCESS, timeout=60)
@@ -368,5 +370,18 @@ async def test_the_web_process_runs_with_an_identity_that_may_only_submit_and_ca
         publish_to(CONTROL_EXCHANGE, stack.agent_id(0)),
         publish_to(STATUS_EXCHANGE, event_routing_key(failed, MONITOR_SOURCE), encode(failed)),
         publish_to(LOCATIONS_EXCHANGE, stack.queue),
+        bind_requests_to(DEAD_LETTER_EXCHANGE),
     ):
         assert "ACCESS_REFUSED" in await refused(web_url, attempt), attempt.__name__  # type: ignore[attr-defined]
+
+
+def bind_requests_to(exchange: str) -> object:
+    """Bind the intake's queue (which a web identity may write to: it shares the requests
+    exchange's name) to ``exchange``: every message there would reach the intake."""
+
+    async def attempt(channel: Channel) -> None:
+        queue = await channel.get_queue(REQUESTS_QUEUE, ensure=False)
+        await queue.bind(exchange, routing_key="#")
+
+    attempt.__name__ = f"bind {REQUESTS_QUEUE} to {exchange}"
+    return attempt

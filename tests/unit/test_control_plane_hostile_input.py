@@ -41,7 +41,7 @@ async def test_a_run_held_by_an_agent_the_monitor_never_heard_from_is_not_stuck(
     run_id = await w.submit()
     await w.started(run_id, "never-beats")
     w.live(B)
-    await w.elapse(600)  # ten minutes, every other agent beating
+    await w.elapse(1000)  # past 3 x 300 s (an agent never heard from may beat that seldom)
     assert w.run(run_id).state != RunState.STARTED
 
 

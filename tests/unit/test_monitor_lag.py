@@ -101,6 +101,18 @@ async def test_agents_beating_on_time_are_not_lost_while_the_monitor_falls_behin
     assert [w.times_lost(a) for a in ("agent-a", "agent-b", "agent-c")] == [0, 1, 0]
 
 
+async def test_a_backlog_longer_than_a_clock_step_is_still_a_backlog() -> None:
+    """Read one beat every 2.5 s for 20 minutes: the monitor falls more than CLOCK_STEP_S
+    behind, and every agent's beats grow later together; that is lag, not clocks stepped."""
+    w = LateWorld()
+    await w.run_for(10.0)
+    w.read_every = 5
+    await w.run_for(1200.0)
+    assert w.monitor.lag() > 600.0
+    for agent_id in SKEW:
+        assert w.times_lost(agent_id) == 0
+
+
 async def test_with_nothing_left_to_read_the_lag_fades_and_silent_agents_are_lost() -> None:
     w = LateWorld()
     await w.run_for(10.0)

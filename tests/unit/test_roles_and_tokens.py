@@ -167,18 +167,17 @@ async def test_the_monitor_may_touch_only_its_own_queue() -> None:
         assert not matches(p.status_keys, key), key
 
 
-async def test_the_web_process_may_only_publish_requests_and_read_dead_letters() -> None:
+async def test_the_web_process_may_only_publish_requests() -> None:
     broker = await declared_by()
     p = web_permissions()
-    assert matches(p.write, "hd.requests") and matches(p.read, "hd.dead-letters")
+    assert matches(p.write, "hd.requests")
     for name in EVERY_EXCHANGE:
         if name != "hd.requests":
             assert not matches(p.write, name), name
-    # It declares nothing (the dead-letter queue is looked up) and reads no other queue.
-    for name in [*broker.queues, *PRIVATE, "hd.instructions.gpu"]:
-        assert not matches(p.configure, name), name
-        if name != "hd.dead-letters":
-            assert not matches(p.read, name), name
+    # It declares and reads nothing: without read on any exchange it can bind nothing, not
+    # even into the requests queue its write permission names too.
+    for name in [*broker.queues, *EVERY_EXCHANGE, *PRIVATE, "hd.instructions.gpu"]:
+        assert not matches(p.configure, name) and not matches(p.read, name), name
     for key in [*control_keys(), monitor_decision_key(), *agent_keys(), "run.#", "agent.#"]:
         assert not matches(p.status_keys, key) and not matches(p.status_read, key), key
 
