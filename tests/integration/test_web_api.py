@@ -96,6 +96,16 @@ async def test_runs_are_submitted_listed_read_and_canceled_through_the_api(
     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
         # Health needs no token; everything else does.
         assert (await http.get("/health")).json() == {"status": "ok"}
+        # Every answer, a page's and its script's too, is never framed nor sniffed, and a
+        # page runs only its own script.
+        root = base.removesuffix("/api/v1")
+        for url in (f"{base}/health", f"{root}/ui/login", f"{root}/ui/static/app.js"):
+            headers = (await http.get(url)).headers
+            assert headers["x-frame-options"] == "DENY", url
+            assert headers["x-content-type-options"] == "nosniff", url
+            assert "frame-ancestors 'none'" in headers["content-security-policy"], url
+            assert "script-src" not in headers["content-security-policy"]  # default-src 'self'
+
         for path in ("/runs", "/agents", "/locations", "/alerts", "/limits", "/openapi.json"):
             answer = await http.get(path)
             assert answer.status_code == 401, (path, answer.text)
