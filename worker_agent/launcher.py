@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 
 import msgspec
 
@@ -129,7 +128,7 @@ class Launcher:
             # Terminated while its container was being created: stopped now, its end
             # reported as any terminated attempt's.
             self._terminating(attempt, fence)
-            await self._stop(attempt.run_id, container_id, fence.grace_s)
+            await self._stop(attempt, fence.grace_s)
         try:
             await self.reporter.launched(*key, container_id, attempt.started)
         except BrokerUnavailable as exc:
@@ -404,9 +403,11 @@ class Launcher:
                 # Its LaunchRun may be on its way, held for a slot, or being launched.
                 log.debug("run %s attempt %d fenced: terminated before it started", *key)
                 self.slots.fence(key, fence)
+        elif attempt.stopping_grace_s is not None and fence.grace_s >= attempt.stopping_grace_s:
+            log.debug("run %s attempt %d: being stopped already", *key)
         elif not attempt.finishing:
             self._terminating(attempt, fence)
-            if not await self._stop(terminate.run_id, attempt.container_id, fence.grace_s):
+            if not await self._stop(attempt, fence.grace_s):
                 return  # left unacked: back to its queue when the channel closes
         await settle(raw.ack())
 
@@ -421,19 +422,25 @@ class Launcher:
             fence.note or "asked to",
         )
 
-    async def _stop(self, run_id: uuid.UUID, container_id: str, grace_s: float) -> bool:
+    async def _stop(self, attempt: Attempt, grace_s: float) -> bool:
         """SIGTERM, then SIGKILL after ``grace_s``, retried while Docker is unreachable;
         False when the agent began to stop first."""
+        assert attempt.container_id is not None
         delay = FIRST_RETRY_S
-        while True:
-            try:
-                await self.runtime.stop(container_id, grace_s)
-                return True
-            except DockerUnavailable as exc:
-                log.error("cannot terminate run %s (%s); retried in %.1f s", run_id, exc, delay)
-                if not await self._pause(delay):
-                    return False
-                delay = min(delay * 2, MAX_RETRY_S)
+        attempt.stopping_grace_s = grace_s
+        try:
+            while True:
+                try:
+                    await self.runtime.stop(attempt.container_id, grace_s)
+                    return True
+                except DockerUnavailable as exc:
+                    run_id = attempt.run_id
+                    log.error("cannot terminate run %s (%s); retried in %.1f s", run_id, exc, delay)
+                    if not await self._pause(delay):
+                        return False
+                    delay = min(delay * 2, MAX_RETRY_S)
+        finally:
+            attempt.stopping_grace_s = None
 
     # ------------------------------------------------------------------ adoption
 

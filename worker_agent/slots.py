@@ -61,6 +61,9 @@ class Attempt:
     #: Set by a TerminateRun: what the attempt's end is reported as.
     terminated: FailureReason | None = None
     terminate_note: str = ""
+    #: The grace of the stop under way, if one is: a TerminateRun that would give no less
+    #: adds no second stop (each holds one of the engine's threads for its whole grace).
+    stopping_grace_s: float | None = None
     #: Follows the container's output while it runs (lines are forwarded when log forwarding
     #: is on); its result is the output's tail when it was read whole after the exit.
     forwarding: asyncio.Task[tuple[str, ...] | None] | None = None

@@ -51,6 +51,10 @@ class FakeDockerRuntime:
         self._closed = False
         #: Times a container's output tail was read from the engine.
         self.tail_reads = 0
+        #: Every stop asked for (container, grace), and, when set, what a stop waits for
+        #: before it acts: a container taking its grace to go.
+        self.stops: list[tuple[str, float]] = []
+        self.stop_gate: asyncio.Event | None = None
 
     async def _call(self) -> None:
         """A call to the engine: it yields to the loop (the real one hops to a thread)."""
@@ -159,6 +163,9 @@ class FakeDockerRuntime:
 
     async def stop(self, container_id: str, grace_s: float) -> None:
         await self._call()
+        self.stops.append((container_id, grace_s))
+        if self.stop_gate is not None:
+            await self.stop_gate.wait()
         container = self.engine.find(container_id)
         if container is not None:
             self.engine.stop(container)

@@ -213,3 +213,31 @@ def test_a_secret_at_the_cut_of_a_progress_text_is_not_left_half_visible(
     [item] = batcher.take_progress()
     shown = getattr(item, field)
     assert secret[:5] not in shown, shown[-20:]
+
+
+# ---------------------------------------------- a terminate delivered twice
+
+
+async def test_a_terminate_delivered_twice_stops_its_container_once(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    """Each stop holds one of the engine's threads for as long as its grace: a TerminateRun
+    that comes again while the container is being stopped adds no stop, unless it gives a
+    shorter grace."""
+    agent = await agent_on()
+    launch = launch_of(command=SLEEP)
+    await agent.deliver(launch)
+    agent.runtime.stop_gate = gate = asyncio.Event()
+    terminate = TerminateRun(run_id=launch.run_id, attempt=1, reason="canceled", grace_s=30)
+    first = asyncio.create_task(agent.deliver(terminate))
+    await until(lambda: len(agent.runtime.stops) == 1)
+    again = await asyncio.wait_for(agent.deliver(terminate), 5)
+    assert again.settlements == ["ack"] and len(agent.runtime.stops) == 1
+    sooner = TerminateRun(run_id=launch.run_id, attempt=1, reason="now", grace_s=0)
+    third = asyncio.create_task(agent.deliver(sooner))
+    await until(lambda: len(agent.runtime.stops) == 2)
+    gate.set()
+    assert [d.settlements for d in await asyncio.gather(first, third)] == [["ack"], ["ack"]]
+    container = only_container(engine)
+    assert agent.runtime.stops == [(container.id, 30), (container.id, 0)]
+    decodable(await agent.reported(launch.run_id))
