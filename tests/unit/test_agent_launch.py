@@ -414,9 +414,10 @@ async def test_an_exit_is_reported_with_its_code_and_output_then_the_container_g
     assert names.index("RunLog") < names.index(type(final).__name__)
     [log] = agent.events(RunLog)
     assert (log.first_line, log.lines) == (0, ("one", "two"))
-    # Then the container is removed and the slot freed; the attempt is listed as reported.
+    # Then the container is removed and the slot freed (the slot at the exit, the removal
+    # after the report); the attempt is listed as reported.
     await until(lambda: agent.slots.free() == 2, what="the slot freed")
-    assert engine.containers == {}
+    await until(lambda: engine.containers == {}, what="the container removed")
     [listed] = agent.slots.in_flight()
     assert (listed.state, listed.exit_code) == ("reported", code)
     agent.clock.advance(61)
