@@ -16,6 +16,7 @@ from .errors import DispatcherError
 
 if TYPE_CHECKING:
     from .store import Database
+    from .submitters import Limits
 
 T = TypeVar("T")
 
@@ -39,6 +40,27 @@ DatabaseSchema = Annotated[
     str | None,
     typer.Option(envvar="HD_DATABASE_SCHEMA", help="Schema holding the tables (default: public)."),
 ]
+#: A token's limits (submitter tokens and API tokens alike; ``dispatcher.submitters``).
+LimitQueues = Annotated[
+    list[str] | None,
+    typer.Option("--queue", "-q", help="Agent queue it may submit to; repeatable (any)."),
+]
+LimitLocations = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--location",
+        "-l",
+        help="Code location whose jobs it may submit; repeatable. Given, the token submits "
+        "only those jobs (no run of an image of its own).",
+    ),
+]
+
+
+def limits_of(queues: list[str] | None, locations: list[str] | None) -> Limits:
+    """The limits the options give, each name once, in order."""
+    from .submitters import Limits
+
+    return Limits(tuple(dict.fromkeys(queues or ())), tuple(dict.fromkeys(locations or ())))
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:

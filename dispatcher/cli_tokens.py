@@ -13,7 +13,10 @@ from .cli_common import (
     AmqpUrl,
     DatabaseSchema,
     DatabaseUrl,
+    LimitLocations,
+    LimitQueues,
     _fail,
+    limits_of,
     operator,
     with_store,
 )
@@ -39,19 +42,8 @@ def _need_database(database_url: str) -> None:
 @tokens_app.command("add")
 def tokens_add(
     name: Name,
-    queue: Annotated[
-        list[str] | None,
-        typer.Option("--queue", "-q", help="Agent queue it may submit to; repeatable (any)."),
-    ] = None,
-    location: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--location",
-            "-l",
-            help="Code location whose jobs it may submit; repeatable. Given, the token "
-            "submits only those jobs (no run of an image of its own).",
-        ),
-    ] = None,
+    queue: LimitQueues = None,
+    location: LimitLocations = None,
     amqp_url: AmqpUrl = "",
     management_url: ManagementUrl = "",
     database_url: DatabaseUrl = "",
@@ -62,7 +54,6 @@ def tokens_add(
     `dispatcher submit --amqp-url` (or HD_AMQP_URL, or `Client(url)`)."""
     from schemas import is_safe_name
 
-    from .submitters import Limits
     from .tokens import add_submitter, revoke_submitter
 
     _need_broker(amqp_url)
@@ -70,7 +61,7 @@ def tokens_add(
     for name_ in queue or ():
         if not is_safe_name(name_):
             raise _fail(f"queue name {name_!r} is invalid: letters, digits, '_' and '-'")
-    limits = Limits(tuple(dict.fromkeys(queue or ())), tuple(dict.fromkeys(location or ())))
+    limits = limits_of(queue, location)
     try:
         url = asyncio.run(add_submitter(amqp_url, management_url, name))
     except KNOWN_ERRORS as exc:

@@ -12,7 +12,10 @@ from .cli_common import (
     AmqpUrl,
     DatabaseSchema,
     DatabaseUrl,
+    LimitLocations,
+    LimitQueues,
     _fail,
+    limits_of,
     open_database,
     operator,
     with_store,
@@ -72,30 +75,15 @@ def api_tokens_add(
         str,
         typer.Option(help="read (look), operate (also submit and cancel), admin (everything)."),
     ] = "read",
-    queue: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--queue", "-q", help="Agent queue it may submit to and cancel on; repeatable (any)."
-        ),
-    ] = None,
-    location: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--location",
-            "-l",
-            help="Code location whose jobs it may submit and cancel; repeatable. Given, the "
-            "token submits only those jobs (no run of an image of its own).",
-        ),
-    ] = None,
+    queue: LimitQueues = None,
+    location: LimitLocations = None,
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Make a token and print it, once: only its hash is kept. Limited by --queue or
     --location, it submits and cancels only there, whatever its scope."""
-    from .submitters import Limits
-
     who = operator()
-    limits = Limits(tuple(dict.fromkeys(queue or ())), tuple(dict.fromkeys(location or ())))
+    limits = limits_of(queue, location)
     token = with_store(
         database_url,
         database_schema,
