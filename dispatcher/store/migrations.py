@@ -393,6 +393,25 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        18,
+        "a NOTIFY when outbox rows are written",
+        """
+        -- Wakes the relay at commit, whoever wrote the rows, with no statement of its own on
+        -- the writer's path (one per transaction at most: PostgreSQL folds equal ones).
+        CREATE FUNCTION hd_outbox_written() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM written) THEN
+                PERFORM pg_notify('hd_outbox', '');
+            END IF;
+            RETURN NULL;
+        END
+        $fn$;
+        CREATE TRIGGER outbox_written AFTER INSERT ON outbox
+            REFERENCING NEW TABLE AS written
+            FOR EACH STATEMENT EXECUTE FUNCTION hd_outbox_written();
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

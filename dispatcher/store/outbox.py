@@ -1,7 +1,8 @@
 """The outbox: messages written in the transaction of the change they announce, published after.
 
-A NOTIFY on ``OUTBOX_CHANNEL`` at commit wakes the relay; it claims unsent rows (``FOR UPDATE
-SKIP LOCKED``), publishes them with confirms and marks them sent in the same transaction.
+A NOTIFY on ``OUTBOX_CHANNEL`` at commit (a trigger's) wakes the relay; it claims unsent rows
+(``FOR UPDATE SKIP LOCKED``), publishes them with confirms and marks them sent in the same
+transaction.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -51,24 +53,31 @@ def answer(message: RunAccepted | RunRejected | RunEnded | RunRetrying) -> Outbo
     return OutboxItem(message, STATUS_EXCHANGE, event_routing_key(message, CONTROL_SOURCE))
 
 
-async def insert(connection: asyncpg.Connection, items: Sequence[OutboxItem]) -> int:
-    """Write outbox rows; a row whose message id exists already is skipped (idempotent).
-
-    Returns how many rows were written.
-    """
-    if not items:
-        return 0
-    status = await connection.execute(
-        """
+def rows_sql(first: int, only: str = "") -> str:
+    """An INSERT of the rows ``arrays`` binds as parameters ``$first`` to ``$first + 7``,
+    in their order; ``only`` joins them to a relation of run ids (a CTE) that they must be
+    in. A row whose message id exists already is skipped (idempotent). The relay is woken at
+    commit by a trigger (migration 18)."""
+    p = [f"${first + i}" for i in range(8)]
+    join = f"JOIN {only} AS only_runs ON only_runs.run_id = o.run_id" if only else ""
+    return f"""
         INSERT INTO outbox (message_id, run_id, attempt, exchange, routing_key, kind, payload,
                             not_before)
         SELECT o.message_id, o.run_id, o.attempt, o.exchange, o.routing_key, o.kind, o.payload,
                CASE WHEN o.delay > 0 THEN now() + o.delay * interval '1 second' END
-        FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
-                    $7::bytea[], $8::float8[])
-             AS o(message_id, run_id, attempt, exchange, routing_key, kind, payload, delay)
+        FROM unnest({p[0]}::uuid[], {p[1]}::uuid[], {p[2]}::int[], {p[3]}::text[],
+                    {p[4]}::text[], {p[5]}::text[], {p[6]}::bytea[], {p[7]}::float8[])
+             WITH ORDINALITY
+             AS o(message_id, run_id, attempt, exchange, routing_key, kind, payload, delay, ord)
+        {join}
+        ORDER BY o.ord
         ON CONFLICT (message_id) DO NOTHING
-        """,
+        """
+
+
+def arrays(items: Sequence[OutboxItem]) -> list[list[Any]]:
+    """The parameters of ``rows_sql`` for ``items``."""
+    return [
         [i.message.message_id for i in items],
         [getattr(i.message, "run_id", None) for i in items],
         [getattr(i.message, "attempt", 0) for i in items],
@@ -77,12 +86,18 @@ async def insert(connection: asyncpg.Connection, items: Sequence[OutboxItem]) ->
         [kind_of(i.message) for i in items],
         [encode(i.message) for i in items],
         [i.delay_s for i in items],
-    )
-    written = int(status.split()[-1])
-    if written:
-        # Delivered at commit: the relay wakes with no polling delay.
-        await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}")
-    return written
+    ]
+
+
+async def insert(connection: asyncpg.Connection, items: Sequence[OutboxItem]) -> int:
+    """Write outbox rows; a row whose message id exists already is skipped (idempotent).
+
+    Returns how many rows were written.
+    """
+    if not items:
+        return 0
+    status = await connection.execute(rows_sql(1), *arrays(items))
+    return int(status.split()[-1])
 
 
 async def claim_unsent(connection: asyncpg.Connection, limit: int) -> list[OutboxRow]:

@@ -172,89 +172,94 @@ async def create(
     if not submissions:
         return []
     in_force = await limits.in_force(connection)
-    held = [limits.holds(in_force, s) for s in submissions]
-    created = await connection.fetch(
-        """
-        INSERT INTO runs (run_id, idempotency_key, queue, image, command, env, tags,
-                          max_runtime_s, start_timeout_s, max_retries, retry_on,
-                          memory_limit_mb, ready_check, location, job, config, queue_timeout_s,
-                          cpus, gpus, priority, held, submitted_by, submit_seq, state)
-        SELECT r.run_id, r.key, r.queue, r.image, r.command::jsonb, r.env::jsonb,
-               r.tags::jsonb, r.max_runtime_s, r.start_timeout_s, r.max_retries,
-               r.retry_on::jsonb, r.memory_limit_mb, r.ready_check::jsonb,
-               r.location, r.job, r.config::jsonb, r.queue_timeout_s,
-               r.cpus, r.gpus, r.priority, r.held, r.submitted_by,
-               nextval('runs_submit_seq'), 'QUEUED'
-        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                    $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[],
-                    $11::text[], $12::int[], $13::text[], $14::text[], $15::text[],
-                    $16::text[], $17::float8[], $18::float8[], $19::int[], $20::int[],
-                    $21::bool[], $22::text[]) WITH ORDINALITY
-             AS r(run_id, key, queue, image, command, env, tags, max_runtime_s,
-                  start_timeout_s, max_retries, retry_on, memory_limit_mb, ready_check,
-                  location, job, config, queue_timeout_s, cpus, gpus, priority, held,
-                  submitted_by, ord)
-        ORDER BY r.ord
-        ON CONFLICT DO NOTHING
-        RETURNING run_id
-        """,
-        [s.run_id for s in submissions],
-        [s.idempotency_key or str(s.run_id) for s in submissions],
-        [s.queue for s in submissions],
-        [s.image for s in submissions],
-        [json.dumps(list(s.command)) for s in submissions],
-        [json.dumps(s.env) for s in submissions],
-        [json.dumps(s.tags) for s in submissions],
-        [s.max_runtime_s for s in submissions],
-        [s.start_timeout_s for s in submissions],
-        [s.max_retries for s in submissions],
-        [
-            json.dumps([r.value for r in s.retry_on]) if s.retry_on is not None else None
-            for s in submissions
-        ],
-        [s.memory_limit_mb for s in submissions],
-        [json.dumps(list(s.ready_check)) for s in submissions],
-        [s.location for s in submissions],
-        [s.job for s in submissions],
-        [json.dumps(s.config) for s in submissions],
-        [s.queue_timeout_s for s in submissions],
-        [s.cpus for s in submissions],
-        [s.gpus for s in submissions],
-        [s.priority for s in submissions],
-        held,
-        [s.submitted_by for s in submissions],
-    )
-    created_ids = {record["run_id"] for record in created}
-    # The same run id may come twice in one batch; keep the first.
-    fresh: dict[uuid.UUID, SubmitRun] = {}
-    for submission in submissions:
-        if submission.run_id in created_ids:
-            fresh.setdefault(submission.run_id, submission)
-    if not fresh:
-        return []
-    await connection.execute(
-        """
-        INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state, payload)
-        SELECT e.event_id, e.run_id, 1, 'SubmitRun', NULL, 'QUEUED', e.payload::jsonb
-        FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS e(event_id, run_id, payload)
-        ON CONFLICT (event_id) DO NOTHING
-        """,
-        [request_event_id("SubmitRun", s.message_id) for s in fresh.values()],
-        list(fresh),
-        [payload_json(s) for s in fresh.values()],
-    )
-    held_ids = {s.run_id for s, h in zip(submissions, held, strict=True) if h}
+    # The same run id may come twice in one batch: the first is inserted, and only its event
+    # and instruction are written.
+    first: dict[uuid.UUID, int] = {}
+    for index, submission in enumerate(submissions):
+        first.setdefault(submission.run_id, index)
+    unique = [submissions[i] for i in first.values()]
+    held = [limits.holds(in_force, s) for s in unique]
     items = [
         outbox.OutboxItem(launch(msgspec.structs.asdict(s), 1), INSTRUCTIONS_EXCHANGE, s.queue)
-        for s in fresh.values()
-        if s.run_id not in held_ids
+        for s, h in zip(unique, held, strict=True)
+        if not h
     ]
     if announce:
-        items += [outbox.answer(RunAccepted(run_id=run_id)) for run_id in fresh]
-    await outbox.insert(connection, items)
-    if held_ids & fresh.keys():
+        items += [outbox.answer(RunAccepted(run_id=s.run_id)) for s in unique]
+    # One statement: the runs, then the first event and the outbox rows of those created
+    # (not of those whose id or idempotency key existed already).
+    created = await connection.fetch(
+        f"""
+        WITH created AS (
+            INSERT INTO runs (run_id, idempotency_key, queue, image, command, env, tags,
+                              max_runtime_s, start_timeout_s, max_retries, retry_on,
+                              memory_limit_mb, ready_check, location, job, config,
+                              queue_timeout_s, cpus, gpus, priority, held, submitted_by,
+                              submit_seq, state)
+            SELECT r.run_id, r.key, r.queue, r.image, r.command::jsonb, r.env::jsonb,
+                   r.tags::jsonb, r.max_runtime_s, r.start_timeout_s, r.max_retries,
+                   r.retry_on::jsonb, r.memory_limit_mb, r.ready_check::jsonb,
+                   r.location, r.job, r.config::jsonb, r.queue_timeout_s,
+                   r.cpus, r.gpus, r.priority, r.held, r.submitted_by,
+                   nextval('runs_submit_seq'), 'QUEUED'
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                        $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[],
+                        $11::text[], $12::int[], $13::text[], $14::text[], $15::text[],
+                        $16::text[], $17::float8[], $18::float8[], $19::int[], $20::int[],
+                        $21::bool[], $22::text[]) WITH ORDINALITY
+                 AS r(run_id, key, queue, image, command, env, tags, max_runtime_s,
+                      start_timeout_s, max_retries, retry_on, memory_limit_mb, ready_check,
+                      location, job, config, queue_timeout_s, cpus, gpus, priority, held,
+                      submitted_by, ord)
+            ORDER BY r.ord
+            ON CONFLICT DO NOTHING
+            RETURNING run_id
+        ), first_events AS (
+            INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state,
+                                    payload)
+            SELECT e.event_id, e.run_id, 1, 'SubmitRun', NULL, 'QUEUED', e.payload::jsonb
+            FROM unnest($23::uuid[], $24::uuid[], $25::text[]) AS e(event_id, run_id, payload)
+            JOIN created ON created.run_id = e.run_id
+            ON CONFLICT (event_id) DO NOTHING
+        ), instructions AS ({outbox.rows_sql(26, only="created")})
+        SELECT run_id FROM created
+        """,
+        [s.run_id for s in unique],
+        [s.idempotency_key or str(s.run_id) for s in unique],
+        [s.queue for s in unique],
+        [s.image for s in unique],
+        [json.dumps(list(s.command)) for s in unique],
+        [json.dumps(s.env) for s in unique],
+        [json.dumps(s.tags) for s in unique],
+        [s.max_runtime_s for s in unique],
+        [s.start_timeout_s for s in unique],
+        [s.max_retries for s in unique],
+        [
+            json.dumps([r.value for r in s.retry_on]) if s.retry_on is not None else None
+            for s in unique
+        ],
+        [s.memory_limit_mb for s in unique],
+        [json.dumps(list(s.ready_check)) for s in unique],
+        [s.location for s in unique],
+        [s.job for s in unique],
+        [json.dumps(s.config) for s in unique],
+        [s.queue_timeout_s for s in unique],
+        [s.cpus for s in unique],
+        [s.gpus for s in unique],
+        [s.priority for s in unique],
+        held,
+        [s.submitted_by for s in unique],
+        [request_event_id("SubmitRun", s.message_id) for s in unique],
+        [s.run_id for s in unique],
+        [payload_json(s) for s in unique],
+        *outbox.arrays(items),
+    )
+    created_ids = {record["run_id"] for record in created}
+    fresh = [s.run_id for s in unique if s.run_id in created_ids]
+    held_ids = {s.run_id for s, h in zip(unique, held, strict=True) if h}
+    if held_ids & created_ids:
         await limits.wake_admitter(connection)
-    return list(fresh)
+    return fresh
 
 
 async def existing(connection: asyncpg.Connection, run_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:

@@ -37,12 +37,17 @@ def _limits(record: asyncpg.Record) -> rules.Limits:
 
 async def registry(connection: asyncpg.Connection, names: Collection[str]) -> rules.Registry:
     """The registered submitters among ``names``, and whether any is registered at all."""
+    # One round trip: a first row says whether any is registered, even when none is named.
     records = await connection.fetch(
-        "SELECT name, queues, locations FROM submitters WHERE name = ANY($1::text[])",
+        """
+        SELECT s.name, s.queues, s.locations, a.in_use
+        FROM (SELECT EXISTS (SELECT 1 FROM submitters) AS in_use) AS a
+        LEFT JOIN submitters AS s ON s.name = ANY($1::text[])
+        """,
         sorted(set(names)),
     )
-    in_use = bool(records) or bool(await connection.fetchval("SELECT 1 FROM submitters LIMIT 1"))
-    return rules.Registry(in_use, {r["name"]: _limits(r) for r in records})
+    in_use = bool(records[0]["in_use"])
+    return rules.Registry(in_use, {r["name"]: _limits(r) for r in records if r["name"] is not None})
 
 
 async def screen(

@@ -1,0 +1,94 @@
+"""The intake's transaction on real PostgreSQL: one statement writes a batch's runs, their
+first events and their instructions, and the outbox's trigger wakes the relay at commit."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+
+from dispatcher.store import Database
+from dispatcher.store import outbox as outbox_rows
+from dispatcher.store.connections import connect
+from schemas import RunAccepted, SubmitRun
+from tests.support import eventually
+
+
+async def test_a_batch_writes_one_run_event_and_instruction_for_each_new_run(
+    store: Database,
+) -> None:
+    def submission(queue: str, **fields: object) -> SubmitRun:
+        fields.setdefault("run_id", uuid.uuid4())
+        fields.setdefault("command", ("true",))
+        return SubmitRun(image="img", queue=queue, **fields)  # type: ignore[arg-type]
+
+    first = submission("q1")
+    again = submission("q1", run_id=first.run_id, command=("false",))
+    keyed = submission("q2", idempotency_key="nightly")
+    same_key = submission("q2", idempotency_key="nightly")
+    later = submission("q1")
+
+    created = await store.accept_submissions([first, again, keyed, same_key, later])
+
+    assert created == [first.run_id, keyed.run_id, later.run_id]
+    for submission in (first, keyed, later):
+        kinds = [e.kind for e in await store.runs.events(submission.run_id)]
+        assert kinds == ["SubmitRun"], (submission.run_id, kinds)
+    # The first of a repeated run id is the one kept: its command, not the repeat's.
+    assert (await store.runs.get(first.run_id)).command == ["true"]
+    async with store.connections.connection() as connection:
+        rows = await connection.fetch(
+            "SELECT run_id, kind, routing_key FROM outbox ORDER BY id",
+        )
+    launches = [(r["run_id"], r["routing_key"]) for r in rows if r["kind"] == "LaunchRun"]
+    assert launches == [(first.run_id, "q1"), (keyed.run_id, "q2"), (later.run_id, "q1")]
+    # The repeated key is answered, and nothing else is: no run, no event, no launch.
+    answered = [r["run_id"] for r in rows if r["kind"] == "RunRejected"]
+    assert answered == [same_key.run_id]
+    assert await store.runs.events(same_key.run_id) == []
+
+    # A batch whose runs all exist already writes nothing more.
+    assert await store.accept_submissions([first, keyed]) == []
+    assert await store.outbox.count_unsent() == len(rows)
+
+
+async def test_writing_outbox_rows_wakes_the_relay_at_commit_and_writing_none_does_not(
+    store: Database,
+) -> None:
+    heard: list[int] = []
+    listener = await asyncpg.connect(store.connections.dsn)
+    writer = await connect(store.connections.dsn, store.connections.schema)
+
+    def on_notify(_: object, pid: int, channel: str, payload: str) -> None:
+        heard.append(pid)
+
+    async def heard_from_writer() -> bool:
+        return pid in heard
+
+    await listener.add_listener(outbox_rows.OUTBOX_CHANNEL, on_notify)
+    pid = writer.get_server_pid()
+    accepted = outbox_rows.answer(RunAccepted(run_id=uuid.uuid4()))
+    try:
+        async with writer.transaction():
+            assert await outbox_rows.insert(writer, [accepted]) == 1
+            await asyncio.sleep(0.2)
+            assert heard == [], "notified before the commit"
+        await eventually(heard_from_writer, timeout=10)
+        assert heard == [pid]
+
+        # The same message again writes no row and wakes no one; a row written by the next
+        # transaction does. Notifications of one session arrive in commit order: once the
+        # second one is heard, the first would have been.
+        heard.clear()
+        async with writer.transaction():
+            assert await outbox_rows.insert(writer, [accepted]) == 0
+        async with writer.transaction():
+            another = outbox_rows.answer(RunAccepted(run_id=uuid.uuid4()))
+            assert await outbox_rows.insert(writer, [another]) == 1
+        await eventually(heard_from_writer, timeout=10)
+        await asyncio.sleep(0.2)
+        assert heard == [pid]
+    finally:
+        await writer.close()
+        await listener.close()
