@@ -23,7 +23,7 @@ import aiormq.exceptions
 from yarl import URL
 
 from .errors import BrokerUnavailable
-from .urls import broker_urls, where_of
+from .urls import broker_urls, where_of, with_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ async def connect(url: str, name: str, timeout: float = 30.0) -> Connection:
     nodes are tried in the order given and the first that answers is taken; after a loss the
     connection goes round the list from the node after the lost one.
     """
-    urls = broker_urls(url)
+    urls = tuple(with_heartbeat(u) for u in broker_urls(url))
     failures: list[tuple[str, BaseException]] = []
     for first in range(len(urls)):
         connection = FailoverConnection(

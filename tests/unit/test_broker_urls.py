@@ -13,7 +13,15 @@ from dispatcher.settings import ControlPlaneSettings, trusted_broker_users
 from transport.connection import connect, probe
 from transport.errors import BrokerUnavailable, BrokerUrlInvalid
 from transport.policies import management_api
-from transport.urls import broker_urls, hide_password, join, user_of, vhost_of, where_of
+from transport.urls import (
+    broker_urls,
+    hide_password,
+    join,
+    user_of,
+    vhost_of,
+    where_of,
+    with_heartbeat,
+)
 from worker_agent.settings import AgentConfigError, AgentSettings
 
 pytestmark = pytest.mark.unit
@@ -150,3 +158,13 @@ async def test_the_nodes_are_tried_in_order_and_each_failure_is_told() -> None:
     assert text.startswith("none of the 3 broker nodes answers: ")
     assert all(f"127.0.0.1:{port}: cannot connect" in text for _, port in listeners)
     assert "pw" not in text
+
+
+def test_each_node_is_asked_for_a_heartbeat_of_ten_seconds_unless_its_url_names_one() -> None:
+    assert with_heartbeat("amqp://u:pw@rabbit-1:5672/prod") == (
+        "amqp://u:pw@rabbit-1:5672/prod?heartbeat=10"
+    )
+    tls = "amqps://u:pw@rabbit-3/prod?cafile=/etc/hd/ca.pem&certfile=/etc/hd/a.pem"
+    assert with_heartbeat(tls) == tls + "&heartbeat=10"
+    for own in ("amqp://u:pw@rabbit-1/?heartbeat=30", "amqp://u@r/?cafile=x&heartbeat=0"):
+        assert with_heartbeat(own) == own
