@@ -59,15 +59,17 @@ async def test_writing_outbox_rows_wakes_the_relay_at_commit_and_writing_none_do
     heard: list[int] = []
     listener = await asyncpg.connect(store.connections.dsn)
     writer = await connect(store.connections.dsn, store.connections.schema)
+    pid = writer.get_server_pid()
 
-    def on_notify(_: object, pid: int, channel: str, payload: str) -> None:
-        heard.append(pid)
+    def on_notify(_: object, sender: int, channel: str, payload: str) -> None:
+        # Only the writer's session counts: the channel is the database's, shared by all.
+        if sender == pid:
+            heard.append(sender)
 
     async def heard_from_writer() -> bool:
         return pid in heard
 
     await listener.add_listener(outbox_rows.OUTBOX_CHANNEL, on_notify)
-    pid = writer.get_server_pid()
     accepted = outbox_rows.answer(RunAccepted(run_id=uuid.uuid4()))
     try:
         async with writer.transaction():
