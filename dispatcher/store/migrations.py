@@ -412,6 +412,27 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             FOR EACH STATEMENT EXECUTE FUNCTION hd_outbox_written();
         """,
     ),
+    (
+        19,
+        "a NOTIFY for run events only when some were stored",
+        """
+        -- The intake's one statement inserts first events even when every run of a
+        -- redelivered batch exists already (no rows): that wakes no event stream.
+        DROP TRIGGER run_events_stored ON run_events;
+        CREATE OR REPLACE FUNCTION hd_run_events_stored() RETURNS trigger
+        LANGUAGE plpgsql AS $fn$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM stored) THEN
+                PERFORM pg_notify('hd_run_events', '');
+            END IF;
+            RETURN NULL;
+        END
+        $fn$;
+        CREATE TRIGGER run_events_stored AFTER INSERT ON run_events
+            REFERENCING NEW TABLE AS stored
+            FOR EACH STATEMENT EXECUTE FUNCTION hd_run_events_stored();
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

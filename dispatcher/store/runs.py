@@ -218,8 +218,10 @@ async def create(
             INSERT INTO run_events (event_id, run_id, attempt, kind, from_state, to_state,
                                     payload)
             SELECT e.event_id, e.run_id, 1, 'SubmitRun', NULL, 'QUEUED', e.payload::jsonb
-            FROM unnest($23::uuid[], $24::uuid[], $25::text[]) AS e(event_id, run_id, payload)
+            FROM unnest($23::uuid[], $24::uuid[], $25::text[]) WITH ORDINALITY
+                 AS e(event_id, run_id, payload, ord)
             JOIN created ON created.run_id = e.run_id
+            ORDER BY e.ord
             ON CONFLICT (event_id) DO NOTHING
         ), instructions AS ({outbox.rows_sql(26, only="created")})
         SELECT run_id FROM created

@@ -8,10 +8,11 @@ import uuid
 
 import asyncpg
 
-from dispatcher.store import Database
+from dispatcher.store import Database, runs
 from dispatcher.store import outbox as outbox_rows
 from dispatcher.store.connections import connect
-from schemas import RunAccepted, SubmitRun
+from dispatcher.web.sse import RUN_EVENTS_CHANNEL
+from schemas import RunAccepted, SubmitRun, instruction_decoder
 from tests.support import eventually
 
 
@@ -39,10 +40,18 @@ async def test_a_batch_writes_one_run_event_and_instruction_for_each_new_run(
     assert (await store.runs.get(first.run_id)).command == ["true"]
     async with store.connections.connection() as connection:
         rows = await connection.fetch(
-            "SELECT run_id, kind, routing_key FROM outbox ORDER BY id",
+            "SELECT run_id, kind, routing_key, payload FROM outbox ORDER BY id",
         )
     launches = [(r["run_id"], r["routing_key"]) for r in rows if r["kind"] == "LaunchRun"]
     assert launches == [(first.run_id, "q1"), (keyed.run_id, "q2"), (later.run_id, "q1")]
+    # The instruction and the history are the first submission's, not the repeat's.
+    [first_launch] = [r["payload"] for r in rows if r["run_id"] == first.run_id]
+    assert instruction_decoder().decode(first_launch).command == ("true",)
+    [submitted] = await store.runs.events(first.run_id)
+    assert submitted.payload["command"] == ["true"]
+    # The first events follow the submissions' order.
+    seqs = [(await store.runs.events(s.run_id))[0].seq for s in (first, keyed, later)]
+    assert seqs == sorted(seqs)
     # The repeated key is answered, and nothing else is: no run, no event, no launch.
     answered = [r["run_id"] for r in rows if r["kind"] == "RunRejected"]
     assert answered == [same_key.run_id]
@@ -74,8 +83,6 @@ async def test_writing_outbox_rows_wakes_the_relay_at_commit_and_writing_none_do
     try:
         async with writer.transaction():
             assert await outbox_rows.insert(writer, [accepted]) == 1
-            await asyncio.sleep(0.2)
-            assert heard == [], "notified before the commit"
         await eventually(heard_from_writer, timeout=10)
         assert heard == [pid]
 
@@ -88,6 +95,42 @@ async def test_writing_outbox_rows_wakes_the_relay_at_commit_and_writing_none_do
         async with writer.transaction():
             another = outbox_rows.answer(RunAccepted(run_id=uuid.uuid4()))
             assert await outbox_rows.insert(writer, [another]) == 1
+        await eventually(heard_from_writer, timeout=10)
+        await asyncio.sleep(0.2)
+        assert heard == [pid]
+    finally:
+        await writer.close()
+        await listener.close()
+
+
+async def test_a_batch_of_runs_that_exist_already_wakes_no_event_stream(store: Database) -> None:
+    heard: list[int] = []
+    listener = await asyncpg.connect(store.connections.dsn)
+    writer = await connect(store.connections.dsn, store.connections.schema)
+    pid = writer.get_server_pid()
+
+    def on_notify(_: object, sender: int, channel: str, payload: str) -> None:
+        if sender == pid:  # the channel is the database's, shared by all
+            heard.append(sender)
+
+    async def heard_from_writer() -> bool:
+        return pid in heard
+
+    await listener.add_listener(RUN_EVENTS_CHANNEL, on_notify)
+    old = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
+    try:
+        async with writer.transaction():
+            assert await runs.create(writer, [old]) == [old.run_id]
+        await eventually(heard_from_writer, timeout=10)
+
+        # Redelivered: nothing is written, no one is woken. The next new run's wake-up is the
+        # marker: notifications of one session arrive in commit order.
+        heard.clear()
+        async with writer.transaction():
+            assert await runs.create(writer, [old]) == []
+        new = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
+        async with writer.transaction():
+            assert await runs.create(writer, [new]) == [new.run_id]
         await eventually(heard_from_writer, timeout=10)
         await asyncio.sleep(0.2)
         assert heard == [pid]
