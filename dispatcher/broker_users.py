@@ -10,7 +10,9 @@ never stored by the control plane.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import urllib.parse
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,11 @@ from transport.policies import ManagementApi, management_request
 from transport.urls import broker_urls, join
 
 from .errors import ConfigError, DispatcherError
+
+log = logging.getLogger(__name__)
+
+#: How long closing one of a user's connections may keep failing before it is an error.
+CLOSE_WITHIN_S = 10.0
 
 
 class IdentityNotFound(DispatcherError):
@@ -195,10 +202,30 @@ def close_connections(api: ManagementApi, user: str, why: str) -> int:
     closed = 0
     for connection in [c for c in listing if c.get("user") == user]:
         name = urllib.parse.quote(str(connection["name"]), safe="")
-        try:
-            management_request(api, "DELETE", f"/api/connections/{name}", reason=why)
+        if _close(api, f"/api/connections/{name}", why):
             closed += 1
-        except BrokerUnavailable as exc:
-            if "HTTP 404" not in str(exc):  # gone meanwhile
-                raise
     return closed
+
+
+def _close(api: ManagementApi, path: str, why: str) -> bool:
+    """Close one listed connection; False when it was gone already. The listing lags: a
+    connection closing by itself as it is listed makes the DELETE fail (HTTP 404, or 500
+    while it is half gone); the DELETE is tried again until it succeeds or the connection
+    is no longer there, for ``CLOSE_WITHIN_S`` at most."""
+    deadline = time.monotonic() + CLOSE_WITHIN_S
+    while True:
+        try:
+            management_request(api, "DELETE", path, reason=why)
+            return True
+        except BrokerUnavailable as exc:
+            if "HTTP 404" in str(exc):
+                return False
+            if time.monotonic() > deadline:
+                raise
+            log.info("closing %s failed (%s); trying again", path, exc)
+        time.sleep(0.5)
+        try:
+            management_request(api, "GET", path)
+        except BrokerUnavailable as exc:
+            if "HTTP 404" in str(exc):
+                return False
