@@ -4,7 +4,9 @@ first events and their instructions, and the outbox's trigger wakes the relay at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 
@@ -62,78 +64,76 @@ async def test_a_batch_writes_one_run_event_and_instruction_for_each_new_run(
     assert await store.outbox.count_unsent() == len(rows)
 
 
+class Writer:
+    """A session of its own writing to the store, and the NOTIFYs on ``channel`` that came
+    from it (the channel is the database's, shared by all sessions)."""
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self.connection = connection
+        self.pid = connection.get_server_pid()
+        self.heard: list[int] = []
+
+    def on_notify(self, _: object, sender: int, channel: str, payload: str) -> None:
+        if sender == self.pid:
+            self.heard.append(sender)
+
+    async def was_heard(self) -> bool:
+        return self.pid in self.heard
+
+
+@contextlib.asynccontextmanager
+async def writer_heard_on(store: Database, channel: str) -> AsyncIterator[Writer]:
+    listener = await asyncpg.connect(store.connections.dsn)
+    writer = Writer(await connect(store.connections.dsn, store.connections.schema))
+    await listener.add_listener(channel, writer.on_notify)
+    try:
+        yield writer
+    finally:
+        await writer.connection.close()
+        await listener.close()
+
+
 async def test_writing_outbox_rows_wakes_the_relay_at_commit_and_writing_none_does_not(
     store: Database,
 ) -> None:
-    heard: list[int] = []
-    listener = await asyncpg.connect(store.connections.dsn)
-    writer = await connect(store.connections.dsn, store.connections.schema)
-    pid = writer.get_server_pid()
-
-    def on_notify(_: object, sender: int, channel: str, payload: str) -> None:
-        # Only the writer's session counts: the channel is the database's, shared by all.
-        if sender == pid:
-            heard.append(sender)
-
-    async def heard_from_writer() -> bool:
-        return pid in heard
-
-    await listener.add_listener(outbox_rows.OUTBOX_CHANNEL, on_notify)
     accepted = outbox_rows.answer(RunAccepted(run_id=uuid.uuid4()))
-    try:
-        async with writer.transaction():
-            assert await outbox_rows.insert(writer, [accepted]) == 1
-        await eventually(heard_from_writer, timeout=10)
-        assert heard == [pid]
+    async with writer_heard_on(store, outbox_rows.OUTBOX_CHANNEL) as writer:
+        session = writer.connection
+        async with session.transaction():
+            assert await outbox_rows.insert(session, [accepted]) == 1
+        await eventually(writer.was_heard, timeout=10)
+        assert writer.heard == [writer.pid]
 
         # The same message again writes no row and wakes no one; a row written by the next
         # transaction does. Notifications of one session arrive in commit order: once the
         # second one is heard, the first would have been.
-        heard.clear()
-        async with writer.transaction():
-            assert await outbox_rows.insert(writer, [accepted]) == 0
-        async with writer.transaction():
+        writer.heard.clear()
+        async with session.transaction():
+            assert await outbox_rows.insert(session, [accepted]) == 0
+        async with session.transaction():
             another = outbox_rows.answer(RunAccepted(run_id=uuid.uuid4()))
-            assert await outbox_rows.insert(writer, [another]) == 1
-        await eventually(heard_from_writer, timeout=10)
+            assert await outbox_rows.insert(session, [another]) == 1
+        await eventually(writer.was_heard, timeout=10)
         await asyncio.sleep(0.2)
-        assert heard == [pid]
-    finally:
-        await writer.close()
-        await listener.close()
+        assert writer.heard == [writer.pid]
 
 
 async def test_a_batch_of_runs_that_exist_already_wakes_no_event_stream(store: Database) -> None:
-    heard: list[int] = []
-    listener = await asyncpg.connect(store.connections.dsn)
-    writer = await connect(store.connections.dsn, store.connections.schema)
-    pid = writer.get_server_pid()
-
-    def on_notify(_: object, sender: int, channel: str, payload: str) -> None:
-        if sender == pid:  # the channel is the database's, shared by all
-            heard.append(sender)
-
-    async def heard_from_writer() -> bool:
-        return pid in heard
-
-    await listener.add_listener(RUN_EVENTS_CHANNEL, on_notify)
     old = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
-    try:
-        async with writer.transaction():
-            assert await runs.create(writer, [old]) == [old.run_id]
-        await eventually(heard_from_writer, timeout=10)
+    async with writer_heard_on(store, RUN_EVENTS_CHANNEL) as writer:
+        session = writer.connection
+        async with session.transaction():
+            assert await runs.create(session, [old]) == [old.run_id]
+        await eventually(writer.was_heard, timeout=10)
 
         # Redelivered: nothing is written, no one is woken. The next new run's wake-up is the
         # marker: notifications of one session arrive in commit order.
-        heard.clear()
-        async with writer.transaction():
-            assert await runs.create(writer, [old]) == []
+        writer.heard.clear()
+        async with session.transaction():
+            assert await runs.create(session, [old]) == []
         new = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
-        async with writer.transaction():
-            assert await runs.create(writer, [new]) == [new.run_id]
-        await eventually(heard_from_writer, timeout=10)
+        async with session.transaction():
+            assert await runs.create(session, [new]) == [new.run_id]
+        await eventually(writer.was_heard, timeout=10)
         await asyncio.sleep(0.2)
-        assert heard == [pid]
-    finally:
-        await writer.close()
-        await listener.close()
+        assert writer.heard == [writer.pid]
