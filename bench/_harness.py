@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import aio_pika
+import asyncpg
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -81,6 +84,10 @@ class Processes:
         }
         self.logs = Path(tempfile.mkdtemp(prefix="hd-bench-"))
         self.started: list[Proc] = []
+        #: Queues the benchmark made (agents' instructions and control queues, say): deleted
+        #: on exit with the schema, so that a broker and a database kept between benchmarks
+        #: do not fill up with the leftovers of earlier ones.
+        self.queues: list[str] = []
 
     def start(self, module: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         # No process of a benchmark serves metrics: a port in use (the demo's, say) must not
@@ -101,6 +108,21 @@ class Processes:
         self._watching = False
         for proc in reversed(self.started):
             proc.stop()
+        asyncio.run(self._forget())
+
+    async def _forget(self) -> None:
+        """Drop the benchmark's schema and delete its queues."""
+        schema = self.env["HD_DATABASE_SCHEMA"]
+        database = await asyncpg.connect(self.env["HD_DATABASE_URL"])
+        try:
+            await database.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await database.close()
+        if self.queues:
+            async with await aio_pika.connect(self.env["HD_AMQP_URL"]) as connection:
+                channel = await connection.channel()
+                for name in self.queues:
+                    await channel.queue_delete(name, if_unused=False, if_empty=False)
 
     def _watch(self) -> None:
         """Fail fast when a process of the benchmark dies: its log tail says why.

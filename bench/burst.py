@@ -41,6 +41,7 @@ import docker
 from _harness import LABELS, Processes, on_fatal, progress, report, services, submit_all
 
 from dispatcher.settings import ImageNames
+from schemas.topology import control_queue, instructions_queue
 
 #: The agent's labels on its containers (worker_agent.containers).
 AGENT_LABEL = "hybrid-dispatcher.agent-id"
@@ -141,6 +142,7 @@ def system(procs: Processes, amqp_url: str, image: str, runs: int, slots: int) -
     suffix = uuid.uuid4().hex[:8]
     agent_queue, agent_id = f"bench-burst-{suffix}", f"bench-burst-{slots}-{suffix}"
     args = ["run", "--queue", agent_queue, "--agent-id", agent_id]
+    procs.queues += [instructions_queue(agent_queue), control_queue(agent_id)]
     # Its log goes where the others' do: that folder must still be there (a shared /tmp may
     # have been swept since the benchmark began).
     procs.logs.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,8 @@ from schemas.topology import (
     STATUS_EXCHANGE,
     STATUS_MONITOR_QUEUE,
     STATUS_STORE_QUEUE,
+    control_queue,
+    instructions_queue,
 )
 from tests.support import Proc
 from transport.topology import declare_topology
@@ -195,6 +197,8 @@ def system(
 ) -> dict[str, Any]:
     """One agent a host, every run submitted at once; the agents are stopped after."""
     agent_queue = f"bench-scale-{uuid.uuid4().hex[:8]}"
+    procs.queues.append(instructions_queue(agent_queue))
+    procs.queues += [control_queue(f"{host.name}-agent") for host in engines]
     agents = []
     try:
         for host in engines:

@@ -121,6 +121,7 @@ def system(amqp_url: str, database_url: str, n: int, layout: str) -> tuple[float
     """Runs/s from N queued submissions to N LaunchRun confirmed, and the rows persisted."""
     agent_queue = f"bench-{uuid.uuid4().hex[:8]}"
     with Processes(amqp_url, database_url) as procs:
+        procs.queues.append(instructions_queue(agent_queue))
         progress(f"{layout}: queueing {n} submissions for the control plane")
         asyncio.run(preload(amqp_url, n, agent_queue))
         # Migrations first, so that the clock measures the work, not the start-up.
