@@ -6,13 +6,15 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from schemas import encode, kind_of
 from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.publisher import Publisher
 from transport.topology import declare_target
 
 from . import metrics
 from .errors import StoreUnavailable
-from .store import Database, OutboxRow
+from .store import Database, OutboxItem, OutboxRow
+from .store.outbox import LEASE_S
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class OutboxRelay:
         self._batch = batch
         self._idle_poll_s = idle_poll_s
         self._declared: set[tuple[str, str]] = set()
+        self._handing: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """Relay until cancelled."""
@@ -50,6 +53,52 @@ class OutboxRelay:
             except (StoreUnavailable, BrokerUnavailable) as exc:
                 log.error("outbox relay: %s; retrying in 1 s", exc)
                 await asyncio.sleep(1.0)
+
+    def hand_off(self, items: Sequence[OutboxItem]) -> None:
+        """Publish outbox rows that a writer of this process just committed, leased to it
+        (``outbox.LEASE_S``), with no NOTIFY to wait for and no claim of the rows first.
+
+        Published rows are marked sent. Rows the broker refuses, or every row when the broker
+        fails, are handed back: due at once, the relay's own round takes them (and sets aside
+        those refused again). Should this process die, or the store fail, before they are
+        settled, any relay takes them once the lease is over: published twice at worst.
+        """
+        if items:
+            task = asyncio.create_task(self._hand_off(items), name="hand-off")
+            self._handing.add(task)
+            task.add_done_callback(self._handing.discard)
+
+    async def _hand_off(self, items: Sequence[OutboxItem]) -> None:
+        rows = [
+            OutboxRow(
+                index,
+                item.exchange,
+                item.routing_key,
+                kind_of(item.message),
+                item.message.message_id,
+                encode(item.message),
+                getattr(item.message, "run_id", None),
+                getattr(item.message, "attempt", 0),
+            )
+            for index, item in enumerate(items)
+        ]
+        try:
+            refused = await self._publish(rows)
+        except Exception as exc:  # the relay's own round takes them then
+            log.warning("outbox relay: %d handed row(s) handed back: %s", len(rows), exc)
+            refused = {row.id: str(exc) for row in rows}
+        try:
+            await self._store.settle_handed(
+                [row.message_id for row in rows if row.id not in refused],
+                [row.message_id for row in rows if row.id in refused],
+            )
+        except Exception as exc:  # the lease runs out: any relay takes them
+            log.warning(
+                "outbox relay: %d handed row(s) not settled (sent again after %.0f s): %s",
+                len(rows),
+                LEASE_S,
+                exc,
+            )
 
     async def _publish(self, rows: Sequence[OutboxRow]) -> dict[int, str]:
         """Publish rows with confirms; return those the broker refused (id → why).

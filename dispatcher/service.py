@@ -67,6 +67,12 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             await _apply_policies(settings)
         publisher = Publisher(connection)
 
+        relay = (
+            OutboxRelay(store, publisher, batch=settings.relay_batch)
+            if "relay" in settings.components
+            else None
+        )
+
         async def refuse(body: bytes, message: Request | None, reason: str) -> None:
             # A refused submission is answered, so that its waiter reports the reason; never
             # for a run that exists (a forged submission must not fail someone else's wait).
@@ -96,7 +102,12 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             # may be made at all, and where: see dispatcher.submitters.
             submissions = [d.message for d in submitted if isinstance(d.message, SubmitRun)]
             senders = [d.raw.user_id for d in submitted]
-            created = await store.accept_submissions(submissions, senders, trusted)
+            # With a relay in this process, the new runs' LaunchRun go to it as soon as they
+            # are committed: no NOTIFY to wait for, no claim of the rows.
+            handed: list[OutboxItem] | None = [] if relay is not None else None
+            created = await store.accept_submissions(submissions, senders, trusted, handed)
+            if relay is not None and handed:
+                relay.hand_off(handed)
             log.info("accepted %d submission(s), %d new run(s)", len(submissions), len(created))
             # After the submissions: a run submitted and canceled in one batch exists by now.
             if cancels:
@@ -123,7 +134,6 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
 
         consumers: list[Consumer[Request] | Consumer[Event] | Consumer[bytes]] = []
         runners: list[asyncio.Task[Any]] = []
-        relay: OutboxRelay | None = None
         if "intake" in settings.components:
             consumers.append(
                 Consumer(
@@ -162,8 +172,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                     dead_letters=False,
                 )
             )
-        if "relay" in settings.components:
-            relay = OutboxRelay(store, publisher, batch=settings.relay_batch)
+        if relay is not None:
             runners.append(asyncio.create_task(relay.run(), name="relay"))
             runners.append(asyncio.create_task(Admitter(store).run(), name="admitter"))
         if "web" in settings.components:

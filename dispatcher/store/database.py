@@ -109,8 +109,12 @@ class Database:
         submissions: Sequence[SubmitRun],
         senders: Sequence[str | None] | None = None,
         trusted: Collection[str] = (),
+        handed: list[outbox.OutboxItem] | None = None,
     ) -> list[uuid.UUID]:
         """Create the runs that pass their checks; answer every job submission.
+
+        With ``handed``, the new runs' LaunchRun rows are leased to the caller and put there,
+        to be published once this returns (see ``runs.create``).
 
         With ``senders`` (each submission's AMQP user_id, in order), a submission is first
         held to its sender's rights (``dispatcher.submitters``): a trusted identity, a
@@ -168,8 +172,8 @@ class Database:
                     if s.run_id not in taken
                 ],
             )
-            created = await runs.create(connection, accepted)
-            created += await runs.create(connection, resolved, announce=True)
+            created = await runs.create(connection, accepted, handed=handed)
+            created += await runs.create(connection, resolved, announce=True, handed=handed)
             # A new run id whose idempotency key is an earlier run's created nothing: say so,
             # or its submitter waits for an answer that never comes. The earlier run is not
             # named (keys are chosen by people, and may be guessed).
@@ -276,6 +280,12 @@ class Database:
                     )
                     await events.apply(connection, failed, self.retry_backoff_s)
             return len(rows)
+
+    async def settle_handed(self, sent: Sequence[uuid.UUID], back: Sequence[uuid.UUID]) -> None:
+        """Rows handed to a relay (``accept_submissions``' ``handed``), by message id: ``sent``
+        are marked sent, ``back`` left to the relay at once (``outbox.handed_back``)."""
+        async with self.connections.connection() as connection:
+            await outbox.handed_back(connection, sent, back)
 
     def listen_admissions(self) -> AbstractAsyncContextManager[Callable[[float], Awaitable[None]]]:
         """Wake-ups of the admitter: a held run was created, a slot may be free, a limit

@@ -433,6 +433,24 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             FOR EACH STATEMENT EXECUTE FUNCTION hd_run_events_stored();
         """,
     ),
+    (
+        20,
+        "a NOTIFY for outbox rows only when some are due",
+        """
+        -- Rows leased to the writer's own relay, or delayed (a retry's backoff), are not due:
+        -- waking the relay for them would only have it find nothing.
+        CREATE OR REPLACE FUNCTION hd_outbox_written() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            IF EXISTS (
+                SELECT 1 FROM written WHERE not_before IS NULL OR not_before <= now()
+            ) THEN
+                PERFORM pg_notify('hd_outbox', '');
+            END IF;
+            RETURN NULL;
+        END
+        $fn$;
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

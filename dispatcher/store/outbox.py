@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 #: NOTIFY channel that wakes the outbox relay.
 OUTBOX_CHANNEL = "hd_outbox"
 
+#: How long rows handed to a relay in the writer's process (``OutboxRelay.hand_off``) are
+#: left to it: no relay claims them before (their ``not_before``). A process that dies
+#: before publishing them leaves them to any relay after that.
+LEASE_S = 10.0
+
 
 @dataclass(frozen=True)
 class OutboxItem:
@@ -128,6 +133,27 @@ async def claim_unsent(connection: asyncpg.Connection, limit: int) -> list[Outbo
 
 async def mark_sent(connection: asyncpg.Connection, ids: Sequence[int]) -> None:
     await connection.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", ids)
+
+
+async def handed_back(
+    connection: asyncpg.Connection, sent: Sequence[uuid.UUID], back: Sequence[uuid.UUID]
+) -> None:
+    """Settle leased rows by message id: those ``sent`` are marked sent (unless a relay sent
+    them meanwhile); those handed ``back`` are due at once, for the relay to take (and set
+    aside, when the broker refuses them)."""
+    if sent:
+        await connection.execute(
+            "UPDATE outbox SET sent_at = now() WHERE message_id = ANY($1::uuid[])"
+            " AND sent_at IS NULL",
+            sent,
+        )
+    if back:
+        await connection.execute(
+            "UPDATE outbox SET not_before = NULL WHERE message_id = ANY($1::uuid[])"
+            " AND sent_at IS NULL",
+            back,
+        )
+        await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}")
 
 
 async def set_aside(connection: asyncpg.Connection, row: OutboxRow, error: str) -> None:

@@ -159,12 +159,19 @@ class RunRow:
 
 
 async def create(
-    connection: asyncpg.Connection, submissions: Sequence[SubmitRun], announce: bool = False
+    connection: asyncpg.Connection,
+    submissions: Sequence[SubmitRun],
+    announce: bool = False,
+    handed: list[outbox.OutboxItem] | None = None,
 ) -> list[uuid.UUID]:
     """Insert runs, their first events and LaunchRun rows (and RunAccepted if ``announce``).
 
     A run that falls under a concurrency limit is inserted held, with no LaunchRun: the
     admitter (``limits.admit``) writes it once every limit has room.
+
+    With ``handed``, the LaunchRun rows are written leased to the caller (``outbox.LEASE_S``:
+    no relay takes them before) and those of the runs created are put in ``handed``, for the
+    caller to publish once the transaction committed (``OutboxRelay.hand_off``).
 
     A submission whose run id or idempotency key exists already creates nothing; the ids of
     the runs created now are returned.
@@ -179,11 +186,15 @@ async def create(
         first.setdefault(submission.run_id, index)
     unique = [submissions[i] for i in first.values()]
     held = [limits.holds(in_force, s) for s in unique]
-    items = [
-        outbox.OutboxItem(launch(msgspec.structs.asdict(s), 1), INSTRUCTIONS_EXCHANGE, s.queue)
+    lease = outbox.LEASE_S if handed is not None else 0.0
+    launches = {
+        s.run_id: outbox.OutboxItem(
+            launch(msgspec.structs.asdict(s), 1), INSTRUCTIONS_EXCHANGE, s.queue, lease
+        )
         for s, h in zip(unique, held, strict=True)
         if not h
-    ]
+    }
+    items = list(launches.values())
     if announce:
         items += [outbox.answer(RunAccepted(run_id=s.run_id)) for s in unique]
     # One statement: the runs, then the first event and the outbox rows of those created
@@ -258,6 +269,8 @@ async def create(
     )
     created_ids = {record["run_id"] for record in created}
     fresh = [s.run_id for s in unique if s.run_id in created_ids]
+    if handed is not None:
+        handed += [item for run_id, item in launches.items() if run_id in created_ids]
     held_ids = {s.run_id for s, h in zip(unique, held, strict=True) if h}
     if held_ids & created_ids:
         await limits.wake_admitter(connection)

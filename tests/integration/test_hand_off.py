@@ -1,0 +1,130 @@
+"""The intake hands its new runs' LaunchRun to the relay of its own process, on real
+PostgreSQL and RabbitMQ: the rows are leased to it (no relay claims them, no one is woken for
+them), published and marked sent; refused ones go back to the relay's own round, and those
+of a process that died before publishing are any relay's once the lease is over."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from dispatcher.relay import OutboxRelay
+from dispatcher.states import RunState
+from dispatcher.store import Database, OutboxItem, OutboxRow, runs
+from dispatcher.store import outbox as outbox_rows
+from schemas import LaunchRun, RunAccepted, SubmitRun, instruction_decoder
+from tests.integration.test_intake_store import writer_heard_on
+from tests.support import eventually
+from transport.connection import Connection, connect
+from transport.publisher import Publisher
+from transport.topology import declare_instructions_queue, declare_topology
+
+
+@pytest.fixture
+async def broker_connection(vhost_url: str) -> AsyncIterator[Connection]:
+    connection = await connect(vhost_url, "test-hand-off")
+    async with connection.channel() as channel:
+        await declare_topology(channel)
+    yield connection
+    await connection.close()
+
+
+async def taken_by_a_round(store: Database) -> int:
+    """How many rows a relay's own round takes now (and marks sent; it publishes nothing)."""
+    taken: list[OutboxRow] = []
+
+    async def publish(rows: Sequence[OutboxRow]) -> dict[int, str]:
+        taken.extend(rows)
+        return {}
+
+    await store.publish_outbox(publish)
+    return len(taken)
+
+
+async def test_handed_launches_are_published_by_their_writer_not_by_any_relay_round(
+    store: Database, broker_connection: Connection, unique: str
+) -> None:
+    queue = f"hand-{unique}"
+    first, second = (SubmitRun(run_id=uuid.uuid4(), image="img", queue=queue) for _ in range(2))
+    handed: list[OutboxItem] = []
+    async with writer_heard_on(store, outbox_rows.OUTBOX_CHANNEL) as writer:
+        session = writer.connection
+        async with session.transaction():
+            created = await runs.create(session, [first, second], handed=handed)
+        assert created == [first.run_id, second.run_id]
+        # Leased rows wake no relay: the next unleased row's wake-up is the marker, since one
+        # session's notifications arrive in commit order.
+        async with session.transaction():
+            marker = outbox_rows.answer(RunAccepted(run_id=uuid.uuid4()))
+            assert await outbox_rows.insert(session, [marker]) == 1
+        await eventually(writer.was_heard, timeout=10)
+        assert writer.heard == [writer.pid]
+    assert [item.message.run_id for item in handed] == created  # type: ignore[attr-defined]
+    # No relay's round takes them while they are leased (only the marker is due).
+    assert await taken_by_a_round(store) == 1
+    assert await store.outbox.count_unsent("LaunchRun") == 2
+
+    async with broker_connection.channel() as channel:
+        waiting = await declare_instructions_queue(channel, queue)
+        relay = OutboxRelay(store, Publisher(broker_connection))
+        relay.hand_off(handed)
+
+        async def all_settled() -> bool:
+            return await store.outbox.count_unsent("LaunchRun") == 0
+
+        await eventually(all_settled, timeout=30, what="handed rows marked sent")
+        got = []
+        while (message := await waiting.get(no_ack=True, fail=False)) is not None:
+            got.append(instruction_decoder().decode(message.body))
+    assert [(m.run_id, m.attempt) for m in got if isinstance(m, LaunchRun)] == [
+        (first.run_id, 1),
+        (second.run_id, 1),
+    ]
+
+
+async def test_a_handed_launch_the_broker_refuses_goes_back_to_the_relay_which_sets_it_aside(
+    store: Database, broker_connection: Connection
+) -> None:
+    # A queue name no broker takes (stored before names were checked, say).
+    stuck = SubmitRun(run_id=uuid.uuid4(), image="img", queue="gpu!")
+    handed: list[OutboxItem] = []
+    assert await store.accept_submissions([stuck], handed=handed) == [stuck.run_id]
+    relay = OutboxRelay(store, Publisher(broker_connection))
+    relay.hand_off(handed)
+    # Handed back, it is due at once: the relay's round sets it aside and fails the run.
+    await eventually(lambda: _due(store, stuck.run_id), timeout=30, what="the row handed back")
+    assert await store.publish_outbox(relay._publish) == 1  # the relay's own round
+    run = await store.runs.get(stuck.run_id)
+    assert (run.state, run.failure_reason) == (RunState.FAILURE, "LAUNCH_ERROR")
+    assert run.failure_message and "gpu!" in run.failure_message
+    assert await store.outbox.count_unsent("LaunchRun") == 0
+
+
+async def _due(store: Database, run_id: uuid.UUID) -> bool:
+    async with store.connections.connection() as connection:
+        return bool(
+            await connection.fetchval(
+                "SELECT not_before IS NULL AND sent_at IS NULL FROM outbox"
+                " WHERE run_id = $1 AND kind = 'LaunchRun'",
+                run_id,
+            )
+        )
+
+
+async def test_launches_handed_to_a_process_that_died_are_any_relays_after_the_lease(
+    store: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_rows, "LEASE_S", 1.0)
+    run = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
+    handed: list[OutboxItem] = []
+    assert await store.accept_submissions([run], handed=handed) == [run.run_id]
+    # Its writer never publishes it (it died): no relay's round takes it during the lease...
+    assert await taken_by_a_round(store) == 0
+
+    # ... and the first round after it does.
+    async def taken() -> bool:
+        return await taken_by_a_round(store) == 1
+
+    await eventually(taken, timeout=10, interval=0.2, what="the row taken after its lease")
