@@ -130,7 +130,11 @@ class Database:
         its run id is an existing run's or an accepted submission's (a forged submission must
         not answer for someone else's run).
         """
-        async with self.connections.transaction() as connection:
+        # Reads first, outside any transaction (each would see a snapshot of its own in one
+        # anyway); then the writes, in one transaction. A batch whose only write is its new
+        # runs (the usual one) makes them in one statement, a transaction by itself: no BEGIN
+        # and COMMIT of their own to wait for.
+        async with self.connections.connection() as connection:
             accepted, rejected = [], []
             if senders is not None:
                 submissions, refused = await submitters.screen(
@@ -164,19 +168,19 @@ class Database:
             # repeated submission must not answer for someone else's run.
             taken = await runs.existing(connection, [s.run_id for s, _ in rejected])
             taken |= {s.run_id for s in accepted} | {r.run_id for r in resolved}
-            await outbox.insert(
-                connection,
-                [
-                    outbox.answer(RunRejected(run_id=s.run_id, reason=why))
-                    for s, why in rejected
-                    if s.run_id not in taken
-                ],
-            )
-            created = await runs.create(connection, accepted, handed=handed)
-            created += await runs.create(connection, resolved, announce=True, handed=handed)
+            answers = [
+                outbox.answer(RunRejected(run_id=s.run_id, reason=why))
+                for s, why in rejected
+                if s.run_id not in taken
+            ]
+            async with connection.transaction() if answers or resolved else _alone():
+                await outbox.insert(connection, answers)
+                created = await runs.create(connection, accepted, handed=handed)
+                created += await runs.create(connection, resolved, announce=True, handed=handed)
             # A new run id whose idempotency key is an earlier run's created nothing: say so,
             # or its submitter waits for an answer that never comes. The earlier run is not
-            # named (keys are chosen by people, and may be guessed).
+            # named (keys are chosen by people, and may be guessed). Written after the runs:
+            # should it be lost, the submission comes again and finds the same.
             made = set(created)
             keyed = [
                 s for s in (*accepted, *resolved) if s.run_id not in made and s.idempotency_key
@@ -295,6 +299,12 @@ class Database:
     def listen_outbox(self) -> AbstractAsyncContextManager[Callable[[float], Awaitable[None]]]:
         """Wake-ups of the relay: yields a function that waits for the next commit's NOTIFY."""
         return self.connections.listen(outbox.OUTBOX_CHANNEL)
+
+
+@asynccontextmanager
+async def _alone() -> AsyncIterator[None]:
+    """No transaction: what follows is one statement, atomic by itself."""
+    yield
 
 
 def _fitting(
