@@ -13,18 +13,23 @@ from transport.topology import declare_target
 
 from . import metrics
 from .errors import StoreUnavailable
-from .store import Database, OutboxItem, OutboxRow
-from .store.outbox import LEASE_S
+from .store import Database, OutboxItem, OutboxRow, outbox
 
 log = logging.getLogger(__name__)
+
+
+#: Hand-offs in flight at most: past them, a writer writes its rows due, for the relay's
+#: round, rather than leasing rows that would wait behind a backlog past their lease.
+MAX_HANDING = 4
 
 
 class OutboxRelay:
     """Publishes unsent outbox rows with confirms, then marks them sent.
 
-    It starts with whatever was left unsent (a crash loses nothing), then sleeps until a
-    NOTIFY from a committing transaction wakes it; ``idle_poll_s`` is a safety net and the
-    pace at which delayed rows (retry backoff) become due.
+    It starts with whatever was left unsent and due (a crash loses nothing), then sleeps until
+    a NOTIFY from a committing transaction wakes it; ``idle_poll_s`` is a safety net and the
+    pace at which delayed rows (retry backoff) and rows whose lease ran out become due.
+    Rows a writer of its own process just committed are handed to it (``hand_off``).
     """
 
     def __init__(
@@ -40,6 +45,9 @@ class OutboxRelay:
         self._idle_poll_s = idle_poll_s
         self._declared: set[tuple[str, str]] = set()
         self._handing: set[asyncio.Task[None]] = set()
+        # One publish of a batch at a time: a refusal closes the channel under every publish
+        # in flight on it, and only a row refused again on its own is set aside.
+        self._publishing = asyncio.Lock()
 
     async def run(self) -> None:
         """Relay until cancelled."""
@@ -54,49 +62,63 @@ class OutboxRelay:
                 log.error("outbox relay: %s; retrying in 1 s", exc)
                 await asyncio.sleep(1.0)
 
+    def takes_hand_offs(self) -> bool:
+        """Whether a writer may lease its rows to this relay now (few hand-offs in flight)."""
+        return len(self._handing) < MAX_HANDING
+
     def hand_off(self, items: Sequence[OutboxItem]) -> None:
         """Publish outbox rows that a writer of this process just committed, leased to it
         (``outbox.LEASE_S``), with no NOTIFY to wait for and no claim of the rows first.
 
         Published rows are marked sent. Rows the broker refuses, or every row when the broker
-        fails, are handed back: due at once, the relay's own round takes them (and sets aside
-        those refused again). Should this process die, or the store fail, before they are
-        settled, any relay takes them once the lease is over: published twice at worst.
+        fails or has not confirmed them within half the lease, are handed back: due at once,
+        the relay's round takes them (and sets aside those refused again). Should this
+        process die, or the store fail, before they are settled, any relay takes them once
+        the lease is over: published twice at worst, which agents absorb.
         """
         if items:
             task = asyncio.create_task(self._hand_off(items), name="hand-off")
             self._handing.add(task)
             task.add_done_callback(self._handing.discard)
 
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) for the hand-offs in flight: at shutdown, before the
+        publisher and the store close under them."""
+        if self._handing:
+            await asyncio.wait(set(self._handing), timeout=timeout)
+
     async def _hand_off(self, items: Sequence[OutboxItem]) -> None:
-        rows = [
-            OutboxRow(
-                index,
-                item.exchange,
-                item.routing_key,
-                kind_of(item.message),
-                item.message.message_id,
-                encode(item.message),
-                getattr(item.message, "run_id", None),
-                getattr(item.message, "attempt", 0),
-            )
-            for index, item in enumerate(items)
-        ]
+        refused: dict[int, str]
         try:
-            refused = await self._publish(rows)
+            rows = [
+                OutboxRow(
+                    index,
+                    item.exchange,
+                    item.routing_key,
+                    kind_of(item.message),
+                    item.message.message_id,
+                    encode(item.message),
+                    getattr(item.message, "run_id", None),
+                    getattr(item.message, "attempt", 0),
+                )
+                for index, item in enumerate(items)
+            ]
+            refused = await asyncio.wait_for(self._publish(rows), outbox.LEASE_S / 2)
         except Exception as exc:  # the relay's own round takes them then
-            log.warning("outbox relay: %d handed row(s) handed back: %s", len(rows), exc)
-            refused = {row.id: str(exc) for row in rows}
+            log.warning("outbox relay: %d handed row(s) handed back: %r", len(items), exc)
+            rows, refused = [], {}
+            back = [item.message.message_id for item in items]
+        else:
+            back = [row.message_id for row in rows if row.id in refused]
         try:
             await self._store.settle_handed(
-                [row.message_id for row in rows if row.id not in refused],
-                [row.message_id for row in rows if row.id in refused],
+                [row.message_id for row in rows if row.id not in refused], back
             )
         except Exception as exc:  # the lease runs out: any relay takes them
             log.warning(
-                "outbox relay: %d handed row(s) not settled (sent again after %.0f s): %s",
-                len(rows),
-                LEASE_S,
+                "outbox relay: %d handed row(s) not settled (sent again after %.0f s): %r",
+                len(items),
+                outbox.LEASE_S,
                 exc,
             )
 
@@ -107,6 +129,10 @@ class OutboxRelay:
         with its reason and never blocks the rows behind it. A lost broker raises instead,
         and the whole batch is tried again.
         """
+        async with self._publishing:
+            return await self._publish_alone(rows)
+
+    async def _publish_alone(self, rows: Sequence[OutboxRow]) -> dict[int, str]:
         refused: dict[int, str] = {}
         for target in {(row.exchange, row.routing_key) for row in rows} - self._declared:
             try:

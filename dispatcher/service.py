@@ -102,12 +102,17 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             # may be made at all, and where: see dispatcher.submitters.
             submissions = [d.message for d in submitted if isinstance(d.message, SubmitRun)]
             senders = [d.raw.user_id for d in submitted]
-            # With a relay in this process, the new runs' LaunchRun go to it as soon as they
-            # are committed: no NOTIFY to wait for, no claim of the rows.
-            handed: list[OutboxItem] | None = [] if relay is not None else None
-            created = await store.accept_submissions(submissions, senders, trusted, handed)
-            if relay is not None and handed:
-                relay.hand_off(handed)
+            # With a relay in this process (and few hand-offs in flight), the new runs'
+            # LaunchRun go to it as soon as they are committed: no NOTIFY to wait for, no claim
+            # of the rows. Handed over even if what follows the commit fails.
+            handed: list[OutboxItem] | None = (
+                [] if relay is not None and relay.takes_hand_offs() else None
+            )
+            try:
+                created = await store.accept_submissions(submissions, senders, trusted, handed)
+            finally:
+                if relay is not None and handed:
+                    relay.hand_off(handed)
             log.info("accepted %d submission(s), %d new run(s)", len(submissions), len(created))
             # After the submissions: a run submitted and canceled in one batch exists by now.
             if cancels:
@@ -204,14 +209,17 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
 
         # Shutdown: stop consuming, let in-flight batches finish within the grace period,
         # then cancel what is left and close the connections.
-        # The relay is cancelled at once: a row it was publishing stays unsent and goes out
-        # again on the next start, which consumers absorb (idempotent on the container name).
+        # The relay's round is cancelled at once: a row it was publishing stays unsent and
+        # goes out again on the next start, which consumers absorb (idempotent on the
+        # container name). Rows the intake hands it meanwhile are published (``drain``).
         for task in runners:
             if task.get_name() in ("relay", "admitter", "retention"):
                 task.cancel()
         for consumer in consumers:
             await consumer.stop()
         _, pending = await asyncio.wait(runners, timeout=settings.shutdown_grace_s)
+        if relay is not None:
+            await relay.drain(settings.shutdown_grace_s)
         for task in [*pending, stopper]:
             task.cancel()
         await asyncio.gather(*pending, stopper, return_exceptions=True)

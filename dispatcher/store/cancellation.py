@@ -1,9 +1,10 @@
 """Cancellation: a run is stopped where it is, in one transaction.
 
 - QUEUED: CANCELED at once. Its LaunchRun rows not yet sent are dropped; one already sent
-  may sit in an agent's queue or be held by an agent waiting for a slot, so every live agent
-  of the run's queue gets a TerminateRun for the attempt on its own control queue, which
-  fences it there: the launch is dropped, never started.
+  (or being published by the relay it was handed to, ``OutboxRelay.hand_off``) may sit in an
+  agent's queue or be held by an agent waiting for a slot, so every live agent of the run's
+  queue gets a TerminateRun for the attempt on its own control queue, which fences it there:
+  the launch is dropped, never started. An agent that comes later is refused its claim.
 - STARTING or STARTED: CANCELING, and the agent holding the attempt gets a TerminateRun with
   the grace asked for (SIGTERM, then SIGKILL). The attempt's end, whatever it reports, ends the
   run CANCELED (a success that came first stays a success), never retried; the monitor ends

@@ -87,9 +87,10 @@ async def _left_as_it_is(connection: asyncpg.Connection) -> None:
 
     asyncpg's default sends a query (advisory locks, cursors, LISTEN, settings) after every
     use: one more round trip on every transaction's way out, the launch path's included. No
-    code here leaves any of that on a pooled connection: LISTEN and session locks have
-    connections of their own, and the migrator unlocks its lock itself. asyncpg still rolls
-    back a transaction left open."""
+    code here leaves any of that on a pooled connection: LISTEN and session locks (the
+    leader's, the migrator's) have connections of their own, and no code sets a session
+    setting or opens a cursor outside a transaction. asyncpg still rolls back a transaction
+    left open."""
 
 
 class Connections:

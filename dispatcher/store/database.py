@@ -29,6 +29,7 @@ from schemas.resources import Capacity
 
 from .. import submissions as rules
 from .. import submitters as senders_rules
+from ..errors import StoreUnavailable
 from . import (
     agents,
     cancellation,
@@ -45,7 +46,7 @@ from .admission import Admission
 from .alerts import Alerts
 from .api_tokens import ApiTokens
 from .audit import Audit
-from .connections import Connections
+from .connections import UNAVAILABLE, Connections, close_quietly, connect
 from .dead_letters import DeadLetters
 from .overview import Overview
 from .retention import Retention
@@ -96,11 +97,19 @@ class Database:
         await self.connections.close()
 
     async def upgrade(self) -> list[int]:
-        """Apply pending migrations (creating the schema first, if one is set)."""
-        async with self.connections.connection() as connection:
+        """Apply pending migrations (creating the schema first, if one is set).
+
+        On a connection of its own: the migrator's session lock ends with it, whatever
+        happens, and never stays on a pooled connection (they are not reset)."""
+        connection = await connect(self.connections.dsn, self.connections.schema)
+        try:
             if self.connections.schema:
                 await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.connections.schema}"')
             return await migrations.upgrade(connection)
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+        finally:
+            await close_quietly(connection)
 
     # ------------------------------------------------------------------------ intake
 
@@ -113,8 +122,9 @@ class Database:
     ) -> list[uuid.UUID]:
         """Create the runs that pass their checks; answer every job submission.
 
-        With ``handed``, the new runs' LaunchRun rows are leased to the caller and put there,
-        to be published once this returns (see ``runs.create``).
+        With ``handed``, the new runs' LaunchRun rows are leased to the caller and put there
+        once committed, for the caller to publish (see ``runs.create``), even should this
+        raise afterwards.
 
         With ``senders`` (each submission's AMQP user_id, in order), a submission is first
         held to its sender's rights (``dispatcher.submitters``): a trusted identity, a
@@ -131,9 +141,9 @@ class Database:
         not answer for someone else's run).
         """
         # Reads first, outside any transaction (each would see a snapshot of its own in one
-        # anyway); then the writes, in one transaction. A batch whose only write is its new
-        # runs (the usual one) makes them in one statement, a transaction by itself: no BEGIN
-        # and COMMIT of their own to wait for.
+        # anyway); then the writes of the runs and the refusals' answers, in one transaction.
+        # A batch whose only write is its new runs (the usual one) makes them in one
+        # statement, a transaction by itself: no BEGIN and COMMIT of their own to wait for.
         async with self.connections.connection() as connection:
             accepted, rejected = [], []
             if senders is not None:
@@ -173,10 +183,14 @@ class Database:
                 for s, why in rejected
                 if s.run_id not in taken
             ]
+            leased: list[outbox.OutboxItem] | None = [] if handed is not None else None
             async with connection.transaction() if answers or resolved else _alone():
                 await outbox.insert(connection, answers)
-                created = await runs.create(connection, accepted, handed=handed)
-                created += await runs.create(connection, resolved, announce=True, handed=handed)
+                created = await runs.create(connection, accepted, handed=leased)
+                created += await runs.create(connection, resolved, announce=True, handed=leased)
+            # Committed: only now are they the caller's to publish.
+            if handed is not None and leased:
+                handed += leased
             # A new run id whose idempotency key is an earlier run's created nothing: say so,
             # or its submitter waits for an answer that never comes. The earlier run is not
             # named (keys are chosen by people, and may be guessed). Written after the runs:

@@ -58,7 +58,7 @@ async def in_force(connection: asyncpg.Connection) -> list[Limit]:
 
 
 async def wake_admitter(connection: asyncpg.Connection) -> None:
-    """Wake the admitter when this transaction commits."""
+    """Wake the admitter when this transaction commits (at once, outside a transaction)."""
     await connection.execute(f"NOTIFY {ADMIT_CHANNEL}")
 
 

@@ -1,8 +1,9 @@
 """The outbox: messages written in the transaction of the change they announce, published after.
 
-A NOTIFY on ``OUTBOX_CHANNEL`` at commit (a trigger's) wakes the relay; it claims unsent rows
-(``FOR UPDATE SKIP LOCKED``), publishes them with confirms and marks them sent in the same
-transaction.
+A NOTIFY on ``OUTBOX_CHANNEL`` at commit (a trigger's, for rows due) wakes the relay; it claims
+unsent, due rows (``FOR UPDATE SKIP LOCKED``), publishes them with confirms and marks them sent
+in the same transaction. Rows leased to a relay of the writer's own process (``LEASE_S``) are
+not due until the lease is over: that relay publishes them and settles them (``handed_back``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def rows_sql(first: int, only: str = "") -> str:
     """An INSERT of the rows ``arrays`` binds as parameters ``$first`` to ``$first + 7``,
     in their order; ``only`` joins them to a relation of run ids (a CTE) that they must be
     in. A row whose message id exists already is skipped (idempotent). The relay is woken at
-    commit by a trigger (migration 18)."""
+    commit by a trigger when a row is due (migrations 18 and 20)."""
     p = [f"${first + i}" for i in range(8)]
     join = f"JOIN {only} AS only_runs ON only_runs.run_id = o.run_id" if only else ""
     return f"""
@@ -138,19 +139,19 @@ async def mark_sent(connection: asyncpg.Connection, ids: Sequence[int]) -> None:
 async def handed_back(
     connection: asyncpg.Connection, sent: Sequence[uuid.UUID], back: Sequence[uuid.UUID]
 ) -> None:
-    """Settle leased rows by message id: those ``sent`` are marked sent (unless a relay sent
-    them meanwhile); those handed ``back`` are due at once, for the relay to take (and set
-    aside, when the broker refuses them)."""
+    """Settle leased rows by message id: those ``sent`` are marked sent; those handed
+    ``back`` are due at once, for the relay's round to take (and to set aside, when the
+    broker refuses them), and the relay is woken. A row a relay's round has taken meanwhile
+    (its lease ran out) is left to it, never waited for."""
+    taken = "SELECT id FROM outbox WHERE message_id = ANY($1::uuid[]) AND sent_at IS NULL"
     if sent:
         await connection.execute(
-            "UPDATE outbox SET sent_at = now() WHERE message_id = ANY($1::uuid[])"
-            " AND sent_at IS NULL",
+            f"UPDATE outbox SET sent_at = now() WHERE id IN ({taken} FOR UPDATE SKIP LOCKED)",
             sent,
         )
     if back:
         await connection.execute(
-            "UPDATE outbox SET not_before = NULL WHERE message_id = ANY($1::uuid[])"
-            " AND sent_at IS NULL",
+            f"UPDATE outbox SET not_before = NULL WHERE id IN ({taken} FOR UPDATE SKIP LOCKED)",
             back,
         )
         await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}")

@@ -170,8 +170,8 @@ async def create(
     admitter (``limits.admit``) writes it once every limit has room.
 
     With ``handed``, the LaunchRun rows are written leased to the caller (``outbox.LEASE_S``:
-    no relay takes them before) and those of the runs created are put in ``handed``, for the
-    caller to publish once the transaction committed (``OutboxRelay.hand_off``).
+    no relay's round takes them before) and those of the runs created are put in ``handed``,
+    for the caller to publish once the transaction committed (``OutboxRelay.hand_off``).
 
     A submission whose run id or idempotency key exists already creates nothing; the ids of
     the runs created now are returned.

@@ -5,9 +5,11 @@ of a process that died before publishing are any relay's once the lease is over.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+import asyncpg
 import pytest
 
 from dispatcher.relay import OutboxRelay
@@ -15,6 +17,7 @@ from dispatcher.states import RunState
 from dispatcher.store import Database, OutboxItem, OutboxRow, runs
 from dispatcher.store import outbox as outbox_rows
 from schemas import LaunchRun, RunAccepted, SubmitRun, instruction_decoder
+from tests.integration.conftest import Stack
 from tests.integration.test_intake_store import writer_heard_on
 from tests.support import eventually
 from transport.connection import Connection, connect
@@ -91,15 +94,93 @@ async def test_a_handed_launch_the_broker_refuses_goes_back_to_the_relay_which_s
     stuck = SubmitRun(run_id=uuid.uuid4(), image="img", queue="gpu!")
     handed: list[OutboxItem] = []
     assert await store.accept_submissions([stuck], handed=handed) == [stuck.run_id]
-    relay = OutboxRelay(store, Publisher(broker_connection))
-    relay.hand_off(handed)
-    # Handed back, it is due at once: the relay's round sets it aside and fails the run.
-    await eventually(lambda: _due(store, stuck.run_id), timeout=30, what="the row handed back")
-    assert await store.publish_outbox(relay._publish) == 1  # the relay's own round
+    async with woken(store) as was_woken:
+        relay = OutboxRelay(store, Publisher(broker_connection))
+        relay.hand_off(handed)
+        # Handed back, it is due at once, and the relay is woken for it.
+        await eventually(lambda: _due(store, stuck.run_id), timeout=30, what="handed back")
+        await eventually(was_woken, timeout=10, what="the relay woken")
+    # The relay's round sets it aside and fails the run.
+    assert await store.publish_outbox(relay._publish) == 1
     run = await store.runs.get(stuck.run_id)
     assert (run.state, run.failure_reason) == (RunState.FAILURE, "LAUNCH_ERROR")
     assert run.failure_message and "gpu!" in run.failure_message
     assert await store.outbox.count_unsent("LaunchRun") == 0
+
+
+async def test_handed_launches_go_back_to_the_relay_when_the_broker_is_gone(
+    store: Database, vhost_url: str
+) -> None:
+    run = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
+    handed: list[OutboxItem] = []
+    assert await store.accept_submissions([run], handed=handed) == [run.run_id]
+    connection = await connect(vhost_url, "test-hand-off-gone")
+    await connection.close()
+    publisher = Publisher(connection, retry_deadline_s=0.5)
+    relay = OutboxRelay(store, publisher)
+    relay.hand_off(handed)
+    await relay.drain(timeout=30)
+    assert await _due(store, run.run_id)
+    assert await taken_by_a_round(store) == 1
+
+
+async def test_a_batch_with_a_refusal_writes_in_one_transaction_and_hands_only_launches(
+    store: Database,
+) -> None:
+    plain = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
+    refused = SubmitRun(run_id=uuid.uuid4(), image="", queue="q")  # no image, no job
+    handed: list[OutboxItem] = []
+    created = await store.accept_submissions([refused, plain], handed=handed)
+    assert created == [plain.run_id]
+    assert [(type(i.message), i.message.run_id) for i in handed] == [  # type: ignore[attr-defined]
+        (LaunchRun, plain.run_id)
+    ]
+    async with store.connections.connection() as connection:
+        rows = await connection.fetch(
+            "SELECT run_id, kind, not_before > now() AS leased FROM outbox ORDER BY id"
+        )
+    assert [(r["run_id"], r["kind"], r["leased"]) for r in rows] == [
+        (refused.run_id, "RunRejected", None),
+        (plain.run_id, "LaunchRun", True),
+    ]
+    # The refusal's answer is due at once; the launch is its writer's.
+    assert await taken_by_a_round(store) == 1
+
+
+async def test_launches_handed_to_a_process_that_died_are_any_relays_after_the_lease(
+    store: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_rows, "LEASE_S", 3600.0)
+    run = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
+    handed: list[OutboxItem] = []
+    assert await store.accept_submissions([run], handed=handed) == [run.run_id]
+    # Its writer never publishes it (it died): no relay's round takes it during the lease...
+    assert await taken_by_a_round(store) == 0
+    # ... and the first round after it does.
+    async with store.connections.connection() as connection:
+        await connection.execute(
+            "UPDATE outbox SET not_before = now() - interval '1 second' WHERE run_id = $1",
+            run.run_id,
+        )
+    assert await taken_by_a_round(store) == 1
+
+
+async def test_the_intake_hands_its_launches_to_the_relay_of_its_process(
+    stack: Stack, store: Database
+) -> None:
+    await stack.start_control_plane()  # intake, relay and status in one process
+    await stack.start_agent()
+    async with stack.client() as client:
+        outcome = await client.submit_and_wait(
+            stack.run_image, ["true"], queue=stack.queue, timeout=60
+        )
+    assert outcome.succeeded
+    async with store.connections.connection() as connection:
+        [row] = await connection.fetch(
+            "SELECT sent_at, not_before FROM outbox WHERE kind = 'LaunchRun'"
+        )
+    # Sent while its lease ran: by the relay it was handed to, not by a round of any relay.
+    assert row["not_before"] is not None and row["sent_at"] < row["not_before"]
 
 
 async def _due(store: Database, run_id: uuid.UUID) -> bool:
@@ -113,18 +194,17 @@ async def _due(store: Database, run_id: uuid.UUID) -> bool:
         )
 
 
-async def test_launches_handed_to_a_process_that_died_are_any_relays_after_the_lease(
-    store: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(outbox_rows, "LEASE_S", 1.0)
-    run = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
-    handed: list[OutboxItem] = []
-    assert await store.accept_submissions([run], handed=handed) == [run.run_id]
-    # Its writer never publishes it (it died): no relay's round takes it during the lease...
-    assert await taken_by_a_round(store) == 0
+@contextlib.asynccontextmanager
+async def woken(store: Database) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
+    """Whether a NOTIFY for the relay came (from any session) while inside."""
+    heard: list[str] = []
+    listener = await asyncpg.connect(store.connections.dsn)
+    await listener.add_listener(outbox_rows.OUTBOX_CHANNEL, lambda *args: heard.append("x"))
 
-    # ... and the first round after it does.
-    async def taken() -> bool:
-        return await taken_by_a_round(store) == 1
+    async def was_woken() -> bool:
+        return bool(heard)
 
-    await eventually(taken, timeout=10, interval=0.2, what="the row taken after its lease")
+    try:
+        yield was_woken
+    finally:
+        await listener.close()
