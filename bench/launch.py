@@ -161,13 +161,14 @@ class PathFloor:
             await message.ack()
             self.delivered.put_nowait(None)
 
-        await queue.consume(on_message)
+        self.queue, self.tag = queue, await queue.consume(on_message)
         await self.database.execute(f"CREATE TABLE {self.table} (id uuid, body bytea)")
         return self
 
     async def __aexit__(self, *_: object) -> None:
         with contextlib.suppress(Exception):
-            await self.channel.queue_delete(self.name, if_unused=False, if_empty=False)
+            await self.queue.cancel(self.tag)
+            await self.queue.delete(if_unused=False, if_empty=False)
         with contextlib.suppress(Exception):
             await self.database.execute(f"DROP TABLE IF EXISTS {self.table}")
         await self.database.close()
