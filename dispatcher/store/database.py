@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Self
 
 from schemas import (
@@ -184,7 +184,8 @@ class Database:
                 if s.run_id not in taken
             ]
             leased: list[outbox.OutboxItem] | None = [] if handed is not None else None
-            async with connection.transaction() if answers or resolved else _alone():
+            # With nothing else to write, the one statement is atomic by itself.
+            async with connection.transaction() if answers or resolved else nullcontext():
                 await outbox.insert(connection, answers)
                 created = await runs.create(connection, accepted, handed=leased)
                 created += await runs.create(connection, resolved, announce=True, handed=leased)
@@ -313,12 +314,6 @@ class Database:
     def listen_outbox(self) -> AbstractAsyncContextManager[Callable[[float], Awaitable[None]]]:
         """Wake-ups of the relay: yields a function that waits for the next commit's NOTIFY."""
         return self.connections.listen(outbox.OUTBOX_CHANNEL)
-
-
-@asynccontextmanager
-async def _alone() -> AsyncIterator[None]:
-    """No transaction: what follows is one statement, atomic by itself."""
-    yield
 
 
 def _fitting(

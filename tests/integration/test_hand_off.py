@@ -34,6 +34,13 @@ async def broker_connection(vhost_url: str) -> AsyncIterator[Connection]:
     await connection.close()
 
 
+async def accepted_and_handed(store: Database, submission: SubmitRun) -> list[OutboxItem]:
+    """The intake's store call for one new run, with its launch handed to the caller."""
+    handed: list[OutboxItem] = []
+    assert await store.accept_submissions([submission], handed=handed) == [submission.run_id]
+    return handed
+
+
 async def taken_by_a_round(store: Database) -> int:
     """How many rows a relay's own round takes now (and marks sent; it publishes nothing)."""
     taken: list[OutboxRow] = []
@@ -92,8 +99,7 @@ async def test_a_handed_launch_the_broker_refuses_goes_back_to_the_relay_which_s
 ) -> None:
     # A queue name no broker takes (stored before names were checked, say).
     stuck = SubmitRun(run_id=uuid.uuid4(), image="img", queue="gpu!")
-    handed: list[OutboxItem] = []
-    assert await store.accept_submissions([stuck], handed=handed) == [stuck.run_id]
+    handed = await accepted_and_handed(store, stuck)
     async with woken(store) as was_woken:
         relay = OutboxRelay(store, Publisher(broker_connection))
         relay.hand_off(handed)
@@ -112,8 +118,7 @@ async def test_handed_launches_go_back_to_the_relay_when_the_broker_is_gone(
     store: Database, vhost_url: str
 ) -> None:
     run = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
-    handed: list[OutboxItem] = []
-    assert await store.accept_submissions([run], handed=handed) == [run.run_id]
+    handed = await accepted_and_handed(store, run)
     connection = await connect(vhost_url, "test-hand-off-gone")
     await connection.close()
     publisher = Publisher(connection, retry_deadline_s=0.5)
@@ -152,8 +157,7 @@ async def test_launches_handed_to_a_process_that_died_are_any_relays_after_the_l
 ) -> None:
     monkeypatch.setattr(outbox_rows, "LEASE_S", 3600.0)
     run = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
-    handed: list[OutboxItem] = []
-    assert await store.accept_submissions([run], handed=handed) == [run.run_id]
+    await accepted_and_handed(store, run)
     # Its writer never publishes it (it died): no relay's round takes it during the lease...
     assert await taken_by_a_round(store) == 0
     # ... and the first round after it does.
