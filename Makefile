@@ -4,10 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export TESTCONTAINERS_RYUK_DISABLED ?= true
 
-.PHONY: help venv host images test test-unit soak lint format demo demo-hosts bench clean
+.PHONY: help venv host images test test-unit soak lint format demo demo-down demo-hosts bench clean
 
 help:
 	@echo "make demo       set up everything, then run the demo"
+	@echo "make demo-down  stop the demo's stack and remove what its agent left"
 	@echo "make demo-hosts the demo with agents on 2 hosts of their own (HOSTS=N for N)"
 	@echo "make test       set up everything, then run the test suite (all but the soak tests)"
 	@echo "make test-unit  unit tests only (no services)"
@@ -52,6 +53,9 @@ format: venv
 
 demo: images
 	bash compose/demo.sh
+
+demo-down:
+	bash compose/demo.sh down
 
 demo-hosts: images
 	bash compose/demo-hosts.sh $(HOSTS)

@@ -95,6 +95,19 @@ start_stack() {
 # ---- what a demo that sources this file shares ends here.
 [ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
+# `compose/demo.sh down` (`make demo-down`): the stack down, with the code servers and run
+# containers its agent left on this engine (they are the agent's, not the compose project's).
+if [ "${1:-}" = down ]; then
+    log "taking the stack down (project $PROJECT)"
+    "${COMPOSE[@]}" down --remove-orphans
+    left=$(docker ps -aq --filter label=hybrid-dispatcher.agent-id=demo-agent)
+    if [ -n "$left" ]; then
+        log "removing $(echo "$left" | wc -l) container(s) the demo's agent left"
+        docker rm -f $left >/dev/null
+    fi
+    exit 0
+fi
+
 log "starting RabbitMQ, PostgreSQL, the control plane, the failure monitor and one agent (project $PROJECT), TLS only"
 start_stack
 url=$("$BIN/dispatcher" agents add demo-agent --queue default)
@@ -161,7 +174,7 @@ log "web UI: http://127.0.0.1:${HD_DEMO_WEB_PORT:-8080}/ui (sign in with $operat
     "API: http://127.0.0.1:${HD_DEMO_WEB_PORT:-8080}/api/v1 (Authorization: Bearer <token>)"
 log "metrics: http://127.0.0.1:${HD_DEMO_SERVE_METRICS_PORT:-9464}/metrics (control plane)," \
     "http://127.0.0.1:${HD_DEMO_MONITOR_METRICS_PORT:-9465}/metrics (monitor)"
-log "stop the stack with: ${COMPOSE[*]} down"
+log "stop the stack with: make demo-down (or bash compose/demo.sh down)"
 if [ "$failures" -gt 0 ]; then
     log "$failures run(s) did not end as expected"
     exit 1
