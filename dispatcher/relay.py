@@ -103,7 +103,10 @@ class OutboxRelay:
                 )
                 for index, item in enumerate(items)
             ]
-            refused = await asyncio.wait_for(self._publish(rows), outbox.LEASE_S / 2)
+            # In this task (``wait_for`` would make one more): the publish's frames are
+            # queued the first time this task runs.
+            async with asyncio.timeout(outbox.LEASE_S / 2):
+                refused = await self._publish(rows)
         except Exception as exc:  # the relay's own round takes them then
             log.warning("outbox relay: %d handed row(s) handed back: %r", len(items), exc)
             rows, refused = [], {}

@@ -113,6 +113,9 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             finally:
                 if relay is not None and handed:
                     relay.hand_off(handed)
+            if handed:
+                # The hand-off's publish goes out first, before this batch's log line and ack.
+                await asyncio.sleep(0)
             log.info("accepted %d submission(s), %d new run(s)", len(submissions), len(created))
             # After the submissions: a run submitted and canceled in one batch exists by now.
             if cancels:

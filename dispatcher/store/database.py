@@ -146,8 +146,9 @@ class Database:
         # statement, a transaction by itself: no BEGIN and COMMIT of their own to wait for.
         async with self.connections.connection() as connection:
             accepted, rejected = [], []
+            in_force = None
             if senders is not None:
-                submissions, refused = await submitters.screen(
+                submissions, refused, in_force = await submitters.screen(
                     connection, submissions, senders, trusted
                 )
                 rejected += refused
@@ -187,8 +188,10 @@ class Database:
             # With nothing else to write, the one statement is atomic by itself.
             async with connection.transaction() if answers or resolved else nullcontext():
                 await outbox.insert(connection, answers)
-                created = await runs.create(connection, accepted, handed=leased)
-                created += await runs.create(connection, resolved, announce=True, handed=leased)
+                created = await runs.create(connection, accepted, handed=leased, in_force=in_force)
+                created += await runs.create(
+                    connection, resolved, announce=True, handed=leased, in_force=in_force
+                )
             # Committed: only now are they the caller's to publish.
             if handed is not None and leased:
                 handed += leased

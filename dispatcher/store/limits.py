@@ -12,6 +12,7 @@ full limit does not hold back a run that only falls under limits with room.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "Limits",
     "holds",
     "in_force",
+    "in_force_from_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,16 @@ COVERS = """(l.scope = 'global'
               OR (l.scope = 'tag' AND r.tags ->> l.name = l.value))"""
 #: A run that holds a slot (matches the partial index ``runs_holding``).
 HOLDING = "NOT r.held AND r.state NOT IN ('SUCCESS', 'FAILURE', 'CANCELED')"
+
+
+#: The limits in force as one JSON array (``in_force_from_json``), for a query that reads them
+#: along with something else: one round trip for both.
+IN_FORCE_JSON = """(SELECT coalesce(json_agg(l ORDER BY l.key), '[]')
+                     FROM (SELECT key, scope, name, value, max_running FROM limits) AS l)"""
+
+
+def in_force_from_json(raw: str) -> list[Limit]:
+    return [Limit(**item) for item in json.loads(raw)]
 
 
 async def in_force(connection: asyncpg.Connection) -> list[Limit]:

@@ -163,6 +163,7 @@ async def create(
     submissions: Sequence[SubmitRun],
     announce: bool = False,
     handed: list[outbox.OutboxItem] | None = None,
+    in_force: list[limits.Limit] | None = None,
 ) -> list[uuid.UUID]:
     """Insert runs, their first events and LaunchRun rows (and RunAccepted if ``announce``).
 
@@ -172,13 +173,15 @@ async def create(
     With ``handed``, the LaunchRun rows are written leased to the caller (``outbox.LEASE_S``:
     no relay's round takes them before) and those of the runs created are put in ``handed``,
     for the caller to publish once the transaction committed (``OutboxRelay.hand_off``).
+    ``in_force``: the limits in force, when the caller read them already.
 
     A submission whose run id or idempotency key exists already creates nothing; the ids of
     the runs created now are returned.
     """
     if not submissions:
         return []
-    in_force = await limits.in_force(connection)
+    if in_force is None:
+        in_force = await limits.in_force(connection)
     # The same run id may come twice in one batch: the first is inserted, and only its event
     # and instruction are written.
     first: dict[uuid.UUID, int] = {}

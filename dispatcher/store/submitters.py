@@ -19,6 +19,7 @@ from schemas import SubmitRun
 from .. import submitters as rules
 from . import audit
 from .connections import Connections
+from .limits import IN_FORCE_JSON, Limit, in_force_from_json
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,29 @@ def _limits(record: asyncpg.Record) -> rules.Limits:
 
 async def registry(connection: asyncpg.Connection, names: Collection[str]) -> rules.Registry:
     """The registered submitters among ``names``, and whether any is registered at all."""
+    return (await registry_and_limits(connection, names, with_limits=False))[0]
+
+
+async def registry_and_limits(
+    connection: asyncpg.Connection, names: Collection[str], with_limits: bool = True
+) -> tuple[rules.Registry, list[Limit] | None]:
+    """``registry``, and the limits in force (``limits.in_force``) in the same round trip."""
     # One round trip: a first row says whether any is registered, even when none is named.
     records = await connection.fetch(
-        """
-        SELECT s.name, s.queues, s.locations, a.in_use
-        FROM (SELECT EXISTS (SELECT 1 FROM submitters) AS in_use) AS a
+        f"""
+        SELECT s.name, s.queues, s.locations, a.in_use, a.in_force
+        FROM (SELECT EXISTS (SELECT 1 FROM submitters) AS in_use,
+                     {IN_FORCE_JSON if with_limits else "NULL::json"} AS in_force) AS a
         LEFT JOIN submitters AS s ON s.name = ANY($1::text[])
         """,
         sorted(set(names)),
     )
     in_use = bool(records[0]["in_use"])
-    return rules.Registry(in_use, {r["name"]: _limits(r) for r in records if r["name"] is not None})
+    known = rules.Registry(
+        in_use, {r["name"]: _limits(r) for r in records if r["name"] is not None}
+    )
+    in_force = records[0]["in_force"]
+    return known, in_force_from_json(in_force) if in_force is not None else None
 
 
 async def screen(
@@ -55,11 +68,13 @@ async def screen(
     submissions: Sequence[SubmitRun],
     senders: Sequence[str | None],
     trusted: Collection[str],
-) -> tuple[list[SubmitRun], list[tuple[SubmitRun, str]]]:
-    """Split a batch by its senders (``dispatcher.submitters``): (allowed, [(refused, why)]).
+) -> tuple[list[SubmitRun], list[tuple[SubmitRun, str]], list[Limit]]:
+    """Split a batch by its senders (``dispatcher.submitters``): (allowed, [(refused, why)],
+    and the limits in force, read in the same round trip for ``runs.create``).
 
     ``senders`` are the submissions' AMQP user_ids, in order, as the broker verified them."""
-    known = await registry(connection, [s for s in senders if s is not None])
+    known, in_force = await registry_and_limits(connection, [s for s in senders if s is not None])
+    assert in_force is not None
     queues: dict[str, str] = {}
     if known.limits:
         # A job run goes to its location's queue: that is the queue its limits apply to.
@@ -85,7 +100,7 @@ async def screen(
         else:
             log.warning("submission of run %s refused: %s", submission.run_id, why)
             refused.append((submission, why))
-    return allowed, refused
+    return allowed, refused, in_force
 
 
 class Submitters:
