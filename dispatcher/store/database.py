@@ -17,6 +17,7 @@ from schemas import (
     LocationFailed,
     LocationLoaded,
     RunAccepted,
+    RunClaimed,
     RunEnded,
     RunFailed,
     RunLog,
@@ -252,6 +253,14 @@ class Database:
 
         ``answers``: claims' answers are put there, to be published once this returns (the
         transaction committed), instead of into the outbox (``events.claim``)."""
+        if answers is not None and len(batch) == 1 and isinstance(batch[0], RunClaimed):
+            # A claim alone (a launch's, while the agent creates the container): granted in
+            # two round trips rather than a transaction's five, when nothing raced it.
+            async with self.connections.connection() as connection:
+                granted = await events.grant_at_once(connection, batch[0])
+            if granted is not None:
+                answers.append(granted)
+                return 0
         changes = 0
         async with self.connections.transaction() as connection:
             for event in batch:

@@ -142,6 +142,59 @@ async def claim(
         )
     if run is not None:
         await _insert(connection, event, None, None)  # in the run's history, granted or not
+    item = _answer(event, why)
+    if answers is not None:
+        answers.append(item)
+    else:
+        await outbox.insert(connection, [item])
+    return why is None
+
+
+async def grant_at_once(
+    connection: asyncpg.Connection, event: RunClaimed
+) -> outbox.OutboxItem | None:
+    """The usual claim, granted in two round trips and no transaction of its own; its
+    ``LaunchGranted``, for the caller to publish. None when it is not a grant, or its run
+    changed between the two: ``claim`` decides then, in a transaction.
+
+    The run is read, the claim judged (``_claim_refused``, as ``claim`` does), then one
+    statement makes the claimant the holder and records the claim, only if the run is still
+    as it was read (a compare-and-set): a claim that races a cancel, a retry or another
+    agent's claim changes nothing here.
+    """
+    run = await connection.fetchrow("SELECT * FROM runs WHERE run_id = $1", event.run_id)
+    if run is None or _claim_refused(run, event) is not None:
+        return None
+    held = await connection.fetchval(
+        """
+        WITH holder AS (
+            UPDATE runs SET agent_id = $2,
+                            updated_at = CASE WHEN agent_id IS NULL THEN now()
+                                              ELSE updated_at END
+            WHERE run_id = $1 AND attempt = $3 AND state = $6 AND NOT held
+              AND agent_id IS NOT DISTINCT FROM $7
+            RETURNING run_id
+        ), recorded AS (
+            INSERT INTO run_events (event_id, run_id, attempt, kind, payload)
+            SELECT $4::uuid, run_id, $3::int, 'RunClaimed', $5::jsonb FROM holder
+            WHERE NOT EXISTS (SELECT 1 FROM run_events WHERE event_id = $4)
+            ON CONFLICT (event_id) DO NOTHING
+        )
+        SELECT count(*) FROM holder
+        """,
+        event.run_id,
+        event.agent_id,
+        event.attempt,
+        stored_id(event),
+        runs.payload_json(event),
+        run["state"],
+        run["agent_id"],
+    )
+    return _answer(event, None) if held else None
+
+
+def _answer(event: RunClaimed, why: str | None) -> outbox.OutboxItem:
+    """A claim's answer to its claimant: granted when ``why`` is None, refused with it."""
     answer: LaunchGranted | TerminateRun
     if why is None:
         answer = LaunchGranted(
@@ -165,12 +218,7 @@ async def claim(
             reason=f"claim refused: {why}",
             grace_s=10.0,
         )
-    item = outbox.OutboxItem(answer, CONTROL_EXCHANGE, event.agent_id)
-    if answers is not None:
-        answers.append(item)
-    else:
-        await outbox.insert(connection, [item])
-    return why is None
+    return outbox.OutboxItem(answer, CONTROL_EXCHANGE, event.agent_id)
 
 
 def _claim_refused(run: asyncpg.Record | None, event: RunClaimed) -> str | None:

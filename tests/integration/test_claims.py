@@ -3,10 +3,11 @@ is answered with a TerminateRun, and the failure monitor fails over what a lost 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from dispatcher.states import RunState
-from dispatcher.store import Database, OutboxItem
+from dispatcher.store import Database, OutboxItem, events
 from schemas import (
     AgentHeartbeat,
     ContainerState,
@@ -20,6 +21,7 @@ from schemas import (
     any_decoder,
 )
 from schemas.topology import CONTROL_EXCHANGE
+from tests.support import eventually
 
 
 async def submitted(store: Database) -> uuid.UUID:
@@ -163,3 +165,63 @@ async def test_the_status_consumer_takes_claim_answers_to_publish_itself(store: 
     ]
     assert await answers(store, run_id) == []
     assert (await store.runs.get(run_id)).agent_id == "host-a"
+
+
+async def test_a_lone_claim_is_granted_at_once_and_others_as_in_a_transaction(
+    store: Database,
+) -> None:
+    """A claim alone in its batch (a launch's) takes two round trips and no transaction; what
+    it decides is what the transaction decides."""
+    run_id = await submitted(store)
+    answered: list[OutboxItem] = []
+    await store.apply_events([claim(run_id, "host-a")], answered)
+    await store.apply_events([claim(run_id, "host-b")], answered)
+    await store.apply_events([claim(run_id, "host-a")], answered)  # the holder again
+    assert [(i.routing_key, type(i.message).__name__) for i in answered] == [
+        ("host-a", "LaunchGranted"),
+        ("host-b", "TerminateRun"),
+        ("host-a", "LaunchGranted"),
+    ]
+    run = await store.runs.get(run_id)
+    assert (run.state, run.agent_id) == (RunState.QUEUED, "host-a")
+    assert [e.kind for e in await store.runs.events(run_id)].count("RunClaimed") == 3
+    # A redelivered claim is granted again (the same answer id) and recorded once.
+    first = claim(run_id, "host-a")
+    again: list[OutboxItem] = []
+    await store.apply_events([first], again)
+    await store.apply_events([first], again)
+    assert [i.message.message_id for i in again] == [uuid.uuid5(first.message_id, "granted")] * 2
+    assert [e.kind for e in await store.runs.events(run_id)].count("RunClaimed") == 4
+
+
+async def test_a_lone_claim_that_races_a_change_of_its_run_is_decided_in_a_transaction(
+    store: Database,
+) -> None:
+    """The run is canceled between the claim's read and its write: the write changes nothing,
+    and the claim is then refused as the run now is."""
+    run_id = await submitted(store)
+    async with store.connections.connection() as canceling:
+        async with canceling.transaction():
+            await canceling.execute("UPDATE runs SET state = 'CANCELED' WHERE run_id = $1", run_id)
+            async with store.connections.connection() as connection:
+                pid = connection.get_server_pid()
+                granting = asyncio.create_task(
+                    events.grant_at_once(connection, claim(run_id, "host-a"))
+                )
+
+                async def waits_on_the_lock() -> bool:
+                    event = await canceling.fetchval(
+                        "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid
+                    )
+                    return bool(event == "Lock")
+
+                await eventually(waits_on_the_lock, what="the claim's write waiting on the run")
+        assert await granting is None
+    run = await store.runs.get(run_id)
+    assert (run.state, run.agent_id) == (RunState.CANCELED, None)
+    assert "RunClaimed" not in [e.kind for e in await store.runs.events(run_id)]
+    answered: list[OutboxItem] = []
+    await store.apply_events([claim(run_id, "host-a")], answered)
+    [refused] = [i.message for i in answered]
+    assert isinstance(refused, TerminateRun)
+    assert refused.reason == "claim refused: the run ended CANCELED"
