@@ -20,7 +20,9 @@ locations_app = typer.Typer(
     no_args_is_help=True,
 )
 
-Name = Annotated[str, typer.Argument(help="The location's name (lowercase, digits, _ . -).")]
+Name = Annotated[
+    str, typer.Argument(help="The location's name: 1 to 63 lowercase letters, digits, _ and -.")
+]
 
 
 def _with_store(
@@ -46,25 +48,43 @@ Env = Annotated[
     typer.Option("--env", "-e", help="KEY=VALUE or KEY=secret:NAME (resolved on the agent)."),
 ]
 Queue = Annotated[str, typer.Option(help="Agent queue whose agents keep the code server.")]
+KEPT = " Not given: as it is."
+NewImage = Annotated[str | None, typer.Option("--image", help=f"The location's image.{KEPT}")]
+NewCommand = Annotated[
+    list[str] | None,
+    typer.Option("--command", help=f"Code-server command word; repeatable.{KEPT}"),
+]
+NewEnv = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--env", "-e", help=f"KEY=VALUE or KEY=secret:NAME; repeatable; all of them.{KEPT}"
+    ),
+]
+NewQueue = Annotated[
+    str | None, typer.Option("--queue", help=f"Agent queue of its code servers.{KEPT}")
+]
 
 
 def _put(
     create: bool,
     name: str,
-    image: str,
+    image: str | None,
     command: list[str] | None,
     env: list[str] | None,
-    queue: str,
+    queue: str | None,
     database_url: str,
     database_schema: str | None,
 ) -> None:
-    variables = parse_env(env, "KEY=VALUE (or KEY=secret:NAME)")
+    """Add a location, or update one: an update keeps what is not given (None) as it is."""
+    variables = parse_env(env, "KEY=VALUE (or KEY=secret:NAME)") if env is not None else None
+    if create:
+        command, variables = command or [], variables or {}
     _show(
         _with_store(
             database_url,
             database_schema,
             lambda s: s.locations.put(
-                name, image, command or (), variables, queue, create=create, actor=operator()
+                name, image, command, variables, queue, create=create, actor=operator()
             ),
         )
     )
@@ -87,14 +107,15 @@ def add(
 @locations_app.command("update")
 def update(
     name: Name,
-    image: Image = "",
-    command: Command = None,
-    env: Env = None,
-    queue: Queue = "default",
+    image: NewImage = None,
+    command: NewCommand = None,
+    env: NewEnv = None,
+    queue: NewQueue = None,
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
 ) -> None:
-    """Change a location (a new generation: servers are replaced, blue/green)."""
+    """Change a location (a new generation: servers are replaced, blue/green). What is not
+    given stays as it is; `--env` replaces all of the location's variables."""
     _put(False, name, image, command, env, queue, database_url, database_schema)
 
 

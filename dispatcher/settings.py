@@ -164,10 +164,10 @@ class ControlPlaneSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         _require_connections(settings.amqp_url, settings.database_url)
-        if settings.retention_days is not None and settings.retention_days < 0:
-            raise ConfigError("HD_RETENTION_DAYS must be at least 0")
-        if settings.retention_every_s < 1:
-            raise ConfigError("HD_RETENTION_EVERY_S must be at least 1")
+        if settings.retention_days is not None and not 0 <= settings.retention_days <= 36500:
+            raise ConfigError("HD_RETENTION_DAYS must be 0 to 36500 days")
+        if not 1 <= settings.retention_every_s <= 365 * 86400:
+            raise ConfigError("HD_RETENTION_EVERY_S must be at least 1 (seconds)")
         if settings.delivery_limit < 2:
             raise ConfigError("the delivery limit must be at least 2")
         if settings.dead_letter_max_length < 1:
@@ -274,6 +274,13 @@ class MonitorSettings:
         for url in settings.webhook_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"webhook URL {url!r} must start with http:// or https://")
-        if settings.lost_after_beats < 1:
-            raise ConfigError("--lost-after-beats must be at least 1")
+        if not 1 <= settings.lost_after_beats <= 1000:
+            raise ConfigError("--lost-after-beats must be 1 to 1000")
+        # A NaN or a negative time would never (or always) be past: every one is a duration.
+        for name, key in numbers.items():
+            value = getattr(settings, key)
+            if not 0 <= value <= 10 * 365 * 86400:
+                raise ConfigError(
+                    f"{name} (or its option) must be 0 or more seconds, got {value!r}"
+                )
         return settings

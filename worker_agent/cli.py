@@ -285,6 +285,13 @@ def drain(
     `docker kill --signal USR1 CONTAINER` does the same)."""
     import os
 
+    if pid <= 0:
+        typer.echo(f"error: {pid} is not a process id (a positive number)", err=True)
+        raise typer.Exit(2)
+    # SIGUSR1 ends most other programs: only an agent is signalled.
+    if not _is_agent(pid):
+        typer.echo(f"error: process {pid} is not a running `worker-agent run`", err=True)
+        raise typer.Exit(1)
     try:
         os.kill(pid, signal.SIGUSR1)
     except ProcessLookupError:
@@ -294,6 +301,21 @@ def drain(
         typer.echo(f"error: not allowed to signal process {pid}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"agent {pid}: draining")
+
+
+def _is_agent(pid: int) -> bool:
+    """Whether ``pid`` runs ``worker-agent run`` (the console script or ``-m worker_agent``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            args = [a.decode(errors="replace") for a in cmdline.read().split(b"\0")]
+    except OSError:
+        return False
+    for index, arg in enumerate(args):
+        if arg.rsplit("/", 1)[-1] == "worker-agent" or (
+            arg == "worker_agent" and index > 0 and args[index - 1] == "-m"
+        ):
+            return "run" in args[index + 1 :]
+    return False
 
 
 def main() -> None:

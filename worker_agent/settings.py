@@ -147,10 +147,12 @@ class AgentSettings:
                     values[key] = kind(raw)
                 except ValueError:
                     raise AgentConfigError(f"{name}={raw!r} is not a number") from None
-        if env.get("HD_KEEP_FINISHED", "").lower() in ("1", "true", "yes"):
-            values["keep_finished"] = True
-        if env.get("HD_LOG_FORWARDING", "").lower() in ("0", "false", "no"):
-            values["log_forwarding"] = False
+        for name, key in (
+            ("HD_KEEP_FINISHED", "keep_finished"),
+            ("HD_LOG_FORWARDING", "log_forwarding"),
+        ):
+            if (flag := _flag(env, name)) is not None:
+                values[key] = flag
         if secrets_dir := env.get("HD_SECRETS_DIR"):
             values["secrets_dir"] = Path(secrets_dir)
         if allowed := env.get("HD_AGENT_ALLOW_IMAGES"):
@@ -250,6 +252,23 @@ class AgentSettings:
             raise AgentConfigError(
                 f"HD_AGENT_FAULT={self.fault!r}: name one of {', '.join(COMPONENTS)}"
             )
+
+
+#: How a yes/no setting may be written; anything else is refused, not read as the default
+#: (HD_LOG_FORWARDING=off must not leave output forwarded).
+_YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool | None:
+    """A yes/no variable; None when it is not set."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw in _YES or raw in _NO:
+        return raw in _YES
+    raise AgentConfigError(
+        f"{name}={raw!r} is neither yes nor no: give one of {', '.join(_YES + _NO)}"
+    )
 
 
 def default_agent_id(hostname: str) -> str:

@@ -44,12 +44,15 @@ async def connect(dsn: str, schema: str | None = None) -> asyncpg.Connection:
         return await asyncpg.connect(dsn, server_settings=_server_settings(schema), timeout=30)
     except (*UNAVAILABLE, *REFUSED) as exc:
         raise cannot_connect(exc) from exc
+    except ValueError as exc:  # what asyncpg's URL parser raises (a port that is no number)
+        raise ConfigError(f"the database URL is invalid: {exc}") from None
 
 
 #: The server refused the client: a password, or a certificate it asks for (over SSL).
 REFUSED = (
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,
     asyncpg.exceptions.InvalidPasswordError,
+    asyncpg.exceptions.InvalidCatalogNameError,  # no such database
 )
 
 
@@ -116,6 +119,8 @@ class Connections:
             )
         except (*UNAVAILABLE, *REFUSED) as exc:
             raise cannot_connect(exc) from exc
+        except ValueError as exc:  # what asyncpg's URL parser raises (a port that is no number)
+            raise ConfigError(f"the database URL is invalid: {exc}") from None
         assert pool is not None
         return cls(pool, dsn, schema)
 

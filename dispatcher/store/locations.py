@@ -115,15 +115,16 @@ class Locations:
     async def put(
         self,
         name: str,
-        image: str,
-        command: Sequence[str] = (),
+        image: str | None,
+        command: Sequence[str] | None = (),
         env: dict[str, str] | None = None,
-        queue: str = "default",
+        queue: str | None = "default",
         create: bool = True,
         actor: str = "unknown",
     ) -> Location:
-        """Add (``create``) or update a location; either bumps nothing else's generation."""
-        check_location(name, image, queue, env, command)
+        """Add (``create``) or update a location; either bumps nothing else's generation.
+
+        An update keeps what is given as None (image, command, env, queue) as it is."""
         async with self._connections.transaction() as connection:
             before = await connection.fetchrow(
                 "SELECT * FROM code_locations WHERE name = $1 FOR UPDATE", name
@@ -132,6 +133,14 @@ class Locations:
                 raise ConfigError(f"location {name!r} exists already; use `locations update`")
             if not create and before is None:
                 raise LocationNotFound(f"no location {name!r}")
+            if not create:
+                kept = Location.from_record(before)
+                image = kept.image if image is None else image
+                command = kept.command if command is None else command
+                env = kept.env if env is None else env
+                queue = kept.queue if queue is None else queue
+            image, command, queue = image or "", command or (), queue or "default"
+            check_location(name, image, queue, env, command)
             record = await connection.fetchrow(
                 """
                 INSERT INTO code_locations (name, image, command, env, queue)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
 
 from dispatcher.states import RunState
 from dispatcher.store import Database
@@ -68,3 +69,59 @@ async def test_agents_alerts_and_dead_letters_are_listed(stack: Stack, store: Da
 
 async def _now(value: object) -> object:
     return value
+
+
+async def test_a_location_update_keeps_what_it_is_not_given(stack: Stack, store: Database) -> None:
+    name = f"kept-{uuid.uuid4().hex[:8]}"
+    added = await dispatcher_cli(
+        stack,
+        *("locations", "add", name, "--image", stack.run_image, "--queue", stack.queue),
+        *("--env", "TOKEN=secret:TOKEN", "--env", "MODE=fast", "--command", "hd-sdk"),
+        *("--command", "serve"),
+    )
+    assert added.returncode == 0, added.stderr
+    updated = await dispatcher_cli(stack, "locations", "update", name, "--image", "busybox:1")
+    assert updated.returncode == 0, updated.stderr
+    [location] = [loc for loc in await store.locations.all() if loc.name == name]
+    assert (location.image, location.queue, location.generation) == ("busybox:1", stack.queue, 2)
+    assert location.env == {"TOKEN": "secret:TOKEN", "MODE": "fast"}
+    assert location.command == ["hd-sdk", "serve"]
+    # What is given replaces what was: the queue, and the variables, all of them.
+    updated = await dispatcher_cli(
+        stack, "locations", "update", name, "--queue", "other", "--env", "MODE=slow"
+    )
+    assert updated.returncode == 0, updated.stderr
+    [location] = [loc for loc in await store.locations.all() if loc.name == name]
+    assert (location.image, location.queue, location.env) == (
+        "busybox:1",
+        "other",
+        {"MODE": "slow"},
+    )
+    assert location.command == ["hd-sdk", "serve"]
+    missing = await dispatcher_cli(stack, "locations", "update", "nowhere", "--image", "busybox")
+    assert missing.returncode != 0
+    assert "no location 'nowhere'" in missing.stderr
+
+
+async def test_database_mistakes_end_in_one_line(database_url: str) -> None:
+    """A schema never upgraded, a database that does not exist, a URL that is not one: one
+    line saying what is wrong, exit code 1, no traceback."""
+    base, _, _ = database_url.rpartition("/")
+    never = f"never_{uuid.uuid4().hex[:8]}"
+    cases = [
+        (("--database-url", database_url, "--database-schema", never), "dispatcher db upgrade"),
+        (("--database-url", f"{base}/no_such_db_{never}"), "does not exist"),
+        (("--database-url", "postgresql://u:p@127.0.0.1:notaport/hd"), "database URL is invalid"),
+    ]
+    for options, words in cases:
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "dispatcher", "runs", "list", *options],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, (options, result.stderr)
+        assert words in result.stderr
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -111,6 +111,24 @@ def test_dispatcher_explains_bad_input(args: tuple[str, ...], words: str) -> Non
     assert words in result.stderr
 
 
+def test_drain_signals_only_an_agent() -> None:
+    """SIGUSR1 ends most programs: drain refuses what is not a process id, and a process that
+    is not ``worker-agent run``, which lives on."""
+    for pid in ("0", "-1"):
+        result = run_agent("drain", "--", pid)
+        assert result.returncode == 2
+        assert "not a process id" in result.stderr
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        result = run_agent("drain", str(other.pid))
+        assert result.returncode == 1
+        assert "is not a running `worker-agent run`" in result.stderr
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_worker_agent_run_explains_bad_input() -> None:
     result = run_agent("run", "--amqp-url", "amqp://x/", "--queue", "has space")
     assert result.returncode == 2

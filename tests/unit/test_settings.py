@@ -43,8 +43,9 @@ def test_retention_is_off_unless_asked_for_and_bad_values_are_explained() -> Non
     assert (on.retention_days, on.retention_every_s) == (7.5, 3600.0)
     with pytest.raises(ConfigError, match="HD_RETENTION_DAYS='soon' is not a number"):
         ControlPlaneSettings.from_env({**env, "HD_RETENTION_DAYS": "soon"})
-    with pytest.raises(ConfigError, match="HD_RETENTION_DAYS must be at least 0"):
-        ControlPlaneSettings.from_env({**env, "HD_RETENTION_DAYS": "-1"})
+    for raw in ("-1", "nan"):
+        with pytest.raises(ConfigError, match="HD_RETENTION_DAYS must be 0 to 36500 days"):
+            ControlPlaneSettings.from_env({**env, "HD_RETENTION_DAYS": raw})
 
 
 def test_unknown_components_are_refused() -> None:
@@ -99,6 +100,26 @@ def test_monitor_settings_defaults_and_checks() -> None:
         MonitorSettings.from_env({**env, "HD_START_TIMEOUT_S": "soon"})
     with pytest.raises(ConfigError, match="no database"):
         MonitorSettings.from_env({"HD_AMQP_URL": "amqp://x/"})
+    # A NaN or a negative duration would never (or always) be past.
+    for raw in ("nan", "-5", "inf"):
+        with pytest.raises(ConfigError, match=r"HD_START_TIMEOUT_S .*0 or more seconds"):
+            MonitorSettings.from_env({**env, "HD_START_TIMEOUT_S": raw})
+    with pytest.raises(ConfigError, match="HD_RETRY_BACKOFF_S"):
+        MonitorSettings.from_env(env, retry_backoff_s=-5.0)
+    with pytest.raises(ConfigError, match="lost-after-beats"):
+        MonitorSettings.from_env(env, lost_after_beats=float("nan"))
+
+
+def test_yes_no_agent_settings_take_on_and_off_and_refuse_anything_else() -> None:
+    """HD_LOG_FORWARDING=off must turn forwarding off, not be read as the default."""
+    base = {"HD_AMQP_URL": "amqp://x/"}
+    for off in ("off", "0", "false", "No"):
+        assert not AgentSettings.from_env({**base, "HD_LOG_FORWARDING": off}).log_forwarding
+    for on in ("on", "1", "true", "YES"):
+        assert AgentSettings.from_env({**base, "HD_KEEP_FINISHED": on}).keep_finished
+    assert AgentSettings.from_env(base).log_forwarding
+    with pytest.raises(AgentConfigError, match="HD_LOG_FORWARDING='disabled' is neither"):
+        AgentSettings.from_env({**base, "HD_LOG_FORWARDING": "disabled"})
 
 
 @pytest.mark.parametrize(
