@@ -418,17 +418,26 @@ class Runs:
             )
         return [(r["seq"], r["age"]) for r in records], bool(quiet)
 
-    async def answer(
+    async def prior(
         self, run_id: uuid.UUID, idempotency_key: str | None = None
-    ) -> tuple[uuid.UUID | None, str | None]:
-        """What the intake made of a submission: (the run that has its id or its idempotency
-        key, why it was refused)."""
+    ) -> tuple[uuid.UUID, str | None] | None:
+        """The run that has this id or this idempotency key already, and who submitted it."""
         async with self._connections.connection() as connection:
-            found = await connection.fetchval(
-                "SELECT run_id FROM runs WHERE run_id = $1 OR idempotency_key = $2 LIMIT 1",
+            record = await connection.fetchrow(
+                """
+                SELECT run_id, submitted_by FROM runs
+                WHERE run_id = $1 OR idempotency_key = $2 ORDER BY run_id = $1 DESC LIMIT 1
+                """,
                 run_id,
                 idempotency_key or str(run_id),
             )
+        return None if record is None else (record["run_id"], record["submitted_by"])
+
+    async def answer(self, run_id: uuid.UUID) -> tuple[uuid.UUID | None, str | None]:
+        """What the intake made of a submission: (its run, once it exists; why it was
+        refused)."""
+        async with self._connections.connection() as connection:
+            found = await connection.fetchval("SELECT run_id FROM runs WHERE run_id = $1", run_id)
             if found is not None:
                 return found, None
             payload = await connection.fetchval(

@@ -226,16 +226,30 @@ class RunsController(Controller):
             raise ValidationException(str(exc), extra={"field": exc.field}) from None
         token = token_of(request)
         await _within_limits(store, token, data)
-        await broker.submit(msgspec.structs.replace(data, submitted_by=token.name))
+        # A run with this id or key exists: this token's is answered (a repeated submission);
+        # another's is not named (ids and keys may be guessed), and nothing is sent.
+        if (prior := await store.runs.prior(data.run_id, data.idempotency_key)) is not None:
+            found, submitted_by = prior
+            if submitted_by != token.name:
+                what = "run_id" if found == data.run_id else "idempotency key"
+                raise ClientException(
+                    f"submission rejected: its {what} is an earlier submission's", status_code=409
+                )
+            status = "accepted" if found == data.run_id else "existing"
+            return views.Submitted(run_id=found, status=status)
+        # Stamped here: the envelope's id and time are the sender's, not the caller's.
+        await broker.submit(
+            msgspec.structs.replace(
+                data, submitted_by=token.name, message_id=uuid.uuid4(), sent_at=datetime.now(UTC)
+            )
+        )
         # The intake's word is in PostgreSQL: the run, or the RunRejected it answered with.
         for _ in range(int(ANSWER_WITHIN_S / 0.05)):
-            found, reason = await store.runs.answer(data.run_id, data.idempotency_key)
+            made, reason = await store.runs.answer(data.run_id)
             if reason is not None:
                 raise ClientException(f"submission rejected: {reason}", status_code=422)
-            if found is not None:
-                # Another run_id: the idempotency key named a run submitted before.
-                status = "accepted" if found == data.run_id else "existing"
-                return views.Submitted(run_id=found, status=status)
+            if made is not None:
+                return views.Submitted(run_id=made, status="accepted")
             await asyncio.sleep(0.05)
         return views.Submitted(run_id=data.run_id, status="sent")
 
@@ -246,7 +260,7 @@ class RunsController(Controller):
         store: Database,
         broker: Broker,
         run_id: uuid.UUID,
-        data: views.CancelBody | None,
+        data: views.CancelBody | None = None,
     ) -> views.CancelAnswer:
         """Cancel a run (idempotent); a finished run is answered 409 with its state, a run
         outside the token's queues or locations 403."""

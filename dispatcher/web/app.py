@@ -4,9 +4,10 @@ the store and broker connections opened for the process's lifetime."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated
 
 from litestar import Litestar, Request, Response, Router, get
@@ -18,6 +19,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import Message, Scope
 
 from schemas.bounds import INT64_MAX
@@ -35,6 +37,8 @@ from .sse import EventStream, Wakeups
 from .ui import ui_router
 
 API = "/api/v1"
+
+log = logging.getLogger(__name__)
 
 
 def _store(state: State) -> Database:
@@ -100,6 +104,21 @@ def _too_deep(_: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
     )
 
 
+def _internal_error(request: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
+    """Logged with its traceback (outside debug mode Litestar logs none); the caller learns
+    nothing of it."""
+    log.error("%s %s failed", request.method, request.scope.get("path"), exc_info=exc)
+    return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
+
+
+def _not_utf8(_: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
+    return Response({"status_code": 400, "detail": "the body is not valid UTF-8"}, status_code=400)
+
+
+#: The largest body any route reads (a submission with its env, a location): more is 413.
+MAX_BODY_BYTES = 1024 * 1024
+
+
 #: On every answer: the pages load only their own script and style (data the API returns can
 #: never run as script), are never framed by another site (a click on "cancel" cannot be
 #: borrowed), and no answer is sniffed into another type.
@@ -109,6 +128,8 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
+    # Pages carry a CSRF token, answers a run's env and dead letters' bodies: kept nowhere.
+    "Cache-Control": "no-store",
 }
 
 
@@ -120,24 +141,40 @@ async def _secure_headers(message: Message, scope: Scope) -> None:
             headers[name] = value
 
 
-def create_app(settings: WebSettings) -> Litestar:
+@asynccontextmanager
+async def opened(settings: WebSettings) -> AsyncIterator[tuple[Database, Client]]:
+    """The store (migrated) and the broker client the application serves with."""
+    store = await Database.open(settings.database_url, schema=settings.database_schema)
+    try:
+        await store.upgrade()
+        async with Client(settings.amqp_url) as client:
+            yield store, client
+    finally:
+        await store.close()
+
+
+def create_app(settings: WebSettings, connected: tuple[Database, Client] | None = None) -> Litestar:
+    """The application; with ``connected`` (``opened``'s), on those, which its caller owns,
+    so that a store or broker that cannot be reached is the caller's error to tell, before
+    anything is served. Without, it opens its own for its lifetime."""
+
     @asynccontextmanager
     async def connections(app: Litestar) -> AsyncIterator[None]:
-        store = await Database.open(settings.database_url, schema=settings.database_schema)
-        try:
-            await store.upgrade()
-            async with Client(settings.amqp_url) as client:
-                app.state.store = store
-                app.state.broker = Broker(client)
-                app.state.wakeups = wakeups = Wakeups()
-                listening = asyncio.create_task(wakeups.run(store), name="event-wakeups")
-                try:
-                    yield
-                finally:
-                    listening.cancel()
-                    await asyncio.gather(listening, return_exceptions=True)
-        finally:
-            await store.close()
+        async with AsyncExitStack() as stack:
+            store, client = (
+                connected
+                if connected is not None
+                else await stack.enter_async_context(opened(settings))
+            )
+            app.state.store = store
+            app.state.broker = Broker(client)
+            app.state.wakeups = wakeups = Wakeups()
+            listening = asyncio.create_task(wakeups.run(store), name="event-wakeups")
+            try:
+                yield
+            finally:
+                listening.cancel()
+                await asyncio.gather(listening, return_exceptions=True)
 
     api = Router(
         path=API, route_handlers=[RunsController, LocationsController, OpsController, events]
@@ -171,5 +208,8 @@ def create_app(settings: WebSettings) -> Litestar:
             StoreUnavailable: _unavailable,
             DispatcherError: _unavailable,
             RecursionError: _too_deep,
+            UnicodeDecodeError: _not_utf8,
+            HTTP_500_INTERNAL_SERVER_ERROR: _internal_error,
         },
+        request_max_body_size=MAX_BODY_BYTES,
     )

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 
 import uvicorn
 
+from ..client import Client
 from ..errors import ConfigError
 from ..settings import WebSettings
-from .app import API, create_app
+from ..store import Database
+from .app import API, create_app, opened
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +26,33 @@ class _Server(uvicorn.Server):
         yield
 
 
+def listening(settings: WebSettings) -> socket.socket:
+    """The server's socket, bound here: an address in use or a host that is not one is this
+    process's error, said in one line (uvicorn would end the whole process instead)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    try:
+        return socket.create_server((settings.host, settings.port), family=family)
+    except OSError as exc:
+        raise ConfigError(
+            f"the web server cannot listen on {settings.host}:{settings.port}: "
+            f"{exc.strerror or exc}"
+        ) from None
+
+
 async def serve_web(settings: WebSettings, stop: asyncio.Event) -> None:
-    """Serve the HTTP API until ``stop`` is set; fails if the server cannot start or dies."""
+    """Serve the HTTP API until ``stop`` is set; fails if the server cannot start or dies.
+
+    The store and the broker are reached first: one that cannot be is this process's error,
+    said in one line, not a failed start-up inside the server."""
+    async with opened(settings) as connected:
+        await _serve(settings, connected, stop)
+
+
+async def _serve(
+    settings: WebSettings, connected: tuple[Database, Client], stop: asyncio.Event
+) -> None:
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, connected),
         host=settings.host,
         port=settings.port,
         lifespan="on",
@@ -35,7 +61,7 @@ async def serve_web(settings: WebSettings, stop: asyncio.Event) -> None:
         proxy_headers=False,
     )
     server = _Server(config)
-    serving = asyncio.create_task(server.serve(), name="uvicorn")
+    serving = asyncio.create_task(server.serve(sockets=[listening(settings)]), name="uvicorn")
     stopping = asyncio.create_task(stop.wait(), name="web-stop")
     # uvicorn says it started only through this flag.
     while not server.started and not serving.done():  # noqa: ASYNC110

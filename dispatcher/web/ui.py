@@ -12,6 +12,7 @@ import secrets
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from litestar import Request, Response, Router, get, post
 from litestar.enums import RequestEncodingType
@@ -72,12 +73,16 @@ _LOGIN = """<!doctype html>
 def _secure(request: Request[Any, Any, Any]) -> bool:
     """Cookies are Secure unless the UI is reached over plain HTTP on this very host (a
     laptop's http://127.0.0.1:8080), where a browser would never send them back."""
-    loopback = request.url.hostname in ("127.0.0.1", "localhost", "::1")
-    return request.url.scheme == "https" or not loopback
+    # From the Host header as it is: ``request.url`` fails on a port that is no number.
+    host = request.headers.get("host", "")
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    loopback = name in ("127.0.0.1", "localhost", "::1")
+    return request.scope.get("scheme") == "https" or not loopback
 
 
 def _html(body: str, status: int = 200, **kwargs: Any) -> Response[str]:
-    return Response(body, media_type="text/html; charset=utf-8", status_code=status, **kwargs)
+    # Litestar adds the charset to a text type itself.
+    return Response(body, media_type="text/html", status_code=status, **kwargs)
 
 
 def _safe_next(target: str) -> str:
@@ -182,7 +187,7 @@ async def home() -> Redirect:
 
 @get([f"/{name}" for name in PAGES], include_in_schema=False)
 async def page(request: Request[Any, Any, Any]) -> Response[str]:
-    return _page(request, request.url.path.rstrip("/").rsplit("/", 1)[-1])
+    return _page(request, str(request.scope["path"]).rstrip("/").rsplit("/", 1)[-1])
 
 
 @get("/runs/{run_id:uuid}", include_in_schema=False)
@@ -191,7 +196,12 @@ async def run_page(request: Request[Any, Any, Any], run_id: uuid.UUID) -> Respon
 
 
 def _to_login(request: Request[Any, Any, Any], _: Exception) -> Response[Any]:
-    return Redirect(f"/ui/login?next={request.url.path}", status_code=303)
+    return Redirect(f"/ui/login?next={quote(str(request.scope['path']))}", status_code=303)
+
+
+def _no_such_file(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """A static path the file system cannot take (a NUL in it): no such file."""
+    return Response({"status_code": 404, "detail": "Not Found"}, status_code=404)
 
 
 def ui_router() -> Router:
@@ -205,7 +215,11 @@ def ui_router() -> Router:
             page,
             run_page,
             create_static_files_router(
-                path="/static", directories=[STATIC], opt={"public": True}, include_in_schema=False
+                path="/static",
+                directories=[STATIC],
+                opt={"public": True},
+                include_in_schema=False,
+                exception_handlers={ValueError: _no_such_file},
             ),
         ],
         exception_handlers={SignInNeeded: _to_login},

@@ -76,8 +76,8 @@ class OutputPage(msgspec.Struct, frozen=True, kw_only=True):
 
 class Submitted(msgspec.Struct, frozen=True, kw_only=True):
     run_id: uuid.UUID
-    #: "accepted" (the run exists), "existing" (its idempotency key named an earlier run,
-    #: whose id this is), or "sent" (not yet seen in the database).
+    #: "accepted" (the run exists), "existing" (its idempotency key named an earlier run of
+    #: this token's, whose id this is), or "sent" (not yet seen in the database).
     status: str
 
 

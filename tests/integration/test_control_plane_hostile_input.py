@@ -222,3 +222,71 @@ async def test_an_agent_cannot_block_the_monitor_s_decision_by_taking_its_event_
     await store.supervision.declare_agents_lost([AgentLoss("holder", 30.0)])
     run = await store.runs.get(run_id)
     assert (run.state, run.attempt) == (RunState.QUEUED, 2), (run.state, run.attempt)
+
+
+async def test_what_is_not_utf8_nul_in_a_path_or_a_bad_host_is_4xx_never_a_500(
+    web: tuple[AsyncTestClient, dict[str, str]],
+) -> None:
+    client, auth = web
+    json_headers = {**auth, "content-type": "application/json"}
+    for path, body in [
+        ("/runs", b'{"run_id": "' + str(uuid.uuid4()).encode() + b'", "image": "\xff"}'),
+        (f"/runs/{uuid.uuid4()}/cancel", b'{"grace_s": 1, "reason": "\xff"}'),
+    ]:
+        answer = await client.post(path, content=body, headers=json_headers)
+        assert answer.status_code == 400, answer.text
+        assert "not valid UTF-8" in answer.text
+    for path in ("/ui/static/%00", "/ui/static/app.js%00"):
+        answer = await client.get(f"http://testserver.local{path}")
+        assert answer.status_code == 404, answer.text
+    for host in ("x:abc", "x:-1", "a:b:c"):
+        answer = await client.get("http://testserver.local/ui/login", headers={"Host": host})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"] == "text/html; charset=utf-8"
+        answer = await client.get(
+            "http://testserver.local/ui/runs", headers={"Host": host}, follow_redirects=False
+        )
+        assert answer.status_code == 303
+        assert answer.headers["location"] == "/ui/login?next=/ui/runs"
+
+
+async def test_a_cancel_needs_no_body_answers_are_never_cached_and_bodies_are_bounded(
+    web: tuple[AsyncTestClient, dict[str, str]],
+) -> None:
+    client, auth = web
+    answer = await client.post(f"/runs/{uuid.uuid4()}/cancel", headers=auth)
+    assert answer.status_code == 404, answer.text  # no such run: the body was not asked for
+    assert answer.headers["cache-control"] == "no-store"
+    assert (await client.get("/runs", headers=auth)).headers["cache-control"] == "no-store"
+    big = {"run_id": str(uuid.uuid4()), "image": "busybox", "env": {"X": "y" * 2_000_000}}
+    answer = await client.post("/runs", json=big, headers=auth)
+    assert answer.status_code == 413
+
+
+async def test_a_submission_under_another_s_run_id_or_key_is_refused_without_naming_it(
+    web: tuple[AsyncTestClient, dict[str, str]], store: Database
+) -> None:
+    """Ids and keys may be guessed: a run of another token is never answered as this one's,
+    nor named; this token's own is (a repeated submission)."""
+    client, auth = web
+    theirs = plain(idempotency_key="their-key", submitted_by="someone-else")
+    mine = plain(idempotency_key="my-key", submitted_by="operator")
+    assert await store.accept_submissions([theirs, mine]) == [theirs.run_id, mine.run_id]
+    for body, what in [
+        ({"run_id": str(theirs.run_id), "image": "busybox", "queue": "q"}, "its run_id"),
+        (
+            {"run_id": str(uuid.uuid4()), "image": "busybox", "idempotency_key": "their-key"},
+            "its idempotency key",
+        ),
+    ]:
+        answer = await client.post("/runs", json=body, headers=auth)
+        assert answer.status_code == 409, answer.text
+        assert f"{what} is an earlier submission's" in answer.text
+        assert str(theirs.run_id) not in answer.text
+    again = await client.post(
+        "/runs", json={"run_id": str(mine.run_id), "image": "busybox"}, headers=auth
+    )
+    assert again.json() == {"run_id": str(mine.run_id), "status": "accepted"}
+    keyed = {"run_id": str(uuid.uuid4()), "image": "busybox", "idempotency_key": "my-key"}
+    again = await client.post("/runs", json=keyed, headers=auth)
+    assert again.json() == {"run_id": str(mine.run_id), "status": "existing"}
