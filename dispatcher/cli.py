@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shlex
 import uuid
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 
 from transport.metrics import serve_metrics
-from transport.process import version_option
+from transport.process import LogLevel, version_option
 
 from . import cli_identities  # noqa: F401  (registers agents add|rotate|revoke)
 from .cli_common import (
@@ -125,7 +126,9 @@ def serve(
         int | None,
         typer.Option(help="Deliveries of one message before the broker dead-letters it (20)."),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="What to log, from DEBUG up.")
+    ] = LogLevel.INFO,
 ) -> None:
     """Run the control plane: take submissions, dispatch runs, record their events.
 
@@ -193,7 +196,9 @@ def monitor(
     metrics_port: Annotated[
         int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
     ] = 9465,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="What to log, from DEBUG up.")
+    ] = LogLevel.INFO,
 ) -> None:
     """Run the failure monitor: lost agents, vanished runs, timeouts, retries and alerts.
 
@@ -248,8 +253,8 @@ def db_prune(
     """Delete the history, output and progress of runs finished long ago, and old sent outbox
     rows, in short batches (the runs' own rows stay). `serve` does it on a schedule when
     HD_RETENTION_DAYS is set."""
-    if older_than_days < 0 or not 1 <= batch <= 100_000:
-        raise _fail("--older-than-days must be at least 0 and --batch 1 to 100000")
+    if not 0 <= older_than_days <= 36500 or not 1 <= batch <= 100_000:
+        raise _fail("--older-than-days must be 0 to 36500 and --batch 1 to 100000")
     pruned = with_store(
         database_url,
         database_schema,
@@ -362,6 +367,20 @@ def submit(
         raise _fail(f"--config is not JSON: {exc}") from None
     if not isinstance(job_config, dict):
         raise _fail("--config must be a JSON object")
+    if not timeout > 0:
+        raise _fail(f"--timeout must be more than 0 seconds, got {timeout:g}")
+    for option, number in (
+        ("--cpus", cpus),
+        ("--max-runtime", max_runtime),
+        ("--start-timeout", start_timeout),
+        ("--queue-timeout", queue_timeout),
+    ):
+        if number is not None and not math.isfinite(number):
+            raise _fail(f"{option} must be a finite number, got {number:g}")
+    try:
+        checks = shlex.split(ready_check) if ready_check else []
+    except ValueError as exc:
+        raise _fail(f"--ready-check is not a command line: {exc}") from None
 
     async def go() -> int:
         from schemas import RunAccepted, RunRejected
@@ -388,7 +407,7 @@ def submit(
                 memory_limit_mb=memory_mb,
                 cpus=cpus,
                 gpus=gpus,
-                ready_check=shlex.split(ready_check) if ready_check else (),
+                ready_check=checks,
             )
             if is_job:
                 # A job is checked against its location first: wait for the answer.
@@ -401,12 +420,35 @@ def submit(
             typer.echo(str(run_id))
             if not wait:
                 return 0
+            heard = asyncio.Event()
+
+            def on_event(event: object) -> None:
+                heard.set()
+                _show_progress(event)
+
+            async def nudge() -> None:
+                """A line now and then while nothing is heard of the run (no agent yet)."""
+                waited = 0.0
+                while True:
+                    await asyncio.sleep(QUIET_NOTE_S)
+                    waited += QUIET_NOTE_S
+                    if heard.is_set():
+                        return
+                    typer.echo(
+                        f"run {run_id}: not launched after {waited:.0f} s; still waiting for "
+                        "an agent of its queue (is one running, is the control plane?)",
+                        err=True,
+                    )
+
+            nudging = asyncio.create_task(nudge())
             try:
-                outcome = await wait_for_outcome(follower, run_id, None, _show_progress)
+                outcome = await wait_for_outcome(follower, run_id, None, on_event)
             except SubmissionRejected as exc:
                 # The id printed above names no run: say so.
                 typer.echo(f"error: submission rejected, run {run_id} not created: {exc}", err=True)
                 return 2
+            finally:
+                nudging.cancel()
             for line in outcome.output_tail:
                 typer.echo(f"  | {line}", err=True)
             verdict = (
@@ -431,6 +473,10 @@ def submit(
         raise _fail(str(exc), 2) from None
     except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
+
+
+#: ``submit --wait``: how long without news of the run before a line says it still waits.
+QUIET_NOTE_S = 15.0
 
 
 def _show_progress(event: object) -> None:

@@ -94,24 +94,11 @@ def with_store(
     except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
     except Exception as exc:
-        if (problem := _store_problem(exc, database_schema)) is None:
+        from .store import refused_in_words
+
+        if (problem := refused_in_words(exc, database_schema)) is None:
             raise
         raise _fail(problem, 1) from None
-
-
-def _store_problem(exc: Exception, schema: str | None) -> str | None:
-    """What PostgreSQL refused, in one line; None for an error that is not PostgreSQL's."""
-    import asyncpg
-
-    if isinstance(exc, asyncpg.exceptions.UndefinedTableError):
-        where = f"schema {schema!r}" if schema else "this database"
-        return (
-            f"{where} has no dispatcher tables ({exc}): run `dispatcher db upgrade` first, "
-            "with the same database and schema"
-        )
-    if isinstance(exc, asyncpg.PostgresError):
-        return f"PostgreSQL refused the command: {exc}"
-    return None
 
 
 def parse_env(

@@ -65,7 +65,9 @@ def agents_list(
 
 @alerts_app.command("list")
 def alerts_list(
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    limit: Annotated[
+        int, typer.Option(min=1, max=100_000, help="At most this many, newest first.")
+    ] = 50,
     as_json: AsJson = False,
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
@@ -89,7 +91,9 @@ def alerts_list(
 
 @dead_letters_app.command("list")
 def dead_letters_list(
-    limit: Annotated[int, typer.Option(help="Show at most this many, oldest first.")] = 20,
+    limit: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Show at most this many, oldest first.")
+    ] = 20,
     as_json: AsJson = False,
     amqp_url: AmqpUrl = "",
 ) -> None:
@@ -133,7 +137,9 @@ def dead_letters_list(
 
 @audit_app.command("list")
 def audit_list(
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    limit: Annotated[
+        int, typer.Option(min=1, max=100_000, help="At most this many, newest first.")
+    ] = 50,
     as_json: AsJson = False,
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,

@@ -24,7 +24,9 @@ def runs_list(
     state: Annotated[
         str | None, typer.Option(help="Only runs in this state (QUEUED, STARTED, FAILURE, ...).")
     ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    limit: Annotated[
+        int, typer.Option(min=1, max=100_000, help="At most this many, newest first.")
+    ] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from transport.process import LogLevel
+
 from .cli_common import (
     KNOWN_ERRORS,
     AmqpUrl,
@@ -38,7 +40,9 @@ def web(
     port: Annotated[
         int, typer.Option(envvar="HD_WEB_PORT", help="Port to listen on (0: any free one).")
     ] = 8080,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="What to log, from DEBUG up.")
+    ] = LogLevel.INFO,
 ) -> None:
     """Serve the HTTP API under /api/v1 (OpenAPI at /api/v1/openapi.json): runs, agents,
     locations, alerts, limits and live events, behind API tokens (`dispatcher api-tokens`).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -299,6 +300,13 @@ def check_submission(message: SubmitRun) -> None:
     image, command, env or ready check; a ``secret:NAME`` reference has a safe NAME), so the
     two can never disagree.
     """
+    # JSON has no NaN or infinity: encoded, they would arrive as null (no limit at all).
+    for name in message.__struct_fields__:
+        value = getattr(message, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidSubmission(
+                f"invalid submission: {name}: {value} is not a finite number", name
+            )
     try:
         _requests.decode(encode(message))
     except InvalidMessage as exc:

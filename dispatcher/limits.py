@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from schemas import SubmitRun
+from schemas import SubmitRun, is_safe_name
 
 from .errors import BadLimit
 
@@ -35,11 +35,17 @@ class Limit:
         return run.tags.get(self.name) == self.value
 
 
+#: The most runs a limit may let run at once (a column of 32 bits holds it).
+MAX_RUNNING = 1_000_000
+
+
 def parse(key: str, max_running: int = 0) -> Limit:
     """A limit from its key; BadLimit says what is wrong with a bad one."""
-    if max_running < 0:
-        raise BadLimit(f"a limit is 0 or more runs, not {max_running}")
+    if not 0 <= max_running <= MAX_RUNNING:
+        raise BadLimit(f"a limit is 0 to {MAX_RUNNING:,} runs, not {max_running}")
     key = key.strip()
+    if len(key) > 400:
+        raise BadLimit("a limit's key is at most 400 characters")
     if key == "global":
         return Limit("global", "global", max_running=max_running)
     scope, sep, rest = key.partition(":")
@@ -55,8 +61,8 @@ def parse(key: str, max_running: int = 0) -> Limit:
         name, value = rest, ""
         if not name:
             raise BadLimit(f"a {scope} limit names the {scope}: {scope}:NAME")
-    if len(key) > 400:
-        raise BadLimit("a limit's key is at most 400 characters")
+        if not is_safe_name(name):
+            raise BadLimit(f"{name!r} is no {scope}'s name: letters, digits, '_' and '-'")
     return Limit(key, scope, name, value, max_running)
 
 

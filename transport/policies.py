@@ -17,6 +17,7 @@ only failed deliveries count toward the limit.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import ssl
@@ -132,6 +133,11 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
     if given:
         for one in given:
             parts = urllib.parse.urlsplit(one)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise BrokerUnavailable(
+                    f"the management URL {_without_secret(one)!r} is not an http:// or "
+                    "https:// URL with a host"
+                )
             try:
                 port = f":{parts.port}" if parts.port else ""
             except ValueError as exc:
@@ -148,6 +154,13 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
             bases.append(f"{scheme}://{_host(one)}:{default}")
     vhost = vhost_of(amqp_urls[0])
     return ManagementApi(tuple(dict.fromkeys(bases)), user, password, vhost, cafile)
+
+
+def _without_secret(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def _host(url: str) -> str:
@@ -196,13 +209,13 @@ class _NoAnswer(Exception):
 def _call(api: ManagementApi, base: str, method: str, path: str, body: object, reason: str) -> Any:
     url = base + path
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
     token = base64.b64encode(f"{api.user}:{api.password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    request.add_header("Content-Type", "application/json")
-    if reason:
-        request.add_header("X-Reason", reason)
     try:
+        request = urllib.request.Request(url, data=data, method=method)
+        request.add_header("Authorization", f"Basic {token}")
+        request.add_header("Content-Type", "application/json")
+        if reason:
+            request.add_header("X-Reason", reason)
         context = (
             ssl.create_default_context(cafile=api.cafile) if url.startswith("https:") else None
         )
@@ -216,4 +229,9 @@ def _call(api: ManagementApi, base: str, method: str, path: str, body: object, r
         ) from exc
     except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
         raise _NoAnswer(f"the management API at {url} does not answer: {exc}") from exc
-    return json.loads(answer) if answer.strip() else None
+    except http.client.HTTPException as exc:  # not HTTP at all (the AMQP port, say)
+        raise _NoAnswer(f"the management API at {url} does not speak HTTP: {exc!r}") from exc
+    try:
+        return json.loads(answer) if answer.strip() else None
+    except ValueError as exc:
+        raise _NoAnswer(f"the management API at {url} answers no JSON: {exc}") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import faulthandler
 import logging
 import signal
@@ -11,9 +12,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 
+class LogLevel(enum.StrEnum):
+    """What a process logs: its ``--log-level`` (one of these, any case; nothing else)."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=getattr(logging, LogLevel(level.upper())),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from transport.process import version_option
+from transport.process import LogLevel, version_option
 
 app = typer.Typer(
     name="worker-agent",
@@ -195,7 +195,9 @@ def run(
     metrics_port: Annotated[
         int, typer.Option(envvar="HD_METRICS_PORT", help="Serve /metrics here; 0: no metrics.")
     ] = 9466,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="What to log, from DEBUG up.")
+    ] = LogLevel.INFO,
 ) -> None:
     """Run the agent: consume launch instructions, run containers, report their status.
 

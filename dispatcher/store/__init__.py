@@ -8,7 +8,7 @@ package speaks SQL; asyncpg's connection errors become ``StoreUnavailable`` in
 
 from .agents import AgentRow
 from .cancellation import Canceled, Outcome
-from .connections import UNAVAILABLE
+from .connections import UNAVAILABLE, refused_in_words
 from .database import Database, opened
 from .leader import Leadership, LeadershipLost
 from .locations import Location
@@ -37,4 +37,5 @@ __all__ = [
     "WaitingRun",
     "decision_id",
     "opened",
+    "refused_in_words",
 ]

@@ -75,6 +75,19 @@ def cannot_connect(exc: BaseException) -> DispatcherError:
     return StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}")
 
 
+def refused_in_words(exc: Exception, schema: str | None) -> str | None:
+    """What PostgreSQL refused, in one line; None for an error that is not PostgreSQL's."""
+    if isinstance(exc, asyncpg.exceptions.UndefinedTableError):
+        where = f"schema {schema!r}" if schema else "this database"
+        return (
+            f"{where} has no dispatcher tables ({exc}): run `dispatcher db upgrade` first, "
+            "with the same database and schema"
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"PostgreSQL refused the command: {exc}"
+    return None
+
+
 async def close_quietly(connection: asyncpg.Connection) -> None:
     """Close a connection of its own; one the server dropped is torn down instead."""
     if connection.is_closed():

@@ -111,6 +111,28 @@ def test_dispatcher_explains_bad_input(args: tuple[str, ...], words: str) -> Non
     assert words in result.stderr
 
 
+def test_submit_refuses_what_json_cannot_carry_and_what_is_no_command_line() -> None:
+    """A NaN or an infinity would reach the control plane as null: no limit at all."""
+    base = ("submit", "--amqp-url", "amqp://127.0.0.1:1/", "--image", "busybox")
+    for option in ("--cpus", "--max-runtime", "--start-timeout", "--queue-timeout"):
+        for value in ("nan", "inf"):
+            result = run(*base, option, value, "--", "true")
+            assert result.returncode == 2, (option, value, result.stderr)
+            assert f"{option} must be a finite number" in result.stderr
+    result = run(*base, "--ready-check", 'echo "x', "--", "true")
+    assert result.returncode == 2
+    assert "--ready-check is not a command line" in result.stderr
+    result = run(*base, "--wait", "--timeout", "-1", "--", "true")
+    assert result.returncode == 2
+    assert "--timeout must be more than 0 seconds" in result.stderr
+    result = run("runs", "list", "--database-url", "postgresql://x/", "--limit", "-1")
+    assert result.returncode == 2
+    assert "Invalid value for '--limit'" in result.stderr
+    result = run("monitor", "--log-level", "LOUD")
+    assert result.returncode == 2
+    assert "Invalid value for '--log-level'" in result.stderr
+
+
 def test_drain_signals_only_an_agent() -> None:
     """SIGUSR1 ends most programs: drain refuses what is not a process id, and a process that
     is not ``worker-agent run``, which lives on."""

@@ -58,6 +58,8 @@ def test_a_run_is_held_when_any_limit_covers_it() -> None:
         ("tag:team", "a tag limit is tag:KEY=VALUE"),
         ("tag:=ml", "a tag limit is tag:KEY=VALUE"),
         ("queue:" + "q" * 400, "at most 400 characters"),
+        ("location:a b", "'a b' is no location's name"),
+        ("queue:q/x", "'q/x' is no queue's name"),
     ],
 )
 def test_a_bad_key_is_refused_with_how_to_write_it(key: str, words: str) -> None:
@@ -65,6 +67,7 @@ def test_a_bad_key_is_refused_with_how_to_write_it(key: str, words: str) -> None
         parse(key, 1)
 
 
-def test_a_limit_is_not_negative() -> None:
-    with pytest.raises(BadLimit, match="0 or more"):
-        parse("global", -1)
+def test_a_limit_is_not_negative_nor_past_what_a_column_holds() -> None:
+    for bad in (-1, 1_000_001, 99_999_999_999_999):
+        with pytest.raises(BadLimit, match="a limit is 0 to 1,000,000 runs"):
+            parse("global", bad)

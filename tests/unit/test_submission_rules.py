@@ -176,3 +176,11 @@ def test_a_limited_token_cancels_only_what_it_could_submit() -> None:
     # A run of an image is not one of its locations' jobs.
     assert "only jobs of its locations" in (cancel_problem("t", by_location, "q", None) or "")
     assert "only jobs of its locations" in (cancel_problem("t", by_location, "q", "other") or "")
+
+
+@pytest.mark.parametrize("field", ["cpus", "max_runtime_s", "start_timeout_s", "queue_timeout_s"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_json_cannot_carry_is_refused_not_sent_as_null(field: str, value: float) -> None:
+    submission = SubmitRun(run_id=uuid.uuid4(), image="busybox", **{field: value})  # type: ignore[arg-type]
+    with pytest.raises(InvalidSubmission, match=f"{field}: .* is not a finite number"):
+        check_submission(submission)
