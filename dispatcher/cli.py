@@ -320,9 +320,14 @@ def submit(
         typer.Option(help="Fail the run (QUEUE_TIMEOUT) if no agent took it after SECONDS."),
     ] = None,
     max_retries: Annotated[
-        int | None, typer.Option(help="Retries after a lost agent or a vanished container.")
+        int | None,
+        typer.Option(
+            help="Retries (0 to 100) after a lost agent or a vanished container; not given: 2."
+        ),
     ] = None,
-    memory_mb: Annotated[int | None, typer.Option(help="Memory limit of the container.")] = None,
+    memory_mb: Annotated[
+        int | None, typer.Option(help="Memory limit of the container, in MB (MiB).")
+    ] = None,
     cpus: Annotated[
         float | None,
         typer.Option(

@@ -91,7 +91,12 @@ def tokens_add(
 
 @tokens_app.command("list")
 def tokens_list(
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help='One JSON object: {"tokens": [...], "unregistered_users": [...]}.'
+        ),
+    ] = False,
     amqp_url: AmqpUrl = "",
     management_url: ManagementUrl = "",
     database_url: DatabaseUrl = "",

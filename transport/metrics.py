@@ -32,6 +32,8 @@ LAUNCHES = Counter(
 
 def serve_metrics(port: int, address: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` on ``port``; 0 serves nothing."""
+    if not 0 <= port <= 65535:
+        raise PortUnavailable(f"--metrics-port {port} is no port: give 1 to 65535, or 0 for none")
     if port:
         try:
             start_http_server(port, addr=address)

@@ -220,6 +220,10 @@ class AgentSettings:
             )
         if not 0.05 <= self.heartbeat_interval_s <= 300:
             raise AgentConfigError("the heartbeat interval must be positive, 0.05 s to 300 s")
+        if not 0.1 <= self.location_check_interval_s <= 3600:
+            raise AgentConfigError("--location-check-interval must be 0.1 to 3600 seconds")
+        if not 1 <= self.location_startup_timeout_s <= 86400:
+            raise AgentConfigError("--location-startup-timeout must be 1 to 86400 seconds")
         if self.secrets_dir is not None and not self.secrets_dir.is_dir():
             raise AgentConfigError(f"--secrets-dir {self.secrets_dir} is not a directory")
         for pattern in self.allowed_secrets:

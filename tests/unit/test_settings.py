@@ -78,6 +78,8 @@ def test_agent_settings_from_environment() -> None:
         ({"HD_AMQP_URL": "amqp://x/"}, {"max_concurrent": 0}, "at least 1"),
         ({"HD_AMQP_URL": "amqp://x/", "HD_AGENT_MAX_CONCURRENT": "many"}, {}, "not a number"),
         ({"HD_AMQP_URL": "amqp://x/"}, {"heartbeat_interval_s": 0.0}, "positive"),
+        ({"HD_AMQP_URL": "amqp://x/"}, {"location_check_interval_s": 0.0}, "0.1 to 3600"),
+        ({"HD_AMQP_URL": "amqp://x/"}, {"location_startup_timeout_s": -5.0}, "1 to 86400"),
     ],
 )
 def test_bad_agent_settings_are_refused(
