@@ -292,6 +292,13 @@ class Client:
         return await wait_for_outcome(follower, run_id, timeout)
 
 
+#: What a field whose pattern a value does not match must look like, in words.
+_FORMS = {
+    "image": "not an image reference (NAME, NAME:TAG or NAME@sha256:DIGEST, lowercase)",
+    "queue": "a queue name is 1 to 64 letters, digits, '_' and '-', from a letter or digit",
+}
+
+
 def check_submission(message: SubmitRun) -> None:
     """Refuse, before sending, what the control plane would refuse: raises InvalidSubmission.
 
@@ -311,7 +318,10 @@ def check_submission(message: SubmitRun) -> None:
         _requests.decode(encode(message))
     except InvalidMessage as exc:
         where = f"{exc.field}: " if exc.field else ""
-        raise InvalidSubmission(f"invalid submission: {where}{exc.detail}", exc.field) from None
+        detail = exc.detail
+        if "matching regex" in detail:  # the pattern itself tells a person nothing
+            detail = _FORMS.get(exc.field or "", "not of the form it needs")
+        raise InvalidSubmission(f"invalid submission: {where}{detail}", exc.field) from None
     except SchemaError as exc:
         raise InvalidSubmission(f"invalid submission: {exc}") from None
     if found := submissions.problem(message):

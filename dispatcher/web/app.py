@@ -13,7 +13,7 @@ from typing import Annotated
 from litestar import Litestar, Request, Response, Router, get
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
-from litestar.exceptions import ValidationException
+from litestar.exceptions import ServiceUnavailableException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -83,15 +83,24 @@ async def events(
     header = request.headers.get("last-event-id")
     if header is not None:
         last_event_id = event_id_header(header)
-    after = last_event_id if last_event_id is not None else await store.runs.last_event_seq()
+    # From now; or after Last-Event-ID, but never after the newest event (a stream waiting
+    # for numbers that were never given would stay silent for good).
+    newest = await store.runs.last_event_seq()
+    after = newest if last_event_id is None else min(last_event_id, newest)
     wakeups: Wakeups = request.app.state.wakeups
+    if wakeups.streams >= MAX_STREAMS:
+        raise ServiceUnavailableException(
+            f"{MAX_STREAMS} event streams are open on this process: try again later"
+        )
     authorization = request.headers.get("authorization", "")
     cookie = request.cookies.get(SESSION_COOKIE)
 
     async def allowed() -> bool:
         return await still_allowed(store, authorization, cookie)
 
-    return ServerSentEvent(EventStream(store, wakeups, after, run_id, allowed=allowed).frames())
+    return ServerSentEvent(
+        wakeups.counted(EventStream(store, wakeups, after, run_id, allowed=allowed).frames())
+    )
 
 
 def _unavailable(_: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
@@ -114,6 +123,9 @@ def _internal_error(request: Request, exc: Exception) -> Response:  # type: igno
 def _not_utf8(_: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
     return Response({"status_code": 400, "detail": "the body is not valid UTF-8"}, status_code=400)
 
+
+#: Event streams one web process serves at once (each polls the store): past them, 503.
+MAX_STREAMS = 256
 
 #: The largest body any route reads (a submission with its env, a location): more is 413.
 MAX_BODY_BYTES = 1024 * 1024

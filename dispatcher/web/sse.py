@@ -39,6 +39,19 @@ class Wakeups:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        #: Streams open now (``counted``).
+        self.streams = 0
+
+    async def counted(
+        self, frames: AsyncIterator[ServerSentEventMessage]
+    ) -> AsyncIterator[ServerSentEventMessage]:
+        """``frames``, counted in ``streams`` from the first to the last (or the client gone)."""
+        self.streams += 1
+        try:
+            async for frame in frames:
+                yield frame
+        finally:
+            self.streams -= 1
 
     def ring(self) -> None:
         self._event.set()

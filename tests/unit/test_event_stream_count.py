@@ -1,0 +1,37 @@
+"""The web process counts its open event streams (``Wakeups.counted``): a stream counts from
+its first frame until it ends or its client goes, so the cap on them frees up again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dispatcher.web.sse import Wakeups
+
+pytestmark = pytest.mark.unit
+
+
+async def forever() -> AsyncIterator[str]:
+    while True:
+        yield "frame"
+        await asyncio.sleep(0)
+
+
+async def test_a_stream_counts_while_it_is_read_and_not_once_its_client_is_gone() -> None:
+    wakeups = Wakeups()
+    first, second = wakeups.counted(forever()), wakeups.counted(forever())  # type: ignore[arg-type]
+    assert wakeups.streams == 0
+    assert await anext(first) == "frame"
+    assert await anext(second) == "frame"
+    assert wakeups.streams == 2
+    await first.aclose()  # the client went away
+    assert wakeups.streams == 1
+    reading = asyncio.create_task(anext(second))
+    await asyncio.sleep(0)
+    reading.cancel()  # the server cancels a response whose client is gone
+    with pytest.raises((asyncio.CancelledError, StopAsyncIteration)):
+        await reading
+    await second.aclose()
+    assert wakeups.streams == 0
