@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from schemas import encode, kind_of
 from transport.errors import BrokerRefused, BrokerUnavailable
@@ -145,12 +145,18 @@ class OutboxRelay:
                 refused.update(
                     {row.id: str(exc) for row in rows if (row.exchange, row.routing_key) == target}
                 )
-        results = await asyncio.gather(
-            *(self._publish_one(row) for row in rows if row.id not in refused),
-            return_exceptions=True,
-        )
+        pending = [row for row in rows if row.id not in refused]
+        results: list[BaseException | None]
+        if len(pending) == 1:
+            # A lone row (a lone submission's) is published in this task: its frames are
+            # queued before whatever its writer does next (a hand-off's log line and ack).
+            results = [await _outcome(self._publish_one(pending[0]))]
+        else:
+            results = await asyncio.gather(
+                *(self._publish_one(row) for row in pending), return_exceptions=True
+            )
         doubtful = []
-        for row, result in zip([r for r in rows if r.id not in refused], results, strict=True):
+        for row, result in zip(pending, results, strict=True):
             if isinstance(result, BrokerRefused):
                 doubtful.append(row)
             elif isinstance(result, BaseException):
@@ -176,3 +182,12 @@ class OutboxRelay:
             message_id=str(row.message_id),
             kind=row.kind,
         )
+
+
+async def _outcome(publishing: Awaitable[None]) -> BaseException | None:
+    """What ``gather(..., return_exceptions=True)`` makes of one awaitable."""
+    try:
+        await publishing
+    except Exception as exc:
+        return exc
+    return None

@@ -132,7 +132,12 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
     bases = []
     if given:
         for one in given:
-            parts = urllib.parse.urlsplit(one)
+            try:
+                parts = urllib.parse.urlsplit(one)
+            except ValueError as exc:  # an unclosed [ of an IPv6 address, say
+                raise BrokerUnavailable(
+                    f"the management URL {_without_secret(one)!r}: {exc}"
+                ) from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise BrokerUnavailable(
                     f"the management URL {_without_secret(one)!r} is not an http:// or "
@@ -141,7 +146,9 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
             try:
                 port = f":{parts.port}" if parts.port else ""
             except ValueError as exc:
-                raise BrokerUnavailable(f"the management URL {one!r}: {exc}") from exc
+                raise BrokerUnavailable(
+                    f"the management URL {_without_secret(one)!r}: {exc}"
+                ) from None
             bases.append(f"{parts.scheme}://{_host(one)}{port}{parts.path.rstrip('/')}")
         named = urllib.parse.urlsplit(given[0])
         if named.username:
@@ -157,9 +164,13 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
 
 
 def _without_secret(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
+    """``url`` with its password starred (and nothing after an ``@`` if it cannot be read)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url.rpartition("@")[2]
     return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 

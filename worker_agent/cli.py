@@ -291,6 +291,16 @@ def drain(
         typer.echo(f"error: {pid} is not a process id (a positive number)", err=True)
         raise typer.Exit(2)
     # SIGUSR1 ends most other programs: only an agent is signalled.
+    if not os.path.isdir("/proc/self"):
+        typer.echo(
+            "error: cannot tell which program a process runs here (no /proc): send the "
+            "agent SIGUSR1 yourself (kill -USR1 PID)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if not os.path.exists(f"/proc/{pid}"):
+        typer.echo(f"error: no process {pid}", err=True)
+        raise typer.Exit(1)
     if not _is_agent(pid):
         typer.echo(f"error: process {pid} is not a running `worker-agent run`", err=True)
         raise typer.Exit(1)

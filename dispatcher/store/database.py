@@ -190,9 +190,8 @@ class Database:
             async with connection.transaction() if answers or resolved else nullcontext():
                 await outbox.insert(connection, answers)
                 created = await runs.create(connection, accepted, handed=leased, in_force=in_force)
-                created += await runs.create(
-                    connection, resolved, announce=True, handed=leased, in_force=in_force
-                )
+                # Job runs took round trips of their own since: their limits are read afresh.
+                created += await runs.create(connection, resolved, announce=True, handed=leased)
             # Committed: only now are they the caller's to publish.
             if handed is not None and leased:
                 handed += leased

@@ -111,13 +111,16 @@ class Limits:
         return limit
 
     async def remove(self, key: str, actor: str) -> bool:
-        """Remove a limit (the runs it held go on); False if there was none."""
-        limit = parse(key)
+        """Remove a limit (the runs it held go on); False if there was none.
+
+        By its key as stored, whatever it names: a limit set before names were checked can
+        still be removed."""
+        key = key.strip()
         async with self._connections.transaction() as connection:
             await connection.execute("SELECT pg_advisory_xact_lock($1)", ADMIT_LOCK)
-            status = await connection.execute("DELETE FROM limits WHERE key = $1", limit.key)
+            status = await connection.execute("DELETE FROM limits WHERE key = $1", key)
             if status.endswith(" 1"):
-                await audit.record(connection, actor, "limit.remove", limit.key)
+                await audit.record(connection, actor, "limit.remove", key)
             await wake_admitter(connection)
         return bool(status.endswith(" 1"))
 

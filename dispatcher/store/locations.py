@@ -139,7 +139,9 @@ class Locations:
                 command = kept.command if command is None else command
                 env = kept.env if env is None else env
                 queue = kept.queue if queue is None else queue
-            image, command, queue = image or "", command or (), queue or "default"
+            image = image or ""
+            command = command or ()
+            queue = "default" if queue is None else queue
             check_location(name, image, queue, env, command)
             record = await connection.fetchrow(
                 """

@@ -124,6 +124,20 @@ async def _run(store: Database, run_id: uuid.UUID) -> views.RunSummary:
         raise NotFoundException(f"no run {run_id}") from None
 
 
+def _repeated(
+    data: SubmitRun, token: str, found: uuid.UUID, submitted_by: str | None
+) -> views.Submitted:
+    """The answer to a submission whose run id or key is an earlier run's: that run, when this
+    token submitted it; otherwise 409, without naming it."""
+    if submitted_by != token:
+        what = "run_id" if found == data.run_id else "idempotency key"
+        raise ClientException(
+            f"submission rejected: its {what} is an earlier submission's", status_code=409
+        )
+    status = "accepted" if found == data.run_id else "existing"
+    return views.Submitted(run_id=found, status=status)
+
+
 class RunsController(Controller):
     path = "/runs"
     tags = ["runs"]
@@ -229,14 +243,7 @@ class RunsController(Controller):
         # A run with this id or key exists: this token's is answered (a repeated submission);
         # another's is not named (ids and keys may be guessed), and nothing is sent.
         if (prior := await store.runs.prior(data.run_id, data.idempotency_key)) is not None:
-            found, submitted_by = prior
-            if submitted_by != token.name:
-                what = "run_id" if found == data.run_id else "idempotency key"
-                raise ClientException(
-                    f"submission rejected: its {what} is an earlier submission's", status_code=409
-                )
-            status = "accepted" if found == data.run_id else "existing"
-            return views.Submitted(run_id=found, status=status)
+            return _repeated(data, token.name, *prior)
         # Stamped here: the envelope's id and time are the sender's, not the caller's.
         await broker.submit(
             msgspec.structs.replace(
@@ -247,6 +254,11 @@ class RunsController(Controller):
         for _ in range(int(ANSWER_WITHIN_S / 0.05)):
             made, reason = await store.runs.answer(data.run_id)
             if reason is not None:
+                # Its key may have been taken meanwhile by a submission of this token's own
+                # (a retry with a new run_id before the first was made): that run answers.
+                prior = await store.runs.prior(data.run_id, data.idempotency_key)
+                if data.idempotency_key and prior is not None:
+                    return _repeated(data, token.name, *prior)
                 raise ClientException(f"submission rejected: {reason}", status_code=422)
             if made is not None:
                 return views.Submitted(run_id=made, status="accepted")

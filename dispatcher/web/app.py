@@ -88,9 +88,9 @@ async def events(
     newest = await store.runs.last_event_seq()
     after = newest if last_event_id is None else min(last_event_id, newest)
     wakeups: Wakeups = request.app.state.wakeups
-    if wakeups.streams >= MAX_STREAMS:
+    if wakeups.streams >= wakeups.max_streams:
         raise ServiceUnavailableException(
-            f"{MAX_STREAMS} event streams are open on this process: try again later"
+            f"{wakeups.max_streams} event streams are open on this process: try again later"
         )
     authorization = request.headers.get("authorization", "")
     cookie = request.cookies.get(SESSION_COOKIE)
@@ -123,9 +123,6 @@ def _internal_error(request: Request, exc: Exception) -> Response:  # type: igno
 def _not_utf8(_: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
     return Response({"status_code": 400, "detail": "the body is not valid UTF-8"}, status_code=400)
 
-
-#: Event streams one web process serves at once (each polls the store): past them, 503.
-MAX_STREAMS = 256
 
 #: The largest body any route reads (a submission with its env, a location): more is 413.
 MAX_BODY_BYTES = 1024 * 1024

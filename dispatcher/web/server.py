@@ -26,17 +26,27 @@ class _Server(uvicorn.Server):
         yield
 
 
-def listening(settings: WebSettings) -> socket.socket:
-    """The server's socket, bound here: an address in use or a host that is not one is this
-    process's error, said in one line (uvicorn would end the whole process instead)."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+def listening(settings: WebSettings) -> list[socket.socket]:
+    """The server's sockets, bound here, one per address of its host (``localhost``: IPv4
+    and IPv6), on one port: an address in use or a host that is no host is this process's
+    error, said in one line (uvicorn would end the whole process instead)."""
+    bound: list[socket.socket] = []
     try:
-        return socket.create_server((settings.host, settings.port), family=family)
+        addresses = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        port = settings.port
+        for family, host in dict.fromkeys((a[0], str(a[4][0])) for a in addresses):
+            bound.append(socket.create_server((host, port), family=family))
+            port = port or bound[-1].getsockname()[1]  # port 0: the first one's, for all
     except OSError as exc:
+        for sock in bound:
+            sock.close()
         raise ConfigError(
             f"the web server cannot listen on {settings.host}:{settings.port}: "
             f"{exc.strerror or exc}"
         ) from None
+    return bound
 
 
 async def serve_web(settings: WebSettings, stop: asyncio.Event) -> None:
@@ -61,7 +71,7 @@ async def _serve(
         proxy_headers=False,
     )
     server = _Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[listening(settings)]), name="uvicorn")
+    serving = asyncio.create_task(server.serve(sockets=listening(settings)), name="uvicorn")
     stopping = asyncio.create_task(stop.wait(), name="web-stop")
     # uvicorn says it started only through this flag.
     while not server.started and not serving.done():  # noqa: ASYNC110

@@ -37,15 +37,20 @@ RUN_EVENTS_CHANNEL = "hd_run_events"
 class Wakeups:
     """One LISTEN of the web process, rung to every stream at each NOTIFY of new events."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_streams: int = 256) -> None:
         self._event = asyncio.Event()
-        #: Streams open now (``counted``).
+        #: Streams open now (``counted``), and how many may be.
         self.streams = 0
+        self.max_streams = max_streams
 
     async def counted(
         self, frames: AsyncIterator[ServerSentEventMessage]
     ) -> AsyncIterator[ServerSentEventMessage]:
-        """``frames``, counted in ``streams`` from the first to the last (or the client gone)."""
+        """``frames``, counted in ``streams`` from the first to the last (or the client gone);
+        a stream past ``max_streams`` ends at once (requests that came together may all have
+        passed the handler's check before any of them counted)."""
+        if self.streams >= self.max_streams:
+            return
         self.streams += 1
         try:
             async for frame in frames:

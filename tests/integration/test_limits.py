@@ -255,3 +255,16 @@ async def test_runs_behind_a_thousand_blocked_ones_are_reached(store: Database) 
     assert await store.outbox.count_unsent("LaunchRun") == 1
     usage = {u.limit.key: (u.running, u.waiting) for u in await store.limits.usage()}
     assert usage == {"queue:blocked": (0, 1200), "queue:open": (1, 0)}
+
+
+async def test_a_limit_set_before_names_were_checked_can_still_be_removed(store: Database) -> None:
+    """A limit key names a queue or a location by a valid name now; one stored earlier under
+    another name is still removed by its key."""
+    async with store.connections.connection() as connection:
+        await connection.execute(
+            "INSERT INTO limits (key, scope, name, value, max_running) "
+            "VALUES ('location:my.loc', 'location', 'my.loc', '', 1)"
+        )
+    assert await store.limits.remove("location:my.loc", "test")
+    assert not await store.limits.remove("location:my.loc", "test")
+    assert await store.limits.usage() == []

@@ -35,3 +35,17 @@ async def test_a_stream_counts_while_it_is_read_and_not_once_its_client_is_gone(
         await reading
     await second.aclose()
     assert wakeups.streams == 0
+
+
+async def test_a_stream_past_the_cap_ends_at_once_and_the_cap_frees_up() -> None:
+    wakeups = Wakeups(max_streams=1)
+    first = wakeups.counted(forever())  # type: ignore[arg-type]
+    assert await anext(first) == "frame"
+    late = wakeups.counted(forever())  # type: ignore[arg-type]
+    with pytest.raises(StopAsyncIteration):
+        await anext(late)
+    await first.aclose()
+    again = wakeups.counted(forever())  # type: ignore[arg-type]
+    assert await anext(again) == "frame"
+    assert wakeups.streams == 1
+    await again.aclose()
