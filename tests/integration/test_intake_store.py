@@ -14,7 +14,7 @@ from dispatcher.store import Database, runs
 from dispatcher.store import outbox as outbox_rows
 from dispatcher.store.connections import connect
 from dispatcher.web.sse import RUN_EVENTS_CHANNEL
-from schemas import RunAccepted, SubmitRun, instruction_decoder
+from schemas import FailureReason, RunAccepted, SubmitRun, instruction_decoder
 from tests.support import eventually
 
 
@@ -137,3 +137,31 @@ async def test_a_batch_of_runs_that_exist_already_wakes_no_event_stream(store: D
         await eventually(writer.was_heard, timeout=10)
         await asyncio.sleep(0.2)
         assert writer.heard == [writer.pid]
+
+
+async def test_every_json_column_of_a_run_reads_back_as_submitted(store: Database) -> None:
+    """command, env, tags, retry_on, ready_check and config are written as JSON text for
+    jsonb columns: non-ASCII text, escapes, nesting and numbers come back as they went in."""
+    submission = SubmitRun(
+        run_id=uuid.uuid4(),
+        image="img",
+        command=("sh", "-c", 'echo "héllo\\n" \t✓'),
+        env={"GREETING": "grüße ✓", "QUOTE": '"x"', "EMPTY": ""},
+        tags={"team": "ml", "ünï": "ok"},
+        retry_on=(FailureReason.AGENT_LOST, FailureReason.EXIT_CODE),
+        ready_check=("test", "-f", "/tmp/ready"),
+    )
+    assert await store.accept_submissions([submission]) == [submission.run_id]
+    async with store.connections.connection() as connection:
+        record = await connection.fetchrow(
+            "SELECT * FROM runs WHERE run_id = $1", submission.run_id
+        )
+    row = runs.decoded(record)
+    assert row["command"] == list(submission.command)
+    assert row["env"] == submission.env
+    assert row["tags"] == submission.tags
+    assert row["ready_check"] == list(submission.ready_check)
+    assert runs.retry_policy(row).retry_on == submission.retry_on
+    assert row["config"] == {}
+    launch = runs.launch(row, 1)
+    assert (launch.command, launch.env) == (submission.command, submission.env)
