@@ -27,6 +27,18 @@ from .urls import broker_urls, where_of, with_heartbeat
 
 log = logging.getLogger(__name__)
 
+
+class _SaidByTheCaller(logging.Filter):
+    """aiormq logs a connect that failed at ERROR, then raises it: every caller here says it
+    in its own words (a command's one line, a process's retry warning), so aiormq's line is
+    dropped. Its other records go through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+logging.getLogger("aiormq.connection").addFilter(_SaidByTheCaller())
+
 #: The broker connection both sides hold (it reconnects by itself).
 Connection = aio_pika.abc.AbstractRobustConnection
 

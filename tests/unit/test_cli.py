@@ -133,6 +133,25 @@ def test_submit_refuses_what_json_cannot_carry_and_what_is_no_command_line() -> 
     assert "Invalid value for '--log-level'" in result.stderr
 
 
+def test_a_broker_that_cannot_be_reached_is_one_line() -> None:
+    """aiormq's own log line for the failed connect is left out: the command says it."""
+    result = run_module(
+        "dispatcher",
+        "submit",
+        "--amqp-url",
+        "amqp://u:p@127.0.0.1:1/",
+        "--image",
+        "x",
+        "--",
+        "true",
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.strip().splitlines() if line.startswith("error: ")
+    ]
+    assert "cannot connect to the broker" in result.stderr
+
+
 def test_drain_signals_only_an_agent() -> None:
     """SIGUSR1 ends most programs: drain refuses what is not a process id, and a process that
     is not ``worker-agent run``, which lives on."""
