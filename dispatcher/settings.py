@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from transport.errors import BrokerUrlInvalid
+from transport.process import yes_or_no
 from transport.urls import broker_urls, user_of
 
 
@@ -140,8 +141,12 @@ class ControlPlaneSettings:
         if components := env.get("HD_COMPONENTS"):
             values["components"] = tuple(c.strip() for c in components.split(",") if c.strip())
         values["management_url"] = env.get("HD_AMQP_MANAGEMENT_URL", "")
-        if env.get("HD_BROKER_POLICIES", "").strip().lower() in ("0", "off", "false", "no"):
-            values["broker_policies"] = False
+        try:
+            policies = yes_or_no(env, "HD_BROKER_POLICIES")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if policies is not None:
+            values["broker_policies"] = policies
         for name, key in (
             ("HD_DELIVERY_LIMIT", "delivery_limit"),
             ("HD_DEAD_LETTER_MAX_LENGTH", "dead_letter_max_length"),

@@ -8,7 +8,7 @@ import faulthandler
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 
@@ -19,6 +19,22 @@ class LogLevel(enum.StrEnum):
     INFO = "INFO"
     WARNING = "WARNING"
     ERROR = "ERROR"
+
+
+#: How a yes/no setting may be written; anything else is refused, not read as the default
+#: (HD_LOG_FORWARDING=off must not leave output forwarded).
+_YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def yes_or_no(env: Mapping[str, str], name: str) -> bool | None:
+    """A yes/no variable of ``env``; None when it is not set; ValueError, in words, for a
+    value that is neither."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw in _YES or raw in _NO:
+        return raw in _YES
+    raise ValueError(f"{name}={raw!r} is neither yes nor no: give one of {', '.join(_YES + _NO)}")
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -14,6 +14,7 @@ from schemas import is_safe_name
 from schemas.bounds import MAX_IN_FLIGHT
 from schemas.resources import Capacity
 from transport.errors import BrokerUrlInvalid
+from transport.process import yes_or_no
 from transport.urls import broker_urls
 
 from .errors import AgentError
@@ -151,7 +152,11 @@ class AgentSettings:
             ("HD_KEEP_FINISHED", "keep_finished"),
             ("HD_LOG_FORWARDING", "log_forwarding"),
         ):
-            if (flag := _flag(env, name)) is not None:
+            try:
+                flag = yes_or_no(env, name)
+            except ValueError as exc:
+                raise AgentConfigError(str(exc)) from None
+            if flag is not None:
                 values[key] = flag
         if secrets_dir := env.get("HD_SECRETS_DIR"):
             values["secrets_dir"] = Path(secrets_dir)
@@ -256,23 +261,6 @@ class AgentSettings:
             raise AgentConfigError(
                 f"HD_AGENT_FAULT={self.fault!r}: name one of {', '.join(COMPONENTS)}"
             )
-
-
-#: How a yes/no setting may be written; anything else is refused, not read as the default
-#: (HD_LOG_FORWARDING=off must not leave output forwarded).
-_YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool | None:
-    """A yes/no variable; None when it is not set."""
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return None
-    if raw in _YES or raw in _NO:
-        return raw in _YES
-    raise AgentConfigError(
-        f"{name}={raw!r} is neither yes nor no: give one of {', '.join(_YES + _NO)}"
-    )
 
 
 def default_agent_id(hostname: str) -> str:

@@ -48,6 +48,14 @@ def test_retention_is_off_unless_asked_for_and_bad_values_are_explained() -> Non
             ControlPlaneSettings.from_env({**env, "HD_RETENTION_DAYS": raw})
 
 
+def test_broker_policies_are_on_unless_turned_off_in_words_it_takes() -> None:
+    env = {"HD_AMQP_URL": "amqp://x/", "HD_DATABASE_URL": "postgresql://x/"}
+    assert ControlPlaneSettings.from_env(env).broker_policies
+    assert not ControlPlaneSettings.from_env({**env, "HD_BROKER_POLICIES": "off"}).broker_policies
+    with pytest.raises(ConfigError, match="HD_BROKER_POLICIES='maybe' is neither yes nor no"):
+        ControlPlaneSettings.from_env({**env, "HD_BROKER_POLICIES": "maybe"})
+
+
 def test_unknown_components_are_refused() -> None:
     env = {"HD_AMQP_URL": "amqp://x/", "HD_DATABASE_URL": "postgresql://x/"}
     with pytest.raises(ConfigError, match="unknown component"):
