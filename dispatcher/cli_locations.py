@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from .cli_common import DatabaseSchema, DatabaseUrl, operator, parse_env, with_store
+from .cli_common import DatabaseSchema, DatabaseUrl, _fail, operator, parse_env, with_store
 
 if TYPE_CHECKING:
     from .store import Database, Location
@@ -63,6 +63,10 @@ NewEnv = Annotated[
 NewQueue = Annotated[
     str | None, typer.Option("--queue", help=f"Agent queue of its code servers.{KEPT}")
 ]
+NoCommand = Annotated[
+    bool, typer.Option("--no-command", help="Clear the command: the image's own runs.")
+]
+NoEnv = Annotated[bool, typer.Option("--no-env", help="Clear every variable.")]
 
 
 def _put(
@@ -111,11 +115,18 @@ def update(
     command: NewCommand = None,
     env: NewEnv = None,
     queue: NewQueue = None,
+    no_command: NoCommand = False,
+    no_env: NoEnv = False,
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Change a location (a new generation: servers are replaced, blue/green). What is not
     given stays as it is; `--env` replaces all of the location's variables."""
+    for cleared, given, what in ((no_command, command, "command"), (no_env, env, "env")):
+        if cleared and given:
+            raise _fail(f"give --{what} or --no-{what}, not both")
+    command = [] if no_command else command
+    env = [] if no_env else env
     _put(False, name, image, command, env, queue, database_url, database_schema)
 
 

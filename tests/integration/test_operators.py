@@ -98,6 +98,14 @@ async def test_a_location_update_keeps_what_it_is_not_given(stack: Stack, store:
         {"MODE": "slow"},
     )
     assert location.command == ["hd-sdk", "serve"]
+    # Cleared on request: no variables, the image's own command.
+    cleared = await dispatcher_cli(stack, "locations", "update", name, "--no-env", "--no-command")
+    assert cleared.returncode == 0, cleared.stderr
+    [location] = [loc for loc in await store.locations.all() if loc.name == name]
+    assert (location.env, location.command, location.queue) == ({}, [], "other")
+    both = await dispatcher_cli(stack, "locations", "update", name, "--env", "A=1", "--no-env")
+    assert both.returncode == 2
+    assert "give --env or --no-env, not both" in both.stderr
     missing = await dispatcher_cli(stack, "locations", "update", "nowhere", "--image", "busybox")
     assert missing.returncode != 0
     assert "no location 'nowhere'" in missing.stderr
