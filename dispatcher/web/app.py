@@ -8,12 +8,16 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from litestar import Litestar, Request, Response, Router, get
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
-from litestar.exceptions import ServiceUnavailableException, ValidationException
+from litestar.exceptions import (
+    ClientException,
+    ServiceUnavailableException,
+    ValidationException,
+)
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -162,6 +166,19 @@ async def opened(settings: WebSettings) -> AsyncIterator[tuple[Database, Client]
         await store.close()
 
 
+#: The API's query parameters that are lists: each use adds one (``GET /runs?tag=...``).
+REPEATABLE = frozenset({"tag"})
+
+
+def _each_once(request: Request[Any, Any, Any]) -> None:
+    """Refuse a query parameter given twice that is not a list: which of its values would
+    count is a guess the caller should not have to make (a filter silently dropped)."""
+    query = request.query_params
+    for key in query:
+        if key not in REPEATABLE and len(query.getall(key)) > 1:
+            raise ClientException(f"query parameter {key!r} given more than once")
+
+
 def create_app(settings: WebSettings, connected: tuple[Database, Client] | None = None) -> Litestar:
     """The application; with ``connected`` (``opened``'s), on those, which its caller owns,
     so that a store or broker that cannot be reached is the caller's error to tell, before
@@ -186,7 +203,9 @@ def create_app(settings: WebSettings, connected: tuple[Database, Client] | None 
                 await asyncio.gather(listening, return_exceptions=True)
 
     api = Router(
-        path=API, route_handlers=[RunsController, LocationsController, OpsController, events]
+        path=API,
+        route_handlers=[RunsController, LocationsController, OpsController, events],
+        before_request=_each_once,
     )
     return Litestar(
         route_handlers=[api, ui_router()],

@@ -263,6 +263,19 @@ async def test_a_cancel_needs_no_body_answers_are_never_cached_and_bodies_are_bo
     assert answer.status_code == 413
 
 
+async def test_a_query_parameter_given_twice_is_refused_unless_it_is_a_list(
+    web: tuple[AsyncTestClient, dict[str, str]],
+) -> None:
+    client, auth = web
+    for query in ("state=QUEUED&state=SUCCESS", "limit=5&limit=500", "queue=a&queue=b"):
+        answer = await client.get(f"/runs?{query}", headers=auth)
+        assert answer.status_code == 400, answer.text
+        assert "given more than once" in answer.text
+    answer = await client.get("/runs?tag=a%3D1&tag=b%3D2&state=QUEUED", headers=auth)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["runs"] == []
+
+
 async def test_a_submission_under_another_s_run_id_or_key_is_refused_without_naming_it(
     web: tuple[AsyncTestClient, dict[str, str]], store: Database
 ) -> None:
