@@ -138,7 +138,7 @@ class Alerts:
                         attempts,
                     )
                     continue
-                backoff = min(max_backoff_s, 2.0**attempts)
+                backoff = retry_in(attempts, max_backoff_s)
                 log.warning(
                     "alert %d to %s failed (%s); next try in %.0f s",
                     row["alert_id"],
@@ -157,3 +157,10 @@ class Alerts:
                     backoff,
                 )
         return len(due)
+
+
+def retry_in(attempts: int, max_backoff_s: float) -> float:
+    """Seconds before a delivery failed ``attempts`` times is tried again: doubling, up to
+    ``max_backoff_s``. The exponent stops growing long before the cap (2.0**1024 is no
+    float: a webhook failing for days used to end the monitor at every start)."""
+    return min(max_backoff_s, 2.0 ** min(attempts, 32))
