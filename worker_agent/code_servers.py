@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import json
-import urllib.error
-import urllib.request
+import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,13 @@ LABEL_LOCATION = "hybrid-dispatcher.location"
 LABEL_GENERATION = "hybrid-dispatcher.location-generation"
 #: The port a code server listens on (the SDK's default).
 CODE_SERVER_PORT = 8080
+#: The most of a code server's answer that is read: its definitions and launch specs are
+#: kilobytes; more is a server gone wrong.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+#: What a code server's answer may fail with, read as no answer: unreachable, refused, hung
+#: up at the deadline (``OSError``), not HTTP or cut short (``http.client.HTTPException``),
+#: too large or not JSON (``ValueError``).
+_NO_ANSWER = (http.client.HTTPException, OSError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -33,10 +42,7 @@ class CodeServer:
     running: bool
     address: str | None
     started_at: float | None
-
-    @property
-    def url(self) -> str | None:
-        return f"http://{self.address}:{CODE_SERVER_PORT}" if self.address else None
+    port: int = CODE_SERVER_PORT
 
 
 class CodeServers:
@@ -127,44 +133,59 @@ class CodeServers:
 
     async def ask(self, server: CodeServer, path: str, timeout_s: float = 3.0) -> Any:
         """GET a code server's ``path`` as JSON; None when it does not answer 200."""
-        if server.url is None:
-            return None
-
-        def get() -> Any:
-            try:
-                with urllib.request.urlopen(f"{server.url}{path}", timeout=timeout_s) as reply:
-                    return json.loads(reply.read()) if reply.status == 200 else None
-            except (urllib.error.URLError, OSError, ValueError):
-                return None
-
-        return await asyncio.to_thread(get)
+        status, answer = await asyncio.to_thread(_exchange, server, "GET", path, None, timeout_s)
+        return answer if status == 200 else None
 
     async def post(
         self, server: CodeServer, path: str, body: Any, timeout_s: float = 10.0
     ) -> tuple[int, Any]:
-        """POST JSON to a code server: (HTTP status, JSON answer); (0, None) if unreachable."""
-        if server.url is None:
-            return 0, None
+        """POST JSON to a code server: (HTTP status, JSON answer or None); (0, None) when no
+        status came back."""
+        payload = json.dumps(body).encode()
+        return await asyncio.to_thread(_exchange, server, "POST", path, payload, timeout_s)
 
-        def post() -> tuple[int, Any]:
-            request = urllib.request.Request(
-                f"{server.url}{path}",
-                data=json.dumps(body).encode(),
-                method="POST",
-                headers={"Content-Type": "application/json"},
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=timeout_s) as reply:
-                    return reply.status, json.loads(reply.read())
-            except urllib.error.HTTPError as exc:
-                try:
-                    return exc.code, json.loads(exc.read())
-                except ValueError:
-                    return exc.code, None
-            except (urllib.error.URLError, OSError, ValueError):
-                return 0, None
 
-        return await asyncio.to_thread(post)
+def _exchange(
+    server: CodeServer, method: str, path: str, body: bytes | None, timeout_s: float
+) -> tuple[int, Any]:
+    """One request, all of it within ``timeout_s``: (status, the answer's JSON or None);
+    (0, None) when no status came back. The socket's timeout bounds each read, not the whole
+    (a server sending a byte at a time never trips it): at the deadline, the connection is
+    hung up, which ends whatever read is waiting."""
+    if server.address is None:
+        return 0, None
+    connection = http.client.HTTPConnection(server.address, server.port, timeout=timeout_s)
+    deadline = threading.Timer(timeout_s, _hang_up, (connection,))
+    deadline.daemon = True
+    deadline.start()
+    status = 0
+    try:
+        headers = {} if body is None else {"Content-Type": "application/json"}
+        connection.request(method, path, body=body, headers=headers)
+        reply = connection.getresponse()
+        status = reply.status
+        return status, _json(reply)
+    except _NO_ANSWER:
+        return status, None
+    finally:
+        deadline.cancel()
+        connection.close()
+
+
+def _hang_up(connection: http.client.HTTPConnection) -> None:
+    if connection.sock is not None:
+        with contextlib.suppress(OSError):
+            connection.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _json(reply: http.client.HTTPResponse) -> Any:
+    """An answer's body as JSON, read by the chunk as it comes, up to ``MAX_ANSWER_BYTES``."""
+    body = bytearray()
+    while chunk := reply.read1(65536):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise ValueError(f"an answer over {MAX_ANSWER_BYTES} bytes")
+    return json.loads(body)
 
 
 def _generation(label: str) -> int:
