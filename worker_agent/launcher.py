@@ -233,6 +233,8 @@ class Launcher:
         #: here (that could leave its container behind) but stopped once created, by _launch.
         create_sent = False
         claiming: asyncio.Task[None] | None = None
+        #: When the attempt first found its location without a server that answers.
+        location_since: float | None = None
         try:
             while True:
                 try:
@@ -280,6 +282,16 @@ class Launcher:
                         if isinstance(exc, DockerUnavailable)
                         else "location not ready"
                     )
+                    if isinstance(exc, LocationUnavailable):
+                        # Waited for as long as a code server has to start, at most: the
+                        # attempt holds a slot and its run meanwhile.
+                        now = asyncio.get_running_loop().time()
+                        location_since = location_since or now
+                        if now - location_since > self.settings.location_startup_timeout_s:
+                            waited = now - location_since
+                            failed = LaunchFailed(f"{exc} (waited {waited:.0f} s)")
+                            await self._failed(launch, attempt, raw, failed, create_sent)
+                            return None
                     log.error("%s; run %s attempt %d retried in %.1f s: %s", what, *key, delay, exc)
                     if not await self._pause(delay):
                         self.slots.release(key)
@@ -287,23 +299,35 @@ class Launcher:
                     delay = min(delay * 2, MAX_RETRY_S)
                     continue
                 except (ImageMissing, LaunchFailed) as exc:
-                    if not create_sent and await self._dropped(attempt, raw):
-                        return None  # failed, but terminated meanwhile: nothing to report
-                    reason = (
-                        FailureReason.IMAGE_NOT_FOUND
-                        if isinstance(exc, ImageMissing)
-                        else FailureReason.LAUNCH_ERROR
-                    )
-                    log.warning("run %s attempt %d failed to launch: %s", *key, exc)
-                    await self._report_failed(launch, reason, str(exc))
-                    await settle(raw.ack())
-                    self.slots.release(key, reported=True)
+                    await self._failed(launch, attempt, raw, exc, create_sent)
                     return None
                 return info, adopted
         finally:
             if claiming is not None and not claiming.done():
                 claiming.cancel()
             self.claims.close(key)
+
+    async def _failed(
+        self,
+        launch: LaunchRun,
+        attempt: Attempt,
+        raw: InboundDelivery,
+        exc: ImageMissing | LaunchFailed,
+        create_sent: bool,
+    ) -> None:
+        """A launch that failed for good: reported, acked, its slot released."""
+        key = attempt.key
+        if not create_sent and await self._dropped(attempt, raw):
+            return  # failed, but terminated meanwhile: nothing to report
+        reason = (
+            FailureReason.IMAGE_NOT_FOUND
+            if isinstance(exc, ImageMissing)
+            else FailureReason.LAUNCH_ERROR
+        )
+        log.warning("run %s attempt %d failed to launch: %s", *key, exc)
+        await self._report_failed(launch, reason, str(exc))
+        await settle(raw.ack())
+        self.slots.release(key, reported=True)
 
     async def _claim(self, launch: LaunchRun, until_sent: bool = False) -> None:
         claim = RunClaimed(

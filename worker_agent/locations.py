@@ -31,6 +31,7 @@ from schemas import (
     LocationsWanted,
     SchemaError,
 )
+from schemas.bounds import Argv, Env
 from schemas.topology import (
     LOCATIONS_EXCHANGE,
     REQUESTS_EXCHANGE,
@@ -55,6 +56,14 @@ from .errors import (
     UntrustedSender,
 )
 from .secrets import MissingSecret, Redactor, Secrets, is_reference
+
+
+class _LaunchSpec(msgspec.Struct, forbid_unknown_fields=False):
+    """A code server's answer to ``/launch-spec``, held to the contract's bounds."""
+
+    command: Argv = ()
+    env: Env = msgspec.field(default_factory=dict)
+
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +233,11 @@ class LocationKeeper:
             await self._start(spec)
 
     async def launch_spec(self, launch: LaunchRun) -> LaunchRun:
-        """The launch, with the command and environment its location's code server gives."""
+        """The launch, with the command and environment its location's code server gives.
+
+        ``LocationUnavailable`` while no server answers (yet); ``LaunchFailed`` once one
+        answered and the answer is no launch spec (refused, failed, malformed), or the
+        location's server of this generation was given up."""
         spec = next(
             (s for specs in self._snapshots.values() for s in specs if s.name == launch.location),
             None,
@@ -235,13 +248,18 @@ class LocationKeeper:
         # Servers already serving first, newest generation first: during a blue/green
         # redeploy the old one still answers until the new one does.
         servers.sort(key=lambda s: (s.id in self._reported, s.generation), reverse=True)
+        wrong: str | None = None
         for server in servers:
             status, reply = await self.servers.post(
                 server, "/launch-spec", {"job": launch.job, "config": launch.config}
             )
-            if status == 200 and isinstance(reply, dict):
-                given = {str(k): str(v) for k, v in (reply.get("env") or {}).items()}
-                if any(is_reference(value) for value in given.values()):
+            if status == 200:
+                try:
+                    given = msgspec.convert(reply, _LaunchSpec)
+                except msgspec.ValidationError as exc:
+                    wrong = f"a launch spec that is not one ({exc})"
+                    continue
+                if any(is_reference(value) for value in given.env.values()):
                     # Only the location's registered env names secrets of this host.
                     raise LaunchFailed("the code server's launch spec names a secret reference")
                 # The location's references stay references: the launcher resolves them and
@@ -249,14 +267,24 @@ class LocationKeeper:
                 return msgspec.structs.replace(
                     launch,
                     image=spec.image,
-                    command=tuple(str(word) for word in reply.get("command") or ()),
-                    env={**spec.env, **given, **launch.env},
+                    command=given.command,
+                    env={**spec.env, **given.env, **launch.env},
                 )
+            if status == 0:
+                continue  # no answer: another server, or later
+            error = reply.get("error") if isinstance(reply, dict) else None
+            # The server holds the location's secrets: its words may quote them.
+            words = self._redactor(spec)(str(error or f"HTTP {status}"))[:2000]
             if status == 400:
-                error = reply.get("error") if isinstance(reply, dict) else None
-                # The server holds the location's secrets: its words may quote them.
-                words = self._redactor(spec)(str(error or "bad request"))
                 raise LaunchFailed(f"the code server refused the run: {words}")
+            wrong = f"HTTP {status}: {words}"
+        if wrong is not None:
+            raise LaunchFailed(f"the code server of location {spec.name!r} answered {wrong}")
+        if self._given_up.get(spec.name) == spec.generation:
+            raise LaunchFailed(
+                f"the code server of location {spec.name!r} (generation {spec.generation}) "
+                "failed to start; redeploy the location"
+            )
         raise LocationUnavailable(f"no code server of location {spec.name!r} answers yet")
 
     async def _start(self, spec: LocationSpec) -> None:

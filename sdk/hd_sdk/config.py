@@ -36,6 +36,20 @@ _KEYWORDS = {
 }
 
 
+#: (keyword, the kind of its value, in words); booleans are no numbers here.
+_KEYWORD_VALUES: tuple[tuple[str, type | tuple[type, ...], str], ...] = (
+    ("properties", dict, "an object"),
+    ("required", list, "a list"),
+    ("enum", list, "a list"),
+    ("minimum", (int, float), "a number"),
+    ("maximum", (int, float), "a number"),
+    ("minLength", int, "a whole number"),
+    ("maxLength", int, "a whole number"),
+    ("description", str, "a string"),
+    ("title", str, "a string"),
+)
+
+
 class ConfigError(ValueError):
     """A config does not match its job's schema; ``problems`` lists each mismatch."""
 
@@ -45,7 +59,9 @@ class ConfigError(ValueError):
 
 
 def check_schema(schema: dict[str, Any], path: str = "$") -> None:
-    """Refuse schema keywords this validator does not check."""
+    """Refuse schema keywords this validator does not check, and values of the wrong kind
+    for the ones it does: a schema is checked when the job is declared, never found wrong
+    by a run's config."""
     if not isinstance(schema, dict):
         raise ValueError(f"schema at {path} must be an object")
     unknown = set(schema) - _KEYWORDS
@@ -53,11 +69,23 @@ def check_schema(schema: dict[str, Any], path: str = "$") -> None:
         raise ValueError(
             f"schema at {path} uses unsupported keyword(s): {', '.join(sorted(unknown))}"
         )
-    if "type" in schema and schema["type"] not in _TYPES:
-        raise ValueError(f"schema at {path} has unknown type {schema['type']!r}")
+    kind = schema.get("type")
+    if "type" in schema and not (isinstance(kind, str) and kind in _TYPES):
+        raise ValueError(f"schema at {path} has unknown type {kind!r} (one name of a type)")
+    for keyword, wanted, what in _KEYWORD_VALUES:
+        value = schema.get(keyword)
+        if keyword in schema and not (isinstance(value, wanted) and not isinstance(value, bool)):
+            raise ValueError(f"schema at {path}: {keyword} must be {what}")
+    if "additionalProperties" in schema and not isinstance(schema["additionalProperties"], bool):
+        raise ValueError(f"schema at {path}: additionalProperties must be true or false")
+    if not all(isinstance(name, str) for name in schema.get("required") or ()):
+        raise ValueError(f"schema at {path}: required must list names")
+    for key in ("minLength", "maxLength"):
+        if schema.get(key, 0) < 0:
+            raise ValueError(f"schema at {path}: {key} must not be negative")
     for key, sub in (schema.get("properties") or {}).items():
         check_schema(sub, f"{path}.{key}")
-    if isinstance(schema.get("items"), dict):
+    if "items" in schema:
         check_schema(schema["items"], f"{path}[]")
 
 

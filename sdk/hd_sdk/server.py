@@ -70,6 +70,9 @@ def make_server(
                 message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
                 self._reply(400, {"error": str(message)})
                 return
+            except Exception as exc:  # the server's own failure: said, not a dropped connection
+                self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
+                return
             self._reply(200, spec)
 
         def log_message(self, format: str, *args: Any) -> None:

@@ -357,3 +357,68 @@ async def test_a_hung_server_is_replaced_and_a_silent_one_times_out(
         return servers_of(stack, silent) == []
 
     await eventually(removed, 30, what="the silent server removed")
+
+
+#: A code server that is healthy and describes three jobs, then answers each job's launch spec
+#: badly: not a launch spec, a failure of its own, and no answer at all (a hang-up).
+HOSTILE_SERVER = r"""
+import json
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def _reply(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        jobs = [{"name": name} for name in ("malformed", "failing", "silent")]
+        self._reply(200, {"status": "ok"} if self.path == "/health" else {"jobs": jobs})
+
+    def do_POST(self):
+        job = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["job"]
+        if job == "malformed":
+            self._reply(200, {"command": "echo hi", "env": ["A=1"]})
+        elif job == "failing":
+            self._reply(500, {"error": "boom"})
+        else:
+            self.close_connection = True
+
+HTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
+"""
+
+
+async def test_a_code_server_answering_badly_fails_the_run_in_words_and_frees_its_slot(
+    stack: Stack, locations: Locations, store: Database, images: ImageNames
+) -> None:
+    """A launch spec that is no launch spec, a server's own failure, and a server that never
+    answers: each run fails (LAUNCH_ERROR, in words), none waits QUEUED for ever holding the
+    agent's only slot, and the agent goes on."""
+    from dispatcher.states import RunState
+    from tests.integration.test_dispatch import wait_for_state
+
+    await stack.start_control_plane()
+    await stack.start_agent(
+        extra=(
+            *("--location-check-interval", "0.5", "--location-startup-timeout", "3"),
+            *("--max-concurrent", "1"),
+        )
+    )
+    name = f"hostile-{stack.unique}"
+    await locations.put(
+        name, images.example_location, command=["python3", "-c", HOSTILE_SERVER], queue=stack.queue
+    )
+    await eventually(lambda: loaded(locations, name), 60, what="LOADED")
+    async with stack.client() as client:
+        runs = {job: await client.submit_job(name, job, {}) for job in ("silent", "malformed")}
+        runs["failing"] = await client.submit_job(name, "failing", {})
+    for job, words in [
+        ("silent", f"no code server of location {name!r} answers yet (waited"),
+        ("malformed", "answered a launch spec that is not one (Expected `array`, got `str`"),
+        ("failing", "answered HTTP 500: boom"),
+    ]:
+        run = await wait_for_state(store, runs[job], RunState.FAILURE, RunState.SUCCESS, timeout=90)
+        assert (run.state, run.failure_reason) == (RunState.FAILURE, "LAUNCH_ERROR"), job
+        assert words in (run.failure_message or ""), (job, run.failure_message)

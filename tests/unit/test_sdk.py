@@ -41,6 +41,34 @@ def test_jobs_are_declared_with_their_definitions() -> None:
         registry.get("nope")
 
 
+@pytest.mark.parametrize(
+    ("schema", "words"),
+    [
+        ({"type": ["string", "null"]}, "unknown type"),
+        ({"properties": "x"}, "properties must be an object"),
+        ({"minimum": "5"}, "minimum must be a number"),
+        ({"maximum": True}, "maximum must be a number"),
+        ({"enum": 5}, "enum must be a list"),
+        ({"required": [1]}, "required must list names"),
+        ({"maxLength": -1}, "maxLength must not be negative"),
+        ({"items": "x"}, "must be an object"),
+        ({"additionalProperties": {}}, "additionalProperties must be true or false"),
+        ({"properties": {"a": {"minLength": 1.5}}}, "minLength must be a whole number"),
+    ],
+)
+def test_a_schema_with_a_value_of_the_wrong_kind_is_refused_when_the_job_is_declared(
+    schema: dict[str, object], words: str
+) -> None:
+    """Not found wrong by a run's config later, where it broke the check itself (a list as
+    ``type`` is not hashable, a string ``minimum`` does not compare with a number)."""
+
+    def body(context: Context, config: dict[str, object]) -> None:
+        pass
+
+    with pytest.raises(ValueError, match=words):
+        job(name="bad", config_schema=schema, registry=Registry())(body)
+
+
 SCHEMA = {
     "type": "object",
     "properties": {
