@@ -47,6 +47,7 @@ from .errors import StoreUnavailable
 from .relay import OutboxRelay
 from .settings import ControlPlaneSettings, trusted_broker_users
 from .store import Database, OutboxItem
+from .submissions import in_a_reason
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             # for a run that exists (a forged submission must not fail someone else's wait).
             run_id = message.run_id if isinstance(message, SubmitRun) else _submitted_run(body)
             if run_id is not None and not await store.runs.exists(run_id):
-                rejected = RunRejected(run_id=run_id, reason=reason[:4000])
+                rejected = RunRejected(run_id=run_id, reason=in_a_reason(reason))
                 key = event_routing_key(rejected, CONTROL_SOURCE)
                 await publisher.publish(STATUS_EXCHANGE, key, rejected)
 

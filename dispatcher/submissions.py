@@ -96,3 +96,17 @@ def capacity_problem(submission: SubmitRun, offers: Mapping[str, Capacity]) -> P
         f"the run asks for {need.words()}; no live agent of queue {queue} offers all of it "
         f"({listed}{f'; and {more} more' if more > 0 else ''})",
     )
+
+
+#: The longest reason a refusal carries: well inside the contract's text (``MAX_TEXT``
+#: characters), which every reader of ``RunRejected`` holds it to. A config's problems or a
+#: location's jobs could make a reason of any length; one past the bound was an answer no
+#: reader would take, so that its submitter waited in vain.
+MAX_REASON = 4000
+
+
+def in_a_reason(why: str) -> str:
+    """``why``, cut to ``MAX_REASON`` characters, saying so."""
+    if len(why) <= MAX_REASON:
+        return why
+    return why[: MAX_REASON - 20] + " ... (cut short)"

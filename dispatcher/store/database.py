@@ -181,7 +181,7 @@ class Database:
             taken = await runs.existing(connection, [s.run_id for s, _ in rejected])
             taken |= {s.run_id for s in accepted} | {r.run_id for r in resolved}
             answers = [
-                outbox.answer(RunRejected(run_id=s.run_id, reason=why))
+                outbox.answer(RunRejected(run_id=s.run_id, reason=rules.in_a_reason(why)))
                 for s, why in rejected
                 if s.run_id not in taken
             ]

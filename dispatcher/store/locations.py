@@ -235,7 +235,7 @@ async def resolve_job(
         return f"location {location.name!r} has no loaded definitions yet ({location.status})", None
     job = next((j for j in location.jobs if j["name"] == submission.job), None)
     if job is None:
-        known = ", ".join(sorted(j["name"] for j in location.jobs)) or "none"
+        known = _listed(sorted(j["name"] for j in location.jobs), ", ") or "none"
         return f"no job {submission.job!r} in location {location.name!r} (jobs: {known})", None
     try:
         found = problems(job.get("config_schema") or {}, submission.config)
@@ -248,8 +248,15 @@ async def resolve_job(
             None,
         )
     if found:
-        return f"invalid config for job {submission.job!r}: " + "; ".join(found), None
+        return f"invalid config for job {submission.job!r}: " + _listed(found, "; "), None
     return None, msgspec.structs.replace(submission, image=location.image, queue=location.queue)
+
+
+def _listed(items: list[str], separator: str, most: int = 20) -> str:
+    """The first ``most`` of ``items``, and how many more: a refusal names a few problems,
+    not each of a config's thousands."""
+    more = len(items) - most
+    return separator.join(items[:most]) + (f"{separator}and {more} more" if more > 0 else "")
 
 
 async def record_event(

@@ -247,6 +247,9 @@ async def test_a_job_runs_by_name_and_bad_submissions_are_rejected(
             ("nope", {}, "no job 'nope' in location"),
             ("hello", {}, "config.name is required"),
             ("hello", {"name": 7}, "config.name must be of type string"),
+            # A few problems named, not all 3,000: a reason past the contract's bound was an
+            # answer no reader would take, and the submitter waited in vain.
+            ("hello", {"name": "x", **{f"x{i}": i for i in range(3000)}}, "and 2980 more"),
         ]:
             with pytest.raises(SubmissionRejected, match=words):
                 await client.submit_job(name, job, config)
