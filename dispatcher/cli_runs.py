@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from .cli_common import KNOWN_ERRORS, AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, with_store
+from .errors import InvalidSubmission
 from .states import TERMINAL, RunState
 
 if TYPE_CHECKING:
@@ -240,5 +241,7 @@ def _request_cancel(
         return asyncio.run(asyncio.wait_for(go(), timeout))
     except TimeoutError:
         raise _fail(f"the run did not end within {timeout:g} s", 124) from None
+    except InvalidSubmission as exc:
+        raise _fail(str(exc), 2) from None
     except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None

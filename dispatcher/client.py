@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import math
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,30 +177,29 @@ class Client:
         the run; a run that no live agent of its queue could hold is refused (RunRejected:
         ``wait_for_outcome`` raises SubmissionRejected).
         """
-        if self._publisher is None:
-            raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
-        message = SubmitRun(
-            run_id=run_id or uuid.uuid4(),
-            image=image,
-            location=location,
-            job=job,
-            config=dict(config or {}),
-            command=tuple(command),
-            env=dict(env or {}),
-            queue=queue,
-            idempotency_key=idempotency_key,
-            tags=dict(tags or {}),
-            max_runtime_s=max_runtime_s,
-            queue_timeout_s=queue_timeout_s,
-            start_timeout_s=start_timeout_s,
-            max_retries=max_retries,
-            retry_on=tuple(retry_on) if retry_on is not None else None,
-            memory_limit_mb=memory_limit_mb,
-            cpus=cpus,
-            gpus=gpus,
-            ready_check=tuple(ready_check),
-            priority=priority,
-        )
+        with _as_invalid("submission"):
+            message = SubmitRun(
+                run_id=run_id or uuid.uuid4(),
+                image=image,
+                location=location,
+                job=job,
+                config=dict(config or {}),
+                command=tuple(command),
+                env=dict(env or {}),
+                queue=queue,
+                idempotency_key=idempotency_key,
+                tags=dict(tags or {}),
+                max_runtime_s=max_runtime_s,
+                queue_timeout_s=queue_timeout_s,
+                start_timeout_s=start_timeout_s,
+                max_retries=max_retries,
+                retry_on=tuple(retry_on) if retry_on is not None else None,
+                memory_limit_mb=memory_limit_mb,
+                cpus=cpus,
+                gpus=gpus,
+                ready_check=tuple(ready_check),
+                priority=priority,
+            )
         return await self.send(message)
 
     async def send(self, message: SubmitRun) -> uuid.UUID:
@@ -222,9 +221,10 @@ class Client:
         A queued run never starts; a running one gets SIGTERM, then SIGKILL after ``grace_s``.
         Its end comes as any run's (``wait_for_outcome``: ``canceled``). Canceling a run that
         has ended, or is being canceled, changes nothing."""
+        message = CancelRun(run_id=run_id, grace_s=grace_s, reason=reason)
+        check_cancel(message)
         if self._publisher is None:
             raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
-        message = CancelRun(run_id=run_id, grace_s=grace_s, reason=reason)
         try:
             await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
         except BrokerRefused as exc:
@@ -326,6 +326,32 @@ def check_submission(message: SubmitRun) -> None:
         raise InvalidSubmission(f"invalid submission: {exc}") from None
     if found := submissions.problem(message):
         raise InvalidSubmission(f"invalid submission: {found.field}: {found.reason}", found.field)
+
+
+def check_cancel(message: CancelRun) -> None:
+    """Refuse, before sending, a cancel the control plane could not read (a reason past the
+    contract's bound, a grace out of range): raises InvalidSubmission. Sent, it would be
+    dead-lettered unanswered while the command said "cancel requested"."""
+    if not math.isfinite(message.grace_s):
+        raise InvalidSubmission(f"invalid cancel: grace_s: {message.grace_s} is no finite number")
+    try:
+        _requests.decode(encode(message))
+    except InvalidMessage as exc:
+        where = f"{exc.field}: " if exc.field else ""
+        raise InvalidSubmission(f"invalid cancel: {where}{exc.detail}", exc.field) from None
+    except SchemaError as exc:
+        raise InvalidSubmission(f"invalid cancel: {exc}") from None
+
+
+@contextlib.contextmanager
+def _as_invalid(what: str) -> Iterator[None]:
+    """A message the contract refuses as it is built (``OutOfBounds``: a config nested too
+    deep, a key too long in bytes) is an ``InvalidSubmission``, as ``check_submission``'s are."""
+    try:
+        yield
+    except InvalidMessage as exc:
+        where = f"{exc.field}: " if exc.field else ""
+        raise InvalidSubmission(f"invalid {what}: {where}{exc.detail}", exc.field) from None
 
 
 async def wait_for_outcome(

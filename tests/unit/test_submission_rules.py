@@ -184,3 +184,29 @@ def test_a_number_json_cannot_carry_is_refused_not_sent_as_null(field: str, valu
     submission = SubmitRun(run_id=uuid.uuid4(), image="busybox", **{field: value})  # type: ignore[arg-type]
     with pytest.raises(InvalidSubmission, match=f"{field}: .* is not a finite number"):
         check_submission(submission)
+
+
+async def test_what_the_contract_refuses_as_it_is_built_is_an_invalid_submission() -> None:
+    """Before anything is sent, and before the client even needs its broker: a config nested
+    too deep or a key too long in bytes is refused as every other bad submission is (it used
+    to escape as the contract's own OutOfBounds, a traceback from `dispatcher submit`)."""
+    from dispatcher.client import Client
+
+    client = Client("amqp://nobody@127.0.0.1:1/")
+    deep: dict[str, Any] = {}
+    for _ in range(40):
+        deep = {"a": deep}
+    with pytest.raises(InvalidSubmission, match="config: nested deeper than 32 levels"):
+        await client.submit("busybox", config=deep)
+    with pytest.raises(InvalidSubmission, match="idempotency_key: 1200 bytes of text"):
+        await client.submit("busybox", idempotency_key="é" * 600)
+
+
+async def test_a_cancel_the_control_plane_could_not_read_is_refused_before_it_is_sent() -> None:
+    from dispatcher.client import Client
+
+    client = Client("amqp://nobody@127.0.0.1:1/")
+    with pytest.raises(InvalidSubmission, match="invalid cancel: reason: Expected `str` of len"):
+        await client.cancel(uuid.uuid4(), reason="x" * 20_000)
+    with pytest.raises(InvalidSubmission, match="grace_s: nan is no finite number"):
+        await client.cancel(uuid.uuid4(), grace_s=float("nan"))
