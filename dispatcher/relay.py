@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Sequence
 
 from schemas import encode, kind_of
+from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
 from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.publisher import Publisher
 from transport.topology import declare_target
@@ -21,6 +22,17 @@ log = logging.getLogger(__name__)
 #: Hand-offs in flight at most: past them, a writer writes its rows due, for the relay's
 #: round, rather than leasing rows that would wait behind a backlog past their lease.
 MAX_HANDING = 4
+
+
+#: The exchanges whose queues are declared before their first message (``declare_target``);
+#: what goes elsewhere (run events, answers keyed by run id) needs none, and is not
+#: remembered: one entry a run, for as long as the process lives, was memory without end.
+DECLARED_FOR = frozenset({INSTRUCTIONS_EXCHANGE, CONTROL_EXCHANGE})
+#: A declaration is made again after this long: a control queue unused for a week expires,
+#: and a TerminateRun must not be published to a queue that is no more.
+REDECLARE_S = 3600.0
+#: At most this many declarations remembered (agents and queues); past it, all are forgotten.
+MAX_DECLARED = 10_000
 
 
 class OutboxRelay:
@@ -43,7 +55,8 @@ class OutboxRelay:
         self._publisher = publisher
         self._batch = batch
         self._idle_poll_s = idle_poll_s
-        self._declared: set[tuple[str, str]] = set()
+        #: Queues declared for instructions and control messages (exchange, key), and when.
+        self._declared: dict[tuple[str, str], float] = {}
         self._handing: set[asyncio.Task[None]] = set()
         # One publish of a batch at a time: a refusal closes the channel under every publish
         # in flight on it, and only a row refused again on its own is set aside.
@@ -137,10 +150,18 @@ class OutboxRelay:
 
     async def _publish_alone(self, rows: Sequence[OutboxRow]) -> dict[int, str]:
         refused: dict[int, str] = {}
-        for target in {(row.exchange, row.routing_key) for row in rows} - self._declared:
+        now = asyncio.get_running_loop().time()
+        for target in {(row.exchange, row.routing_key) for row in rows}:
+            if (
+                target[0] not in DECLARED_FOR
+                or now - self._declared.get(target, -1e18) < REDECLARE_S
+            ):
+                continue
             try:
                 await declare_target(await self._publisher.channel(), *target)
-                self._declared.add(target)
+                if len(self._declared) >= MAX_DECLARED:
+                    self._declared.clear()
+                self._declared[target] = now
             except BrokerRefused as exc:
                 refused.update(
                     {row.id: str(exc) for row in rows if (row.exchange, row.routing_key) == target}

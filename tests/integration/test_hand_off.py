@@ -212,3 +212,31 @@ async def woken(store: Database) -> AsyncIterator[Callable[[], Awaitable[bool]]]
         yield was_woken
     finally:
         await listener.close()
+
+
+async def test_a_relay_remembers_declared_queues_only_for_instructions_and_control(
+    store: Database, broker_connection: Connection, unique: str
+) -> None:
+    """Answers keyed by run id need no queue: remembered, they were one entry a run for as
+    long as the process lived. Instruction and control queues are declared before their
+    first message, once."""
+    from schemas import TerminateRun
+    from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
+
+    items = [outbox_rows.answer(RunAccepted(run_id=uuid.uuid4())) for _ in range(50)]
+    launch = LaunchRun(run_id=uuid.uuid4(), attempt=1, image="img")
+    stop = TerminateRun(run_id=uuid.uuid4(), attempt=1, reason="test", grace_s=1.0)
+    items += [
+        OutboxItem(launch, INSTRUCTIONS_EXCHANGE, f"q-{unique}"),
+        OutboxItem(stop, CONTROL_EXCHANGE, f"agent-{unique}"),
+    ]
+    async with store.connections.transaction() as connection:
+        assert await outbox_rows.insert(connection, items) == len(items)
+    relay = OutboxRelay(store, Publisher(broker_connection))
+    while await store.publish_outbox(relay._publish):
+        pass
+    assert await store.outbox.count_unsent("RunAccepted") == 0
+    assert set(relay._declared) == {
+        (INSTRUCTIONS_EXCHANGE, f"q-{unique}"),
+        (CONTROL_EXCHANGE, f"agent-{unique}"),
+    }
