@@ -255,8 +255,14 @@ class FailureMonitor:
     async def sweep(self) -> None:
         """Evaluate every rule once."""
         await self._agents_lost()
-        for run in await self.store.active_runs():
+        active = await self.store.active_runs()
+        for run in active:
             await self._check_run(run)
+        # What ended (or was failed over elsewhere) is suspected of nothing any more: kept,
+        # every run the monitor ever watched was an entry for as long as it leads.
+        watched = {(run.run_id, run.attempt) for run in active}
+        for key in self._suspicions.keys() - watched:
+            del self._suspicions[key]
         for waiting in await self.store.overdue_queued():
             note = f"still QUEUED after {waiting.waited_s:.0f} s (its queue timeout)"
             if await self.store.time_out_queued(waiting, note):

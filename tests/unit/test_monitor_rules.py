@@ -394,6 +394,23 @@ async def test_a_run_listed_again_starts_the_count_over() -> None:
     assert w.decisions() == []
 
 
+async def test_the_monitor_forgets_runs_that_ended() -> None:
+    """What it watched for missing from heartbeats is forgotten once the run ended: kept,
+    every run it ever watched was an entry for as long as the monitor leads."""
+    w = World(vanished_after_beats=3)
+    run_ids = [await w.submit() for _ in range(20)]
+    for run_id in run_ids:
+        await w.started(run_id, A)
+    w.live(A, *((run_id, 1) for run_id in run_ids))
+    await w.elapse(2 * INTERVAL_S)
+    assert len(w.monitor._suspicions) == 20
+    await w.store.apply_events([RunSucceeded(run_id=r, attempt=1, agent_id=A) for r in run_ids])
+    w.live(A)
+    await w.elapse(2 * INTERVAL_S)
+    assert [state(w.run(r)) for r in run_ids] == [(RunState.SUCCESS, 1, None)] * 20
+    assert w.monitor._suspicions == {}
+
+
 @pytest.mark.parametrize("listed_as", sorted(FINISHED_STATES))
 async def test_a_run_listed_as_ended_is_waited_for_up_to_the_grace(listed_as: str) -> None:
     w = World(exited_grace_s=30, vanished_after_beats=3)
