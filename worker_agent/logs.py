@@ -39,11 +39,14 @@ class LineBatcher:
     becomes U+FFFD; past ``max_lines`` lines (or the contract's numbering) the run's output is
     no longer forwarded and ``truncated`` is set. ``take`` hands out lines in batches that fit
     in one RunLog. Whatever a line holds, ``feed`` takes it: a progress frame that cannot be
-    read is an ordinary line.
+    read is dropped with a warning (never output: see ``_add_frame``), and past
+    ``max_items`` frames they are no longer forwarded either.
     """
 
     max_line_chars: int = 4096
     max_lines: int = 10_000
+    #: Progress frames forwarded at most, as lines are: past them, ``truncated`` is set.
+    max_items: int = 10_000
     next_line: int = 0
     truncated: bool = False
     #: Progress frames are numbered apart from output lines (both restart the same way when
@@ -83,26 +86,10 @@ class LineBatcher:
         line = line.rstrip("\r")
         if self.redact is not None:
             line = self.redact(line)
-        try:
-            # Items are numbered like lines, within a PostgreSQL integer.
-            item = (
-                parse_progress(line, self.next_item, self.redact)
-                if self.next_item <= INT32_MAX
-                else None
-            )
-        except Exception:
-            # A frame this agent cannot read is output like any other line: reading the run's
-            # output must go on whatever one line holds.
-            log.warning(
-                "progress frame %d not understood: kept as output", self.next_item, exc_info=True
-            )
-            item = None
-        if item is not None:
-            self.next_item += 1
-            if not isinstance(item, Dropped):
-                self._progress.append(item)
+        if line.startswith(FRAME_PREFIX):
+            self._add_frame(line)
             return
-        if self._recent.maxlen and not line.startswith(FRAME_PREFIX):
+        if self._recent.maxlen:
             # As the engine's own read of the output splits it (a carriage return ends a
             # line there too), each line cut as a tail line is.
             self._recent.extend(limits.line(part) for part in line.splitlines() or [""])
@@ -113,6 +100,28 @@ class LineBatcher:
             self._pending_first = self.next_line
         self._pending.append(limits.line(line, self.max_line_chars))
         self.next_line += 1
+
+    def _add_frame(self, line: str) -> None:
+        """A progress frame, as an item; one that cannot be read is dropped with a warning,
+        never forwarded as output: the line's own redaction misses a secret its JSON escapes
+        (a frame cut at ``_MAX_PARTIAL`` no longer parses)."""
+        number = self.next_item
+        if number >= self.max_items or number > INT32_MAX:
+            self.truncated = True  # as many as lines, at most: a frame a line is no way round
+            return
+        self.next_item += 1
+        try:
+            item = parse_progress(line, number, self.redact)
+        except Exception as exc:
+            # Reading the run's output goes on whatever one line holds.
+            item = None
+            why = f"{type(exc).__name__}: {exc}"[:200]
+        else:
+            why = "not a frame this agent reads"
+        if item is None:
+            log.warning("progress frame %d dropped: %s", number, why)
+        elif not isinstance(item, Dropped):
+            self._progress.append(item)
 
     def tail(self) -> tuple[str, ...]:
         """The last ``tail_lines`` output lines fed so far (redacted; frames, even those not

@@ -10,10 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from hd_sdk.frames import encode_frame
 from schemas import RunFailed, RunLog, RunProgress, RunSucceeded, encode, event_decoder
 from worker_agent import limits
 from worker_agent.logs import TRUNCATED_MARK, LineBatcher, LogForwarder
 from worker_agent.progress import DROPPED, FRAME_PREFIX, parse_progress
+from worker_agent.secrets import Redactor
 
 pytestmark = pytest.mark.unit
 
@@ -97,7 +99,7 @@ def test_the_batcher_keeps_the_last_output_lines_past_the_forwarding_limit() -> 
     assert batcher.truncated
     assert batcher.take() == (0, ("line 0", "line 1", "line 2"))
     assert batcher.tail() == ("line 4", "line 5", "the ***")
-    # A frame not understood is output, but not tail; a carriage return ends a tail line
+    # A frame not understood is neither output nor tail; a carriage return ends a tail line
     # (the last state of a progress bar shows), and a tail line is cut as one.
     batcher.feed("\n".join([FRAME_PREFIX + "{not json", "10%\r50%\r100%", "x" * 100_000]) + "\n")
     tail = batcher.tail()
@@ -188,6 +190,27 @@ def test_a_frame_with_numbers_beyond_a_float_does_not_stop_the_output(line: str)
         travels(RunProgress(run_id=RUN, attempt=1, agent_id="a1", items=items))
 
 
+def test_a_frame_cut_short_never_travels_as_output_where_its_escapes_hide_a_secret() -> None:
+    """A frame longer than a line may be is cut and no longer parses; as an output line, the
+    JSON-escaped form of a secret (a quote, a backslash, non-ASCII) would pass the line's
+    redaction. It is dropped instead."""
+    secret = 'pa"ss\\wörd-42'
+    batcher = LineBatcher(redact=Redactor([secret]))
+    padding = {f"k{n}": "v" * 20 for n in range(30_000)}
+    batcher.feed(encode_frame("metadata", values={"a": secret, **padding}) + "\nafter\n")
+    batcher.finish()
+    lines = [text for _, batch in drain(batcher) for text in batch]
+    assert lines == ["after"]
+    assert batcher.take_progress() == ()
+
+
+def test_progress_frames_are_capped_per_run_as_lines_are() -> None:
+    batcher = LineBatcher(max_items=5)
+    batcher.feed("".join(encode_frame("log", message=f"m{n}") + "\n" for n in range(8)))
+    assert [item.message for item in batcher.take_progress()] == [f"m{n}" for n in range(5)]
+    assert batcher.truncated
+
+
 class Output:
     """A container's output stream: ``chunks``, then its end."""
 
@@ -257,7 +280,9 @@ async def test_a_forwarder_that_fails_logs_why_instead_of_dying_silently(
 
 
 def test_line_and_item_numbers_stay_within_postgresql_integers() -> None:
-    batcher = LineBatcher(max_lines=2**40, next_line=2**31 - 3, next_item=2**31 - 1)
+    batcher = LineBatcher(
+        max_lines=2**40, max_items=2**40, next_line=2**31 - 3, next_item=2**31 - 1
+    )
     batcher.feed("a\nb\nc\nd\n" + frame(event="log") + "\n" + frame(event="log") + "\n")
     first, lines = batcher.take()
     assert (first, lines) == (2**31 - 3, ("a", "b"))

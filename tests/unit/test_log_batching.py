@@ -42,8 +42,8 @@ def test_progress_frames_are_taken_apart_from_output_lines() -> None:
     batcher = LineBatcher()
     batcher.feed('before\n\x02hd1 {"event": "step_started", "step": "load"}\nduring\n')
     batcher.feed('\x02hd1 {"event": "metadata", "values": {"rows": 3}}\n')
-    batcher.feed("\x02hd1 {not json}\n")  # a broken frame is an ordinary line
-    assert batcher.take() == (0, ("before", "during", "\x02hd1 {not json}"))
+    batcher.feed("\x02hd1 {not json}\n")  # a broken frame is dropped, not output
+    assert batcher.take() == (0, ("before", "during"))
     items = batcher.take_progress()
     assert [(i.line_no, i.event, i.step) for i in items] == [
         (0, "step_started", "load"),
