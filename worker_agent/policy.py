@@ -63,7 +63,22 @@ def _within(image: str, prefix: str) -> bool:
     if not image.startswith(prefix):
         return False
     rest = image[len(prefix) :]
-    return not rest or prefix[-1] in "/:@" or rest[0] in "/:@"
+    if not (not rest or prefix[-1] in "/:@" or rest[0] in "/:@"):
+        return False
+    # The registry Docker would pull from must be the prefix's: ``ubuntu`` must not allow
+    # ``ubuntu:5000/x`` (the host ``ubuntu``, port 5000), nor ``python:`` ``python:443/x``.
+    return _registry(image) == _registry(prefix, whole=False)
+
+
+def _registry(reference: str, whole: bool = True) -> str:
+    """The registry host a reference names ('' for Docker Hub), as Docker reads it: the first
+    component, when more follow and it has a dot or a port or is ``localhost``. Of a prefix
+    (not ``whole``), a lone first component counts when it has a dot or is ``localhost``."""
+    first, slash, _ = reference.partition("/")
+    host = "." in first or first == "localhost" or first.startswith("localhost:")
+    if slash:
+        return first if host or ":" in first else ""
+    return first if not whole and host else ""
 
 
 def parse_capabilities(names: Sequence[str]) -> tuple[str, ...]:

@@ -125,6 +125,12 @@ def test_the_policy_allows_images_by_prefix_and_confines_every_container() -> No
             team.check_image(sneaky)
     with pytest.raises(LaunchFailed):
         LaunchPolicy(allowed_images=("registry.local",)).check_image("registry.local.evil/x:1")
+    # Nor in another registry: Docker reads "ubuntu:5000/x" as host ubuntu, port 5000.
+    for prefix, other in [("ubuntu", "ubuntu:5000/x"), ("python:", "python:443/evil/x:1")]:
+        hub = LaunchPolicy(allowed_images=(prefix,))
+        hub.check_image(f"{prefix.rstrip(':')}:3.11")
+        with pytest.raises(LaunchFailed):
+            hub.check_image(other)
     LaunchPolicy().check_image("anything:latest")
     options = LaunchPolicy(capabilities=("NET_BIND_SERVICE",), user="1000:1000").container_options()
     assert options == {
