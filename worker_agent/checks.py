@@ -27,7 +27,8 @@ def check_docker() -> CheckResult:
             info = client.version()
         finally:
             client.close()
-    except docker.errors.DockerException as exc:
+    except (docker.errors.DockerException, ValueError) as exc:
+        # A DOCKER_HOST that is no URL (a port that is no number) is a ValueError.
         return CheckResult(False, f"no Docker engine answers: {exc}")
     return CheckResult(True, f"engine {info.get('Version')} (API {info.get('ApiVersion')})")
 

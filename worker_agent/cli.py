@@ -209,7 +209,7 @@ def run(
     """
     import logging
 
-    from transport.errors import TransportError
+    from transport.errors import PortUnavailable, TransportError
     from transport.metrics import serve_metrics
     from transport.process import run_until_signalled, setup_logging
 
@@ -249,7 +249,11 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     setup_logging(log_level)
-    serve_metrics(metrics_port)
+    try:
+        serve_metrics(metrics_port)
+    except PortUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2 if not 0 <= metrics_port <= 65535 else 1) from None
     log = logging.getLogger("worker_agent")
     if settings.control_plane_users:
         log.info("taking instructions only from %s", ", ".join(settings.control_plane_users))

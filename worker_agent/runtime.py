@@ -73,7 +73,8 @@ class DockerRuntime:
             if self._client is None:
                 try:
                     self._client = docker.from_env(timeout=60, max_pool_size=self.threads)
-                except docker.errors.DockerException as exc:
+                except (docker.errors.DockerException, ValueError) as exc:
+                    # A DOCKER_HOST that is no URL (its port no number) is a ValueError.
                     raise DockerUnavailable(f"no Docker engine answers: {exc}") from exc
             return self._client
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,28 @@ def test_worker_agent_run_explains_bad_input() -> None:
     result = run_agent("run", "--queue", "default")
     assert result.returncode == 2
     assert "no broker" in result.stderr
+    # A metrics port that is no port, or is taken: one line, not a traceback.
+    result = run_agent("run", "--amqp-url", "amqp://x/", "--metrics-port", "70000")
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "error: --metrics-port 70000 is no port: give 1 to 65535, or 0 for none",
+    )
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run_agent("run", "--amqp-url", "amqp://x/", "--metrics-port", port)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot serve metrics on port {port}")
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_worker_agent_check_says_a_docker_host_that_is_no_url_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker_agent.checks import check_docker
+
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:notaport")
+    result = check_docker()
+    assert not result.ok
+    assert "no Docker engine answers" in result.detail
