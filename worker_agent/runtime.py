@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -240,15 +241,19 @@ class DockerRuntime:
             return
         found = client.api.containers(all=True, filters={"label": f"{LABEL_RUN}={launch.run_id}"})
         for summary in found:
-            older = int((summary.get("Labels") or {}).get(LABEL_ATTEMPT, "0"))
+            label = str((summary.get("Labels") or {}).get(LABEL_ATTEMPT, "0"))
+            # A label that is no attempt number is no later attempt either: fenced as older.
+            older = int(label) if label.isdecimal() and len(label) < 10 else 0
             if older >= launch.attempt:
                 continue
             short = summary["Id"][:12]
             try:
-                info = ContainerInfo.from_attrs(client.api.inspect_container(summary["Id"]))
+                state = client.api.inspect_container(summary["Id"]).get("State") or {}
             except docker.errors.NotFound:
                 continue
-            if info.finished and info.exit_code == 0:
+            status = state.get("Status", "unknown")
+            exit_code = state.get("ExitCode") if status in ("exited", "dead") else None
+            if exit_code == 0:
                 log.warning(
                     "run %s attempt %d: superseded attempt %d exited 0; its container %s is "
                     "left in place",
@@ -264,7 +269,7 @@ class DockerRuntime:
                 launch.attempt,
                 older,
                 short,
-                info.status if info.exit_code is None else f"exited {info.exit_code}",
+                status if exit_code is None else f"exited {exit_code}",
             )
             with contextlib.suppress(docker.errors.NotFound):
                 client.api.remove_container(summary["Id"], force=True, v=True)
@@ -356,7 +361,7 @@ class DockerRuntime:
 
         def stop(client: docker.DockerClient) -> None:
             with contextlib.suppress(docker.errors.NotFound):
-                client.api.stop(container_id, timeout=int(max(grace_s, 0)))
+                client.api.stop(container_id, timeout=math.ceil(max(grace_s, 0)))
 
         await self.call(stop)
 

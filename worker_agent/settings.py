@@ -160,12 +160,18 @@ class AgentSettings:
                 values[key] = flag
         if secrets_dir := env.get("HD_SECRETS_DIR"):
             values["secrets_dir"] = Path(secrets_dir)
-        if allowed := env.get("HD_AGENT_ALLOW_IMAGES"):
-            values["allowed_images"] = tuple(p.strip() for p in allowed.split(",") if p.strip())
-        if users := env.get("HD_CONTROL_PLANE_USERS"):
-            values["control_plane_users"] = tuple(u.strip() for u in users.split(",") if u.strip())
-        if allowed := env.get("HD_AGENT_ALLOW_SECRETS"):
-            values["allowed_secrets"] = tuple(p.strip() for p in allowed.split(",") if p.strip())
+        for name, key in (
+            ("HD_AGENT_ALLOW_IMAGES", "allowed_images"),
+            ("HD_CONTROL_PLANE_USERS", "control_plane_users"),
+            ("HD_AGENT_ALLOW_SECRETS", "allowed_secrets"),
+        ):
+            if listed := env.get(name):
+                items = tuple(item.strip() for item in listed.split(",") if item.strip())
+                if not items:
+                    # "," would mean none listed, which means any: a narrowing setting that
+                    # widens is refused (unset it for any).
+                    raise AgentConfigError(f"{name}={listed!r} lists nothing; unset it for any")
+                values[key] = items
         if pull := env.get("HD_PULL_POLICY"):
             values["pull_policy"] = pull
         if network := env.get("HD_AGENT_RUN_NETWORK"):
@@ -191,6 +197,13 @@ class AgentSettings:
             )
         if not self.queues:
             raise AgentConfigError("give at least one --queue")
+        for option, given in (
+            ("--trust-control-plane", self.control_plane_users),
+            ("--allow-image", self.allowed_images),
+            ("--allow-secret", self.allowed_secrets),
+        ):
+            if any(not item.strip() for item in given):
+                raise AgentConfigError(f"{option} must not be empty")
         for queue in self.queues:
             if not is_safe_name(queue):
                 raise AgentConfigError(

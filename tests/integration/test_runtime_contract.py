@@ -126,3 +126,38 @@ async def test_a_log_driver_that_does_not_read_back_gives_an_empty_tail(
     finally:
         runtime.close()
         await asyncio.to_thread(container.remove, force=True)
+
+
+async def test_a_container_of_the_run_whose_attempt_label_is_no_number_is_fenced(
+    docker_client: docker.DockerClient, run_image: str, unique: str
+) -> None:
+    """A container labelled with the run's id and an attempt that is no number (another
+    program's, or a label edited) used to fail every later attempt of the run on the engine
+    (a ValueError); it is fenced as an earlier attempt."""
+    from schemas import LaunchRun
+    from worker_agent.containers import LABEL_ATTEMPT
+
+    agent_id = f"t-{SESSION_ID}-{unique}-label"
+    run_id = uuid.uuid4()
+    odd = await asyncio.to_thread(
+        docker_client.containers.create,
+        run_image,
+        ["sleep", "60"],
+        labels={LABEL_AGENT: agent_id, LABEL_RUN: str(run_id), LABEL_ATTEMPT: "one"},
+    )
+    runtime = DockerRuntime(agent_id, threads=2)
+    try:
+        await asyncio.to_thread(odd.start)
+        launch = LaunchRun(run_id=run_id, attempt=2, image=run_image, command=("sleep", "60"))
+        info, adopted = await runtime.launch(launch)
+        assert not adopted
+        found = await asyncio.to_thread(
+            docker_client.api.containers, all=True, filters={"label": f"{LABEL_RUN}={run_id}"}
+        )
+        assert [summary["Id"] for summary in found] == [info.id]
+    finally:
+        runtime.close()
+        for container in docker_client.containers.list(
+            all=True, filters={"label": f"{LABEL_RUN}={run_id}"}
+        ):
+            container.remove(force=True)

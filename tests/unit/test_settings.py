@@ -88,6 +88,11 @@ def test_agent_settings_from_environment() -> None:
         ({"HD_AMQP_URL": "amqp://x/"}, {"heartbeat_interval_s": 0.0}, "positive"),
         ({"HD_AMQP_URL": "amqp://x/"}, {"location_check_interval_s": 0.0}, "0.1 to 3600"),
         ({"HD_AMQP_URL": "amqp://x/"}, {"location_startup_timeout_s": -5.0}, "1 to 86400"),
+        # A narrowing list that lists nothing would mean any: refused, not widened.
+        ({"HD_AMQP_URL": "amqp://x/", "HD_CONTROL_PLANE_USERS": ","}, {}, "lists nothing"),
+        ({"HD_AMQP_URL": "amqp://x/", "HD_AGENT_ALLOW_IMAGES": " , "}, {}, "lists nothing"),
+        ({"HD_AMQP_URL": "amqp://x/"}, {"control_plane_users": ("",)}, "must not be empty"),
+        ({"HD_AMQP_URL": "amqp://x/"}, {"allowed_images": ("a", " ")}, "must not be empty"),
     ],
 )
 def test_bad_agent_settings_are_refused(
