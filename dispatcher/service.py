@@ -87,7 +87,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             letters = [
                 dead_letters.seen(d.raw.headers, d.message, d.raw.message_id) for d in deliveries
             ]
-            await store.dead_letters.record(letters)
+            letters = await store.dead_letters.record(letters)
             for letter in letters:
                 metrics.DEAD_LETTERS_SEEN.labels(letter.source_queue).inc()
 

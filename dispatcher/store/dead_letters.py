@@ -3,6 +3,7 @@ LaunchRun fails its attempt if that attempt is still waiting to launch."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,39 @@ import asyncpg
 from ..dead_letters import DeadLetterSeen, launch_failure
 from . import alerts, events
 from .connections import Connections
+
+
+async def _known(
+    connection: asyncpg.Connection, letters: Sequence[DeadLetterSeen]
+) -> Sequence[DeadLetterSeen]:
+    """``letters``, each from a queue of an agent the store knows (its control queue, or an
+    instruction queue it consumes) or from ``other``. The source is the sender's header, and
+    any agent may publish dead letters: a name of its own invention would be a counter, a
+    metric label and an alert an hour, each, without end."""
+    named = {
+        letter.source_queue
+        for letter in letters
+        if letter.source_queue.startswith(("hd.control.", "hd.instructions."))
+    }
+    if not named:
+        return letters
+    known = set(
+        await connection.fetchval(
+            """
+            SELECT coalesce(array_agg(name), '{}') FROM unnest($1::text[]) AS name
+            WHERE EXISTS (SELECT 1 FROM agents WHERE 'hd.control.' || agent_id = name)
+               OR EXISTS (SELECT 1 FROM agents, jsonb_array_elements_text(queues) AS queue
+                          WHERE 'hd.instructions.' || queue = name)
+            """,
+            sorted(named),
+        )
+    )
+    return [
+        letter
+        if letter.source_queue not in named or letter.source_queue in known
+        else dataclasses.replace(letter, source_queue="other")
+        for letter in letters
+    ]
 
 
 async def _count(connection: asyncpg.Connection, letters: Sequence[DeadLetterSeen]) -> None:
@@ -79,10 +113,12 @@ class DeadLetters:
         self._connections = connections
         self._retry_backoff_s = retry_backoff_s
 
-    async def record(self, letters: Sequence[DeadLetterSeen]) -> None:
+    async def record(self, letters: Sequence[DeadLetterSeen]) -> list[DeadLetterSeen]:
         """Count, keep (the latest, for the HTTP API) and alert on dead letters; a dead LaunchRun
-        fails its attempt if still QUEUED."""
+        fails its attempt if still QUEUED. Returns them as recorded: an agent's queue that no
+        agent has is ``other`` (see ``_known``)."""
         async with self._connections.transaction() as connection:
+            letters = await _known(connection, letters)
             await _count(connection, letters)
             await _keep(connection, letters)
             for letter in letters:
@@ -95,6 +131,7 @@ class DeadLetters:
                     failed.attempt,
                 ):
                     await events.apply(connection, failed, self._retry_backoff_s)
+        return list(letters)
 
     async def latest(self, limit: int) -> list[DeadLetterRow]:
         """The latest ``limit`` dead letters seen, oldest first."""

@@ -195,3 +195,34 @@ async def test_a_refused_plain_run_is_reported_to_its_waiter(stack: Stack, store
             # Valid on the wire, refused by the control plane: no image and no job.
             await client.submit_and_wait("", (), queue=stack.queue, timeout=60)
     assert await run_count(store) == 0
+
+
+async def test_dead_letters_from_agent_queues_no_agent_has_are_counted_as_other(
+    stack: Stack, store: Database
+) -> None:
+    """Any agent may publish dead letters, and the source queue is its header: one naming a
+    queue of an agent the control plane knows is counted under that name; one naming a queue
+    no agent has (invented, one new name a letter) is counted as ``other``, so that names
+    cannot grow counters, metric labels and hourly alerts without end."""
+    import aio_pika
+
+    from schemas.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE_HEADER
+
+    await stack.start_control_plane()
+    await stack.start_agent()
+    known = f"hd.control.{stack.agent_id()}"
+    invented = [f"hd.control.ghost-{n}" for n in range(5)] + ["hd.instructions.ghost"]
+    connection = await aio_pika.connect(stack.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
+        for source in [known, *invented, f"hd.instructions.{stack.queue}"]:
+            headers = {DEAD_LETTER_QUEUE_HEADER: source}
+            await exchange.publish(aio_pika.Message(b"{}", headers=headers), source)
+
+    async def counted() -> dict[str, int] | None:
+        counts = {c["source_queue"]: c["total"] for c in await store.dead_letters.counts()}
+        return counts if sum(counts.values()) >= 8 else None
+
+    counts = await eventually(counted, 30, what="the 8 dead letters counted")
+    assert counts == {known: 1, f"hd.instructions.{stack.queue}": 1, "other": 6}
