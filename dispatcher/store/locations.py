@@ -259,35 +259,45 @@ def _listed(items: list[str], separator: str, most: int = 20) -> str:
     return separator.join(items[:most]) + (f"{separator}and {more} more" if more > 0 else "")
 
 
+#: The reporting agent ($4) consumes the location's queue.
+_OF_ITS_QUEUE = (
+    "EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = $4 AND a.queues ? code_locations.queue)"
+)
+
+
 async def record_event(
     connection: asyncpg.Connection, event: LocationLoaded | LocationFailed
 ) -> None:
-    """A code server's news, applied only to the location's current generation."""
+    """A code server's news, applied only to the location's current generation, and only
+    from an agent of its queue (as its heartbeats say): any agent may publish such news, and
+    a forged ``LocationLoaded`` without jobs would refuse the location's every submission."""
     if isinstance(event, LocationLoaded):
         jobs = [
             {"name": j.name, "description": j.description, "config_schema": j.config_schema}
             for j in event.jobs
         ]
         await connection.execute(
-            """
+            f"""
             UPDATE code_locations SET status = 'LOADED', jobs = $3::jsonb, loaded_at = now(),
                 error = NULL, updated_at = now()
-            WHERE name = $1 AND generation = $2
+            WHERE name = $1 AND generation = $2 AND {_OF_ITS_QUEUE}
             """,
             event.location,
             event.generation,
             json.dumps(jobs),
+            event.agent_id,
         )
     else:
         detail = "\n".join([event.message, *event.output_tail[-20:]])
         await connection.execute(
-            """
+            f"""
             UPDATE code_locations SET status = 'ERROR', error = $3, updated_at = now()
-            WHERE name = $1 AND generation = $2 AND status <> 'LOADED'
+            WHERE name = $1 AND generation = $2 AND status <> 'LOADED' AND {_OF_ITS_QUEUE}
             """,
             event.location,
             event.generation,
             detail[:8000],
+            event.agent_id,
         )
 
 

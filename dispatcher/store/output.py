@@ -19,13 +19,37 @@ from .connections import Connections
 log = logging.getLogger(__name__)
 
 
-async def _run_exists(connection: asyncpg.Connection, run_id: uuid.UUID) -> bool:
-    return bool(await connection.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id))
+async def _its_own(connection: asyncpg.Connection, batch: RunLog | RunProgress) -> bool:
+    """The batch's agent ran that attempt: it holds the run's current attempt, or launched
+    (or claimed) the earlier one. Any agent may publish output: another's lines, written
+    first under the same numbers, would stand in for the real ones."""
+    return bool(
+        await connection.fetchval(
+            """
+            SELECT CASE WHEN r.attempt = $2 THEN r.agent_id = $3
+                        ELSE EXISTS (
+                            SELECT 1 FROM run_events e
+                            WHERE e.run_id = r.run_id AND e.attempt = $2
+                              AND e.kind IN ('RunClaimed', 'RunLaunched')
+                              AND e.payload->>'agent_id' = $3)
+                   END
+            FROM runs r WHERE r.run_id = $1
+            """,
+            batch.run_id,
+            batch.attempt,
+            batch.agent_id,
+        )
+    )
 
 
 async def record_log(connection: asyncpg.Connection, batch: RunLog) -> None:
-    if not await _run_exists(connection, batch.run_id):
-        log.warning("output of unknown run %s ignored", batch.run_id)
+    if not await _its_own(connection, batch):
+        log.warning(
+            "output of run %s attempt %d from agent %s ignored: no such run, or not its attempt",
+            batch.run_id,
+            batch.attempt,
+            batch.agent_id,
+        )
         return
     if batch.lines:
         await connection.execute(
@@ -47,8 +71,14 @@ async def record_log(connection: asyncpg.Connection, batch: RunLog) -> None:
 
 
 async def record_progress(connection: asyncpg.Connection, batch: RunProgress) -> None:
-    if not await _run_exists(connection, batch.run_id):
-        log.warning("progress of unknown run %s ignored", batch.run_id)
+    if not await _its_own(connection, batch):
+        log.warning(
+            "progress of run %s attempt %d from agent %s ignored: no such run, or not its "
+            "attempt",
+            batch.run_id,
+            batch.attempt,
+            batch.agent_id,
+        )
         return
     items = batch.items
     await connection.execute(

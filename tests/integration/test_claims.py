@@ -225,3 +225,39 @@ async def test_a_lone_claim_that_races_a_change_of_its_run_is_decided_in_a_trans
     [refused] = [i.message for i in answered]
     assert isinstance(refused, TerminateRun)
     assert refused.reason == "claim refused: the run ended CANCELED"
+
+
+async def test_output_and_location_news_count_only_from_the_agent_they_concern(
+    store: Database,
+) -> None:
+    """Any agent may publish output and a code server's news: a run's lines and progress
+    are taken only from the agent that holds (or ran) its attempt, and a location's news only
+    from an agent of its queue."""
+    from schemas import LocationLoaded, ProgressItem, RunLog, RunProgress
+
+    run_id = await submitted(store)
+    await store.apply_events(
+        [
+            AgentHeartbeat(agent_id="host-a", sequence=1, queues=("default",)),
+            AgentHeartbeat(agent_id="host-b", sequence=1, queues=("elsewhere",)),
+            claim(run_id, "host-a"),
+        ]
+    )
+
+    def output(agent: str, line: str) -> list[RunLog | RunProgress]:
+        item = ProgressItem(line_no=0, event="log", message=line)
+        return [
+            RunLog(run_id=run_id, attempt=1, agent_id=agent, first_line=0, lines=(line,)),
+            RunProgress(run_id=run_id, attempt=1, agent_id=agent, items=(item,)),
+        ]
+
+    await store.apply_events([*output("host-b", "forged"), *output("host-a", "real")])
+    assert await store.output.lines(run_id) == [(1, 0, "real")]
+    assert [p["message"] for p in await store.output.progress(run_id)] == ["real"]
+
+    location = await store.locations.put("loc", "img", queue="default")
+    news = {"location": "loc", "generation": location.generation, "container_id": "c" * 64}
+    await store.apply_events([LocationLoaded(agent_id="host-b", jobs=(), **news)])
+    assert (await store.locations.get("loc")).status == "LOADING"
+    await store.apply_events([LocationLoaded(agent_id="host-a", jobs=(), **news)])
+    assert (await store.locations.get("loc")).status == "LOADED"
