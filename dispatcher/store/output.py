@@ -73,8 +73,7 @@ async def record_log(connection: asyncpg.Connection, batch: RunLog) -> None:
 async def record_progress(connection: asyncpg.Connection, batch: RunProgress) -> None:
     if not await _its_own(connection, batch):
         log.warning(
-            "progress of run %s attempt %d from agent %s ignored: no such run, or not its "
-            "attempt",
+            "progress of run %s attempt %d from agent %s ignored: no such run, or not its attempt",
             batch.run_id,
             batch.attempt,
             batch.agent_id,
