@@ -268,3 +268,20 @@ async def test_a_limit_set_before_names_were_checked_can_still_be_removed(store:
     assert await store.limits.remove("location:my.loc", "test")
     assert not await store.limits.remove("location:my.loc", "test")
     assert await store.limits.usage() == []
+
+
+async def test_a_limit_set_before_names_were_checked_can_be_removed(
+    stack: Stack, store: Database
+) -> None:
+    """Listed as stored, removed as listed: a key `limits set` would refuse today."""
+    async with store.connections.connection() as connection:
+        await connection.execute(
+            "INSERT INTO limits (key, scope, value, max_running) VALUES ('queue:a.b', 'queue', "
+            "'a.b', 1)"
+        )
+    assert "queue:a.b" in await limit(stack, "list")
+    assert "limit queue:a.b removed" in await limit(stack, "remove", "queue:a.b")
+    assert "no limits" in await limit(stack, "list")
+    missing = await dispatcher_cli(stack, "limits", "remove", "queue:a.b")
+    assert missing.returncode != 0
+    assert "no limit 'queue:a.b'" in missing.stderr
