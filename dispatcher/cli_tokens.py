@@ -23,8 +23,9 @@ from .cli_common import (
 from .cli_identities import ManagementUrl, _need_broker
 
 tokens_app = typer.Typer(
-    help="Submitter tokens: broker users that may only submit runs and follow their own, "
-    "within limits kept in PostgreSQL.",
+    help="Submitter tokens: broker users that may only submit runs, within limits kept in "
+    "PostgreSQL, and follow runs by id (their own, whose ids they know; the broker cannot "
+    "tell a token's runs from others').",
     no_args_is_help=True,
 )
 
@@ -50,10 +51,11 @@ def tokens_add(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Create a submitter token (or reset its secret and limits): a broker user that may only
-    publish requests and follow its own runs. Prints its URL once: give it to the submitter's
+    publish requests and follow runs by id (its own, whose ids it knows). Prints its URL once: give it to the submitter's
     `dispatcher submit --amqp-url` (or HD_AMQP_URL, or `Client(url)`)."""
     from schemas import is_safe_name
 
+    from .submissions import is_location_name
     from .tokens import add_submitter, revoke_submitter
 
     _need_broker(amqp_url)
@@ -61,6 +63,13 @@ def tokens_add(
     for name_ in queue or ():
         if not is_safe_name(name_):
             raise _fail(f"queue name {name_!r} is invalid: letters, digits, '_' and '-'")
+    for name_ in location or ():
+        # A name no location can have would make a token that silently submits nothing.
+        if not is_location_name(name_):
+            raise _fail(
+                f"location name {name_!r} is invalid: 1 to 63 lowercase letters, digits, '_' "
+                "and '-'"
+            )
     limits = limits_of(queue, location)
     try:
         url = asyncio.run(add_submitter(amqp_url, management_url, name))

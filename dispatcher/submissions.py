@@ -8,6 +8,7 @@ queue declare (``capacity_problem``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -110,3 +111,11 @@ def in_a_reason(why: str) -> str:
     if len(why) <= MAX_REASON:
         return why
     return why[: MAX_REASON - 20] + " ... (cut short)"
+
+
+_LOCATION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def is_location_name(name: str) -> bool:
+    """1 to 63 lowercase letters, digits, '_' and '-', starting with a letter or digit."""
+    return _LOCATION_NAME.fullmatch(name) is not None

@@ -8,7 +8,6 @@ references to secrets are stored (``secret:NAME``); agents resolve them on their
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,7 +36,6 @@ from ..errors import ConfigError, LocationNotFound
 from . import audit, outbox
 from .connections import Connections
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 #: What agents decode a queue's snapshot with: a location it refuses would take every
 #: location of its queue down with it.
 _SNAPSHOTS: Decoder[LocationSnapshot] = Decoder(LocationSnapshot)
@@ -81,7 +79,7 @@ def check_location(
 ) -> None:
     """Refuse (ConfigError, in words) a location its agents could not take: it is checked as
     part of its queue's snapshot, with the agents' own decoder."""
-    if not _NAME.fullmatch(name):
+    if not submissions.is_location_name(name):
         raise ConfigError(
             f"location name {name!r} is invalid: 1 to 63 lowercase letters, digits, '_' and '-'"
         )

@@ -6,6 +6,7 @@ How events move a run between states is ``events.py``'s; this module owns the ro
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ def payload_json(value: object) -> str:
     """A message, or a value, as JSON text for a jsonb column (msgspec: a twentieth of
     ``json.dumps``'s time, which the intake used to spend five times a run)."""
     return msgspec.json.encode(value).decode()
+
+
+#: What may start a run id: hex digits and dashes.
+_ID_PREFIX = re.compile(r"[0-9a-fA-F-]{1,36}")
 
 
 @dataclass(frozen=True)
@@ -319,6 +324,10 @@ class Runs:
             return await self.get(uuid.UUID(prefix))
         except ValueError:
             pass
+        if not _ID_PREFIX.fullmatch(prefix):
+            # Hex digits and dashes only: '%' or '_' would be LIKE's wildcards, and
+            # `runs cancel %abc` would have canceled the one run whose id holds "abc".
+            raise RunNotFound(f"{prefix!r} is no run id, nor the start of one")
         async with self._connections.connection() as connection:
             records = await connection.fetch(
                 "SELECT * FROM runs WHERE run_id::text LIKE $1 || '%' LIMIT 2", prefix.lower()

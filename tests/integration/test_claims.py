@@ -261,3 +261,20 @@ async def test_output_and_location_news_count_only_from_the_agent_they_concern(
     assert (await store.locations.get("loc")).status == "LOADING"
     await store.apply_events([LocationLoaded(agent_id="host-a", jobs=(), **news)])
     assert (await store.locations.get("loc")).status == "LOADED"
+
+
+async def test_a_run_is_found_by_a_prefix_of_its_id_and_by_nothing_else(store: Database) -> None:
+    """LIKE's wildcards are no prefix: '%abc' used to find the one run whose id held it."""
+    from dispatcher.errors import RunNotFound
+
+    run_id = await submitted(store)
+    text = str(run_id)
+    assert (await store.runs.find(text[:8])).run_id == run_id
+    assert (await store.runs.find(text[:13].upper())).run_id == run_id
+    for wild in ("%", f"%{text[9:13]}", f"{text[:3]}_", "_" * 8, text[:8] + "\\"):
+        try:
+            found = await store.runs.find(wild)
+        except RunNotFound as exc:
+            assert "is no run id, nor the start of one" in str(exc)
+        else:
+            raise AssertionError(f"{wild!r} found run {found.run_id}")

@@ -203,3 +203,12 @@ def test_worker_agent_check_says_a_docker_host_that_is_no_url_fails(
     result = check_docker()
     assert not result.ok
     assert "no Docker engine answers" in result.detail
+
+
+def test_a_token_limited_to_a_location_no_location_can_be_named_is_refused() -> None:
+    result = run(
+        *("tokens", "add", "t1", "--location", "Not A.Location"),
+        *("--amqp-url", "amqp://x/", "--database-url", "postgresql://x/y"),
+    )
+    assert result.returncode == 2
+    assert "location name 'Not A.Location' is invalid" in result.stderr
