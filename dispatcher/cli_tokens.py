@@ -51,8 +51,9 @@ def tokens_add(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Create a submitter token (or reset its secret and limits): a broker user that may only
-    publish requests and follow runs by id (its own, whose ids it knows). Prints its URL once: give it to the submitter's
-    `dispatcher submit --amqp-url` (or HD_AMQP_URL, or `Client(url)`)."""
+    publish requests and follow runs by id (its own, whose ids it knows). Prints its URL
+    once: give it to the submitter's `dispatcher submit --amqp-url` (or HD_AMQP_URL, or
+    `Client(url)`)."""
     from schemas import is_safe_name
 
     from .submissions import is_location_name
