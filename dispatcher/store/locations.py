@@ -158,7 +158,7 @@ class Locations:
                 queue,
             )
             queues = {queue} | ({before["queue"]} if before is not None else set())
-            await snapshot(connection, queues)
+            await snapshot(connection, queues, checked=queue)
             details = {"image": image, "queue": queue, "generation": record["generation"]}
             await audit.record(
                 connection, actor, "location.add" if create else "location.update", name, details
@@ -194,9 +194,21 @@ class Locations:
             await audit.record(connection, actor, "location.remove", name)
 
     async def wanted(self, queues: Sequence[str]) -> None:
-        """An agent asked: the snapshots of its queues go out again."""
+        """An agent asked: the snapshots of its queues go out again; of those that have
+        locations, had some, or are an agent's (its heartbeats say). Any agent may ask, for
+        any names: each new one was a row of snapshot revisions kept for good."""
         async with self._connections.transaction() as connection:
-            await snapshot(connection, set(queues))
+            known = await connection.fetch(
+                """
+                SELECT name FROM unnest($1::text[]) AS name
+                WHERE EXISTS (SELECT 1 FROM code_locations WHERE queue = name)
+                   OR EXISTS (SELECT 1 FROM location_snapshot_revisions WHERE queue = name)
+                   OR EXISTS (SELECT 1 FROM agents, jsonb_array_elements_text(agents.queues) q
+                              WHERE q = name)
+                """,
+                sorted(set(queues)),
+            )
+            await snapshot(connection, {record["name"] for record in known})
 
     async def all(self) -> list[Location]:
         async with self._connections.connection() as connection:
@@ -299,7 +311,9 @@ async def record_event(
         )
 
 
-async def snapshot(connection: asyncpg.Connection, queues: set[str]) -> None:
+async def snapshot(
+    connection: asyncpg.Connection, queues: set[str], checked: str | None = None
+) -> None:
     """Write the snapshots of ``queues`` to the outbox, each under its queue's lock.
 
     The lock (the queue's row of ``location_snapshot_revisions``, held to the end of the
@@ -310,6 +324,11 @@ async def snapshot(connection: asyncpg.Connection, queues: set[str]) -> None:
     lets agents drop a snapshot that arrives late: the clock in microseconds, and always above
     the queue's last one (a clock set back, a database restored from a backup, do not make
     agents ignore what comes next).
+
+    The snapshot of ``checked`` (the queue a location was put on) is refused (ConfigError)
+    unless the agents' decoder takes it whole: each location may pass alone, and their sum
+    be past the message's size or the snapshot's count of locations, which the agents would
+    refuse, losing every location of the queue.
     """
     for queue in sorted(queues):
         revision = await connection.fetchval(
@@ -339,4 +358,12 @@ async def snapshot(connection: asyncpg.Connection, queues: set[str]) -> None:
                 for r in records
             ),
         )
+        if queue == checked:
+            try:
+                _SNAPSHOTS.decode(encode(message))
+            except SchemaError as exc:
+                raise ConfigError(
+                    f"queue {queue}'s locations would not reach its agents together ({exc}): "
+                    "remove a location of the queue, or put this one on another"
+                ) from None
         await outbox.insert(connection, [outbox.OutboxItem(message, LOCATIONS_EXCHANGE, queue)])

@@ -39,9 +39,12 @@ async def test_a_snapshot_asked_for_during_an_addition_is_not_sent_after_it_with
     store: Database, locations: Locations, unique: str
 ) -> None:
     from dispatcher.store.locations import snapshot
-    from schemas import Decoder, LocationSnapshot
+    from schemas import AgentHeartbeat, Decoder, LocationSnapshot
 
     queue, name = f"q-{unique}", f"added-{unique}"
+    # An agent of the queue (the snapshots of queues no agent has, nor any location, are
+    # not sent when asked for).
+    await store.apply_events([AgentHeartbeat(agent_id=f"a-{unique}", sequence=1, queues=(queue,))])
     async with store.connections.transaction() as adding:
         # An addition, written but not yet committed, with its snapshot in the outbox ...
         await adding.execute(
@@ -425,3 +428,45 @@ async def test_a_code_server_answering_badly_fails_the_run_in_words_and_frees_it
         run = await wait_for_state(store, runs[job], RunState.FAILURE, RunState.SUCCESS, timeout=90)
         assert (run.state, run.failure_reason) == (RunState.FAILURE, "LAUNCH_ERROR"), job
         assert words in (run.failure_message or ""), (job, run.failure_message)
+
+
+async def test_locations_that_pass_alone_but_not_together_are_refused_the_last_one(
+    locations: Locations, unique: str
+) -> None:
+    """Each location's snapshot alone is checked, and so is its queue's whole snapshot: four
+    that each fit a message may not fit one together, and agents refuse a snapshot that does
+    not, losing every location of the queue."""
+    from dispatcher.errors import ConfigError
+
+    queue = f"q-{unique}"
+    env = {f"K{n}": "v" * 60_000 for n in range(5)}  # about 300 KB each
+    for n in range(3):
+        await locations.put(f"big-{n}-{unique}", "busybox", env=env, queue=queue)
+    with pytest.raises(ConfigError, match=f"queue {queue}'s locations would not reach"):
+        await locations.put(f"big-3-{unique}", "busybox", env=env, queue=queue)
+    names = {loc.name for loc in await locations.all() if loc.queue == queue}
+    assert names == {f"big-{n}-{unique}" for n in range(3)}
+
+
+async def test_snapshots_asked_for_queues_no_agent_or_location_has_are_not_sent(
+    store: Database, locations: Locations, unique: str
+) -> None:
+    """Any agent may ask, naming any queue: only queues that have (or had) locations, or an
+    agent, are answered, so that invented names leave nothing behind."""
+    from schemas import AgentHeartbeat
+
+    served, invented = f"q-{unique}", [f"ghost-{n}-{unique}" for n in range(5)]
+    await store.apply_events([AgentHeartbeat(agent_id=f"a-{unique}", sequence=1, queues=(served,))])
+    await locations.wanted([served, *invented])
+    async with store.connections.connection() as connection:
+        answered = await connection.fetch(
+            "SELECT DISTINCT routing_key FROM outbox WHERE kind = 'LocationSnapshot'"
+            " AND routing_key = ANY($1::text[])",
+            [served, *invented],
+        )
+        kept = await connection.fetchval(
+            "SELECT count(*) FROM location_snapshot_revisions WHERE queue = ANY($1::text[])",
+            invented,
+        )
+    assert [row["routing_key"] for row in answered] == [served]
+    assert kept == 0
