@@ -62,11 +62,15 @@ def run(
     queue: Annotated[
         list[str] | None,
         typer.Option(
-            "--queue", "-q", help="Agent queue to consume; repeatable (default: default)."
+            "--queue",
+            "-q",
+            help="Agent queue to consume; repeatable (default: default; HD_AGENT_QUEUES, "
+            "comma-separated).",
         ),
     ] = None,
     max_concurrent: Annotated[
-        int | None, typer.Option(help="Runs at once on this host (default 4).", min=1)
+        int | None,
+        typer.Option(help="Runs at once on this host (default 4; HD_AGENT_MAX_CONCURRENT).", min=1),
     ] = None,
     cpus: Annotated[
         float | None,
@@ -93,7 +97,8 @@ def run(
         str | None, typer.Option(envvar="HD_AGENT_ID", help="This agent's id (default: hostname).")
     ] = None,
     heartbeat_interval: Annotated[
-        float | None, typer.Option(help="Seconds between heartbeats (default 2).")
+        float | None,
+        typer.Option(help="Seconds between heartbeats (default 2; HD_HEARTBEAT_INTERVAL_S)."),
     ] = None,
     engine_timeout: Annotated[
         float | None,
@@ -112,13 +117,17 @@ def run(
         ),
     ] = None,
     keep_finished: Annotated[
-        bool, typer.Option("--keep-finished", help="Keep finished containers (default: remove).")
+        bool,
+        typer.Option(
+            "--keep-finished", help="Keep finished containers (default: remove; HD_KEEP_FINISHED)."
+        ),
     ] = False,
     no_log_forwarding: Annotated[
         bool,
         typer.Option(
             "--no-log-forwarding",
-            help="Send no output line of any run: only states and metadata leave this host.",
+            help="Send no output line of any run: only states and metadata leave this host "
+            "(HD_LOG_FORWARDING=off).",
         ),
     ] = False,
     location_check_interval: Annotated[
@@ -149,14 +158,16 @@ def run(
         typer.Option(
             "--allow-secret",
             help="Only secrets whose name matches this pattern (CI_*) may be referenced by "
-            "runs and locations; repeatable (default: any the host has).",
+            "runs and locations; repeatable (default: any the host has; HD_AGENT_ALLOW_SECRETS, "
+            "comma-separated).",
         ),
     ] = None,
     allow_image: Annotated[
         list[str] | None,
         typer.Option(
             "--allow-image",
-            help="Only images starting with this prefix may run here; repeatable (default: any).",
+            help="Only images starting with this prefix may run here; repeatable (default: any; "
+            "HD_AGENT_ALLOW_IMAGES, comma-separated).",
         ),
     ] = None,
     pids_limit: Annotated[
@@ -176,7 +187,8 @@ def run(
         str | None,
         typer.Option(
             "--pull",
-            help="When to pull an image: always, if-missing (default) or never. Registry "
+            help="When to pull an image: always, if-missing (default) or never (HD_PULL_POLICY). "
+            "Registry "
             "credentials come from this host's Docker config (`docker login`, $DOCKER_CONFIG).",
         ),
     ] = None,
