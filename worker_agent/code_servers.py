@@ -30,8 +30,9 @@ CODE_SERVER_PORT = 8080
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
 #: What a code server's answer may fail with, read as no answer: unreachable, refused, hung
 #: up at the deadline (``OSError``), not HTTP or cut short (``http.client.HTTPException``),
-#: too large or not JSON (``ValueError``).
-_NO_ANSWER = (http.client.HTTPException, OSError, ValueError)
+#: too large or not JSON (``ValueError``), nested past what the parser follows
+#: (``RecursionError``).
+_NO_ANSWER = (http.client.HTTPException, OSError, ValueError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -148,18 +149,22 @@ class CodeServers:
 def _exchange(
     server: CodeServer, method: str, path: str, body: bytes | None, timeout_s: float
 ) -> tuple[int, Any]:
-    """One request, all of it within ``timeout_s``: (status, the answer's JSON or None);
-    (0, None) when no status came back. The socket's timeout bounds each read, not the whole
-    (a server sending a byte at a time never trips it): at the deadline, the connection is
-    hung up, which ends whatever read is waiting."""
+    """One request, all of it within ``timeout_s`` (and the connect's own): (status, the
+    answer's JSON or None); (0, None) when no status came back. The socket's timeout bounds
+    each read, not the whole (a server sending a byte at a time never trips it): at the
+    deadline, the socket is shut down, which ends whatever read is waiting. The socket itself
+    is held for that, not the connection's: the connection lets go of it once an answer says
+    it closes after it (HTTP/1.0, as the SDK's server answers), while its body is still read."""
     if server.address is None:
         return 0, None
     connection = http.client.HTTPConnection(server.address, server.port, timeout=timeout_s)
-    deadline = threading.Timer(timeout_s, _hang_up, (connection,))
-    deadline.daemon = True
-    deadline.start()
     status = 0
+    deadline: threading.Timer | None = None
     try:
+        connection.connect()
+        deadline = threading.Timer(timeout_s, _hang_up, (connection.sock,))
+        deadline.daemon = True
+        deadline.start()
         headers = {} if body is None else {"Content-Type": "application/json"}
         connection.request(method, path, body=body, headers=headers)
         reply = connection.getresponse()
@@ -168,14 +173,14 @@ def _exchange(
     except _NO_ANSWER:
         return status, None
     finally:
-        deadline.cancel()
+        if deadline is not None:
+            deadline.cancel()
         connection.close()
 
 
-def _hang_up(connection: http.client.HTTPConnection) -> None:
-    if connection.sock is not None:
-        with contextlib.suppress(OSError):
-            connection.sock.shutdown(socket.SHUT_RDWR)
+def _hang_up(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _json(reply: http.client.HTTPResponse) -> Any:

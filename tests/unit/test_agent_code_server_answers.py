@@ -16,9 +16,10 @@ from worker_agent.code_servers import MAX_ANSWER_BYTES, CodeServer, CodeServers
 pytestmark = pytest.mark.unit
 
 
-def serving(answer: bytes, drip_s: float = 0.0) -> Iterator[CodeServer]:
+def serving(answer: bytes, drip_s: float = 0.0, body: bytes = b"") -> Iterator[CodeServer]:
     """A server on a free local port that sends ``answer`` to every request (a byte every
-    ``drip_s`` when set), then hangs up."""
+    ``drip_s`` when set; with ``body``, ``answer`` at once and then ``body`` a byte at a
+    time), then hangs up."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -33,8 +34,10 @@ def serving(answer: bytes, drip_s: float = 0.0) -> Iterator[CodeServer]:
             with peer:
                 peer.recv(65536)
                 try:
+                    if body:
+                        peer.sendall(answer)
                     if drip_s:
-                        for byte in answer:
+                        for byte in body or answer:
                             if stop.is_set():
                                 break
                             peer.sendall(bytes([byte]))
@@ -68,6 +71,7 @@ def servers() -> CodeServers:
         pytest.param(b"SSH-2.0-OpenSSH_9.2\r\n", id="not HTTP"),
         pytest.param(http("200 OK", b"not json"), id="not JSON"),
         pytest.param(b"", id="hangs up"),
+        pytest.param(http("200 OK", b"[" * 200_000), id="nested past the parser"),
     ],
 )
 async def test_a_server_answering_badly_is_a_server_that_does_not_answer(
@@ -97,6 +101,12 @@ async def test_a_server_sending_a_byte_at_a_time_is_given_up_at_the_timeout(
     for server in serving(http("200 OK", b'{"ok": true}'), drip_s=0.2):
         assert await servers.ask(server, "/health", timeout_s=1.0) is None
         assert await servers.post(server, "/launch-spec", {}, timeout_s=1.0) == (0, None)
+    # An answer that says it closes after it (HTTP/1.0, as the SDK's server answers), its
+    # status and headers sent at once and its body a byte at a time: given up all the same.
+    slow_body = b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\n"
+    for server in serving(slow_body, body=b'{"ok": true}', drip_s=0.5):
+        assert await servers.ask(server, "/health", timeout_s=1.0) is None
+        assert await servers.post(server, "/launch-spec", {}, timeout_s=1.0) == (200, None)
     for server in serving(http("200 OK", b'{"ok": true}'), drip_s=0.01):
         assert await servers.ask(server, "/health", timeout_s=5.0) == {"ok": True}
 
