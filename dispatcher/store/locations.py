@@ -200,15 +200,16 @@ class Locations:
         async with self._connections.transaction() as connection:
             known = await connection.fetch(
                 """
-                SELECT name FROM unnest($1::text[]) AS name
-                WHERE EXISTS (SELECT 1 FROM code_locations WHERE queue = name)
-                   OR EXISTS (SELECT 1 FROM location_snapshot_revisions WHERE queue = name)
-                   OR EXISTS (SELECT 1 FROM agents, jsonb_array_elements_text(agents.queues) q
-                              WHERE q = name)
+                SELECT asked.queue_name FROM unnest($1::text[]) AS asked(queue_name)
+                WHERE EXISTS (SELECT 1 FROM code_locations l WHERE l.queue = asked.queue_name)
+                   OR EXISTS (SELECT 1 FROM location_snapshot_revisions r
+                              WHERE r.queue = asked.queue_name)
+                   OR EXISTS (SELECT 1 FROM agents a, jsonb_array_elements_text(a.queues) q
+                              WHERE q = asked.queue_name)
                 """,
                 sorted(set(queues)),
             )
-            await snapshot(connection, {record["name"] for record in known})
+            await snapshot(connection, {record["queue_name"] for record in known})
 
     async def all(self) -> list[Location]:
         async with self._connections.connection() as connection:

@@ -25,6 +25,7 @@ from schemas import (
     LocationSnapshot,
     RunClaimed,
     RunLaunched,
+    RunRejected,
     RunStarted,
     SubmitRun,
     encode,
@@ -171,16 +172,21 @@ async def test_a_job_whose_config_schema_is_malformed_refuses_submissions_in_wor
         container_id="c1",
         jobs=(JobDefinition(name="train", config_schema=config_schema),),
     )
-    await store.apply_events([loaded])
+    # From an agent of the location's queue: only its news counts.
+    await store.apply_events([AgentHeartbeat(agent_id="a1", sequence=1, queues=("q",)), loaded])
+    assert (await store.locations.get("loc")).status == "LOADED"
     submission = SubmitRun(run_id=uuid.uuid4(), location="loc", job="train", config={"n": 5})
-    created = await store.accept_submissions([submission])  # raises today
-    if not created:
-        async with store.connections.connection() as connection:
-            rejected = await connection.fetchval(
-                "SELECT count(*) FROM outbox WHERE run_id = $1 AND kind = 'RunRejected'",
-                submission.run_id,
-            )
-        assert rejected == 1
+    assert await store.accept_submissions([submission]) == []
+    async with store.connections.connection() as connection:
+        payloads = await connection.fetch(
+            "SELECT payload FROM outbox WHERE run_id = $1 AND kind = 'RunRejected'",
+            submission.run_id,
+        )
+    [rejected] = [Decoder(RunRejected).decode(row["payload"]) for row in payloads]
+    assert rejected.reason.startswith(
+        "job 'train' of location 'loc' has a config schema that cannot be applied"
+    )
+    assert rejected.reason.endswith("fix the job's definition")
 
 
 # ------------------------------------------------------------------------------ status

@@ -457,6 +457,8 @@ async def test_snapshots_asked_for_queues_no_agent_or_location_has_are_not_sent(
 
     served, invented = f"q-{unique}", [f"ghost-{n}-{unique}" for n in range(5)]
     await store.apply_events([AgentHeartbeat(agent_id=f"a-{unique}", sequence=1, queues=(served,))])
+    # A location named as its queue (whose name a careless query would take for the queue's).
+    await locations.put(served, "busybox", queue=served)
     await locations.wanted([served, *invented])
     async with store.connections.connection() as connection:
         answered = await connection.fetch(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 
 from dispatcher.store import Database
-from schemas import RunLog, RunSucceeded, SubmitRun
+from schemas import RunClaimed, RunLog, RunSucceeded, SubmitRun
 
 
 async def finished_run(store: Database, agent_id: str = "a-1") -> uuid.UUID:
@@ -15,6 +15,7 @@ async def finished_run(store: Database, agent_id: str = "a-1") -> uuid.UUID:
     run_id = submission.run_id
     await store.apply_events(
         [
+            RunClaimed(run_id=run_id, attempt=1, agent_id=agent_id),
             RunLog(run_id=run_id, attempt=1, agent_id=agent_id, first_line=0, lines=("hi",)),
             RunSucceeded(run_id=run_id, attempt=1, agent_id=agent_id),
         ]
