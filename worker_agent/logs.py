@@ -45,8 +45,9 @@ class LineBatcher:
 
     max_line_chars: int = 4096
     max_lines: int = 10_000
-    #: Progress frames forwarded at most, as lines are: past them, ``truncated`` is set.
+    #: Progress frames forwarded at most, as lines are: past them, ``progress_truncated``.
     max_items: int = 10_000
+    progress_truncated: bool = False
     next_line: int = 0
     truncated: bool = False
     #: Progress frames are numbered apart from output lines (both restart the same way when
@@ -107,7 +108,10 @@ class LineBatcher:
         (a frame cut at ``_MAX_PARTIAL`` no longer parses)."""
         number = self.next_item
         if number >= self.max_items or number > INT32_MAX:
-            self.truncated = True  # as many as lines, at most: a frame a line is no way round
+            # As many as lines, at most: a frame a line is no way round the lines' bound.
+            if not self.progress_truncated:
+                log.warning("past %d progress frames: the run's next are not forwarded", number)
+            self.progress_truncated = True
             return
         self.next_item += 1
         try:

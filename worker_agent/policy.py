@@ -65,20 +65,22 @@ def _within(image: str, prefix: str) -> bool:
     rest = image[len(prefix) :]
     if not (not rest or prefix[-1] in "/:@" or rest[0] in "/:@"):
         return False
-    # The registry Docker would pull from must be the prefix's: ``ubuntu`` must not allow
-    # ``ubuntu:5000/x`` (the host ``ubuntu``, port 5000), nor ``python:`` ``python:443/x``.
-    return _registry(image) == _registry(prefix, whole=False)
+    # The registry Docker would pull from must be named whole by the prefix: ``ubuntu`` must
+    # not allow ``ubuntu:5000/x`` (the host ``ubuntu``, port 5000), nor ``python:``
+    # ``python:443/x``; ``registry:5000`` allows ``registry:5000/app``.
+    registry = _registry(image)
+    return not registry or (
+        prefix.startswith(registry) and prefix[len(registry) : len(registry) + 1] in ("", "/")
+    )
 
 
-def _registry(reference: str, whole: bool = True) -> str:
+def _registry(reference: str) -> str:
     """The registry host a reference names ('' for Docker Hub), as Docker reads it: the first
-    component, when more follow and it has a dot or a port or is ``localhost``. Of a prefix
-    (not ``whole``), a lone first component counts when it has a dot or is ``localhost``."""
+    component, when more follow and it has a dot or a port or is ``localhost``."""
     first, slash, _ = reference.partition("/")
-    host = "." in first or first == "localhost" or first.startswith("localhost:")
-    if slash:
-        return first if host or ":" in first else ""
-    return first if not whole and host else ""
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return ""
 
 
 def parse_capabilities(names: Sequence[str]) -> tuple[str, ...]:

@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 
 
 async def _its_own(connection: asyncpg.Connection, batch: RunLog | RunProgress) -> bool:
-    """The batch's agent ran that attempt: it holds the run's current attempt, or launched
-    (or claimed) the earlier one. Any agent may publish output: another's lines, written
-    first under the same numbers, would stand in for the real ones."""
+    """The batch's agent ran that attempt: it holds the run's current attempt, or its launch
+    of the earlier one moved the run (a refused claim, a stray launch are recorded too, and
+    prove nothing). Any agent may publish output: another's lines, written first under the
+    same numbers, would stand in for the real ones."""
     return bool(
         await connection.fetchval(
             """
@@ -30,7 +31,7 @@ async def _its_own(connection: asyncpg.Connection, batch: RunLog | RunProgress) 
                         ELSE EXISTS (
                             SELECT 1 FROM run_events e
                             WHERE e.run_id = r.run_id AND e.attempt = $2
-                              AND e.kind IN ('RunClaimed', 'RunLaunched')
+                              AND e.kind = 'RunLaunched' AND e.to_state IS NOT NULL
                               AND e.payload->>'agent_id' = $3)
                    END
             FROM runs r WHERE r.run_id = $1

@@ -254,6 +254,25 @@ async def test_output_and_location_news_count_only_from_the_agent_they_concern(
     await store.apply_events([*output("host-b", "forged"), *output("host-a", "real")])
     assert await store.output.lines(run_id) == [(1, 0, "real")]
     assert [p["message"] for p in await store.output.progress(run_id)] == ["real"]
+    # Once the attempt is over, its lines come from the agent whose launch moved the run,
+    # not from one whose claim was refused (refused claims are recorded too).
+    launched = RunLaunched(
+        run_id=run_id, attempt=1, agent_id="host-a", container_id="c" * 64, container_name="n"
+    )
+    await store.apply_events([launched, claim(run_id, "host-b")])
+    await store.apply_events(
+        [RunFailed(run_id=run_id, attempt=1, agent_id="host-a", reason=FailureReason.AGENT_LOST)]
+    )
+    assert (await store.runs.get(run_id)).attempt == 2  # retried: attempt 1 is over
+    late = [
+        RunLog(run_id=run_id, attempt=1, agent_id=agent, first_line=1, lines=(f"{agent} late",))
+        for agent in ("host-b", "host-a")
+    ]
+    await store.apply_events(late)
+    assert [line for _, _, line in await store.output.lines(run_id, attempt=1)] == [
+        "real",
+        "host-a late",
+    ]
 
     location = await store.locations.put("loc", "img", queue="default")
     news = {"location": "loc", "generation": location.generation, "container_id": "c" * 64}

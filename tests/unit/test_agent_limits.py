@@ -208,7 +208,8 @@ def test_progress_frames_are_capped_per_run_as_lines_are() -> None:
     batcher = LineBatcher(max_items=5)
     batcher.feed("".join(encode_frame("log", message=f"m{n}") + "\n" for n in range(8)))
     assert [item.message for item in batcher.take_progress()] == [f"m{n}" for n in range(5)]
-    assert batcher.truncated
+    assert batcher.progress_truncated
+    assert not batcher.truncated  # no output line was left out
 
 
 class Output:

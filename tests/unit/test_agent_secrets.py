@@ -131,6 +131,8 @@ def test_the_policy_allows_images_by_prefix_and_confines_every_container() -> No
         hub.check_image(f"{prefix.rstrip(':')}:3.11")
         with pytest.raises(LaunchFailed):
             hub.check_image(other)
+    # A registry named whole by the prefix, a port and no dot (a compose service's name).
+    LaunchPolicy(allowed_images=("registry:5000",)).check_image("registry:5000/app:1")
     LaunchPolicy().check_image("anything:latest")
     options = LaunchPolicy(capabilities=("NET_BIND_SERVICE",), user="1000:1000").container_options()
     assert options == {
