@@ -22,6 +22,7 @@ import aio_pika.exceptions
 import aiormq.exceptions
 from yarl import URL
 
+from . import frames
 from .errors import BrokerUnavailable
 from .urls import broker_urls, where_of, with_heartbeat
 
@@ -38,6 +39,8 @@ class _SaidByTheCaller(logging.Filter):
 
 
 logging.getLogger("aiormq.connection").addFilter(_SaidByTheCaller())
+# A delivery whose properties cannot be read is poison, not the end of the connection.
+frames.install()
 
 #: The broker connection both sides hold (it reconnects by itself).
 Connection = aio_pika.abc.AbstractRobustConnection

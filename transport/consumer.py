@@ -19,6 +19,7 @@ from schemas import SchemaError
 from .connection import TRANSIENT
 from .delivery import Delivery, settle
 from .errors import BrokerUnavailable, HandlerUnavailable, MessageRejected
+from .frames import unreadable
 from .ports import DeadLetterer
 from .topology import declare_consumed_queue
 
@@ -140,6 +141,9 @@ class Consumer(Generic[T]):
     async def _handle(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
         good: list[Delivery[T]] = []
         for raw in batch:
+            if (why := unreadable(raw)) is not None:
+                await self._poison(raw, None, why)
+                continue
             try:
                 message = self._decoder.decode(raw.body)
                 if self._verify is not None:

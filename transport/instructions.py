@@ -16,6 +16,7 @@ from schemas import Instruction, SchemaError, instruction_decoder
 from .connection import TRANSIENT, Connection
 from .delivery import Delivery
 from .errors import BrokerUnavailable
+from .frames import unreadable
 from .ports import DeadLetterer
 from .topology import declare_control_queue, declare_instructions_queue
 
@@ -138,6 +139,9 @@ class InstructionConsumer:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, source: str, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if (why := unreadable(raw)) is not None:
+            await self._dead_letter(source, raw, why)
+            return
         if self._senders and raw.user_id not in self._senders:
             await self._dead_letter(source, raw, untrusted_sender(raw.user_id, self._senders))
             return

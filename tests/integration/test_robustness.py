@@ -226,3 +226,51 @@ async def test_dead_letters_from_agent_queues_no_agent_has_are_counted_as_other(
 
     counts = await eventually(counted, 30, what="the 8 dead letters counted")
     assert counts == {known: 1, f"hd.instructions.{stack.queue}": 1, "other": 6}
+
+
+async def test_a_message_whose_properties_cannot_be_read_is_poison_not_a_lost_connection(
+    stack: Stack, store: Database
+) -> None:
+    """The broker passes on a message_id that is not UTF-8 (or a timestamp past any calendar)
+    from any publisher; the AMQP library could not read it and closed the connection, again
+    at every redelivery, taking the consumer's every channel with it. It is dead-lettered
+    with the reason, and what comes after it is handled."""
+    import pika
+
+    await stack.start_control_plane()
+    await stack.start_agent()
+    submission = SubmitRun(run_id=uuid.uuid4(), image=stack.run_image, queue=stack.queue)
+
+    def publish() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(stack.amqp_url))
+        try:
+            channel = connection.channel()
+            for properties in (
+                pika.BasicProperties(message_id=b"AB\xff\xfeEF"),  # type: ignore[arg-type]
+                pika.BasicProperties(timestamp=2**63 - 1),
+            ):
+                channel.basic_publish(
+                    REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, encode(submission), properties
+                )
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(publish)
+    async with stack.client() as client:
+        after = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+    run = await wait_for_state(store, after, RunState.SUCCESS, RunState.FAILURE, timeout=60)
+    assert run.state == RunState.SUCCESS
+
+    async def both_dead_lettered() -> list[str] | None:
+        letters = await store.dead_letters.latest(50)
+        reasons = [
+            letter.reason
+            for letter in letters
+            if letter.source_queue == REQUESTS_QUEUE
+            and "properties cannot be read" in letter.reason
+        ]
+        return reasons if len(reasons) == 2 else None
+
+    await eventually(both_dead_lettered, 30, what="both unreadable messages dead-lettered")
+    with pytest.raises(Exception, match="no run"):
+        await store.runs.get(submission.run_id)
