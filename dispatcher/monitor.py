@@ -24,6 +24,7 @@ import logging
 import statistics
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,8 @@ FINISHED_STATES = frozenset({"exited", "dead", "reported"})
 FENCE_EVERY = 10
 
 
+#: Heartbeat message ids kept per agent, to hear each beat once.
+HEARD_IDS_KEPT = 64
 #: A lag past this many seconds is logged (once, and once more when caught up).
 LAG_LOGGED_S = 1.0
 #: A heartbeat this much earlier than its agent's fastest, or later than that by this much
@@ -98,6 +101,11 @@ class AgentView:
     #: The shortest time from a heartbeat's ``sent_at`` to its reading here: the clocks'
     #: difference plus the way through the broker, with no queue in front of the monitor.
     fastest_s: float | None = None
+    #: How much later than ``fastest_s`` its last heartbeat was read.
+    lateness_s: float | None = None
+    #: Its latest heartbeats' message ids: a batch handed over again (the store was out) or
+    #: redelivered is not heard twice.
+    heard_ids: deque[uuid.UUID] = field(default_factory=lambda: deque(maxlen=HEARD_IDS_KEPT))
 
 
 @dataclass
@@ -175,8 +183,8 @@ class FailureMonitor:
     async def on_heartbeats(self, beats: Sequence[AgentHeartbeat]) -> None:
         """A batch of heartbeats: the view first, then the returns and the fencing they call
         for, each in one transaction for the whole batch."""
-        late = [self._heard(beat) for beat in beats]
-        self._measure_lag(late)
+        heard = [view.lateness_s for beat in beats if (view := self._heard(beat))]
+        self._measure_lag([late for late in heard if late is not None])
         # Returns before fencing, as one agent's heartbeat would have them. An agent the
         # view holds lost again is left for its next heartbeat to bring back.
         back = sorted(a for a in self._returning if not self.agents[a].lost)
@@ -196,12 +204,24 @@ class FailureMonitor:
         return max(0.0, self._lag - (self.clock() - self._lag_at))
 
     def _measure_lag(self, late: Sequence[float]) -> None:
-        """The batch's lag: the median of how much later than its agent's fastest each
-        heartbeat was read. A median, so that one agent's clock jumping does not move it."""
+        """The lag: the median of how much later than its agent's fastest each heartbeat of
+        the batch was read (one agent's clock jumping does not move it), but no more than a
+        loss threshold past the agents' own: the median, over the agents not lost, of how
+        late each one's last heartbeat was read (the lower of the middle two). A batch may
+        be one agent's beats alone, and an agent whose beats come ever later (its clock
+        stepped back bit by bit, or a forger's) raised the lag of its batches, and with it
+        every agent's threshold, without end. The agents' median trails a growing backlog
+        by at most one round of reads, which the margin covers."""
         if not late:
             return
+        lag = statistics.median(late)
+        views = [v for v in self.agents.values() if not v.lost and v.lateness_s is not None]
+        if views:
+            agents = statistics.median_low(v.lateness_s or 0.0 for v in views)
+            margin = max(self.settings.lost_after_beats * v.interval_s for v in views)
+            lag = min(lag, agents + margin)
         was = self.lag()
-        self._lag, self._lag_at = statistics.median(late), self.clock()
+        self._lag, self._lag_at = lag, self.clock()
         metrics.MONITOR_LAG.set(self._lag)
         if self._lag > LAG_LOGGED_S >= was:
             log.warning(
@@ -212,12 +232,15 @@ class FailureMonitor:
         elif was > LAG_LOGGED_S >= self._lag:
             log.info("the monitor caught up with its heartbeats")
 
-    def _heard(self, beat: AgentHeartbeat) -> float:
-        """Update the view from one heartbeat; note what it calls for in PostgreSQL. Returns
-        how much later than the agent's fastest heartbeat this one was read (its lateness)."""
+    def _heard(self, beat: AgentHeartbeat) -> AgentView | None:
+        """Update the view from one heartbeat; note what it calls for in PostgreSQL. None
+        for a heartbeat heard already (its batch handed over again, or redelivered)."""
         view = self.agents.get(beat.agent_id)
         if view is None:
             view = self.agents[beat.agent_id] = AgentView(beat.agent_id, 0.0, beat.interval_s)
+        if beat.message_id in view.heard_ids:
+            return None
+        view.heard_ids.append(beat.message_id)
         took = self.wall() - beat.sent_at.timestamp()
         stepped = view.fastest_s is not None and (
             took < view.fastest_s - CLOCK_STEP_S
@@ -248,7 +271,8 @@ class FailureMonitor:
         # FENCE_EVERY beats as a safety net, not on every heartbeat of every agent.
         if beat.in_flight and (returning or view.beats % FENCE_EVERY == 1):
             self._fencing[beat.agent_id] = beat.in_flight
-        return took - view.fastest_s
+        view.lateness_s = took - view.fastest_s
+        return view
 
     # ------------------------------------------------------------------- sweeps
 

@@ -21,7 +21,7 @@ from dispatcher.errors import StoreUnavailable
 from dispatcher.monitor import FailureMonitor
 from dispatcher.states import RunState
 from dispatcher.store import AgentLoss, decision_id
-from schemas import AgentHeartbeat, ContainerState, Event, RunFailed
+from schemas import AgentHeartbeat, ContainerState, Event, RunClaimed, RunFailed
 from tests.fakes.supervision import FakeSupervision
 from tests.unit.test_monitor_rules import INTERVAL_S, World, state
 from transport.delivery import Delivery
@@ -286,3 +286,26 @@ async def test_the_gauges_follow_the_view_as_agents_come_are_lost_and_return() -
     assert gauges() == (2, 4)
     alive = sum(1 for v in w.monitor.agents.values() if not v.lost)
     assert gauges() == (alive, len(w.monitor.agents) - alive)
+
+
+async def test_a_batch_handed_over_again_is_not_heard_twice() -> None:
+    """Each handing of the same heartbeat used to count as a beat more, and a beat more that
+    did not list a run counted as one more time its agent left it out: a first beat handed
+    over four times (its fencing not recorded) failed a claimed run as vanished, 6 s early."""
+    w, store = recording_world(vanished_after_beats=3)
+    listed, claimed = await w.submit(), await w.submit()
+    await w.started(listed, "agent-a")
+    await w.store.apply_events([RunClaimed(run_id=claimed, attempt=1, agent_id="agent-a")])
+    # Its first beat, composed before the claim, lists only the other run; fencing it fails.
+    beat = heartbeat("agent-a", (listed, 1))
+    store.down.add("fence_all")
+    for _ in range(4):
+        with pytest.raises(StoreUnavailable):
+            await w.monitor.on_events([Delivery(beat, raw=None)])  # type: ignore[arg-type]
+        w.clock.advance(0.5)
+        await w.monitor.sweep()
+    assert w.monitor.agents["agent-a"].beats == 1
+    assert w.run(claimed).failure_reason is None
+    store.down.clear()
+    await w.monitor.on_events([Delivery(beat, raw=None)])  # type: ignore[arg-type]
+    assert store.made("fence_all")[-1] == ["agent-a"]

@@ -140,3 +140,23 @@ async def test_one_agent_s_clock_jumping_does_not_make_the_monitor_think_it_is_l
         assert w.monitor.lag() == pytest.approx(0.0, abs=0.01)
     finally:
         SKEW.update(before)
+
+
+async def test_an_agent_whose_beats_come_ever_later_moves_no_other_agent_s_threshold() -> None:
+    """Each beat of agent-c a little less than a clock step later than the one before (its
+    clock set back bit by bit, or a forger's): alone in its batches, its beats made the lag,
+    which let the next one be later still, without end; agent-b, dead, was never lost."""
+    w = LateWorld()
+    w.beating.discard("agent-a")  # two agents: agent-b, which dies, and agent-c
+    await w.run_for(10.0)
+    w.read_every = 1  # a beat a batch: as a monitor with nothing else to read sees them
+    before = dict(SKEW)
+    try:
+        w.beating.discard("agent-b")
+        for _ in range(15):
+            SKEW["agent-c"] -= 597.0  # less than a step, and than the lag fades meanwhile
+            await w.run_for(2.0)
+        # Lost on its silence (with agent-c alone left, its lag is its own affair).
+        assert await w.status("agent-b") == "LOST"
+    finally:
+        SKEW.update(before)
