@@ -29,6 +29,10 @@ def untrusted_sender(user_id: str | None, senders: frozenset[str]) -> str:
     return f"published by {who}, not by the control plane ({', '.join(sorted(senders))})"
 
 
+#: Seconds before a prefetch change that failed (the broker away) is tried again.
+CAPACITY_RETRY_S = 1.0
+
+
 class InstructionConsumer:
     """Consumes LaunchRun / TerminateRun from the agent's instruction queues.
 
@@ -121,8 +125,17 @@ class InstructionConsumer:
                         tag = await queue.consume(functools.partial(self._on_message, queue.name))
                         self._tags.append((queue, tag))
             except TRANSIENT as exc:
-                # The robust connection restores the channel, its qos and its consumers.
-                log.warning("could not change the prefetch to %d: %r", free, exc)
+                # Not applied: the consumers were cancelled first, and a reconnect restores
+                # none that are gone. Tried again shortly, whatever the free slots are then
+                # (an idle agent's count would not change, and it would consume nothing).
+                log.warning(
+                    "could not change the prefetch to %d (%r); trying again in %.0f s",
+                    free,
+                    exc,
+                    CAPACITY_RETRY_S,
+                )
+                self._prefetch = -1
+                asyncio.get_running_loop().call_later(CAPACITY_RETRY_S, self._changed.set)
 
     async def _cancel_consumers(self) -> None:
         tags, self._tags = self._tags, []

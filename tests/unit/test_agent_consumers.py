@@ -378,3 +378,49 @@ async def test_instructions_and_snapshots_from_another_broker_user_are_dead_lett
     assert "published by broker user 'agent-7', not by the control plane" in reason
     await queue.deliver(Raw(snapshot, user_id="control-plane"))
     assert kept._snapshots == {"default": (spec,)}
+
+
+async def test_a_prefetch_change_the_broker_interrupted_is_applied_once_it_is_back() -> None:
+    """The consumers are cancelled before the new prefetch is set: with the broker away at
+    that moment, none was left, no reconnect restores a cancelled one, and an idle agent's
+    free slots would not change again. The change is tried again until it holds."""
+    import asyncio
+
+    import aiormq.exceptions
+
+    from tests.fakes.broker import FakeBroker
+    from tests.fakes.clock import until
+    from transport.topology import declare_topology
+
+    broker = FakeBroker()
+    await declare_topology(broker.channel())
+    free = [2]
+
+    async def handler(delivery: Delivery[Any]) -> None:
+        await delivery.raw.ack()
+
+    target = InstructionConsumer(broker, ("default",), None, handler, lambda: free[0], "a1")  # type: ignore[arg-type]
+    await target.start()
+    running = asyncio.create_task(target.run())
+    try:
+
+        def consumers() -> int:
+            return len(broker.queue(INSTRUCTIONS).consumers)
+
+        assert consumers() == 1
+        assert target._channel is not None
+        channel: Any = target._channel
+        real = channel.set_qos
+
+        async def away(**_: Any) -> None:
+            raise aiormq.exceptions.ChannelInvalidStateError("the connection is lost")
+
+        channel.set_qos = away
+        free[0] = 1
+        target.capacity_changed()
+        await until(lambda: consumers() == 0, what="the consumers cancelled")
+        channel.set_qos = real  # the broker is back; the free slots do not change again
+        await until(lambda: consumers() == 1, what="consuming again")
+    finally:
+        await target.stop()
+        running.cancel()
