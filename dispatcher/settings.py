@@ -288,4 +288,12 @@ class MonitorSettings:
                 raise ConfigError(
                     f"{name} (or its option) must be 0 or more seconds, got {value!r}"
                 )
+        # At 0 these would fail every starting run at once, or alert on every run.
+        for name, key in (
+            ("HD_START_TIMEOUT_S", "start_timeout_s"),
+            ("HD_LONG_RUNNING_S", "long_running_s"),
+            ("HD_UNSERVED_AFTER_S", "unserved_after_s"),
+        ):
+            if getattr(settings, key) < 1:
+                raise ConfigError(f"{name} (or its option) must be 1 s or more")
         return settings

@@ -75,7 +75,15 @@ def _check_one(url: str, where: str, several: bool) -> None:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is no number
     except ValueError as exc:
-        raise BrokerUrlInvalid(f"{where} ({hide_password(url)}) is invalid: {exc}{hint}") from None
+        # The parser's words may quote the password (an invalid character in the netloc).
+        why = _without_password(str(exc), url)
+        raise BrokerUrlInvalid(f"{where} ({hide_password(url)}) is invalid: {why}{hint}") from None
+    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if key == "heartbeat" and not (value.isascii() and value.isdecimal()):
+            # aiormq reads anything else as 0: heartbeats off, a lost node never noticed.
+            raise BrokerUrlInvalid(
+                f"{where} ({hide_password(url)}): heartbeat={value!r} is no number of seconds"
+            )
     if parts.scheme not in SCHEMES:
         raise BrokerUrlInvalid(
             f"{where} ({hide_password(url)}) is no amqp:// or amqps:// URL{hint}"
@@ -105,13 +113,29 @@ def where_of(url: str) -> str:
 
 
 def hide_password(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for messages)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    """The URL with its password replaced by ``***`` (for messages), also when it does not
+    parse as a URL."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, host = rest.rpartition("@")
+        if not at or ":" not in userinfo:
+            return url
+        return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
+    if password is None:
         return url
     netloc = parts.netloc.rpartition("@")
     user = netloc[0].partition(":")[0]
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def _without_password(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (as written in it) replaced by ``***``."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    return text.replace(password, "***") if password else text
 
 
 def join(urls: tuple[str, ...] | list[str]) -> str:

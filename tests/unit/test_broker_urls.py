@@ -60,6 +60,9 @@ def test_several_urls_are_split_on_commas_in_order_and_trimmed() -> None:
         ("amqp://u:pw@a/,amqp://u:pw@a/", "URL 2 of 2 repeats an earlier one (a:5672)"),
         ("amqp://u:pw@a/x,amqp://u:pw@b/y", "URL 2 of 2 names vhost 'y', URL 1 'x'"),
         ("amqp://u:pw@a/,amqp://v:pw@b/", "logs in otherwise than URL 1"),
+        # aiormq reads a heartbeat that is no number as 0: heartbeats off.
+        ("amqp://u:pw@a/?heartbeat=10s", "heartbeat='10s' is no number of seconds"),
+        ("amqp://u:pw@a/?heartbeat=", "heartbeat='' is no number of seconds"),
     ],
 )
 def test_a_setting_that_cannot_be_used_is_refused_with_the_url_and_the_reason(
@@ -68,6 +71,21 @@ def test_a_setting_that_cannot_be_used_is_refused_with_the_url_and_the_reason(
     with pytest.raises(BrokerUrlInvalid) as refused:
         broker_urls(setting)
     assert words in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["amqp://u:s3cret-pw@[::1/", "amqp://u:s3cret-pw@host\u2100/", "amqp://u:s3cret\uff20pw@h/"],
+    ids=["unclosed IPv6", "host not NFKC", "password not NFKC"],
+)
+def test_a_url_that_does_not_parse_is_refused_without_its_password(setting: str) -> None:
+    """The parser's own words quote the netloc; a URL it cannot take at all used to escape
+    as a ValueError (a traceback) from the very function that hides passwords."""
+    with pytest.raises(BrokerUrlInvalid) as refused:
+        broker_urls(setting)
+    assert "is invalid" in str(refused.value)
+    assert "s3cret" not in str(refused.value)
+    assert "s3cret" not in hide_password(setting)
 
 
 def test_a_password_is_never_shown_not_even_when_it_differs() -> None:

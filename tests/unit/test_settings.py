@@ -123,6 +123,10 @@ def test_monitor_settings_defaults_and_checks() -> None:
         MonitorSettings.from_env(env, retry_backoff_s=-5.0)
     with pytest.raises(ConfigError, match="lost-after-beats"):
         MonitorSettings.from_env(env, lost_after_beats=float("nan"))
+    # At 0, every starting run would fail at once, or every run be alerted on.
+    for name in ("HD_START_TIMEOUT_S", "HD_LONG_RUNNING_S", "HD_UNSERVED_AFTER_S"):
+        with pytest.raises(ConfigError, match=f"{name} .*must be 1 s or more"):
+            MonitorSettings.from_env({**env, name: "0"})
 
 
 def test_yes_no_agent_settings_take_on_and_off_and_refuse_anything_else() -> None:
