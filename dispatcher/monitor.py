@@ -183,8 +183,12 @@ class FailureMonitor:
     async def on_heartbeats(self, beats: Sequence[AgentHeartbeat]) -> None:
         """A batch of heartbeats: the view first, then the returns and the fencing they call
         for, each in one transaction for the whole batch."""
-        heard = [view.lateness_s for beat in beats if (view := self._heard(beat))]
-        self._measure_lag([late for late in heard if late is not None])
+        latest = {
+            view.agent_id: view.lateness_s
+            for beat in beats
+            if (view := self._heard(beat)) is not None and view.lateness_s is not None
+        }
+        self._measure_lag(latest)
         # Returns before fencing, as one agent's heartbeat would have them. An agent the
         # view holds lost again is left for its next heartbeat to bring back.
         back = sorted(a for a in self._returning if not self.agents[a].lost)
@@ -203,23 +207,20 @@ class FailureMonitor:
         batch measured, less the time since (with nothing more to read, it caught up)."""
         return max(0.0, self._lag - (self.clock() - self._lag_at))
 
-    def _measure_lag(self, late: Sequence[float]) -> None:
-        """The lag: the median of how much later than its agent's fastest each heartbeat of
-        the batch was read (one agent's clock jumping does not move it), but no more than a
-        loss threshold past the agents' own: the median, over the agents not lost, of how
-        late each one's last heartbeat was read (the lower of the middle two). A batch may
-        be one agent's beats alone, and an agent whose beats come ever later (its clock
-        stepped back bit by bit, or a forger's) raised the lag of its batches, and with it
-        every agent's threshold, without end. The agents' median trails a growing backlog
-        by at most one round of reads, which the margin covers."""
-        if not late:
+    def _measure_lag(self, latest: dict[str, float]) -> None:
+        """The batch's lag: over the agents heard in it, the median (the lower of the middle
+        two) of how much later than its fastest each one's last heartbeat was read.
+
+        Over agents, not heartbeats, and only from a batch that heard two agents or more
+        (while two or more are not lost): an agent whose beats come ever later (just under a
+        clock step each time: its clock set back bit by bit, or a forger) had batches of its
+        own beats alone make the lag, which let its next beat be later still, and every
+        other agent's silence was forgiven without end. A backlog, or a monitor that
+        stalled, delays every agent's beats, and its batches hold many agents."""
+        live = sum(1 for view in self.agents.values() if not view.lost)
+        if not latest or len(latest) < min(2, live):
             return
-        lag = statistics.median(late)
-        views = [v for v in self.agents.values() if not v.lost and v.lateness_s is not None]
-        if views:
-            agents = statistics.median_low(v.lateness_s or 0.0 for v in views)
-            margin = max(self.settings.lost_after_beats * v.interval_s for v in views)
-            lag = min(lag, agents + margin)
+        lag = statistics.median_low(latest.values())
         was = self.lag()
         self._lag, self._lag_at = lag, self.clock()
         metrics.MONITOR_LAG.set(self._lag)

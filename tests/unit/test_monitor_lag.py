@@ -28,12 +28,14 @@ THRESHOLD_S = 3 * INTERVAL_S
 
 
 class LateWorld(World):
-    """Agents that beat on time into the monitor's queue; the monitor reads one beat every
-    ``read_every`` half-seconds (or all that wait, when 0), sweeping every half-second."""
+    """Agents that beat on time into the monitor's queue; the monitor reads ``read_batch``
+    beats (a batch) every ``read_every`` half-seconds (or all that wait, when 0), sweeping
+    every half-second."""
 
     def __init__(self) -> None:
         super().__init__()
         self.read_every = 0
+        self.read_batch = 2
         self.queue: deque[AgentHeartbeat] = deque()
         self.beating = set(SKEW)
         self._sent = dict.fromkeys(SKEW, -INTERVAL_S)
@@ -64,7 +66,7 @@ class LateWorld(World):
                 beats = list(self.queue)
                 self.queue.clear()
             elif self._steps % self.read_every == 0 and self.queue:
-                beats = [self.queue.popleft()]
+                beats = [self.queue.popleft() for _ in range(min(self.read_batch, len(self.queue)))]
             else:
                 beats = []
             if beats:
@@ -84,8 +86,8 @@ async def test_agents_beating_on_time_are_not_lost_while_the_monitor_falls_behin
     w = LateWorld()
     await w.run_for(10.0)  # read at once: each agent's fastest is known
     assert w.monitor.lag() == pytest.approx(0.0, abs=0.01)
-    # The monitor now reads a beat every 2.5 s where three agents send one every 2 s each:
-    # each agent is read every 7.5 s (past the 6 s threshold), and later and later.
+    # The monitor now reads two beats every 2.5 s where three agents send one every 2 s
+    # each: each agent is read about every 3.75 s, and later and later.
     w.read_every = 5
     await w.run_for(40.0)
     assert w.monitor.lag() > THRESHOLD_S
@@ -102,11 +104,11 @@ async def test_agents_beating_on_time_are_not_lost_while_the_monitor_falls_behin
 
 
 async def test_a_backlog_longer_than_a_clock_step_is_still_a_backlog() -> None:
-    """Read one beat every 2.5 s for 20 minutes: the monitor falls more than CLOCK_STEP_S
+    """Read three beats every 6 s for 20 minutes: the monitor falls more than CLOCK_STEP_S
     behind, and every agent's beats grow later together; that is lag, not clocks stepped."""
     w = LateWorld()
     await w.run_for(10.0)
-    w.read_every = 5
+    w.read_every, w.read_batch = 12, 3
     await w.run_for(1200.0)
     assert w.monitor.lag() > 600.0
     for agent_id in SKEW:
@@ -116,7 +118,7 @@ async def test_a_backlog_longer_than_a_clock_step_is_still_a_backlog() -> None:
 async def test_with_nothing_left_to_read_the_lag_fades_and_silent_agents_are_lost() -> None:
     w = LateWorld()
     await w.run_for(10.0)
-    w.read_every = 2
+    w.read_every = 4
     await w.run_for(12.0)
     lag = w.monitor.lag()
     assert lag > 1.0
@@ -149,7 +151,7 @@ async def test_an_agent_whose_beats_come_ever_later_moves_no_other_agent_s_thres
     w = LateWorld()
     w.beating.discard("agent-a")  # two agents: agent-b, which dies, and agent-c
     await w.run_for(10.0)
-    w.read_every = 1  # a beat a batch: as a monitor with nothing else to read sees them
+    w.read_every, w.read_batch = 1, 1  # each beat a batch, as a monitor keeping up sees them
     before = dict(SKEW)
     try:
         w.beating.discard("agent-b")
