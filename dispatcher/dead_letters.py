@@ -28,6 +28,7 @@ from schemas.topology import (
     STATUS_MONITOR_QUEUE,
     STATUS_STORE_QUEUE,
 )
+from transport.frames import UNREADABLE
 
 _DEAD_LETTER_DECISIONS = uuid.UUID("5b7f3c52-0c57-4d3e-9f0b-1f7a2b5c9d41")
 _instructions = instruction_decoder()
@@ -57,7 +58,9 @@ def seen(
     """What a dead letter's headers say of it (ours, or the broker's own)."""
     headers = headers or {}
     source = headers.get(DEAD_LETTER_QUEUE_HEADER) or headers.get("x-first-death-queue") or "?"
-    reason = headers.get(DEAD_LETTER_REASON_HEADER)
+    # Its properties could not be read (the broker dead-lettered it, or it was published
+    # to the dead letters so): that is the reason to tell.
+    reason = headers.get(DEAD_LETTER_REASON_HEADER) or headers.get(UNREADABLE)
     if not reason:
         why = headers.get("x-first-death-reason") or "unknown"
         reason = f"dead-lettered by the broker ({_text(why)})"

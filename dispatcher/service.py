@@ -167,9 +167,9 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                     check_sender=provenance.sender_check(trusted),
                 )
             )
-            # Dead letters on a connection of their own: one whose headers the client cannot
-            # parse drops the connection it arrives on (until the broker's delivery limit
-            # takes it away), and must not take the other consumers with it.
+            # Dead letters on a connection of their own, so that whatever one holds, the other
+            # consumers go on (one whose properties cannot be read arrives marked, and is
+            # recorded with that reason: transport.frames).
             watch_connection = await connect(settings.amqp_url, "dispatcher-dead-letters")
             consumers.append(
                 Consumer(

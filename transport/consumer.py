@@ -141,7 +141,8 @@ class Consumer(Generic[T]):
     async def _handle(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
         good: list[Delivery[T]] = []
         for raw in batch:
-            if (why := unreadable(raw)) is not None:
+            # A consumer of dead letters takes them in as they are (it records why).
+            if self._dead_letters and (why := unreadable(raw)) is not None:
                 await self._poison(raw, None, why)
                 continue
             try:

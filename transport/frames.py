@@ -38,6 +38,8 @@ def _tolerant(data_in: bytes) -> tuple[int, int, Any]:
         if size is None:
             raise
         end = constants.FRAME_HEADER_SIZE + size + 1
+        if len(data_in) < end or data_in[end - 1] != constants.FRAME_END:
+            raise  # a broken stream, not a header with odd properties
         payload = data_in[constants.FRAME_HEADER_SIZE : end - 1]
         try:
             # class id, weight, body size, then the properties that did not decode.

@@ -79,10 +79,13 @@ def _check_one(url: str, where: str, several: bool) -> None:
         why = _without_password(str(exc), url)
         raise BrokerUrlInvalid(f"{where} ({hide_password(url)}) is invalid: {why}{hint}") from None
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        if key == "heartbeat" and not (value.isascii() and value.isdecimal()):
+        if key == "heartbeat" and not (
+            value.isascii() and value.isdecimal() and int(value) < 65535
+        ):
             # aiormq reads anything else as 0: heartbeats off, a lost node never noticed.
             raise BrokerUrlInvalid(
-                f"{where} ({hide_password(url)}): heartbeat={value!r} is no number of seconds"
+                f"{where} ({hide_password(url)}): heartbeat={value!r} is no number of seconds "
+                "(0 to 65534)"
             )
     if parts.scheme not in SCHEMES:
         raise BrokerUrlInvalid(
@@ -120,10 +123,11 @@ def hide_password(url: str) -> str:
         password = parts.password
     except ValueError:
         scheme, sep, rest = url.partition("://")
-        userinfo, at, host = rest.rpartition("@")
+        authority, tail = _split_authority(rest)
+        userinfo, at, host = authority.rpartition("@")
         if not at or ":" not in userinfo:
             return url
-        return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
+        return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}{tail}"
     if password is None:
         return url
     netloc = parts.netloc.rpartition("@")
@@ -133,9 +137,17 @@ def hide_password(url: str) -> str:
 
 def _without_password(text: str, url: str) -> str:
     """``text`` with the password of ``url`` (as written in it) replaced by ``***``."""
-    userinfo = url.partition("://")[2].rpartition("@")[0]
-    password = userinfo.partition(":")[2]
+    authority, _ = _split_authority(url.partition("://")[2])
+    password = authority.rpartition("@")[0].partition(":")[2]
     return text.replace(password, "***") if password else text
+
+
+def _split_authority(rest: str) -> tuple[str, str]:
+    """What follows ``scheme://`` cut where the authority ends (at the first ``/``, ``?``
+    or ``#``): an ``@`` in the path or the query (a file name) is no user's."""
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    end = min(ends) if ends else len(rest)
+    return rest[:end], rest[end:]
 
 
 def join(urls: tuple[str, ...] | list[str]) -> str:

@@ -274,3 +274,33 @@ async def test_a_message_whose_properties_cannot_be_read_is_poison_not_a_lost_co
     await eventually(both_dead_lettered, 30, what="both unreadable messages dead-lettered")
     with pytest.raises(Exception, match="no run"):
         await store.runs.get(submission.run_id)
+
+
+async def test_a_dead_letter_whose_properties_cannot_be_read_is_recorded_with_that_reason(
+    stack: Stack, store: Database
+) -> None:
+    """The dead-letter watch dead-letters nothing (it would feed itself): one whose
+    properties cannot be read is recorded as it comes, with that reason, not dropped."""
+    import pika
+
+    from schemas.topology import DEAD_LETTER_EXCHANGE
+
+    await stack.start_control_plane()
+
+    def publish() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(stack.amqp_url))
+        try:
+            properties = pika.BasicProperties(message_id=b"\xff\xfe")  # type: ignore[arg-type]
+            connection.channel().basic_publish(DEAD_LETTER_EXCHANGE, "anything", b"x", properties)
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(publish)
+
+    async def recorded() -> list[str] | None:
+        letters = await store.dead_letters.latest(10)
+        found = [d.reason for d in letters if "properties cannot be read" in d.reason]
+        return found or None
+
+    [reason] = await eventually(recorded, 30, what="the unreadable dead letter recorded")
+    assert reason.startswith("its properties cannot be read (UnmarshalingException")

@@ -75,4 +75,11 @@ def test_frames_that_decode_are_as_they_were_and_other_bad_frames_still_fail() -
     broken_method = pamqp.frame.marshal(Basic.Ack(delivery_tag=1), 1)[:-1] + b"\x00"
     with pytest.raises(exceptions.UnmarshalingException):
         pamqp.frame.unmarshal(broken_method)
+    # A header frame whose end is wrong is a broken stream, whatever its properties.
+    unreadable_and_broken = (
+        header_frame(Basic.Properties(message_id="ABCDEF")).replace(b"ABCDEF", b"AB\xff\xfeEF")[:-1]
+        + b"\x00"
+    )
+    with pytest.raises(exceptions.UnmarshalingException):
+        pamqp.frame.unmarshal(unreadable_and_broken)
     assert UNREADABLE.startswith("x-hd-")
