@@ -87,9 +87,18 @@ class LineBatcher:
         line = line.rstrip("\r")
         if self.redact is not None:
             line = self.redact(line)
-        if line.startswith(FRAME_PREFIX):
-            self._add_frame(line)
+        head, prefix, rest = line.partition(FRAME_PREFIX)
+        if prefix:
+            # A frame after output with no line break before it (a progress bar's carriage
+            # returns, print(..., end="")): that output is a line of its own, and the frame
+            # is read as a frame, not forwarded as output with its secrets' JSON escapes.
+            if head:
+                self._add_output(head)
+            self._add_frame(prefix + rest)
             return
+        self._add_output(line)
+
+    def _add_output(self, line: str) -> None:
         if self._recent.maxlen:
             # As the engine's own read of the output splits it (a carriage return ends a
             # line there too), each line cut as a tail line is.

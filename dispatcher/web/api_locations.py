@@ -15,6 +15,7 @@ from schemas.bounds import Argv, Env, ImageRef, Name
 
 from ..errors import ConfigError, LocationNotFound
 from ..store import Database
+from ..submissions import is_location_name
 from .auth import token_of
 
 ADMIN = {"scope": "admin"}
@@ -61,6 +62,12 @@ class LocationsController(Controller):
         self, request: Request[Any, Any, Any], store: Database, name: str, data: LocationBody
     ) -> dict[str, Any]:
         """Register a location; the agents of its queue start its code server."""
+        if not is_location_name(name):
+            # Checked before the store reads it: PostgreSQL refuses a NUL in text (a 500).
+            raise ClientException(
+                f"location name {name[:60]!r} is invalid: 1 to 63 lowercase letters, digits, "
+                "'_' and '-'"
+            )
         return await self._put(request, store, name, data, create=True)
 
     @put("/{name:str}", opt=ADMIN)

@@ -38,7 +38,7 @@ class OpsController(Controller):
 
     @get("/overview", tags=["overview"])
     async def overview(
-        self, store: Database, hours: Annotated[float, Parameter(gt=0, le=24 * 7)] = 6
+        self, store: Database, hours: Annotated[float, Parameter(ge=1 / 60, le=24 * 7)] = 6
     ) -> dict[str, Any]:
         """Runs created in the last ``hours`` by state (24 intervals), failure reasons, and
         launch latency percentiles (created to STARTED, from the stored events)."""

@@ -119,7 +119,11 @@ def _too_deep(_: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
 
 def _internal_error(request: Request, exc: Exception) -> Response:  # type: ignore[type-arg]
     """Logged with its traceback (outside debug mode Litestar logs none); the caller learns
-    nothing of it."""
+    nothing of it. A static path the file system cannot take (a file taken for a directory,
+    a name too long), which Litestar's static files answer as a 500, is no such file."""
+    static = str(request.scope.get("path", "")).startswith("/ui/static/")
+    if static and isinstance(exc.__cause__, OSError):
+        return Response({"status_code": 404, "detail": "Not Found"}, status_code=404)
     log.error("%s %s failed", request.method, request.scope.get("path"), exc_info=exc)
     return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
 

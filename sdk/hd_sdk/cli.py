@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         registry = load_registry(args.module)
-    except ImportError as exc:
-        print(f"error: cannot import {args.module}: {exc}", file=sys.stderr)
+    except (ImportError, ValueError, TypeError) as exc:
+        # A module that is not one, or one whose jobs are declared wrong (@job checks them).
+        print(f"error: cannot import {args.module!r}: {exc}", file=sys.stderr)
         return 2
     if args.command == "definitions":
         print(json.dumps({"module": args.module, "jobs": registry.definitions()}, indent=2))
@@ -47,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         job_ = registry.get(args.job)
-        config = json.loads(args.config)
+        config = json.loads(args.config, parse_constant=_no_constant)
         validate_config(job_.config_schema, config)
-    except (KeyError, ValueError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (KeyError, ValueError, ConfigError, RecursionError) as exc:
+        why = "--config is nested too deep" if isinstance(exc, RecursionError) else exc
+        print(f"error: {why}", file=sys.stderr)
         return 2
     context = Context(args.job)
     try:
@@ -59,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     return 0
+
+
+def _no_constant(name: str) -> None:
+    """JSON has no NaN or infinity: Python's reader takes them, and a NaN passes every
+    ``minimum`` and ``maximum``."""
+    raise ValueError(f"--config holds {name}, which JSON has no number for")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ when the job is declared, so that a schema never promises a check it does not ma
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -87,6 +89,13 @@ def check_schema(schema: dict[str, Any], path: str = "$") -> None:
         check_schema(sub, f"{path}.{key}")
     if "items" in schema:
         check_schema(schema["items"], f"{path}[]")
+    if path == "$":
+        try:
+            # Sent to the control plane as JSON: a date as a default, an infinite minimum
+            # would fail the code server's /definitions instead.
+            json.dumps(schema, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"schema is not JSON: {exc}") from None
 
 
 def problems(schema: dict[str, Any], value: Any, path: str = "config") -> list[str]:
@@ -101,6 +110,8 @@ def problems(schema: dict[str, Any], value: Any, path: str = "config") -> list[s
             return [f"{path} must be of type {kind}, got {type(value).__name__}"]
     if "enum" in schema and value not in schema["enum"]:
         found.append(f"{path} must be one of {schema['enum']!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{path} must be a finite number, got {value}"]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
             found.append(f"{path} must be at least {schema['minimum']}")

@@ -18,7 +18,9 @@ EVENTS = frozenset({"step_started", "step_finished", "log", "metadata"})
 
 
 def encode_frame(event: str, **fields: Any) -> str:
-    return FRAME_PREFIX + json.dumps({"event": event, **fields}, default=str, sort_keys=True)
+    # Keys as they come (sorting fails on keys of mixed kinds); anything JSON has no form
+    # for (a date, a set) in words; NaN and infinities as JSON has no numbers for them.
+    return FRAME_PREFIX + json.dumps({"event": event, **fields}, default=str)
 
 
 def parse_frame(line: str) -> dict[str, Any] | None:
@@ -29,4 +31,5 @@ def parse_frame(line: str) -> dict[str, Any] | None:
         frame = json.loads(line[len(FRAME_PREFIX) :])
     except (ValueError, RecursionError):
         return None
-    return frame if isinstance(frame, dict) and frame.get("event") in EVENTS else None
+    event = frame.get("event") if isinstance(frame, dict) else None
+    return frame if isinstance(event, str) and event in EVENTS else None

@@ -38,10 +38,19 @@ def launch_spec(registry: Registry, module: str, job_name: str, config: Any) -> 
     }
 
 
+#: The largest launch-spec request read (a job's name and config: kilobytes).
+MAX_REQUEST_BYTES = 1024 * 1024
+#: Seconds a connection may go without sending anything before it is closed.
+REQUEST_TIMEOUT_S = 30.0
+
+
 def make_server(
     registry: Registry, module: str, port: int, host: str = "0.0.0.0"
 ) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
+        #: A peer that sends nothing more is let go of (a thread each, otherwise).
+        timeout = REQUEST_TIMEOUT_S
+
         def _reply(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
@@ -64,11 +73,19 @@ def make_server(
                 return
             try:
                 length = int(self.headers.get("Content-Length", "0"))
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_REQUEST_BYTES:
+                self._reply(413, {"error": f"a body of 0 to {MAX_REQUEST_BYTES} bytes"})
+                return
+            try:
                 request = json.loads(self.rfile.read(length) or b"{}")
+                if not isinstance(request, dict) or not isinstance(request.get("job"), str):
+                    raise ValueError('the body is {"job": NAME, "config": {...}}')
                 spec = launch_spec(registry, module, request["job"], request.get("config", {}))
-            except (KeyError, ConfigError, ValueError) as exc:
+            except (KeyError, ConfigError, ValueError, RecursionError) as exc:
                 message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-                self._reply(400, {"error": str(message)})
+                self._reply(400, {"error": str(message)[:2000]})
                 return
             except Exception as exc:  # the server's own failure: said, not a dropped connection
                 self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})

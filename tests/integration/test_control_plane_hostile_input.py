@@ -309,3 +309,18 @@ async def test_a_submission_under_another_s_run_id_or_key_is_refused_without_nam
     keyed = {"run_id": str(uuid.uuid4()), "image": "busybox", "idempotency_key": "my-key"}
     again = await client.post("/runs", json=keyed, headers=auth)
     assert again.json() == {"run_id": str(mine.run_id), "status": "existing"}
+
+
+async def test_odd_paths_and_bounds_are_4xx_never_a_500(
+    web: tuple[AsyncTestClient, dict[str, str]],
+) -> None:
+    client, auth = web
+    body = {"image": "busybox", "queue": "q"}
+    answer = await client.post("/locations/a%00b", json=body, headers=auth)
+    assert answer.status_code == 400, answer.text
+    assert "location name" in answer.text
+    for path in ("/ui/static/app.js/x", "/ui/static/" + "a" * 300):
+        answer = await client.get(f"http://testserver.local{path}")
+        assert answer.status_code == 404, (path, answer.text)
+    answer = await client.get("/overview", params={"hours": "1e-12"}, headers=auth)
+    assert answer.status_code == 400, answer.text

@@ -292,3 +292,16 @@ def test_line_and_item_numbers_stay_within_postgresql_integers() -> None:
     [item] = batcher.take_progress()
     assert item.line_no == 2**31 - 1
     travels(RunProgress(run_id=RUN, attempt=1, agent_id="a1", items=(item,)))
+
+
+def test_a_frame_after_output_with_no_line_break_is_read_as_a_frame() -> None:
+    """A job that printed without a newline (a progress bar, print(..., end="")) left its
+    next frame mid-line: forwarded as output, with a secret in its JSON escapes."""
+    secret = 'p\u00e4ssword"x'
+    batcher = LineBatcher(redact=Redactor([secret]))
+    batcher.feed("connecting... " + encode_frame("metadata", values={"api": secret}) + "\n")
+    batcher.finish()
+    lines = [text for _, batch in drain(batcher) for text in batch]
+    assert lines == ["connecting... "]
+    [item] = batcher.take_progress()
+    assert item.values == {"api": "***"}

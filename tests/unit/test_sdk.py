@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from hd_sdk import ConfigError, Context, Registry, job, validate_config
-from hd_sdk.frames import parse_frame
+from hd_sdk.config import problems as problems_of
+from hd_sdk.frames import encode_frame, parse_frame
 from hd_sdk.jobs import load_registry
 from hd_sdk.server import make_server
 
@@ -194,3 +197,57 @@ def test_the_code_server_answers_health_definitions_and_launch_specs(server: str
     status, error = call(f"{server}/launch-spec", {"job": "nope", "config": {}})
     assert status == 400
     assert "no job 'nope'" in str(error["error"])
+
+
+def raw_post(server: str, head: str, body: bytes = b"") -> tuple[int, bytes]:
+    """A POST to /launch-spec written by hand (a Content-Length of one's choosing)."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as peer:
+        peer.sendall(f"POST /launch-spec HTTP/1.1\r\nHost: x\r\n{head}\r\n\r\n".encode() + body)
+        answer = b""
+        while chunk := peer.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.partition(b"\r\n\r\n")[2]
+
+
+def test_the_code_server_refuses_bodies_it_should_not_read_or_cannot_use(server: str) -> None:
+    """A negative length read until the peer hung up; a huge one was a MemoryError; a body
+    that is no object was a 500. Each is now a 4xx in words."""
+    for length in ("-1", str(10**14), "x"):
+        status, body = raw_post(server, f"Content-Length: {length}")
+        assert status == 413, (length, body)
+    for request in ([], None, {"job": []}, {"config": {}}):
+        assert call(f"{server}/launch-spec", request if request is not None else "null")[0] == 400
+    deep = ("[" * 100_000 + "]" * 100_000).encode()
+    assert raw_post(server, f"Content-Length: {len(deep)}", deep)[0] == 400
+
+
+def test_what_json_cannot_carry_is_refused_in_words() -> None:
+    """A NaN passed every minimum and maximum; a schema that is no JSON failed /definitions
+    with a dropped connection; metadata with keys of mixed kinds failed the job."""
+    nan = run_sdk("run", "--module", "hello_location", "--job", "count", "--config", '{"to": NaN}')
+    assert nan.returncode == 2
+    assert "NaN, which JSON has no number for" in nan.stderr
+    assert problems_of({"type": "number", "minimum": 1}, float("nan")) == [
+        "config must be a finite number, got nan"
+    ]
+    for schema in ({"default": datetime.date(2026, 1, 1)}, {"minimum": float("inf")}):
+        with pytest.raises(ValueError, match=r"schema is not JSON"):
+            job(name="bad", config_schema=schema, registry=Registry())(lambda c, v: None)
+    assert parse_frame(encode_frame("metadata", values={1: "a", "b": 2})) == {
+        "event": "metadata",
+        "values": {"1": "a", "b": 2},
+    }
+    assert parse_frame('\x02hd1 {"event": []}') is None
+
+
+def test_the_run_command_says_what_is_wrong_in_one_line() -> None:
+    for args, words in [
+        (("--module", "", "--job", "x"), "cannot import ''"),
+        (("--module", "hello_location", "--job", "count", "--config", "[" * 30_000), "too deep"),
+    ]:
+        done = run_sdk("run", *args)
+        assert done.returncode == 2, done.stderr
+        assert words in done.stderr
+        assert "Traceback" not in done.stderr
