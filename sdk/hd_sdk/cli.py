@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         registry = load_registry(args.module)
     except (ImportError, ValueError, TypeError) as exc:
         # A module that is not one, or one whose jobs are declared wrong (@job checks them).
-        print(f"error: cannot import {args.module!r}: {exc}", file=sys.stderr)
+        print(f"error: cannot import {args.module}: {exc}", file=sys.stderr)
         return 2
     if args.command == "definitions":
         print(json.dumps({"module": args.module, "jobs": registry.definitions()}, indent=2))

@@ -244,7 +244,7 @@ def test_what_json_cannot_carry_is_refused_in_words() -> None:
 
 def test_the_run_command_says_what_is_wrong_in_one_line() -> None:
     for args, words in [
-        (("--module", "", "--job", "x"), "cannot import ''"),
+        (("--module", "", "--job", "x"), "Empty module name"),
         (("--module", "hello_location", "--job", "count", "--config", "[" * 30_000), "too deep"),
     ]:
         done = run_sdk("run", *args)
