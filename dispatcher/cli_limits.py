@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,7 +12,7 @@ from .errors import BadLimit
 from .limits import Limit, parse
 
 if TYPE_CHECKING:
-    from .store import Database
+    pass
 
 limits_app = typer.Typer(
     help="Concurrency limits: how many runs of a kind may hold a slot at once. A run under a "
@@ -61,23 +60,13 @@ def limits_remove(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Remove a limit; the runs it held start (if no other limit holds them)."""
-    # As listed (a limit set before names were checked is removed by its key as stored),
-    # or as `limits set` would have written it.
-    candidates = [key.strip()]
-    with contextlib.suppress(BadLimit):
-        candidates.append(parse(key, 0).key)
+    # By its key as listed, unparsed: a limit set before names were checked goes too
+    # (a key `limits set` writes is already as it lists it).
+    key = key.strip()
     who = operator()
-
-    async def remove(store: Database) -> str | None:
-        for candidate in dict.fromkeys(candidates):
-            if await store.limits.remove(candidate, who):
-                return candidate
-        return None
-
-    removed = with_store(database_url, database_schema, remove)
-    if removed is None:
-        raise _fail(f"no limit {candidates[-1]!r} (see `dispatcher limits list`)")
-    typer.echo(f"limit {removed} removed")
+    if not with_store(database_url, database_schema, lambda s: s.limits.remove(key, who)):
+        raise _fail(f"no limit {key!r} (see `dispatcher limits list`)")
+    typer.echo(f"limit {key} removed")
 
 
 @limits_app.command("list")
