@@ -85,7 +85,7 @@ def api_tokens_add(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Make a token and print it, once: only its hash is kept. Limited by --queue or
-    --location, it submits and cancels only there, whatever its scope."""
+    --location, it submits, cancels and reads runs only there, whatever its scope."""
     who = operator()
     limits = limits_of(queue, location)
     token = with_store(

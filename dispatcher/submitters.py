@@ -38,6 +38,10 @@ class Limits:
         return f"queues: {queues}; locations: {locations}"
 
 
+#: No limits: every queue and location.
+ANYWHERE = Limits()
+
+
 @dataclass(frozen=True)
 class Registry:
     """The registered submitters a batch's senders are looked up in."""

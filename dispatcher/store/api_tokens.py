@@ -17,15 +17,13 @@ import asyncpg
 from schemas import is_safe_name
 
 from ..errors import ConfigError
-from ..submitters import Limits
+from ..submitters import ANYWHERE, Limits
 from . import audit
 from .connections import Connections
 
 TOKEN_PREFIX = "hdw_"
 #: Each scope includes the ones before it.
 SCOPES = ("read", "operate", "admin")
-#: No limits: every queue and location.
-ANYWHERE = Limits()
 
 
 def digest(token: str) -> str:

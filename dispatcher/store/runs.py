@@ -23,6 +23,7 @@ from schemas.topology import INSTRUCTIONS_EXCHANGE
 from ..errors import RunNotFound
 from ..retries import DEFAULT_MAX_RETRIES, DEFAULT_RETRY_ON, RetryPolicy
 from ..states import RunState
+from ..submitters import ANYWHERE, Limits
 from . import limits, outbox
 from .connections import Connections
 
@@ -117,6 +118,8 @@ class RunFilters:
     tags: dict[str, str] | None = None
     since: datetime | None = None
     until: datetime | None = None
+    #: A token's limits: only runs on these queues, of these locations (empty: any).
+    within: Limits = ANYWHERE
 
 
 @dataclass(frozen=True)
@@ -367,6 +370,8 @@ class Runs:
             ("tags @> ${}::jsonb", json.dumps(filters.tags) if filters.tags else None),
             ("created_at >= ${}", filters.since),
             ("created_at < ${}", filters.until),
+            ("queue = ANY(${}::text[])", list(filters.within.queues) or None),
+            ("location = ANY(${}::text[])", list(filters.within.locations) or None),
         ]
         clauses, values = [], []
         for fragment, value in wanted:
@@ -386,23 +391,37 @@ class Runs:
         return [RunRow.from_record(r) for r in records]
 
     async def events_after(
-        self, seq: int, run_id: uuid.UUID | None = None, upto: int | None = None, limit: int = 500
+        self,
+        seq: int,
+        run_id: uuid.UUID | None = None,
+        upto: int | None = None,
+        limit: int = 500,
+        within: Limits = ANYWHERE,
     ) -> list[tuple[uuid.UUID, RunEventRow]]:
         """Every run's events (or one run's) with a sequence number above ``seq`` (and at most
-        ``upto``), in order."""
+        ``upto``), in order; only of runs on ``within``'s queues and locations, if it has any."""
+        # Within a token's limits, the runs' table is joined; without, it is not read.
+        limited = """
+            AND EXISTS (SELECT 1 FROM runs r WHERE r.run_id = e.run_id
+                        AND (cardinality($5::text[]) = 0 OR r.queue = ANY($5::text[]))
+                        AND (cardinality($6::text[]) = 0 OR r.location = ANY($6::text[])))
+        """
+        bounded = bool(within.queues or within.locations)
         async with self._connections.connection() as connection:
             records = await connection.fetch(
-                """
-                SELECT run_id, seq, kind, attempt, from_state, to_state, recorded_at, payload
-                FROM run_events
-                WHERE seq > $1 AND ($2::uuid IS NULL OR run_id = $2)
-                  AND ($3::bigint IS NULL OR seq <= $3)
-                ORDER BY seq LIMIT $4
+                f"""
+                SELECT e.run_id, e.seq, e.kind, e.attempt, e.from_state, e.to_state,
+                       e.recorded_at, e.payload
+                FROM run_events e
+                WHERE e.seq > $1 AND ($2::uuid IS NULL OR e.run_id = $2)
+                  AND ($3::bigint IS NULL OR e.seq <= $3) {limited if bounded else ""}
+                ORDER BY e.seq LIMIT $4
                 """,
                 seq,
                 run_id,
                 upto,
                 limit,
+                *((list(within.queues), list(within.locations)) if bounded else ()),
             )
         return [(r["run_id"], _event_row(r)) for r in records]
 

@@ -124,6 +124,13 @@ async def _run(store: Database, run_id: uuid.UUID) -> views.RunSummary:
         raise NotFoundException(f"no run {run_id}") from None
 
 
+def _in_reach(token: ApiToken, run_id: uuid.UUID, queue: str, location: str | None) -> None:
+    """A token limited to queues or locations reads only the runs it could have submitted;
+    any other is answered as if there were none (its id says nothing)."""
+    if cancel_problem(token.name, token.limits, queue, location) is not None:
+        raise NotFoundException(f"no run {run_id}")
+
+
 def _repeated(
     data: SubmitRun, token: str, found: uuid.UUID, submitted_by: str | None
 ) -> views.Submitted:
@@ -145,6 +152,7 @@ class RunsController(Controller):
     @get("/")
     async def list_runs(
         self,
+        request: Request[Any, Any, Any],
         store: Database,
         run_state: Annotated[str | None, Parameter(query="state")] = None,
         queue: str | None = None,
@@ -169,6 +177,7 @@ class RunsController(Controller):
             tags=_tags(tag),
             since=_instant("since", since),
             until=_instant("until", until),
+            within=token_of(request).limits,
         )
         before = _after_cursor(cursor) if cursor else None
         rows = await store.runs.page(filters, limit + 1, before)
@@ -177,12 +186,16 @@ class RunsController(Controller):
         return views.RunPage(runs=runs, next_cursor=_cursor(runs[-1]) if more else None)
 
     @get("/{run_id:uuid}")
-    async def get_run(self, store: Database, run_id: uuid.UUID) -> views.RunDetail:
+    async def get_run(
+        self, request: Request[Any, Any, Any], store: Database, run_id: uuid.UUID
+    ) -> views.RunDetail:
         """A run: its history, output tail, progress and what it waits for."""
         try:
             run = await store.runs.get(run_id)
         except RunNotFound:
             raise NotFoundException(f"no run {run_id}") from None
+        token = token_of(request)
+        _in_reach(token, run_id, run.queue, run.location)
         events = await store.runs.events(run_id)
         waiting = await store.limits.waiting_reason(run_id) if run.waiting_on else None
         return views.RunDetail(
@@ -192,13 +205,14 @@ class RunsController(Controller):
             failure_message=run.failure_message,
             output_tail=run.output_tail,
             waiting=waiting or run.waiting_on,
-            events=[views.event_view(run_id, e) for e in events],
+            events=[views.event_view(run_id, e, views.sees_env(token.scope)) for e in events],
             progress=await store.output.progress(run_id),
         )
 
     @get("/{run_id:uuid}/output")
     async def get_output(
         self,
+        request: Request[Any, Any, Any],
         store: Database,
         run_id: uuid.UUID,
         attempt: Annotated[int | None, Parameter(ge=1, le=1000)] = None,
@@ -219,7 +233,8 @@ class RunsController(Controller):
                 raise ValidationException(
                     f"after: ATTEMPT:LINE as next_after gave it, not {after[:40]!r}"
                 ) from None
-        await _run(store, run_id)
+        run = await _run(store, run_id)
+        _in_reach(token_of(request), run_id, run.queue, run.location)
         lines = await store.output.page(run_id, attempt, start, limit + 1)
         page = [views.OutputLine(*line) for line in lines[:limit]]
         last = page[-1] if page else None

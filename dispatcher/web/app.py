@@ -32,10 +32,11 @@ from ..client import Client
 from ..errors import DispatcherError, StoreUnavailable
 from ..settings import WebSettings
 from ..store import Database
+from . import views
 from .api_locations import LocationsController
 from .api_ops import OpsController
 from .api_runs import RunsController
-from .auth import SESSION_COOKIE, require_token, still_allowed
+from .auth import SESSION_COOKIE, require_token, still_allowed, token_of
 from .broker import Broker
 from .sse import EventStream, Wakeups
 from .ui import ui_router
@@ -103,7 +104,17 @@ async def events(
         return await still_allowed(store, authorization, cookie)
 
     return ServerSentEvent(
-        wakeups.counted(EventStream(store, wakeups, after, run_id, allowed=allowed).frames())
+        wakeups.counted(
+            EventStream(
+                store,
+                wakeups,
+                after,
+                run_id,
+                allowed=allowed,
+                within=token_of(request).limits,
+                env=views.sees_env(token_of(request).scope),
+            ).frames()
+        )
     )
 
 

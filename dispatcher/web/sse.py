@@ -22,6 +22,7 @@ from litestar.response.sse import ServerSentEventMessage
 
 from ..errors import StoreUnavailable
 from ..store import Database
+from ..submitters import ANYWHERE, Limits
 from . import views
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,13 @@ class EventStream:
         poll_s: float = 1.0,
         gap_wait_s: float = 2.0,
         allowed: Callable[[], Awaitable[bool]] | None = None,
+        within: Limits = ANYWHERE,
+        env: bool = False,
     ) -> None:
         self._allowed = allowed or _always
+        #: The token's limits (only those runs' events) and whether it sees env values.
+        self._within = within
+        self._env = env
         self._store = store
         self._wakeups = wakeups
         self._after = after
@@ -122,13 +128,15 @@ class EventStream:
                 horizon = seq
             sent = False
             while self._after < horizon:
-                rows = await self._store.runs.events_after(self._after, self._run_id, horizon)
+                rows = await self._store.runs.events_after(
+                    self._after, self._run_id, horizon, within=self._within
+                )
                 if not rows:
                     self._after = horizon
                     break
                 for run_id, event in rows:
                     self._after = event.seq
-                    body = msgspec.json.encode(views.event_view(run_id, event)).decode()
+                    body = msgspec.json.encode(views.event_view(run_id, event, self._env)).decode()
                     yield ServerSentEventMessage(data=body, event=event.kind, id=event.seq)
                 sent = True
             if sent:

@@ -114,7 +114,21 @@ def summary(run: RunRow) -> RunSummary:
     )
 
 
-def event_view(run_id: uuid.UUID, event: RunEventRow) -> RunEventView:
+#: What a run's environment values are shown as to a token that may not see them.
+HIDDEN = "(hidden)"
+
+
+def sees_env(scope: str) -> bool:
+    """Whether a token of ``scope`` sees the values of a run's environment (as it sees dead
+    letters' bodies): ``operate`` and ``admin`` do, ``read`` sees their names only."""
+    return scope in ("operate", "admin")
+
+
+def event_view(run_id: uuid.UUID, event: RunEventRow, env: bool = False) -> RunEventView:
+    """An event as the API shows it; a submission's environment values only with ``env``."""
+    payload = event.payload
+    if not env and isinstance(payload.get("env"), dict):
+        payload = {**payload, "env": dict.fromkeys(payload["env"], HIDDEN)}
     return RunEventView(
         seq=event.seq,
         run_id=run_id,
@@ -123,5 +137,5 @@ def event_view(run_id: uuid.UUID, event: RunEventRow) -> RunEventView:
         from_state=event.from_state,
         to_state=event.to_state,
         recorded_at=event.recorded_at,
-        payload=event.payload,
+        payload=payload,
     )

@@ -81,6 +81,33 @@ async def test_a_limited_token_submits_and_cancels_only_on_its_queues_and_locati
         assert canceled.status_code == 202, canceled.text
     await wait_for_state(store, uuid.UUID(mine["run_id"]), RunState.CANCELED, timeout=60)
     assert (await store.runs.get(uuid.UUID(theirs["run_id"]))).state == RunState.QUEUED
+
+    # Reading too: a limited token sees only the runs it could have submitted. Another's
+    # run is not listed, its page and output are "no run", and its events are not streamed
+    # (theirs came between mine's first events and its cancel).
+    mine_id, theirs_id = uuid.UUID(mine["run_id"]), uuid.UUID(theirs["run_id"])
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        listed_ids = {r["run_id"] for r in (await http.get("/runs", headers=team)).json()["runs"]}
+        assert listed_ids == {mine["run_id"]}
+        everyone = {r["run_id"] for r in (await http.get("/runs", headers=anywhere)).json()["runs"]}
+        assert {mine["run_id"], theirs["run_id"]} <= everyone
+        assert (await http.get(f"/runs/{mine_id}", headers=team)).status_code == 200
+        for path in (f"/runs/{theirs_id}", f"/runs/{theirs_id}/output"):
+            hidden = await http.get(path, headers=team)
+            assert hidden.status_code == 404 and f"no run {theirs_id}" in hidden.text, path
+        none_of_theirs = await http.get("/runs", params={"queue": other_queue}, headers=team)
+        assert none_of_theirs.json()["runs"] == []
+        # Jobs only: no run of an image is its to read.
+        assert (await http.get("/runs", headers=jobs_only)).json()["runs"] == []
+        assert (await http.get(f"/runs/{mine_id}", headers=jobs_only)).status_code == 404
+        mine_seqs = [e.seq for e in await store.runs.events(mine_id)]
+        theirs_seqs = [e.seq for e in await store.runs.events(theirs_id)]
+        assert min(theirs_seqs) < max(mine_seqs)
+        streamed = await asyncio.wait_for(
+            read_events(http, team, len(mine_seqs), last_event_id=0), 30
+        )
+        assert [seq for seq, _, _ in streamed] == mine_seqs
+        assert {data["run_id"] for _, _, data in streamed} == {mine["run_id"]}
     with pytest.raises(RunNotFound):  # a refused submission makes no run
         await store.runs.get(uuid.UUID(elsewhere["run_id"]))
 
@@ -116,7 +143,7 @@ async def test_runs_are_submitted_listed_read_and_canceled_through_the_api(
         assert {"/api/v1/runs", "/api/v1/runs/{run_id}", "/api/v1/events"} <= set(spec["paths"])
 
         # Submit: a read token may not; an operate token may, and the run records who.
-        body = submission(stack, tags={"team": "ml"})
+        body = submission(stack, tags={"team": "ml"}, env={"GREETING": "hello there"})
         refused = await http.post("/runs", json=body, headers=read)
         assert refused.status_code == 403 and "needs 'operate'" in refused.text
         accepted = await http.post("/runs", json=body, headers=operate)
@@ -130,6 +157,16 @@ async def test_runs_are_submitted_listed_read_and_canceled_through_the_api(
         detail = (await http.get(f"/runs/{run_id}", headers=read)).json()
         assert detail["run"]["state"] == "SUCCESS" and detail["run"]["submitted_by"] == "ops-bot"
         assert [e["to_state"] for e in detail["events"] if e["to_state"]][-1] == "SUCCESS"
+        # The submission's env: its names for a read token, its values from operate up.
+        submitted = next(e for e in detail["events"] if "env" in e["payload"])
+        assert submitted["payload"]["env"] == {"GREETING": "(hidden)"}
+        as_operator = (await http.get(f"/runs/{run_id}", headers=operate)).json()
+        submitted = next(e for e in as_operator["events"] if "env" in e["payload"])
+        assert submitted["payload"]["env"] == {"GREETING": "hello there"}
+        streamed = await asyncio.wait_for(
+            read_events(http, read, 1, last_event_id=0, run_id=str(run_id)), 30
+        )
+        assert streamed[0][2]["payload"]["env"] == {"GREETING": "(hidden)"}
 
         async def output_lines() -> list[str]:
             lines, after = [], None
