@@ -4,6 +4,8 @@ Rules (thresholds in ``MonitorSettings``):
 - agent lost: no heartbeat for ``lost_after_beats`` of its intervals → its in-flight runs
   fail with AGENT_LOST (retried per their policy); TerminateRun waits on its queue;
 - agent back: a lost agent's heartbeat → alert, and its superseded attempts are fenced;
+- agent left: a drained agent that stopped → LEFT, and a run it still holds fails over; so
+  does a run held by a lost or gone agent, its claim recorded after the decision;
 - run vanished: a STARTING/STARTED run missing from several complete heartbeats of its live
   agent in a row → UNEXPECTED_TERMINATION; one its agent lists as exited or reported is
   waited for (its final event is on the way) up to ``exited_grace_s``;
@@ -412,6 +414,16 @@ class FailureMonitor:
                 run.agent_id, self.clock(), UNHEARD_INTERVAL_S
             )
         if view.lost:
+            # Held by an agent lost (or gone, drained) before the run became its: the loss
+            # failed over what it held then, and this claim or launch was applied after (the
+            # status store behind the monitor). No heartbeat will ever list it: fail it now.
+            await self._fail(
+                run,
+                FailureReason.AGENT_LOST,
+                f"held by agent {run.agent_id}, which was lost or had left before its claim "
+                "or launch was recorded",
+                terminate=True,
+            )
             return
         suspicion = self._suspicions.setdefault(key, Suspicion())
         if view.beats == suspicion.last_beat:

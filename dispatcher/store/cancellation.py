@@ -70,7 +70,9 @@ async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled
         fences = (
             []
             if run["held"]
-            else await never_launch(connection, request.run_id, attempt, run["queue"], why)
+            else await never_launch(
+                connection, request.run_id, attempt, run["queue"], why, run["agent_id"]
+            )
         )
         ended = RunEnded(
             message_id=_id(request.run_id, attempt, "ended"),
@@ -89,18 +91,30 @@ async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled
 
 
 async def never_launch(
-    connection: asyncpg.Connection, run_id: uuid.UUID, attempt: int, queue: str, why: str
+    connection: asyncpg.Connection,
+    run_id: uuid.UUID,
+    attempt: int,
+    queue: str,
+    why: str,
+    holder: str | None = None,
 ) -> list[outbox.OutboxItem]:
     """For a queued attempt that has ended: drop its unsent LaunchRun rows, and the
     TerminateRun (to write with the caller's other rows) that fences it on every live agent of
-    its queue, where its LaunchRun may wait already."""
+    its queue, where its LaunchRun may wait already, and on the agent that claimed it
+    (``holder``), whatever its state: a draining agent still starts what it was granted."""
     await connection.execute(
         "DELETE FROM outbox WHERE run_id = $1 AND sent_at IS NULL AND exchange = $2",
         run_id,
         INSTRUCTIONS_EXCHANGE,
     )
     live = await connection.fetch(
-        "SELECT agent_id FROM agents WHERE status = 'ALIVE' AND queues ? $1", queue
+        """
+        SELECT agent_id FROM agents WHERE status = 'ALIVE' AND queues ? $1
+        UNION SELECT $2::text WHERE $2::text IS NOT NULL
+        ORDER BY agent_id
+        """,
+        queue,
+        holder,
     )
     return [_terminate(run_id, attempt, agent["agent_id"], why) for agent in live]
 

@@ -300,7 +300,19 @@ class Database:
                 if row.id not in refused:
                     continue
                 await outbox.set_aside(connection, row, refused[row.id])
-                if row.kind == "LaunchRun" and row.run_id is not None:
+                # Only an attempt still waiting for its launch: a second publish of one that
+                # is running (its lease ran out, or a relay died before marking it sent)
+                # must not fail it under a container that keeps running.
+                if (
+                    row.kind == "LaunchRun"
+                    and row.run_id is not None
+                    and await connection.fetchval(
+                        "SELECT 1 FROM runs WHERE run_id = $1 AND attempt = $2"
+                        " AND state = 'QUEUED'",
+                        row.run_id,
+                        row.attempt,
+                    )
+                ):
                     failed = RunFailed(
                         message_id=uuid.uuid5(row.message_id, "unpublishable"),
                         run_id=row.run_id,

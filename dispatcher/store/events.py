@@ -77,14 +77,10 @@ async def apply(
     if retry:
         new = RunState.QUEUED
     inserted = await _insert(connection, event, current if new else None, new)
-    if (
-        inserted
-        and current in TERMINAL
-        and isinstance(event, RunLaunched)
-        and foreign_launch(run, event)
-    ):
-        # The attempt ended before this agent launched it (canceled or timed out while its
-        # LaunchRun waited in a queue no live agent was told about): stop it at once.
+    if inserted and isinstance(event, RunLaunched) and stray_launch(run, current, event):
+        # The attempt ended, or was superseded, before this agent launched it (canceled,
+        # timed out or failed over while its LaunchRun waited in a queue, or while its
+        # claimant created the container): stop it at once.
         await outbox.insert(connection, [_stop_stray(event)])
     if not inserted or new is None:
         return False  # a redelivered event, a stale attempt, or no transition
@@ -238,9 +234,13 @@ def _claim_refused(run: asyncpg.Record | None, event: RunClaimed) -> str | None:
     return None
 
 
-def foreign_launch(run: asyncpg.Record, event: RunLaunched) -> bool:
-    """A launch of the run's last attempt by an agent that never held it."""
-    return bool(event.attempt == run["attempt"] and run["agent_id"] != event.agent_id)
+def stray_launch(run: asyncpg.Record, current: RunState, event: RunLaunched) -> bool:
+    """A launch of an attempt that can no longer run: an earlier attempt than the run's
+    last, or the last one of a run that has ended (by any agent, its holder included: a
+    claimant is told of a cancel only while it is alive, and a retry tells it nothing)."""
+    return bool(
+        event.attempt < run["attempt"] or (event.attempt == run["attempt"] and current in TERMINAL)
+    )
 
 
 def _stop_stray(event: RunLaunched) -> outbox.OutboxItem:

@@ -176,6 +176,12 @@ class Supervision:
     async def time_out_queued(self, run: WaitingRun, note: str) -> bool:
         """Fail a queued run QUEUE_TIMEOUT; its launch is fenced where it may wait already."""
         async with self._connections.transaction() as connection:
+            # The agent that claimed the attempt, if one did: it starts what it was granted.
+            holder = await connection.fetchval(
+                "SELECT agent_id FROM runs WHERE run_id = $1 AND attempt = $2 FOR UPDATE",
+                run.run_id,
+                run.attempt,
+            )
             applied = await self._fail(
                 connection, run.run_id, run.attempt, FailureReason.QUEUE_TIMEOUT, note, None
             )
@@ -185,9 +191,14 @@ class Supervision:
             # A run a limit held never had a LaunchRun: no agent needs telling.
             if applied and state in TERMINAL and not held:
                 fences = await cancellation.never_launch(
-                    connection, run.run_id, run.attempt, run.queue, note
+                    connection, run.run_id, run.attempt, run.queue, note, holder
                 )
                 await outbox.insert(connection, fences)
+            elif applied and holder is not None:
+                # Retried: the next attempt is another launch; the claimed one must not run.
+                await _terminate(
+                    connection, holder, run.run_id, run.attempt, FailureReason.QUEUE_TIMEOUT, note
+                )
             return applied
 
     async def unserved_queues(self, min_wait_s: float) -> list[UnservedQueue]:
@@ -255,37 +266,21 @@ class Supervision:
         lost_at = await agents.mark_lost(connection, [loss.agent_id for loss in losses])
         if not lost_at:
             return {}
-        records = await connection.fetch(
-            """
-            SELECT run_id, attempt, agent_id FROM runs
-            WHERE agent_id = ANY($1::text[])
-              AND state IN ('QUEUED', 'STARTING', 'STARTED', 'CANCELING')
-            ORDER BY run_id
-            FOR UPDATE
-            """,
-            list(lost_at),
+        notes: dict[str, str] = {}
+        for loss in losses:
+            why = loss.why or f"no heartbeat for {loss.silent_s:.1f} s"
+            notes.setdefault(loss.agent_id, f"agent {loss.agent_id} lost: {why}")
+        failed_over = await self._fail_held(
+            connection, {a: n for a, n in notes.items() if a in lost_at}
         )
-        runs: dict[str, list[asyncpg.Record]] = {}
-        for record in records:
-            runs.setdefault(record["agent_id"], []).append(record)
         declared: dict[str, list[uuid.UUID]] = {}
         for loss in losses:
             agent_id = loss.agent_id
             if agent_id not in lost_at or agent_id in declared:
                 continue
             silent_s = loss.silent_s
-            note = f"agent {agent_id} lost: {loss.why or f'no heartbeat for {silent_s:.1f} s'}"
-            failed = declared[agent_id] = []
-            for run in runs.get(agent_id, []):
-                if await self._fail(
-                    connection,
-                    run["run_id"],
-                    run["attempt"],
-                    FailureReason.AGENT_LOST,
-                    note,
-                    agent_id,
-                ):
-                    failed.append(run["run_id"])
+            note = notes[agent_id]
+            failed = declared[agent_id] = failed_over.get(agent_id, [])
             await alerts.raise_alert(
                 connection,
                 f"agent-down:{agent_id}:{lost_at[agent_id].isoformat()}",
@@ -306,10 +301,52 @@ class Supervision:
         return bool(await self.agents_left([agent_id]))
 
     async def agents_left(self, agent_ids: Sequence[str]) -> list[str]:
-        """``agent_left`` for many agents, in one transaction; those that left now."""
+        """``agent_left`` for many agents, in one transaction; those that left now.
+
+        A run one of them still holds fails over (AGENT_LOST): an agent that stops while
+        its claim is unanswered gives the launch back, and the claim, granted after, made it
+        the holder of an attempt no agent will start."""
         if not agent_ids:
             return []
-        return await self._batch(lambda connection: agents.mark_left(connection, agent_ids))
+        return await self._batch(lambda connection: self._left(connection, agent_ids))
+
+    async def _left(self, connection: asyncpg.Connection, agent_ids: Sequence[str]) -> list[str]:
+        left = await agents.mark_left(connection, agent_ids)
+        await self._fail_held(
+            connection, {a: f"agent {a} drained and left while holding it" for a in left}
+        )
+        return left
+
+    async def _fail_held(
+        self, connection: asyncpg.Connection, notes: dict[str, str]
+    ) -> dict[str, list[uuid.UUID]]:
+        """Fail over (AGENT_LOST, with the agent's note) every unfinished run held by an
+        agent of ``notes``; for each agent, the runs failed (or retried) now."""
+        if not notes:
+            return {}
+        records = await connection.fetch(
+            """
+            SELECT run_id, attempt, agent_id FROM runs
+            WHERE agent_id = ANY($1::text[])
+              AND state IN ('QUEUED', 'STARTING', 'STARTED', 'CANCELING')
+            ORDER BY run_id
+            FOR UPDATE
+            """,
+            list(notes),
+        )
+        failed: dict[str, list[uuid.UUID]] = {}
+        for run in records:
+            agent_id = run["agent_id"]
+            if await self._fail(
+                connection,
+                run["run_id"],
+                run["attempt"],
+                FailureReason.AGENT_LOST,
+                notes[agent_id],
+                agent_id,
+            ):
+                failed.setdefault(agent_id, []).append(run["run_id"])
+        return failed
 
     async def agent_back(self, agent_id: str) -> bool:
         """An agent declared lost sent a heartbeat again: alert once."""

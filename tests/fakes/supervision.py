@@ -283,18 +283,7 @@ class FakeSupervision:
         agent.episodes += 1
         agent_id = agent.agent_id
         note = f"agent {agent_id} lost: {loss.why or f'no heartbeat for {loss.silent_s:.1f} s'}"
-        active = [
-            (r.run_id, r.attempt)
-            for r in self.runs.values()
-            if r.agent_id == agent_id
-            and r.state
-            in (RunState.QUEUED, RunState.STARTING, RunState.STARTED, RunState.CANCELING)
-        ]
-        failed = [
-            run_id
-            for run_id, attempt in active
-            if self._fail(run_id, attempt, FailureReason.AGENT_LOST, note, agent_id)
-        ]
+        failed = self._fail_held(agent_id, note)
         self._raise_alert(
             f"agent-down:{agent.incident}",
             AGENT_DOWN,
@@ -314,24 +303,31 @@ class FakeSupervision:
         ]
 
     async def time_out_queued(self, run: WaitingRun, note: str) -> bool:
+        row = self.runs[run.run_id]
+        holder = row.agent_id if row.attempt == run.attempt else None
         applied = self._fail(run.run_id, run.attempt, FailureReason.QUEUE_TIMEOUT, note, None)
+        if applied and self.runs[run.run_id].state not in TERMINAL and holder is not None:
+            self._terminate(holder, run.run_id, run.attempt, FailureReason.QUEUE_TIMEOUT, note)
         if applied and self.runs[run.run_id].state in TERMINAL:
-            for agent in self.agents_by_id.values():
-                if agent.status == "ALIVE" and run.queue in agent.queues:
-                    self._insert(
-                        OutboxItem(
-                            TerminateRun(
-                                message_id=decision_id(
-                                    run.run_id, run.attempt, f"fence:{agent.agent_id}"
-                                ),
-                                run_id=run.run_id,
-                                attempt=run.attempt,
-                                reason=note,
-                            ),
-                            CONTROL_EXCHANGE,
-                            agent.agent_id,
-                        )
+            # ``cancellation.never_launch``: every live agent of the queue, and the holder.
+            told = {
+                a.agent_id
+                for a in self.agents_by_id.values()
+                if a.status == "ALIVE" and run.queue in a.queues
+            } | ({holder} if holder else set())
+            for agent_id in sorted(told):
+                self._insert(
+                    OutboxItem(
+                        TerminateRun(
+                            message_id=decision_id(run.run_id, run.attempt, f"fence:{agent_id}"),
+                            run_id=run.run_id,
+                            attempt=run.attempt,
+                            reason=note,
+                        ),
+                        CONTROL_EXCHANGE,
+                        agent_id,
                     )
+                )
         return applied
 
     async def unserved_queues(self, min_wait_s: float) -> list[UnservedQueue]:
@@ -368,7 +364,25 @@ class FakeSupervision:
             if agent is not None and agent.status == "DRAINING":
                 agent.status = "LEFT"
                 left.append(agent_id)
+        # ``supervision._left``: what a leaving agent still holds fails over.
+        for agent_id in sorted(left):
+            self._fail_held(agent_id, f"agent {agent_id} drained and left while holding it")
         return sorted(left)
+
+    def _fail_held(self, agent_id: str, note: str) -> list[uuid.UUID]:
+        """``supervision._fail_held`` for one agent."""
+        held = sorted(
+            (r.run_id, r.attempt)
+            for r in self.runs.values()
+            if r.agent_id == agent_id
+            and r.state
+            in (RunState.QUEUED, RunState.STARTING, RunState.STARTED, RunState.CANCELING)
+        )
+        return [
+            run_id
+            for run_id, attempt in held
+            if self._fail(run_id, attempt, FailureReason.AGENT_LOST, note, agent_id)
+        ]
 
     async def agent_back(self, agent_id: str) -> bool:
         return bool(await self.agents_back([agent_id]))

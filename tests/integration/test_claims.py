@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 from dispatcher.states import RunState
 from dispatcher.store import Database, OutboxItem, events
 from schemas import (
     AgentHeartbeat,
+    CancelRun,
     ContainerState,
     FailureReason,
     LaunchGranted,
     RunClaimed,
     RunFailed,
     RunLaunched,
+    RunStarted,
     SubmitRun,
     TerminateRun,
     any_decoder,
@@ -152,6 +155,48 @@ async def test_a_lost_agent_gives_up_the_attempts_it_claimed_and_a_stray_is_fenc
     [stop] = [a for to, a in await answers(store, other) if to == "host-b"]
     assert isinstance(stop, TerminateRun)
     assert stop.reason == "fenced: this attempt is held by agent host-a"
+
+
+async def stops(store: Database, run_id: uuid.UUID, agent_id: str) -> list[str]:
+    """The reasons of every TerminateRun written for ``agent_id`` about the run, oldest first."""
+    async with store.connections.connection() as connection:
+        rows = await connection.fetch(
+            "SELECT payload FROM outbox WHERE run_id = $1 AND exchange = $2"
+            " AND kind = 'TerminateRun' AND routing_key = $3 ORDER BY id",
+            run_id,
+            CONTROL_EXCHANGE,
+            agent_id,
+        )
+    decoder = any_decoder()
+    return [decoder.decode(bytes(r["payload"])).reason for r in rows]
+
+
+async def test_a_claimant_is_stopped_when_the_attempt_it_holds_ends_or_is_superseded(
+    store: Database,
+) -> None:
+    """A draining claimant is no live agent of its queue: a cancel used to tell only those,
+    and a retry no one, while the claimant went on to start what it was granted."""
+    await store.apply_events(
+        [AgentHeartbeat(agent_id="host-a", sequence=1, queues=("default",), draining=True)]
+    )
+    canceled, retried = await submitted(store), await submitted(store)
+    await store.apply_events([claim(canceled, "host-a"), claim(retried, "host-a")])
+    [outcome] = await store.cancel([CancelRun(run_id=canceled, reason="not needed")])
+    assert outcome.state == RunState.CANCELED
+    assert await stops(store, canceled, "host-a") == ["not needed"]
+    # Its launch, come anyway, is stopped too.
+    await store.apply_events([launched(canceled, "host-a")])
+    assert (await stops(store, canceled, "host-a"))[1:] == ["the run ended before this launch"]
+
+    # Attempt 1 failed over without a word to its holder (a decision with no one to tell):
+    # its launch of the superseded attempt is stopped when it is heard of.
+    assert await store.supervision.fail_attempt(
+        retried, 1, FailureReason.UNEXPECTED_TERMINATION, "gone"
+    )
+    assert (await store.runs.get(retried)).attempt == 2
+    assert await stops(store, retried, "host-a") == []
+    await store.apply_events([launched(retried, "host-a")])
+    assert await stops(store, retried, "host-a") == ["the run ended before this launch"]
 
 
 async def test_the_status_consumer_takes_claim_answers_to_publish_itself(store: Database) -> None:
@@ -297,3 +342,26 @@ async def test_a_run_is_found_by_a_prefix_of_its_id_and_by_nothing_else(store: D
             assert "is no run id, nor the start of one" in str(exc)
         else:
             raise AssertionError(f"{wild!r} found run {found.run_id}")
+
+
+async def test_a_refused_second_publish_of_a_running_attempt_s_launch_fails_nothing(
+    store: Database,
+) -> None:
+    """The LaunchRun of an attempt that runs is published again (its relay died before
+    marking it sent) and the broker refuses it: the row is set aside, the run runs on."""
+    running, waiting = await submitted(store), await submitted(store)
+    await store.apply_events([claim(running, "host-a"), launched(running, "host-a")])
+    await store.apply_events(
+        [RunStarted(run_id=running, attempt=1, agent_id="host-a", container_id="a" * 64)]
+    )
+    async with store.connections.connection() as connection:
+        await connection.execute("UPDATE outbox SET sent_at = NULL WHERE kind = 'LaunchRun'")
+
+    async def refuse_all(rows: list[Any]) -> dict[int, str]:
+        return {row.id: "NOT_FOUND - no queue" for row in rows}
+
+    assert await store.publish_outbox(refuse_all) >= 2
+    assert (await store.runs.get(running)).state == RunState.STARTED
+    # A launch still waiting for its first publish fails as before.
+    refused = await store.runs.get(waiting)
+    assert (refused.state, refused.failure_reason) == (RunState.FAILURE, "LAUNCH_ERROR")

@@ -257,6 +257,43 @@ async def test_a_drained_agent_that_stops_leaves_quietly_but_one_with_runs_is_lo
     assert w.alerts("agent_down") == 1
 
 
+async def test_a_run_claimed_by_an_agent_that_then_drains_away_fails_over() -> None:
+    # A stops while its claim waits for an answer: it gives the launch back (to B, whose
+    # claim is refused) and leaves, listing nothing; the claim, granted after, made it the
+    # holder. Leaving, it gives the run up: retried, not QUEUED for ever.
+    w = World()
+    run_id = await w.submit()
+    await w.beat(A)
+    await w.store.apply_events([RunClaimed(run_id=run_id, attempt=1, agent_id=A)])
+    await w.beat(A, draining=True)
+    await w.elapse(10 * INTERVAL_S)
+    assert w.status(A) == "LEFT"
+    assert state(w.run(run_id)) == (RunState.QUEUED, 2, "AGENT_LOST")
+    assert w.launches(run_id) == [1, 2]
+    assert w.alerts("agent_down") == 0  # leaving is no incident
+
+
+@pytest.mark.parametrize("how_far", ["claimed", "started"])
+async def test_a_run_that_becomes_a_lost_agent_s_after_the_loss_fails_over(how_far: str) -> None:
+    # The status store was behind: A's claim (and launch, start) is applied only after the
+    # monitor declared A lost and failed over what A held then, which was nothing.
+    w = World()
+    run_id = await w.submit()
+    await w.beat(A)
+    w.live(B)
+    await w.elapse(10 * INTERVAL_S)
+    assert w.status(A) == "LOST"
+    await w.store.apply_events([RunClaimed(run_id=run_id, attempt=1, agent_id=A)])
+    if how_far == "started":
+        await w.started(run_id, A)
+    await w.elapse(SWEEP_S)
+    assert state(w.run(run_id)) == (RunState.QUEUED, 2, "AGENT_LOST")
+    assert (run_id, 1) in w.terminations(A)  # should it ever come back
+    # Once: later sweeps take no second decision.
+    await w.elapse(10 * SWEEP_S)
+    assert w.decisions() == [(run_id, 1, "AGENT_LOST")]
+
+
 async def test_silence_is_counted_in_the_agent_s_own_intervals() -> None:
     w = World(lost_after_beats=3)
     await w.beat(A, interval_s=0.5)  # lost after 1.5 s
@@ -518,6 +555,23 @@ async def test_a_run_queued_past_its_queue_timeout_fails_and_is_fenced_on_live_a
     assert state(w.run(patient)) == (RunState.QUEUED, 1, None)
     assert w.decisions() == [(hasty, 1, "QUEUE_TIMEOUT")]
     assert w.terminations(A) == [(hasty, 1)]
+
+
+@pytest.mark.parametrize("retried", [False, True])
+async def test_a_claimed_run_past_its_queue_timeout_is_stopped_on_its_claimant(
+    retried: bool,
+) -> None:
+    # A claimed it just before the timeout and is creating its container; A is draining,
+    # so it is no live agent of the queue, and only its claim says it may start it.
+    w = World()
+    retry = {"retry_on": (FailureReason.QUEUE_TIMEOUT,), "max_retries": 1} if retried else {}
+    run_id = await w.submit(queue_timeout_s=30, **retry)
+    await w.store.apply_events([RunClaimed(run_id=run_id, attempt=1, agent_id=A)])
+    for _ in range(16):
+        await w.beat(A, (run_id, 1, "created"), draining=True)
+        await w.elapse(INTERVAL_S)
+    assert state(w.run(run_id))[:2] == ((RunState.QUEUED, 2) if retried else (RunState.FAILURE, 1))
+    assert w.terminations(A) == [(run_id, 1)]
 
 
 async def test_runs_waiting_on_a_queue_no_live_agent_consumes_are_alerted_once() -> None:
