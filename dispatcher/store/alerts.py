@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -53,6 +54,19 @@ async def raise_alert(
         json.dumps(payload),
     )
     return alert_id is not None
+
+
+def webhook_site(url: str) -> str:
+    """A webhook URL as it is shown where the URL itself must not be (a log line, a token
+    that is no admin's): its scheme, host and port. A Slack-style hook's path is its secret,
+    and anyone who has it may post."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "(a webhook)"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{f':{port}' if port else ''}/…"
 
 
 class Alerts:
@@ -142,7 +156,7 @@ class Alerts:
                 log.warning(
                     "alert %d to %s failed (%s); next try in %.0f s",
                     row["alert_id"],
-                    row["url"],
+                    webhook_site(row["url"]),
                     error,
                     backoff,
                 )

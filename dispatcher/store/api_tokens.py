@@ -159,17 +159,29 @@ class ApiTokens:
         if found is None:
             return None
         session, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
-        async with self._connections.connection() as connection:
-            await connection.execute(
+        async with self._connections.transaction() as connection:
+            # The token's row is read again FOR SHARE: a revoke that commits meanwhile is
+            # seen (the session is not made), one that comes later waits for this one and
+            # deletes the session with the token's others.
+            made = await connection.fetchval(
                 """
+                WITH live AS (
+                    SELECT name FROM api_tokens
+                    WHERE digest = $5 AND revoked_at IS NULL FOR SHARE
+                )
                 INSERT INTO web_sessions (digest, token_name, csrf, expires_at)
-                VALUES ($1, $2, $3, now() + $4 * interval '1 hour')
+                SELECT $1, live.name, $3, now() + $4 * interval '1 hour' FROM live
+                WHERE live.name = $2
+                RETURNING 1
                 """,
                 digest(session),
                 found.name,
                 csrf,
                 hours,
+                digest(token),
             )
+            if made is None:
+                return None
             # Sessions past their time are of no use to anyone.
             await connection.execute("DELETE FROM web_sessions WHERE expires_at < now()")
         return session, csrf, found
@@ -185,6 +197,9 @@ class ApiTokens:
                 SELECT {_COLUMNS}, s.csrf
                 FROM web_sessions s JOIN api_tokens t ON t.name = s.token_name
                 WHERE s.digest = $1 AND s.expires_at > now() AND t.revoked_at IS NULL
+                  -- A session of the token that had this name before never comes back
+                  -- with a new token of the same name.
+                  AND s.created_at >= t.created_at
                 """,
                 digest(session),
             )

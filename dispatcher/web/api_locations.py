@@ -14,8 +14,9 @@ from schemas import is_safe_name
 from schemas.bounds import Argv, Env, ImageRef, Name
 
 from ..errors import ConfigError, LocationNotFound
-from ..store import Database
+from ..store import Database, Location
 from ..submissions import is_location_name
+from . import views
 from .auth import token_of
 
 ADMIN = {"scope": "admin"}
@@ -41,19 +42,32 @@ def _known(name: str) -> str:
     return name
 
 
+def _shown(request: Request[Any, Any, Any], location: Location) -> dict[str, Any]:
+    """A location as this request's token may see it: a ``read`` token sees its env's names."""
+    shown = asdict(location)
+    if not views.sees_env(token_of(request).scope):
+        shown["env"] = dict.fromkeys(shown["env"], views.HIDDEN)
+    return shown
+
+
 class LocationsController(Controller):
     path = "/locations"
     tags = ["locations"]
 
     @get("/")
-    async def list_locations(self, store: Database) -> list[dict[str, Any]]:
-        """Code locations: state, generation, image, queue and jobs with their schemas."""
-        return [asdict(location) for location in await store.locations.all()]
+    async def list_locations(
+        self, request: Request[Any, Any, Any], store: Database
+    ) -> list[dict[str, Any]]:
+        """Code locations: state, generation, image, queue and jobs with their schemas (env
+        values from ``operate`` up, as a run's)."""
+        return [_shown(request, location) for location in await store.locations.all()]
 
     @get("/{name:str}")
-    async def get_location(self, store: Database, name: str) -> dict[str, Any]:
+    async def get_location(
+        self, request: Request[Any, Any, Any], store: Database, name: str
+    ) -> dict[str, Any]:
         try:
-            return asdict(await store.locations.get(_known(name)))
+            return _shown(request, await store.locations.get(_known(name)))
         except LocationNotFound:
             raise NotFoundException(f"no location {name!r}") from None
 

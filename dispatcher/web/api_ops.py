@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
-from litestar import Controller, get
+from litestar import Controller, Request, get
 from litestar.params import Parameter
 from litestar.response import Response
 
 from ..errors import DispatcherError
 from ..store import Database
+from ..store.alerts import webhook_site
+from .auth import token_of
+
+log = logging.getLogger(__name__)
 
 
 class OpsController(Controller):
@@ -21,7 +26,12 @@ class OpsController(Controller):
         try:
             await store.runs.last_event_seq()
         except DispatcherError as exc:
-            return Response({"status": "unavailable", "detail": str(exc)}, status_code=503)
+            # Anyone may ask: what failed (an address, a user, a certificate) goes to the log.
+            log.warning("health: the store does not answer: %s", exc)
+            return Response(
+                {"status": "unavailable", "detail": "the database does not answer"},
+                status_code=503,
+            )
         return Response({"status": "ok"})
 
     @get("/agents", tags=["agents"])
@@ -31,10 +41,19 @@ class OpsController(Controller):
 
     @get("/alerts", tags=["alerts"])
     async def alerts(
-        self, store: Database, limit: Annotated[int, Parameter(ge=1, le=1000)] = 50
+        self,
+        request: Request[Any, Any, Any],
+        store: Database,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
     ) -> list[dict[str, Any]]:
-        """Alerts, newest first, each with its webhook deliveries."""
-        return await store.alerts.recent(limit)
+        """Alerts, newest first, each with its webhook deliveries (a webhook's whole URL to
+        an admin token only: another sees its scheme and host)."""
+        found = await store.alerts.recent(limit)
+        if token_of(request).scope != "admin":
+            for alert in found:
+                for delivery in alert["deliveries"]:
+                    delivery["url"] = webhook_site(delivery["url"])
+        return found
 
     @get("/overview", tags=["overview"])
     async def overview(

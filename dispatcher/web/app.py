@@ -93,10 +93,10 @@ async def events(
     newest = await store.runs.last_event_seq()
     after = newest if last_event_id is None else min(last_event_id, newest)
     wakeups: Wakeups = request.app.state.wakeups
-    if wakeups.streams >= wakeups.max_streams:
-        raise ServiceUnavailableException(
-            f"{wakeups.max_streams} event streams are open on this process: try again later"
-        )
+    token = token_of(request)
+    refusal = wakeups.refusal(token.name)
+    if refusal is not None:
+        raise ServiceUnavailableException(refusal)
     authorization = request.headers.get("authorization", "")
     cookie = request.cookies.get(SESSION_COOKIE)
 
@@ -111,9 +111,10 @@ async def events(
                 after,
                 run_id,
                 allowed=allowed,
-                within=token_of(request).limits,
-                env=views.sees_env(token_of(request).scope),
-            ).frames()
+                within=token.limits,
+                env=views.sees_env(token.scope),
+            ).frames(),
+            token.name,
         )
     )
 

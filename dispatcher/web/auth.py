@@ -1,8 +1,9 @@
 """Who may call what.
 
 A request is let in by an API token (``Authorization: Bearer hdw_...``) or by the web UI's
-session cookie (signed in with a token). Every route needs a scope (``read`` unless it says
-``operate`` or ``admin``); only routes marked ``public`` (health, the sign-in page) need none.
+session cookie (signed in with a token). Every route needs a scope (the one it names, else
+``read`` to look and ``operate`` to change); only routes marked ``public`` (health, the
+sign-in page) need none.
 A request carried by the cookie that changes something must also send the session's CSRF
 token in ``X-CSRF-Token`` (the UI's pages have it): another site can make a browser send the
 cookie, never the header.
@@ -37,7 +38,10 @@ async def require_token(
 ) -> None:
     if handler.opt.get("public"):
         return
-    needed = handler.opt.get("scope", "read")
+    # A route that says nothing needs ``read`` to look and ``operate`` to change anything:
+    # a route added without a scope is never open to viewers.
+    method = connection.scope.get("method", "GET")
+    needed = handler.opt.get("scope") or ("read" if method in _SAFE else "operate")
     store: Database = connection.app.state.store
     found, csrf = await credentials(
         store, connection.headers.get("authorization", ""), connection.cookies.get(SESSION_COOKIE)
@@ -45,9 +49,7 @@ async def require_token(
     if csrf is not None:
         connection.scope[CSRF_KEY] = csrf  # type: ignore[literal-required]
         sent = connection.headers.get(CSRF_HEADER, "")
-        if connection.scope.get("method", "GET") not in _SAFE and not hmac.compare_digest(
-            sent.encode(), csrf.encode()
-        ):
+        if method not in _SAFE and not hmac.compare_digest(sent.encode(), csrf.encode()):
             raise PermissionDeniedException(
                 "a change made with the session cookie needs its CSRF token (X-CSRF-Token)"
             )

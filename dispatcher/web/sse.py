@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
@@ -38,26 +39,44 @@ RUN_EVENTS_CHANNEL = "hd_run_events"
 class Wakeups:
     """One LISTEN of the web process, rung to every stream at each NOTIFY of new events."""
 
-    def __init__(self, max_streams: int = 256) -> None:
+    def __init__(self, max_streams: int = 256, max_per_token: int = 16) -> None:
         self._event = asyncio.Event()
-        #: Streams open now (``counted``), and how many may be.
+        #: Streams open now (``counted``), and how many may be: in all, and of one token
+        #: (one token's scripts must not take every stream from everyone else's pages).
         self.streams = 0
         self.max_streams = max_streams
+        self.max_per_token = max_per_token
+        self._of: Counter[str] = Counter()
+
+    def refusal(self, token: str) -> str | None:
+        """Why one more stream of ``token`` may not open now, or None."""
+        if self.streams >= self.max_streams:
+            return f"{self.max_streams} event streams are open on this process: try again later"
+        if self._of[token] >= self.max_per_token:
+            return (
+                f"the token {token!r} has {self.max_per_token} event streams open on this "
+                "process: close one first"
+            )
+        return None
 
     async def counted(
-        self, frames: AsyncIterator[ServerSentEventMessage]
+        self, frames: AsyncIterator[ServerSentEventMessage], token: str = ""
     ) -> AsyncIterator[ServerSentEventMessage]:
-        """``frames``, counted in ``streams`` from the first to the last (or the client gone);
-        a stream past ``max_streams`` ends at once (requests that came together may all have
-        passed the handler's check before any of them counted)."""
-        if self.streams >= self.max_streams:
+        """``frames``, counted in ``streams`` (and ``token``'s) from the first to the last
+        (or the client gone); a stream past a cap ends at once (requests that came together
+        may all have passed the handler's check before any of them counted)."""
+        if self.refusal(token) is not None:
             return
         self.streams += 1
+        self._of[token] += 1
         try:
             async for frame in frames:
                 yield frame
         finally:
             self.streams -= 1
+            self._of[token] -= 1
+            if not self._of[token]:
+                del self._of[token]
 
     def ring(self) -> None:
         self._event.set()

@@ -7,6 +7,7 @@ little hand-written JavaScript (``static/app.js``) that reads ``/api/v1`` and fo
 
 from __future__ import annotations
 
+import hmac
 import html
 import secrets
 import uuid
@@ -72,12 +73,17 @@ _LOGIN = """<!doctype html>
 
 def _secure(request: Request[Any, Any, Any]) -> bool:
     """Cookies are Secure unless the UI is reached over plain HTTP on this very host (a
-    laptop's http://127.0.0.1:8080), where a browser would never send them back."""
+    laptop's http://127.0.0.1:8080), where a browser would never send them back. A request
+    a proxy forwarded (``Forwarded``, ``X-Forwarded-*``) is not one: a TLS proxy in front of
+    a server on 127.0.0.1 often names that address as the host."""
     # From the Host header as it is: ``request.url`` fails on a port that is no number.
     host = request.headers.get("host", "")
     name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
     loopback = name in ("127.0.0.1", "localhost", "::1")
-    return request.scope.get("scheme") == "https" or not loopback
+    forwarded = any(
+        header == "forwarded" or header.startswith("x-forwarded-") for header in request.headers
+    )
+    return request.scope.get("scheme") == "https" or not loopback or forwarded
 
 
 def _html(body: str, status: int = 200, **kwargs: Any) -> Response[str]:
@@ -122,7 +128,7 @@ async def login(
 ) -> Response[Any]:
     next_ = data.get("next", "/ui/runs")
     expected = request.cookies.get(LOGIN_CSRF_COOKIE)
-    if not expected or data.get("csrf") != expected:
+    if not expected or not hmac.compare_digest(data.get("csrf", "").encode(), expected.encode()):
         return _login_page(request, next_, "The form had expired; try again.", 403)
     opened = await store.api_tokens.open_session(data.get("token", "").strip(), SESSION_HOURS)
     if opened is None:
@@ -152,7 +158,7 @@ async def logout(
     cookie = request.cookies.get(SESSION_COOKIE)
     session = await store.api_tokens.session(cookie) if cookie else None
     if cookie and session is not None:
-        if data.get("csrf") != session[1]:
+        if not hmac.compare_digest(data.get("csrf", "").encode(), session[1].encode()):
             return _html("<h1>Sign-out refused: the form is not this session's.</h1>", 403)
         await store.api_tokens.close_session(cookie)
     response: Response[Any] = Redirect("/ui/login", status_code=303)

@@ -16,6 +16,7 @@ from dispatcher.errors import RunNotFound
 from dispatcher.settings import ImageNames
 from dispatcher.states import RunState
 from dispatcher.store import Database
+from dispatcher.store.alerts import raise_alert
 from schemas.topology import REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY
 from tests.integration.conftest import Stack
 from tests.integration.test_crashes import publish_raw
@@ -403,6 +404,16 @@ async def test_locations_dead_letters_and_the_overview_through_the_api(
             f"/locations/{name}", json={**spec, "env": {"GREETING": "hi"}}, headers=admin
         )
         assert changed.status_code == 200 and changed.json()["generation"] == 2
+        # Its env: values from operate up, names only for a read token.
+        viewer = bearer(await token(stack, "viewer", "read"))
+        assert (await http.get(f"/locations/{name}", headers=operate)).json()["env"] == {
+            "GREETING": "hi"
+        }
+        for listed in (
+            (await http.get(f"/locations/{name}", headers=viewer)).json(),
+            *(await http.get("/locations", headers=viewer)).json(),
+        ):
+            assert listed["env"] == {"GREETING": "(hidden)"}
         redeployed = await http.post(f"/locations/{name}/redeploy", headers=admin)
         assert redeployed.status_code == 202 and redeployed.json()["generation"] == 3
         audit = [(e["action"], e["actor"]) for e in await store.audit.recent(10)]
@@ -436,3 +447,45 @@ async def test_locations_dead_letters_and_the_overview_through_the_api(
         overview = (await http.get("/overview", params={"hours": 1}, headers=operate)).json()
         assert sum(b["states"].get("SUCCESS", 0) for b in overview["buckets"]) == 1
         assert overview["launched"] == 1 and overview["launch_latency_s"]["p50"] > 0
+
+
+async def test_a_webhook_s_url_is_shown_whole_to_an_admin_only(
+    stack: Stack, store: Database
+) -> None:
+    """A Slack-style hook's path is its secret: anyone who has it may post."""
+    hook = "https://hooks.example.com/services/T000/B000/XXXXSECRETXXXX"
+    async with store.connections.transaction() as connection:
+        assert await raise_alert(connection, f"test:{stack.unique}", "test", "x", "a test", {})
+    await store.alerts.log_new([hook])
+    _, base = await stack.start_web()
+    admin = bearer(await token(stack, "admin", "admin"))
+    operate = bearer(await token(stack, "ops", "operate"))
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        [seen] = (await http.get("/alerts", headers=admin)).json()
+        assert [d["url"] for d in seen["deliveries"]] == [hook]
+        answer = await http.get("/alerts", headers=operate)
+        assert "SECRET" not in answer.text
+        [seen] = answer.json()
+        assert [d["url"] for d in seen["deliveries"]] == ["https://hooks.example.com/…"]
+
+
+async def test_a_session_of_a_revoked_token_never_comes_back_with_its_name(store: Database) -> None:
+    """A sign-in that raced a revoke left its session behind the revoke's delete; once a new
+    token took the name, the old session read as the new token's (an admin's here)."""
+    secret = await store.api_tokens.add("alice", "operate", "test")
+    opened = await store.api_tokens.open_session(secret, 12.0)
+    assert opened is not None
+    session, _, _ = opened
+    async with store.connections.connection() as connection:
+        row = await connection.fetchrow("SELECT * FROM web_sessions WHERE token_name = 'alice'")
+        assert await store.api_tokens.revoke("alice", "test")
+        # What the race leaves: the session written after the revoke's delete.
+        await connection.execute(
+            "INSERT INTO web_sessions (digest, token_name, csrf, created_at, expires_at)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            *(row[k] for k in ("digest", "token_name", "csrf", "created_at", "expires_at")),
+        )
+    assert await store.api_tokens.session(session) is None
+    assert await store.api_tokens.open_session(secret, 12.0) is None
+    await store.api_tokens.add("alice", "admin", "test")
+    assert await store.api_tokens.session(session) is None

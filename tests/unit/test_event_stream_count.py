@@ -49,3 +49,24 @@ async def test_a_stream_past_the_cap_ends_at_once_and_the_cap_frees_up() -> None
     assert await anext(again) == "frame"
     assert wakeups.streams == 1
     await again.aclose()
+
+
+async def test_one_token_s_streams_are_capped_and_others_still_open() -> None:
+    wakeups = Wakeups(max_streams=10, max_per_token=2)
+    mine = [wakeups.counted(forever(), "script") for _ in range(2)]  # type: ignore[arg-type]
+    for stream in mine:
+        assert await anext(stream) == "frame"
+    assert wakeups.refusal("script") == (
+        "the token 'script' has 2 event streams open on this process: close one first"
+    )
+    late = wakeups.counted(forever(), "script")  # type: ignore[arg-type]
+    with pytest.raises(StopAsyncIteration):
+        await anext(late)
+    assert wakeups.refusal("viewer") is None
+    theirs = wakeups.counted(forever(), "viewer")  # type: ignore[arg-type]
+    assert await anext(theirs) == "frame"
+    await mine[0].aclose()
+    assert wakeups.refusal("script") is None
+    for stream in (mine[1], theirs):
+        await stream.aclose()
+    assert wakeups.streams == 0
