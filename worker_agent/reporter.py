@@ -25,7 +25,7 @@ from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.ports import EventPublisher
 
 from . import metrics
-from .containers import container_name
+from .containers import ContainerInfo, container_name
 from .errors import DockerUnavailable
 from .logs import LogForwarder
 from .outcome import final_event
@@ -35,6 +35,21 @@ from .settings import AgentSettings
 from .slots import Attempt, Slots
 
 log = logging.getLogger(__name__)
+
+
+#: How long a failed container with a memory limit is given for the engine to record that
+#: it was killed for memory, before it is inspected once more.
+OOM_SETTLE_S = 0.3
+
+
+def _maybe_oom(info: ContainerInfo) -> bool:
+    """Failed, with a memory limit, and not (yet) said to be killed for memory."""
+    return bool(
+        info.finished
+        and info.exit_code not in (0, None)
+        and not info.oom_killed
+        and info.resources.memory_mb
+    )
 
 
 class Reporter:
@@ -207,6 +222,12 @@ class Reporter:
                     "Docker engine unreachable while reporting run %s: %s", attempt.run_id, exc
                 )
                 await asyncio.sleep(1.0)
+        if info is not None and _maybe_oom(info):
+            # The engine may handle a container's exit before the kernel's word that it
+            # killed for memory (under load it does): ask once more, a moment later.
+            await asyncio.sleep(OOM_SETTLE_S)
+            with contextlib.suppress(DockerUnavailable):
+                info = await self.runtime.inspect(container_id) or info
         if not self.settings.log_forwarding:
             tail = ()  # no output line leaves the host
         event = final_event(attempt, self.settings.agent_id, info, tail)

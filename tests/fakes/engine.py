@@ -176,6 +176,10 @@ class FakeContainer:
     exit_code: int = 0
     error: str = ""
     oom_killed: bool = False
+    #: Killed for memory, but the engine records it only after its exit was first inspected
+    #: (Docker handles the kernel's word and the exit separately, in either order).
+    oom_recorded_late: bool = False
+    inspected: int = 0
     health: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -259,9 +263,14 @@ class FakeEngine:
 
     # --------------------------------------------------- what a test makes happen
 
-    def exit(self, container_id: str, code: int, oom_killed: bool = False) -> None:
-        """The container's process ends by itself with ``code``."""
-        self._finish(self.get(container_id), code, oom_killed=oom_killed)
+    def exit(
+        self, container_id: str, code: int, oom_killed: bool = False, recorded_late: bool = False
+    ) -> None:
+        """The container's process ends by itself with ``code``; ``recorded_late``: killed
+        for memory, which the engine says only from the second inspection on."""
+        container = self.get(container_id)
+        container.oom_recorded_late = oom_killed and recorded_late
+        self._finish(container, code, oom_killed=oom_killed and not recorded_late)
 
     def write(self, container_id: str, text: str) -> None:
         """The container's process writes ``text`` (stdout and stderr are one stream)."""

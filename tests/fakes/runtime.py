@@ -148,7 +148,12 @@ class FakeDockerRuntime:
     async def inspect(self, container_id: str) -> ContainerInfo | None:
         await self._call()
         container = self.engine.find(container_id)
-        return container.info() if container is not None else None
+        if container is None:
+            return None
+        if container.oom_recorded_late and container.inspected:
+            container.oom_killed = True
+        container.inspected += 1
+        return container.info()
 
     async def output_tail(
         self, container_id: str, lines: int, redact: Callable[[str], str] | None = None

@@ -434,6 +434,27 @@ async def test_an_oom_kill_is_reported_as_such(engine: FakeEngine, agent_on: Fac
     assert (final.reason, final.exit_code) == (FailureReason.OOM, 137)
 
 
+async def test_an_oom_kill_the_engine_records_after_the_exit_is_reported_as_such(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    """Under load Docker may handle a container's exit before the kernel's word that it was
+    killed for memory: its first inspection says exit code 137, nothing more."""
+    agent = await agent_on()
+    limited, unlimited = launch_of(memory_limit_mb=64), launch_of()
+    for launch in (limited, unlimited):
+        await agent.deliver(launch)
+    first, second = sorted(
+        engine.containers.values(), key=lambda c: c.name != container_name(limited.run_id, 1)
+    )
+    engine.exit(first.id, 137, oom_killed=True, recorded_late=True)
+    engine.exit(second.id, 3)
+    final = await agent.reported(limited.run_id)
+    assert isinstance(final, RunFailed)
+    assert (final.reason, final.exit_code) == (FailureReason.OOM, 137)
+    plain = await agent.reported(unlimited.run_id)
+    assert isinstance(plain, RunFailed) and plain.reason == FailureReason.EXIT_CODE
+
+
 async def test_the_output_tail_comes_from_the_output_followed_to_the_exit(
     engine: FakeEngine, agent_on: Factory
 ) -> None:
