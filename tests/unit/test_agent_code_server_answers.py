@@ -31,21 +31,26 @@ def serving(answer: bytes, drip_s: float = 0.0, body: bytes = b"") -> Iterator[C
                 peer, _ = listener.accept()
             except OSError:
                 return
-            with peer:
-                peer.recv(65536)
-                try:
-                    if body:
-                        peer.sendall(answer)
-                    if drip_s:
-                        for byte in body or answer:
-                            if stop.is_set():
-                                break
-                            peer.sendall(bytes([byte]))
-                            time.sleep(drip_s)
-                    else:
-                        peer.sendall(answer)
-                except OSError:
-                    pass
+            # Each on a thread of its own: a drip still going to a client that gave up must
+            # not hold the next client's answer back past its timeout.
+            threading.Thread(target=answer_to, args=(peer,), daemon=True).start()
+
+    def answer_to(peer: socket.socket) -> None:
+        with peer:
+            peer.recv(65536)
+            try:
+                if body:
+                    peer.sendall(answer)
+                if drip_s:
+                    for byte in body or answer:
+                        if stop.is_set():
+                            break
+                        peer.sendall(bytes([byte]))
+                        time.sleep(drip_s)
+                else:
+                    peer.sendall(answer)
+            except OSError:
+                pass
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
