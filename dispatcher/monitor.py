@@ -4,8 +4,9 @@ Rules (thresholds in ``MonitorSettings``):
 - agent lost: no heartbeat for ``lost_after_beats`` of its intervals → its in-flight runs
   fail with AGENT_LOST (retried per their policy); TerminateRun waits on its queue;
 - agent back: a lost agent's heartbeat → alert, and its superseded attempts are fenced;
-- agent left: a drained agent that stopped → LEFT, and a run it still holds fails over; so
-  does a run held by a lost or gone agent, its claim recorded after the decision;
+- agent left: a drained agent that stopped with nothing running → LEFT, no failover;
+- held by the gone: a run held by an agent lost or left (its claim or launch recorded after
+  the decision) fails over once the agent stays unheard for a loss threshold more;
 - run vanished: a STARTING/STARTED run missing from several complete heartbeats of its live
   agent in a row → UNEXPECTED_TERMINATION; one its agent lists as exited or reported is
   waited for (its final event is on the way) up to ``exited_grace_s``;
@@ -119,6 +120,8 @@ class Suspicion:
     count: int = 0
     #: When its agent first listed it as exited (monotonic), while that lasts.
     exited_since: float | None = None
+    #: When it was first seen held by an agent the view holds lost or gone, while that lasts.
+    gone_since: float | None = None
 
 
 class FailureMonitor:
@@ -413,19 +416,11 @@ class FailureMonitor:
             view = self.agents[run.agent_id] = AgentView(
                 run.agent_id, self.clock(), UNHEARD_INTERVAL_S
             )
-        if view.lost:
-            # Held by an agent lost (or gone, drained) before the run became its: the loss
-            # failed over what it held then, and this claim or launch was applied after (the
-            # status store behind the monitor). No heartbeat will ever list it: fail it now.
-            await self._fail(
-                run,
-                FailureReason.AGENT_LOST,
-                f"held by agent {run.agent_id}, which was lost or had left before its claim "
-                "or launch was recorded",
-                terminate=True,
-            )
-            return
         suspicion = self._suspicions.setdefault(key, Suspicion())
+        if view.lost:
+            await self._held_by_the_gone(run, view, suspicion)
+            return
+        suspicion.gone_since = None
         if view.beats == suspicion.last_beat:
             return  # no new heartbeat since the last look
         suspicion.last_beat = view.beats
@@ -461,6 +456,36 @@ class FailureMonitor:
                 "with no final event",
                 terminate=True,
             )
+
+    async def _held_by_the_gone(
+        self, run: ActiveRun, view: AgentView, suspicion: Suspicion
+    ) -> None:
+        """A run held by an agent the view holds lost, or gone after a drain. Its loss failed
+        over what it held then, and a leaving agent held nothing: this claim or launch was
+        recorded after (the status store behind the monitor, or a claim answered after its
+        agent gave the launch back and left), and no heartbeat of a gone agent will list it.
+
+        It fails once the agent has stayed unheard for as long again as makes an agent lost
+        (an agent that is back says so within an interval: a heartbeat clears ``lost``), or
+        for the exited grace when its last listing showed it finished (its final event may
+        be in a status store that is behind)."""
+        now = self.clock()
+        if suspicion.gone_since is None:
+            suspicion.gone_since = now
+        finished = view.in_flight.get((run.run_id, run.attempt)) in FINISHED_STATES
+        if finished:
+            wait = self.settings.exited_grace_s
+        else:
+            wait = self.settings.lost_after_beats * view.interval_s + self.lag()
+        if now - suspicion.gone_since <= wait:
+            return
+        await self._fail(
+            run,
+            FailureReason.UNEXPECTED_TERMINATION if finished else FailureReason.AGENT_LOST,
+            f"held by agent {run.agent_id}, lost or gone, and unheard of for {wait:.0f} s "
+            + ("with no final event" if finished else "since the run became its"),
+            terminate=True,
+        )
 
     async def _fail(
         self, run: ActiveRun, reason: FailureReason, note: str, terminate: bool

@@ -9,7 +9,8 @@
   the grace asked for (SIGTERM, then SIGKILL). The attempt's end, whatever it reports, ends the
   run CANCELED (a success that came first stays a success), never retried; the monitor ends
   it CANCELED with CANCEL_TIMEOUT when the agent does not confirm in time.
-- CANCELING and final states: nothing changes (a cancel is idempotent).
+- CANCELING and final states: nothing changes (a cancel is idempotent); a final state is
+  announced again (``RunEnded``), for whoever waits on this cancel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from schemas import CancelRun, RunEnded, TerminateRun
+from schemas import CancelRun, FailureReason, RunEnded, TerminateRun
+from schemas.bounds import MAX_TEXT
 from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
 
 from ..states import TERMINAL, RunState
@@ -51,14 +53,17 @@ def _id(run_id: uuid.UUID, attempt: int, what: str) -> uuid.UUID:
 async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled:
     """Cancel ``request.run_id`` (see the module docstring), in the caller's transaction."""
     run = await connection.fetchrow(
-        "SELECT run_id, attempt, state, queue, agent_id, held FROM runs WHERE run_id = $1"
-        " FOR UPDATE",
+        "SELECT run_id, attempt, state, queue, agent_id, held, exit_code, failure_reason,"
+        " failure_message FROM runs WHERE run_id = $1 FOR UPDATE",
         request.run_id,
     )
     if run is None:
         return Canceled(Outcome.UNKNOWN, None)
     state = RunState(run["state"])
     if state in TERMINAL:
+        # How it ended, said again for this request: one who waits on the cancel without
+        # the database (``runs cancel --wait``) hears it, rather than wait for its timeout.
+        await outbox.insert(connection, [outbox.answer(_ended_again(run, state, request))])
         return Canceled(Outcome.FINISHED, state)
     if state == RunState.CANCELING:
         return Canceled(Outcome.ALREADY_CANCELING, state)
@@ -117,6 +122,26 @@ async def never_launch(
         holder,
     )
     return [_terminate(run_id, attempt, agent["agent_id"], why) for agent in live]
+
+
+def _reason(stored: str | None) -> FailureReason | None:
+    try:
+        return FailureReason(stored) if stored else None
+    except ValueError:
+        return None
+
+
+def _ended_again(run: asyncpg.Record, state: RunState, request: CancelRun) -> RunEnded:
+    reason = run["failure_reason"]
+    return RunEnded(
+        message_id=_id(request.run_id, run["attempt"], f"ended-again:{request.message_id}"),
+        run_id=request.run_id,
+        attempt=run["attempt"],
+        state=state.value,  # type: ignore[arg-type]
+        exit_code=run["exit_code"] if -1 <= (run["exit_code"] or 0) <= 255 else None,
+        reason=_reason(reason),
+        message=(run["failure_message"] or "")[:MAX_TEXT],
+    )
 
 
 def _terminate(

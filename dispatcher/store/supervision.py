@@ -303,19 +303,11 @@ class Supervision:
     async def agents_left(self, agent_ids: Sequence[str]) -> list[str]:
         """``agent_left`` for many agents, in one transaction; those that left now.
 
-        A run one of them still holds fails over (AGENT_LOST): an agent that stops while
-        its claim is unanswered gives the launch back, and the claim, granted after, made it
-        the holder of an attempt no agent will start."""
+        A run one of them still holds is the monitor's to judge (``_held_by_the_gone``):
+        its final event may still be on the way."""
         if not agent_ids:
             return []
-        return await self._batch(lambda connection: self._left(connection, agent_ids))
-
-    async def _left(self, connection: asyncpg.Connection, agent_ids: Sequence[str]) -> list[str]:
-        left = await agents.mark_left(connection, agent_ids)
-        await self._fail_held(
-            connection, {a: f"agent {a} drained and left while holding it" for a in left}
-        )
-        return left
+        return await self._batch(lambda connection: agents.mark_left(connection, agent_ids))
 
     async def _fail_held(
         self, connection: asyncpg.Connection, notes: dict[str, str]

@@ -351,20 +351,6 @@ async def a_drained_agent_leaves_quietly_and_only_a_draining_one(h: Harness) -> 
     assert await h.alert_kinds() == ["agent_down"]
 
 
-async def a_drained_agent_that_leaves_gives_up_the_runs_it_holds(h: Harness) -> None:
-    # It stopped while its claim waited for an answer (and gave the launch back); the claim,
-    # recorded after, made it the holder of an attempt that no agent will start.
-    run_id = await submit(h)
-    await h.report(AgentHeartbeat(agent_id=AGENT_A, sequence=0, interval_s=2.0, draining=True))
-    await h.report(RunClaimed(run_id=run_id, attempt=1, agent_id=AGENT_A))
-    assert await h.run(run_id) == RunSeen(RunState.QUEUED, 1, AGENT_A, None)
-    assert await h.store.agent_left(AGENT_A)
-    assert await h.run(run_id) == RunSeen(RunState.QUEUED, 2, None, "AGENT_LOST")
-    assert await h.launches(run_id) == [1, 2]
-    assert (AGENT_A, run_id, 1) in await h.terminations()
-    assert await h.alert_kinds() == []  # leaving is no incident
-
-
 async def a_claimed_run_past_its_queue_timeout_is_stopped_on_its_claimant(h: Harness) -> None:
     # Its claimant drains (no live agent of the queue): only its claim says it may start it.
     ended, retried = (
@@ -450,7 +436,6 @@ CHECKS: tuple[Check, ...] = (
     an_agent_never_heard_from_that_holds_a_run_is_declared_lost,
     an_agent_comes_back_once_per_incident,
     a_drained_agent_leaves_quietly_and_only_a_draining_one,
-    a_drained_agent_that_leaves_gives_up_the_runs_it_holds,
     a_claimed_run_past_its_queue_timeout_is_stopped_on_its_claimant,
     fencing_terminates_attempts_that_are_no_longer_their_run_s,
     a_long_running_alert_is_raised_once_per_attempt,

@@ -364,9 +364,6 @@ class FakeSupervision:
             if agent is not None and agent.status == "DRAINING":
                 agent.status = "LEFT"
                 left.append(agent_id)
-        # ``supervision._left``: what a leaving agent still holds fails over.
-        for agent_id in sorted(left):
-            self._fail_held(agent_id, f"agent {agent_id} drained and left while holding it")
         return sorted(left)
 
     def _fail_held(self, agent_id: str, note: str) -> list[uuid.UUID]:

@@ -286,12 +286,67 @@ async def test_a_run_that_becomes_a_lost_agent_s_after_the_loss_fails_over(how_f
     await w.store.apply_events([RunClaimed(run_id=run_id, attempt=1, agent_id=A)])
     if how_far == "started":
         await w.started(run_id, A)
-    await w.elapse(SWEEP_S)
+    # Not at once: an agent that is back says so within an interval.
+    await w.elapse(3 * INTERVAL_S)
+    assert state(w.run(run_id)) == (
+        (RunState.QUEUED, 1, None) if how_far == "claimed" else (RunState.STARTED, 1, None)
+    )
+    await w.elapse(INTERVAL_S)
     assert state(w.run(run_id)) == (RunState.QUEUED, 2, "AGENT_LOST")
     assert (run_id, 1) in w.terminations(A)  # should it ever come back
     # Once: later sweeps take no second decision.
     await w.elapse(10 * SWEEP_S)
     assert w.decisions() == [(run_id, 1, "AGENT_LOST")]
+
+
+async def test_an_agent_back_from_lost_keeps_what_it_claims_before_the_monitor_hears_it() -> None:
+    # Back after a partition, A claims at once; its heartbeat reaches the monitor later.
+    w = World()
+    run_id = await w.submit()
+    await w.beat(A)
+    w.live(B)
+    await w.elapse(10 * INTERVAL_S)
+    assert w.status(A) == "LOST"
+    await w.store.apply_events([RunClaimed(run_id=run_id, attempt=1, agent_id=A)])
+    await w.elapse(1.5)
+    await w.started(run_id, A)
+    w.live(A, (run_id, 1))
+    await w.elapse(10 * INTERVAL_S)
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    assert w.decisions() == []
+
+
+async def test_after_a_takeover_a_live_agent_still_lost_in_the_store_keeps_its_runs() -> None:
+    # A came back while no monitor led (its return never written): the new leader's view
+    # holds it lost until its first heartbeat, which comes within an interval.
+    w = World()
+    run_id = await w.submit()
+    await w.beat(A)
+    w.live(B)
+    await w.elapse(10 * INTERVAL_S)
+    assert w.status(A) == "LOST"
+    await w.started(run_id, A)
+    w.monitor = w.new_monitor()
+    await w.monitor.load()
+    await w.monitor.sweep()
+    w.live(A, (run_id, 1))
+    await w.elapse(10 * INTERVAL_S)
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    assert w.decisions() == []
+
+
+async def test_a_drained_agent_s_finished_run_waits_for_its_final_event_after_it_left() -> None:
+    # A lists the run reported and leaves; the status store is behind with its success.
+    w = World()
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    await w.beat(A, (run_id, 1, "reported"), draining=True)
+    await w.elapse(10 * INTERVAL_S)
+    assert w.status(A) == "LEFT"
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    await w.store.apply_events([RunSucceeded(run_id=run_id, attempt=1, agent_id=A)])
+    assert w.run(run_id).state == RunState.SUCCESS
+    assert w.decisions() == []
 
 
 async def test_silence_is_counted_in_the_agent_s_own_intervals() -> None:
