@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -389,6 +389,23 @@ class Runs:
         async with self._connections.connection() as connection:
             records = await connection.fetch(query, *values)
         return [RunRow.from_record(r) for r in records]
+
+    async def in_reach(self, run_ids: Collection[uuid.UUID], within: Limits) -> set[uuid.UUID]:
+        """Those of ``run_ids`` that exist on ``within``'s queues and of its locations."""
+        if not run_ids:
+            return set()
+        async with self._connections.connection() as connection:
+            records = await connection.fetch(
+                """
+                SELECT run_id FROM runs WHERE run_id = ANY($1::uuid[])
+                  AND (cardinality($2::text[]) = 0 OR queue = ANY($2::text[]))
+                  AND (cardinality($3::text[]) = 0 OR location = ANY($3::text[]))
+                """,
+                list(run_ids),
+                list(within.queues),
+                list(within.locations),
+            )
+        return {r["run_id"] for r in records}
 
     async def events_after(
         self,

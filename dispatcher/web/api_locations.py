@@ -43,9 +43,15 @@ def _known(name: str) -> str:
 
 
 def _shown(request: Request[Any, Any, Any], location: Location) -> dict[str, Any]:
-    """A location as this request's token may see it: a ``read`` token sees its env's names."""
+    """A location as this request's token may see it: its env's names only to a ``read``
+    token, or to one limited to other locations or queues."""
     shown = asdict(location)
-    if not views.sees_env(token_of(request).scope):
+    token = token_of(request)
+    within = token.limits
+    mine = (not within.locations or location.name in within.locations) and (
+        not within.queues or location.queue in within.queues
+    )
+    if not (views.sees_env(token.scope) and mine):
         shown["env"] = dict.fromkeys(shown["env"], views.HIDDEN)
     return shown
 

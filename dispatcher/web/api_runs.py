@@ -290,7 +290,7 @@ class RunsController(Controller):
         data: views.CancelBody | None = None,
     ) -> views.CancelAnswer:
         """Cancel a run (idempotent); a finished run is answered 409 with its state, a run
-        outside the token's queues or locations 403."""
+        outside the token's queues or locations 404, as one that does not exist."""
         body = data or views.CancelBody()
         if not 0 <= body.grace_s <= 3600:
             raise ValidationException("grace_s: 0 to 3600 seconds")
@@ -304,10 +304,7 @@ class RunsController(Controller):
         except SchemaError as exc:
             raise ValidationException(str(exc)) from None
         run = await _run(store, run_id)
-        token = token_of(request)
-        why = cancel_problem(token.name, token.limits, run.queue, run.location)
-        if why is not None:
-            raise PermissionDeniedException(why)
+        _in_reach(token_of(request), run_id, run.queue, run.location)
         if RunState(run.state) in TERMINAL and run.state != RunState.CANCELED:
             raise ClientException(f"run {run_id} has ended already: {run.state}", status_code=409)
         await broker.cancel(run_id, body.grace_s, body.reason)

@@ -15,6 +15,7 @@ from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.exceptions import (
     ClientException,
+    NotFoundException,
     ServiceUnavailableException,
     ValidationException,
 )
@@ -94,6 +95,10 @@ async def events(
     after = newest if last_event_id is None else min(last_event_id, newest)
     wakeups: Wakeups = request.app.state.wakeups
     token = token_of(request)
+    within = token.limits
+    limited = within.queues or within.locations
+    if run_id is not None and limited and not await store.runs.in_reach({run_id}, within):
+        raise NotFoundException(f"no run {run_id}")
     refusal = wakeups.refusal(token.name)
     if refusal is not None:
         raise ServiceUnavailableException(refusal)

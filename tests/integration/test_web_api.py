@@ -71,13 +71,14 @@ async def test_a_limited_token_submits_and_cancels_only_on_its_queues_and_locati
         plain = await http.post("/runs", json=submission(stack), headers=jobs_only)
         assert plain.status_code == 403 and "only jobs of its locations" in plain.text
 
-        # Cancel: only runs it could have submitted.
+        # Cancel: only runs it could have submitted; another is no run of its, as one that
+        # does not exist.
         theirs = submission(stack, queue=other_queue, command=["sleep", "300"])
         assert (await http.post("/runs", json=theirs, headers=anywhere)).status_code == 202
         denied = await http.post(f"/runs/{theirs['run_id']}/cancel", json={}, headers=team)
-        assert denied.status_code == 403 and "only runs on its queues" in denied.text
+        assert denied.status_code == 404 and f"no run {theirs['run_id']}" in denied.text
         denied = await http.post(f"/runs/{mine['run_id']}/cancel", json={}, headers=jobs_only)
-        assert denied.status_code == 403 and "only jobs of its locations" in denied.text
+        assert denied.status_code == 404 and f"no run {mine['run_id']}" in denied.text
         canceled = await http.post(f"/runs/{mine['run_id']}/cancel", json={}, headers=team)
         assert canceled.status_code == 202, canceled.text
     await wait_for_state(store, uuid.UUID(mine["run_id"]), RunState.CANCELED, timeout=60)
@@ -109,6 +110,30 @@ async def test_a_limited_token_submits_and_cancels_only_on_its_queues_and_locati
         )
         assert [seq for seq, _, _ in streamed] == mine_seqs
         assert {data["run_id"] for _, _, data in streamed} == {mine["run_id"]}
+        theirs_only = await http.get("/events", params={"run_id": str(theirs_id)}, headers=team)
+        assert theirs_only.status_code == 404
+        # Nor through the agents' runs in flight, the alerts, or the dead letters.
+        async with store.connections.connection() as connection:
+            await connection.execute(
+                "INSERT INTO agents (agent_id, in_flight) VALUES ('host-x', $1::jsonb)",
+                json.dumps(
+                    [
+                        {"run_id": str(r), "attempt": 1, "state": "running"}
+                        for r in (mine_id, theirs_id)
+                    ]
+                ),
+            )
+            for run_id in (mine_id, theirs_id):
+                await raise_alert(connection, f"run-failed:{run_id}", "run_failed", "r", "x", {})
+        [host] = [
+            a for a in (await http.get("/agents", headers=team)).json() if a["agent_id"] == "host-x"
+        ]
+        assert [r["run_id"] for r in host["in_flight"]] == [mine["run_id"]]
+        keys = {a["dedupe_key"] for a in (await http.get("/alerts", headers=team)).json()}
+        assert f"run-failed:{mine_id}" in keys and f"run-failed:{theirs_id}" not in keys
+        everyone_s = {a["dedupe_key"] for a in (await http.get("/alerts", headers=anywhere)).json()}
+        assert f"run-failed:{theirs_id}" in everyone_s
+        assert (await http.get("/dead-letters", headers=team)).status_code == 403
     with pytest.raises(RunNotFound):  # a refused submission makes no run
         await store.runs.get(uuid.UUID(elsewhere["run_id"]))
 
@@ -406,6 +431,9 @@ async def test_locations_dead_letters_and_the_overview_through_the_api(
         assert changed.status_code == 200 and changed.json()["generation"] == 2
         # Its env: values from operate up, names only for a read token.
         viewer = bearer(await token(stack, "viewer", "read"))
+        elsewhere = bearer(await token(stack, "elsewhere", "operate", "--location", "etl"))
+        hidden = (await http.get(f"/locations/{name}", headers=elsewhere)).json()["env"]
+        assert hidden == {"GREETING": "(hidden)"}  # not its location
         assert (await http.get(f"/locations/{name}", headers=operate)).json()["env"] == {
             "GREETING": "hi"
         }
