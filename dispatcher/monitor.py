@@ -172,8 +172,10 @@ class FailureMonitor:
         for row in await self.store.agents():
             view = AgentView(row.agent_id, now, row.interval_s)
             view.synced = False
+            # A draining agent that stops is leaving, not lost, as it was for the last leader.
+            view.draining = row.status == "DRAINING"
             self.agents[row.agent_id] = view
-            self._set_lost(view, row.status == "LOST")
+            self._set_lost(view, row.status in ("LOST", "LEFT"))
         self._update_gauges()
         log.info("monitor view loaded: %d agent(s)", len(self.agents))
 
@@ -472,18 +474,23 @@ class FailureMonitor:
         now = self.clock()
         if suspicion.gone_since is None:
             suspicion.gone_since = now
+        settings = self.settings
         finished = view.in_flight.get((run.run_id, run.attempt)) in FINISHED_STATES
-        if finished:
-            wait = self.settings.exited_grace_s
-        else:
-            wait = self.settings.lost_after_beats * view.interval_s + self.lag()
+        wait = settings.lost_after_beats * view.interval_s + self.lag()
+        if finished or not view.beats:
+            # Listed finished, or not heard since this monitor took over (it may have been).
+            wait = max(wait, settings.exited_grace_s)
         if now - suspicion.gone_since <= wait:
             return
+        if now - view.last_seen <= settings.lost_after_beats * view.interval_s:
+            why = "its Docker engine does not answer"  # it beats, lost for its engine
+        else:
+            why = f"unheard of for {wait:.0f} s since the run became its"
         await self._fail(
             run,
             FailureReason.UNEXPECTED_TERMINATION if finished else FailureReason.AGENT_LOST,
-            f"held by agent {run.agent_id}, lost or gone, and unheard of for {wait:.0f} s "
-            + ("with no final event" if finished else "since the run became its"),
+            f"held by agent {run.agent_id}, lost or gone: {why}"
+            + (", with no final event" if finished else ""),
             terminate=True,
         )
 

@@ -349,6 +349,44 @@ async def test_a_drained_agent_s_finished_run_waits_for_its_final_event_after_it
     assert w.decisions() == []
 
 
+async def test_after_a_takeover_a_draining_agent_that_stops_leaves_and_its_success_counts() -> None:
+    # The new leader reads A as DRAINING from the store: stopped, A leaves (it is not lost),
+    # and its run, which it last listed finished, waits for its success on the way.
+    w = World()
+    run_id = await w.submit()
+    await w.started(run_id, A)
+    w.live(B)
+    await w.beat(A, (run_id, 1, "reported"), draining=True)
+    await w.elapse(SWEEP_S)
+    assert w.status(A) == "DRAINING"
+    w.monitor = w.new_monitor()
+    await w.monitor.load()
+    await w.elapse(10 * INTERVAL_S)
+    assert w.status(A) == "LEFT"
+    assert w.alerts("agent_down") == 0
+    assert state(w.run(run_id)) == (RunState.STARTED, 1, None)
+    await w.store.apply_events([RunSucceeded(run_id=run_id, attempt=1, agent_id=A)])
+    assert w.run(run_id).state == RunState.SUCCESS
+    assert w.decisions() == []
+
+
+async def test_a_run_claimed_by_an_agent_lost_for_its_engine_fails_in_those_words() -> None:
+    w = World()
+    run_id = await w.submit()
+    w.live(B)
+    w.live(A)
+    await w.elapse(INTERVAL_S)
+    w.engine_down.add(A)
+    await w.elapse(10 * INTERVAL_S)
+    assert w.status(A) == "LOST"
+    await w.store.apply_events([RunClaimed(run_id=run_id, attempt=1, agent_id=A)])
+    await w.elapse(10 * INTERVAL_S)
+    assert state(w.run(run_id)) == (RunState.QUEUED, 2, "AGENT_LOST")
+    [failed] = [i.message for i in w.store.written(RunFailed)]
+    assert isinstance(failed, RunFailed)
+    assert failed.message == f"held by agent {A}, lost or gone: its Docker engine does not answer"
+
+
 async def test_silence_is_counted_in_the_agent_s_own_intervals() -> None:
     w = World(lost_after_beats=3)
     await w.beat(A, interval_s=0.5)  # lost after 1.5 s
