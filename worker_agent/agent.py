@@ -61,6 +61,8 @@ class Agent:
         )
         #: Set when the shutdown begins: instructions held on purpose stop waiting.
         self._stopping = asyncio.Event()
+        #: Set by the shutdown only (``_stopping`` by a drain too).
+        self._shutting_down = asyncio.Event()
         #: Set to drain: take no new work, let running containers finish, then stop.
         self.drain_requested = asyncio.Event()
         self._components: dict[str, asyncio.Task[None]] = {}
@@ -238,6 +240,7 @@ class Agent:
         # to their queue when the channel closes.
         parts.heartbeat.draining = True
         self._stopping.set()
+        self._shutting_down.set()
         await bounded(parts.consumer.stop(), "stopping the consumer")
         # Let launches in progress finish and final events go out, within the grace period;
         # the heartbeat goes on meanwhile, so that a draining agent does not look dead.
@@ -278,7 +281,9 @@ class _Parts:
         settings, runtime, slots = agent.settings, agent.runtime, agent.slots
         self.publisher = Publisher(connection)
         self.reporter = Reporter(settings, runtime, slots, self.publisher)
-        self.launcher = Launcher(settings, runtime, slots, self.reporter, agent._stopping)
+        self.launcher = Launcher(
+            settings, runtime, slots, self.reporter, agent._stopping, agent._shutting_down
+        )
         self.watcher = ContainerWatcher(
             runtime, self.reporter.on_exit, self.launcher.adopt, self.reporter.on_ready
         )

@@ -36,7 +36,7 @@ from schemas import (
 )
 from schemas.resources import Resources, Shortfall
 from transport.delivery import Delivery, settle
-from transport.errors import BrokerUnavailable
+from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.ports import InboundDelivery
 
 from . import limits, metrics
@@ -72,6 +72,7 @@ class Launcher:
         slots: Slots,
         reporter: Reporter,
         stopping: asyncio.Event,
+        shutting_down: asyncio.Event | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -79,7 +80,10 @@ class Launcher:
         self.reporter = reporter
         self.policy = settings.policy
         self.secrets = Secrets(directory=settings.secrets_dir, allowed=settings.allowed_secrets)
+        #: Set by a drain or a shutdown: no new launch waits for anything.
         self._stopping = stopping
+        #: Set by the shutdown only: a stop asked for is retried through a drain, not past it.
+        self._shutting_down = shutting_down or stopping
         #: Set at start-up, before any instruction is consumed.
         self.keeper: LocationKeeper | None = None
         #: Claims waiting for the control plane's answer.
@@ -123,22 +127,26 @@ class Launcher:
         attempt.state = info.status
         attempt.started = info.ready
         self.reporter.forward_output(attempt, container_id)
-        fence = self.slots.fenced(key)
-        if fence is not None and not info.finished:
-            # Terminated while its container was being created: stopped now, its end
-            # reported as any terminated attempt's.
-            self._terminating(attempt, fence)
-            await self._stop(attempt, fence.grace_s)
         try:
-            await self.reporter.launched(*key, container_id, attempt.started)
-        except BrokerUnavailable as exc:
-            # Not acked: the broker redelivers, and the redelivery adopts this container.
-            log.error("could not report the launch of run %s: %s", launch.run_id, exc)
-        else:
-            await settle(raw.ack())
-            if not adopted:
-                metrics.LAUNCHES.inc()
-        attempt.launched.set()
+            fence = self.slots.fenced(key)
+            if fence is not None and not info.finished:
+                # Terminated while its container was being created: stopped now, its end
+                # reported as any terminated attempt's.
+                self._terminating(attempt, fence)
+                await self._stop(attempt, fence.grace_s)
+            try:
+                await self.reporter.launched(*key, container_id, attempt.started)
+            except (BrokerUnavailable, BrokerRefused) as exc:
+                # Not acked: the broker redelivers, and the redelivery adopts this container.
+                log.error("could not report the launch of run %s: %s", launch.run_id, exc)
+            else:
+                await settle(raw.ack())
+                if not adopted:
+                    metrics.LAUNCHES.inc()
+        finally:
+            # Bound to its container whatever happened here: its end is reported when it
+            # comes (the report waits for this), and a second delivery is not left waiting.
+            attempt.launched.set()
         what = "adopted" if adopted else "started"
         log.info("run %s attempt %d %s container %s", *key, what, container_id[:12])
         if info.finished or self.reporter.exited_unbound(container_id):
@@ -347,16 +355,20 @@ class Launcher:
         key = attempt.key
         while True:
             answer = await self.claims.wait(key, CLAIM_RESEND_S, self._stopping)
-            if answer is True:
+            # Granted, then terminated while the container was created (a cancel, a queue
+            # timeout): the stop, which came last, wins; the container never starts.
+            fenced = self.slots.fenced(key) is not None
+            if answer is True and not fenced:
                 return True
-            refused = answer is False or self.slots.fenced(key) is not None
+            refused = answer is False or fenced
             if refused or self._stopping.is_set():
                 with contextlib.suppress(DockerUnavailable):
                     await self.runtime.remove(info.id)
                 self.slots.release(key)
                 attempt.launched.set()  # a second delivery of it, waiting on this one
                 if refused:
-                    log.info("run %s attempt %d: claim refused; never started here", *key)
+                    why = "terminated" if fenced else "claim refused"
+                    log.info("run %s attempt %d: %s; never started here", *key, why)
                     await settle(raw.ack())
                 else:
                     await settle(raw.nack(requeue=True))
@@ -379,11 +391,13 @@ class Launcher:
         await self._drop_fenced(attempt.key, raw)
         return True
 
-    async def _pause(self, seconds: float) -> bool:
-        """Sleep ``seconds``; False if the agent began to stop meanwhile."""
+    async def _pause(self, seconds: float, until: asyncio.Event | None = None) -> bool:
+        """Sleep ``seconds``; False if the agent began to stop (``until``: to shut down)
+        meanwhile."""
+        until = until or self._stopping
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        return not self._stopping.is_set()
+            await asyncio.wait_for(until.wait(), seconds)
+        return not until.is_set()
 
     async def _report_failed(self, launch: LaunchRun, reason: FailureReason, why: str) -> None:
         await self.reporter.publish_until_sent(
@@ -402,6 +416,8 @@ class Launcher:
         log.exception("LaunchRun for run %s attempt %d failed", launch.run_id, launch.attempt)
         key: AttemptKey = (launch.run_id, launch.attempt)
         attempt = self.slots.attempts.get(key)
+        if self.slots.finished(key):
+            return  # its end was reported: a failure now would contradict it
         if attempt is None or attempt.container_id is None:
             await self._report_failed(launch, FailureReason.LAUNCH_ERROR, f"agent error: {exc!r}")
             self.slots.release(key, reported=True)
@@ -447,8 +463,8 @@ class Launcher:
         )
 
     async def _stop(self, attempt: Attempt, grace_s: float) -> bool:
-        """SIGTERM, then SIGKILL after ``grace_s``, retried while Docker is unreachable;
-        False when the agent began to stop first."""
+        """SIGTERM, then SIGKILL after ``grace_s``, retried while Docker is unreachable (a
+        drain too); False when the agent began to shut down first."""
         assert attempt.container_id is not None
         delay = FIRST_RETRY_S
         attempt.stopping_grace_s = grace_s
@@ -460,7 +476,7 @@ class Launcher:
                 except DockerUnavailable as exc:
                     run_id = attempt.run_id
                     log.error("cannot terminate run %s (%s); retried in %.1f s", run_id, exc, delay)
-                    if not await self._pause(delay):
+                    if not await self._pause(delay, self._shutting_down):
                         return False
                     delay = min(delay * 2, MAX_RETRY_S)
         finally:

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from schemas import FailureReason, LaunchRun, RunFailed, TerminateRun
+from schemas import FailureReason, LaunchRun, RunFailed, RunSucceeded, TerminateRun
 from tests.fakes.clock import until
 from tests.fakes.runtime import FakeEngine
 from tests.unit.test_agent_launch import Factory, launch_of, only_container
+from transport.errors import BrokerRefused, BrokerUnavailable
 from worker_agent.containers import LABEL_RUN
 
 pytestmark = pytest.mark.unit
@@ -115,7 +116,7 @@ async def test_a_launch_terminated_before_its_create_frees_its_slot_and_reports_
     assert agent.slots.in_flight() == ()
 
 
-async def test_a_launch_terminated_while_its_create_was_sent_is_stopped_and_reported(
+async def test_a_launch_terminated_while_its_create_was_sent_is_never_started(
     engine: FakeEngine, agent_on: Factory
 ) -> None:
     agent = await agent_on()
@@ -123,25 +124,22 @@ async def test_a_launch_terminated_while_its_create_was_sent_is_stopped_and_repo
     launch = launch_of()
     handling = asyncio.create_task(agent.deliver(launch))
     # The slot is taken and the create sent in one step: from here the create may have
-    # landed although the call failed, so the launch is not dropped but stopped once created.
+    # landed although the call failed, so the launch is not dropped at once.
     await until(lambda: agent.slots.free() == 1, what="the launch holds a slot")
+    # Its claim was granted before the stop came (a cancel after the grant): the stop, which
+    # came last, wins.
+    claim = agent.launcher.claims.open((launch.run_id, 1))
+    await until(lambda: claim.done() and claim.result() is True, what="the claim granted")
 
     terminated = await agent.deliver(terminate_of(launch, grace_s=3))
     assert terminated.settlements == ["ack"]
     engine.answer_again()
     delivery = await asyncio.wait_for(handling, 5)
     assert delivery.settlements == ["ack"]
-
-    final = await agent.reported(launch.run_id)
-    assert isinstance(final, RunFailed)
-    assert (final.reason, final.message) == (
-        FailureReason.UNEXPECTED_TERMINATION,
-        "terminated: canceled",
-    )
-    names = agent.of_run(launch.run_id)
-    assert (names[0], names[-1]) == ("RunLaunched", "RunFailed")
-    await until(lambda: agent.slots.free() == 2, what="the slot freed")
+    # The container, created, was removed unstarted; nothing to report, the slot free.
     assert containers_of(engine, launch.run_id) == []
+    assert agent.of_run(launch.run_id) == []  # no RunLaunched, no RunStarted
+    assert agent.slots.free() == 2
 
 
 async def test_a_terminate_for_a_running_attempt_still_stops_it(
@@ -168,3 +166,80 @@ async def test_a_terminate_for_a_running_attempt_still_stops_it(
     assert agent.slots.fenced((launch.run_id, 1)) is None
     assert (await agent.deliver(launch)).settlements == ["ack"]
     assert engine.containers == {}
+
+
+async def test_a_stop_during_a_drain_is_retried_while_docker_does_not_answer(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    """A drain stops new work, not the stops asked for: one that meets a Docker blip is
+    tried again until it holds (before, it gave up at once and the container ran on)."""
+    agent = await agent_on()
+    launch = launch_of()
+    await agent.deliver(launch)
+    container = only_container(engine)
+    agent.stopping.set()  # draining: the control queue is still consumed
+    engine.stop_answering()
+    stopping = asyncio.create_task(
+        agent.deliver(terminate_of(launch, failure_reason=FailureReason.AGENT_LOST))
+    )
+    await asyncio.sleep(0.6)  # a first try, and its retry, failed
+    assert not stopping.done()  # still trying: not given up, not acked
+    engine.answer_again()
+    terminated = await asyncio.wait_for(stopping, 10)
+    assert terminated.settlements == ["ack"]
+    assert container.status == "exited"
+    final = await agent.reported(launch.run_id)
+    assert isinstance(final, RunFailed) and final.reason == FailureReason.AGENT_LOST
+
+
+async def test_a_launch_whose_report_the_broker_refuses_is_still_stopped_and_reported(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    """The broker refuses the RunLaunched (a nack): the launch is left unacked, and its
+    attempt is still bound to its container, so a stop that comes is carried out and its
+    end reported (before, the report waited for ever on a launch never marked done)."""
+    agent = await agent_on()
+    launch = launch_of()
+    agent.publisher.failure = BrokerRefused("publish refused")
+    agent.publisher.answerers.clear()  # the claim is answered by hand
+    handling = asyncio.create_task(agent.deliver(launch))
+    await until(lambda: engine.containers, what="the container created")
+    agent.publisher.failure = None
+    agent.launcher.claims.answer((launch.run_id, 1), True)
+    agent.publisher.failure = BrokerRefused("publish refused")
+    await until(lambda: only_container(engine).status == "running", what="started")
+    delivery = await asyncio.wait_for(handling, 5)
+    assert delivery.settlements == []  # not acked: the broker redelivers it
+    agent.publisher.failure = None
+    terminated = await agent.deliver(terminate_of(launch))
+    assert terminated.settlements == ["ack"]
+    final = await agent.reported(launch.run_id)
+    assert isinstance(final, RunFailed) and final.message == "terminated: canceled"
+
+
+async def test_a_redelivered_launch_failing_after_the_run_ended_reports_no_failure(
+    engine: FakeEngine, agent_on: Factory
+) -> None:
+    """A second delivery of an attempt re-reports its launch; when that fails after the
+    attempt's success was reported, no RunFailed contradicts it."""
+    agent = await agent_on()
+    launch = launch_of()
+    await agent.deliver(launch)
+    container = only_container(engine)
+    gate = asyncio.Event()
+
+    async def launched_then_broker_gone(*_: Any) -> None:
+        await gate.wait()
+        raise BrokerUnavailable("the broker went away")
+
+    agent.reporter.launched = launched_then_broker_gone  # type: ignore[method-assign]
+    again = asyncio.create_task(agent.deliver(launch))
+    await asyncio.sleep(0)
+    engine.exit(container.id, 0)
+    await agent.reported(launch.run_id)
+    await until(lambda: agent.slots.finished((launch.run_id, 1)), what="the attempt released")
+    gate.set()
+    with pytest.raises(BrokerUnavailable):
+        await asyncio.wait_for(again, 5)
+    ends = [type(e).__name__ for e in agent.events() if isinstance(e, RunFailed | RunSucceeded)]
+    assert ends == ["RunSucceeded"]

@@ -88,10 +88,17 @@ class AgentUnderTest:
             clock=self.clock,
             capacity=self.settings.capacity,
         )
+        #: Set by a drain or a shutdown; ``shutting_down`` by the shutdown only.
         self.stopping = asyncio.Event()
+        self.shutting_down = asyncio.Event()
         self.reporter = Reporter(self.settings, self.runtime, self.slots, self.publisher)
         self.launcher = Launcher(
-            self.settings, self.runtime, self.slots, self.reporter, self.stopping
+            self.settings,
+            self.runtime,
+            self.slots,
+            self.reporter,
+            self.stopping,
+            self.shutting_down,
         )
         self.watcher = ContainerWatcher(
             self.runtime, self.reporter.on_exit, self.launcher.adopt, self.reporter.on_ready
