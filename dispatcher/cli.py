@@ -8,7 +8,7 @@ import math
 import shlex
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -390,30 +390,31 @@ def submit(
     async def go() -> int:
         from schemas import RunAccepted, RunRejected
 
+        run_id = uuid.uuid4()
+        fields: dict[str, Any] = dict(
+            location=location,
+            job=job,
+            config=job_config,
+            env=environment,
+            queue=queue,
+            idempotency_key=idempotency_key,
+            tags=tags,
+            priority=priority,
+            run_id=run_id,
+            max_runtime_s=max_runtime,
+            queue_timeout_s=queue_timeout,
+            start_timeout_s=start_timeout,
+            max_retries=max_retries,
+            memory_limit_mb=memory_mb,
+            cpus=cpus,
+            gpus=gpus,
+            ready_check=checks,
+        )
+        # A mistake is said as such (exit 2) before any broker is reached.
+        await Client(amqp_url).submit(image, command or [], **fields, check_only=True)
         async with Client(amqp_url) as client:
-            run_id = uuid.uuid4()
             follower = await client.follow({run_id})
-            await client.submit(
-                image,
-                command or [],
-                location=location,
-                job=job,
-                config=job_config,
-                env=environment,
-                queue=queue,
-                idempotency_key=idempotency_key,
-                tags=tags,
-                priority=priority,
-                run_id=run_id,
-                max_runtime_s=max_runtime,
-                queue_timeout_s=queue_timeout,
-                start_timeout_s=start_timeout,
-                max_retries=max_retries,
-                memory_limit_mb=memory_mb,
-                cpus=cpus,
-                gpus=gpus,
-                ready_check=checks,
-            )
+            await client.submit(image, command or [], **fields)
             if is_job:
                 # A job is checked against its location first: wait for the answer.
                 async for event in follower.events(answers=True):

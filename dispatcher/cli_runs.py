@@ -191,7 +191,9 @@ def runs_cancel(
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait for the run's end; exit 0 when it was canceled.")
     ] = False,
-    timeout: Annotated[float, typer.Option(help="With --wait: give up after this long.")] = 300.0,
+    timeout: Annotated[
+        float, typer.Option(help="With --wait: give up waiting after this long (seconds).")
+    ] = 300.0,
     amqp_url: AmqpUrl = "",
     database_url: DatabaseUrl = "",
     database_schema: DatabaseSchema = None,
@@ -203,6 +205,8 @@ def runs_cancel(
 
     if not 0 <= grace <= 3600:
         raise _fail("--grace must be 0 to 3600 seconds")
+    if not timeout > 0:  # NaN too
+        raise _fail(f"--timeout must be more than 0 seconds, got {timeout:g}")
     if not amqp_url:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
     run: RunRow | None = None
@@ -233,12 +237,12 @@ def _request_cancel(
             typer.echo(f"run {run_id}: cancel requested")
             if follower is None:
                 return 0
-            outcome = await wait_for_outcome(follower, run_id, None)
+            outcome = await wait_for_outcome(follower, run_id, timeout)
             typer.echo(f"run {run_id}: {outcome.state}")
             return 0 if outcome.canceled else 1
 
     try:
-        return asyncio.run(asyncio.wait_for(go(), timeout))
+        return asyncio.run(go())
     except TimeoutError:
         raise _fail(f"the run did not end within {timeout:g} s", 124) from None
     except InvalidSubmission as exc:

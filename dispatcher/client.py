@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import math
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ from schemas.topology import (
     STATUS_EXCHANGE,
     follow_pattern,
 )
-from transport.connection import Connection, connect
+from transport.connection import TRANSIENT, Connection, connect
 from transport.dead_letters import DeadLetter, peek_dead_letters
 from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.publisher import Publisher
@@ -86,33 +87,85 @@ CANCELED_EXIT_CODE = 130
 
 
 class Follower:
-    """Status events of chosen runs, from a private queue bound to each run's keys."""
+    """Status events of chosen runs, from a private queue bound to each run's keys.
+
+    One consumer reads the queue for as long as the follower lives and hands every event to
+    every wait on it: two waits at once (a script waiting on two runs with ``gather``) each
+    see all the events, and a wait that starts later sees what came before it too (the
+    latest ``BACKLOG``). A broker's queue deals its messages out to its consumers in turn, so
+    a consumer per wait lost each run's end to the other's. ``close`` it when done (``async
+    with``): its channel is otherwise held for as long as the client's connection.
+    """
+
+    #: Events kept for a wait that starts after they came.
+    BACKLOG = 10_000
 
     def __init__(self, subscription: Subscription, run_ids: set[uuid.UUID]) -> None:
         self._subscription = subscription
         self.run_ids = run_ids
         self._decoder = event_decoder()
+        self._received: deque[Event] = deque(maxlen=self.BACKLOG)
+        #: Each wait's own queue of events; None marks the end of the stream.
+        self._waits: set[asyncio.Queue[Event | None]] = set()
+        self._reading: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Follower:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
 
     async def add(self, run_id: uuid.UUID) -> None:
         """Follow one more run (bind before submitting it, so that no event is missed)."""
         await self._subscription.bind(STATUS_EXCHANGE, follow_pattern(run_id))
         self.run_ids.add(run_id)
 
+    async def _read(self) -> None:
+        try:
+            async with contextlib.aclosing(self._subscription.messages()) as messages:
+                async for raw in messages:
+                    try:
+                        event: Event = self._decoder.decode(raw.body)
+                        # Only what came from its own source: no agent forges a verdict.
+                        provenance.check(raw.routing_key, event)
+                    except (SchemaError, provenance.Misrouted):
+                        continue
+                    self._received.append(event)
+                    for wait in self._waits:
+                        wait.put_nowait(event)
+        finally:
+            for wait in self._waits:
+                wait.put_nowait(None)
+
     async def events(self, answers: bool = False) -> AsyncGenerator[Any, None]:
-        """Run events of the followed runs (and RunAccepted / RunRejected with ``answers``)."""
-        async with contextlib.aclosing(self._subscription.messages()) as messages:
-            async for raw in messages:
-                try:
-                    event: Event = self._decoder.decode(raw.body)
-                    # Only what came from its own source: no agent forges a verdict.
-                    provenance.check(raw.routing_key, event)
-                except (SchemaError, provenance.Misrouted):
+        """Run events of the followed runs (and RunAccepted / RunRejected with ``answers``),
+        those that came before this call first; ends with the stream."""
+        mine: asyncio.Queue[Event | None] = asyncio.Queue()
+        for event in self._received:
+            mine.put_nowait(event)
+        ended = self._reading is not None and self._reading.done()
+        if ended:
+            mine.put_nowait(None)
+        self._waits.add(mine)
+        if self._reading is None:
+            self._reading = asyncio.create_task(self._read())
+        try:
+            while (came := await mine.get()) is not None:
+                if getattr(came, "run_id", None) not in self.run_ids:
                     continue
-                if getattr(event, "run_id", None) not in self.run_ids:
+                if isinstance(came, RunAccepted | RunRejected) and not answers:
                     continue
-                if isinstance(event, RunAccepted | RunRejected) and not answers:
-                    continue
-                yield event
+                yield came
+        finally:
+            self._waits.discard(mine)
+
+    async def close(self) -> None:
+        """Stop reading and close the private queue's channel. Idempotent."""
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *TRANSIENT):
+                await self._reading
+        await self._subscription.close()
 
 
 class Client:
@@ -164,8 +217,10 @@ class Client:
         gpus: int = 0,
         ready_check: Sequence[str] = (),
         priority: int = 0,
+        check_only: bool = False,
     ) -> uuid.UUID:
-        """Submit a run; returns its id once the broker has confirmed the request.
+        """Submit a run; returns its id once the broker has confirmed the request
+        (``check_only``: only check it, as it would be before sending; no connection needed).
 
         ``max_runtime_s``, ``start_timeout_s``: the failure monitor fails (and stops) the run
         past them; ``queue_timeout_s``: it fails the run (QUEUE_TIMEOUT) still QUEUED after
@@ -177,6 +232,13 @@ class Client:
         the run; a run that no live agent of its queue could hold is refused (RunRejected:
         ``wait_for_outcome`` raises SubmissionRejected).
         """
+        for name, value in (("command", command), ("ready_check", ready_check)):
+            if isinstance(value, str | bytes):
+                raise InvalidSubmission(
+                    f"invalid submission: {name}: a list of arguments, not a string (split "
+                    f"it: ['sh', '-c', {str(value)[:40]!r}])",
+                    name,
+                )
         with _as_invalid("submission"):
             message = SubmitRun(
                 run_id=run_id or uuid.uuid4(),
@@ -200,13 +262,16 @@ class Client:
                 ready_check=tuple(ready_check),
                 priority=priority,
             )
+        if check_only:
+            check_submission(message)
+            return message.run_id
         return await self.send(message)
 
     async def send(self, message: SubmitRun) -> uuid.UUID:
         """Submit a SubmitRun as it is (checked first, as ``submit`` does); returns its run id."""
+        check_submission(message)  # a mistake is said as such, connected or not
         if self._publisher is None:
             raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
-        check_submission(message)
         try:
             await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
         except BrokerRefused as exc:
@@ -255,19 +320,19 @@ class Client:
         InvalidSubmission before anything is sent.
         """
         run_id = kwargs.pop("run_id", None) or uuid.uuid4()
-        follower = await self.follow({run_id})
-        await self.submit(location=location, job=job, config=config, run_id=run_id, **kwargs)
+        async with await self.follow({run_id}) as follower:
+            await self.submit(location=location, job=job, config=config, run_id=run_id, **kwargs)
 
-        async def answer() -> uuid.UUID:
-            async with contextlib.aclosing(follower.events(answers=True)) as events:
-                async for event in events:
-                    if isinstance(event, RunRejected):
-                        raise SubmissionRejected(event.reason)
-                    if isinstance(event, RunAccepted):
-                        return run_id
-            raise BrokerUnavailable("the status stream ended")
+            async def answer() -> uuid.UUID:
+                async with contextlib.aclosing(follower.events(answers=True)) as events:
+                    async for event in events:
+                        if isinstance(event, RunRejected):
+                            raise SubmissionRejected(event.reason)
+                        if isinstance(event, RunAccepted):
+                            return run_id
+                raise BrokerUnavailable("the status stream ended")
 
-        return await asyncio.wait_for(answer(), timeout)
+            return await asyncio.wait_for(answer(), timeout)
 
     async def follow(self, run_ids: set[uuid.UUID] | None = None) -> Follower:
         """Start receiving the events of ``run_ids`` (bind before submitting; ``add`` more)."""
@@ -287,9 +352,9 @@ class Client:
     ) -> RunOutcome:
         """Submit a run and wait for its final event."""
         run_id = uuid.uuid4()
-        follower = await self.follow({run_id})
-        await self.submit(image, command, run_id=run_id, **kwargs)  # type: ignore[arg-type]
-        return await wait_for_outcome(follower, run_id, timeout)
+        async with await self.follow({run_id}) as follower:
+            await self.submit(image, command, run_id=run_id, **kwargs)  # type: ignore[arg-type]
+            return await wait_for_outcome(follower, run_id, timeout)
 
 
 #: What a field whose pattern a value does not match must look like, in words.
@@ -297,6 +362,20 @@ _FORMS = {
     "image": "not an image reference (NAME, NAME:TAG or NAME@sha256:DIGEST, lowercase)",
     "queue": "a queue name is 1 to 64 letters, digits, '_' and '-', from a letter or digit",
 }
+
+
+def _non_finite(value: object) -> str | None:
+    """Where in ``value`` (nested dicts and lists) a NaN or an infinity is, or None."""
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return where
+        if isinstance(item, Mapping):
+            stack += [(f"{where}.{k}", v) for k, v in item.items()]
+        elif isinstance(item, list | tuple):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(item)]
+    return None
 
 
 def check_submission(message: SubmitRun) -> None:
@@ -314,8 +393,18 @@ def check_submission(message: SubmitRun) -> None:
             raise InvalidSubmission(
                 f"invalid submission: {name}: {value} is not a finite number", name
             )
+    if (where := _non_finite(message.config)) is not None:
+        raise InvalidSubmission(
+            f"invalid submission: config{where}: not a finite number (JSON has no NaN or infinity)",
+            "config",
+        )
     try:
         _requests.decode(encode(message))
+    except UnicodeError:
+        raise InvalidSubmission(
+            "invalid submission: text that is not UTF-8 (a byte the terminal's encoding "
+            "could not decode?)"
+        ) from None
     except InvalidMessage as exc:
         where = f"{exc.field}: " if exc.field else ""
         detail = exc.detail
@@ -336,6 +425,8 @@ def check_cancel(message: CancelRun) -> None:
         raise InvalidSubmission(f"invalid cancel: grace_s: {message.grace_s} is no finite number")
     try:
         _requests.decode(encode(message))
+    except UnicodeError:
+        raise InvalidSubmission("invalid cancel: a reason that is not UTF-8") from None
     except InvalidMessage as exc:
         where = f"{exc.field}: " if exc.field else ""
         raise InvalidSubmission(f"invalid cancel: {where}{exc.detail}", exc.field) from None

@@ -44,7 +44,7 @@ async def connect(dsn: str, schema: str | None = None) -> asyncpg.Connection:
         return await asyncpg.connect(dsn, server_settings=_server_settings(schema), timeout=30)
     except (*UNAVAILABLE, *REFUSED) as exc:
         raise cannot_connect(exc) from exc
-    except ValueError as exc:  # what asyncpg's URL parser raises (a port that is no number)
+    except (ValueError, OverflowError) as exc:  # a port that is no number, or past 65535
         raise ConfigError(f"the database URL is invalid: {exc}") from None
 
 
@@ -132,7 +132,9 @@ class Connections:
             )
         except (*UNAVAILABLE, *REFUSED) as exc:
             raise cannot_connect(exc) from exc
-        except ValueError as exc:  # what asyncpg's URL parser raises (a port that is no number)
+        except (ValueError, OverflowError) as exc:
+            # What asyncpg's URL parser raises (a port that is no number), and the socket's
+            # connect (a port past 65535).
             raise ConfigError(f"the database URL is invalid: {exc}") from None
         assert pool is not None
         return cls(pool, dsn, schema)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
+from dispatcher.client import wait_for_outcome
 from dispatcher.states import RunState
 from dispatcher.store import Database
 from tests.integration.conftest import Stack
@@ -79,3 +81,29 @@ async def test_a_run_that_exits_3_fails_with_its_exit_code_and_output(
 
 async def _async(value):  # type: ignore[no-untyped-def]
     return value
+
+
+async def test_one_follower_serves_two_waits_at_once_and_a_wait_that_comes_later(
+    stack: Stack, store: Database
+) -> None:
+    """A script follows two runs and waits on both with gather: each wait sees every event
+    (a consumer per wait had the broker deal the runs' ends out between them, each wait
+    dropping the other's). A third wait, after both ended, still finds its run's end."""
+    await stack.start_control_plane()
+    await stack.start_agent()
+    async with stack.client() as client:
+        first, second = uuid.uuid4(), uuid.uuid4()
+        async with await client.follow({first, second}) as follower:
+            for run_id, code in ((first, 0), (second, 3)):
+                await client.submit(
+                    stack.run_image, ["sh", "-c", f"exit {code}"], queue=stack.queue, run_id=run_id
+                )
+            ends = await asyncio.gather(
+                wait_for_outcome(follower, first, 60), wait_for_outcome(follower, second, 60)
+            )
+            assert [(o.run_id, o.state, o.exit_code) for o in ends] == [
+                (first, "SUCCESS", 0),
+                (second, "FAILURE", 3),
+            ]
+            again = await wait_for_outcome(follower, second, 10)
+            assert (again.state, again.exit_code) == ("FAILURE", 3)

@@ -210,3 +210,48 @@ async def test_a_cancel_the_control_plane_could_not_read_is_refused_before_it_is
         await client.cancel(uuid.uuid4(), reason="x" * 20_000)
     with pytest.raises(InvalidSubmission, match="grace_s: nan is no finite number"):
         await client.cancel(uuid.uuid4(), grace_s=float("nan"))
+
+
+async def test_a_command_given_as_one_string_is_refused_not_split_into_letters() -> None:
+    from dispatcher.client import Client
+
+    client = Client("amqp://nobody@127.0.0.1:1/")
+    with pytest.raises(InvalidSubmission, match=r"command: a list of arguments, not a string"):
+        await client.submit("busybox", "echo hi")
+    with pytest.raises(InvalidSubmission, match=r"ready_check: a list of arguments"):
+        await client.submit("busybox", ["true"], ready_check="test -f /ready")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+async def test_a_number_json_cannot_carry_inside_the_config_is_refused(bad: float) -> None:
+    from dispatcher.client import Client
+
+    client = Client("amqp://nobody@127.0.0.1:1/")
+    config = {"rates": [1.0, {"max": bad}]}
+    with pytest.raises(InvalidSubmission, match=r"config\.rates\[1\]\.max: not a finite number"):
+        await client.submit(location="loc", job="j", config=config)
+
+
+async def test_text_that_is_no_utf_8_is_an_invalid_submission_not_a_traceback() -> None:
+    from dispatcher.client import Client
+
+    client = Client("amqp://nobody@127.0.0.1:1/")
+    undecodable = b"x\xff".decode("utf-8", "surrogateescape")  # as a shell argument arrives
+    with pytest.raises(InvalidSubmission, match="text that is not UTF-8"):
+        await client.submit("busybox", ["echo", undecodable])
+    with pytest.raises(InvalidSubmission, match="a reason that is not UTF-8"):
+        await client.cancel(uuid.uuid4(), reason=undecodable)
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_runs_cancel_refuses_a_timeout_that_bounds_nothing(timeout: str) -> None:
+    from typer.testing import CliRunner
+
+    from dispatcher.cli import app
+
+    run_id = str(uuid.uuid4())
+    done = CliRunner().invoke(
+        app, ["runs", "cancel", run_id, "--amqp-url", "amqp://g@127.0.0.1:1/", "--timeout", timeout]
+    )
+    assert done.exit_code != 0
+    assert "--timeout must be more than 0 seconds" in done.output
