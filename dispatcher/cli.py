@@ -354,6 +354,8 @@ def submit(
     --wait, each attempt's outcome and retry is printed, and the exit code is the run's
     final one.
     """
+    from transport.errors import BrokerUnavailable
+
     from .client import Client, wait_for_outcome
     from .errors import SubmissionRejected
 
@@ -423,6 +425,10 @@ def submit(
                         return 2
                     if isinstance(event, RunAccepted):
                         break
+                else:
+                    raise BrokerUnavailable(
+                        "the status stream ended before the control plane answered"
+                    )
             typer.echo(str(run_id))
             if not wait:
                 return 0
@@ -442,7 +448,8 @@ def submit(
                         return
                     typer.echo(
                         f"run {run_id}: not launched after {waited:.0f} s; still waiting for "
-                        "an agent of its queue (is one running, is the control plane?)",
+                        "an agent of its queue, or for room under a concurrency limit "
+                        "(`dispatcher runs show` says which)",
                         err=True,
                     )
 
@@ -474,6 +481,12 @@ def submit(
     try:
         raise typer.Exit(asyncio.run(asyncio.wait_for(go(), limit)))
     except TimeoutError:
+        if wait:
+            raise _fail(
+                f"the run did not end within {limit:g} s; it goes on (`dispatcher runs show`, "
+                "`dispatcher runs cancel`)",
+                124,
+            ) from None
         raise _fail(f"no answer within {limit:g} s", 124) from None
     except InvalidSubmission as exc:
         raise _fail(str(exc), 2) from None
