@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import uuid
 from collections import deque
@@ -50,6 +51,8 @@ from . import provenance, submissions
 from .errors import InvalidSubmission, SubmissionRejected
 
 _requests = request_decoder()
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,9 @@ class Follower:
                     self._received.append(event)
                     for wait in self._waits:
                         wait.put_nowait(event)
+        except TRANSIENT as exc:
+            # The connection went for good: every wait ends (``the status stream ended``).
+            log.debug("a follower's stream ended: %r", exc)
         finally:
             for wait in self._waits:
                 wait.put_nowait(None)
