@@ -33,6 +33,10 @@ def untrusted_sender(user_id: str | None, senders: frozenset[str]) -> str:
 CAPACITY_RETRY_S = 1.0
 
 
+#: Deliveries of an agent's control queue in hand at once (stops in progress and grants).
+CONTROL_PREFETCH = 256
+
+
 class InstructionConsumer:
     """Consumes LaunchRun / TerminateRun from the agent's instruction queues.
 
@@ -88,9 +92,12 @@ class InstructionConsumer:
                 queue = await declare_instructions_queue(self._channel, agent_queue, self.bind)
                 self._queues.append(queue)
             if self._agent_id is not None:
-                # This agent's own queue (TerminateRun) is consumed whatever the free slots.
+                # This agent's own queue (TerminateRun, LaunchGranted) is consumed whatever
+                # the free slots. A TerminateRun is acked once its stop is done, which may take
+                # its grace: the prefetch leaves room for grants behind a burst of slow stops
+                # (a lost agent's runs failed over, then fenced, when it comes back).
                 self._control_channel = await self._connection.channel()
-                await self._control_channel.set_qos(prefetch_count=32)
+                await self._control_channel.set_qos(prefetch_count=CONTROL_PREFETCH)
                 control = await declare_control_queue(
                     self._control_channel, self._agent_id, self.bind
                 )
