@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import shlex
@@ -419,16 +420,17 @@ def submit(
             await client.submit(image, command or [], **fields)
             if is_job:
                 # A job is checked against its location first: wait for the answer.
-                async for event in follower.events(answers=True):
-                    if isinstance(event, RunRejected):
-                        typer.echo(f"error: submission rejected: {event.reason}", err=True)
-                        return 2
-                    if isinstance(event, RunAccepted):
-                        break
-                else:
-                    raise BrokerUnavailable(
-                        "the status stream ended before the control plane answered"
-                    )
+                async with contextlib.aclosing(follower.events(answers=True)) as answers:
+                    async for event in answers:
+                        if isinstance(event, RunRejected):
+                            typer.echo(f"error: submission rejected: {event.reason}", err=True)
+                            return 2
+                        if isinstance(event, RunAccepted):
+                            break
+                    else:
+                        raise BrokerUnavailable(
+                            "the status stream ended before the control plane answered"
+                        )
             typer.echo(str(run_id))
             if not wait:
                 return 0

@@ -28,6 +28,8 @@ from schemas import (
     InvalidMessage,
     RunAccepted,
     RunEnded,
+    RunLog,
+    RunProgress,
     RunRejected,
     SchemaError,
     SubmitRun,
@@ -94,10 +96,12 @@ class Follower:
 
     One consumer reads the queue for as long as the follower lives and hands every event to
     every wait on it: two waits at once (a script waiting on two runs with ``gather``) each
-    see all the events, and a wait that starts later sees what came before it too (the
-    latest ``BACKLOG``). A broker's queue deals its messages out to its consumers in turn, so
-    a consumer per wait lost each run's end to the other's. ``close`` it when done (``async
-    with``): its channel is otherwise held for as long as the client's connection.
+    see all the events, and a wait that starts later sees what came before it too: the
+    latest ``BACKLOG`` events but output and progress, and each run's last word (its
+    acceptance, refusal or end) whatever came after. A broker's queue deals its messages out
+    to its consumers in turn, so a consumer per wait lost each run's end to the other's.
+    ``close`` it when done (``async with``): its channel is otherwise held for as long as
+    the client's connection.
     """
 
     #: Events kept for a wait that starts after they came.
@@ -108,9 +112,12 @@ class Follower:
         self.run_ids = run_ids
         self._decoder = event_decoder()
         self._received: deque[Event] = deque(maxlen=self.BACKLOG)
+        #: Each run's last word (RunAccepted, RunRejected, RunEnded), kept past the backlog.
+        self._last_words: dict[uuid.UUID, Event] = {}
         #: Each wait's own queue of events; None marks the end of the stream.
         self._waits: set[asyncio.Queue[Event | None]] = set()
         self._reading: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def __aenter__(self) -> Follower:
         return self
@@ -133,12 +140,17 @@ class Follower:
                         provenance.check(raw.routing_key, event)
                     except (SchemaError, provenance.Misrouted):
                         continue
-                    self._received.append(event)
+                    if isinstance(event, RunAccepted | RunRejected | RunEnded):
+                        self._last_words[event.run_id] = event
+                    if not isinstance(event, RunLog | RunProgress):  # large, and not kept
+                        self._received.append(event)
                     for wait in self._waits:
                         wait.put_nowait(event)
         except TRANSIENT as exc:
             # The connection went for good: every wait ends (``the status stream ended``).
             log.debug("a follower's stream ended: %r", exc)
+        except Exception:
+            log.exception("a follower's stream failed")  # every wait ends all the same
         finally:
             for wait in self._waits:
                 wait.put_nowait(None)
@@ -149,11 +161,15 @@ class Follower:
         mine: asyncio.Queue[Event | None] = asyncio.Queue()
         for event in self._received:
             mine.put_nowait(event)
-        ended = self._reading is not None and self._reading.done()
+        kept = {id(event) for event in self._received}
+        for event in self._last_words.values():
+            if id(event) not in kept:  # dropped from the backlog since: still told
+                mine.put_nowait(event)
+        ended = self._closed or (self._reading is not None and self._reading.done())
         if ended:
             mine.put_nowait(None)
         self._waits.add(mine)
-        if self._reading is None:
+        if self._reading is None and not self._closed:
             self._reading = asyncio.create_task(self._read())
         try:
             while (came := await mine.get()) is not None:
@@ -167,10 +183,16 @@ class Follower:
 
     async def close(self) -> None:
         """Stop reading and close the private queue's channel. Idempotent."""
-        if self._reading is not None and not self._reading.done():
-            self._reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *TRANSIENT):
-                await self._reading
+        self._closed = True
+        try:
+            if self._reading is not None and not self._reading.done():
+                self._reading.cancel()
+                # Waited for, not awaited: a cancel of the caller itself is not swallowed.
+                await asyncio.wait({self._reading})
+        finally:
+            # Every wait ends, also when the reader was cancelled before it ran at all.
+            for wait in self._waits:
+                wait.put_nowait(None)
         await self._subscription.close()
 
 

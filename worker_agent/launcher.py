@@ -135,8 +135,16 @@ class Launcher:
                 self._terminating(attempt, fence)
                 await self._stop(attempt, fence.grace_s)
             try:
-                await self.reporter.launched(*key, container_id, attempt.started)
-            except (BrokerUnavailable, BrokerRefused) as exc:
+                try:
+                    await self.reporter.launched(*key, container_id, attempt.started)
+                except BrokerRefused as exc:
+                    # The broker is there but takes it not (a full queue, a permission): the
+                    # container runs, so its launch is told until it is taken, then acked.
+                    log.error("the broker refused the launch of run %s: %s", launch.run_id, exc)
+                    await self.reporter.launched(
+                        *key, container_id, attempt.started, until_sent=True
+                    )
+            except BrokerUnavailable as exc:
                 # Not acked: the broker redelivers, and the redelivery adopts this container.
                 log.error("could not report the launch of run %s: %s", launch.run_id, exc)
             else:

@@ -192,12 +192,13 @@ async def test_a_stop_during_a_drain_is_retried_while_docker_does_not_answer(
     assert isinstance(final, RunFailed) and final.reason == FailureReason.AGENT_LOST
 
 
-async def test_a_launch_whose_report_the_broker_refuses_is_still_stopped_and_reported(
+async def test_a_launch_whose_report_the_broker_refuses_is_told_until_taken_then_acked(
     engine: FakeEngine, agent_on: Factory
 ) -> None:
-    """The broker refuses the RunLaunched (a nack): the launch is left unacked, and its
-    attempt is still bound to its container, so a stop that comes is carried out and its
-    end reported (before, the report waited for ever on a launch never marked done)."""
+    """The broker refuses the RunLaunched (a nack): the container runs, so the launch is
+    told again until the broker takes it, then acked; a stop that comes meanwhile is carried
+    out and its end reported (before, the report waited for ever on a launch never marked
+    done, and the launch stayed unacked)."""
     agent = await agent_on()
     launch = launch_of()
     agent.publisher.failure = BrokerRefused("publish refused")
@@ -208,9 +209,12 @@ async def test_a_launch_whose_report_the_broker_refuses_is_still_stopped_and_rep
     agent.launcher.claims.answer((launch.run_id, 1), True)
     agent.publisher.failure = BrokerRefused("publish refused")
     await until(lambda: only_container(engine).status == "running", what="started")
-    delivery = await asyncio.wait_for(handling, 5)
-    assert delivery.settlements == []  # not acked: the broker redelivers it
+    await asyncio.sleep(0.2)
+    assert not handling.done()  # told again and again, not given up
     agent.publisher.failure = None
+    delivery = await asyncio.wait_for(handling, 10)
+    assert delivery.settlements == ["ack"]
+    assert agent.of_run(launch.run_id)[:2] == ["RunLaunched", "RunStarted"]
     terminated = await agent.deliver(terminate_of(launch))
     assert terminated.settlements == ["ack"]
     final = await agent.reported(launch.run_id)
