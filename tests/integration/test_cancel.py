@@ -4,10 +4,7 @@ CANCEL_TIMEOUT, and a cancel is idempotent."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime
 
@@ -121,14 +118,8 @@ async def test_a_running_run_that_ignores_sigterm_is_killed_after_its_grace(
     code, said = await cancel(stack, done)
     assert code == 1 and "has ended already: SUCCESS" in said
     # Without the database, the control plane says how it ended: a waiter hears it at once.
-    env = {k: v for k, v in stack._env_for_cli().items() if k != "HD_DATABASE_URL"}
-    waited = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "dispatcher", "runs", "cancel", str(done), "--wait"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
+    waited = await dispatcher_cli(
+        stack, "runs", "cancel", str(done), "--wait", without=("HD_DATABASE_URL",)
     )
     assert waited.returncode == 1, waited.stdout + waited.stderr
     assert f"run {done}: SUCCESS" in waited.stdout

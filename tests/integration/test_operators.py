@@ -17,14 +17,18 @@ from tests.integration.test_dispatch import wait_for_state
 from tests.support import WebhookReceiver, eventually
 
 
-async def dispatcher_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+async def dispatcher_cli(
+    stack: Stack, *args: str, without: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``python -m dispatcher ARGS`` with the stack's settings, but the variables ``without``."""
+    env = {k: v for k, v in stack._env_for_cli().items() if k not in without}
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "dispatcher", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env=stack._env_for_cli(),
+        env=env,
     )
 
 

@@ -97,6 +97,13 @@ class World:
         self.listings[agent_id] = list(listed)
         self.synced[agent_id] = synced
 
+    async def lose(self, agent_id: str) -> None:
+        """``agent_id`` beats once and falls silent until declared lost; B lives on."""
+        await self.beat(agent_id)
+        self.live(B)
+        await self.elapse(10 * INTERVAL_S)
+        assert self.status(agent_id) == "LOST"
+
     def silence(self, agent_id: str) -> None:
         self.listings.pop(agent_id, None)
 
@@ -279,10 +286,7 @@ async def test_a_run_that_becomes_a_lost_agent_s_after_the_loss_fails_over(how_f
     # monitor declared A lost and failed over what A held then, which was nothing.
     w = World()
     run_id = await w.submit()
-    await w.beat(A)
-    w.live(B)
-    await w.elapse(10 * INTERVAL_S)
-    assert w.status(A) == "LOST"
+    await w.lose(A)
     await w.store.apply_events([RunClaimed(run_id=run_id, attempt=1, agent_id=A)])
     if how_far == "started":
         await w.started(run_id, A)
@@ -303,10 +307,7 @@ async def test_an_agent_back_from_lost_keeps_what_it_claims_before_the_monitor_h
     # Back after a partition, A claims at once; its heartbeat reaches the monitor later.
     w = World()
     run_id = await w.submit()
-    await w.beat(A)
-    w.live(B)
-    await w.elapse(10 * INTERVAL_S)
-    assert w.status(A) == "LOST"
+    await w.lose(A)
     await w.store.apply_events([RunClaimed(run_id=run_id, attempt=1, agent_id=A)])
     await w.elapse(1.5)
     await w.started(run_id, A)
@@ -321,10 +322,7 @@ async def test_after_a_takeover_a_live_agent_still_lost_in_the_store_keeps_its_r
     # holds it lost until its first heartbeat, which comes within an interval.
     w = World()
     run_id = await w.submit()
-    await w.beat(A)
-    w.live(B)
-    await w.elapse(10 * INTERVAL_S)
-    assert w.status(A) == "LOST"
+    await w.lose(A)
     await w.started(run_id, A)
     w.monitor = w.new_monitor()
     await w.monitor.load()
