@@ -32,6 +32,11 @@ class Limits:
     queues: tuple[str, ...] = ()
     locations: tuple[str, ...] = ()
 
+    @property
+    def bounded(self) -> bool:
+        """Whether it limits anything (a token without limits goes anywhere)."""
+        return bool(self.queues or self.locations)
+
     def describe(self) -> str:
         queues = ", ".join(self.queues) or "any"
         locations = ", ".join(self.locations) or "any (and plain runs)"

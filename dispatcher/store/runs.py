@@ -122,6 +122,16 @@ class RunFilters:
     within: Limits = ANYWHERE
 
 
+def _within(first: int) -> str:
+    """The condition that a run ``r`` is within a token's limits: its queues as parameter
+    ``first``, its locations as the next (an empty list limits nothing)."""
+    queues, locations = f"${first}::text[]", f"${first + 1}::text[]"
+    return (
+        f"(cardinality({queues}) = 0 OR r.queue = ANY({queues}))"
+        f" AND (cardinality({locations}) = 0 OR r.location = ANY({locations}))"
+    )
+
+
 @dataclass(frozen=True)
 class RunRow:
     run_id: uuid.UUID
@@ -396,11 +406,7 @@ class Runs:
             return set()
         async with self._connections.connection() as connection:
             records = await connection.fetch(
-                """
-                SELECT run_id FROM runs WHERE run_id = ANY($1::uuid[])
-                  AND (cardinality($2::text[]) = 0 OR queue = ANY($2::text[]))
-                  AND (cardinality($3::text[]) = 0 OR location = ANY($3::text[]))
-                """,
+                f"SELECT run_id FROM runs r WHERE run_id = ANY($1::uuid[]) AND {_within(2)}",
                 list(run_ids),
                 list(within.queues),
                 list(within.locations),
@@ -418,12 +424,8 @@ class Runs:
         """Every run's events (or one run's) with a sequence number above ``seq`` (and at most
         ``upto``), in order; only of runs on ``within``'s queues and locations, if it has any."""
         # Within a token's limits, the runs' table is joined; without, it is not read.
-        limited = """
-            AND EXISTS (SELECT 1 FROM runs r WHERE r.run_id = e.run_id
-                        AND (cardinality($5::text[]) = 0 OR r.queue = ANY($5::text[]))
-                        AND (cardinality($6::text[]) = 0 OR r.location = ANY($6::text[])))
-        """
-        bounded = bool(within.queues or within.locations)
+        limited = f"AND EXISTS (SELECT 1 FROM runs r WHERE r.run_id = e.run_id AND {_within(5)})"
+        bounded = within.bounded
         async with self._connections.connection() as connection:
             records = await connection.fetch(
                 f"""

@@ -65,7 +65,7 @@ class OpsController(Controller):
         limited to queues or locations, only its runs)."""
         found = await store.agents.all()
         within = token_of(request).limits
-        if within.queues or within.locations:
+        if within.bounded:
             listed = {uuid.UUID(str(r["run_id"])) for a in found for r in a["in_flight"]}
             mine = {str(r) for r in await store.runs.in_reach(listed, within)}
             for agent in found:
@@ -83,7 +83,7 @@ class OpsController(Controller):
         an admin token only: another sees its scheme and host)."""
         found = await store.alerts.recent(limit)
         token = token_of(request)
-        if token.limits.queues or token.limits.locations:
+        if token.limits.bounded:
             found = await _alerts_in_reach(store, found, token.limits)
         if token.scope != "admin":
             for alert in found:
@@ -111,7 +111,7 @@ class OpsController(Controller):
         latest 1,000 are kept, each body's first 4 KiB). Not to a token limited to queues or
         locations: a dead letter may be any run's submission, env and all."""
         within = token_of(request).limits
-        if within.queues or within.locations:
+        if within.bounded:
             raise PermissionDeniedException(
                 f"the token {token_of(request).name!r} is limited to queues or locations; dead "
                 "letters may be any run's"

@@ -103,7 +103,7 @@ def _instant(field: str, value: datetime | None) -> datetime | None:
 async def _within_limits(store: Database, token: ApiToken, submission: SubmitRun) -> None:
     """Refuse (403, with the reason) a submission outside the token's queues or locations."""
     limits = token.limits
-    if not (limits.queues or limits.locations):
+    if not limits.bounded:
         return
     queue: str | None = submission.queue
     if submission.location is not None:

@@ -96,8 +96,7 @@ async def events(
     wakeups: Wakeups = request.app.state.wakeups
     token = token_of(request)
     within = token.limits
-    limited = within.queues or within.locations
-    if run_id is not None and limited and not await store.runs.in_reach({run_id}, within):
+    if run_id is not None and within.bounded and not await store.runs.in_reach({run_id}, within):
         raise NotFoundException(f"no run {run_id}")
     refusal = wakeups.refusal(token.name)
     if refusal is not None:
