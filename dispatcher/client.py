@@ -17,7 +17,7 @@ import logging
 import math
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from schemas import (
     RunLog,
     RunProgress,
     RunRejected,
+    RunStateWanted,
     SchemaError,
     SubmitRun,
     encode,
@@ -102,14 +103,27 @@ class Follower:
     to its consumers in turn, so a consumer per wait lost each run's end to the other's.
     ``close`` it when done (``async with``): its channel is otherwise held for as long as
     the client's connection.
+
+    The private queue goes with a lost connection, and what was sent to it meanwhile with
+    it: once it is back, the follower asks the control plane (``RunStateWanted``) to say
+    again where each run it follows is whose end it has not heard, and so hears the end of a
+    run that ended in between.
     """
 
     #: Events kept for a wait that starts after they came.
     BACKLOG = 10_000
 
-    def __init__(self, subscription: Subscription, run_ids: set[uuid.UUID]) -> None:
+    def __init__(
+        self,
+        subscription: Subscription,
+        run_ids: set[uuid.UUID],
+        ask: Callable[[uuid.UUID], Awaitable[None]] | None = None,
+    ) -> None:
         self._subscription = subscription
         self.run_ids = run_ids
+        #: Sends a RunStateWanted for a run; None: nobody to ask.
+        self._ask = ask
+        self._asking: set[asyncio.Task[None]] = set()
         self._decoder = event_decoder()
         self._received: deque[Event] = deque(maxlen=self.BACKLOG)
         #: Each run's last word (RunAccepted, RunRejected, RunEnded), kept past the backlog.
@@ -129,6 +143,32 @@ class Follower:
         """Follow one more run (bind before submitting it, so that no event is missed)."""
         await self._subscription.bind(STATUS_EXCHANGE, follow_pattern(run_id))
         self.run_ids.add(run_id)
+
+    def missed(self) -> None:
+        """Events may have been lost (the private queue was restored after a loss): ask
+        again about each run followed whose end (or refusal) has not come."""
+        if self._ask is None or self._closed:
+            return
+        open_runs = [
+            run_id
+            for run_id in sorted(self.run_ids)
+            if not isinstance(self._last_words.get(run_id), RunEnded | RunRejected)
+        ]
+        if open_runs:
+            task = asyncio.create_task(self._ask_about(open_runs))
+            self._asking.add(task)
+            task.add_done_callback(self._asking.discard)
+
+    async def _ask_about(self, run_ids: list[uuid.UUID]) -> None:
+        assert self._ask is not None
+        log.info("the status stream was restored; asking how %d run(s) stand", len(run_ids))
+        for run_id in run_ids:
+            try:
+                await self._ask(run_id)
+            except (BrokerUnavailable, BrokerRefused) as exc:
+                # Not fatal: the run's next event still comes; only one already sent is lost.
+                log.warning("could not ask how run %s stands: %s", run_id, exc)
+                return
 
     async def _read(self) -> None:
         try:
@@ -184,6 +224,8 @@ class Follower:
     async def close(self) -> None:
         """Stop reading and close the private queue's channel. Idempotent."""
         self._closed = True
+        for task in list(self._asking):
+            task.cancel()
         try:
             if self._reading is not None and not self._reading.done():
                 self._reading.cancel()
@@ -325,6 +367,13 @@ class Client:
                 f"{exc} (is the control plane running? it declares {REQUESTS_EXCHANGE})"
             ) from exc
 
+    async def _ask_state(self, run_id: uuid.UUID) -> None:
+        """Ask the control plane to say again where ``run_id`` is (``RunStateWanted``)."""
+        if self._publisher is None:
+            raise BrokerUnavailable("the client is not connected")
+        message = RunStateWanted(run_id=run_id)
+        await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
+
     async def dead_letters(self, limit: int = 20) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first, with the queue each came from and why;
         they stay in the dead-letter queue."""
@@ -366,7 +415,9 @@ class Client:
         """Start receiving the events of ``run_ids`` (bind before submitting; ``add`` more)."""
         if self._connection is None:
             raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
-        follower = Follower(await Subscription.open(self._connection), set())
+        subscription = await Subscription.open(self._connection)
+        follower = Follower(subscription, set(), ask=self._ask_state)
+        subscription.when_restored(follower.missed)
         for run_id in run_ids or ():
             await follower.add(run_id)
         return follower

@@ -1,8 +1,8 @@
 """``dispatcher serve``: the control plane process.
 
-Components: the intake (SubmitRun → run row + outbox row), the outbox relay (→ LaunchRun on
-the instructions exchange, with the admitter that releases runs held by concurrency limits)
-and the status consumer (run events and heartbeats → PostgreSQL).
+Components: the intake (SubmitRun → run row + outbox row; CancelRun; RunStateWanted), the
+outbox relay (→ LaunchRun on the instructions exchange, with the admitter that releases runs
+held by concurrency limits) and the status consumer (run events and heartbeats → PostgreSQL).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from schemas import (
     LocationsWanted,
     Request,
     RunRejected,
+    RunStateWanted,
     SubmitRun,
     event_decoder,
     request_decoder,
@@ -96,6 +97,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         async def on_requests(deliveries: list[Delivery[Request]]) -> None:
             submitted = [d for d in deliveries if isinstance(d.message, SubmitRun)]
             cancels = [d for d in deliveries if isinstance(d.message, CancelRun)]
+            asks = [d for d in deliveries if isinstance(d.message, RunStateWanted)]
             for delivery in deliveries:
                 if isinstance(delivery.message, LocationsWanted):
                     await store.locations.wanted(delivery.message.queues)
@@ -125,6 +127,11 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                 for request, outcome in zip(requests, outcomes, strict=True):
                     what = outcome if isinstance(outcome, str) else outcome.outcome.value
                     log.info("cancel of run %s: %s", request.run_id, what)
+            if asks:
+                wanted = [d.message for d in asks if isinstance(d.message, RunStateWanted)]
+                said = await store.say_again(wanted, [d.raw.user_id for d in asks], trusted)
+                for asked, what in zip(wanted, said, strict=True):
+                    log.info("run %s's state asked for: %s", asked.run_id, what)
 
         async def on_events(deliveries: list[Delivery[Event]]) -> None:
             answers: list[OutboxItem] = []

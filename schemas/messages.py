@@ -57,6 +57,7 @@ from .runs import (
     RunRejected,
     RunRetrying,
     RunStarted,
+    RunStateWanted,
     RunSucceeded,
     SubmitRun,
     TerminateRun,
@@ -96,6 +97,7 @@ __all__ = [
     "RunRejected",
     "RunRetrying",
     "RunStarted",
+    "RunStateWanted",
     "RunSucceeded",
     "SubmitRun",
     "TerminateRun",
@@ -104,7 +106,7 @@ __all__ = [
 
 Instruction = LaunchRun | TerminateRun | LaunchGranted
 
-Request = SubmitRun | CancelRun | LocationsWanted
+Request = SubmitRun | CancelRun | RunStateWanted | LocationsWanted
 RunEvent = RunClaimed | RunLaunched | RunStarted | RunSucceeded | RunFailed
 Event = (
     RunClaimed
@@ -125,6 +127,7 @@ Event = (
 AnyMessage = (
     SubmitRun
     | CancelRun
+    | RunStateWanted
     | LaunchRun
     | TerminateRun
     | LaunchGranted

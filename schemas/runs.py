@@ -102,6 +102,13 @@ class CancelRun(RunMessage, frozen=True, kw_only=True, tag="CancelRun"):
     grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
 
 
+class RunStateWanted(RunMessage, frozen=True, kw_only=True, tag="RunStateWanted"):
+    """Ask the control plane to say again where a run is, for one who follows its events and
+    may have missed some (a connection to the broker lost and regained): a run that has ended
+    is announced again (``RunEnded``), one that has not is acknowledged again
+    (``RunAccepted``); a run it does not know is not answered. Changes nothing."""
+
+
 # ------------------------------------------------------------------------- instructions
 
 

@@ -94,7 +94,9 @@ class FailoverConnection(aio_pika.RobustConnection):
 
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
         lost = self.connected.is_set()
-        if len(self.urls) > 1 and not self._close_called:
+        if self._close_called:
+            pass
+        elif len(self.urls) > 1:
             self._tried = self.url
             self._at = (self._at + 1) % len(self.urls)
             self.url = self.urls[self._at]
@@ -105,6 +107,8 @@ class FailoverConnection(aio_pika.RobustConnection):
                     _reason(closing),
                     self.node,
                 )
+        elif lost:
+            log.warning("lost the broker at %s (%s); reconnecting", self.node, _reason(closing))
         await super()._on_connection_close(closing)
 
     async def _on_connected(self) -> None:

@@ -41,7 +41,7 @@ from schemas.topology import (
 )
 from transport.connection import Connection
 from transport.delivery import settle
-from transport.errors import BrokerUnavailable
+from transport.errors import BrokerRefused, BrokerUnavailable
 from transport.instructions import untrusted_sender
 from transport.ports import BrokerPublisher, InboundDelivery
 from transport.subscription import Subscription
@@ -105,6 +105,7 @@ class LocationKeeper:
         self._crashes: dict[str, int] = {}  # location → exits before its server was healthy
         self._decoder: Decoder[LocationSnapshot] = Decoder(LocationSnapshot)
         self._subscription: Subscription | None = None
+        self._asking: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Listen for this agent's queues' snapshots, then ask for the current ones."""
@@ -115,11 +116,30 @@ class LocationKeeper:
             await subscription.consume(self._on_snapshot)
         except BrokerUnavailable as exc:
             raise BrokerUnavailable(f"cannot follow location snapshots: {exc}") from exc
+        # The private queue goes with a lost connection, and a snapshot sent meanwhile with
+        # it: asked for again once the queue is back.
+        subscription.when_restored(self._want_again)
+        await self._want()
+
+    async def _want(self) -> None:
+        """Ask for this agent's queues' snapshots (``LocationsWanted``)."""
         await self._publisher.publish(
             REQUESTS_EXCHANGE,
             REQUESTS_ROUTING_KEY,
             LocationsWanted(agent_id=self._agent_id, queues=self._queues),
         )
+
+    def _want_again(self) -> None:
+        async def ask() -> None:
+            log.info("the snapshot queue was restored: asking for the snapshots again")
+            try:
+                await self._want()
+            except (BrokerUnavailable, BrokerRefused) as exc:
+                log.warning("could not ask for the snapshots again: %s", exc)
+
+        task = asyncio.create_task(ask())
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
 
     async def _on_snapshot(self, source: str, raw: InboundDelivery) -> None:
         """Take a snapshot in (consumed from the queue named ``source``); one that cannot be
@@ -360,5 +380,7 @@ class LocationKeeper:
         await self._publisher.publish(STATUS_EXCHANGE, event_routing_key(event), event)
 
     async def close(self) -> None:
+        for task in list(self._asking):
+            task.cancel()
         if self._subscription is not None:
             await self._subscription.close()

@@ -21,14 +21,11 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from schemas import CancelRun, FailureReason, RunEnded, TerminateRun
-from schemas.bounds import MAX_TEXT
+from schemas import CancelRun, RunEnded, TerminateRun
 from schemas.topology import CONTROL_EXCHANGE, INSTRUCTIONS_EXCHANGE
 
 from ..states import TERMINAL, RunState
-from . import outbox, runs
-
-_CANCELS = uuid.UUID("4b1d1c8e-2f55-4d0a-9e8b-6f0c2f1d3a77")
+from . import answers, outbox, runs
 
 
 class Outcome(enum.StrEnum):
@@ -46,8 +43,9 @@ class Canceled:
     state: RunState | None
 
 
-def _id(run_id: uuid.UUID, attempt: int, what: str) -> uuid.UUID:
-    return uuid.uuid5(_CANCELS, f"{run_id}/{attempt}/{what}")
+#: A cancel's messages have ids of their own per run, attempt and purpose: a request
+#: redelivered writes the same messages again, which their consumers take once.
+_id = answers.said_again_id
 
 
 async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled:
@@ -63,7 +61,9 @@ async def cancel(connection: asyncpg.Connection, request: CancelRun) -> Canceled
     if state in TERMINAL:
         # How it ended, said again for this request: one who waits on the cancel without
         # the database (``runs cancel --wait``) hears it, rather than wait for its timeout.
-        await outbox.insert(connection, [outbox.answer(_ended_again(run, state, request))])
+        await outbox.insert(
+            connection, [outbox.answer(answers.ended_again(run, state, request.message_id))]
+        )
         return Canceled(Outcome.FINISHED, state)
     if state == RunState.CANCELING:
         return Canceled(Outcome.ALREADY_CANCELING, state)
@@ -122,26 +122,6 @@ async def never_launch(
         holder,
     )
     return [_terminate(run_id, attempt, agent["agent_id"], why) for agent in live]
-
-
-def _reason(stored: str | None) -> FailureReason | None:
-    try:
-        return FailureReason(stored) if stored else None
-    except ValueError:
-        return None
-
-
-def _ended_again(run: asyncpg.Record, state: RunState, request: CancelRun) -> RunEnded:
-    reason = run["failure_reason"]
-    return RunEnded(
-        message_id=_id(request.run_id, run["attempt"], f"ended-again:{request.message_id}"),
-        run_id=request.run_id,
-        attempt=run["attempt"],
-        state=state.value,  # type: ignore[arg-type]
-        exit_code=run["exit_code"] if -1 <= (run["exit_code"] or 0) <= 255 else None,
-        reason=_reason(reason),
-        message=(run["failure_message"] or "")[:MAX_TEXT],
-    )
 
 
 def _terminate(

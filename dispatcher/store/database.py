@@ -24,6 +24,7 @@ from schemas import (
     RunProgress,
     RunRejected,
     RunRetrying,
+    RunStateWanted,
     SubmitRun,
 )
 from schemas.resources import Capacity
@@ -33,6 +34,7 @@ from .. import submitters as senders_rules
 from ..errors import StoreUnavailable
 from . import (
     agents,
+    answers,
     cancellation,
     events,
     limits,
@@ -242,6 +244,22 @@ class Database:
                 )
                 outcomes.append(why or await cancellation.cancel(connection, request))
             return outcomes
+
+    async def say_again(
+        self,
+        requests: Sequence[RunStateWanted],
+        senders: Sequence[str | None],
+        trusted: Collection[str] = (),
+    ) -> list[answers.Said | str]:
+        """Say again where each asked-about run is (``store.answers``), in one transaction; for
+        each request what was said, or why its sender may not ask (who may submit may ask)."""
+        async with self.connections.transaction() as connection:
+            known = await submitters.registry(connection, [s for s in senders if s is not None])
+            said: list[answers.Said | str] = []
+            for request, sender in zip(requests, senders, strict=True):
+                why = senders_rules.sender_problem(sender, trusted, known)
+                said.append(why or await answers.say_again(connection, request))
+            return said
 
     # ----------------------------------------------------------------- status events
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 from pathlib import Path
 
+from dispatcher.client import wait_for_outcome
 from dispatcher.states import RunState
 from dispatcher.store import Database
+from schemas import RunAccepted
 from schemas.topology import instructions_queue
 from tests.integration.conftest import Stack
 from tests.integration.test_dispatch import wait_for_state
@@ -78,6 +81,51 @@ async def test_components_reconnect_after_the_broker_cuts_them_off(
     assert (await wait_for_state(store, after, RunState.SUCCESS, RunState.FAILURE)).state == (
         RunState.SUCCESS
     )
+
+
+async def test_a_wait_hears_an_end_its_cut_connection_lost(
+    stack: Stack, store: Database, broker: tuple[str, str]
+) -> None:
+    """A script's follower loses what is sent while its connection is down; once the
+    connection is back it asks how its runs stand, and hears the end it missed."""
+    management = broker[1]
+    assert management, "this test needs the broker's management API"
+    vhost = urllib.parse.urlsplit(stack.amqp_url).path.lstrip("/")
+    await stack.start_control_plane()  # no agent: a run stays QUEUED
+    async with stack.client() as client:
+        ended = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+        await wait_for_state(store, ended, RunState.QUEUED, timeout=30)
+        await client.cancel(ended, reason="not needed")
+        await wait_for_state(store, ended, RunState.CANCELED, timeout=30)
+        under_way = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+        await wait_for_state(store, under_way, RunState.QUEUED, timeout=30)
+        # Followed only now, both runs' news went before: to the follower, as if sent while
+        # its connection was down. Only the client's connection is cut.
+        async with await client.follow({ended, under_way}) as follower:
+            clients = await eventually(
+                lambda: client_connections(management, vhost), 30, what="the client listed"
+            )
+            close_connections(management, clients)
+            outcome = await wait_for_outcome(follower, ended, 60)
+            assert outcome.canceled and outcome.message == "not needed"
+
+            async def accepted() -> RunAccepted:
+                async for event in follower.events(answers=True):
+                    if isinstance(event, RunAccepted) and event.run_id == under_way:
+                        return event
+                raise AssertionError("the status stream ended")
+
+            await asyncio.wait_for(accepted(), 30)
+
+
+async def client_connections(management: str, vhost: str) -> list[str]:
+    listing = management_request(management, "GET", "/api/connections")
+    return [
+        c["name"]
+        for c in listing
+        if c.get("vhost") == vhost
+        and (c.get("client_properties") or {}).get("connection_name") == "dispatcher-client"
+    ]
 
 
 async def test_an_instruction_waits_out_a_docker_outage(

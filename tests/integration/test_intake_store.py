@@ -10,11 +10,22 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from dispatcher.store import Database, runs
+from dispatcher.states import RunState
+from dispatcher.store import Database, answers, runs
 from dispatcher.store import outbox as outbox_rows
 from dispatcher.store.connections import connect
+from dispatcher.submitters import Limits
 from dispatcher.web.sse import RUN_EVENTS_CHANNEL
-from schemas import FailureReason, RunAccepted, SubmitRun, instruction_decoder
+from schemas import (
+    CancelRun,
+    FailureReason,
+    RunAccepted,
+    RunEnded,
+    RunStateWanted,
+    SubmitRun,
+    any_decoder,
+    instruction_decoder,
+)
 from tests.support import eventually
 
 
@@ -165,3 +176,50 @@ async def test_every_json_column_of_a_run_reads_back_as_submitted(store: Databas
     assert row["config"] == {}
     launch = runs.launch(row, 1)
     assert (launch.command, launch.env) == (submission.command, submission.env)
+
+
+async def test_a_run_asked_about_is_announced_again_where_it_stands(store: Database) -> None:
+    under_way, ended, unknown = (
+        SubmitRun(run_id=uuid.uuid4(), image="img", command=("true",)) for _ in range(3)
+    )
+    await store.accept_submissions([under_way, ended])
+    [canceled] = await store.cancel([CancelRun(run_id=ended.run_id, reason="not needed")])
+    assert not isinstance(canceled, str) and canceled.state == RunState.CANCELED
+    asks = [RunStateWanted(run_id=r.run_id) for r in (under_way, ended, unknown)]
+    async with store.connections.connection() as connection:
+        before = await connection.fetchval("SELECT max(id) FROM outbox")
+
+    said = await store.say_again(asks, [None, None, None])
+
+    assert said == [answers.Said.UNDER_WAY, answers.Said.ENDED, answers.Said.UNKNOWN]
+    async with store.connections.connection() as connection:
+        rows = await connection.fetch(
+            "SELECT payload FROM outbox WHERE id > $1 ORDER BY id", before
+        )
+    # One answer to each ask, none for the run nobody knows.
+    again = [any_decoder().decode(r["payload"]) for r in rows]
+    assert [(type(t).__name__, t.run_id) for t in again] == [
+        ("RunAccepted", under_way.run_id),
+        ("RunEnded", ended.run_id),
+    ]
+    ended_again = again[1]
+    assert isinstance(ended_again, RunEnded)
+    assert (ended_again.state, ended_again.message) == ("CANCELED", "not needed")
+    # Asked again, said again: each answer has an id of its own.
+    await store.say_again([RunStateWanted(run_id=ended.run_id)], [None])
+    async with store.connections.connection() as connection:
+        count = await connection.fetchval("SELECT count(*) FROM outbox WHERE kind = 'RunEnded'")
+    assert count == 3  # the cancel's, and one for each ask
+
+
+async def test_who_may_not_submit_may_not_ask_about_a_run(store: Database) -> None:
+    await store.submitters.register("op", "team-a", Limits())
+    run = SubmitRun(run_id=uuid.uuid4(), image="img", command=("true",))
+    await store.accept_submissions([run])
+    ask = RunStateWanted(run_id=run.run_id)
+
+    said = await store.say_again([ask, ask, ask], ["stranger", None, "team-a"], ["hd"])
+
+    assert isinstance(said[0], str) and "'stranger' may not submit runs" in said[0]
+    assert isinstance(said[1], str) and "must carry its sender's AMQP user_id" in said[1]
+    assert said[2] == answers.Said.UNDER_WAY

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import urllib.parse
 
 import docker
 import pytest
@@ -11,7 +13,8 @@ from dispatcher.settings import ImageNames
 from dispatcher.store import Database, Location
 from dispatcher.store.locations import Locations
 from tests.integration.conftest import Stack
-from tests.support import eventually
+from tests.integration.test_faults import close_connections
+from tests.support import eventually, management_request
 from worker_agent.code_servers import LABEL_LOCATION
 
 
@@ -111,6 +114,62 @@ async def test_a_location_is_served_kept_and_removed(
         return servers_of(stack, name) == []
 
     await eventually(gone, 60, what="the code server removed")
+
+
+async def test_a_snapshot_sent_while_the_agent_was_cut_off_is_asked_for_again(
+    stack: Stack,
+    store: Database,
+    locations: Locations,
+    images: ImageNames,
+    broker: tuple[str, str],
+) -> None:
+    """The agent's snapshot queue goes with its connection; a location added while the
+    connection is down reaches the agent all the same: it asks again once back."""
+    management = broker[1]
+    assert management, "this test needs the broker's management API"
+    vhost = urllib.parse.urlsplit(stack.amqp_url).path.lstrip("/")
+    await stack.start_control_plane()
+    agent = await stack.start_agent(extra=("--location-check-interval", "0.5"))
+
+    async def agents() -> list[str]:
+        listing = management_request(management, "GET", "/api/connections")
+        return [
+            c["name"]
+            for c in listing
+            if c.get("vhost") == vhost
+            and str((c.get("client_properties") or {}).get("connection_name", "")).startswith(
+                "worker-agent "
+            )
+        ]
+
+    cut = await eventually(agents, 30, what="the agent's connection listed")
+    # Frozen, the agent cannot reconnect while the location is added: its snapshot goes out
+    # while the agent has no snapshot queue.
+    agent.signal(signal.SIGSTOP)
+    try:
+        close_connections(management, cut)
+
+        async def gone() -> bool:
+            return not set(cut) & set(await agents())
+
+        await eventually(gone, 30, what="the agent's connection closed")
+        name = f"late-{stack.unique}"
+        await locations.put(name, images.example_location, queue=stack.queue)
+
+        async def sent() -> bool:
+            async with store.connections.connection() as connection:
+                unsent = await connection.fetchval(
+                    "SELECT count(*) FROM outbox WHERE kind = 'LocationSnapshot'"
+                    " AND sent_at IS NULL"
+                )
+            return unsent == 0
+
+        await eventually(sent, 30, what="the snapshot published")
+    finally:
+        agent.signal(signal.SIGCONT)
+    await agent.wait_for_output("asking for the snapshots again", timeout=60)
+    await eventually(lambda: loaded(locations, name), 90, what="LOADED")
+    assert len(servers_of(stack, name)) == 1
 
 
 async def test_a_redeploy_replaces_the_server_blue_green(

@@ -43,6 +43,7 @@ from schemas import (
     RunRejected,
     RunRetrying,
     RunStarted,
+    RunStateWanted,
     RunSucceeded,
     SchemaError,
     SubmitRun,
@@ -84,6 +85,7 @@ EXAMPLES: list[Message] = [
         max_runtime_s=60,
     ),
     CancelRun(run_id=RUN, reason="user asked"),
+    RunStateWanted(run_id=RUN),
     LaunchRun(run_id=RUN, attempt=2, image="busybox", command=("true",), env={"B": "2"}),
     TerminateRun(run_id=RUN, attempt=2, reason="cancel", grace_s=5),
     LaunchGranted(run_id=RUN, attempt=2, agent_id="host-1"),
@@ -172,7 +174,7 @@ def test_every_message_round_trips(message: Message) -> None:
 @pytest.mark.parametrize(
     ("decoder", "kinds"),
     [
-        (request_decoder(), {"SubmitRun", "CancelRun", "LocationsWanted"}),
+        (request_decoder(), {"SubmitRun", "CancelRun", "RunStateWanted", "LocationsWanted"}),
         (instruction_decoder(), {"LaunchRun", "TerminateRun", "LaunchGranted"}),
         (
             event_decoder(),

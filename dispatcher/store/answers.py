@@ -1,0 +1,77 @@
+"""Where a run is, said again (``RunStateWanted``, and a cancel of a run that has ended).
+
+One who follows a run through the broker alone (``runs cancel --wait``, a script's waits)
+hears its end only as it is published: a connection lost and regained meanwhile loses what
+was sent in between. Asked, the control plane says it again through the outbox: ``RunEnded``
+for a run in a final state, ``RunAccepted`` for one under way (its end is still to come).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+
+import asyncpg
+
+from schemas import FailureReason, RunAccepted, RunEnded, RunStateWanted
+from schemas.bounds import MAX_TEXT
+
+from ..states import TERMINAL, RunState
+from . import outbox
+
+_SAID_AGAIN = uuid.UUID("4b1d1c8e-2f55-4d0a-9e8b-6f0c2f1d3a77")
+
+
+class Said(enum.StrEnum):
+    ENDED = "ENDED"  # its RunEnded, again
+    UNDER_WAY = "UNDER_WAY"  # its RunAccepted, again
+    UNKNOWN = "UNKNOWN"  # no such run: nothing said
+
+
+def said_again_id(run_id: uuid.UUID, attempt: int, what: str) -> uuid.UUID:
+    """The message id of an announcement made again for one request (``what`` names it)."""
+    return uuid.uuid5(_SAID_AGAIN, f"{run_id}/{attempt}/{what}")
+
+
+async def say_again(connection: asyncpg.Connection, request: RunStateWanted) -> Said:
+    """Announce again where ``request.run_id`` is (see the module docstring)."""
+    run = await connection.fetchrow(
+        "SELECT run_id, attempt, state, exit_code, failure_reason, failure_message"
+        " FROM runs WHERE run_id = $1",
+        request.run_id,
+    )
+    if run is None:
+        return Said.UNKNOWN
+    state = RunState(run["state"])
+    if state in TERMINAL:
+        await outbox.insert(
+            connection, [outbox.answer(ended_again(run, state, request.message_id))]
+        )
+        return Said.ENDED
+    accepted = RunAccepted(
+        message_id=said_again_id(request.run_id, run["attempt"], f"accepted:{request.message_id}"),
+        run_id=request.run_id,
+    )
+    await outbox.insert(connection, [outbox.answer(accepted)])
+    return Said.UNDER_WAY
+
+
+def ended_again(run: asyncpg.Record, state: RunState, request_id: uuid.UUID) -> RunEnded:
+    """How ``run`` ended (a final ``state``), said again for the request ``request_id``."""
+    reason = run["failure_reason"]
+    return RunEnded(
+        message_id=said_again_id(run["run_id"], run["attempt"], f"ended-again:{request_id}"),
+        run_id=run["run_id"],
+        attempt=run["attempt"],
+        state=state.value,  # type: ignore[arg-type]
+        exit_code=run["exit_code"] if -1 <= (run["exit_code"] or 0) <= 255 else None,
+        reason=_reason(reason),
+        message=(run["failure_message"] or "")[:MAX_TEXT],
+    )
+
+
+def _reason(stored: str | None) -> FailureReason | None:
+    try:
+        return FailureReason(stored) if stored else None
+    except ValueError:
+        return None
