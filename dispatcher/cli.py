@@ -25,6 +25,8 @@ from .cli_common import (
     _fail,
     open_database,
     parse_env,
+    report_outcome,
+    show_progress,
     with_store,
 )
 from .cli_limits import limits_app
@@ -438,7 +440,7 @@ def submit(
 
             def on_event(event: object) -> None:
                 heard.set()
-                _show_progress(event)
+                show_progress(event)
 
             async def nudge() -> None:
                 """A line now and then while nothing is heard of the run (no agent yet)."""
@@ -464,19 +466,7 @@ def submit(
                 return 2
             finally:
                 nudging.cancel()
-            for line in outcome.output_tail:
-                typer.echo(f"  | {line}", err=True)
-            verdict = (
-                "SUCCESS"
-                if outcome.succeeded
-                else "CANCELED"
-                if outcome.canceled
-                else f"FAILURE ({outcome.reason})"
-            )
-            code = "" if outcome.exit_code is None else f", exit code {outcome.exit_code}"
-            tries = f" on attempt {outcome.attempt}" if outcome.attempt > 1 else ""
-            typer.echo(f"run {run_id}: {verdict}{code}{tries}", err=True)
-            return outcome.process_exit_code
+            return report_outcome(outcome)
 
     # Without --wait, a job submission waits only for the control plane's answer.
     limit = timeout if wait else min(timeout, 60.0)
@@ -498,27 +488,6 @@ def submit(
 
 #: ``submit --wait``: how long without news of the run before a line says it still waits.
 QUIET_NOTE_S = 15.0
-
-
-def _show_progress(event: object) -> None:
-    """One line per step of a run on its way to the end, each attempt's outcome included."""
-    from schemas import RunFailed, RunLaunched, RunRetrying, RunStarted, RunSucceeded
-
-    if isinstance(event, RunLaunched):
-        line = f"attempt {event.attempt}: launched on agent {event.agent_id}"
-    elif isinstance(event, RunStarted):
-        line = f"attempt {event.attempt}: started"
-    elif isinstance(event, RunSucceeded):
-        line = f"attempt {event.attempt}: succeeded"
-    elif isinstance(event, RunFailed):
-        code = "" if event.exit_code is None else f", exit code {event.exit_code}"
-        note = f": {event.message}" if event.message else ""
-        line = f"attempt {event.attempt}: failed ({event.reason.value}{code}){note}"
-    elif isinstance(event, RunRetrying):
-        line = f"retrying as attempt {event.next_attempt} in {event.delay_s:.1f} s"
-    else:
-        return
-    typer.echo(f"run {event.run_id}: {line}", err=True)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from transport.errors import TransportError
 from .errors import DispatcherError
 
 if TYPE_CHECKING:
+    from .client import RunOutcome
     from .store import Database
     from .submitters import Limits
 
@@ -133,3 +134,42 @@ def operator() -> str:
     except (KeyError, OSError):
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
+
+
+def show_progress(event: object) -> None:
+    """One line per step of a run on its way to the end, each attempt's outcome included."""
+    from schemas import RunFailed, RunLaunched, RunRetrying, RunStarted, RunSucceeded
+
+    if isinstance(event, RunLaunched):
+        line = f"attempt {event.attempt}: launched on agent {event.agent_id}"
+    elif isinstance(event, RunStarted):
+        line = f"attempt {event.attempt}: started"
+    elif isinstance(event, RunSucceeded):
+        line = f"attempt {event.attempt}: succeeded"
+    elif isinstance(event, RunFailed):
+        code = "" if event.exit_code is None else f", exit code {event.exit_code}"
+        note = f": {event.message}" if event.message else ""
+        line = f"attempt {event.attempt}: failed ({event.reason.value}{code}){note}"
+    elif isinstance(event, RunRetrying):
+        line = f"retrying as attempt {event.next_attempt} in {event.delay_s:.1f} s"
+    else:
+        return
+    typer.echo(f"run {event.run_id}: {line}", err=True)
+
+
+def report_outcome(outcome: RunOutcome) -> int:
+    """Print how a waited-for run ended (its last output lines, then its verdict); the exit
+    code a command that waited for it ends with."""
+    for line in outcome.output_tail:
+        typer.echo(f"  | {line}", err=True)
+    verdict = (
+        "SUCCESS"
+        if outcome.succeeded
+        else "CANCELED"
+        if outcome.canceled
+        else f"FAILURE ({outcome.reason})"
+    )
+    code = "" if outcome.exit_code is None else f", exit code {outcome.exit_code}"
+    tries = f" on attempt {outcome.attempt}" if outcome.attempt > 1 else ""
+    typer.echo(f"run {outcome.run_id}: {verdict}{code}{tries}", err=True)
+    return outcome.process_exit_code

@@ -1,4 +1,4 @@
-"""``dispatcher runs``: list runs and show one (reads PostgreSQL)."""
+"""``dispatcher runs``: list runs and show one (reads PostgreSQL), wait for one, cancel one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .cli_common import KNOWN_ERRORS, AmqpUrl, DatabaseSchema, DatabaseUrl, _fail, with_store
+from .cli_common import (
+    KNOWN_ERRORS,
+    AmqpUrl,
+    DatabaseSchema,
+    DatabaseUrl,
+    _fail,
+    report_outcome,
+    show_progress,
+    with_store,
+)
 from .errors import InvalidSubmission
 from .states import TERMINAL, RunState
 
@@ -16,7 +25,8 @@ if TYPE_CHECKING:
     from .store import Database, RunEventRow, RunRow
 
 runs_app = typer.Typer(
-    help="Inspect runs (reads PostgreSQL) and cancel them.", no_args_is_help=True
+    help="Inspect runs (reads PostgreSQL), wait for one to end, and cancel them.",
+    no_args_is_help=True,
 )
 
 
@@ -179,6 +189,54 @@ def _describe_progress(item: dict[str, Any]) -> str:
     if event == "log":
         return f"[{item['level'] or 'info'}] {item['message']}"
     return "metadata " + ", ".join(f"{k}={v}" for k, v in sorted(item["details"].items()))
+
+
+@runs_app.command("wait")
+def runs_wait(
+    run_id: Annotated[str, typer.Argument(help="Run id (or, with the database, a unique prefix).")],
+    timeout: Annotated[
+        float, typer.Option(help="Give up waiting after this long (seconds): exit 124.")
+    ] = 3600.0,
+    amqp_url: AmqpUrl = "",
+    database_url: DatabaseUrl = "",
+    database_schema: DatabaseSchema = None,
+) -> None:
+    """Wait for a run submitted before to end, printing each attempt's outcome and retry, and
+    exit with the run's exit code (130 when it was canceled, 124 when --timeout passed first),
+    as `submit --wait` does. A run that has ended already is reported at once. Follows the
+    run through the broker; the database, when given, finds a run by a prefix of its id and
+    says when no run has it (without it, an unknown id is waited for until --timeout)."""
+    import uuid
+
+    if not timeout > 0:  # NaN too
+        raise _fail(f"--timeout must be more than 0 seconds, got {timeout:g}")
+    if not amqp_url:
+        raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
+    if database_url:
+        target = with_store(database_url, database_schema, lambda s: s.runs.find(run_id)).run_id
+    else:
+        try:
+            target = uuid.UUID(run_id)
+        except ValueError:
+            raise _fail(f"{run_id!r} is not a run id (a prefix needs the database)") from None
+
+    async def go() -> int:
+        from .client import Client
+
+        async with Client(amqp_url) as client:
+            return report_outcome(await client.wait(target, timeout, show_progress))
+
+    try:
+        code = asyncio.run(go())
+    except TimeoutError:
+        raise _fail(
+            f"run {target} did not end within {timeout:g} s; it goes on "
+            "(`dispatcher runs show`, `dispatcher runs cancel`)",
+            124,
+        ) from None
+    except KNOWN_ERRORS as exc:
+        raise _fail(str(exc), 1) from None
+    raise typer.Exit(code)
 
 
 @runs_app.command("cancel")

@@ -88,6 +88,10 @@ class RunOutcome:
         return self.exit_code if self.exit_code else 1
 
 
+#: A follower's ask that could not be sent is tried again after this long, doubled each
+#: time up to the most.
+ASK_RETRY_S, ASK_RETRY_MAX_S = 1.0, 15.0
+
 #: What a waiter exits with when the run was canceled (as a process stopped by Ctrl-C).
 CANCELED_EXIT_CODE = 130
 
@@ -146,9 +150,12 @@ class Follower:
 
     def missed(self) -> None:
         """Events may have been lost (the private queue was restored after a loss): ask
-        again about each run followed whose end (or refusal) has not come."""
+        again about each run followed whose end (or refusal) has not come. A round still
+        asking is replaced by this one."""
         if self._ask is None or self._closed:
             return
+        for earlier in list(self._asking):
+            earlier.cancel()
         open_runs = [
             run_id
             for run_id in sorted(self.run_ids)
@@ -163,12 +170,19 @@ class Follower:
         assert self._ask is not None
         log.info("the status stream was restored; asking how %d run(s) stand", len(run_ids))
         for run_id in run_ids:
-            try:
-                await self._ask(run_id)
-            except (BrokerUnavailable, BrokerRefused) as exc:
-                # Not fatal: the run's next event still comes; only one already sent is lost.
-                log.warning("could not ask how run %s stands: %s", run_id, exc)
-                return
+            pause = ASK_RETRY_S
+            while True:
+                try:
+                    await self._ask(run_id)
+                    break
+                except (BrokerUnavailable, BrokerRefused) as exc:
+                    # Asked again until it is sent: a run that ended meanwhile says nothing
+                    # more of itself.
+                    log.warning(
+                        "could not ask how run %s stands (%s); again in %g s", run_id, exc, pause
+                    )
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, ASK_RETRY_MAX_S)
 
     async def _read(self) -> None:
         try:
@@ -180,7 +194,11 @@ class Follower:
                         provenance.check(raw.routing_key, event)
                     except (SchemaError, provenance.Misrouted):
                         continue
-                    if isinstance(event, RunAccepted | RunRejected | RunEnded):
+                    if isinstance(event, RunAccepted | RunRejected | RunEnded) and not (
+                        # An acceptance said again may come after the end it preceded.
+                        isinstance(event, RunAccepted)
+                        and isinstance(self._last_words.get(event.run_id), RunEnded | RunRejected)
+                    ):
                         self._last_words[event.run_id] = event
                     if not isinstance(event, RunLog | RunProgress):  # large, and not kept
                         self._received.append(event)
@@ -189,6 +207,8 @@ class Follower:
         except TRANSIENT as exc:
             # The connection went for good: every wait ends (``the status stream ended``).
             log.debug("a follower's stream ended: %r", exc)
+        except BrokerUnavailable as exc:
+            log.warning("a follower's stream ended: %s", exc)
         except Exception:
             log.exception("a follower's stream failed")  # every wait ends all the same
         finally:
@@ -224,9 +244,12 @@ class Follower:
     async def close(self) -> None:
         """Stop reading and close the private queue's channel. Idempotent."""
         self._closed = True
-        for task in list(self._asking):
+        asking = list(self._asking)
+        for task in asking:
             task.cancel()
         try:
+            if asking:
+                await asyncio.wait(asking)
             if self._reading is not None and not self._reading.done():
                 self._reading.cancel()
                 # Waited for, not awaited: a cancel of the caller itself is not swallowed.
@@ -421,6 +444,20 @@ class Client:
         for run_id in run_ids or ():
             await follower.add(run_id)
         return follower
+
+    async def wait(
+        self,
+        run_id: uuid.UUID,
+        timeout: float | None = None,
+        on_event: Callable[[Any], None] | None = None,
+    ) -> RunOutcome:
+        """Wait for the end of a run submitted before, here or elsewhere: the control plane is
+        asked where it stands (``RunStateWanted``), so a run that has ended already is told
+        at once. A run id that names no run is waited for until ``timeout`` (TimeoutError).
+        ``on_event`` as ``wait_for_outcome``'s."""
+        async with await self.follow({run_id}) as follower:
+            await self._ask_state(run_id)
+            return await wait_for_outcome(follower, run_id, timeout, on_event)
 
     async def submit_and_wait(
         self,

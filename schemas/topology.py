@@ -26,7 +26,8 @@ from typing import Final
 from .bounds import is_safe_name
 from .envelope import Message, RunMessage, kind_of
 
-#: Direct exchange for SubmitRun / CancelRun; its one queue is consumed by the control plane.
+#: Direct exchange for requests (SubmitRun, CancelRun, RunStateWanted, LocationsWanted); its
+#: one queue is consumed by the control plane.
 REQUESTS_EXCHANGE: Final = "hd.requests"
 REQUESTS_QUEUE: Final = "hd.requests"
 REQUESTS_ROUTING_KEY: Final = "request"

@@ -22,6 +22,11 @@ from .ports import InboundDelivery
 
 #: How soon a consume that met a connection being restored is tried again.
 RETRY_S = 0.2
+#: How often ``messages()`` looks whether its connection is there.
+WATCH_S = 0.5
+#: How long a connection may be away before ``messages()`` gives up on it: a broker's
+#: restart (about 30 s here) or a failover passes, a broker gone for good is said.
+GONE_AFTER_S = 90.0
 
 
 @dataclass(frozen=True)
@@ -75,11 +80,12 @@ class Subscription:
         except TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot consume from {self._queue.name}: {exc!r}") from exc
 
-    async def messages(self) -> AsyncGenerator[Received, None]:
+    async def messages(self, gone_after_s: float = GONE_AFTER_S) -> AsyncGenerator[Received, None]:
         """Every message as it arrives (taken without acks: the queue is private), through
         the connection's losses and returns (what was routed to the queue meanwhile is lost:
-        ``when_restored``), until this subscription or its connection is closed."""
-        incoming: asyncio.Queue[Received | None] = asyncio.Queue()
+        ``when_restored``), until this subscription or its connection is closed. A broker
+        away for ``gone_after_s`` on end raises BrokerUnavailable."""
+        incoming: asyncio.Queue[Received | BrokerUnavailable | None] = asyncio.Queue()
 
         async def take(raw: aio_pika.abc.AbstractIncomingMessage) -> None:
             incoming.put_nowait(Received(raw.routing_key or "", raw.body))
@@ -87,30 +93,53 @@ class Subscription:
         def end(*_: object) -> None:
             incoming.put_nowait(None)
 
-        while True:
-            try:
-                tag = await self._queue.consume(take, no_ack=True)
-                break
-            except TRANSIENT as exc:
-                if self._connection.is_closed:
-                    raise BrokerUnavailable(
-                        f"cannot consume from {self._queue.name}: {exc!r}"
-                    ) from exc
-                # The connection is being restored: the queue is, too.
-                await asyncio.sleep(RETRY_S)
-        closing = asyncio.ensure_future(self._connection.closed())
-        closing.add_done_callback(end)
+        async def start() -> aio_pika.abc.ConsumerTag:
+            while True:
+                try:
+                    return await self._queue.consume(take, no_ack=True)
+                except TRANSIENT:
+                    # The connection is being restored (the queue is, too), or it has gone
+                    # for good, which the watch says.
+                    await asyncio.sleep(RETRY_S)
+
         self._ends.add(end)
+        starting = asyncio.create_task(start())
+        watching = asyncio.create_task(self._watch(incoming.put_nowait, gone_after_s))
         try:
             while (message := await incoming.get()) is not None:
+                if isinstance(message, BrokerUnavailable):
+                    raise message
                 yield message
         finally:
             self._ends.discard(end)
-            closing.remove_done_callback(end)
-            closing.cancel()
-            if not self._channel.is_closed:
+            watching.cancel()
+            starting.cancel()
+            await asyncio.gather(watching, starting, return_exceptions=True)
+            tag = None if starting.cancelled() or starting.exception() else starting.result()
+            if tag is not None and not self._channel.is_closed:
                 with contextlib.suppress(*TRANSIENT):
                     await self._queue.cancel(tag)
+
+    async def _watch(
+        self, end_with: Callable[[BrokerUnavailable | None], None], gone_after_s: float
+    ) -> None:
+        """End ``messages()`` once the connection is closed, or has been away too long."""
+        loop = asyncio.get_running_loop()
+        away_since: float | None = None
+        while True:
+            await asyncio.sleep(WATCH_S)
+            if self._connection.is_closed:
+                end_with(None)
+                return
+            if not self._channel.is_closed:
+                away_since = None
+                continue
+            away_since = loop.time() if away_since is None else away_since
+            if loop.time() - away_since >= gone_after_s:
+                end_with(
+                    BrokerUnavailable(f"the broker connection has been lost for {gone_after_s:g} s")
+                )
+                return
 
     async def close(self) -> None:
         """Close its channel (the queue goes with it); ``messages()`` end. Idempotent."""

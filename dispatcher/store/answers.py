@@ -9,6 +9,7 @@ for a run in a final state, ``RunAccepted`` for one under way (its end is still 
 from __future__ import annotations
 
 import enum
+import json
 import uuid
 
 import asyncpg
@@ -18,6 +19,9 @@ from schemas.bounds import MAX_TEXT
 
 from ..states import TERMINAL, RunState
 from . import outbox
+
+#: A RunEnded's output tail: at most this many lines of at most this many characters.
+MAX_LINES, MAX_LINE = 1000, 16 * 1024
 
 _SAID_AGAIN = uuid.UUID("4b1d1c8e-2f55-4d0a-9e8b-6f0c2f1d3a77")
 
@@ -34,10 +38,12 @@ def said_again_id(run_id: uuid.UUID, attempt: int, what: str) -> uuid.UUID:
 
 
 async def say_again(connection: asyncpg.Connection, request: RunStateWanted) -> Said:
-    """Announce again where ``request.run_id`` is (see the module docstring)."""
+    """Announce again where ``request.run_id`` is (see the module docstring), in the
+    caller's transaction. The row is locked: an end being recorded meanwhile is waited for,
+    so "under way" is never said after it."""
     run = await connection.fetchrow(
-        "SELECT run_id, attempt, state, exit_code, failure_reason, failure_message"
-        " FROM runs WHERE run_id = $1",
+        "SELECT run_id, attempt, state, exit_code, failure_reason, failure_message, output_tail"
+        " FROM runs WHERE run_id = $1 FOR SHARE",
         request.run_id,
     )
     if run is None:
@@ -67,7 +73,20 @@ def ended_again(run: asyncpg.Record, state: RunState, request_id: uuid.UUID) -> 
         exit_code=run["exit_code"] if -1 <= (run["exit_code"] or 0) <= 255 else None,
         reason=_reason(reason),
         message=(run["failure_message"] or "")[:MAX_TEXT],
+        output_tail=_tail(run.get("output_tail")),
     )
+
+
+def _tail(stored: str | None) -> tuple[str, ...]:
+    """The output tail kept with the run (JSON), as the contract bounds a RunEnded's."""
+    try:
+        lines = json.loads(stored) if stored else []
+    except ValueError:
+        return ()
+    if not isinstance(lines, list):
+        return ()
+    kept = tuple(line[:MAX_LINE] for line in lines if isinstance(line, str))
+    return kept[-MAX_LINES:]
 
 
 def _reason(stored: str | None) -> FailureReason | None:

@@ -150,3 +150,40 @@ async def test_a_run_on_a_frozen_agent_ends_cancel_timeout_and_is_stopped_when_i
         return stack.containers_of(run_id) == []
 
     await eventually(gone, 90, interval=0.5, what="the canceled run's container gone")
+
+
+async def test_runs_wait_reports_a_run_that_ended_before_or_ends_later(
+    stack: Stack, store: Database
+) -> None:
+    await stack.start_control_plane()
+    await stack.start_agent(0)
+    async with stack.client() as client:
+        done = await client.submit(
+            stack.run_image, ["sh", "-c", "echo bye; exit 3"], queue=stack.queue
+        )
+        await wait_for_state(store, done, RunState.FAILURE, timeout=60)
+        # Ended before anyone waited: said at once, without the database too.
+        waited = await dispatcher_cli(
+            stack, "runs", "wait", str(done), "--timeout", "50", without=("HD_DATABASE_URL",)
+        )
+        assert waited.returncode == 3, waited.stdout + waited.stderr
+        assert "  | bye" in waited.stderr
+        assert f"run {done}: FAILURE (EXIT_CODE), exit code 3" in waited.stderr
+        # From a script: the same.
+        outcome = await client.wait(done, timeout=50)
+        assert (outcome.state, outcome.exit_code, outcome.output_tail) == ("FAILURE", 3, ("bye",))
+        # Under way, by a prefix of its id (which needs the database): followed to its end.
+        later = await client.submit(stack.run_image, ["sh", "-c", "sleep 3"], queue=stack.queue)
+    waited = await dispatcher_cli(stack, "runs", "wait", str(later)[:13], "--timeout", "50")
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert f"run {later}: attempt 1: succeeded" in waited.stderr
+    assert f"run {later}: SUCCESS" in waited.stderr
+    assert (await store.runs.get(later)).state == RunState.SUCCESS
+    # No such run: the database says so; without it, it is waited for until the timeout.
+    nobody = uuid.uuid4()
+    waited = await dispatcher_cli(stack, "runs", "wait", str(nobody))
+    assert waited.returncode == 1 and f"no run {nobody}" in waited.stderr
+    waited = await dispatcher_cli(
+        stack, "runs", "wait", str(nobody), "--timeout", "2", without=("HD_DATABASE_URL",)
+    )
+    assert waited.returncode == 124 and "did not end within 2 s" in waited.stderr

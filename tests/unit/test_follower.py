@@ -10,10 +10,13 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
+from dispatcher import client as client_module
 from dispatcher.client import Follower, wait_for_outcome
-from schemas import RunEnded, RunLog, encode
+from schemas import RunAccepted, RunEnded, RunLog, RunRejected, encode
 from schemas.topology import CONTROL_SOURCE, event_routing_key
-from transport.subscription import Received
+from transport import subscription as subscription_module
+from transport.errors import BrokerUnavailable
+from transport.subscription import Received, Subscription
 
 pytestmark = pytest.mark.unit
 
@@ -25,7 +28,9 @@ class Sent:
         self._incoming: asyncio.Queue[Received | None] = asyncio.Queue()
         self.closed = False
 
-    def send(self, event: RunEnded | RunLog, source: str | None = None) -> None:
+    def send(
+        self, event: RunEnded | RunLog | RunAccepted | RunRejected, source: str | None = None
+    ) -> None:
         self._incoming.put_nowait(Received(event_routing_key(event, source), encode(event)))
 
     async def messages(self) -> AsyncGenerator[Received, None]:
@@ -84,3 +89,103 @@ async def test_a_wait_after_close_ends_at_once_and_close_keeps_a_cancel_of_its_c
         await waiting
     with pytest.raises(Exception, match="the status stream ended"):
         await wait_for_outcome(follower, run_id, 5)
+
+
+async def test_after_a_loss_the_runs_not_ended_are_asked_about_until_each_ask_is_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_module, "ASK_RETRY_S", 0.01)
+    queue = Sent()
+    asked: list[uuid.UUID] = []
+    failures = [BrokerUnavailable("away")]
+
+    async def ask(run_id: uuid.UUID) -> None:
+        if failures:
+            raise failures.pop()
+        asked.append(run_id)
+
+    done, refused, going = sorted(uuid.uuid4() for _ in range(3))
+    follower = Follower(queue, {done, refused, going}, ask=ask)  # type: ignore[arg-type]
+    reading = asyncio.create_task(wait_for_outcome(follower, going, 5))
+    await asyncio.sleep(0)
+    queue.send(ended(done), CONTROL_SOURCE)
+    queue.send(RunRejected(run_id=refused, reason="no"), CONTROL_SOURCE)
+    # An acceptance said again after the end it preceded does not hide the end.
+    queue.send(RunAccepted(run_id=done), CONTROL_SOURCE)
+    await asyncio.sleep(0.01)
+
+    follower.missed()
+    await asyncio.sleep(0.1)
+
+    # The first ask failed and was sent again; runs with their last word are not asked.
+    assert asked == [going]
+    assert not failures
+    # A second loss asks again; close stops a round still under way.
+    follower.missed()
+    follower.missed()  # replaces the round before
+    await asyncio.sleep(0.05)
+    assert asked == [going, going]
+    queue.send(ended(going), CONTROL_SOURCE)
+    assert (await reading).state == "SUCCESS"
+    late = await wait_for_outcome(follower, done, 5)
+    assert late.state == "SUCCESS"
+    await follower.close()
+    follower.missed()  # closed: nothing more
+    await asyncio.sleep(0.05)
+    assert asked == [going, going]
+
+
+async def test_a_round_of_asks_is_stopped_by_close_and_replaced_by_the_next_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_module, "ASK_RETRY_S", 0.01)
+    tries: list[uuid.UUID] = []
+
+    async def never(run_id: uuid.UUID) -> None:
+        tries.append(run_id)
+        raise BrokerUnavailable("away")
+
+    follower = Follower(Sent(), {uuid.uuid4()}, ask=never)  # type: ignore[arg-type]
+    follower.missed()
+    await asyncio.sleep(0.05)
+    follower.missed()
+    await asyncio.sleep(0)
+    assert sum(not task.done() for task in follower._asking) == 1  # one round at a time
+    await follower.close()
+    await asyncio.sleep(0)
+    assert all(task.done() for task in follower._asking)
+    count = len(tries)
+    assert count >= 2  # tried again while it failed
+    await asyncio.sleep(0.05)
+    assert len(tries) == count  # and not after the close
+
+
+class _Connection:
+    is_closed = False
+
+
+class _Channel:
+    is_closed = True  # the connection is away: the channel is not open
+
+
+class _Queue:
+    name = "amq_private"
+
+    async def consume(self, callback: object, no_ack: bool = False) -> str:
+        raise ConnectionError("the connection is away")
+
+
+async def test_a_subscription_whose_broker_stays_away_ends_in_words_and_a_closed_one_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(subscription_module, "WATCH_S", 0.01)
+    monkeypatch.setattr(subscription_module, "RETRY_S", 0.01)
+    away = Subscription(_Connection(), _Channel(), _Queue())  # type: ignore[arg-type]
+    with pytest.raises(BrokerUnavailable, match=r"lost for 0\.2 s"):
+        async for _ in away.messages(gone_after_s=0.2):
+            pass
+    # A connection closed by its owner ends the messages, without an error.
+    closed = _Connection()
+    subscription = Subscription(closed, _Channel(), _Queue())  # type: ignore[arg-type]
+    closed.is_closed = True
+    assert [m async for m in subscription.messages(gone_after_s=60)] == []
