@@ -18,7 +18,7 @@ from .cli_common import (
     show_progress,
     with_store,
 )
-from .errors import InvalidSubmission
+from .errors import InvalidSubmission, SubmissionRejected
 from .states import TERMINAL, RunState
 
 if TYPE_CHECKING:
@@ -202,8 +202,9 @@ def runs_wait(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Wait for a run submitted before to end, printing each attempt's outcome and retry, and
-    exit with the run's exit code (130 when it was canceled, 124 when --timeout passed first),
-    as `submit --wait` does. A run that has ended already is reported at once. Follows the
+    exit with the run's exit code (130 when it was canceled, 124 when --timeout passed first,
+    2 when its submission was refused), as `submit --wait` does. A run that has ended already
+    is reported at once. Follows the
     run through the broker; the database, when given, finds a run by a prefix of its id and
     says when no run has it (without it, an unknown id is waited for until --timeout)."""
     import uuid
@@ -228,6 +229,8 @@ def runs_wait(
 
     try:
         code = asyncio.run(go())
+    except SubmissionRejected as exc:
+        raise _fail(f"submission rejected, run {target} not created: {exc}", 2) from None
     except TimeoutError:
         raise _fail(
             f"run {target} did not end within {timeout:g} s; it goes on "

@@ -3,7 +3,8 @@
 One who follows a run through the broker alone (``runs cancel --wait``, a script's waits)
 hears its end only as it is published: a connection lost and regained meanwhile loses what
 was sent in between. Asked, the control plane says it again through the outbox: ``RunEnded``
-for a run in a final state, ``RunAccepted`` for one under way (its end is still to come).
+for a run in a final state, ``RunAccepted`` for one under way (its end is still to come),
+``RunRejected`` for a submission that was refused (no run, but the refusal is kept).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import json
 import uuid
 
 import asyncpg
+import msgspec
 
-from schemas import FailureReason, RunAccepted, RunEnded, RunStateWanted
+from schemas import FailureReason, RunAccepted, RunEnded, RunRejected, RunStateWanted
 from schemas.bounds import MAX_TEXT
 
 from ..states import TERMINAL, RunState
@@ -29,7 +31,8 @@ _SAID_AGAIN = uuid.UUID("4b1d1c8e-2f55-4d0a-9e8b-6f0c2f1d3a77")
 class Said(enum.StrEnum):
     ENDED = "ENDED"  # its RunEnded, again
     UNDER_WAY = "UNDER_WAY"  # its RunAccepted, again
-    UNKNOWN = "UNKNOWN"  # no such run: nothing said
+    REFUSED = "REFUSED"  # its submission was refused: its RunRejected, again
+    UNKNOWN = "UNKNOWN"  # no such run, no refusal kept: nothing said
 
 
 def said_again_id(run_id: uuid.UUID, attempt: int, what: str) -> uuid.UUID:
@@ -47,7 +50,22 @@ async def say_again(connection: asyncpg.Connection, request: RunStateWanted) -> 
         request.run_id,
     )
     if run is None:
-        return Said.UNKNOWN
+        # A refused submission left no run, but its refusal is kept in the outbox (until
+        # retention prunes it).
+        refusal = await connection.fetchval(
+            "SELECT payload FROM outbox WHERE run_id = $1 AND kind = 'RunRejected'"
+            " ORDER BY id LIMIT 1",
+            request.run_id,
+        )
+        if refusal is None:
+            return Said.UNKNOWN
+        again = RunRejected(
+            message_id=said_again_id(request.run_id, 0, f"rejected:{request.message_id}"),
+            run_id=request.run_id,
+            reason=_refusal_reason(refusal),
+        )
+        await outbox.insert(connection, [outbox.answer(again)])
+        return Said.REFUSED
     state = RunState(run["state"])
     if state in TERMINAL:
         await outbox.insert(
@@ -87,6 +105,18 @@ def _tail(stored: str | None) -> tuple[str, ...]:
         return ()
     kept = tuple(line[:MAX_LINE] for line in lines if isinstance(line, str))
     return kept[-MAX_LINES:]
+
+
+class _Refusal(msgspec.Struct):
+    reason: str = "refused"
+
+
+def _refusal_reason(payload: str | bytes) -> str:
+    try:
+        reason = msgspec.json.decode(payload, type=_Refusal).reason
+    except msgspec.DecodeError:
+        reason = "refused"
+    return reason[:MAX_TEXT]
 
 
 def _reason(stored: str | None) -> FailureReason | None:

@@ -179,6 +179,20 @@ async def test_runs_wait_reports_a_run_that_ended_before_or_ends_later(
     assert f"run {later}: attempt 1: succeeded" in waited.stderr
     assert f"run {later}: SUCCESS" in waited.stderr
     assert (await store.runs.get(later)).state == RunState.SUCCESS
+    # A refused submission made no run: its refusal is said again.
+    async with stack.client() as client:
+        refused = await client.submit(location="nowhere", job="job", queue=stack.queue)
+
+    async def answered() -> bool:
+        return (await store.runs.answer(refused))[1] is not None
+
+    await eventually(answered, 30, what="the submission refused")
+    waited = await dispatcher_cli(
+        stack, "runs", "wait", str(refused), "--timeout", "50", without=("HD_DATABASE_URL",)
+    )
+    assert waited.returncode == 2, waited.stdout + waited.stderr
+    assert f"submission rejected, run {refused} not created" in waited.stderr
+    assert "nowhere" in waited.stderr
     # No such run: the database says so; without it, it is waited for until the timeout.
     nobody = uuid.uuid4()
     waited = await dispatcher_cli(stack, "runs", "wait", str(nobody))

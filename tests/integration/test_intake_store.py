@@ -21,6 +21,7 @@ from schemas import (
     FailureReason,
     RunAccepted,
     RunEnded,
+    RunRejected,
     RunStateWanted,
     SubmitRun,
     any_decoder,
@@ -182,16 +183,22 @@ async def test_a_run_asked_about_is_announced_again_where_it_stands(store: Datab
     under_way, ended, unknown = (
         SubmitRun(run_id=uuid.uuid4(), image="img", command=("true",)) for _ in range(3)
     )
-    await store.accept_submissions([under_way, ended])
+    refused = SubmitRun(run_id=uuid.uuid4(), location="nowhere", job="job")
+    await store.accept_submissions([under_way, ended, refused])
     [canceled] = await store.cancel([CancelRun(run_id=ended.run_id, reason="not needed")])
     assert not isinstance(canceled, str) and canceled.state == RunState.CANCELED
-    asks = [RunStateWanted(run_id=r.run_id) for r in (under_way, ended, unknown)]
+    asks = [RunStateWanted(run_id=r.run_id) for r in (under_way, ended, unknown, refused)]
     async with store.connections.connection() as connection:
         before = await connection.fetchval("SELECT max(id) FROM outbox")
 
-    said = await store.say_again(asks, [None, None, None])
+    said = await store.say_again(asks, [None] * 4)
 
-    assert said == [answers.Said.UNDER_WAY, answers.Said.ENDED, answers.Said.UNKNOWN]
+    assert said == [
+        answers.Said.UNDER_WAY,
+        answers.Said.ENDED,
+        answers.Said.UNKNOWN,
+        answers.Said.REFUSED,
+    ]
     async with store.connections.connection() as connection:
         rows = await connection.fetch(
             "SELECT payload FROM outbox WHERE id > $1 ORDER BY id", before
@@ -201,7 +208,9 @@ async def test_a_run_asked_about_is_announced_again_where_it_stands(store: Datab
     assert [(type(t).__name__, t.run_id) for t in again] == [
         ("RunAccepted", under_way.run_id),
         ("RunEnded", ended.run_id),
+        ("RunRejected", refused.run_id),
     ]
+    assert isinstance(again[2], RunRejected) and "nowhere" in again[2].reason
     ended_again = again[1]
     assert isinstance(ended_again, RunEnded)
     assert (ended_again.state, ended_again.message) == ("CANCELED", "not needed")
