@@ -22,6 +22,7 @@ from .errors import InvalidSubmission, SubmissionRejected
 from .states import TERMINAL, RunState
 
 if TYPE_CHECKING:
+    from .client import RunOutcome
     from .store import Database, RunEventRow, RunRow
 
 runs_app = typer.Typer(
@@ -214,7 +215,10 @@ def runs_wait(
     if not amqp_url:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
     if database_url:
-        target = with_store(database_url, database_schema, lambda s: s.runs.find(run_id)).run_id
+        found = with_store(database_url, database_schema, lambda s: s.runs.find(run_id))
+        target = found.run_id
+        if RunState(found.state) in TERMINAL:
+            raise typer.Exit(report_outcome(_outcome_of(found)))
     else:
         try:
             target = uuid.UUID(run_id)
@@ -240,6 +244,22 @@ def runs_wait(
     except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
     raise typer.Exit(code)
+
+
+def _outcome_of(run: RunRow) -> RunOutcome:
+    """How an ended run ended, as the database has it."""
+    from .client import RunOutcome
+
+    return RunOutcome(
+        run.run_id,
+        run.state == RunState.SUCCESS,
+        run.exit_code,
+        run.failure_reason,
+        tuple(run.output_tail),
+        run.failure_message or "",
+        run.attempt,
+        run.state.value,
+    )
 
 
 @runs_app.command("cancel")

@@ -136,6 +136,8 @@ class Follower:
         self._waits: set[asyncio.Queue[Event | None]] = set()
         self._reading: asyncio.Task[None] | None = None
         self._closed = False
+        #: What a wait that outlived the stream says.
+        self.why_ended = "the status stream ended"
 
     async def __aenter__(self) -> Follower:
         return self
@@ -175,7 +177,11 @@ class Follower:
                 try:
                     await self._ask(run_id)
                     break
-                except (BrokerUnavailable, BrokerRefused) as exc:
+                except BrokerRefused as exc:
+                    # Asking again changes nothing (no permission, no such exchange).
+                    log.warning("could not ask how run %s stands: %s", run_id, exc)
+                    break
+                except BrokerUnavailable as exc:
                     # Asked again until it is sent: a run that ended meanwhile says nothing
                     # more of itself.
                     log.warning(
@@ -209,6 +215,7 @@ class Follower:
             log.debug("a follower's stream ended: %r", exc)
         except BrokerUnavailable as exc:
             log.warning("a follower's stream ended: %s", exc)
+            self.why_ended = f"the status stream ended: {exc}"
         except Exception:
             log.exception("a follower's stream failed")  # every wait ends all the same
         finally:
@@ -258,7 +265,7 @@ class Follower:
             # Every wait ends, also when the reader was cancelled before it ran at all.
             for wait in self._waits:
                 wait.put_nowait(None)
-        await self._subscription.close()
+            await self._subscription.close()
 
 
 class Client:
@@ -395,7 +402,12 @@ class Client:
         if self._publisher is None:
             raise BrokerUnavailable("the client is not connected")
         message = RunStateWanted(run_id=run_id)
-        await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
+        try:
+            await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
+        except BrokerRefused as exc:
+            raise BrokerRefused(
+                f"{exc} (is the control plane running? it declares {REQUESTS_EXCHANGE})"
+            ) from exc
 
     async def dead_letters(self, limit: int = 20) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first, with the queue each came from and why;
@@ -430,7 +442,7 @@ class Client:
                             raise SubmissionRejected(event.reason)
                         if isinstance(event, RunAccepted):
                             return run_id
-                raise BrokerUnavailable("the status stream ended")
+                raise BrokerUnavailable(follower.why_ended)
 
             return await asyncio.wait_for(answer(), timeout)
 
@@ -588,7 +600,7 @@ async def wait_for_outcome(
                     on_event(event)
                 if isinstance(event, RunEnded):
                     return outcome_of(event)
-        raise BrokerUnavailable("the status stream ended")
+        raise BrokerUnavailable(follower.why_ended)
 
     return await asyncio.wait_for(until_final(), timeout)
 

@@ -10,6 +10,7 @@ and re-declares their queues, bindings and consumers on whichever node answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import urllib.parse
@@ -146,6 +147,12 @@ async def connect(url: str, name: str, timeout: float = 30.0) -> Connection:
             failures.append((urls[first], exc))
             await connection.close()  # ends its reconnection task
             continue
+        except BaseException:
+            # Cancelled (a timeout, Ctrl-C): its reconnection task must not outlive the
+            # caller, where it would hold the event loop's end.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(connection.close())
+            raise
         return connection
     raise _unavailable_all(failures)
 

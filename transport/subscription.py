@@ -49,6 +49,7 @@ class Subscription:
         self._queue = queue
         #: Ends each ``messages()`` under way (at ``close``).
         self._ends: set[Callable[[], None]] = set()
+        self._closed = False
 
     @classmethod
     async def open(cls, connection: Connection) -> Subscription:
@@ -102,6 +103,8 @@ class Subscription:
                     # for good, which the watch says.
                     await asyncio.sleep(RETRY_S)
 
+        if self._closed:
+            return
         self._ends.add(end)
         starting = asyncio.create_task(start())
         watching = asyncio.create_task(self._watch(incoming.put_nowait, gone_after_s))
@@ -142,9 +145,12 @@ class Subscription:
                 return
 
     async def close(self) -> None:
-        """Close its channel (the queue goes with it); ``messages()`` end. Idempotent."""
+        """Close its channel (the queue goes with it); ``messages()`` end. Idempotent.
+
+        Closed also while the connection is away: a robust channel not closed is restored
+        with the connection, its queue, bindings and consumer with it."""
+        self._closed = True
         for end in list(self._ends):
             end()
-        if not self._channel.is_closed:
-            with contextlib.suppress(*TRANSIENT):
-                await self._channel.close()
+        with contextlib.suppress(*TRANSIENT):
+            await self._channel.close()

@@ -42,11 +42,13 @@ def said_again_id(run_id: uuid.UUID, attempt: int, what: str) -> uuid.UUID:
 
 async def say_again(connection: asyncpg.Connection, request: RunStateWanted) -> Said:
     """Announce again where ``request.run_id`` is (see the module docstring), in the
-    caller's transaction. The row is locked: an end being recorded meanwhile is waited for,
-    so "under way" is never said after it."""
+    caller's transaction. The row is read without a lock (a batch of asks locking rows in
+    its own order could deadlock with the events' transactions): an end recorded meanwhile
+    may go out before the "under way" read before it, which followers take for what it
+    is (an end stays a run's last word)."""
     run = await connection.fetchrow(
         "SELECT run_id, attempt, state, exit_code, failure_reason, failure_message, output_tail"
-        " FROM runs WHERE run_id = $1 FOR SHARE",
+        " FROM runs WHERE run_id = $1",
         request.run_id,
     )
     if run is None:

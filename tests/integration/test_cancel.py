@@ -169,11 +169,17 @@ async def test_runs_wait_reports_a_run_that_ended_before_or_ends_later(
         assert waited.returncode == 3, waited.stdout + waited.stderr
         assert "  | bye" in waited.stderr
         assert f"run {done}: FAILURE (EXIT_CODE), exit code 3" in waited.stderr
+        # With the database, from it (the control plane need not answer).
+        waited = await dispatcher_cli(stack, "runs", "wait", str(done)[:8])
+        assert waited.returncode == 3, waited.stdout + waited.stderr
+        assert "  | bye" in waited.stderr
         # From a script: the same.
         outcome = await client.wait(done, timeout=50)
         assert (outcome.state, outcome.exit_code, outcome.output_tail) == ("FAILURE", 3, ("bye",))
         # Under way, by a prefix of its id (which needs the database): followed to its end.
-        later = await client.submit(stack.run_image, ["sh", "-c", "sleep 3"], queue=stack.queue)
+        later = await client.submit(stack.run_image, ["sh", "-c", "sleep 8"], queue=stack.queue)
+    # Followed while it runs (the command binds well within its 8 s): its attempt is told.
+    await wait_for_state(store, later, RunState.STARTED, timeout=60)
     waited = await dispatcher_cli(stack, "runs", "wait", str(later)[:13], "--timeout", "50")
     assert waited.returncode == 0, waited.stdout + waited.stderr
     assert f"run {later}: attempt 1: succeeded" in waited.stderr

@@ -167,6 +167,12 @@ class _Connection:
 class _Channel:
     is_closed = True  # the connection is away: the channel is not open
 
+    def __init__(self) -> None:
+        self.closes = 0
+
+    async def close(self) -> None:
+        self.closes += 1
+
 
 class _Queue:
     name = "amq_private"
@@ -189,3 +195,10 @@ async def test_a_subscription_whose_broker_stays_away_ends_in_words_and_a_closed
     subscription = Subscription(closed, _Channel(), _Queue())  # type: ignore[arg-type]
     closed.is_closed = True
     assert [m async for m in subscription.messages(gone_after_s=60)] == []
+    # Closed while its connection is away, its channel is closed all the same (else it
+    # would be restored with the connection), and its messages end at once from then on.
+    channel = _Channel()
+    away = Subscription(_Connection(), channel, _Queue())  # type: ignore[arg-type]
+    await away.close()
+    assert channel.closes == 1
+    assert [m async for m in away.messages(gone_after_s=60)] == []
