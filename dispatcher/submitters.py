@@ -100,16 +100,18 @@ def limits_problem(
     return None
 
 
-def cancel_problem(name: str, limits: Limits, queue: str, location: str | None) -> str | None:
-    """Why ``name``, within ``limits``, may not cancel a run on ``queue`` (a job of
-    ``location``, or a run of an image when None), or None: it cancels what it may submit."""
+def reach_problem(
+    name: str, limits: Limits, queue: str, location: str | None, doing: str = "cancel"
+) -> str | None:
+    """Why ``name``, within ``limits``, may not ``doing`` a run on ``queue`` (a job of
+    ``location``, or a run of an image when None), or None: it reaches what it may submit."""
     if limits.locations and location not in limits.locations:
         return (
-            f"{name!r} may cancel only jobs of its locations "
+            f"{name!r} may {doing} only jobs of its locations "
             f"(allowed: {', '.join(limits.locations)})"
         )
     if limits.queues and queue not in limits.queues:
-        return f"{name!r} may cancel only runs on its queues (allowed: {', '.join(limits.queues)})"
+        return f"{name!r} may {doing} only runs on its queues (allowed: {', '.join(limits.queues)})"
     return None
 
 

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapp
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Self
 
+import asyncpg
+
 from schemas import (
     AgentHeartbeat,
     CancelRun,
@@ -230,7 +232,8 @@ class Database:
     ) -> list[cancellation.Canceled | str]:
         """Cancel runs (``store.cancellation``), all in one transaction; for each request its
         outcome, or why its sender may not cancel (who may submit may cancel: a trusted
-        identity, a registered submitter token, or no user_id while no token is registered)."""
+        identity, a registered submitter token within its limits, or no user_id while no
+        token is registered)."""
         async with self.connections.transaction() as connection:
             known = await submitters.registry(
                 connection, [s for s in senders or () if s is not None]
@@ -242,6 +245,9 @@ class Database:
                     if senders is not None
                     else None
                 )
+                why = why or await _beyond_limits(
+                    connection, known, trusted, sender, request.run_id, "cancel"
+                )
                 outcomes.append(why or await cancellation.cancel(connection, request))
             return outcomes
 
@@ -252,12 +258,16 @@ class Database:
         trusted: Collection[str] = (),
     ) -> list[answers.Said | str]:
         """Say again where each asked-about run is (``store.answers``), in one transaction; for
-        each request what was said, or why its sender may not ask (who may submit may ask)."""
+        each request what was said, or why its sender may not ask (who may cancel a run may
+        ask about it)."""
         async with self.connections.transaction() as connection:
             known = await submitters.registry(connection, [s for s in senders if s is not None])
             said: list[answers.Said | str] = []
             for request, sender in zip(requests, senders, strict=True):
                 why = senders_rules.sender_problem(sender, trusted, known)
+                why = why or await _beyond_limits(
+                    connection, known, trusted, sender, request.run_id, "ask about"
+                )
                 said.append(why or await answers.say_again(connection, request))
             return said
 
@@ -385,3 +395,25 @@ async def opened(
         yield database
     finally:
         await database.close()
+
+
+async def _beyond_limits(
+    connection: asyncpg.Connection,
+    known: senders_rules.Registry,
+    trusted: Collection[str],
+    sender: str | None,
+    run_id: uuid.UUID,
+    doing: str,
+) -> str | None:
+    """Why ``sender``, a token limited to queues or locations, may not ``doing`` the run
+    ``run_id`` (one it could not have submitted), or None. An unknown run is the caller's
+    to say."""
+    if sender is None or sender in trusted:
+        return None
+    limits = known.limits.get(sender)
+    if limits is None or not limits.bounded:
+        return None
+    run = await connection.fetchrow("SELECT queue, location FROM runs WHERE run_id = $1", run_id)
+    if run is None:
+        return None
+    return senders_rules.reach_problem(sender, limits, run["queue"], run["location"], doing)

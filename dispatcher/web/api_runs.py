@@ -39,7 +39,7 @@ from ..errors import InvalidSubmission, LocationNotFound, RunNotFound
 from ..states import TERMINAL, RunState
 from ..store import Database, RunFilters
 from ..store.api_tokens import ApiToken
-from ..submitters import cancel_problem, limits_problem
+from ..submitters import limits_problem, reach_problem
 from . import views
 from .auth import token_of
 from .broker import Broker
@@ -127,7 +127,7 @@ async def _run(store: Database, run_id: uuid.UUID) -> views.RunSummary:
 def _in_reach(token: ApiToken, run_id: uuid.UUID, queue: str, location: str | None) -> None:
     """A token limited to queues or locations reads only the runs it could have submitted;
     any other is answered as if there were none (its id says nothing)."""
-    if cancel_problem(token.name, token.limits, queue, location) is not None:
+    if reach_problem(token.name, token.limits, queue, location) is not None:
         raise NotFoundException(f"no run {run_id}")
 
 

@@ -232,3 +232,34 @@ async def test_who_may_not_submit_may_not_ask_about_a_run(store: Database) -> No
     assert isinstance(said[0], str) and "'stranger' may not submit runs" in said[0]
     assert isinstance(said[1], str) and "must carry its sender's AMQP user_id" in said[1]
     assert said[2] == answers.Said.UNDER_WAY
+
+
+async def test_a_limited_token_may_cancel_or_ask_about_only_runs_within_its_limits(
+    store: Database,
+) -> None:
+    await store.submitters.register("op", "etl-only", Limits(queues=("etl",)))
+    await store.submitters.register("op", "anywhere", Limits())
+    mine = SubmitRun(run_id=uuid.uuid4(), image="img", command=("true",), queue="etl")
+    other = SubmitRun(run_id=uuid.uuid4(), image="img", command=("true",), queue="default")
+    await store.accept_submissions([mine, other], ["etl-only", "anywhere"])
+
+    asked = await store.say_again(
+        [RunStateWanted(run_id=r.run_id) for r in (other, mine)], ["etl-only", "etl-only"]
+    )
+    canceled = await store.cancel(
+        [CancelRun(run_id=r.run_id) for r in (other, mine)], ["etl-only", "etl-only"]
+    )
+
+    assert isinstance(asked[0], str)
+    assert "'etl-only' may ask about only runs on its queues (allowed: etl)" in asked[0]
+    assert asked[1] == answers.Said.UNDER_WAY
+    assert isinstance(canceled[0], str)
+    assert "'etl-only' may cancel only runs on its queues" in canceled[0]
+    assert not isinstance(canceled[1], str) and canceled[1].state == RunState.CANCELED
+    # The other run goes on; a token without limits and a trusted identity reach it.
+    assert (await store.runs.get(other.run_id)).state == RunState.QUEUED
+    assert await store.say_again([RunStateWanted(run_id=other.run_id)], ["anywhere"]) == [
+        answers.Said.UNDER_WAY
+    ]
+    [by_operator] = await store.cancel([CancelRun(run_id=other.run_id)], ["hd"], ["hd"])
+    assert not isinstance(by_operator, str) and by_operator.state == RunState.CANCELED

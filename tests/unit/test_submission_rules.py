@@ -14,7 +14,7 @@ from dispatcher.client import check_submission
 from dispatcher.errors import ConfigError, InvalidSubmission
 from dispatcher.store.locations import check_location
 from dispatcher.submissions import Problem, capacity_problem
-from dispatcher.submitters import Limits, cancel_problem
+from dispatcher.submitters import Limits, reach_problem
 from schemas import SubmitRun
 from schemas.resources import Capacity
 from tests.unit.test_cli import run
@@ -165,17 +165,17 @@ def test_only_a_trusted_identity_says_who_submitted() -> None:
 
 
 def test_a_limited_token_cancels_only_what_it_could_submit() -> None:
-    assert cancel_problem("any", Limits(), "q", None) is None
+    assert reach_problem("any", Limits(), "q", None) is None
     by_queue = Limits(queues=("etl",))
-    assert cancel_problem("t", by_queue, "etl", None) is None
+    assert reach_problem("t", by_queue, "etl", None) is None
     assert "only runs on its queues (allowed: etl)" in (
-        cancel_problem("t", by_queue, "ml", None) or ""
+        reach_problem("t", by_queue, "ml", None) or ""
     )
     by_location = Limits(locations=("jobs",))
-    assert cancel_problem("t", by_location, "any-queue", "jobs") is None
+    assert reach_problem("t", by_location, "any-queue", "jobs") is None
     # A run of an image is not one of its locations' jobs.
-    assert "only jobs of its locations" in (cancel_problem("t", by_location, "q", None) or "")
-    assert "only jobs of its locations" in (cancel_problem("t", by_location, "q", "other") or "")
+    assert "only jobs of its locations" in (reach_problem("t", by_location, "q", None) or "")
+    assert "only jobs of its locations" in (reach_problem("t", by_location, "q", "other") or "")
 
 
 @pytest.mark.parametrize("field", ["cpus", "max_runtime_s", "start_timeout_s", "queue_timeout_s"])
