@@ -203,11 +203,13 @@ def runs_wait(
     database_schema: DatabaseSchema = None,
 ) -> None:
     """Wait for a run submitted before to end, printing each attempt's outcome and retry, and
-    exit with the run's exit code (130 when it was canceled, 124 when --timeout passed first,
-    2 when its submission was refused), as `submit --wait` does. A run that has ended already
-    is reported at once. Follows the
-    run through the broker; the database, when given, finds a run by a prefix of its id and
-    says when no run has it (without it, an unknown id is waited for until --timeout)."""
+    exit as `submit --wait` does: 0 or the run's exit code, 130 when it was canceled, 124 when
+    --timeout passed first, 2 when its submission was refused (or a usage mistake), 1 for a
+    broker or database error (a broker away for 90 s too). A run's own exit code may be any
+    of these: read the printed verdict. A run that has ended already is reported at once.
+    Follows the run through the broker; the database, when given, finds a run by a prefix of
+    its id and says when no run has it. Without it, an unknown id is waited for until
+    --timeout, as is a run beyond the limits of a submitter token (it hears no answer)."""
     import uuid
 
     if not timeout > 0:  # NaN too
@@ -237,8 +239,8 @@ def runs_wait(
         raise _fail(f"submission rejected, run {target} not created: {exc}", 2) from None
     except TimeoutError:
         raise _fail(
-            f"run {target} did not end within {timeout:g} s; it goes on "
-            "(`dispatcher runs show`, `dispatcher runs cancel`)",
+            f"no end of run {target} was heard within {timeout:g} s: it may still be going, "
+            "or be unknown or beyond this identity's limits (`dispatcher runs show` says)",
             124,
         ) from None
     except KNOWN_ERRORS as exc:

@@ -47,7 +47,7 @@ from .admitter import Admitter
 from .errors import StoreUnavailable
 from .relay import OutboxRelay
 from .settings import ControlPlaneSettings, trusted_broker_users
-from .store import Database, OutboxItem
+from .store import Database, OutboxItem, answers
 from .submissions import in_a_reason
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,18 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                 requests = [d.message for d in cancels if isinstance(d.message, CancelRun)]
                 outcomes = await store.cancel(requests, [d.raw.user_id for d in cancels], trusted)
                 for request, outcome in zip(requests, outcomes, strict=True):
-                    what = outcome if isinstance(outcome, str) else outcome.outcome.value
-                    log.info("cancel of run %s: %s", request.run_id, what)
+                    if isinstance(outcome, str):  # refused: who sent it may not
+                        log.warning("cancel of run %s refused: %s", request.run_id, outcome)
+                    else:
+                        log.info("cancel of run %s: %s", request.run_id, outcome.outcome.value)
             if asks:
                 wanted = [d.message for d in asks if isinstance(d.message, RunStateWanted)]
                 said = await store.say_again(wanted, [d.raw.user_id for d in asks], trusted)
                 for asked, what in zip(wanted, said, strict=True):
-                    log.info("run %s's state asked for: %s", asked.run_id, what)
+                    if isinstance(what, answers.Said):
+                        log.info("run %s's state asked for: %s", asked.run_id, what.value)
+                    else:
+                        log.warning("ask about run %s refused: %s", asked.run_id, what)
 
         async def on_events(deliveries: list[Delivery[Event]]) -> None:
             answers: list[OutboxItem] = []

@@ -40,7 +40,9 @@ def said_again_id(run_id: uuid.UUID, attempt: int, what: str) -> uuid.UUID:
     return uuid.uuid5(_SAID_AGAIN, f"{run_id}/{attempt}/{what}")
 
 
-async def say_again(connection: asyncpg.Connection, request: RunStateWanted) -> Said:
+async def say_again(
+    connection: asyncpg.Connection, request: RunStateWanted, refusals: bool = True
+) -> Said:
     """Announce again where ``request.run_id`` is (see the module docstring), in the
     caller's transaction. The row is read without a lock (a batch of asks locking rows in
     its own order could deadlock with the events' transactions): an end recorded meanwhile
@@ -59,8 +61,8 @@ async def say_again(connection: asyncpg.Connection, request: RunStateWanted) -> 
             " ORDER BY id LIMIT 1",
             request.run_id,
         )
-        if refusal is None:
-            return Said.UNKNOWN
+        if refusal is None or not refusals:
+            return Said.UNKNOWN  # (``refusals`` off: said as if none were kept)
         again = RunRejected(
             message_id=said_again_id(request.run_id, 0, f"rejected:{request.message_id}"),
             run_id=request.run_id,

@@ -246,7 +246,7 @@ class Database:
                     else None
                 )
                 why = why or await _beyond_limits(
-                    connection, known, trusted, sender, request.run_id, "cancel"
+                    connection, known, sender, request.run_id, "cancel"
                 )
                 outcomes.append(why or await cancellation.cancel(connection, request))
             return outcomes
@@ -266,9 +266,16 @@ class Database:
             for request, sender in zip(requests, senders, strict=True):
                 why = senders_rules.sender_problem(sender, trusted, known)
                 why = why or await _beyond_limits(
-                    connection, known, trusted, sender, request.run_id, "ask about"
+                    connection, known, sender, request.run_id, "ask about"
                 )
-                said.append(why or await answers.say_again(connection, request))
+                # A limited token is not told others' refusals (they name tokens and limits).
+                bounded = (
+                    sender is not None
+                    and (known.limits.get(sender) or senders_rules.ANYWHERE).bounded
+                )
+                said.append(
+                    why or await answers.say_again(connection, request, refusals=not bounded)
+                )
             return said
 
     # ----------------------------------------------------------------- status events
@@ -400,15 +407,15 @@ async def opened(
 async def _beyond_limits(
     connection: asyncpg.Connection,
     known: senders_rules.Registry,
-    trusted: Collection[str],
     sender: str | None,
     run_id: uuid.UUID,
     doing: str,
 ) -> str | None:
     """Why ``sender``, a token limited to queues or locations, may not ``doing`` the run
     ``run_id`` (one it could not have submitted), or None. An unknown run is the caller's
-    to say."""
-    if sender is None or sender in trusted:
+    to say. A registered token's limits hold even if its name is also trusted, as for its
+    submissions."""
+    if sender is None:
         return None
     limits = known.limits.get(sender)
     if limits is None or not limits.bounded:

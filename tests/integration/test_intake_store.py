@@ -263,3 +263,9 @@ async def test_a_limited_token_may_cancel_or_ask_about_only_runs_within_its_limi
     ]
     [by_operator] = await store.cancel([CancelRun(run_id=other.run_id)], ["hd"], ["hd"])
     assert not isinstance(by_operator, str) and by_operator.state == RunState.CANCELED
+    # Another's refusal is not told to a limited token (it names tokens and their limits).
+    refused = SubmitRun(run_id=uuid.uuid4(), image="img", command=("true",), queue="gpu")
+    await store.accept_submissions([refused], ["etl-only"])
+    ask = RunStateWanted(run_id=refused.run_id)
+    assert await store.say_again([ask], ["etl-only"]) == [answers.Said.UNKNOWN]
+    assert await store.say_again([ask], ["anywhere"]) == [answers.Said.REFUSED]
