@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -210,22 +211,14 @@ def runs_wait(
     Follows the run through the broker; the database, when given, finds a run by a prefix of
     its id and says when no run has it. Without it, an unknown id is waited for until
     --timeout, as is a run beyond the limits of a submitter token (it hears no answer)."""
-    import uuid
 
     if not timeout > 0:  # NaN too
         raise _fail(f"--timeout must be more than 0 seconds, got {timeout:g}")
     if not amqp_url:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
-    if database_url:
-        found = with_store(database_url, database_schema, lambda s: s.runs.find(run_id))
-        target = found.run_id
-        if RunState(found.state) in TERMINAL:
-            raise typer.Exit(report_outcome(_outcome_of(found)))
-    else:
-        try:
-            target = uuid.UUID(run_id)
-        except ValueError:
-            raise _fail(f"{run_id!r} is not a run id (a prefix needs the database)") from None
+    target, found = _target(run_id, database_url, database_schema)
+    if found is not None and RunState(found.state) in TERMINAL:
+        raise typer.Exit(report_outcome(_outcome_of(found)))
 
     async def go() -> int:
         from .client import Client
@@ -246,6 +239,20 @@ def runs_wait(
     except KNOWN_ERRORS as exc:
         raise _fail(str(exc), 1) from None
     raise typer.Exit(code)
+
+
+def _target(
+    run_id: str, database_url: str, database_schema: str | None
+) -> tuple[uuid.UUID, RunRow | None]:
+    """The run ``run_id`` names: with the database, found there (a prefix does) with its row;
+    without it, the id as given (a whole one)."""
+    if database_url:
+        run = with_store(database_url, database_schema, lambda s: s.runs.find(run_id))
+        return run.run_id, run
+    try:
+        return uuid.UUID(run_id), None
+    except ValueError:
+        raise _fail(f"{run_id!r} is not a run id (a prefix needs the database)") from None
 
 
 def _outcome_of(run: RunRow) -> RunOutcome:
@@ -284,7 +291,6 @@ def runs_cancel(
     """Cancel a run: a queued run never starts; a running one gets SIGTERM, then SIGKILL after
     --grace, and ends CANCELED. Canceling it again changes nothing; a run that has ended stays
     as it ended (exit 1 unless it was canceled)."""
-    import uuid
 
     if not 0 <= grace <= 3600:
         raise _fail("--grace must be 0 to 3600 seconds")
@@ -292,18 +298,10 @@ def runs_cancel(
         raise _fail(f"--timeout must be more than 0 seconds, got {timeout:g}")
     if not amqp_url:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
-    run: RunRow | None = None
-    if database_url:
-        run = with_store(database_url, database_schema, lambda s: s.runs.find(run_id))
-        target = run.run_id
-        if RunState(run.state) in TERMINAL:
-            typer.echo(f"run {target} has ended already: {run.state}")
-            raise typer.Exit(0 if run.state == RunState.CANCELED else 1)
-    else:
-        try:
-            target = uuid.UUID(run_id)
-        except ValueError:
-            raise _fail(f"{run_id!r} is not a run id (a prefix needs the database)") from None
+    target, run = _target(run_id, database_url, database_schema)
+    if run is not None and RunState(run.state) in TERMINAL:
+        typer.echo(f"run {target} has ended already: {run.state}")
+        raise typer.Exit(0 if run.state == RunState.CANCELED else 1)
     code = _request_cancel(amqp_url, target, grace, reason, wait, timeout)
     raise typer.Exit(code)
 

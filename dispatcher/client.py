@@ -370,14 +370,7 @@ class Client:
     async def send(self, message: SubmitRun) -> uuid.UUID:
         """Submit a SubmitRun as it is (checked first, as ``submit`` does); returns its run id."""
         check_submission(message)  # a mistake is said as such, connected or not
-        if self._publisher is None:
-            raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
-        try:
-            await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
-        except BrokerRefused as exc:
-            raise BrokerUnavailable(
-                f"{exc} (is the control plane running? it declares {REQUESTS_EXCHANGE})"
-            ) from exc
+        await self._request(message)
         return message.run_id
 
     async def cancel(self, run_id: uuid.UUID, grace_s: float = 30.0, reason: str = "") -> None:
@@ -388,24 +381,26 @@ class Client:
         has ended, or is being canceled, changes nothing."""
         message = CancelRun(run_id=run_id, grace_s=grace_s, reason=reason)
         check_cancel(message)
+        await self._request(message)
+
+    async def _ask_state(self, run_id: uuid.UUID) -> None:
+        """Ask the control plane to say again where ``run_id`` is (``RunStateWanted``)."""
+        # A refusal stays one: asking again would change nothing (``Follower._ask_about``).
+        await self._request(RunStateWanted(run_id=run_id), refused=BrokerRefused)
+
+    async def _request(
+        self,
+        message: SubmitRun | CancelRun | RunStateWanted,
+        refused: type[BrokerRefused | BrokerUnavailable] = BrokerUnavailable,
+    ) -> None:
+        """Publish a request to the control plane; a refusal of the broker's is raised as
+        ``refused``, with the likely cause."""
         if self._publisher is None:
             raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
         try:
             await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
         except BrokerRefused as exc:
-            raise BrokerUnavailable(
-                f"{exc} (is the control plane running? it declares {REQUESTS_EXCHANGE})"
-            ) from exc
-
-    async def _ask_state(self, run_id: uuid.UUID) -> None:
-        """Ask the control plane to say again where ``run_id`` is (``RunStateWanted``)."""
-        if self._publisher is None:
-            raise BrokerUnavailable("the client is not connected")
-        message = RunStateWanted(run_id=run_id)
-        try:
-            await self._publisher.publish(REQUESTS_EXCHANGE, REQUESTS_ROUTING_KEY, message)
-        except BrokerRefused as exc:
-            raise BrokerRefused(
+            raise refused(
                 f"{exc} (is the control plane running? it declares {REQUESTS_EXCHANGE})"
             ) from exc
 

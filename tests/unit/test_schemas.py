@@ -784,3 +784,15 @@ def test_the_json_schema_documents_the_bounds() -> None:
     assert "32 levels deep" in submit["config"]["description"]
     launch = msgspec.json.schema(LaunchRun)["$defs"]["LaunchRun"]["properties"]
     assert launch["attempt"] == {"type": "integer", "minimum": 1, "maximum": 1000}
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    ["not-a-uuid", "", "\x00", "a" * 100_000, 7, None, ["x"], {"a": {"b": {}}}],
+)
+def test_a_hostile_run_state_wanted_is_refused_by_the_decoder(run_id: object) -> None:
+    valid = {"kind": "RunStateWanted", "schema_version": 1, "run_id": str(uuid.uuid4())}
+    assert isinstance(request_decoder().decode(json.dumps(valid).encode()), RunStateWanted)
+    body = json.dumps({**valid, "run_id": run_id})
+    with pytest.raises(SchemaError):
+        request_decoder().decode(body.encode())
