@@ -56,17 +56,13 @@ async def say_again(
     if run is None:
         # A refused submission left no run, but its refusal is kept in the outbox (until
         # retention prunes it).
-        refusal = await connection.fetchval(
-            "SELECT payload FROM outbox WHERE run_id = $1 AND kind = 'RunRejected'"
-            " ORDER BY id LIMIT 1",
-            request.run_id,
-        )
+        refusal = await kept_refusal(connection, request.run_id)
         if refusal is None or not refusals:
             return Said.UNKNOWN  # (``refusals`` off: said as if none were kept)
         again = RunRejected(
             message_id=said_again_id(request.run_id, 0, f"rejected:{request.message_id}"),
             run_id=request.run_id,
-            reason=_refusal_reason(refusal),
+            reason=refusal,
         )
         await outbox.insert(connection, [outbox.answer(again)])
         return Said.REFUSED
@@ -115,7 +111,15 @@ class _Refusal(msgspec.Struct):
     reason: str = "refused"
 
 
-def _refusal_reason(payload: str | bytes) -> str:
+async def kept_refusal(connection: asyncpg.Connection, run_id: uuid.UUID) -> str | None:
+    """Why the submission of ``run_id`` was refused, from its ``RunRejected`` kept in the
+    outbox; None when none is kept (never refused, or pruned by retention)."""
+    payload = await connection.fetchval(
+        "SELECT payload FROM outbox WHERE run_id = $1 AND kind = 'RunRejected' ORDER BY id LIMIT 1",
+        run_id,
+    )
+    if payload is None:
+        return None
     try:
         reason = msgspec.json.decode(payload, type=_Refusal).reason
     except msgspec.DecodeError:

@@ -24,7 +24,7 @@ from ..errors import RunNotFound
 from ..retries import DEFAULT_MAX_RETRIES, DEFAULT_RETRY_ON, RetryPolicy
 from ..states import RunState
 from ..submitters import ANYWHERE, Limits
-from . import limits, outbox
+from . import answers, limits, outbox
 from .connections import Connections
 
 #: The namespace of the stored ids of requests' events (see ``request_event_id``).
@@ -486,13 +486,7 @@ class Runs:
             found = await connection.fetchval("SELECT run_id FROM runs WHERE run_id = $1", run_id)
             if found is not None:
                 return found, None
-            payload = await connection.fetchval(
-                "SELECT payload FROM outbox WHERE run_id = $1 AND kind = 'RunRejected' LIMIT 1",
-                run_id,
-            )
-        if payload is None:
-            return None, None
-        return None, str(msgspec.json.decode(payload).get("reason", "refused"))
+            return None, await answers.kept_refusal(connection, run_id)
 
     async def last_event_seq(self) -> int:
         async with self._connections.connection() as connection:
