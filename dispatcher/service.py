@@ -27,12 +27,9 @@ from schemas import (
     request_decoder,
 )
 from schemas.topology import (
-    CONTROL_SOURCE,
     DEAD_LETTER_WATCH_QUEUE,
     REQUESTS_QUEUE,
-    STATUS_EXCHANGE,
     STATUS_STORE_QUEUE,
-    event_routing_key,
 )
 from transport import policies
 from transport.connection import connect
@@ -78,11 +75,13 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         async def refuse(body: bytes, message: Request | None, reason: str) -> None:
             # A refused submission is answered, so that its waiter reports the reason; never
             # for a run that exists (a forged submission must not fail someone else's wait).
+            # Through the outbox, as the intake's refusals: kept, it is said again to a
+            # waiter that asks after losing its connection.
             run_id = message.run_id if isinstance(message, SubmitRun) else _submitted_run(body)
-            if run_id is not None and not await store.runs.exists(run_id):
-                rejected = RunRejected(run_id=run_id, reason=in_a_reason(reason))
-                key = event_routing_key(rejected, CONTROL_SOURCE)
-                await publisher.publish(STATUS_EXCHANGE, key, rejected)
+            if run_id is not None:
+                await store.runs.refuse_unknown(
+                    RunRejected(run_id=run_id, reason=in_a_reason(reason))
+                )
 
         async def on_dead_letters(deliveries: list[Delivery[bytes]]) -> None:
             letters = [

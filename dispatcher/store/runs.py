@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from schemas import FailureReason, LaunchRun, RunAccepted, SubmitRun
+from schemas import FailureReason, LaunchRun, RunAccepted, RunRejected, SubmitRun
 from schemas.envelope import AttemptMessage
 from schemas.topology import INSTRUCTIONS_EXCHANGE
 
@@ -319,6 +319,20 @@ class Runs:
             return []
         async with self._connections.transaction() as connection:
             return await create(connection, submissions)
+
+    async def refuse_unknown(self, rejected: RunRejected) -> bool:
+        """Keep ``rejected`` in the outbox, for the relay to publish and for an ask to find
+        (``answers.kept_refusal``), unless a run of its id exists: a forged submission must
+        not fail someone else's wait. True when it was kept."""
+        async with self._connections.connection() as connection:
+            status = await connection.execute(
+                "WITH unknown AS (SELECT $9::uuid AS run_id"
+                " WHERE NOT EXISTS (SELECT 1 FROM runs WHERE run_id = $9))"
+                + outbox.rows_sql(1, only="unknown"),
+                *outbox.arrays([outbox.answer(rejected)]),
+                rejected.run_id,
+            )
+        return int(status.split()[-1]) > 0
 
     async def exists(self, run_id: uuid.UUID) -> bool:
         async with self._connections.connection() as connection:

@@ -10,7 +10,7 @@ import aio_pika
 
 from dispatcher.store import Database
 from dispatcher.submitters import Limits
-from schemas import AgentHeartbeat, SubmitRun, encode
+from schemas import AgentHeartbeat, RunRejected, SubmitRun, encode
 from schemas.topology import STATUS_EXCHANGE, STATUS_STORE_QUEUE
 from tests.integration.conftest import Stack
 from tests.integration.test_identities import add_identity
@@ -95,3 +95,17 @@ async def test_a_refused_submission_does_not_answer_for_someone_elses_run(
             "SELECT kind FROM outbox WHERE run_id = $1 AND kind = 'RunRejected'", victim.run_id
         )
     assert kinds == [], "a RunRejected was queued for another submitter's existing run"
+
+    # Nor when the forged submission cannot even be decoded (refused from its bare run id),
+    # where a refusal for an unknown run is kept, once.
+    assert not await store.runs.refuse_unknown(RunRejected(run_id=victim.run_id, reason="x"))
+    unknown = RunRejected(run_id=uuid.uuid4(), reason="undecodable")
+    assert await store.runs.refuse_unknown(unknown)
+    assert not await store.runs.refuse_unknown(unknown)  # the same message: kept once
+    async with store.connections.connection() as connection:
+        counts = await connection.fetch(
+            "SELECT run_id, count(*) AS n FROM outbox WHERE kind = 'RunRejected'"
+            " AND run_id = ANY($1::uuid[]) GROUP BY run_id",
+            [victim.run_id, unknown.run_id],
+        )
+    assert {(row["run_id"], row["n"]) for row in counts} == {(unknown.run_id, 1)}

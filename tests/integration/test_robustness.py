@@ -15,7 +15,8 @@ import pytest
 from dispatcher.errors import InvalidSubmission, SubmissionRejected
 from dispatcher.states import RunState
 from dispatcher.store import Database
-from schemas import RunRejected, SubmitRun, encode
+from dispatcher.store.answers import Said
+from schemas import RunRejected, RunStateWanted, SubmitRun, encode
 from schemas.topology import REQUESTS_EXCHANGE, REQUESTS_QUEUE, REQUESTS_ROUTING_KEY
 from tests.integration.conftest import Stack
 from tests.integration.test_crashes import publish_raw
@@ -106,6 +107,13 @@ async def test_hostile_requests_are_dead_lettered_and_answered(
         assert "memory_limit_mb" in answered[run_ids["huge integer"]]
         assert "schema_version" in answered[run_ids["newer schema"]]
         assert "NUL" in answered[run_ids["nul"]] or "command" in answered[run_ids["nul"]]
+        # Kept, each refusal is said again to a waiter that asks (one that lost its
+        # connection meanwhile): an ask about an unknown run says nothing.
+        refused = [run_ids[n] for n in ("nul", "huge integer", "newer schema")]
+        asks = [RunStateWanted(run_id=run_id) for run_id in [*refused, run_ids["unknown kind"]]]
+        assert await store.say_again(asks, [None] * len(asks)) == [Said.REFUSED] * 3 + [
+            Said.UNKNOWN
+        ]
 
         async def all_counted() -> bool:
             return await dead_letter_total(store, REQUESTS_QUEUE) == len(hostile)
