@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 
 from .store.alerts import Alerts
+from .webhooks import webhook_request
 
 
 class AlertDeliverer:
@@ -38,10 +39,11 @@ class AlertDeliverer:
         return await asyncio.to_thread(self._post, url, body)
 
     def _post(self, url: str, body: bytes) -> str | None:
-        request = urllib.request.Request(
-            url, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
+        """None when delivered, else why not. Never raises: a URL stored by a monitor of
+        another configuration (or one urllib refuses late) fails its delivery, never the
+        monitor, which would stop at every start on the same due row."""
         try:
+            request = webhook_request(url, body)
             with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
                 if 200 <= response.status < 300:
                     return None
@@ -50,3 +52,6 @@ class AlertDeliverer:
             return f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             return repr(exc)
+        except Exception as exc:  # an invalid URL (http.client.InvalidURL, ValueError)
+            # Its words may quote the URL, whose path may be its secret: the kind only.
+            return f"the URL is refused ({type(exc).__name__})"

@@ -23,6 +23,7 @@ from .cli_common import (
     DatabaseSchema,
     DatabaseUrl,
     _fail,
+    broker_silent,
     open_database,
     parse_env,
     report_outcome,
@@ -418,8 +419,10 @@ def submit(
         # A mistake is said as such (exit 2) before any broker is reached.
         await Client(amqp_url).submit(image, command or [], **fields, check_only=True)
         async with Client(amqp_url) as client:
+            stage[:] = ["submitting", str(run_id)]
             follower = await client.follow({run_id})
             await client.submit(image, command or [], **fields)
+            stage[0] = "submitted"
             if is_job:
                 # A job is checked against its location first: wait for the answer.
                 async with contextlib.aclosing(follower.events(answers=True)) as answers:
@@ -470,9 +473,19 @@ def submit(
 
     # Without --wait, a job submission waits only for the control plane's answer.
     limit = timeout if wait else min(timeout, 60.0)
+    #: How far the command got: a timeout says what it means at each stage.
+    stage = ["connecting"]
     try:
         raise typer.Exit(asyncio.run(asyncio.wait_for(go(), limit)))
     except TimeoutError:
+        if stage[0] == "connecting":
+            raise broker_silent(amqp_url, limit) from None
+        if stage[0] == "submitting":
+            raise _fail(
+                f"the broker did not confirm the submission of run {stage[1]} within "
+                f"{limit:g} s: it may or may not have been taken (`dispatcher runs show` says)",
+                1,
+            ) from None
         if wait:
             raise _fail(
                 f"the run did not end within {limit:g} s; it goes on (`dispatcher runs show`, "

@@ -15,6 +15,7 @@ from .cli_common import (
     DatabaseSchema,
     DatabaseUrl,
     _fail,
+    broker_silent,
     report_outcome,
     show_progress,
     with_store,
@@ -220,17 +221,24 @@ def runs_wait(
     if found is not None and RunState(found.state) in TERMINAL:
         raise typer.Exit(report_outcome(_outcome_of(found)))
 
+    connected = False
+
     async def go() -> int:
         from .client import Client
 
-        async with Client(amqp_url) as client:
-            return report_outcome(await client.wait(target, timeout, show_progress))
+        nonlocal connected
+        # --timeout bounds the whole command, the connect included.
+        async with asyncio.timeout(timeout), Client(amqp_url) as client:
+            connected = True
+            return report_outcome(await client.wait(target, None, show_progress))
 
     try:
         code = asyncio.run(go())
     except SubmissionRejected as exc:
         raise _fail(f"submission rejected, run {target} not created: {exc}", 2) from None
     except TimeoutError:
+        if not connected:
+            raise broker_silent(amqp_url, timeout) from None
         raise _fail(
             f"no end of run {target} was heard within {timeout:g} s: it may still be going, "
             "or be unknown or beyond this identity's limits (`dispatcher runs show` says)",
@@ -282,7 +290,11 @@ def runs_cancel(
         bool, typer.Option("--wait", help="Wait for the run's end; exit 0 when it was canceled.")
     ] = False,
     timeout: Annotated[
-        float, typer.Option(help="With --wait: give up waiting after this long (seconds).")
+        float,
+        typer.Option(
+            help="Give up after this long (seconds): on a broker that does not answer (exit "
+            "1), and with --wait on a run that does not end (exit 124)."
+        ),
     ] = 300.0,
     amqp_url: AmqpUrl = "",
     database_url: DatabaseUrl = "",
@@ -311,20 +323,27 @@ def _request_cancel(
 ) -> int:
     from .client import Client, wait_for_outcome
 
+    requested = False
+
     async def go() -> int:
-        async with Client(amqp_url) as client:
+        nonlocal requested
+        # --timeout bounds the whole command, the connect and the request included.
+        async with asyncio.timeout(timeout), Client(amqp_url) as client:
             follower = await client.follow({run_id}) if wait else None
             await client.cancel(run_id, grace_s=grace, reason=reason)
+            requested = True
             typer.echo(f"run {run_id}: cancel requested")
             if follower is None:
                 return 0
-            outcome = await wait_for_outcome(follower, run_id, timeout)
+            outcome = await wait_for_outcome(follower, run_id, None)
             typer.echo(f"run {run_id}: {outcome.state}")
             return 0 if outcome.canceled else 1
 
     try:
         return asyncio.run(go())
     except TimeoutError:
+        if not requested:
+            raise broker_silent(amqp_url, timeout) from None
         raise _fail(f"the run did not end within {timeout:g} s", 124) from None
     except InvalidSubmission as exc:
         raise _fail(str(exc), 2) from None

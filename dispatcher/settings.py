@@ -276,9 +276,11 @@ class MonitorSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         _require_connections(settings.amqp_url, settings.database_url)
+        from .webhooks import webhook_problem
+
         for url in settings.webhook_urls:
-            if not url.startswith(("http://", "https://")):
-                raise ConfigError(f"webhook URL {url!r} must start with http:// or https://")
+            if problem := webhook_problem(url):
+                raise ConfigError(problem)
         if not 1 <= settings.lost_after_beats <= 1000:
             raise ConfigError("--lost-after-beats must be 1 to 1000")
         # A NaN or a negative time would never (or always) be past: every one is a duration.

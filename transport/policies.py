@@ -30,7 +30,7 @@ from typing import Any
 from schemas.topology import DEAD_LETTER_EXCHANGE
 
 from .errors import BrokerUnavailable
-from .urls import broker_urls, vhost_of
+from .urls import broker_urls, hide_password, text_of_a_url, vhost_of, without_password
 
 log = logging.getLogger(__name__)
 
@@ -132,22 +132,27 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
     bases = []
     if given:
         for one in given:
+            if not text_of_a_url(one):
+                raise BrokerUnavailable(
+                    "a management URL has a control character, a space or a byte that is no "
+                    "UTF-8 in it (percent-encode it)"
+                )
             try:
                 parts = urllib.parse.urlsplit(one)
             except ValueError as exc:  # an unclosed [ of an IPv6 address, say
                 raise BrokerUnavailable(
-                    f"the management URL {_without_secret(one)!r}: {exc}"
+                    f"the management URL {hide_password(one)!r}: {without_password(str(exc), one)}"
                 ) from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise BrokerUnavailable(
-                    f"the management URL {_without_secret(one)!r} is not an http:// or "
+                    f"the management URL {hide_password(one)!r} is not an http:// or "
                     "https:// URL with a host"
                 )
             try:
                 port = f":{parts.port}" if parts.port else ""
             except ValueError as exc:
                 raise BrokerUnavailable(
-                    f"the management URL {_without_secret(one)!r}: {exc}"
+                    f"the management URL {hide_password(one)!r}: {without_password(str(exc), one)}"
                 ) from None
             bases.append(f"{parts.scheme}://{_host(one)}{port}{parts.path.rstrip('/')}")
         named = urllib.parse.urlsplit(given[0])
@@ -161,17 +166,6 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
             bases.append(f"{scheme}://{_host(one)}:{default}")
     vhost = vhost_of(amqp_urls[0])
     return ManagementApi(tuple(dict.fromkeys(bases)), user, password, vhost, cafile)
-
-
-def _without_secret(url: str) -> str:
-    """``url`` with its password starred (and nothing after an ``@`` if it cannot be read)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        if parts.password is None:
-            return url
-    except ValueError:
-        return url.rpartition("@")[2]
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def _host(url: str) -> str:

@@ -12,6 +12,7 @@ A comma inside a URL (in a password, say) must be percent-encoded (``%2C``).
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
 from .errors import BrokerUrlInvalid
@@ -71,12 +72,19 @@ def _check_one(url: str, where: str, several: bool) -> None:
     if not url:
         raise BrokerUrlInvalid(f"{where} is empty (a stray comma?)")
     hint = " (a comma inside a URL must be written %2C)" if several else ""
+    if not text_of_a_url(url):
+        raise BrokerUrlInvalid(
+            f"{where} has a control character, a space or a byte that is no UTF-8 in it "
+            "(percent-encode it)"
+        )
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is no number
     except ValueError as exc:
         # The parser's words may quote the password (an invalid character in the netloc).
-        why = _without_password(str(exc), url)
+        why = without_password(str(exc), url)
+        if cut_at_its_password(url):
+            why = f"{why}; {PERCENT_HINT}"
         raise BrokerUrlInvalid(f"{where} ({hide_password(url)}) is invalid: {why}{hint}") from None
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
         if key == "heartbeat" and not (
@@ -87,12 +95,22 @@ def _check_one(url: str, where: str, several: bool) -> None:
                 f"{where} ({hide_password(url)}): heartbeat={value!r} is no number of seconds "
                 "(0 to 65534)"
             )
+    encoded = f"; {PERCENT_HINT}" if cut_at_its_password(url) else ""
     if parts.scheme not in SCHEMES:
         raise BrokerUrlInvalid(
-            f"{where} ({hide_password(url)}) is no amqp:// or amqps:// URL{hint}"
+            f"{where} ({hide_password(url)}) is no amqp:// or amqps:// URL{hint}{encoded}"
         )
     if not parts.hostname:
-        raise BrokerUrlInvalid(f"{where} ({hide_password(url)}) names no host{hint}")
+        raise BrokerUrlInvalid(f"{where} ({hide_password(url)}) names no host{hint}{encoded}")
+
+
+def text_of_a_url(url: str) -> bool:
+    """Whether ``url`` is text a URL may hold: UTF-8, no control character, no space."""
+    try:
+        url.encode()
+    except UnicodeEncodeError:  # a byte that was no UTF-8, read from the command line
+        return False
+    return not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url)
 
 
 def user_of(setting: str) -> str:
@@ -115,31 +133,69 @@ def where_of(url: str) -> str:
     return f"{host}:{port}"
 
 
+#: What a user name or password must have percent-encoded in a URL, said where one did not.
+PERCENT_HINT = (
+    "a user name or password must have / ? # @ : % and , written percent-encoded "
+    "(%2F %3F %23 %40 %3A %25 %2C)"
+)
+
+
 def hide_password(url: str) -> str:
     """The URL with its password replaced by ``***`` (for messages), also when it does not
-    parse as a URL."""
+    parse as a URL: a password with an unencoded ``/`` or ``#`` in it, a scheme left out.
+    Then whatever lies between the first ``:`` of the user part and the last ``@`` is
+    hidden: more than the password, at worst, never less."""
     try:
         parts = urllib.parse.urlsplit(url)
+        well_formed = bool(parts.scheme and parts.hostname) and (parts.port or 0) >= 0
         password = parts.password
     except ValueError:
-        scheme, sep, rest = url.partition("://")
-        authority, tail = _split_authority(rest)
-        userinfo, at, host = authority.rpartition("@")
-        if not at or ":" not in userinfo:
+        well_formed, password = False, None
+    if well_formed:
+        if password is None:
             return url
-        return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}{tail}"
-    if password is None:
+        netloc = parts.netloc.rpartition("@")
+        user = netloc[0].partition(":")[0]
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
 
 
-def _without_password(text: str, url: str) -> str:
-    """``text`` with the password of ``url`` (as written in it) replaced by ``***``."""
-    authority, _ = _split_authority(url.partition("://")[2])
-    password = authority.rpartition("@")[0].partition(":")[2]
-    return text.replace(password, "***") if password else text
+def cut_at_its_password(url: str) -> bool:
+    """Whether ``url`` has an ``@`` past where its authority ends (a ``/``, ``?`` or ``#``):
+    most likely a user name or password that has one of them unencoded."""
+    rest = _after_scheme(url)
+    return "@" in rest and "@" not in _split_authority(rest)[0]
+
+
+def without_password(text: str, url: str) -> str:
+    """``text`` (a parser's words about ``url``) with the password of ``url``, and any quoted
+    piece of it, replaced by ``***``: a parser quotes what it could not read, which may be a
+    piece of a password cut at an unencoded ``/``."""
+    rest = _after_scheme(url)
+    # The password as the authority holds it, and all that may be one (to the last @).
+    exact = _split_authority(rest)[0].rpartition("@")[0].partition(":")[2]
+    secret = rest.rpartition("@")[0].partition(":")[2]
+    for hidden in sorted({exact, secret} - {""}, key=len, reverse=True):
+        text = text.replace(hidden, "***")
+    if not secret:
+        return text
+    return re.sub(
+        r"'([^']*)'|\"([^\"]*)\"",
+        lambda m: "'***'" if (m.group(1) or m.group(2) or "") in secret else m.group(0),
+        text,
+    )
+
+
+def _after_scheme(url: str) -> str:
+    """What follows ``scheme://``; all of ``url`` when it has no ``://``."""
+    _, sep, rest = url.partition("://")
+    return rest if sep else url
 
 
 def _split_authority(rest: str) -> tuple[str, str]:

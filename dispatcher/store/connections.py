@@ -14,6 +14,8 @@ from typing import Self
 
 import asyncpg
 
+from transport.urls import PERCENT_HINT, cut_at_its_password, hide_password, without_password
+
 from ..errors import ConfigError, DispatcherError, StoreUnavailable
 
 #: asyncpg's exceptions that mean "the database is out for now" (translated into
@@ -34,6 +36,15 @@ UNAVAILABLE = (
 Connection = asyncpg.Connection
 
 
+def invalid_url(exc: Exception, dsn: str) -> ConfigError:
+    """What is wrong with the database URL, in the parser's words but for the password
+    (which it may quote, in part, when an unencoded ``/`` or ``#`` cut it)."""
+    why = without_password(str(exc), dsn)
+    if cut_at_its_password(dsn):
+        why = f"{why}; {PERCENT_HINT}"
+    return ConfigError(f"the database URL ({hide_password(dsn)}) is invalid: {why}")
+
+
 def _server_settings(schema: str | None) -> dict[str, str]:
     return {"search_path": schema} if schema else {}
 
@@ -45,7 +56,7 @@ async def connect(dsn: str, schema: str | None = None) -> asyncpg.Connection:
     except (*UNAVAILABLE, *REFUSED) as exc:
         raise cannot_connect(exc) from exc
     except (ValueError, OverflowError) as exc:  # a port that is no number, or past 65535
-        raise ConfigError(f"the database URL is invalid: {exc}") from None
+        raise invalid_url(exc, dsn) from None
 
 
 #: The server refused the client: a password, or a certificate it asks for (over SSL).
@@ -72,6 +83,13 @@ def cannot_connect(exc: BaseException) -> DispatcherError:
         return StoreUnavailable(f"TLS with PostgreSQL failed: {exc.reason or exc}")
     if isinstance(exc, REFUSED):
         return ConfigError(f"PostgreSQL refused the connection: {exc}")
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
+        # TLS files (sslrootcert=, sslcert=, sslkey=) are read without naming the file.
+        return ConfigError(
+            f"cannot connect to PostgreSQL: a file or directory the database URL names "
+            f"(sslrootcert=, sslcert=, sslkey=, or a socket's host=) cannot be read: "
+            f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+        )
     return StoreUnavailable(f"cannot connect to PostgreSQL: {exc!r}")
 
 
@@ -135,7 +153,7 @@ class Connections:
         except (ValueError, OverflowError) as exc:
             # What asyncpg's URL parser raises (a port that is no number), and the socket's
             # connect (a port past 65535).
-            raise ConfigError(f"the database URL is invalid: {exc}") from None
+            raise invalid_url(exc, dsn) from None
         assert pool is not None
         return cls(pool, dsn, schema)
 

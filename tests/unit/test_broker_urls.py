@@ -192,3 +192,51 @@ def test_each_node_is_asked_for_a_heartbeat_of_ten_seconds_unless_its_url_names_
     assert with_heartbeat(tls) == tls + "&heartbeat=10"
     for own in ("amqp://u:pw@rabbit-1/?heartbeat=30", "amqp://u@r/?cafile=x&heartbeat=0"):
         assert with_heartbeat(own) == own
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://admin:S3CR/ET@127.0.0.1:5672/",  # a / cuts the authority inside the password
+        "amqp://admin:S3CR#ET@127.0.0.1/",
+        "amqp://admin:S3CR?ET@127.0.0.1/",
+        "admin:S3CRET@127.0.0.1:5672",  # no scheme
+        "amqp//admin:S3CRET@127.0.0.1:5672",
+        "amqp:/admin:S3CRET@127.0.0.1",
+    ],
+)
+def test_a_password_with_an_unencoded_character_or_a_url_without_its_scheme_is_not_shown(
+    url: str,
+) -> None:
+    """The password was echoed whole: the URL did not parse, so nothing was taken for one."""
+    assert "S3CR" not in hide_password(url)
+    with pytest.raises(BrokerUrlInvalid) as refused:
+        broker_urls(url)
+    assert "S3CR" not in str(refused.value)
+    with pytest.raises(BrokerUnavailable) as refused_too:
+        management_api("amqp://u:p@a/", url.replace("amqp", "http", 1))
+    assert "S3CR" not in str(refused_too.value)
+
+
+def test_a_cut_password_is_told_to_be_percent_encoded() -> None:
+    with pytest.raises(BrokerUrlInvalid, match="%2F"):
+        broker_urls("amqp://admin:S3CR/ET@127.0.0.1:5672/")
+    # A well-formed URL with an @ in its query (a file name) is shown as it is.
+    assert hide_password("amqp://h:5672/?cafile=/x@y") == "amqp://h:5672/?cafile=/x@y"
+
+
+def test_a_url_with_a_control_character_or_a_byte_that_is_no_utf8_is_refused_in_words() -> None:
+    for url in ("amqp://u:p\udcff@127.0.0.1:1/", "amqp://u:p@h/\x00", "amqp://u:p w@h/"):
+        with pytest.raises(BrokerUrlInvalid, match="control character"):
+            broker_urls(url)
+        with pytest.raises(BrokerUnavailable, match="control character"):
+            management_api("amqp://u:p@a/", url.replace("amqp", "http", 1))
+
+
+async def test_a_database_url_cut_at_its_password_is_refused_without_it() -> None:
+    from dispatcher.store import Database
+
+    with pytest.raises(ConfigError) as refused:
+        await Database.open("postgresql://admin:S3CR/ET@127.0.0.1:5432/db")
+    assert "S3CR" not in str(refused.value)
+    assert "percent-encoded" in str(refused.value)

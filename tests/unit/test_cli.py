@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,34 @@ def test_a_token_limited_to_a_location_no_location_can_be_named_is_refused() -> 
     )
     assert result.returncode == 2
     assert "location name 'Not A.Location' is invalid" in result.stderr
+
+
+@pytest.fixture
+def silent_broker() -> Iterator[str]:
+    """A port that accepts connections and never says a word (a firewall's black hole, a
+    wrong service)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield f"amqp://u:p@127.0.0.1:{listener.getsockname()[1]}/"
+    listener.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["submit", "--image", "busybox", "--wait", "--timeout", "1"],
+        ["runs", "wait", "7c1f6c3e-0000-4000-8000-000000000000", "--timeout", "1"],
+        ["runs", "cancel", "7c1f6c3e-0000-4000-8000-000000000000", "--timeout", "1"],
+    ],
+    ids=["submit --wait", "runs wait", "runs cancel"],
+)
+def test_a_broker_that_never_answers_is_said_as_such_within_the_timeout(
+    silent_broker: str, command: list[str]
+) -> None:
+    """It was said as a run that did not end (exit 124) after the timeout, or the timeout was
+    not applied to the connect at all (30 s)."""
+    result = run(*command, "--amqp-url", silent_broker)
+    assert result.returncode == 1, result.stderr
+    assert "no broker answered within 1 s" in result.stderr
+    assert "nothing was sent" in result.stderr
