@@ -23,7 +23,7 @@ from transport.urls import (
 def webhook_problem(url: str) -> str | None:
     """What keeps ``url`` from being a webhook, in words (its password hidden); None if it
     can be one."""
-    if not text_of_a_url(url):
+    if not text_of_a_url(url) or " " in url:
         return (
             "a webhook URL has a control character, a space or a byte that is no UTF-8 in it "
             "(percent-encode it)"

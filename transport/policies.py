@@ -134,8 +134,8 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
         for one in given:
             if not text_of_a_url(one):
                 raise BrokerUnavailable(
-                    "a management URL has a control character, a space or a byte that is no "
-                    "UTF-8 in it (percent-encode it)"
+                    "a management URL has a control character or a byte that is no UTF-8 in "
+                    "it (percent-encode it)"
                 )
             try:
                 parts = urllib.parse.urlsplit(one)

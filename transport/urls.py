@@ -74,8 +74,7 @@ def _check_one(url: str, where: str, several: bool) -> None:
     hint = " (a comma inside a URL must be written %2C)" if several else ""
     if not text_of_a_url(url):
         raise BrokerUrlInvalid(
-            f"{where} has a control character, a space or a byte that is no UTF-8 in it "
-            "(percent-encode it)"
+            f"{where} has a control character or a byte that is no UTF-8 in it (percent-encode it)"
         )
     try:
         parts = urllib.parse.urlsplit(url)
@@ -105,12 +104,12 @@ def _check_one(url: str, where: str, several: bool) -> None:
 
 
 def text_of_a_url(url: str) -> bool:
-    """Whether ``url`` is text a URL may hold: UTF-8, no control character, no space."""
+    """Whether ``url`` is text a URL may hold: UTF-8, no control character."""
     try:
         url.encode()
     except UnicodeEncodeError:  # a byte that was no UTF-8, read from the command line
         return False
-    return not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url)
+    return not any(ord(c) < 32 or ord(c) == 127 for c in url)
 
 
 def user_of(setting: str) -> str:
