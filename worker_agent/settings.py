@@ -33,7 +33,17 @@ class AgentConfigError(AgentError):
     """An option or environment variable of the agent is invalid."""
 
 
-_CAPABILITY = re.compile(r"^[A-Z][A-Z_]{1,31}$")
+#: The Linux capabilities (capabilities(7), without their ``CAP_``), as Docker takes them.
+LINUX_CAPABILITIES = frozenset(
+    """
+    CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP
+    LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER
+    SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE
+    SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP
+    MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF
+    CHECKPOINT_RESTORE
+    """.split()
+)
 _SECRET_PATTERN = re.compile(r"^[A-Za-z0-9_*?][A-Za-z0-9_*?-]{0,63}$")
 _USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
 
@@ -204,6 +214,11 @@ class AgentSettings:
         ):
             if any(not item.strip() for item in given):
                 raise AgentConfigError(f"{option} must not be empty")
+            for item in given:
+                if not item.isprintable():  # a byte that was no UTF-8 is a surrogate: not
+                    raise AgentConfigError(
+                        f"{option} {item!r} has a control character or a byte that is no UTF-8"
+                    )
         for queue in self.queues:
             if not is_safe_name(queue):
                 raise AgentConfigError(
@@ -259,7 +274,12 @@ class AgentSettings:
         if not 16 <= self.pids_limit <= 4_194_304:
             raise AgentConfigError("--pids-limit must be at least 16 (and at most 4,194,304)")
         for cap in self.capabilities:
-            if not _CAPABILITY.match(cap) or cap != parse_capabilities([cap])[0]:
+            if cap == "ALL":
+                raise AgentConfigError(
+                    "capability ALL would give containers every capability back: name each "
+                    "one they need (NET_BIND_SERVICE...)"
+                )
+            if cap not in LINUX_CAPABILITIES or cap != parse_capabilities([cap])[0]:
                 raise AgentConfigError(
                     f"capability {cap!r} is not a Linux capability name (NET_BIND_SERVICE...)"
                 )

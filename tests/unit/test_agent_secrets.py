@@ -150,6 +150,10 @@ def test_the_policy_allows_images_by_prefix_and_confines_every_container() -> No
     [
         ({"pids_limit": 3}, "--pids-limit"),
         ({"capabilities": ("NOT A CAP",)}, "capability"),
+        ({"capabilities": ("NOT_A_CAP",)}, "not a Linux capability"),
+        ({"capabilities": ("ALL",)}, "every capability back"),
+        ({"allowed_images": ("a\udcff",)}, "no UTF-8"),
+        ({"control_plane_users": ("cp\x00",)}, "control character"),
         ({"run_as_user": "root; rm"}, "--run-as-user"),
         ({"allowed_images": ("has space",)}, "--allow-image"),
         ({"secrets_dir": Path("/no/such/dir")}, "--secrets-dir"),
