@@ -78,17 +78,23 @@ def _root(
 
 @schemas_app.command("export")
 def schemas_export(
-    directory: Annotated[
-        Path, typer.Argument(help="Directory to write into; created when missing.")
+    into: Annotated[
+        str,
+        typer.Argument(metavar="DIRECTORY", help="Directory to write into; created when missing."),
     ],
 ) -> None:
     """Write one JSON Schema file per message kind (and one per union) into DIRECTORY."""
     from schemas.export import export
 
+    if not into.strip():
+        raise _fail("give a directory to write into (an empty path is none)")
+    directory = Path(into)
     if directory.exists() and not directory.is_dir():
-        typer.echo(f"error: {directory} exists and is not a directory", err=True)
-        raise typer.Exit(2)
-    written = export(directory)
+        raise _fail(f"{directory} exists and is not a directory")
+    try:
+        written = export(directory)
+    except OSError as exc:
+        raise _fail(f"cannot write into {directory}: {exc.strerror or exc}", 1) from None
     for path in written:
         typer.echo(str(path))
     typer.echo(f"{len(written)} schema files written to {directory}", err=True)
@@ -368,14 +374,20 @@ def submit(
         raise _fail("a job run needs both --location and --job")
     if not is_job and not image:
         raise _fail("--image is required (or --location and --job)")
+    if config is not None and not is_job:
+        raise _fail("--config goes with --location and --job: a run of an image takes none")
+    if ready_check is not None and not ready_check.strip():
+        raise _fail("--ready-check is empty: give the command that says the run is ready")
     if not amqp_url:
         raise _fail("no broker: pass --amqp-url or set HD_AMQP_URL")
     environment = parse_env(env, "KEY=VALUE or KEY=secret:NAME")
     tags = parse_env(tag, "KEY=VALUE", option="--tag")
     try:
-        job_config = json.loads(config) if config else {}
+        job_config = json.loads(config) if config is not None else {}
     except ValueError as exc:
         raise _fail(f"--config is not JSON: {exc}") from None
+    except RecursionError:
+        raise _fail("--config is nested too deep to read") from None
     if not isinstance(job_config, dict):
         raise _fail("--config must be a JSON object")
     if not timeout > 0:

@@ -200,7 +200,10 @@ def check_json(field: str, value: Any, max_bytes: int | None) -> None:
                 stack.append((child, depth + 1))
     if max_bytes is None:
         return
-    size = len(_encoder.encode(value))
+    try:
+        size = len(_encoder.encode(value))
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON text)
+        raise OutOfBounds("holds text that is no valid Unicode (a lone surrogate)", field) from None
     if size > max_bytes:
         raise OutOfBounds(f"encodes to {size} bytes, more than {max_bytes}", field)
 

@@ -94,6 +94,52 @@ def test_bad_usage_explains(args: tuple[str, ...]) -> None:
     assert "Usage" in result.stdout + result.stderr
 
 
+def test_schemas_export_refuses_an_empty_path_and_says_why_it_cannot_write(
+    tmp_path: Path,
+) -> None:
+    """An empty path wrote every schema into the working directory; one under a file was a
+    traceback."""
+    result = run("schemas", "export", "")
+    assert result.returncode == 2
+    assert "give a directory to write into" in result.stderr
+    (tmp_path / "file").write_text("x")
+    result = run("schemas", "export", str(tmp_path / "file" / "sub"))
+    assert result.returncode == 1
+    assert "cannot write into" in result.stderr and "Not a directory" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (("--config", '{"to": 3}'), "--config goes with --location and --job"),
+        (("--ready-check", " "), "--ready-check is empty"),
+    ],
+)
+def test_submit_refuses_options_it_would_ignore(extra: tuple[str, ...], words: str) -> None:
+    result = run("submit", "--amqp-url", "amqp://127.0.0.1:1/", "--image", "x", *extra, "--", "t")
+    assert result.returncode == 2
+    assert words in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ('{"a": "\\ud800"}', "no valid Unicode"),  # a lone surrogate, escaped in JSON
+        ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deep"),
+        ("", "--config is not JSON"),
+    ],
+    ids=["lone surrogate", "deeper than the parser", "empty"],
+)
+def test_a_job_config_that_cannot_be_carried_is_refused_in_words(config: str, words: str) -> None:
+    """Each was a traceback (UnicodeEncodeError, RecursionError), or taken for no config."""
+    result = run(
+        "submit", "--amqp-url", "amqp://127.0.0.1:1/", "--location", "l", "--job", "j",
+        "--config", config,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
