@@ -177,6 +177,15 @@ def _unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
             "the broker dropped the connection at the handshake: it may require a client "
             "certificate (give certfile= and keyfile=, signed by a CA the broker trusts)"
         )
+    unreadable = _file_error(exc)
+    if tls is None and unreadable is not None:
+        files = ", ".join(
+            f"{key}={query[key][0]}" for key in ("cafile", "certfile", "keyfile") if key in query
+        )
+        return BrokerUnavailable(
+            f"cannot connect to the broker: a TLS file the URL names ({files}) cannot be "
+            f"read: {unreadable.strerror or unreadable}"
+        )
     if tls is None:
         return BrokerUnavailable(f"cannot connect to the broker: {exc!r}")
     cafile = query.get("cafile", ["(none: the system's CAs)"])[0]
@@ -184,6 +193,15 @@ def _unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
     return BrokerUnavailable(
         f"TLS with the broker failed: {tls} (cafile={cafile}, certfile={certfile})"
     )
+
+
+def _file_error(exc: BaseException) -> OSError | None:
+    """The file error (a TLS file missing, a directory, unreadable) that ``exc`` is or wraps."""
+    kinds = (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError)
+    for current in (exc, exc.__cause__, exc.__context__, *getattr(exc, "args", ())):
+        if isinstance(current, kinds):
+            return current
+    return None
 
 
 def _reset(exc: BaseException) -> bool:

@@ -95,6 +95,14 @@ def _check_one(url: str, where: str, several: bool) -> None:
                 "(0 to 65534)"
             )
     encoded = f"; {PERCENT_HINT}" if cut_at_its_password(url) else ""
+    tls_options = {"cafile", "capath", "certfile", "keyfile", "no_verify_ssl"}
+    named = sorted({key for key, _ in urllib.parse.parse_qsl(parts.query)} & tls_options)
+    if parts.scheme == "amqp" and named:
+        # aio-pika reads them only for amqps: a user would believe the link encrypted.
+        raise BrokerUrlInvalid(
+            f"{where} ({hide_password(url)}) gives {', '.join(n + '=' for n in named)} (TLS) "
+            "to an amqp:// URL, which does not use TLS: write amqps:// (port 5671)"
+        )
     if parts.scheme not in SCHEMES:
         raise BrokerUrlInvalid(
             f"{where} ({hide_password(url)}) is no amqp:// or amqps:// URL{hint}{encoded}"

@@ -240,3 +240,26 @@ async def test_a_database_url_cut_at_its_password_is_refused_without_it() -> Non
         await Database.open("postgresql://admin:S3CR/ET@127.0.0.1:5432/db")
     assert "S3CR" not in str(refused.value)
     assert "percent-encoded" in str(refused.value)
+
+
+def test_tls_options_on_an_amqp_url_are_refused_not_ignored() -> None:
+    """aio-pika reads cafile= and its kin only for amqps://: the link was plain text while
+    its URL looked encrypted."""
+    with pytest.raises(BrokerUrlInvalid, match="write amqps://"):
+        broker_urls("amqp://u:pw@h/?cafile=/etc/ca.pem")
+    assert broker_urls("amqps://u:pw@h/?cafile=/etc/ca.pem") == (
+        "amqps://u:pw@h/?cafile=/etc/ca.pem",
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [("cafile=/no/such/ca.pem", "No such file"), ("certfile=/&keyfile=/", "Is a directory")],
+)
+async def test_a_tls_file_that_cannot_be_read_is_named(query: str, words: str) -> None:
+    """It was "FileNotFoundError(2, 'No such file or directory')", naming no file."""
+    with pytest.raises(BrokerUnavailable) as refused:
+        await connect(f"amqps://u:pw@127.0.0.1:1/?{query}", "test", timeout=5)
+    text = str(refused.value)
+    assert "a TLS file the URL names" in text and words in text
+    assert query.partition("&")[0] in text
