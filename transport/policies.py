@@ -125,6 +125,8 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
     """
     amqp_urls = broker_urls(amqp_url)
     given = [u.strip() for u in management_url.split(",") if u.strip()]
+    if management_url.strip() and (not given or len(given) < management_url.count(",") + 1):
+        raise BrokerUnavailable("the management URL setting has an empty entry (a stray comma?)")
     first = urllib.parse.urlsplit(amqp_urls[0])
     cafile = _query(amqp_urls[0], "cafile")
     user = urllib.parse.unquote(first.username or "")

@@ -263,3 +263,11 @@ async def test_a_tls_file_that_cannot_be_read_is_named(query: str, words: str) -
     text = str(refused.value)
     assert "a TLS file the URL names" in text and words in text
     assert query.partition("&")[0] in text
+
+
+def test_a_management_setting_with_an_empty_entry_is_refused_as_the_broker_s_is() -> None:
+    """A lone comma fell back to the default management URL without a word."""
+    for setting in (",", "http://u:S3CRET@a/,"):
+        with pytest.raises(BrokerUnavailable, match="stray comma") as refused:
+            management_api("amqp://u:p@h/", setting)
+        assert "S3CRET" not in str(refused.value)
