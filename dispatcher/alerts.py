@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 
 from .store.alerts import Alerts
-from .webhooks import webhook_request
+from .webhooks import OPENER, webhook_request
 
 
 class AlertDeliverer:
@@ -44,7 +44,7 @@ class AlertDeliverer:
         monitor, which would stop at every start on the same due row."""
         try:
             request = webhook_request(url, body)
-            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+            with OPENER.open(request, timeout=self._timeout_s) as response:
                 if 200 <= response.status < 300:
                     return None
                 return f"HTTP {response.status}"

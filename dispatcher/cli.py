@@ -431,8 +431,8 @@ def submit(
         # A mistake is said as such (exit 2) before any broker is reached.
         await Client(amqp_url).submit(image, command or [], **fields, check_only=True)
         async with Client(amqp_url) as client:
-            stage[:] = ["submitting", str(run_id)]
             follower = await client.follow({run_id})
+            stage[:] = ["submitting", str(run_id)]
             await client.submit(image, command or [], **fields)
             stage[0] = "submitted"
             if is_job:

@@ -71,12 +71,13 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def broker_silent(amqp_url: str, seconds: float) -> typer.Exit:
-    """The error for a broker that did not let a command connect within its ``--timeout``:
-    nothing was sent, which a timed-out wait would not say."""
+    """The error for a broker that did not let a command connect (and set up what it
+    listens on) within its ``--timeout``: nothing was sent, which a timed-out wait would not
+    say."""
     from transport.urls import broker_urls, where_of
 
     nodes = ", ".join(where_of(url) for url in broker_urls(amqp_url))
-    return _fail(f"no broker answered within {seconds:g} s ({nodes}); nothing was sent", 1)
+    return _fail(f"the broker did not answer within {seconds:g} s ({nodes}); nothing was sent", 1)
 
 
 def with_store(

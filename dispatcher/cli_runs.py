@@ -323,15 +323,16 @@ def _request_cancel(
 ) -> int:
     from .client import Client, wait_for_outcome
 
-    requested = False
+    stage = "connecting"
 
     async def go() -> int:
-        nonlocal requested
+        nonlocal stage
         # --timeout bounds the whole command, the connect and the request included.
         async with asyncio.timeout(timeout), Client(amqp_url) as client:
             follower = await client.follow({run_id}) if wait else None
+            stage = "requesting"
             await client.cancel(run_id, grace_s=grace, reason=reason)
-            requested = True
+            stage = "requested"
             typer.echo(f"run {run_id}: cancel requested")
             if follower is None:
                 return 0
@@ -342,8 +343,14 @@ def _request_cancel(
     try:
         return asyncio.run(go())
     except TimeoutError:
-        if not requested:
+        if stage == "connecting":
             raise broker_silent(amqp_url, timeout) from None
+        if stage == "requesting":
+            raise _fail(
+                f"the broker did not confirm the cancel of run {run_id} within {timeout:g} s: "
+                "it may or may not have been sent",
+                1,
+            ) from None
         raise _fail(f"the run did not end within {timeout:g} s", 124) from None
     except InvalidSubmission as exc:
         raise _fail(str(exc), 2) from None

@@ -20,7 +20,6 @@ from schemas import (
     Event,
     LocationsWanted,
     Request,
-    RunRejected,
     RunStateWanted,
     SubmitRun,
     event_decoder,
@@ -79,9 +78,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             # waiter that asks after losing its connection.
             run_id = message.run_id if isinstance(message, SubmitRun) else _submitted_run(body)
             if run_id is not None:
-                await store.runs.refuse_unknown(
-                    RunRejected(run_id=run_id, reason=in_a_reason(reason))
-                )
+                await store.runs.refuse_unknown(run_id, in_a_reason(reason))
 
         async def on_dead_letters(deliveries: list[Delivery[bytes]]) -> None:
             letters = [

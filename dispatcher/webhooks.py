@@ -3,6 +3,8 @@
 A URL may carry a user and password (``https://user:pass@host/path``): they go as HTTP Basic
 authentication, which urllib would not do (it would look up ``user:pass@host`` as a host).
 Whatever names a URL in words hides its password (``transport.urls.hide_password``).
+Redirects are not followed: a 3xx is a failed delivery (urllib would turn the POST into a GET
+without its body, and take that for delivered).
 """
 
 from __future__ import annotations
@@ -10,14 +12,9 @@ from __future__ import annotations
 import base64
 import urllib.parse
 import urllib.request
+from typing import Any
 
-from transport.urls import (
-    PERCENT_HINT,
-    cut_at_its_password,
-    hide_password,
-    text_of_a_url,
-    without_password,
-)
+from transport.urls import PERCENT_HINT, hide_password, in_words, stray_at, text_of_a_url
 
 
 def webhook_problem(url: str) -> str | None:
@@ -35,27 +32,41 @@ def webhook_problem(url: str) -> str | None:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is no number
     except ValueError as exc:
-        why = without_password(str(exc), url)
-        if cut_at_its_password(url):
-            why = f"{why}; {PERCENT_HINT}"
-        return f"webhook URL {shown!r} is invalid: {why}"
+        return f"webhook URL {shown!r} is invalid: {in_words(exc, url)}"
+    if stray_at(url):
+        return f"webhook URL {shown!r} has an @ past its host: {PERCENT_HINT}"
     if parts.scheme not in ("http", "https"):
         return f"webhook URL {shown!r} must start with http:// or https://"
     if not parts.hostname:
         return f"webhook URL {shown!r} names no host"
+    if ":" in urllib.parse.unquote(parts.username or ""):
+        return f"webhook URL {shown!r}: a user name for Basic authentication cannot hold ':'"
     return None
 
 
 def webhook_request(url: str, body: bytes) -> urllib.request.Request:
-    """The POST of ``body`` (JSON) to ``url``, its user and password as Basic auth."""
+    """The POST of ``body`` (JSON) to ``url``, its user and password as Basic auth (never
+    passed on to where a redirect points)."""
     parts = urllib.parse.urlsplit(url)
-    headers = {"Content-Type": "application/json"}
-    if parts.username is not None or parts.password is not None:
-        user = urllib.parse.unquote(parts.username or "")
-        password = urllib.parse.unquote(parts.password or "")
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
-        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
-    return urllib.request.Request(
-        urllib.parse.urlunsplit(parts), data=body, method="POST", headers=headers
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    request = urllib.request.Request(
+        urllib.parse.urlunsplit(parts),
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
     )
+    if user or password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *_: Any, **__: Any) -> None:
+        return None  # urllib raises HTTPError with the 3xx then
+
+
+#: What posts a webhook: urllib's own handlers, but for redirects.
+OPENER = urllib.request.build_opener(_NoRedirects)

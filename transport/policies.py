@@ -30,7 +30,15 @@ from typing import Any
 from schemas.topology import DEAD_LETTER_EXCHANGE
 
 from .errors import BrokerUnavailable
-from .urls import broker_urls, hide_password, text_of_a_url, vhost_of, without_password
+from .urls import (
+    PERCENT_HINT,
+    broker_urls,
+    hide_password,
+    in_words,
+    stray_at,
+    text_of_a_url,
+    vhost_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,29 +141,28 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
     password = urllib.parse.unquote(first.password or "")
     bases = []
     if given:
-        for one in given:
-            if not text_of_a_url(one):
+        for n, one in enumerate(given, 1):
+            # One of a list is named by its number: a comma in a password cut it.
+            what = (
+                f"management URL {n} of {len(given)}"
+                if len(given) > 1
+                else f"the management URL {hide_password(one)!r}"
+            )
+            if not text_of_a_url(one) or " " in one.partition("?")[0]:
                 raise BrokerUnavailable(
-                    "a management URL has a control character or a byte that is no UTF-8 in "
-                    "it (percent-encode it)"
+                    "a management URL has a control character, a space or a byte that is no "
+                    "UTF-8 in it (percent-encode it)"
                 )
             try:
                 parts = urllib.parse.urlsplit(one)
-            except ValueError as exc:  # an unclosed [ of an IPv6 address, say
-                raise BrokerUnavailable(
-                    f"the management URL {hide_password(one)!r}: {without_password(str(exc), one)}"
-                ) from None
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise BrokerUnavailable(
-                    f"the management URL {hide_password(one)!r} is not an http:// or "
-                    "https:// URL with a host"
-                )
-            try:
                 port = f":{parts.port}" if parts.port else ""
-            except ValueError as exc:
-                raise BrokerUnavailable(
-                    f"the management URL {hide_password(one)!r}: {without_password(str(exc), one)}"
-                ) from None
+            except ValueError as exc:  # a port that is no number, an unclosed [ ...
+                why = in_words(exc, one, alone=len(given) == 1)
+                raise BrokerUnavailable(f"{what}: {why}") from None
+            if stray_at(one):
+                raise BrokerUnavailable(f"{what} has an @ past its host: {PERCENT_HINT}")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise BrokerUnavailable(f"{what} is not an http:// or https:// URL with a host")
             bases.append(f"{parts.scheme}://{_host(one)}{port}{parts.path.rstrip('/')}")
         named = urllib.parse.urlsplit(given[0])
         if named.username:

@@ -12,12 +12,13 @@ A comma inside a URL (in a password, say) must be percent-encoded (``%2C``).
 
 from __future__ import annotations
 
-import re
 import urllib.parse
 
 from .errors import BrokerUrlInvalid
 
 SCHEMES = ("amqp", "amqps")
+#: The query options aiormq reads for TLS, and only from an ``amqps`` URL.
+TLS_OPTIONS = frozenset({"cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"})
 #: The AMQP heartbeat (s) asked for unless a URL gives its own (``?heartbeat=N``; 0 turns it
 #: off). A node that vanishes without closing its sockets (a host lost, a cut network) is
 #: taken for lost after about three of them missed (aiormq's rule): 33 s here, where the
@@ -72,6 +73,9 @@ def _check_one(url: str, where: str, several: bool) -> None:
     if not url:
         raise BrokerUrlInvalid(f"{where} is empty (a stray comma?)")
     hint = " (a comma inside a URL must be written %2C)" if several else ""
+    # A URL of a list is named by its number only: a comma in a password cut it, and either
+    # side of the cut may be all password.
+    shown = "" if several else f" ({hide_password(url)})"
     if not text_of_a_url(url):
         raise BrokerUrlInvalid(
             f"{where} has a control character or a byte that is no UTF-8 in it (percent-encode it)"
@@ -80,35 +84,29 @@ def _check_one(url: str, where: str, several: bool) -> None:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is no number
     except ValueError as exc:
-        # The parser's words may quote the password (an invalid character in the netloc).
-        why = without_password(str(exc), url)
-        if cut_at_its_password(url):
-            why = f"{why}; {PERCENT_HINT}"
-        raise BrokerUrlInvalid(f"{where} ({hide_password(url)}) is invalid: {why}{hint}") from None
+        why = in_words(exc, url, alone=not several)
+        raise BrokerUrlInvalid(f"{where}{shown} is invalid: {why}{hint}") from None
+    if stray_at(url):
+        raise BrokerUrlInvalid(f"{where}{shown} has an @ past its host: {PERCENT_HINT}{hint}")
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
         if key == "heartbeat" and not (
             value.isascii() and value.isdecimal() and int(value) < 65535
         ):
             # aiormq reads anything else as 0: heartbeats off, a lost node never noticed.
             raise BrokerUrlInvalid(
-                f"{where} ({hide_password(url)}): heartbeat={value!r} is no number of seconds "
-                "(0 to 65534)"
+                f"{where}{shown}: heartbeat={value!r} is no number of seconds (0 to 65534)"
             )
-    encoded = f"; {PERCENT_HINT}" if cut_at_its_password(url) else ""
-    tls_options = {"cafile", "capath", "certfile", "keyfile", "no_verify_ssl"}
-    named = sorted({key for key, _ in urllib.parse.parse_qsl(parts.query)} & tls_options)
+    named = sorted({key for key, _ in urllib.parse.parse_qsl(parts.query)} & TLS_OPTIONS)
     if parts.scheme == "amqp" and named:
-        # aio-pika reads them only for amqps: a user would believe the link encrypted.
+        # aiormq reads them only for amqps: a user would believe the link encrypted.
         raise BrokerUrlInvalid(
-            f"{where} ({hide_password(url)}) gives {', '.join(n + '=' for n in named)} (TLS) "
-            "to an amqp:// URL, which does not use TLS: write amqps:// (port 5671)"
+            f"{where}{shown} gives {', '.join(n + '=' for n in named)} (TLS) to an amqp:// "
+            "URL, which does not use TLS: write amqps:// (port 5671)"
         )
     if parts.scheme not in SCHEMES:
-        raise BrokerUrlInvalid(
-            f"{where} ({hide_password(url)}) is no amqp:// or amqps:// URL{hint}{encoded}"
-        )
+        raise BrokerUrlInvalid(f"{where}{shown} is no amqp:// or amqps:// URL{hint}")
     if not parts.hostname:
-        raise BrokerUrlInvalid(f"{where} ({hide_password(url)}) names no host{hint}{encoded}")
+        raise BrokerUrlInvalid(f"{where}{shown} names no host{hint}")
 
 
 def text_of_a_url(url: str) -> bool:
@@ -149,8 +147,9 @@ PERCENT_HINT = (
 
 def hide_password(url: str) -> str:
     """The URL with its password replaced by ``***`` (for messages), also when it does not
-    parse as a URL: a password with an unencoded ``/`` or ``#`` in it, a scheme left out.
-    Then whatever lies between the first ``:`` of the user part and the last ``@`` is
+    parse as a URL, or parses otherwise than meant: a password with an unencoded ``/``, ``?``
+    or ``#`` cuts the authority short, and what is left of it may parse as a host and a
+    port. Then whatever lies between the first ``:`` of the user part and the last ``@`` is
     hidden: more than the password, at worst, never less."""
     try:
         parts = urllib.parse.urlsplit(url)
@@ -158,7 +157,7 @@ def hide_password(url: str) -> str:
         password = parts.password
     except ValueError:
         well_formed, password = False, None
-    if well_formed:
+    if well_formed and not stray_at(url):
         if password is None:
             return url
         netloc = parts.netloc.rpartition("@")
@@ -173,30 +172,53 @@ def hide_password(url: str) -> str:
     return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
 
 
-def cut_at_its_password(url: str) -> bool:
-    """Whether ``url`` has an ``@`` past where its authority ends (a ``/``, ``?`` or ``#``):
-    most likely a user name or password that has one of them unencoded."""
-    rest = _after_scheme(url)
-    return "@" in rest and "@" not in _split_authority(rest)[0]
+def stray_at(url: str) -> bool:
+    """Whether ``url`` has an ``@`` past its authority other than in a query's value (a file
+    name may hold one): in its path, its fragment or a query's key. That is a user name or
+    password with an unencoded ``/``, ``?`` or ``#`` in it, which cut the authority short."""
+    authority, tail = _split_authority(_after_scheme(url))
+    if "@" in authority or "@" not in tail:
+        return False
+    ahead, _, fragment = tail.partition("#")
+    path, _, query = ahead.partition("?")
+    keys = (pair.partition("=")[0] for pair in query.split("&"))
+    return "@" in path or "@" in fragment or any("@" in key for key in keys)
 
 
-def without_password(text: str, url: str) -> str:
-    """``text`` (a parser's words about ``url``) with the password of ``url``, and any quoted
-    piece of it, replaced by ``***``: a parser quotes what it could not read, which may be a
-    piece of a password cut at an unencoded ``/``."""
-    rest = _after_scheme(url)
-    # The password as the authority holds it, and all that may be one (to the last @).
-    exact = _split_authority(rest)[0].rpartition("@")[0].partition(":")[2]
-    secret = rest.rpartition("@")[0].partition(":")[2]
-    for hidden in sorted({exact, secret} - {""}, key=len, reverse=True):
-        text = text.replace(hidden, "***")
-    if not secret:
-        return text
-    return re.sub(
-        r"'([^']*)'|\"([^\"]*)\"",
-        lambda m: "'***'" if (m.group(1) or m.group(2) or "") in secret else m.group(0),
-        text,
+def in_words(exc: Exception, url: str, alone: bool = True) -> str:
+    """What a parser found wrong with ``url``: its own words when the URL holds no
+    credentials, ours otherwise (a parser quotes what it could not read, which may be a
+    piece of a password, escaped as ``repr`` escapes it, or joined to the host). A URL not
+    ``alone`` (one of a list split at its commas) may be a piece of one cut at a comma in
+    its password: ours, always."""
+    if alone and "@" not in url:
+        return str(exc)
+    password = _the_password(url) if alone else None
+    if password is not None:
+        # The password is known exactly: it, in every form a parser may quote, is hidden.
+        words = str(exc)
+        plain = urllib.parse.unquote(password)
+        forms = {password, plain, repr(password)[1:-1], repr(plain)[1:-1]} - {""}
+        for form in sorted(forms, key=len, reverse=True):
+            words = words.replace(form, "***")
+        return words
+    return (
+        "it does not parse as a URL (a port that is no number, a host with characters no host "
+        f"has, an unclosed [ of an IPv6 address); {PERCENT_HINT}"
     )
+
+
+def _the_password(url: str) -> str | None:
+    """The password of ``url`` as written, when it is beyond doubt: the URL parses, nothing
+    cut its authority short, and one ``@`` ends its user part. None otherwise."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return None
+    if stray_at(url) or parts.netloc.count("@") != 1:
+        return None
+    return password
 
 
 def _after_scheme(url: str) -> str:

@@ -14,7 +14,7 @@ from typing import Self
 
 import asyncpg
 
-from transport.urls import PERCENT_HINT, cut_at_its_password, hide_password, without_password
+from transport.urls import hide_password, in_words
 
 from ..errors import ConfigError, DispatcherError, StoreUnavailable
 
@@ -39,9 +39,7 @@ Connection = asyncpg.Connection
 def invalid_url(exc: Exception, dsn: str) -> ConfigError:
     """What is wrong with the database URL, in the parser's words but for the password
     (which it may quote, in part, when an unencoded ``/`` or ``#`` cut it)."""
-    why = without_password(str(exc), dsn)
-    if cut_at_its_password(dsn):
-        why = f"{why}; {PERCENT_HINT}"
+    why = in_words(exc, dsn)
     return ConfigError(f"the database URL ({hide_password(dsn)}) is invalid: {why}")
 
 
@@ -53,6 +51,8 @@ async def connect(dsn: str, schema: str | None = None) -> asyncpg.Connection:
     """A connection of its own (outside the pool), for LISTEN and session locks."""
     try:
         return await asyncpg.connect(dsn, server_settings=_server_settings(schema), timeout=30)
+    except asyncpg.exceptions.ClientConfigurationError as exc:  # an InterfaceError too
+        raise invalid_url(exc, dsn) from None
     except (*UNAVAILABLE, *REFUSED) as exc:
         raise cannot_connect(exc) from exc
     except (ValueError, OverflowError) as exc:  # a port that is no number, or past 65535
@@ -148,6 +148,8 @@ class Connections:
                 timeout=30,
                 reset=_left_as_it_is,
             )
+        except asyncpg.exceptions.ClientConfigurationError as exc:  # an InterfaceError too
+            raise invalid_url(exc, dsn) from None
         except (*UNAVAILABLE, *REFUSED) as exc:
             raise cannot_connect(exc) from exc
         except (ValueError, OverflowError) as exc:

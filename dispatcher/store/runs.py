@@ -85,6 +85,11 @@ def payload_json(value: object) -> str:
 _ID_PREFIX = re.compile(r"[0-9a-fA-F-]{1,36}")
 
 
+#: The namespace of the message ids of refusals kept for submissions that could not be
+#: decoded (``RunsStore.refuse_unknown``).
+_REFUSED = uuid.UUID("5d0c2f8e-7b0a-4d38-9c51-2b8a3e7f6a10")
+
+
 @dataclass(frozen=True)
 class RunEventRow:
     seq: int
@@ -320,10 +325,15 @@ class Runs:
         async with self._connections.transaction() as connection:
             return await create(connection, submissions)
 
-    async def refuse_unknown(self, rejected: RunRejected) -> bool:
-        """Keep ``rejected`` in the outbox, for the relay to publish and for an ask to find
-        (``answers.kept_refusal``), unless a run of its id exists: a forged submission must
-        not fail someone else's wait. True when it was kept."""
+    async def refuse_unknown(self, run_id: uuid.UUID, reason: str) -> bool:
+        """Keep a ``RunRejected`` of ``run_id`` in the outbox, for the relay to publish and for
+        an ask to find (``answers.kept_refusal``), unless a run of that id exists: a forged
+        submission must not fail someone else's wait. One at most for a run id (its message
+        id is derived from it): a sender repeating a poisoned submission adds no row. True
+        when it was kept."""
+        rejected = RunRejected(
+            message_id=uuid.uuid5(_REFUSED, str(run_id)), run_id=run_id, reason=reason
+        )
         async with self._connections.connection() as connection:
             status = await connection.execute(
                 "WITH unknown AS (SELECT $9::uuid AS run_id"

@@ -98,10 +98,11 @@ async def test_a_refused_submission_does_not_answer_for_someone_elses_run(
 
     # Nor when the forged submission cannot even be decoded (refused from its bare run id),
     # where a refusal for an unknown run is kept, once.
-    assert not await store.runs.refuse_unknown(RunRejected(run_id=victim.run_id, reason="x"))
+    assert not await store.runs.refuse_unknown(victim.run_id, "x")
     unknown = RunRejected(run_id=uuid.uuid4(), reason="undecodable")
-    assert await store.runs.refuse_unknown(unknown)
-    assert not await store.runs.refuse_unknown(unknown)  # the same message: kept once
+    assert await store.runs.refuse_unknown(unknown.run_id, unknown.reason)
+    # A sender repeating a poisoned submission adds no row: one refusal a run id.
+    assert not await store.runs.refuse_unknown(unknown.run_id, "undecodable, again")
     async with store.connections.connection() as connection:
         counts = await connection.fetch(
             "SELECT run_id, count(*) AS n FROM outbox WHERE kind = 'RunRejected'"

@@ -43,6 +43,8 @@ def test_a_webhook_is_shown_by_its_scheme_host_and_port_only(url: str, shown: st
         ("http://hôte.example/", "not ASCII"),
         ("http:///path-only", "names no host"),
         ("https://u:S3CR/ET@hooks.example/x", "invalid"),  # a password cut at its slash
+        ("https://hook:2024/S3CRET@hooks.example/x", "an @ past its host"),  # ... that parses
+        ("https://u%3Ax:S3CRET@hooks.example/", "cannot hold ':'"),
     ],
 )
 def test_a_webhook_url_that_cannot_be_posted_to_is_refused_at_start_without_its_password(
@@ -71,10 +73,16 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
     seen: ClassVar[list[tuple[str, str | None, bytes]]] = []
 
     def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.seen.append((self.path, self.headers.get("Authorization"), body))
-        self.send_response(204)
+        if self.path.startswith("/moved"):
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere")
+        else:
+            self.send_response(204)
         self.end_headers()
+
+    do_GET = do_POST
 
     def log_message(self, *_: object) -> None:
         pass
@@ -107,3 +115,21 @@ def test_a_stored_webhook_url_urllib_refuses_fails_its_delivery_not_the_monitor(
     error = deliverer._post(url, b"{}")
     assert error is not None
     assert "secret" not in error
+
+
+def test_a_redirect_is_a_failed_delivery_and_takes_no_credentials_along() -> None:
+    """urllib followed a 302 with a GET and no body, the Authorization header with it, and
+    the delivery was taken for done."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        deliverer = AlertDeliverer(alerts=None, webhook_urls=())  # type: ignore[arg-type]
+        before = len(_Recorder.seen)
+        assert deliverer._post(f"http://ops:pw@127.0.0.1:{port}/moved", b"{}") == "HTTP 302"
+        assert [path for path, _, _ in _Recorder.seen[before:]] == ["/moved"]
+        # No user nor password: no Authorization header at all.
+        assert deliverer._post(f"http://@127.0.0.1:{port}/hook", b"{}") is None
+        assert _Recorder.seen[-1][1] is None
+    finally:
+        server.shutdown()

@@ -54,7 +54,8 @@ def test_several_urls_are_split_on_commas_in_order_and_trimmed() -> None:
         ("amqp://u:pw@a/,", "URL 2 of 2 is empty (a stray comma?)"),
         ("amqp://u:pw@a/,,amqp://u:pw@b/", "URL 2 of 3 is empty"),
         ("http://u:pw@a/", "the broker URL (http://u:***@a/) is no amqp:// or amqps:// URL"),
-        ("amqp://u:pw@a/,rabbit-2", "URL 2 of 2 (rabbit-2) is no amqp:// or amqps:// URL"),
+        # One of a list is named by its number: a comma in a password may have cut it.
+        ("amqp://u:pw@a/,rabbit-2", "URL 2 of 2 is no amqp:// or amqps:// URL"),
         ("amqp://u:pw@a:port/", "the broker URL (amqp://u:***@a:port/) is invalid"),
         ("amqp:///vh", "names no host"),
         ("amqp://u:pw@a/,amqp://u:pw@a/", "URL 2 of 2 repeats an earlier one (a:5672)"),
@@ -218,6 +219,49 @@ def test_a_password_with_an_unencoded_character_or_a_url_without_its_scheme_is_n
     assert "S3CR" not in str(refused_too.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://admin:#Secret@rabbit/",  # what is left of the authority parses: host "admin"
+        "amqp://admin:2024/Secret@rabbit/",  # ... host "admin", port 2024
+        "amqp://admin:?Secret@rabbit/",
+        "amqp://admin:Secret,Word@rabbit/",  # a comma cuts it into two URLs of a list
+        "amqp://admin:123,Secret@rabbit/",  # ... the first of which parses
+        "amqp://admin:Se\\cret/x@rabbit/",  # a parser quotes it as repr does: Se\\\\cret
+        "amqp://admin:Se\u00a0cret/x@rabbit/",
+    ],
+)
+def test_a_password_that_cut_its_url_short_is_refused_and_never_shown(url: str) -> None:
+    with pytest.raises(BrokerUrlInvalid) as refused:
+        broker_urls(url)
+    assert "cret" not in str(refused.value) and "Word" not in str(refused.value)
+    assert "cret" not in hide_password(url)
+    management = url.replace("amqp", "http", 1)
+    with pytest.raises(BrokerUnavailable) as refused_too:
+        management_api("amqp://u:p@a/", management)
+    assert "cret" not in str(refused_too.value) and "Word" not in str(refused_too.value)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://u:Secret@Word:Pass@127.0.0.1/db",  # asyncpg cuts at the first @
+        "postgresql://u:pw?Secret@127.0.0.1/db",
+        "postgresql://u:[Kq9Z@[::1]/",
+        "postgresql://u:Se\\cret/x@127.0.0.1/db",
+    ],
+)
+async def test_a_database_url_asyncpg_cannot_read_is_refused_without_its_password(
+    dsn: str,
+) -> None:
+    from dispatcher.store import Database
+
+    with pytest.raises(ConfigError) as refused:
+        await Database.open(dsn)
+    text = str(refused.value)
+    assert not any(piece in text for piece in ("Secret", "Word", "Pass", "Kq9Z", "cret")), text
+
+
 def test_a_cut_password_is_told_to_be_percent_encoded() -> None:
     with pytest.raises(BrokerUrlInvalid, match="%2F"):
         broker_urls("amqp://admin:S3CR/ET@127.0.0.1:5672/")
@@ -245,8 +289,9 @@ async def test_a_database_url_cut_at_its_password_is_refused_without_it() -> Non
 def test_tls_options_on_an_amqp_url_are_refused_not_ignored() -> None:
     """aio-pika reads cafile= and its kin only for amqps://: the link was plain text while
     its URL looked encrypted."""
-    with pytest.raises(BrokerUrlInvalid, match="write amqps://"):
-        broker_urls("amqp://u:pw@h/?cafile=/etc/ca.pem")
+    for option in ("cafile=/etc/ca.pem", "cadata=x", "certfile=c&keyfile=k"):
+        with pytest.raises(BrokerUrlInvalid, match="write amqps://"):
+            broker_urls(f"amqp://u:pw@h/?{option}")
     assert broker_urls("amqps://u:pw@h/?cafile=/etc/ca.pem") == (
         "amqps://u:pw@h/?cafile=/etc/ca.pem",
     )
