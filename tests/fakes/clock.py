@@ -22,8 +22,9 @@ class ManualClock:
         self.now += seconds
 
 
-async def until(condition: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
-    """Return once ``condition()`` is true; fail after ``timeout`` s (real time)."""
+async def until(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Return once ``condition()`` is true; fail after ``timeout`` s (real time): a bound on
+    what must happen, so generous, for a loaded machine (a pass costs no more)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

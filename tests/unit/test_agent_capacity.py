@@ -147,7 +147,7 @@ async def test_a_run_that_does_not_fit_the_free_cpus_waits_unacked_then_starts(
     assert running(engine) == {first.run_id}
 
     await finish(agent, engine, first)
-    delivery = await asyncio.wait_for(handling, 5)
+    delivery = await asyncio.wait_for(handling, 30)
     # Acked once started, never nacked: a requeue would count against the delivery limit.
     assert delivery.settlements == ["ack"]
     assert running(engine) == {second.run_id}
@@ -173,13 +173,13 @@ async def test_waiting_runs_start_first_come_first_served(
     assert running(engine) == {small.run_id}
 
     await finish(agent, engine, small)
-    assert (await asyncio.wait_for(big_handling, 5)).settlements == ["ack"]
+    assert (await asyncio.wait_for(big_handling, 30)).settlements == ["ack"]
     assert running(engine) == {big.run_id}
     assert agent.slots.waiting == 2  # the 1-CPU run waits for the big one's CPUs
 
     await finish(agent, engine, big)
     for handling in (after_handling, nothing_handling):
-        assert (await asyncio.wait_for(handling, 5)).settlements == ["ack"]
+        assert (await asyncio.wait_for(handling, 30)).settlements == ["ack"]
     assert running(engine) == {after.run_id, nothing.run_id}
 
 
@@ -191,7 +191,7 @@ async def test_memory_limits_are_counted_against_the_declared_memory(
     await agent.deliver(first)
     handling = await waiting(agent, second)
     await finish(agent, engine, first)
-    assert (await asyncio.wait_for(handling, 5)).settlements == ["ack"]
+    assert (await asyncio.wait_for(handling, 30)).settlements == ["ack"]
     assert agent.slots.held() == Resources(memory_mb=64)
 
 
@@ -203,7 +203,7 @@ async def test_a_run_waiting_for_room_goes_back_to_its_queue_when_the_agent_stop
     handling = await waiting(agent, launch_of(cpus=1))
     agent.stopping.set()
     # Back to its queue at once, for another agent (a drain keeps the channel open).
-    assert (await asyncio.wait_for(handling, 5)).settlements == ["nack(requeue=True)"]
+    assert (await asyncio.wait_for(handling, 30)).settlements == ["nack(requeue=True)"]
     assert agent.slots.waiting == 0
     assert len(engine.containers) == 1
 
@@ -220,7 +220,7 @@ async def test_a_run_asking_more_than_the_agent_offers_in_all_fails_at_once(
     queued = await waiting(agent, launch_of(cpus=1))
 
     huge = launch_of(cpus=4)
-    delivery = await asyncio.wait_for(agent.deliver(huge), 5)
+    delivery = await asyncio.wait_for(agent.deliver(huge), 30)
     # Settled while the agent is busy: it did not wait in line, nor hold the line up.
     assert delivery.settlements == ["ack"]
     failed = await agent.reported(huge.run_id)
@@ -235,7 +235,7 @@ async def test_a_run_asking_more_than_the_agent_offers_in_all_fails_at_once(
     assert (await agent.deliver(huge)).settlements == ["ack"]
 
     await finish(agent, engine, busy)
-    assert (await asyncio.wait_for(queued, 5)).settlements == ["ack"]
+    assert (await asyncio.wait_for(queued, 30)).settlements == ["ack"]
 
 
 async def test_a_gpu_run_on_an_agent_that_declares_no_gpu_fails_at_once(
@@ -281,7 +281,7 @@ async def test_gpus_are_held_one_run_at_a_time_on_a_one_gpu_agent(
     handling = await waiting(agent, second)
     assert agent.slots.held() == Resources(gpus=1)
     await finish(agent, engine, first)
-    assert (await asyncio.wait_for(handling, 5)).settlements == ["ack"]
+    assert (await asyncio.wait_for(handling, 30)).settlements == ["ack"]
     assert running(engine) == {second.run_id}
 
 
@@ -297,7 +297,7 @@ async def test_a_terminated_run_frees_its_cpus_for_the_one_waiting(
     handling = await waiting(agent, second)
     terminate = TerminateRun(run_id=first.run_id, attempt=1, reason="canceled", grace_s=0)
     assert (await agent.deliver(terminate)).settlements == ["ack"]
-    assert (await asyncio.wait_for(handling, 5)).settlements == ["ack"]
+    assert (await asyncio.wait_for(handling, 30)).settlements == ["ack"]
     assert running(engine) == {second.run_id}
     assert agent.slots.held() == Resources(nano_cpus=CPU)
 
@@ -312,10 +312,10 @@ async def test_a_waiting_run_that_is_fenced_leaves_the_line_to_the_next(
     next_handling = await waiting(agent, next_one)
 
     await agent.deliver(TerminateRun(run_id=fenced.run_id, attempt=1, reason="canceled"))
-    assert (await asyncio.wait_for(fenced_handling, 5)).settlements == ["ack"]
+    assert (await asyncio.wait_for(fenced_handling, 30)).settlements == ["ack"]
     assert agent.slots.waiting == 1
     await finish(agent, engine, busy)
-    assert (await asyncio.wait_for(next_handling, 5)).settlements == ["ack"]
+    assert (await asyncio.wait_for(next_handling, 30)).settlements == ["ack"]
     assert running(engine) == {next_one.run_id}
     assert container_of(engine, fenced) is None
 
@@ -332,7 +332,7 @@ async def test_after_a_restart_adopted_containers_hold_what_they_were_created_wi
     later = launch_of(cpus=1)
     handling = await waiting(agent, later)
     await finish(agent, engine, earlier)
-    assert (await asyncio.wait_for(handling, 5)).settlements == ["ack"]
+    assert (await asyncio.wait_for(handling, 30)).settlements == ["ack"]
     assert running(engine) == {later.run_id}
 
 

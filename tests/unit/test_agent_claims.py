@@ -52,7 +52,7 @@ async def test_the_container_is_created_while_the_claim_waits_and_started_once_g
     await asyncio.sleep(0.05)
     assert only_container(engine).status == "created"
     granted = await agent.deliver(LaunchGranted(run_id=launch.run_id, attempt=1, agent_id="a1"))
-    delivery = await asyncio.wait_for(handling, 5)
+    delivery = await asyncio.wait_for(handling, 30)
     assert (granted.settlements, delivery.settlements) == (["ack"], ["ack"])
     assert only_container(engine).status == "running"
     assert agent.of_run(launch.run_id) == ["RunLaunched", "RunStarted"]
@@ -101,7 +101,7 @@ async def test_a_stop_while_the_claim_waits_sends_the_launch_back_and_removes_th
 ) -> None:
     agent, _, handling = await waiting_for_the_answer(engine, agent_on)
     agent.stopping.set()
-    delivery = await asyncio.wait_for(handling, 5)
+    delivery = await asyncio.wait_for(handling, 30)
     assert delivery.settlements == ["nack(requeue=True)"]
     assert engine.containers == {}
     assert agent.events(RunLaunched) == []

@@ -109,11 +109,12 @@ async def test_a_server_sending_a_byte_at_a_time_is_given_up_at_the_timeout(
     # An answer that says it closes after it (HTTP/1.0, as the SDK's server answers), its
     # status and headers sent at once and its body a byte at a time: given up all the same.
     slow_body = b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\n"
-    for server in serving(slow_body, body=b'{"ok": true}', drip_s=0.5):
-        assert await servers.ask(server, "/health", timeout_s=1.0) is None
-        assert await servers.post(server, "/launch-spec", {}, timeout_s=1.0) == (200, None)
-    for server in serving(http("200 OK", b'{"ok": true}'), drip_s=0.01):
-        assert await servers.ask(server, "/health", timeout_s=5.0) == {"ok": True}
+    # (The body at a byte every 2 s takes 24 s; its status line must come within the 4 s.)
+    for server in serving(slow_body, body=b'{"ok": true}', drip_s=2.0):
+        assert await servers.ask(server, "/health", timeout_s=4.0) is None
+        assert await servers.post(server, "/launch-spec", {}, timeout_s=4.0) == (200, None)
+    for server in serving(http("200 OK", b'{"ok": true}'), drip_s=0.001):
+        assert await servers.ask(server, "/health", timeout_s=30.0) == {"ok": True}
 
 
 async def test_an_answer_past_the_size_bound_is_not_read_whole(servers: CodeServers) -> None:

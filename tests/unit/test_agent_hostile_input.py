@@ -105,7 +105,7 @@ async def test_a_job_launch_without_a_location_does_not_hold_a_slot_forever(
     connection: Any = None
     agent.launcher.keeper = LocationKeeper(servers, connection, agent.publisher, "a1", ("default",))
     launch = LaunchRun(run_id=uuid.uuid4(), attempt=1, image=RUN_IMAGE, job="j", location=None)
-    delivery = await asyncio.wait_for(agent.deliver(launch), 5)
+    delivery = await asyncio.wait_for(agent.deliver(launch), 30)
     assert delivery.settlements == ["ack"]
     assert agent.slots.free() == 2
 
@@ -231,7 +231,7 @@ async def test_a_terminate_delivered_twice_stops_its_container_once(
     terminate = TerminateRun(run_id=launch.run_id, attempt=1, reason="canceled", grace_s=30)
     first = asyncio.create_task(agent.deliver(terminate))
     await until(lambda: len(agent.runtime.stops) == 1)
-    again = await asyncio.wait_for(agent.deliver(terminate), 5)
+    again = await asyncio.wait_for(agent.deliver(terminate), 30)
     assert again.settlements == ["ack"] and len(agent.runtime.stops) == 1
     sooner = TerminateRun(run_id=launch.run_id, attempt=1, reason="now", grace_s=0)
     third = asyncio.create_task(agent.deliver(sooner))

@@ -378,7 +378,7 @@ async def test_a_launch_waiting_for_the_engine_is_left_unacked_when_the_agent_st
     handling = asyncio.create_task(agent.deliver(launch_of()))
     await until(lambda: agent.slots.free() == 1, what="the launch holds a slot")
     agent.stopping.set()  # the shutdown begins while the launch waits for Docker
-    delivery = await asyncio.wait_for(handling, 5)
+    delivery = await asyncio.wait_for(handling, 30)
     # Neither acked nor nacked: it goes back to its queue when the channel closes, and a
     # nack would count against the queue's delivery limit.
     assert delivery.settlements == []

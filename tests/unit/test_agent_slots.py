@@ -70,7 +70,7 @@ async def test_an_exit_frees_the_slot_and_resources_while_the_attempt_is_still_l
     slots.exited(attempt)
 
     # The next launch takes the slot and the memory before the exit is reported.
-    held = await asyncio.wait_for(waiter, 5)
+    held = await asyncio.wait_for(waiter, 30)
     assert held is not None
     assert changes
     listed = {(s.run_id, s.attempt): s.state for s in slots.in_flight()}
@@ -160,7 +160,7 @@ async def test_a_delivery_beyond_the_slots_waits_for_one_and_counts_against_pref
     slots.release(running, reported=True, exit_code=0)
     assert slots.prefetch() == 0
     assert slots.take(key()) is None  # nor does it go to a delivery that came later
-    held = await asyncio.wait_for(waiter, 5)
+    held = await asyncio.wait_for(waiter, 30)
     assert held is not None and held.key == waiting
     assert slots.waiting == 0
     assert slots.prefetch() == 0
@@ -176,7 +176,7 @@ async def test_a_waiting_delivery_gives_up_its_wait_when_the_agent_stops() -> No
     waiter = asyncio.create_task(slots.wait_in_line(stopping, key()))
     await asyncio.sleep(0)
     stopping.set()
-    assert await asyncio.wait_for(waiter, 5) is None
+    assert await asyncio.wait_for(waiter, 30) is None
     assert slots.waiting == 0
     assert len(slots.attempts) == 1
 
@@ -197,7 +197,7 @@ async def test_a_fence_wakes_the_delivery_waiting_for_its_attempt_and_no_other()
 
     slots.fence(fenced, CANCELED)
     # None: look again (and find the fence), though no slot is free.
-    assert await asyncio.wait_for(fenced_waiter, 5) is None
+    assert await asyncio.wait_for(fenced_waiter, 30) is None
     assert slots.free() == 0
     assert slots.waiting == 1
     assert not other_waiter.done()
@@ -207,7 +207,7 @@ async def test_a_fence_wakes_the_delivery_waiting_for_its_attempt_and_no_other()
     assert [(s.run_id, s.attempt) for s in slots.in_flight()] == [busy]
 
     slots.release(busy, reported=True, exit_code=0)
-    held = await asyncio.wait_for(other_waiter, 5)
+    held = await asyncio.wait_for(other_waiter, 30)
     assert held is not None and held.key == other
     assert slots.waiting == 0
     slots.release(other, reported=True, exit_code=0)

@@ -14,6 +14,7 @@ from dispatcher import client as client_module
 from dispatcher.client import Follower, wait_for_outcome
 from schemas import RunAccepted, RunEnded, RunLog, RunRejected, encode
 from schemas.topology import CONTROL_SOURCE, event_routing_key
+from tests.fakes.clock import until
 from transport import subscription as subscription_module
 from transport.errors import BrokerUnavailable
 from transport.subscription import Received, Subscription
@@ -115,16 +116,13 @@ async def test_after_a_loss_the_runs_not_ended_are_asked_about_until_each_ask_is
     await asyncio.sleep(0.01)
 
     follower.missed()
-    await asyncio.sleep(0.1)
-
     # The first ask failed and was sent again; runs with their last word are not asked.
-    assert asked == [going]
+    await until(lambda: asked == [going], what="the ask sent again")
     assert not failures
     # A second loss asks again; close stops a round still under way.
     follower.missed()
     follower.missed()  # replaces the round before
-    await asyncio.sleep(0.05)
-    assert asked == [going, going]
+    await until(lambda: asked == [going, going], what="the second round's ask")
     queue.send(ended(going), CONTROL_SOURCE)
     assert (await reading).state == "SUCCESS"
     late = await wait_for_outcome(follower, done, 5)
@@ -147,7 +145,7 @@ async def test_a_round_of_asks_is_stopped_by_close_and_replaced_by_the_next_loss
 
     follower = Follower(Sent(), {uuid.uuid4()}, ask=never)  # type: ignore[arg-type]
     follower.missed()
-    await asyncio.sleep(0.05)
+    await until(lambda: len(tries) >= 2, what="the ask tried again")
     follower.missed()
     await asyncio.sleep(0)
     assert sum(not task.done() for task in follower._asking) == 1  # one round at a time
