@@ -70,7 +70,7 @@ async def test_a_status_event_routed_around_the_topic_permissions_is_refused(
 
 
 async def _next(queue: aio_pika.abc.AbstractQueue) -> object:
-    for _ in range(50):
+    for _ in range(300):
         message = await queue.get(fail=False)
         if message is not None:
             return message

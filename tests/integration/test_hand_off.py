@@ -69,7 +69,7 @@ async def test_handed_launches_are_published_by_their_writer_not_by_any_relay_ro
         async with session.transaction():
             marker = outbox_rows.answer(RunAccepted(run_id=uuid.uuid4()))
             assert await outbox_rows.insert(session, [marker]) == 1
-        await eventually(writer.was_heard, timeout=10)
+        await eventually(writer.was_heard, timeout=60)
         assert writer.heard == [writer.pid]
     assert [item.message.run_id for item in handed] == created  # type: ignore[attr-defined]
     # No relay's round takes them while they are leased (only the marker is due).
@@ -105,7 +105,7 @@ async def test_a_handed_launch_the_broker_refuses_goes_back_to_the_relay_which_s
         relay.hand_off(handed)
         # Handed back, it is due at once, and the relay is woken for it.
         await eventually(lambda: _due(store, stuck.run_id), timeout=30, what="handed back")
-        await eventually(was_woken, timeout=10, what="the relay woken")
+        await eventually(was_woken, timeout=60, what="the relay woken")
     # The relay's round sets it aside and fails the run.
     assert await store.publish_outbox(relay._publish) == 1
     run = await store.runs.get(stuck.run_id)

@@ -113,7 +113,7 @@ async def test_writing_outbox_rows_wakes_the_relay_at_commit_and_writing_none_do
         session = writer.connection
         async with session.transaction():
             assert await outbox_rows.insert(session, [accepted]) == 1
-        await eventually(writer.was_heard, timeout=10)
+        await eventually(writer.was_heard, timeout=60)
         assert writer.heard == [writer.pid]
 
         # The same message again writes no row and wakes no one; a row written by the next
@@ -125,7 +125,7 @@ async def test_writing_outbox_rows_wakes_the_relay_at_commit_and_writing_none_do
         async with session.transaction():
             another = outbox_rows.answer(RunAccepted(run_id=uuid.uuid4()))
             assert await outbox_rows.insert(session, [another]) == 1
-        await eventually(writer.was_heard, timeout=10)
+        await eventually(writer.was_heard, timeout=60)
         await asyncio.sleep(0.2)
         assert writer.heard == [writer.pid]
 
@@ -136,7 +136,7 @@ async def test_a_batch_of_runs_that_exist_already_wakes_no_event_stream(store: D
         session = writer.connection
         async with session.transaction():
             assert await runs.create(session, [old]) == [old.run_id]
-        await eventually(writer.was_heard, timeout=10)
+        await eventually(writer.was_heard, timeout=60)
 
         # Redelivered: nothing is written, no one is woken. The next new run's wake-up is the
         # marker: notifications of one session arrive in commit order.
@@ -146,7 +146,7 @@ async def test_a_batch_of_runs_that_exist_already_wakes_no_event_stream(store: D
         new = SubmitRun(run_id=uuid.uuid4(), image="img", queue="q")
         async with session.transaction():
             assert await runs.create(session, [new]) == [new.run_id]
-        await eventually(writer.was_heard, timeout=10)
+        await eventually(writer.was_heard, timeout=60)
         await asyncio.sleep(0.2)
         assert writer.heard == [writer.pid]
 

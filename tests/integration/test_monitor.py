@@ -193,9 +193,11 @@ async def test_a_run_that_cannot_start_in_time_fails_and_leaves_no_container(
             start_timeout_s=2,
             ready_check=["false"],
         )
-    await wait_for_state(store, run_id, RunState.STARTING)
+    # STARTING lasts 2 s: a poll may miss it, its recorded history may not.
     run = await wait_for_state(store, run_id, RunState.FAILURE, RunState.SUCCESS, timeout=60)
     assert run.failure_reason == "START_TIMEOUT"
+    history = [event.to_state for event in await store.runs.events(run_id)]
+    assert "STARTING" in history
 
     async def no_container() -> bool:
         return stack.containers_of(run_id) == []

@@ -206,7 +206,7 @@ async def test_runs_are_submitted_listed_read_and_canceled_through_the_api(
                 if after is None:
                     return lines
 
-        for _ in range(100):
+        for _ in range(600):
             if await output_lines() == ["one", "two", "three"]:
                 break
             await asyncio.sleep(0.1)
