@@ -123,8 +123,14 @@ async def test_database_mistakes_end_in_one_line(database_url: str) -> None:
     cases = [
         (("--database-url", database_url, "--database-schema", never), "dispatcher db upgrade"),
         (("--database-url", f"{base}/no_such_db_{never}"), "does not exist"),
-        (("--database-url", "postgresql://u:p@127.0.0.1:notaport/hd"), "database URL is invalid"),
-        (("--database-url", "postgresql://u:p@127.0.0.1:99999/hd"), "database URL is invalid"),
+        (
+            ("--database-url", "postgresql://u:p@127.0.0.1:notaport/hd"),
+            "database URL (postgresql://u:***@127.0.0.1:notaport/hd) is invalid",
+        ),
+        (
+            ("--database-url", "postgresql://u:p@127.0.0.1:99999/hd"),
+            "database URL (postgresql://u:***@127.0.0.1:99999/hd) is invalid",
+        ),
     ]
     for options, words in cases:
         result = await asyncio.to_thread(
