@@ -12,6 +12,7 @@ A comma inside a URL (in a password, say) must be percent-encoded (``%2C``).
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
 from .errors import BrokerUrlInvalid
@@ -200,7 +201,9 @@ def in_words(exc: Exception, url: str, alone: bool = True) -> str:
         plain = urllib.parse.unquote(password)
         forms = {password, plain, repr(password)[1:-1], repr(plain)[1:-1]} - {""}
         for form in sorted(forms, key=len, reverse=True):
-            words = words.replace(form, "***")
+            # Where it stands alone: the URL delimits it (":" before, "@" after), and a
+            # short password is no reason to garble the words around it ("notaport").
+            words = re.sub(rf"(?<![A-Za-z0-9]){re.escape(form)}(?![A-Za-z0-9])", "***", words)
         return words
     return (
         "it does not parse as a URL (a port that is no number, a host with characters no host "

@@ -316,3 +316,10 @@ def test_a_management_setting_with_an_empty_entry_is_refused_as_the_broker_s_is(
         with pytest.raises(BrokerUnavailable, match="stray comma") as refused:
             management_api("amqp://u:p@h/", setting)
         assert "S3CRET" not in str(refused.value)
+
+
+def test_a_short_password_is_hidden_where_it_stands_alone_not_inside_other_words() -> None:
+    with pytest.raises(BrokerUrlInvalid) as refused:
+        broker_urls("amqp://u:p@h:port/")
+    assert "as 'port'" in str(refused.value)  # not '***ort'
+    assert "u:***@h:port" in str(refused.value)
