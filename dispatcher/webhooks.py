@@ -28,13 +28,13 @@ def webhook_problem(url: str) -> str | None:
     shown = hide_password(url)
     if not url.isascii():
         return f"webhook URL {shown!r} is not ASCII: percent-encode it (a host in punycode)"
+    if stray_at(url):
+        return f"webhook URL {shown!r} has an @ out of place: {PERCENT_HINT}"
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is no number
     except ValueError as exc:
         return f"webhook URL {shown!r} is invalid: {in_words(exc, url)}"
-    if stray_at(url):
-        return f"webhook URL {shown!r} has an @ past its host: {PERCENT_HINT}"
     if parts.scheme not in ("http", "https"):
         return f"webhook URL {shown!r} must start with http:// or https://"
     if not parts.hostname:

@@ -153,14 +153,14 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
                     "a management URL has a control character, a space or a byte that is no "
                     "UTF-8 in it (percent-encode it)"
                 )
+            if stray_at(one):
+                raise BrokerUnavailable(f"{what} has an @ out of place: {PERCENT_HINT}")
             try:
                 parts = urllib.parse.urlsplit(one)
                 port = f":{parts.port}" if parts.port else ""
             except ValueError as exc:  # a port that is no number, an unclosed [ ...
                 why = in_words(exc, one, alone=len(given) == 1)
                 raise BrokerUnavailable(f"{what}: {why}") from None
-            if stray_at(one):
-                raise BrokerUnavailable(f"{what} has an @ past its host: {PERCENT_HINT}")
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise BrokerUnavailable(f"{what} is not an http:// or https:// URL with a host")
             bases.append(f"{parts.scheme}://{_host(one)}{port}{parts.path.rstrip('/')}")

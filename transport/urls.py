@@ -81,14 +81,14 @@ def _check_one(url: str, where: str, several: bool) -> None:
         raise BrokerUrlInvalid(
             f"{where} has a control character or a byte that is no UTF-8 in it (percent-encode it)"
         )
+    if stray_at(url):
+        raise BrokerUrlInvalid(f"{where}{shown} has an @ out of place: {PERCENT_HINT}{hint}")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is no number
     except ValueError as exc:
         why = in_words(exc, url, alone=not several)
         raise BrokerUrlInvalid(f"{where}{shown} is invalid: {why}{hint}") from None
-    if stray_at(url):
-        raise BrokerUrlInvalid(f"{where}{shown} has an @ past its host: {PERCENT_HINT}{hint}")
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
         if key == "heartbeat" and not (
             value.isascii() and value.isdecimal() and int(value) < 65535
@@ -142,7 +142,7 @@ def where_of(url: str) -> str:
 #: What a user name or password must have percent-encoded in a URL, said where one did not.
 PERCENT_HINT = (
     "a user name or password must have / ? # @ : % and , written percent-encoded "
-    "(%2F %3F %23 %40 %3A %25 %2C)"
+    "(%2F %3F %23 %40 %3A %25 %2C), and so must an @ anywhere else (%40)"
 )
 
 
@@ -174,16 +174,14 @@ def hide_password(url: str) -> str:
 
 
 def stray_at(url: str) -> bool:
-    """Whether ``url`` has an ``@`` past its authority other than in a query's value (a file
-    name may hold one): in its path, its fragment or a query's key. That is a user name or
-    password with an unencoded ``/``, ``?`` or ``#`` in it, which cut the authority short."""
+    """Whether ``url`` has an ``@`` where none belongs: past where its authority ends (the
+    first ``/``, ``?`` or ``#`` after the scheme), or two in its authority. Either is a user
+    name or password with one of those characters unencoded, which parsers read each their
+    own way (urllib at the last ``@``, asyncpg at the first): the rest may parse as a host,
+    a port, a path or a query that holds the password. (An ``@`` a file name of the query
+    holds is written ``%40``.)"""
     authority, tail = _split_authority(_after_scheme(url))
-    if "@" in authority or "@" not in tail:
-        return False
-    ahead, _, fragment = tail.partition("#")
-    path, _, query = ahead.partition("?")
-    keys = (pair.partition("=")[0] for pair in query.split("&"))
-    return "@" in path or "@" in fragment or any("@" in key for key in keys)
+    return "@" in tail or authority.count("@") > 1
 
 
 def in_words(exc: Exception, url: str, alone: bool = True) -> str:

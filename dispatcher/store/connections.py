@@ -14,7 +14,7 @@ from typing import Self
 
 import asyncpg
 
-from transport.urls import hide_password, in_words
+from transport.urls import PERCENT_HINT, hide_password, in_words, stray_at
 
 from ..errors import ConfigError, DispatcherError, StoreUnavailable
 
@@ -36,6 +36,16 @@ UNAVAILABLE = (
 Connection = asyncpg.Connection
 
 
+def check_url(dsn: str) -> None:
+    """Refuse, before asyncpg reads it, a database URL whose password has an unencoded
+    ``/ ? # @`` in it: asyncpg cuts at the first ``@``, and takes what follows for hosts,
+    which its errors name (a connection attempt to a piece of the password, even)."""
+    if stray_at(dsn):
+        raise ConfigError(
+            f"the database URL ({hide_password(dsn)}) has an @ out of place: {PERCENT_HINT}"
+        )
+
+
 def invalid_url(exc: Exception, dsn: str) -> ConfigError:
     """What is wrong with the database URL, in the parser's words but for the password
     (which it may quote, in part, when an unencoded ``/`` or ``#`` cut it)."""
@@ -49,14 +59,15 @@ def _server_settings(schema: str | None) -> dict[str, str]:
 
 async def connect(dsn: str, schema: str | None = None) -> asyncpg.Connection:
     """A connection of its own (outside the pool), for LISTEN and session locks."""
+    check_url(dsn)
     try:
         return await asyncpg.connect(dsn, server_settings=_server_settings(schema), timeout=30)
     except asyncpg.exceptions.ClientConfigurationError as exc:  # an InterfaceError too
         raise invalid_url(exc, dsn) from None
     except (*UNAVAILABLE, *REFUSED) as exc:
         raise cannot_connect(exc) from exc
-    except (ValueError, OverflowError) as exc:  # a port that is no number, or past 65535
-        raise invalid_url(exc, dsn) from None
+    except (ValueError, OverflowError, IndexError) as exc:  # a port that is no number, past
+        raise invalid_url(exc, dsn) from None  # 65535, a host list with an empty entry
 
 
 #: The server refused the client: a password, or a certificate it asks for (over SSL).
@@ -139,6 +150,7 @@ class Connections:
     async def open(
         cls, dsn: str, schema: str | None = None, min_size: int = 2, max_size: int = 10
     ) -> Self:
+        check_url(dsn)
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -152,9 +164,9 @@ class Connections:
             raise invalid_url(exc, dsn) from None
         except (*UNAVAILABLE, *REFUSED) as exc:
             raise cannot_connect(exc) from exc
-        except (ValueError, OverflowError) as exc:
-            # What asyncpg's URL parser raises (a port that is no number), and the socket's
-            # connect (a port past 65535).
+        except (ValueError, OverflowError, IndexError) as exc:
+            # What asyncpg's URL parser raises (a port that is no number, a host list with an
+            # empty entry), and the socket's connect (a port past 65535).
             raise invalid_url(exc, dsn) from None
         assert pool is not None
         return cls(pool, dsn, schema)

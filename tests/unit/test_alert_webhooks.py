@@ -42,8 +42,9 @@ def test_a_webhook_is_shown_by_its_scheme_host_and_port_only(url: str, shown: st
         ("http://h\udcff/", "no UTF-8"),
         ("http://hôte.example/", "not ASCII"),
         ("http:///path-only", "names no host"),
-        ("https://u:S3CR/ET@hooks.example/x", "invalid"),  # a password cut at its slash
-        ("https://hook:2024/S3CRET@hooks.example/x", "an @ past its host"),  # ... that parses
+        ("https://u:S3CR/ET@hooks.example/x", "@ out of place"),  # a password cut at its /
+        ("https://hook:2024/S3CRET@hooks.example/x", "@ out of place"),  # ... that parses
+        ("https://u:443?a=S3CRET@hooks.example.com/x", "@ out of place"),
         ("https://u%3Ax:S3CRET@hooks.example/", "cannot hold ':'"),
     ],
 )
