@@ -259,14 +259,14 @@ class MonitorSettings:
         values = _connections(env)
         if urls := env.get("HD_WEBHOOK_URLS"):
             values["webhook_urls"] = tuple(u.strip() for u in urls.split(",") if u.strip())
-        #: The monitor's option for each variable that has one.
-        options = {
-            "HD_LOST_AFTER_BEATS": "--lost-after-beats",
-            "HD_START_TIMEOUT_S": "--start-timeout",
-            "HD_CANCEL_CONFIRM_S": "--cancel-confirm",
-            "HD_LONG_RUNNING_S": "--long-running",
-            "HD_RETRY_BACKOFF_S": "--retry-backoff",
-        }
+
+        def named(name: str, key: str) -> str:
+            """A setting as errors name it: its option too, which the field's name gives
+            (``start_timeout_s``: ``--start-timeout``), but for the one without an option."""
+            if key == "unserved_after_s":
+                return name
+            return f"--{key.removesuffix('_s').replace('_', '-')} (or {name})"
+
         numbers = {
             "HD_LOST_AFTER_BEATS": "lost_after_beats",
             "HD_START_TIMEOUT_S": "start_timeout_s",
@@ -295,9 +295,8 @@ class MonitorSettings:
         for name, key in numbers.items():
             value = getattr(settings, key)
             if not 0 <= value <= 10 * 365 * 86400:
-                named = f"{options[name]} (or {name})" if name in options else name
                 raise ConfigError(
-                    f"{named} must be 0 to 315360000 seconds (ten years), got {value!r}"
+                    f"{named(name, key)} must be 0 to 315360000 seconds (ten years), got {value!r}"
                 )
         # At 0 these would fail every starting run at once, or alert on every run.
         for name, key in (
@@ -306,6 +305,5 @@ class MonitorSettings:
             ("HD_UNSERVED_AFTER_S", "unserved_after_s"),
         ):
             if getattr(settings, key) < 1:
-                named = f"{options[name]} (or {name})" if name in options else name
-                raise ConfigError(f"{named} must be 1 s or more")
+                raise ConfigError(f"{named(name, key)} must be 1 s or more")
         return settings

@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from transport.urls import PERCENT_HINT, hide_password, in_words, stray_at, text_of_a_url
+from transport.urls import hide_password, text_of_a_url, url_problem
 
 
 def webhook_problem(url: str) -> str | None:
@@ -28,13 +28,9 @@ def webhook_problem(url: str) -> str | None:
     shown = hide_password(url)
     if not url.isascii():
         return f"webhook URL {shown!r} is not ASCII: percent-encode it (a host in punycode)"
-    if stray_at(url):
-        return f"webhook URL {shown!r} has an @ out of place: {PERCENT_HINT}"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is no number
-    except ValueError as exc:
-        return f"webhook URL {shown!r} is invalid: {in_words(exc, url)}"
+    if problem := url_problem(url, "webhook URL", f" {shown!r}"):
+        return problem
+    parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https"):
         return f"webhook URL {shown!r} must start with http:// or https://"
     if not parts.hostname:

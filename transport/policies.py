@@ -30,15 +30,7 @@ from typing import Any
 from schemas.topology import DEAD_LETTER_EXCHANGE
 
 from .errors import BrokerUnavailable
-from .urls import (
-    PERCENT_HINT,
-    broker_urls,
-    hide_password,
-    in_words,
-    stray_at,
-    text_of_a_url,
-    vhost_of,
-)
+from .urls import broker_urls, hide_password, url_problem, vhost_of
 
 log = logging.getLogger(__name__)
 
@@ -148,19 +140,12 @@ def management_api(amqp_url: str, management_url: str = "") -> ManagementApi:
                 if len(given) > 1
                 else f"the management URL {hide_password(one)!r}"
             )
-            if not text_of_a_url(one) or " " in one.partition("?")[0]:
-                raise BrokerUnavailable(
-                    "a management URL has a control character, a space or a byte that is no "
-                    "UTF-8 in it (percent-encode it)"
-                )
-            if stray_at(one):
-                raise BrokerUnavailable(f"{what} has an @ out of place: {PERCENT_HINT}")
-            try:
-                parts = urllib.parse.urlsplit(one)
-                port = f":{parts.port}" if parts.port else ""
-            except ValueError as exc:  # a port that is no number, an unclosed [ ...
-                why = in_words(exc, one, alone=len(given) == 1)
-                raise BrokerUnavailable(f"{what}: {why}") from None
+            if problem := url_problem(one, what, alone=len(given) == 1):
+                raise BrokerUnavailable(problem)
+            if " " in one.partition("?")[0]:  # http.client refuses it at every call
+                raise BrokerUnavailable(f"{what} has a space outside its query: write %20")
+            parts = urllib.parse.urlsplit(one)
+            port = f":{parts.port}" if parts.port else ""
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise BrokerUnavailable(f"{what} is not an http:// or https:// URL with a host")
             bases.append(f"{parts.scheme}://{_host(one)}{port}{parts.path.rstrip('/')}")

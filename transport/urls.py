@@ -77,18 +77,9 @@ def _check_one(url: str, where: str, several: bool) -> None:
     # A URL of a list is named by its number only: a comma in a password cut it, and either
     # side of the cut may be all password.
     shown = "" if several else f" ({hide_password(url)})"
-    if not text_of_a_url(url):
-        raise BrokerUrlInvalid(
-            f"{where} has a control character or a byte that is no UTF-8 in it (percent-encode it)"
-        )
-    if stray_at(url):
-        raise BrokerUrlInvalid(f"{where}{shown} has an @ out of place: {PERCENT_HINT}{hint}")
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is no number
-    except ValueError as exc:
-        why = in_words(exc, url, alone=not several)
-        raise BrokerUrlInvalid(f"{where}{shown} is invalid: {why}{hint}") from None
+    if problem := url_problem(url, where, shown, alone=not several):
+        raise BrokerUrlInvalid(f"{problem}{hint}")
+    parts = urllib.parse.urlsplit(url)
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
         if key == "heartbeat" and not (
             value.isascii() and value.isdecimal() and int(value) < 65535
@@ -108,6 +99,23 @@ def _check_one(url: str, where: str, several: bool) -> None:
         raise BrokerUrlInvalid(f"{where}{shown} is no amqp:// or amqps:// URL{hint}")
     if not parts.hostname:
         raise BrokerUrlInvalid(f"{where}{shown} names no host{hint}")
+
+
+def url_problem(url: str, what: str, shown: str = "", alone: bool = True) -> str | None:
+    """Why ``url`` cannot be read as a URL at all, said of ``what`` (and ``shown``, the URL
+    as it may be shown, but for a character no message should carry); None when it can.
+    Every URL setting's first check: broker, management API, database, webhooks."""
+    if not text_of_a_url(url):
+        return (
+            f"{what} has a control character or a byte that is no UTF-8 in it (percent-encode it)"
+        )
+    if stray_at(url):
+        return f"{what}{shown} has an @ out of place: {PERCENT_HINT}"
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - ValueError for a port that is no number
+    except ValueError as exc:
+        return f"{what}{shown} is invalid: {in_words(exc, url, alone=alone)}"
+    return None
 
 
 def text_of_a_url(url: str) -> bool:
