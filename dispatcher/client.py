@@ -447,7 +447,7 @@ class Client:
             raise BrokerUnavailable("the client is not connected; use `async with Client(...)`")
         subscription = await Subscription.open(self._connection)
         follower = Follower(subscription, set(), ask=self._ask_state)
-        subscription.when_restored(follower.missed)
+        await subscription.when_restored(follower.missed)
         for run_id in run_ids or ():
             await follower.add(run_id)
         return follower

@@ -13,6 +13,7 @@ import contextlib
 import functools
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika.abc
 
@@ -50,6 +51,10 @@ class Subscription:
         #: Ends each ``messages()`` under way (at ``close``).
         self._ends: set[Callable[[], None]] = set()
         self._closed = False
+        #: This subscription's consumer tags, and what to call once the queue is back.
+        self._tags: set[str] = set()
+        self._restored: list[Callable[[], None]] = []
+        self._recovering: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, connection: Connection) -> Subscription:
@@ -67,17 +72,52 @@ class Subscription:
         except TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot bind {routing_key!r}: {exc!r}") from exc
 
-    def when_restored(self, callback: Callable[[], None]) -> None:
+    async def when_restored(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the queue is back after its channel or connection was
-        lost: a private queue goes with its connection, and what was routed to it in between
-        is lost. The queue, its bindings and its consumer are restored before the call."""
-        if isinstance(self._channel, aio_pika.abc.AbstractRobustChannel):
-            self._channel.reopen_callbacks.add(lambda *_: callback())
+        lost, or after the broker cancelled its consumer (the queue was deleted under it): a
+        private queue goes with its connection, and what was routed to it in between is
+        lost. The queue, its bindings and its consumer are restored before the call."""
+        if not isinstance(self._channel, aio_pika.abc.AbstractRobustChannel):
+            return
+        self._channel.reopen_callbacks.add(lambda *_: callback())
+        if not self._restored:
+            # A deleted queue is declared, bound and consumed again on the same channel, with
+            # no reopen: its consumer's cancel is the only sign. Watched on each new channel.
+            self._channel.reopen_callbacks.add(lambda *_: self._watch_cancels())
+            await self._watch_cancels()
+        self._restored.append(callback)
+
+    async def _watch_cancels(self) -> None:
+        with contextlib.suppress(*TRANSIENT):
+            underlay = await self._channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._cancelled)
+
+    def _cancelled(self, frame: Any) -> None:
+        """The broker cancelled a consumer of this channel (``frame``: its Basic.Cancel)."""
+        tag = frame.consumer_tag
+        if tag in self._tags and not self._closed:
+            task = asyncio.create_task(self._when_back(tag))
+            self._recovering.add(task)
+            task.add_done_callback(self._recovering.discard)
+
+    async def _when_back(self, tag: str, gone_after_s: float = GONE_AFTER_S) -> None:
+        """Once the consumer ``tag`` consumes again, call what waits for the queue's return."""
+        deadline = asyncio.get_running_loop().time() + gone_after_s
+        while asyncio.get_running_loop().time() < deadline and not self._closed:
+            await asyncio.sleep(RETRY_S)
+            with contextlib.suppress(*TRANSIENT):
+                underlay = await self._channel.get_underlay_channel()
+                if tag in getattr(underlay, "consumers", ()):
+                    for callback in self._restored:
+                        callback()
+                    return
 
     async def consume(self, on_message: Callable[[str, InboundDelivery], Awaitable[None]]) -> None:
         """Hand each message to ``on_message(queue name, delivery)``, which settles it."""
         try:
-            await self._queue.consume(functools.partial(on_message, self._queue.name))
+            self._tags.add(
+                await self._queue.consume(functools.partial(on_message, self._queue.name))
+            )
         except TRANSIENT as exc:
             raise BrokerUnavailable(f"cannot consume from {self._queue.name}: {exc!r}") from exc
 
@@ -97,7 +137,9 @@ class Subscription:
         async def start() -> aio_pika.abc.ConsumerTag:
             while True:
                 try:
-                    return await self._queue.consume(take, no_ack=True)
+                    tag = await self._queue.consume(take, no_ack=True)
+                    self._tags.add(tag)
+                    return tag
                 except TRANSIENT:
                     # The connection is being restored (the queue is, too), or it has gone
                     # for good, which the watch says.
@@ -152,5 +194,7 @@ class Subscription:
         self._closed = True
         for end in list(self._ends):
             end()
+        for task in list(self._recovering):
+            task.cancel()
         with contextlib.suppress(*TRANSIENT):
             await self._channel.close()

@@ -118,7 +118,7 @@ class LocationKeeper:
             raise BrokerUnavailable(f"cannot follow location snapshots: {exc}") from exc
         # The private queue goes with a lost connection, and a snapshot sent meanwhile with
         # it: asked for again once the queue is back.
-        subscription.when_restored(self._want_again)
+        await subscription.when_restored(self._want_again)
         await self._want()
 
     async def _want(self) -> None:

@@ -118,6 +118,41 @@ async def test_a_wait_hears_an_end_its_cut_connection_lost(
             await asyncio.wait_for(accepted(), 30)
 
 
+async def test_a_wait_hears_an_end_sent_before_its_queue_was_deleted(
+    stack: Stack, store: Database, broker: tuple[str, str]
+) -> None:
+    """A follower's private queue is deleted under its consumer: the broker
+    cancels the consumer, the queue is declared, bound and consumed again on the same
+    channel (no reopen), and the follower asks how its runs stand, as after a lost
+    connection."""
+    management = broker[1]
+    assert management, "this test needs the broker's management API"
+    vhost = urllib.parse.quote(urllib.parse.urlsplit(stack.amqp_url).path.lstrip("/"), safe="")
+    await stack.start_control_plane()  # no agent: a run stays QUEUED
+    async with stack.client() as client:
+        ended = await client.submit(stack.run_image, ["true"], queue=stack.queue)
+        await wait_for_state(store, ended, RunState.QUEUED, timeout=30)
+        await client.cancel(ended, reason="not needed")
+        await wait_for_state(store, ended, RunState.CANCELED, timeout=30)
+        # Followed only now: the run's end went before, as if sent while the queue was gone.
+        async with await client.follow({ended}) as follower:
+            waiting = asyncio.create_task(wait_for_outcome(follower, ended, 60))
+
+            async def consumed() -> list[str]:
+                listing = management_request(management, "GET", f"/api/queues/{vhost}")
+                return [q["name"] for q in listing if q.get("exclusive") and q.get("consumers")]
+
+            names = await eventually(consumed, 30, what="the follower's queue consumed")
+            # Deleted from a channel of the client's own connection: an exclusive queue is
+            # its connection's alone (the management API may not delete it; rabbitmqctl may).
+            channel = await client._connection.channel()  # type: ignore[union-attr]
+            for name in names:
+                await channel.queue_delete(name)
+            await channel.close()
+            outcome = await waiting
+            assert outcome.canceled and outcome.message == "not needed"
+
+
 async def client_connections(management: str, vhost: str) -> list[str]:
     listing = management_request(management, "GET", "/api/connections")
     return [
