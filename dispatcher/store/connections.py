@@ -7,6 +7,7 @@ of the store takes its connections from ``Connections``.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -53,7 +54,26 @@ def invalid_url(exc: Exception, dsn: str) -> ConfigError:
     return ConfigError(f"the database URL ({hide_password(dsn)}) is invalid: {why}")
 
 
+#: A schema name PostgreSQL takes the same way quoted or not (``search_path`` reads it
+#: unquoted, folded to lowercase and split at commas; ``CREATE SCHEMA`` quoted).
+_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def check_schema(schema: str | None) -> None:
+    """Refuse a schema name that PostgreSQL would read otherwise than it is written: a comma
+    made ``search_path`` a list (``a,public`` put every table in ``public``), an uppercase
+    letter was folded (a schema made, then not found)."""
+    if not schema:
+        return
+    if not _SCHEMA.fullmatch(schema) or schema.startswith("pg_"):
+        raise ConfigError(
+            f"the database schema {schema!r} is not a plain name: 1 to 63 lowercase letters, "
+            "digits and '_', starting with a letter or '_' (and not with pg_)"
+        )
+
+
 def _server_settings(schema: str | None) -> dict[str, str]:
+    check_schema(schema)
     return {"search_path": schema} if schema else {}
 
 
@@ -185,6 +205,11 @@ class Connections:
                     yield connection
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+        except asyncpg.exceptions.TransactionRollbackError as exc:
+            # A deadlock or a serialization failure (SQL state class 40): PostgreSQL rolled
+            # the transaction back and says to try it again, which the caller does (a consumer
+            # holds its batch; a relay's round comes again).
+            raise StoreUnavailable(f"PostgreSQL rolled a transaction back: {exc!r}") from exc
 
     def connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """A pooled connection, in autocommit."""

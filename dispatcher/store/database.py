@@ -33,7 +33,7 @@ from schemas.resources import Capacity
 
 from .. import submissions as rules
 from .. import submitters as senders_rules
-from ..errors import StoreUnavailable
+from ..errors import ConfigError, StoreUnavailable
 from . import (
     agents,
     answers,
@@ -108,11 +108,14 @@ class Database:
         happens, and never stays on a pooled connection (they are not reset)."""
         connection = await connect(self.connections.dsn, self.connections.schema)
         try:
-            if self.connections.schema:
-                await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.connections.schema}"')
-            return await migrations.upgrade(connection)
+            return await migrations.upgrade(connection, self.connections.schema)
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+        except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+            raise ConfigError(
+                f"the database user may not make what the control plane needs ({exc}): run "
+                "`dispatcher db upgrade` once as a user who may, or grant the privilege"
+            ) from None
         finally:
             await close_quietly(connection)
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import asyncpg
+
+from ..errors import ConfigError, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 #: Never edit a step that has shipped; append a new one.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -455,34 +462,81 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time
 
+#: How long a step waits for a table's lock before it lets go and tries again: an
+#: ``ALTER TABLE`` waiting behind a long transaction would hold up every query after it.
+LOCK_TIMEOUT = "5s"
+#: Attempts of a step whose locks were taken (by a long transaction), LOCK_WAIT_S apart.
+LOCK_ATTEMPTS = 24
+LOCK_WAIT_S = 5.0
 
-async def upgrade(connection: asyncpg.Connection) -> list[int]:
-    """Apply every migration not yet applied; returns the versions applied now."""
+
+async def upgrade(connection: asyncpg.Connection, schema: str | None = None) -> list[int]:
+    """Apply every migration not yet applied; returns the versions applied now.
+
+    ``schema``: the schema the connection's ``search_path`` names (a plain name: see
+    ``connections.check_schema``), created if missing. Nothing is created when it all exists,
+    so that a user without CREATE privilege starts on a database migrated before; and the
+    schema is created under the migrators' lock, where two replicas starting together raced.
+    """
     applied_now: list[int] = []
     await connection.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
-        await connection.execute(
-            """
-            CREATE TABLE IF NOT EXISTS schema_migrations (
-                version    integer PRIMARY KEY,
-                name       text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
+        if schema and not await connection.fetchval(
+            "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema
+        ):
+            await connection.execute(f'CREATE SCHEMA "{schema}"')
+        if await connection.fetchval("SELECT to_regclass('schema_migrations')") is None:
+            await connection.execute(
+                """
+                CREATE TABLE schema_migrations (
+                    version    integer PRIMARY KEY,
+                    name       text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )
+                """
             )
-            """
-        )
         done = {
             row["version"]
             for row in await connection.fetch("SELECT version FROM schema_migrations")
         }
+        newest = MIGRATIONS[-1][0]
+        if done and max(done) > newest:
+            raise ConfigError(
+                f"the database is at version {max(done)}, newer than this release knows "
+                f"(up to {newest}): run a release at least as new as the one that migrated it"
+            )
         for version, name, sql in MIGRATIONS:
-            if version in done:
-                continue
+            if version not in done:
+                await _apply(connection, version, name, sql)
+                applied_now.append(version)
+    finally:
+        await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return applied_now
+
+
+async def _apply(connection: asyncpg.Connection, version: int, name: str, sql: str) -> None:
+    """One step and its row, in one transaction; tried again while its locks are taken."""
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
             async with connection.transaction():
+                await connection.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                 await connection.execute(sql)
                 await connection.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
                 )
-            applied_now.append(version)
-    finally:
-        await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
-    return applied_now
+            return
+        except asyncpg.exceptions.LockNotAvailableError:
+            if attempt == LOCK_ATTEMPTS:
+                raise StoreUnavailable(
+                    f"migration {version} ({name}) could not lock its tables in "
+                    f"{LOCK_ATTEMPTS} attempts: a long transaction holds them"
+                ) from None
+            log.warning(
+                "migration %d waits: its tables are locked by another transaction "
+                "(attempt %d of %d, again in %.0f s)",
+                version,
+                attempt,
+                LOCK_ATTEMPTS,
+                LOCK_WAIT_S,
+            )
+            await asyncio.sleep(LOCK_WAIT_S)
