@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -62,6 +63,16 @@ def limits_of(queues: list[str] | None, locations: list[str] | None) -> Limits:
     from .submitters import Limits
 
     return Limits(tuple(dict.fromkeys(queues or ())), tuple(dict.fromkeys(locations or ())))
+
+
+#: C0 and C1 control characters (DEL included), but for the tab.
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` for one line of a terminal: what others wrote (a code server's description,
+    say) cannot move the cursor, rewrite what is shown or set the window's title."""
+    return _CONTROLS.sub("\ufffd", text)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from .cli_common import DatabaseSchema, DatabaseUrl, _fail, operator, parse_env, with_store
+from .cli_common import (
+    DatabaseSchema,
+    DatabaseUrl,
+    _fail,
+    operator,
+    parse_env,
+    printable,
+    with_store,
+)
 
 if TYPE_CHECKING:
     from .store import Database, Location
@@ -176,6 +184,6 @@ def list_(
     for location in locations:
         _show(location)
         for job in location.jobs:
-            typer.echo(f"    job {job['name']}: {job.get('description', '')}")
+            typer.echo(f"    job {job['name']}: {printable(str(job.get('description', '')))}")
         if location.error:
-            typer.echo(f"    error: {location.error.splitlines()[0]}")
+            typer.echo(f"    error: {printable(location.error.splitlines()[0])}")

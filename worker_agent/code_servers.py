@@ -25,9 +25,11 @@ LABEL_LOCATION = "hybrid-dispatcher.location"
 LABEL_GENERATION = "hybrid-dispatcher.location-generation"
 #: The port a code server listens on (the SDK's default).
 CODE_SERVER_PORT = 8080
-#: The most of a code server's answer that is read: its definitions and launch specs are
-#: kilobytes; more is a server gone wrong.
-MAX_ANSWER_BYTES = 8 * 1024 * 1024
+#: The most of a code server's answer that is read: launch specs are kilobytes, and
+#: definitions rarely more than a few megabytes (150 jobs with 60 KB config schemas each, a
+#: large location, make 9.6 MB); the contract's own bounds (a thousand jobs of 16 KiB
+#: descriptions and 64 KiB schemas) would allow 80 MiB, which no location needs.
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
 #: What a code server's answer may fail with, read as no answer: unreachable, refused, hung
 #: up at the deadline (``OSError``), not HTTP or cut short (``http.client.HTTPException``),
 #: too large or not JSON (``ValueError``), nested past what the parser follows
@@ -134,8 +136,18 @@ class CodeServers:
 
     async def ask(self, server: CodeServer, path: str, timeout_s: float = 3.0) -> Any:
         """GET a code server's ``path`` as JSON; None when it does not answer 200."""
-        status, answer = await asyncio.to_thread(_exchange, server, "GET", path, None, timeout_s)
-        return answer if status == 200 else None
+        return (await self.ask_why(server, path, timeout_s))[0]
+
+    async def ask_why(
+        self, server: CodeServer, path: str, timeout_s: float = 3.0
+    ) -> tuple[Any, str]:
+        """GET a code server's ``path`` as JSON: (the answer, "") or (None, why not)."""
+        status, answer, why = await asyncio.to_thread(
+            _exchange, server, "GET", path, None, timeout_s
+        )
+        if status == 200 and answer is not None:
+            return answer, ""
+        return None, why or f"HTTP {status}"
 
     async def post(
         self, server: CodeServer, path: str, body: Any, timeout_s: float = 10.0
@@ -143,20 +155,24 @@ class CodeServers:
         """POST JSON to a code server: (HTTP status, JSON answer or None); (0, None) when no
         status came back."""
         payload = json.dumps(body).encode()
-        return await asyncio.to_thread(_exchange, server, "POST", path, payload, timeout_s)
+        status, answer, _ = await asyncio.to_thread(
+            _exchange, server, "POST", path, payload, timeout_s
+        )
+        return status, answer
 
 
 def _exchange(
     server: CodeServer, method: str, path: str, body: bytes | None, timeout_s: float
-) -> tuple[int, Any]:
+) -> tuple[int, Any, str]:
     """One request, all of it within ``timeout_s`` (and the connect's own): (status, the
-    answer's JSON or None); (0, None) when no status came back. The socket's timeout bounds
-    each read, not the whole (a server sending a byte at a time never trips it): at the
-    deadline, the socket is shut down, which ends whatever read is waiting. The socket itself
-    is held for that, not the connection's: the connection lets go of it once an answer says
-    it closes after it (HTTP/1.0, as the SDK's server answers), while its body is still read."""
+    answer's JSON or None, why there is none); status 0 when no status came back. The
+    socket's timeout bounds each read, not the whole (a server sending a byte at a time never
+    trips it): at the deadline, the socket is shut down, which ends whatever read is waiting.
+    The socket itself is held for that, not the connection's: the connection lets go of it
+    once an answer says it closes after it (HTTP/1.0, as the SDK's server answers), while its
+    body is still read."""
     if server.address is None:
-        return 0, None
+        return 0, None, "the code server has no address"
     connection = http.client.HTTPConnection(server.address, server.port, timeout=timeout_s)
     status = 0
     deadline: threading.Timer | None = None
@@ -169,13 +185,28 @@ def _exchange(
         connection.request(method, path, body=body, headers=headers)
         reply = connection.getresponse()
         status = reply.status
-        return status, _json(reply)
-    except _NO_ANSWER:
-        return status, None
+        return status, _json(reply), ""
+    except _NO_ANSWER as exc:
+        said = f"HTTP {status}: " if status else ""
+        return status, None, f"{path}: {said}{_no_answer(exc, timeout_s)}"
     finally:
         if deadline is not None:
             deadline.cancel()
         connection.close()
+
+
+def _no_answer(exc: BaseException, timeout_s: float) -> str:
+    """Why an exchange gave no answer, in a few words."""
+    if isinstance(exc, RecursionError):
+        return "an answer nested too deep"
+    if isinstance(exc, json.JSONDecodeError):
+        return "an answer that is not JSON"
+    if isinstance(exc, ValueError):
+        return str(exc)[:200]
+    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
+        # The deadline's shutdown of the socket ends a read with an OSError of its own.
+        return f"no answer within {timeout_s:g} s ({type(exc).__name__})"
+    return f"no answer ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 def _hang_up(sock: socket.socket) -> None:
@@ -190,6 +221,8 @@ def _json(reply: http.client.HTTPResponse) -> Any:
         body += chunk
         if len(body) > MAX_ANSWER_BYTES:
             raise ValueError(f"an answer over {MAX_ANSWER_BYTES} bytes")
+    if reply.length:  # what its Content-Length announced and never came
+        raise ValueError(f"an answer cut short ({len(body)} bytes, {reply.length} missing)")
     return json.loads(body)
 
 

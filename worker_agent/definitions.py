@@ -30,22 +30,36 @@ _CUT_MARK = " [cut]"
 
 
 def job_definitions(location: str, jobs: object) -> tuple[JobDefinition, ...]:
-    """The jobs a code server describes that the contract can carry; the others are logged
-    and left out, so that one bad definition does not keep the location from loading."""
+    """The jobs a code server describes that the contract can carry; the others are left out
+    (one log line says which), so that one bad definition does not keep the location from
+    loading. Only strings are taken for names and descriptions (``str()`` of a deeply nested
+    value raised RecursionError on the agent's loop), a name twice keeps its first, and once
+    ``MAX_LOCATION_JOBS`` are kept the rest is counted, not read: an answer of a million
+    entries cost seconds of the agent's time, and a log line each."""
     found: list[JobDefinition] = []
-    for job in jobs if isinstance(jobs, list) else []:
-        if not isinstance(job, dict) or not job.get("name"):
-            continue
-        name = str(job["name"])
-        if not is_safe_name(name) or len(found) >= MAX_LOCATION_JOBS:
-            log.warning("location %s: job %r left out (name or count refused)", location, name)
+    names: set[str] = set()
+    left_out: list[str] = []
+    entries = jobs if isinstance(jobs, list) else []
+    for count, job in enumerate(entries):
+        if len(found) >= MAX_LOCATION_JOBS:
+            log.warning(
+                "location %s: %d job(s) past the first %d left out",
+                location,
+                len(entries) - count,
+                MAX_LOCATION_JOBS,
+            )
+            break
+        name = job.get("name") if isinstance(job, dict) else None
+        if not isinstance(name, str) or not is_safe_name(name) or name in names:
+            left_out.append(repr(name)[:80] if isinstance(name, str) else "(no name)")
             continue
         schema = job.get("config_schema") or {}
+        description = job.get("description") or ""
         try:
             cleaned = limits.json_object(schema) if isinstance(schema, dict) else {}
             if cleaned is None:
                 raise OutOfBounds("nested too deep or too many values", "config_schema")
-            description = limits.clean(str(job.get("description", "")))
+            description = limits.clean(description) if isinstance(description, str) else ""
             found.append(
                 JobDefinition(
                     name=name,
@@ -53,8 +67,17 @@ def job_definitions(location: str, jobs: object) -> tuple[JobDefinition, ...]:
                     config_schema=cleaned,
                 )
             )
+            names.add(name)
         except OutOfBounds as exc:
-            log.warning("location %s: job %s left out: %s", location, name, exc)
+            left_out.append(f"{name} ({exc})")
+    if left_out:
+        log.warning(
+            "location %s: %d job(s) left out (a name that is not a safe one, or twice; "
+            "a config schema past the bounds): %s",
+            location,
+            len(left_out),
+            _names(left_out),
+        )
     return tuple(found)
 
 
@@ -126,5 +149,5 @@ def fit_to_message(event: LocationLoaded, max_bytes: int = MAX_MESSAGE_BYTES) ->
 
 def _names(names: list[str]) -> str:
     """Names for a log line: the first 20 in order, then how many more."""
-    shown = ", ".join(sorted(names)[:20])
+    shown = ", ".join(sorted(names[:1000])[:20])
     return shown + (f" and {len(names) - 20} more" if len(names) > 20 else "")

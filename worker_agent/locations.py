@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import msgspec
 
@@ -61,7 +62,9 @@ from .secrets import MissingSecret, Redactor, Secrets, is_reference
 class _LaunchSpec(msgspec.Struct, forbid_unknown_fields=False):
     """A code server's answer to ``/launch-spec``, held to the contract's bounds."""
 
-    command: Argv = ()
+    #: Required, and not empty: without it the container would run its image's own
+    #: command, which for a location's image is the code server itself (a run never ending).
+    command: Argv
     env: Env = msgspec.field(default_factory=dict)
 
 
@@ -178,6 +181,10 @@ class LocationKeeper:
                 await self.reconcile()
             except (DockerUnavailable, LaunchFailed, BrokerUnavailable) as exc:
                 log.error("code servers not reconciled: %s", exc)
+            except Exception:
+                # What a code server answers is the user's: whatever it makes this round
+                # fail, the keeper (and the agent with it) goes on to the next.
+                log.exception("code servers not reconciled")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._check_interval_s)
@@ -227,8 +234,17 @@ class LocationKeeper:
         if await self.servers.ask(server, "/health") is not None:
             self._failures[server.id] = 0
             self._crashes.pop(spec.name, None)
-            if server.id not in self._reported and await self._report_loaded(spec, server):
-                self._reported.add(server.id)
+            if server.id not in self._reported:
+                why = await self._report_loaded(spec, server)
+                if not why:
+                    self._reported.add(server.id)
+                elif self._past_startup(server):
+                    # Healthy, but its definitions cannot be read: an error with its reason,
+                    # rather than a location LOADING for ever with nothing said.
+                    await self._report_failed(spec, server, f"has no definitions to give: {why}")
+                    await self._remove(server)
+                    self._given_up[spec.name] = spec.generation
+                    return
             if server.id in self._reported:
                 # Blue/green: older generations go only once the new one serves.
                 for old in servers:
@@ -236,8 +252,8 @@ class LocationKeeper:
                         await self._remove(old)
             return
         if server.id not in self._reported:
-            age = time.time() - (server.started_at or time.time())
-            if age > self._startup_timeout_s:
+            if self._past_startup(server):
+                age = time.time() - (server.started_at or time.time())
                 await self._report_failed(spec, server, f"not healthy within {age:.0f} s")
                 await self._remove(server)
                 self._given_up[spec.name] = spec.generation
@@ -278,6 +294,9 @@ class LocationKeeper:
                     given = msgspec.convert(reply, _LaunchSpec)
                 except msgspec.ValidationError as exc:
                     wrong = f"a launch spec that is not one ({exc})"
+                    continue
+                if not given.command:
+                    wrong = "a launch spec with an empty command"
                     continue
                 if any(is_reference(value) for value in given.env.values()):
                     # Only the location's registered env names secrets of this host.
@@ -332,22 +351,35 @@ class LocationKeeper:
             server.id[:12],
         )
 
-    async def _report_loaded(self, spec: LocationSpec, server: CodeServer) -> bool:
-        definitions = await self.servers.ask(server, "/definitions")
+    def _past_startup(self, server: CodeServer) -> bool:
+        """Whether ``server`` has had the time a code server has to start serving."""
+        return time.time() - (server.started_at or time.time()) > self._startup_timeout_s
+
+    async def _report_loaded(self, spec: LocationSpec, server: CodeServer) -> str:
+        """Report the server's definitions; "" once done, else why they cannot be read."""
+        definitions, why = await self.servers.ask_why(server, "/definitions")
         if not isinstance(definitions, dict):
-            return False
-        event = fit_to_message(
+            return why or "/definitions: an answer that is not a JSON object"
+        jobs = definitions.get("jobs")
+        if not isinstance(jobs, list):
+            return "/definitions: an answer whose jobs are not a list"
+        # Off the loop: a large answer takes a while to read through, and the agent's
+        # heartbeats, launches and reports go on meanwhile.
+        event = await asyncio.to_thread(self._loaded, spec, server, jobs)
+        await self._publish(event)
+        log.info("location %s loaded: %d job(s)", spec.name, len(event.jobs))
+        return ""
+
+    def _loaded(self, spec: LocationSpec, server: CodeServer, jobs: list[Any]) -> LocationLoaded:
+        return fit_to_message(
             LocationLoaded(
                 location=spec.name,
                 generation=spec.generation,
                 agent_id=self._agent_id,
                 container_id=server.id,
-                jobs=job_definitions(spec.name, definitions.get("jobs")),
+                jobs=job_definitions(spec.name, jobs),
             )
         )
-        await self._publish(event)
-        log.info("location %s loaded: %d job(s)", spec.name, len(event.jobs))
-        return True
 
     def _redactor(self, spec: LocationSpec) -> Redactor:
         """Redacts the values of the location's secrets (none when they cannot be read)."""

@@ -102,6 +102,10 @@ def check_location(
         raise ConfigError(f"invalid location: {where + ': ' if where else ''}{detail}") from None
     except SchemaError as exc:
         raise ConfigError(f"invalid location: {exc}") from None
+    except UnicodeEncodeError:  # a lone surrogate: an argument that was not UTF-8
+        raise ConfigError(
+            "invalid location: its image, command or env holds text that is not UTF-8"
+        ) from None
 
 
 class Locations:
@@ -249,7 +253,9 @@ async def resolve_job(
         known = _listed(sorted(j["name"] for j in location.jobs), ", ") or "none"
         return f"no job {submission.job!r} in location {location.name!r} (jobs: {known})", None
     try:
-        found = problems(job.get("config_schema") or {}, submission.config)
+        # One past the most named: a refusal says there are more, and the check stops
+        # there (a 10,000-item array against a long enum took seconds and a gigabyte).
+        found = problems(job.get("config_schema") or {}, submission.config, limit=21)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         # The schema came from the location's code server, unchecked beyond its size: one
         # it cannot be read by refuses the job's submissions in words, never fails the batch.
@@ -259,7 +265,8 @@ async def resolve_job(
             None,
         )
     if found:
-        return f"invalid config for job {submission.job!r}: " + _listed(found, "; "), None
+        named = "; ".join(found[:20]) + ("; and more" if len(found) > 20 else "")
+        return f"invalid config for job {submission.job!r}: {named}", None
     return None, msgspec.structs.replace(submission, image=location.image, queue=location.queue)
 
 

@@ -98,20 +98,45 @@ def check_schema(schema: dict[str, Any], path: str = "$") -> None:
             raise ValueError(f"schema is not JSON: {exc}") from None
 
 
-def problems(schema: dict[str, Any], value: Any, path: str = "config") -> list[str]:
-    """Every way ``value`` fails ``schema``, each naming where."""
+#: The most problems a check lists: past them a config is wrong enough to say so, and
+#: listing all of a 10,000-item array's took seconds and gigabytes.
+MAX_PROBLEMS = 20
+#: An enum is quoted in a problem when it is this short (items, and characters).
+_QUOTED_ENUM = (10, 200)
+
+
+def problems(
+    schema: dict[str, Any], value: Any, path: str = "config", limit: int = MAX_PROBLEMS
+) -> list[str]:
+    """Every way ``value`` fails ``schema``, each naming where, up to ``limit`` of them."""
     found: list[str] = []
+    _check(schema, value, path, found, limit, {})
+    return found
+
+
+def _check(
+    schema: dict[str, Any],
+    value: Any,
+    path: str,
+    found: list[str],
+    limit: int,
+    enums: dict[int, tuple[set[Any], list[Any]]],
+) -> None:
+    if len(found) >= limit:
+        return
     kind = schema.get("type")
     if kind is not None:
         ok = isinstance(value, _TYPES[kind]) and not (
             kind in ("integer", "number") and isinstance(value, bool)
         )
         if not ok:
-            return [f"{path} must be of type {kind}, got {type(value).__name__}"]
-    if "enum" in schema and value not in schema["enum"]:
-        found.append(f"{path} must be one of {schema['enum']!r}")
+            found.append(f"{path} must be of type {kind}, got {type(value).__name__}")
+            return
+    if "enum" in schema and not _in_enum(value, schema["enum"], enums):
+        found.append(f"{path} must be one of {_enum_words(schema['enum'])}")
     if isinstance(value, float) and not math.isfinite(value):
-        return [f"{path} must be a finite number, got {value}"]
+        found.append(f"{path} must be a finite number, got {value}")
+        return
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
             found.append(f"{path} must be at least {schema['minimum']}")
@@ -128,18 +153,51 @@ def problems(schema: dict[str, Any], value: Any, path: str = "config") -> list[s
             if key not in value:
                 found.append(f"{path}.{key} is required")
         for key, item in value.items():
+            if len(found) >= limit:
+                return
             if key in properties:
-                found.extend(problems(properties[key], item, f"{path}.{key}"))
+                _check(properties[key], item, f"{path}.{key}", found, limit, enums)
             elif schema.get("additionalProperties") is False:
                 found.append(f"{path}.{key} is not a known field")
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
         for index, item in enumerate(value):
-            found.extend(problems(schema["items"], item, f"{path}[{index}]"))
-    return found
+            if len(found) >= limit:
+                return
+            _check(schema["items"], item, f"{path}[{index}]", found, limit, enums)
+    del found[limit:]
+
+
+def _in_enum(value: Any, enum: list[Any], enums: dict[int, tuple[set[Any], list[Any]]]) -> bool:
+    """``value in enum``, by a set of its hashable values made once a check: an array's every
+    item against a long enum was a scan each."""
+    if id(enum) not in enums:
+        hashable: set[Any] = set()
+        others: list[Any] = []
+        for option in enum:
+            try:
+                hashable.add(option)
+            except TypeError:  # a list or an object
+                others.append(option)
+        enums[id(enum)] = (hashable, others)
+    hashable, others = enums[id(enum)]
+    try:
+        if value in hashable:
+            return True
+    except TypeError:
+        pass
+    return value in others
+
+
+def _enum_words(enum: list[Any]) -> str:
+    shown = repr(enum)
+    if len(enum) <= _QUOTED_ENUM[0] and len(shown) <= _QUOTED_ENUM[1]:
+        return shown
+    return f"the {len(enum)} values its schema lists"
 
 
 def validate_config(schema: dict[str, Any], value: Any) -> None:
-    """Raise ConfigError naming every problem of ``value``; return if it matches."""
+    """Raise ConfigError naming the problems of ``value`` (the first ``MAX_PROBLEMS``);
+    return if it matches."""
     found = problems(schema, value)
     if found:
         raise ConfigError(found)

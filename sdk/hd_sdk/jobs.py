@@ -48,6 +48,9 @@ class Registry:
             )
         if job_.name in self.jobs:
             raise ValueError(f"job {job_.name!r} is declared twice")
+        if not isinstance(job_.description, str):
+            # Else /definitions fails for the whole location (bytes are no JSON).
+            raise ValueError(f"job {job_.name!r}: its description must be a string")
         check_schema(job_.config_schema)
         self.jobs[job_.name] = job_
 

@@ -32,7 +32,9 @@ def launch_spec(registry: Registry, module: str, job_name: str, config: Any) -> 
             "--job",
             job_name,
             "--config",
-            json.dumps(config),
+            # As short as JSON goes: one argument of a launch spec is at most 64 KiB, and
+            # escapes (ensure_ascii) tripled a config of accented text.
+            json.dumps(config, ensure_ascii=False, separators=(",", ":")),
         ],
         "env": {},
     }

@@ -311,7 +311,11 @@ async def test_a_job_runs_by_name_and_bad_submissions_are_rejected(
             ("hello", {"name": 7}, "config.name must be of type string"),
             # A few problems named, not all 3,000: a reason past the contract's bound was an
             # answer no reader would take, and the submitter waited in vain.
-            ("hello", {"name": "x", **{f"x{i}": i for i in range(3000)}}, "and 2980 more"),
+            (
+                "hello",
+                {"name": "x", **{f"x{i}": i for i in range(3000)}},
+                "x19 is not a known field; and more",
+            ),
         ]:
             with pytest.raises(SubmissionRejected, match=words):
                 await client.submit_job(name, job, config)
@@ -439,7 +443,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        jobs = [{"name": name} for name in ("malformed", "failing", "silent")]
+        jobs = [{"name": name} for name in ("malformed", "failing", "silent", "empty")]
         self._reply(200, {"status": "ok"} if self.path == "/health" else {"jobs": jobs})
 
     def do_POST(self):
@@ -448,6 +452,8 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(200, {"command": "echo hi", "env": ["A=1"]})
         elif job == "failing":
             self._reply(500, {"error": "boom"})
+        elif job == "empty":
+            self._reply(200, {"env": {}})
         else:
             self.close_connection = True
 
@@ -479,10 +485,13 @@ async def test_a_code_server_answering_badly_fails_the_run_in_words_and_frees_it
     async with stack.client() as client:
         runs = {job: await client.submit_job(name, job, {}) for job in ("silent", "malformed")}
         runs["failing"] = await client.submit_job(name, "failing", {})
+        runs["empty"] = await client.submit_job(name, "empty", {})
     for job, words in [
         ("silent", f"no code server of location {name!r} answers yet (waited"),
         ("malformed", "answered a launch spec that is not one (Expected `array`, got `str`"),
         ("failing", "answered HTTP 500: boom"),
+        # Without a command, the container would run its image's own: the code server.
+        ("empty", "a launch spec that is not one (Object missing required field `command`"),
     ]:
         run = await wait_for_state(store, runs[job], RunState.FAILURE, RunState.SUCCESS, timeout=90)
         assert (run.state, run.failure_reason) == (RunState.FAILURE, "LAUNCH_ERROR"), job

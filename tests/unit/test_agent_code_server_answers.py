@@ -73,6 +73,8 @@ def servers() -> CodeServers:
     "answer",
     [
         pytest.param(http("200 OK", b'{"status": 1', length=100), id="cut short"),
+        # What came is JSON, but not all the Content-Length announced: no answer either.
+        pytest.param(http("200 OK", b'{"jobs": []}', length=5000), id="cut short as JSON"),
         pytest.param(b"SSH-2.0-OpenSSH_9.2\r\n", id="not HTTP"),
         pytest.param(http("200 OK", b"not json"), id="not JSON"),
         pytest.param(b"", id="hangs up"),
@@ -121,3 +123,21 @@ async def test_an_answer_past_the_size_bound_is_not_read_whole(servers: CodeServ
     huge = b"[" + b"0," * (MAX_ANSWER_BYTES // 2) + b"0]"
     for server in serving(http("200 OK", huge)):
         assert await servers.ask(server, "/definitions", timeout_s=10.0) is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (http("200 OK", b'{"jobs": []}', length=5000), "/definitions: HTTP 200: an answer cut"),
+        (http("200 OK", b"OK"), "/definitions: HTTP 200: an answer that is not JSON"),
+        (http("500 Oops", b'{"error": "x"}'), "HTTP 500"),
+        (http("200 OK", b"[" * 200_000), "nested too deep"),
+    ],
+)
+async def test_why_there_is_no_answer_is_said(
+    servers: CodeServers, answer: bytes, why: str
+) -> None:
+    for server in serving(answer):
+        answer_read, said = await servers.ask_why(server, "/definitions")
+        assert answer_read is None
+        assert why in said

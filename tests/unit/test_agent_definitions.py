@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
-from schemas import MAX_MESSAGE_BYTES, LocationLoaded, LocationSpec, encode, event_decoder
+from schemas import (
+    MAX_MESSAGE_BYTES,
+    LocationFailed,
+    LocationLoaded,
+    LocationSpec,
+    encode,
+    event_decoder,
+)
 from worker_agent.code_servers import CodeServer
 from worker_agent.definitions import SHORT_DESCRIPTION, fit_to_message, job_definitions
 from worker_agent.locations import LocationKeeper
@@ -58,9 +66,9 @@ class Servers:
     def __init__(self, definitions: object) -> None:
         self.definitions = definitions
 
-    async def ask(self, server: CodeServer, path: str) -> object:
+    async def ask_why(self, server: CodeServer, path: str) -> tuple[object, str]:
         assert path == "/definitions"
-        return self.definitions
+        return self.definitions, ""
 
 
 class Published:
@@ -72,18 +80,66 @@ class Published:
 
 
 async def test_a_location_with_the_most_and_largest_definitions_still_loads() -> None:
-    servers: Any = Servers({"jobs": described(1000, 16 * KIB, 60 * KIB)})
+    # The most jobs, with the largest descriptions and schemas an answer of at most
+    # MAX_ANSWER_BYTES (32 MiB) can hold: 1,000 jobs of 16 KiB + 14 KiB, about 30 MiB.
+    servers: Any = Servers({"jobs": described(1000, 16 * KIB, 14 * KIB)})
     published: Any = Published()
     connection: Any = None
     keeper = LocationKeeper(servers, connection, published, "a1", ("default",))
     server = CodeServer("f" * 64, "etl", 1, True, "10.0.0.2", None)
     spec = LocationSpec(name="etl", image="etl:1")
-    assert await keeper._report_loaded(spec, server)
+    assert await keeper._report_loaded(spec, server) == ""
     [event] = published.events
     assert isinstance(event, LocationLoaded)
     sent = travels(event)
     # Every job is there, so that submissions to any of them are accepted.
     assert [job.name for job in sent.jobs] == [f"job-{i:04d}" for i in range(1000)]
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        ({"jobs": {"a": 1}}, "jobs are not a list"),
+        ({"no": "jobs"}, "jobs are not a list"),
+        ([], "not a JSON object"),
+    ],
+)
+async def test_definitions_that_cannot_be_read_say_why(answer: object, why: str) -> None:
+    published: Any = Published()
+    keeper = LocationKeeper(Servers(answer), None, published, "a1", ("default",))  # type: ignore[arg-type]
+    server = CodeServer("f" * 64, "etl", 1, True, "10.0.0.2", None)
+    assert why in await keeper._report_loaded(LocationSpec(name="etl", image="etl:1"), server)
+    assert published.events == []
+
+
+def test_only_strings_are_taken_for_names_and_descriptions_and_a_name_twice_keeps_its_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    deep: object = "x"
+    for _ in range(5000):  # str() of it, on a loop already deep, raised RecursionError
+        deep = [deep]
+    jobs = [
+        {"name": "a", "description": deep},
+        {"name": "a", "description": "the second a"},
+        {"name": deep},
+        {"name": 7},
+        {"name": "b", "description": b"bytes".decode() + "ok"},
+        "not a job",
+    ]
+    found = job_definitions("etl", jobs)
+    assert [(j.name, j.description) for j in found] == [("a", ""), ("b", "bytesok")]
+    # One line for all that was left out.
+    [line] = [r for r in caplog.records if "left out" in r.getMessage()]
+    assert "4 job(s) left out" in line.getMessage()
+
+
+def test_past_the_most_jobs_the_rest_is_counted_not_read(caplog: pytest.LogCaptureFixture) -> None:
+    jobs: list[object] = [{"name": f"j{i}"} for i in range(1000)]
+    jobs += [{"name": "!bad"}] * 500_000
+    found = job_definitions("etl", jobs)
+    assert len(found) == 1000
+    lines = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert lines == ["location etl: 500000 job(s) past the first 1000 left out"]
 
 
 def test_descriptions_are_cut_before_any_config_schema_is_left_out() -> None:
@@ -126,3 +182,44 @@ def test_jobs_are_left_out_only_when_nothing_else_is_left_to_cut() -> None:
     fitted = fit_to_message(event, budget)
     assert len(encode(fitted)) <= budget
     assert [job.name for job in fitted.jobs] == [job.name for job in event.jobs[:-1]]
+
+
+class _Runtime:
+    def __init__(self) -> None:
+        self.removed: list[str] = []
+
+    async def output_tail(self, container_id: str, lines: int, redactor: object) -> tuple[str, ...]:
+        return ("serving on :8080",)
+
+    async def remove(self, container_id: str) -> None:
+        self.removed.append(container_id)
+
+
+class _HealthyWithoutDefinitions:
+    """A code server that answers /health and never gives its definitions."""
+
+    def __init__(self) -> None:
+        self.runtime = _Runtime()
+
+    async def ask(self, server: CodeServer, path: str) -> object:
+        return {"ok": True} if path == "/health" else None
+
+    async def ask_why(self, server: CodeServer, path: str) -> tuple[object, str]:
+        return None, "/definitions: HTTP 500"
+
+
+async def test_a_healthy_server_without_definitions_fails_its_location_once_past_startup() -> None:
+    servers: Any = _HealthyWithoutDefinitions()
+    published: Any = Published()
+    keeper = LocationKeeper(servers, None, published, "a1", ("default",), startup_timeout_s=60)  # type: ignore[arg-type]
+    spec = LocationSpec(name="etl", image="etl:1")
+    young = CodeServer("a" * 64, "etl", 1, True, "10.0.0.2", time.time())
+    await keeper._keep(spec, [young])
+    assert published.events == []  # within its startup time: asked again next round
+    old = CodeServer("b" * 64, "etl", 1, True, "10.0.0.3", time.time() - 61)
+    await keeper._keep(spec, [old])
+    [failed] = published.events
+    assert isinstance(failed, LocationFailed)
+    assert failed.message == "code server has no definitions to give: /definitions: HTTP 500"
+    assert failed.output_tail == ("serving on :8080",)
+    assert servers.runtime.removed == ["b" * 64]

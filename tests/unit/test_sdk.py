@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from hd_sdk import ConfigError, Context, Registry, job, validate_config
+from hd_sdk.config import MAX_PROBLEMS
 from hd_sdk.config import problems as problems_of
 from hd_sdk.frames import encode_frame, parse_frame
-from hd_sdk.jobs import load_registry
-from hd_sdk.server import make_server
+from hd_sdk.jobs import Job, load_registry
+from hd_sdk.server import launch_spec, make_server
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {"PYTHONPATH": f"{ROOT / 'sdk'}:{ROOT / 'examples'}", "PATH": "/usr/bin:/bin"}
@@ -191,7 +192,7 @@ def test_the_code_server_answers_health_definitions_and_launch_specs(server: str
     assert [j["name"] for j in definitions["jobs"]] == ["broken", "count", "hello"]  # type: ignore[index]
     status, spec = call(f"{server}/launch-spec", {"job": "hello", "config": {"name": "Ada"}})
     assert status == 200
-    assert spec["command"][-4:] == ["--job", "hello", "--config", '{"name": "Ada"}']  # type: ignore[index]
+    assert spec["command"][-4:] == ["--job", "hello", "--config", '{"name":"Ada"}']  # type: ignore[index]
     status, error = call(f"{server}/launch-spec", {"job": "hello", "config": {"name": 3}})
     assert (status, error) == (400, {"error": "config.name must be of type string, got int"})
     status, error = call(f"{server}/launch-spec", {"job": "nope", "config": {}})
@@ -251,3 +252,31 @@ def test_the_run_command_says_what_is_wrong_in_one_line() -> None:
         assert done.returncode == 2, done.stderr
         assert words in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_a_config_far_off_its_schema_lists_the_first_problems_and_a_long_enum_is_counted() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"xs": {"type": "array", "items": {"enum": list(range(9990))}}},
+    }
+    found = problems_of(schema, {"xs": [-1] * 9999})
+    assert len(found) == MAX_PROBLEMS
+    assert found[0] == "config.xs[0] must be one of the 9990 values its schema lists"
+    assert problems_of(schema, {"xs": list(range(9990))}) == []
+    # A short enum is quoted; unhashable options are compared as they are.
+    short = {"enum": ["a", [1, 2], {"k": 1}]}
+    assert problems_of(short, [1, 2]) == []
+    assert problems_of(short, {"k": 1}) == []
+    assert problems_of(short, "b") == ["config must be one of ['a', [1, 2], {'k': 1}]"]
+
+
+def test_a_launch_spec_s_config_is_as_short_as_json_goes() -> None:
+    registry = Registry()
+    registry.add(Job("accents", lambda context, config: None))
+    spec = launch_spec(registry, "jobs", "accents", {"s": "é" * 3, "n": [1, 2]})
+    assert spec["command"][-1] == '{"s":"ééé","n":[1,2]}'
+
+
+def test_a_description_that_is_no_string_is_refused_when_declared() -> None:
+    with pytest.raises(ValueError, match="description must be a string"):
+        Registry().add(Job("b", lambda context, config: None, description=b"x"))  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from dispatcher.cli_common import printable
 from dispatcher.client import check_submission
 from dispatcher.errors import ConfigError, InvalidSubmission
 from dispatcher.store.locations import check_location
@@ -90,6 +91,17 @@ def test_a_location_refuses_a_secret_reference_without_a_safe_name() -> None:
     check_location("hello", "example:1", "default", {"TOKEN": "secret:TOKEN"})
     with pytest.raises(ConfigError, match="secret reference of 'TOKEN'"):
         check_location("hello", "example:1", "default", {"TOKEN": "secret:../x"})
+
+
+def test_a_location_whose_command_is_not_utf8_is_refused_in_words() -> None:
+    # What an argument that is not UTF-8 becomes in Python: a lone surrogate.
+    with pytest.raises(ConfigError, match="holds text that is not UTF-8"):
+        check_location("hello", "example:1", "default", command=("serve", "\udcff"))
+
+
+def test_what_others_wrote_cannot_drive_the_terminal() -> None:
+    shown = printable("fine\r\x1b[2K\x1b]0;owned\x07\x9b31m\tok é")
+    assert shown == "fine\ufffd\ufffd[2K\ufffd]0;owned\ufffd\ufffd31m\tok é"
 
 
 def test_submit_help_shows_secret_references() -> None:
