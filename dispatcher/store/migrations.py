@@ -458,6 +458,14 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         $fn$;
         """,
     ),
+    (
+        21,
+        "finished runs in the order retention goes through them",
+        """
+        CREATE INDEX runs_finished ON runs (finished_at, run_id)
+            WHERE state IN ('SUCCESS', 'FAILURE', 'CANCELED');
+        """,
+    ),
 )
 
 _LOCK_KEY = 0x68642D6D6967  # "hd-mig": one migrator at a time

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 from dispatcher.store import Database
+from dispatcher.store.retention import Retention
 from schemas import RunClaimed, RunLog, RunSucceeded, SubmitRun
 
 
@@ -58,3 +59,33 @@ async def test_what_old_runs_left_is_pruned_in_batches_and_recent_runs_keep_it(
     assert events >= 2 and logs == 1 and rows == 1
     assert (await counts(store, running.run_id))[2] == 1
     assert (await store.retention.prune(30 * 86400)).total == 0  # nothing left to prune
+
+
+async def finished_days_ago(store: Database, days: int) -> uuid.UUID:
+    run_id = await finished_run(store)
+    async with store.connections.connection() as connection:
+        await connection.execute(
+            "UPDATE runs SET finished_at = now() - $2 * interval '1 day' WHERE run_id = $1",
+            run_id,
+            days,
+        )
+    return run_id
+
+
+async def test_a_round_starts_where_the_last_one_reached(store: Database) -> None:
+    first = await finished_days_ago(store, 40)
+    await store.retention.prune(30 * 86400)
+    assert await counts(store, first) == (0, 0, 1)
+    # Grown old since: the next round takes it.
+    second = await finished_days_ago(store, 35)
+    pruned = await store.retention.prune(30 * 86400)
+    assert pruned.counts["run_events"] >= 2 and pruned.counts["run_logs"] == 1
+    assert await counts(store, second) == (0, 0, 1)
+    # One that finished before the point reached (a finish time set back by hand) is not
+    # gone through again by the same process; a new one (`db prune`, a restart) goes
+    # through every run once.
+    earlier = await finished_days_ago(store, 50)
+    assert (await store.retention.prune(30 * 86400)).counts["run_events"] == 0
+    assert (await counts(store, earlier))[0] >= 2
+    await Retention(store.connections).prune(30 * 86400)
+    assert await counts(store, earlier) == (0, 0, 1)
