@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ import aio_pika.abc
 from .connection import TRANSIENT, Connection
 from .errors import BrokerUnavailable
 from .ports import InboundDelivery
+
+log = logging.getLogger(__name__)
 
 #: How soon a consume that met a connection being restored is tried again.
 RETRY_S = 0.2
@@ -88,8 +91,11 @@ class Subscription:
         self._restored.append(callback)
 
     async def _watch_cancels(self) -> None:
-        with contextlib.suppress(*TRANSIENT):
-            underlay = await self._channel.get_underlay_channel()
+        # Bounded: a connection lost meanwhile is waited for by get_underlay_channel, and
+        # its return reopens the channel, which watches again.
+        with contextlib.suppress(*TRANSIENT, TimeoutError):
+            async with asyncio.timeout(RETRY_S * 25):
+                underlay = await self._channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(self._cancelled)
 
     def _cancelled(self, frame: Any) -> None:
@@ -111,6 +117,13 @@ class Subscription:
                     for callback in self._restored:
                         callback()
                     return
+        if not self._closed:
+            log.warning(
+                "the consumer %s the broker cancelled did not come back within %.0f s: "
+                "what was sent to its queue meanwhile may be lost",
+                tag,
+                gone_after_s,
+            )
 
     async def consume(self, on_message: Callable[[str, InboundDelivery], Awaitable[None]]) -> None:
         """Hand each message to ``on_message(queue name, delivery)``, which settles it."""

@@ -62,9 +62,7 @@ from .secrets import MissingSecret, Redactor, Secrets, is_reference
 class _LaunchSpec(msgspec.Struct, forbid_unknown_fields=False):
     """A code server's answer to ``/launch-spec``, held to the contract's bounds."""
 
-    #: Required, and not empty: without it the container would run its image's own
-    #: command, which for a location's image is the code server itself (a run never ending).
-    command: Argv
+    command: Argv = ()
     env: Env = msgspec.field(default_factory=dict)
 
 
@@ -106,6 +104,8 @@ class LocationKeeper:
         self._failures: dict[str, int] = {}
         self._given_up: dict[str, int] = {}  # location → generation that failed to start
         self._crashes: dict[str, int] = {}  # location → exits before its server was healthy
+        #: server id → (when this keeper first found it healthy without definitions, rounds).
+        self._unread: dict[str, tuple[float, int]] = {}
         self._decoder: Decoder[LocationSnapshot] = Decoder(LocationSnapshot)
         self._subscription: Subscription | None = None
         self._asking: set[asyncio.Task[None]] = set()
@@ -238,7 +238,8 @@ class LocationKeeper:
                 why = await self._report_loaded(spec, server)
                 if not why:
                     self._reported.add(server.id)
-                elif self._past_startup(server):
+                    self._unread.pop(server.id, None)
+                elif self._no_definitions(server):
                     # Healthy, but its definitions cannot be read: an error with its reason,
                     # rather than a location LOADING for ever with nothing said.
                     await self._report_failed(spec, server, f"has no definitions to give: {why}")
@@ -294,9 +295,6 @@ class LocationKeeper:
                     given = msgspec.convert(reply, _LaunchSpec)
                 except msgspec.ValidationError as exc:
                     wrong = f"a launch spec that is not one ({exc})"
-                    continue
-                if not given.command:
-                    wrong = "a launch spec with an empty command"
                     continue
                 if any(is_reference(value) for value in given.env.values()):
                     # Only the location's registered env names secrets of this host.
@@ -355,12 +353,27 @@ class LocationKeeper:
         """Whether ``server`` has had the time a code server has to start serving."""
         return time.time() - (server.started_at or time.time()) > self._startup_timeout_s
 
+    def _no_definitions(self, server: CodeServer) -> bool:
+        """One more round where ``server`` answered its health and not its definitions; True
+        once that has gone on for a startup's time since this keeper first met it, and for
+        ``failures_before_redeploy`` rounds in a row. From this keeper's first meeting, not
+        the container's start: a server adopted after the agent's restart has run for hours,
+        and one answer lost then must not give its location up."""
+        now = time.time()
+        first, rounds = self._unread.get(server.id, (now, 0))
+        self._unread[server.id] = (first, rounds + 1)
+        return rounds + 1 >= self._failures_before_redeploy and (
+            now - first > self._startup_timeout_s
+        )
+
     async def _report_loaded(self, spec: LocationSpec, server: CodeServer) -> str:
         """Report the server's definitions; "" once done, else why they cannot be read."""
         definitions, why = await self.servers.ask_why(server, "/definitions")
         if not isinstance(definitions, dict):
             return why or "/definitions: an answer that is not a JSON object"
         jobs = definitions.get("jobs")
+        if jobs is None:
+            jobs = []  # a location with no jobs (yet) may say so by saying nothing
         if not isinstance(jobs, list):
             return "/definitions: an answer whose jobs are not a list"
         # Off the loop: a large answer takes a while to read through, and the agent's
@@ -406,6 +419,7 @@ class LocationKeeper:
     async def _remove(self, server: CodeServer) -> None:
         self._reported.discard(server.id)
         self._failures.pop(server.id, None)
+        self._unread.pop(server.id, None)
         await self.servers.runtime.remove(server.id)
 
     async def _publish(self, event: LocationLoaded | LocationFailed) -> None:

@@ -7,7 +7,6 @@ of the store takes its connections from ``Connections``.
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -54,27 +53,30 @@ def invalid_url(exc: Exception, dsn: str) -> ConfigError:
     return ConfigError(f"the database URL ({hide_password(dsn)}) is invalid: {why}")
 
 
-#: A schema name PostgreSQL takes the same way quoted or not (``search_path`` reads it
-#: unquoted, folded to lowercase and split at commas; ``CREATE SCHEMA`` quoted).
-_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
-
 def check_schema(schema: str | None) -> None:
-    """Refuse a schema name that PostgreSQL would read otherwise than it is written: a comma
-    made ``search_path`` a list (``a,public`` put every table in ``public``), an uppercase
-    letter was folded (a schema made, then not found)."""
+    """Refuse a schema name PostgreSQL would take for another: a comma in ``search_path``
+    made it a list (``a,public`` put every table in ``public``), and a quote, a control
+    character or a space at either end is a typo more than a name. Any other name is used
+    as written, quoted (an uppercase letter or a ``-`` included)."""
     if not schema:
         return
-    if not _SCHEMA.fullmatch(schema) or schema.startswith("pg_"):
+    if (
+        any(c in schema for c in ',"') or not schema.isprintable() or schema != schema.strip()
+    ) or schema.startswith("pg_"):
         raise ConfigError(
-            f"the database schema {schema!r} is not a plain name: 1 to 63 lowercase letters, "
-            "digits and '_', starting with a letter or '_' (and not with pg_)"
+            f"the database schema {schema!r} cannot be used: a name without commas, quotes, "
+            "control characters or spaces at either end, not starting with pg_"
         )
+
+
+def quoted(schema: str) -> str:
+    """``schema`` as an SQL identifier, as written (``check_schema`` has taken it)."""
+    return f'"{schema}"'
 
 
 def _server_settings(schema: str | None) -> dict[str, str]:
     check_schema(schema)
-    return {"search_path": schema} if schema else {}
+    return {"search_path": quoted(schema)} if schema else {}
 
 
 async def connect(dsn: str, schema: str | None = None) -> asyncpg.Connection:

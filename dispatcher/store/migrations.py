@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import asyncpg
 
 from ..errors import ConfigError, StoreUnavailable
+from .connections import quoted
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +464,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         21,
         "finished runs in the order retention goes through them",
         """
-        CREATE INDEX runs_finished ON runs (finished_at, run_id)
+        CREATE INDEX CONCURRENTLY runs_finished ON runs (finished_at, run_id)
             WHERE state IN ('SUCCESS', 'FAILURE', 'CANCELED');
         """,
     ),
@@ -476,6 +478,18 @@ LOCK_TIMEOUT = "5s"
 #: Attempts of a step whose locks were taken (by a long transaction), LOCK_WAIT_S apart.
 LOCK_ATTEMPTS = 24
 LOCK_WAIT_S = 5.0
+#: How often a migrator looks whether another one is done.
+LOCK_POLL_S = 0.5
+_CONCURRENT_INDEX = re.compile(r"\s*CREATE INDEX CONCURRENTLY (\w+)")
+
+
+async def _drop_if_invalid(connection: asyncpg.Connection, index: str) -> None:
+    """Drop ``index`` when a build that failed (or was cut off) left it invalid."""
+    valid = await connection.fetchval(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", index
+    )
+    if valid is False:
+        await connection.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
 
 
 async def upgrade(connection: asyncpg.Connection, schema: str | None = None) -> list[int]:
@@ -487,12 +501,16 @@ async def upgrade(connection: asyncpg.Connection, schema: str | None = None) -> 
     schema is created under the migrators' lock, where two replicas starting together raced.
     """
     applied_now: list[int] = []
-    await connection.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    # Waited for here rather than in the server: a session waiting in pg_advisory_lock has a
+    # snapshot, which a CREATE INDEX CONCURRENTLY of the migrator holding the lock waits
+    # for in turn (a deadlock, one of the two failed).
+    while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):  # noqa: ASYNC110 - the server's lock, no event here to wait on
+        await asyncio.sleep(LOCK_POLL_S)
     try:
         if schema and not await connection.fetchval(
             "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema
         ):
-            await connection.execute(f'CREATE SCHEMA "{schema}"')
+            await connection.execute(f"CREATE SCHEMA {quoted(schema)}")
         if await connection.fetchval("SELECT to_regclass('schema_migrations')") is None:
             await connection.execute(
                 """
@@ -523,9 +541,26 @@ async def upgrade(connection: asyncpg.Connection, schema: str | None = None) -> 
 
 
 async def _apply(connection: asyncpg.Connection, version: int, name: str, sql: str) -> None:
-    """One step and its row, in one transaction; tried again while its locks are taken."""
+    """One step and its row, in one transaction; tried again while its locks are taken.
+
+    A ``CREATE INDEX CONCURRENTLY`` step runs alone, outside a transaction (as it must):
+    it builds its index without holding writes to the table back for the build's length
+    (a plain build of a million runs held them 4.4 s); an index a failed build left invalid
+    is dropped before the next try."""
+    index = _CONCURRENT_INDEX.match(sql)
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
+            if index is not None:
+                await connection.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+                try:
+                    await _drop_if_invalid(connection, index.group(1))
+                    await connection.execute(sql)
+                finally:
+                    await connection.execute("RESET lock_timeout")
+                await connection.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+                )
+                return
             async with connection.transaction():
                 await connection.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                 await connection.execute(sql)
@@ -533,7 +568,7 @@ async def _apply(connection: asyncpg.Connection, version: int, name: str, sql: s
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
                 )
             return
-        except asyncpg.exceptions.LockNotAvailableError:
+        except (asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.DeadlockDetectedError):
             if attempt == LOCK_ATTEMPTS:
                 raise StoreUnavailable(
                     f"migration {version} ({name}) could not lock its tables in "

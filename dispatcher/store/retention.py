@@ -27,6 +27,8 @@ _FINISHED = """
     ORDER BY finished_at, run_id
     LIMIT $4
 """
+#: How far before the point the last round reached the next one starts.
+MARGIN = datetime.timedelta(hours=1)
 #: Runs whose history one transaction deletes (each table at most ``batch`` rows at a time).
 RUNS_AT_ONCE = 200
 
@@ -82,7 +84,9 @@ class Retention:
         # runs before the point reached that are now old enough).
         reached = self._reached if older_than_s == self._age else None
         self._age = older_than_s
-        since = reached or (_EPOCH, uuid.UUID(int=0))
+        # From a while before the point reached: a run whose finish committed late (its
+        # transaction began before the last round) is not passed by for good.
+        since = (reached[0] - MARGIN, uuid.UUID(int=0)) if reached else (_EPOCH, uuid.UUID(int=0))
         while True:
             async with self._connections.connection() as connection:
                 runs = await connection.fetch(_FINISHED, older_than_s, *since, RUNS_AT_ONCE)

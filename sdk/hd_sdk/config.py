@@ -111,7 +111,7 @@ def problems(
     """Every way ``value`` fails ``schema``, each naming where, up to ``limit`` of them."""
     found: list[str] = []
     _check(schema, value, path, found, limit, {})
-    return found
+    return found[:limit]
 
 
 def _check(
@@ -150,6 +150,8 @@ def _check(
     if isinstance(value, dict):
         properties = schema.get("properties") or {}
         for key in schema.get("required") or ():
+            if len(found) >= limit:
+                return
             if key not in value:
                 found.append(f"{path}.{key} is required")
         for key, item in value.items():
@@ -164,7 +166,6 @@ def _check(
             if len(found) >= limit:
                 return
             _check(schema["items"], item, f"{path}[{index}]", found, limit, enums)
-    del found[limit:]
 
 
 def _in_enum(value: Any, enum: list[Any], enums: dict[int, tuple[set[Any], list[Any]]]) -> bool:

@@ -24,6 +24,9 @@ def launch_spec(registry: Registry, module: str, job_name: str, config: Any) -> 
     return {
         "command": [
             "python3",
+            # The config below is UTF-8 as it is: read so whatever the image's locale.
+            "-X",
+            "utf8",
             "-m",
             "hd_sdk",
             "run",

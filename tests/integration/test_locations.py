@@ -443,7 +443,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        jobs = [{"name": name} for name in ("malformed", "failing", "silent", "empty")]
+        jobs = [{"name": name} for name in ("malformed", "failing", "silent")]
         self._reply(200, {"status": "ok"} if self.path == "/health" else {"jobs": jobs})
 
     def do_POST(self):
@@ -452,8 +452,6 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(200, {"command": "echo hi", "env": ["A=1"]})
         elif job == "failing":
             self._reply(500, {"error": "boom"})
-        elif job == "empty":
-            self._reply(200, {"env": {}})
         else:
             self.close_connection = True
 
@@ -485,13 +483,10 @@ async def test_a_code_server_answering_badly_fails_the_run_in_words_and_frees_it
     async with stack.client() as client:
         runs = {job: await client.submit_job(name, job, {}) for job in ("silent", "malformed")}
         runs["failing"] = await client.submit_job(name, "failing", {})
-        runs["empty"] = await client.submit_job(name, "empty", {})
     for job, words in [
         ("silent", f"no code server of location {name!r} answers yet (waited"),
         ("malformed", "answered a launch spec that is not one (Expected `array`, got `str`"),
         ("failing", "answered HTTP 500: boom"),
-        # Without a command, the container would run its image's own: the code server.
-        ("empty", "a launch spec that is not one (Object missing required field `command`"),
     ]:
         run = await wait_for_state(store, runs[job], RunState.FAILURE, RunState.SUCCESS, timeout=90)
         assert (run.state, run.failure_reason) == (RunState.FAILURE, "LAUNCH_ERROR"), job
