@@ -9,7 +9,7 @@ import math
 import shlex
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -38,6 +38,9 @@ from .cli_runs import runs_app
 from .cli_tokens import tokens_app
 from .cli_web import api_tokens_app, web
 from .errors import InvalidSubmission
+
+if TYPE_CHECKING:
+    from .store import Database
 
 app = typer.Typer(
     name="dispatcher",
@@ -247,8 +250,16 @@ def monitor(
 @db_app.command("upgrade")
 def db_upgrade(database_url: DatabaseUrl = "", database_schema: DatabaseSchema = None) -> None:
     """Apply the database migrations not applied yet (serve also does this at start)."""
-    applied = with_store(database_url, database_schema, lambda s: s.upgrade())
-    typer.echo(f"applied migrations {applied}" if applied else "database is up to date")
+    from .store.migrations import MIGRATIONS, newer_words
+
+    async def upgrade(store: Database) -> tuple[list[int], int]:
+        return await store.upgrade(), await store.version()
+
+    applied, version = with_store(database_url, database_schema, upgrade)
+    if version > MIGRATIONS[-1][0]:
+        typer.echo(f"warning: {newer_words(version)}: upgrade this release", err=True)
+    else:
+        typer.echo(f"applied migrations {applied}" if applied else "database is up to date")
 
 
 @db_app.command("prune")

@@ -119,6 +119,11 @@ class Database:
         finally:
             await close_quietly(connection)
 
+    async def version(self) -> int:
+        """The newest migration applied to the database (0: none)."""
+        async with self.connections.connection() as connection:
+            return await migrations.version(connection)
+
     # ------------------------------------------------------------------------ intake
 
     async def accept_submissions(

@@ -8,7 +8,7 @@ import re
 
 import asyncpg
 
-from ..errors import ConfigError, StoreUnavailable
+from ..errors import StoreUnavailable
 from .connections import quoted
 
 log = logging.getLogger(__name__)
@@ -527,9 +527,11 @@ async def upgrade(connection: asyncpg.Connection, schema: str | None = None) -> 
         }
         newest = MIGRATIONS[-1][0]
         if done and max(done) > newest:
-            raise ConfigError(
-                f"the database is at version {max(done)}, newer than this release knows "
-                f"(up to {newest}): run a release at least as new as the one that migrated it"
+            # Said, not refused: during a rolling upgrade the replicas not yet upgraded run on
+            # the new schema (its steps add to it), and a rollback does too.
+            log.warning(
+                "%s: this process runs on it as it is, and should be upgraded",
+                newer_words(max(done)),
             )
         for version, name, sql in MIGRATIONS:
             if version not in done:
@@ -538,6 +540,20 @@ async def upgrade(connection: asyncpg.Connection, schema: str | None = None) -> 
     finally:
         await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
+
+
+def newer_words(version: int) -> str:
+    return (
+        f"the database is at version {version}, newer than this release knows "
+        f"(up to {MIGRATIONS[-1][0]})"
+    )
+
+
+async def version(connection: asyncpg.Connection) -> int:
+    """The newest migration applied to the database (0: none)."""
+    if await connection.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return 0
+    return int(await connection.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
 
 
 async def _apply(connection: asyncpg.Connection, version: int, name: str, sql: str) -> None:
