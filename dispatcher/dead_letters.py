@@ -11,16 +11,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from schemas import (
-    FailureReason,
-    LaunchRun,
-    RunFailed,
-    SchemaError,
-    instruction_decoder,
-    is_safe_name,
-)
+import msgspec
+
+from schemas import FailureReason, RunFailed, is_safe_name
 from schemas.topology import (
     DEAD_LETTER_QUEUE_HEADER,
     DEAD_LETTER_REASON_HEADER,
@@ -31,7 +26,6 @@ from schemas.topology import (
 from transport.frames import UNREADABLE
 
 _DEAD_LETTER_DECISIONS = uuid.UUID("5b7f3c52-0c57-4d3e-9f0b-1f7a2b5c9d41")
-_instructions = instruction_decoder()
 _FIXED_QUEUES = frozenset({REQUESTS_QUEUE, STATUS_STORE_QUEUE, STATUS_MONITOR_QUEUE})
 
 
@@ -84,13 +78,23 @@ def _text(value: object) -> str:
     return text.replace("\x00", "\ufffd")
 
 
+class _Launch(msgspec.Struct):
+    """What names the attempt of a LaunchRun, read alone: an agent dead-letters a LaunchRun
+    it cannot decode, and the whole of it would not decode here either (a bound of another
+    release, a newer ``schema_version``), which left its run QUEUED for ever."""
+
+    kind: str = ""
+    run_id: uuid.UUID | None = None
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] = 0
+
+
 def launch_failure(letter: DeadLetterSeen) -> RunFailed | None:
     """The failure of the attempt a dead-lettered LaunchRun was for; None for anything else."""
     try:
-        launch = _instructions.decode(letter.body)
-    except SchemaError:
+        launch = msgspec.json.decode(letter.body[: 2 * 1024 * 1024], type=_Launch)
+    except Exception:  # anything hostile: no attempt to fail
         return None
-    if not isinstance(launch, LaunchRun):
+    if launch.kind != "LaunchRun" or launch.run_id is None or not launch.attempt:
         return None
     return RunFailed(
         message_id=uuid.uuid5(_DEAD_LETTER_DECISIONS, f"{launch.run_id}/{launch.attempt}"),

@@ -7,7 +7,33 @@ from pathlib import Path
 
 import msgspec
 
+from .envelope import SCHEMA_VERSION
 from .messages import ALL_MESSAGES, AnyMessage, Event, Instruction, Request
+
+#: What every exported schema says of the contract it describes.
+COMMENT = (
+    f"hybrid-dispatcher wire contract, schema_version {SCHEMA_VERSION}: unknown fields are "
+    "ignored; an unknown kind or enum value, or a higher schema_version, is refused"
+)
+
+
+def _pinned(schema: dict[str, object]) -> dict[str, object]:
+    """``schema`` with every ``schema_version`` bounded by this release's: a consumer
+    refuses a higher one, which the struct's own bound (any 32-bit integer) did not say."""
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            version = (node.get("properties") or {}).get("schema_version")
+            if isinstance(version, dict):
+                version["maximum"] = SCHEMA_VERSION
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return {"$comment": COMMENT, **schema}
 
 
 def message_schemas() -> dict[str, dict[str, object]]:
@@ -15,17 +41,17 @@ def message_schemas() -> dict[str, dict[str, object]]:
     schemas: dict[str, dict[str, object]] = {}
     for message_type in ALL_MESSAGES:
         kind = str(message_type.__struct_config__.tag)
-        schemas[kind] = msgspec.json.schema(message_type)
+        schemas[kind] = _pinned(msgspec.json.schema(message_type))
     return schemas
 
 
 def union_schemas() -> dict[str, dict[str, object]]:
     """One JSON Schema per union a consumer decodes."""
     return {
-        "Request": msgspec.json.schema(Request),
-        "Instruction": msgspec.json.schema(Instruction),
-        "Event": msgspec.json.schema(Event),
-        "AnyMessage": msgspec.json.schema(AnyMessage),
+        "Request": _pinned(msgspec.json.schema(Request)),
+        "Instruction": _pinned(msgspec.json.schema(Instruction)),
+        "Event": _pinned(msgspec.json.schema(Event)),
+        "AnyMessage": _pinned(msgspec.json.schema(AnyMessage)),
     }
 
 

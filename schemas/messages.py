@@ -13,7 +13,9 @@ Compatibility rules, so that peers of different releases keep talking:
   naming the field (``kind``, ``reason``...): it came from a newer peer, and is dead-lettered
   rather than misread;
 - any other change raises ``SCHEMA_VERSION``; a consumer refuses a message with a higher
-  version than its own, since it cannot tell what the message means.
+  version than its own, since it cannot tell what the message means;
+- a refusal is no answer (a stop an older agent cannot read leaves its container running):
+  a new kind or enum value needs its readers upgraded before any writer sends it.
 
 Every field is bounded (see ``schemas.bounds``). The message kinds live in ``envelope``
 (the header), ``runs`` and ``agents``; this module gathers them into the unions a consumer

@@ -63,6 +63,9 @@ def launch(run: Mapping[str, Any], attempt: int) -> LaunchRun:
     return LaunchRun(run_id=run["run_id"], attempt=attempt, **fields)
 
 
+_REASONS = frozenset(reason.value for reason in FailureReason)
+
+
 def retry_policy(run: Mapping[str, Any]) -> RetryPolicy:
     retry_on = run["retry_on"]
     return RetryPolicy(
@@ -70,7 +73,9 @@ def retry_policy(run: Mapping[str, Any]) -> RetryPolicy:
         retry_on=(
             DEFAULT_RETRY_ON
             if retry_on is None
-            else tuple(FailureReason(r) for r in json.loads(retry_on))
+            # A reason this release does not know (a newer one wrote it: a rolling upgrade,
+            # a rollback) is one no failure here has: left out rather than fail the read.
+            else tuple(FailureReason(r) for r in json.loads(retry_on) if r in _REASONS)
         ),
     )
 

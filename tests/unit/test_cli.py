@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dispatcher.cli import app as dispatcher_app
-from schemas import ALL_MESSAGES
+from schemas import ALL_MESSAGES, SCHEMA_VERSION
 from worker_agent.cli import app as agent_app
 
 # The commands read HD_* variables; the tests decide every input themselves.
@@ -76,6 +76,10 @@ def test_schemas_export_writes_one_valid_schema_per_message(tmp_path: Path) -> N
         kind = message_type.__struct_config__.tag
         schema = json.loads((out / f"{kind}.json").read_text())
         assert schema["$defs"][kind]["properties"]["kind"] == {"enum": [kind]}
+        # A higher version is refused by every consumer: the schema says so.
+        version = schema["$defs"][kind]["properties"]["schema_version"]
+        assert version["maximum"] == SCHEMA_VERSION
+        assert f"schema_version {SCHEMA_VERSION}" in schema["$comment"]
     assert (out / "union-Request.json").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -14,7 +15,9 @@ from schemas import (
     RunEnded,
     RunFailed,
     RunStarted,
+    SchemaError,
     encode,
+    instruction_decoder,
 )
 from schemas.topology import DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER
 from transport import policies
@@ -68,6 +71,25 @@ def test_only_a_dead_launch_instruction_fails_a_run() -> None:
     beat = AgentHeartbeat(agent_id="a1", sequence=0)
     assert dead_letters.launch_failure(dead_letters.seen({}, encode(beat))) is None
     assert dead_letters.launch_failure(dead_letters.seen({}, b"[" * 50_000)) is None
+    # One an agent could not decode (a bound of another release, a newer version) still
+    # names its attempt: failed, not left QUEUED for ever.
+    undecodable = json.loads(encode(launch))
+    undecodable.update(schema_version=2, cpus=0.001, image="")
+    assert decode_fails(json.dumps(undecodable).encode())
+    failed = dead_letters.launch_failure(dead_letters.seen({}, json.dumps(undecodable).encode()))
+    assert failed is not None and (failed.run_id, failed.attempt) == (RUN, 2)
+    for forged in ({"kind": "LaunchRun", "run_id": str(RUN)}, {"kind": "LaunchRun", "attempt": 1}):
+        assert (
+            dead_letters.launch_failure(dead_letters.seen({}, json.dumps(forged).encode())) is None
+        )
+
+
+def decode_fails(body: bytes) -> bool:
+    try:
+        instruction_decoder().decode(body)
+    except SchemaError:
+        return True
+    return False
 
 
 def test_the_management_api_is_found_from_the_broker_url() -> None:
