@@ -377,7 +377,7 @@ def submit(
     """
     from transport.errors import BrokerUnavailable
 
-    from .client import Client, wait_for_outcome
+    from .client import Client, Unreadable, wait_for_outcome
     from .errors import SubmissionRejected
 
     is_job = location is not None or job is not None
@@ -453,7 +453,7 @@ def submit(
                         if isinstance(event, RunRejected):
                             typer.echo(f"error: submission rejected: {event.reason}", err=True)
                             return 2
-                        if isinstance(event, RunAccepted):
+                        if isinstance(event, RunAccepted | Unreadable):  # ended: accepted
                             break
                     else:
                         raise BrokerUnavailable(

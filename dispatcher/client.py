@@ -39,6 +39,7 @@ from schemas import (
     request_decoder,
 )
 from schemas.topology import (
+    CONTROL_SOURCE,
     REQUESTS_EXCHANGE,
     REQUESTS_ROUTING_KEY,
     STATUS_EXCHANGE,
@@ -51,7 +52,7 @@ from transport.publisher import Publisher
 from transport.subscription import Subscription
 
 from . import provenance, submissions
-from .errors import InvalidSubmission, SubmissionRejected
+from .errors import InvalidSubmission, SubmissionRejected, VerdictUnreadable
 
 _requests = request_decoder()
 
@@ -129,11 +130,11 @@ class Follower:
         self._ask = ask
         self._asking: set[asyncio.Task[None]] = set()
         self._decoder = event_decoder()
-        self._received: deque[Event] = deque(maxlen=self.BACKLOG)
+        self._received: deque[Event | Unreadable] = deque(maxlen=self.BACKLOG)
         #: Each run's last word (RunAccepted, RunRejected, RunEnded), kept past the backlog.
-        self._last_words: dict[uuid.UUID, Event] = {}
+        self._last_words: dict[uuid.UUID, Event | Unreadable] = {}
         #: Each wait's own queue of events; None marks the end of the stream.
-        self._waits: set[asyncio.Queue[Event | None]] = set()
+        self._waits: set[asyncio.Queue[Event | Unreadable | None]] = set()
         self._reading: asyncio.Task[None] | None = None
         self._closed = False
         #: What a wait that outlived the stream says.
@@ -194,16 +195,29 @@ class Follower:
         try:
             async with contextlib.aclosing(self._subscription.messages()) as messages:
                 async for raw in messages:
+                    event: Event | Unreadable
                     try:
-                        event: Event = self._decoder.decode(raw.body)
+                        decoded: Event = self._decoder.decode(raw.body)
                         # Only what came from its own source: no agent forges a verdict.
-                        provenance.check(raw.routing_key, event)
-                    except (SchemaError, provenance.Misrouted):
+                        provenance.check(raw.routing_key, decoded)
+                        event = decoded
+                    except SchemaError as exc:
+                        # The control plane's verdict, unreadable to this client (a newer
+                        # release's reason): said, rather than skipped and waited on for ever.
+                        run_id = _ended_by_control(raw.routing_key)
+                        if run_id is None:
+                            continue
+                        event = Unreadable(run_id, str(exc)[:300])
+                    except provenance.Misrouted:
                         continue
-                    if isinstance(event, RunAccepted | RunRejected | RunEnded) and not (
+                    if isinstance(
+                        event, RunAccepted | RunRejected | RunEnded | Unreadable
+                    ) and not (
                         # An acceptance said again may come after the end it preceded.
                         isinstance(event, RunAccepted)
-                        and isinstance(self._last_words.get(event.run_id), RunEnded | RunRejected)
+                        and isinstance(
+                            self._last_words.get(event.run_id), RunEnded | RunRejected | Unreadable
+                        )
                     ):
                         self._last_words[event.run_id] = event
                     if not isinstance(event, RunLog | RunProgress):  # large, and not kept
@@ -225,7 +239,7 @@ class Follower:
     async def events(self, answers: bool = False) -> AsyncGenerator[Any, None]:
         """Run events of the followed runs (and RunAccepted / RunRejected with ``answers``),
         those that came before this call first; ends with the stream."""
-        mine: asyncio.Queue[Event | None] = asyncio.Queue()
+        mine: asyncio.Queue[Event | Unreadable | None] = asyncio.Queue()
         for event in self._received:
             mine.put_nowait(event)
         kept = {id(event) for event in self._received}
@@ -435,7 +449,7 @@ class Client:
                     async for event in events:
                         if isinstance(event, RunRejected):
                             raise SubmissionRejected(event.reason)
-                        if isinstance(event, RunAccepted):
+                        if isinstance(event, RunAccepted | Unreadable):  # ended: accepted
                             return run_id
                 raise BrokerUnavailable(follower.why_ended)
 
@@ -568,6 +582,26 @@ def _as_invalid(what: str) -> Iterator[None]:
         raise InvalidSubmission(f"invalid {what}: {where}{exc.detail}", exc.field) from None
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A verdict of the control plane (``run.ended._control.<run_id>``) this client could
+    not decode."""
+
+    run_id: uuid.UUID
+    why: str
+
+
+def _ended_by_control(routing_key: str) -> uuid.UUID | None:
+    """The run a ``RunEnded`` routing key of the control plane's names, else None."""
+    kind, _, rest = routing_key.partition(f".{CONTROL_SOURCE}.")
+    if kind != "run.ended":
+        return None
+    try:
+        return uuid.UUID(rest)
+    except ValueError:
+        return None
+
+
 async def wait_for_outcome(
     follower: Follower,
     run_id: uuid.UUID,
@@ -591,6 +625,12 @@ async def wait_for_outcome(
                 under_way = True
                 if isinstance(event, RunAccepted | RunRejected):
                     continue
+                if isinstance(event, Unreadable):
+                    raise VerdictUnreadable(
+                        f"run {run_id} ended, but this client cannot read how "
+                        f"({event.why}): it came from a newer control plane; upgrade the "
+                        "client, or see `dispatcher runs show` there"
+                    )
                 if on_event is not None:
                     on_event(event)
                 if isinstance(event, RunEnded):

@@ -60,5 +60,10 @@ class InvalidSubmission(SubmissionRejected):
         self.field = field
 
 
+class VerdictUnreadable(DispatcherError):
+    """The control plane ended a run with a verdict this client cannot read (a newer release's
+    reason, say): the run is over, how it ended is for a newer client to say."""
+
+
 class LocationNotFound(DispatcherError):
     """No code location has that name."""

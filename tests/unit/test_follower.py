@@ -5,6 +5,7 @@ test sends; the Follower and ``wait_for_outcome`` are the real ones."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncGenerator
 
@@ -12,6 +13,7 @@ import pytest
 
 from dispatcher import client as client_module
 from dispatcher.client import Follower, wait_for_outcome
+from dispatcher.errors import VerdictUnreadable
 from schemas import RunAccepted, RunEnded, RunLog, RunRejected, encode
 from schemas.topology import CONTROL_SOURCE, event_routing_key
 from tests.fakes.clock import until
@@ -200,3 +202,27 @@ async def test_a_subscription_whose_broker_stays_away_ends_in_words_and_a_closed
     await away.close()
     assert channel.closes == 1
     assert [m async for m in away.messages(gone_after_s=60)] == []
+
+
+async def test_a_verdict_this_client_cannot_read_ends_its_wait_in_words() -> None:
+    """A newer control plane's RunEnded (a reason this release does not know) ends the wait,
+    saying so, where it was skipped and the wait went on for ever."""
+    queue = Sent()
+    follower = Follower(queue, set())  # type: ignore[arg-type]
+    run_id = uuid.uuid4()
+    await follower.add(run_id)
+    newer = json.loads(encode(RunEnded(run_id=run_id, attempt=1, state="FAILURE")))
+    newer["reason"] = "DISK_FULL"
+    body = json.dumps(newer).encode()
+    # From anyone but the control plane, it is no verdict: skipped.
+    queue._incoming.put_nowait(Received(f"run.ended.a1.{run_id}", body))
+    waiting = asyncio.create_task(wait_for_outcome(follower, run_id, 5))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    queue._incoming.put_nowait(Received(f"run.ended.{CONTROL_SOURCE}.{run_id}", body))
+    with pytest.raises(VerdictUnreadable, match=rf"run {run_id} ended, but this client cannot"):
+        await waiting
+    # A wait that starts later is told the same.
+    with pytest.raises(VerdictUnreadable, match="DISK_FULL"):
+        await wait_for_outcome(follower, run_id, 5)
+    await follower.close()
