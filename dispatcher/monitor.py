@@ -158,6 +158,8 @@ class FailureMonitor:
         #: down) still records them though the view has moved on.
         self._returning: set[str] = set()
         self._fencing: dict[str, tuple[ContainerState, ...]] = {}
+        #: Since when the monitor's own connection to the broker is lost (None: it hears).
+        self._deaf_since: float | None = None
 
     async def load(self) -> None:
         """Rebuild the view from PostgreSQL: which agents exist and which are lost.
@@ -178,6 +180,27 @@ class FailureMonitor:
             self._set_lost(view, row.status in ("LOST", "LEFT"))
         self._update_gauges()
         log.info("monitor view loaded: %d agent(s)", len(self.agents))
+
+    def deaf(self) -> None:
+        """The monitor's own connection is lost: agents' heartbeats wait in its queue, and
+        no silence it sees now is theirs. Until it hears again, nobody is judged lost."""
+        if self._deaf_since is None:
+            self._deaf_since = self.clock()
+            log.warning("the monitor lost its broker connection: no agent is judged on silence")
+
+    def hearing_again(self) -> None:
+        """Connected again: silence is measured from now on, as after a takeover (what
+        waited in the queue comes first; an agent dead meanwhile is lost one threshold on)."""
+        if self._deaf_since is None:
+            return
+        now = self.clock()
+        log.info(
+            "the monitor hears again after %.0f s; agents' silence counts from now",
+            now - self._deaf_since,
+        )
+        self._deaf_since = None
+        for view in self.agents.values():
+            view.last_seen = max(view.last_seen, now)
 
     async def on_events(self, deliveries: list[Delivery[Event]]) -> None:
         beats = [d.message for d in deliveries if isinstance(d.message, AgentHeartbeat)]
@@ -315,6 +338,8 @@ class FailureMonitor:
         An agent is held lost in the view only once PostgreSQL has taken the decision: a
         sweep that fails (the store is down) leaves them for the next one.
         """
+        if self._deaf_since is not None:
+            return
         now = self.clock()
         # What the monitor has not read yet may hold any agent's next heartbeat: silence is
         # counted beyond the monitor's own lag, not from it.
@@ -550,6 +575,10 @@ async def _lead(
     monitor = FailureMonitor(store.supervision, settings)
     await monitor.load()
     connection = await connect(settings.amqp_url, "dispatcher-monitor")
+    # Agents' heartbeats wait in the monitor's queue while its connection is away: their
+    # silence then is the monitor's, not theirs.
+    connection.close_callbacks.add(lambda *_: monitor.deaf())
+    connection.reconnect_callbacks.add(lambda *_: monitor.hearing_again())
     try:
         # The topology when this identity may declare it (one shared user); a monitor's own
         # identity may declare only its queue, and finds the rest declared by the operator

@@ -759,3 +759,33 @@ async def test_two_monitors_taking_the_same_decision_take_it_once() -> None:
     assert w.decisions() == [(run_id, 1, "START_TIMEOUT")]
     assert w.terminations(A) == [(run_id, 1)]
     assert w.alerts("run_failed") == 1
+
+
+async def test_a_monitor_cut_off_from_the_broker_judges_no_agent_on_its_own_silence() -> None:
+    """While the monitor's connection is away, agents' heartbeats wait in its queue: the
+    silence it sees is its own. Once it hears again, silence counts from then on."""
+    w = World(lost_after_beats=3)
+    running = await w.submit()
+    await w.started(running, A)
+    w.live(A, (running, 1))
+    await w.elapse(INTERVAL_S)
+    w.monitor.deaf()
+    w.silence(A)  # its beats no longer reach the monitor
+    await w.elapse(10 * INTERVAL_S)
+    assert w.status(A) == "ALIVE"
+    assert state(w.run(running)) == (RunState.STARTED, 1, None)
+    w.monitor.hearing_again()
+    w.live(A, (running, 1))  # what waited in the queue, and what follows
+    await w.elapse(5 * INTERVAL_S)
+    assert w.status(A) == "ALIVE"
+    assert state(w.run(running)) == (RunState.STARTED, 1, None)
+    # An agent that died during the outage is lost one threshold after the monitor hears.
+    w.monitor.deaf()
+    w.silence(A)
+    await w.elapse(10 * INTERVAL_S)
+    w.monitor.hearing_again()
+    await w.elapse(3 * INTERVAL_S)
+    assert w.status(A) == "ALIVE"
+    await w.elapse(2 * SWEEP_S)
+    assert w.status(A) == "LOST"
+    assert state(w.run(running)) == (RunState.QUEUED, 2, "AGENT_LOST")
