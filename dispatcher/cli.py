@@ -166,6 +166,16 @@ def serve(
             broker_policies=broker_policies,
             delivery_limit=delivery_limit,
         )
+        if "web" in settings.components:
+            # Checked before anything is connected: a bad port was said only after the
+            # database and the broker (and never, when one of them did not answer).
+            from .settings import WebSettings
+
+            WebSettings.from_env(
+                amqp_url=settings.amqp_url,
+                database_url=settings.database_url,
+                database_schema=settings.database_schema,
+            )
         setup_logging(log_level)
         serve_metrics(metrics_port)
     except KNOWN_ERRORS as exc:

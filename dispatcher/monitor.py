@@ -34,9 +34,11 @@ from typing import Any
 
 from schemas import AgentHeartbeat, ContainerState, Event, FailureReason, event_decoder
 from schemas.topology import STATUS_MONITOR_QUEUE
-from transport.connection import connect
+from transport.connection import REFUSED, connect
 from transport.consumer import Consumer
 from transport.delivery import Delivery
+from transport.errors import BrokerRefused
+from transport.process import bounded, unless_stopped
 from transport.publisher import Publisher
 from transport.topology import (
     MONITOR_QUEUE_ARGUMENTS,
@@ -548,13 +550,16 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> None:
     leadership = Leadership(
         settings.database_url, f"hd-monitor:{settings.database_schema or 'public'}"
     )
-    store = await Database.open(
-        settings.database_url,
-        schema=settings.database_schema,
-        retry_backoff_s=settings.retry_backoff_s,
+    store = await unless_stopped(
+        stop,
+        Database.open(
+            settings.database_url,
+            schema=settings.database_schema,
+            retry_backoff_s=settings.retry_backoff_s,
+        ),
     )
     try:
-        await store.upgrade()
+        await unless_stopped(stop, store.upgrade())
         while await leadership.acquire(settings.standby_poll_s, stop):
             log.info("this monitor is active")
             try:
@@ -573,19 +578,29 @@ async def _lead(
     """Act as the active monitor until ``stop``; raises what ended it otherwise."""
     # Start-up: the view from PostgreSQL, then the monitor's own queue for what follows.
     monitor = FailureMonitor(store.supervision, settings)
-    await monitor.load()
-    connection = await connect(settings.amqp_url, "dispatcher-monitor")
+    await unless_stopped(stop, monitor.load())
+    connection = await unless_stopped(stop, connect(settings.amqp_url, "dispatcher-monitor"))
+
     # Agents' heartbeats wait in the monitor's queue while its connection is away: their
     # silence then is the monitor's, not theirs.
-    connection.close_callbacks.add(lambda *_: monitor.deaf())
+    def lost(*_: object) -> None:
+        monitor.deaf()
+
+    connection.close_callbacks.add(lost)
     connection.reconnect_callbacks.add(lambda *_: monitor.hearing_again())
     try:
         # The topology when this identity may declare it (one shared user); a monitor's own
         # identity may declare only its queue, and finds the rest declared by the operator
         # (`identities add`) or the control plane.
-        await declare_topology_if_allowed(connection)
-        async with connection.channel() as channel:
-            await declare_monitor_queue(channel)
+        await unless_stopped(stop, declare_topology_if_allowed(connection))
+        try:
+            async with connection.channel() as channel:
+                await unless_stopped(stop, declare_monitor_queue(channel))
+        except REFUSED as exc:
+            raise BrokerRefused(
+                f"the broker refused the monitor's queue ({exc}): give the monitor's user "
+                "configure, write and read permissions on it (`dispatcher identities add`)"
+            ) from None
         publisher = Publisher(connection)
         consumer = Consumer(
             connection,
@@ -612,18 +627,21 @@ async def _lead(
 
         # Shutdown: stop consuming, finish the batch in hand, cancel the loops, let go of
         # the lock last, so that a standby takes over only once this one has stopped acting.
-        await consumer.stop()
+        # Each step bounded: with the broker away, a robust channel's cancel or close waits
+        # for a reconnection that may never come.
+        await bounded(consumer.stop(), 10, "stopping the consumer")
         for task in tasks:
             if task.get_name() != "consumer":
                 task.cancel()
         await asyncio.wait(tasks, timeout=10)
         stopper.cancel()
-        await consumer.close()
-        await publisher.close()
+        await bounded(consumer.close(), 10, "closing the consumer")
+        await bounded(publisher.close(), 10, "closing the publisher")
         if failed:
             raise failed[0].exception()  # type: ignore[misc]
     finally:
         with contextlib.suppress(Exception):
+            connection.close_callbacks.discard(lost)  # closed on purpose: not a loss
             await asyncio.shield(connection.close())
 
 

@@ -31,10 +31,11 @@ from schemas.topology import (
     STATUS_STORE_QUEUE,
 )
 from transport import policies
-from transport.connection import connect
+from transport.connection import REFUSED, Connection, connect
 from transport.consumer import Consumer
 from transport.delivery import Delivery
 from transport.errors import BrokerRefused, BrokerUnavailable
+from transport.process import bounded, unless_stopped
 from transport.publisher import Publisher
 from transport.topology import declare_topology
 
@@ -52,17 +53,20 @@ log = logging.getLogger(__name__)
 async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     """Run the control plane until ``stop`` is set or a component fails."""
     # Start-up: the store (and its migrations), then the broker and its topology.
-    store = await Database.open(settings.database_url, schema=settings.database_schema)
+    # Each step of the start-up gives way to a stop (a SIGTERM while a broker or a database
+    # does not answer is an orderly end, not one 30 s later with exit 1).
+    store = await unless_stopped(
+        stop, Database.open(settings.database_url, schema=settings.database_schema)
+    )
     connection = watch_connection = None
     try:
-        applied = await store.upgrade()
+        applied = await unless_stopped(stop, store.upgrade())
         if applied:
             log.info("database migrated to version %d", applied[-1])
-        connection = await connect(settings.amqp_url, "dispatcher-serve")
-        async with connection.channel() as channel:
-            await declare_topology(channel)
+        connection = await unless_stopped(stop, connect(settings.amqp_url, "dispatcher-serve"))
+        await unless_stopped(stop, _declare(connection))
         if settings.broker_policies:
-            await _apply_policies(settings)
+            await unless_stopped(stop, _apply_policies(settings))
         publisher = Publisher(connection)
 
         relay = (
@@ -227,8 +231,11 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         for task in runners:
             if task.get_name() in ("relay", "admitter", "retention"):
                 task.cancel()
+        # Each step bounded: with the broker away, a robust channel's cancel or close waits
+        # for a reconnection that may never come.
+        grace = settings.shutdown_grace_s
         for consumer in consumers:
-            await consumer.stop()
+            await bounded(consumer.stop(), grace, f"stopping the consumer of {consumer.queue_name}")
         _, pending = await asyncio.wait(runners, timeout=settings.shutdown_grace_s)
         if relay is not None:
             await relay.drain(settings.shutdown_grace_s)
@@ -236,8 +243,8 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             task.cancel()
         await asyncio.gather(*pending, stopper, return_exceptions=True)
         for consumer in consumers:
-            await consumer.close()
-        await publisher.close()
+            await bounded(consumer.close(), grace, f"closing the consumer of {consumer.queue_name}")
+        await bounded(publisher.close(), grace, "closing the publisher")
         if failed:
             raise failed[0].exception()  # type: ignore[misc]
     finally:
@@ -246,6 +253,19 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(opened.close())
         await store.close()
+
+
+async def _declare(connection: Connection) -> None:
+    """The control plane's exchanges and queues; a broker user that may not declare them is
+    told so in one line (it was a traceback)."""
+    try:
+        async with connection.channel() as channel:
+            await declare_topology(channel)
+    except REFUSED as exc:
+        raise BrokerRefused(
+            f"the broker refused the control plane's exchanges and queues ({exc}): give its "
+            "user configure, write and read permissions on the vhost"
+        ) from None
 
 
 class _Submitted(msgspec.Struct):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import faulthandler
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 
 class LogLevel(enum.StrEnum):
@@ -46,6 +47,46 @@ def setup_logging(level: str = "INFO") -> None:
     # aio-pika and aiormq are chatty at INFO about reconnects we already log ourselves.
     for name in ("aio_pika", "aiormq"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class StoppedStarting(Exception):
+    """Asked to stop before the process had started (``unless_stopped``): an orderly end."""
+
+
+T = TypeVar("T")
+
+
+async def unless_stopped(stop: asyncio.Event, step: Awaitable[T]) -> T:
+    """``step``'s result, unless ``stop`` is set first: then ``step`` is cancelled and
+    StoppedStarting raised, which ``run_until_signalled`` takes for an orderly stop. For the
+    steps of a start-up (a connect to a broker that does not answer waits 30 s): a SIGTERM
+    then was taken only once the step timed out, and the process exited 1."""
+    if stop.is_set():
+        if asyncio.iscoroutine(step):
+            step.close()
+        raise StoppedStarting
+    doing = asyncio.ensure_future(step)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([doing, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if doing.done():
+        return doing.result()
+    doing.cancel()
+    with contextlib.suppress(BaseException):
+        await doing
+    raise StoppedStarting
+
+
+async def bounded(step: Awaitable[object], seconds: float, what: str) -> None:
+    """Await a step of a shutdown for at most ``seconds``: a robust connection's operations
+    wait for a reconnection that may never come (a broker gone for good), and must not hold
+    the process's end."""
+    try:
+        await asyncio.wait_for(step, max(seconds, 0.1))
+    except TimeoutError:
+        logging.getLogger(__name__).warning("shutdown: %s did not finish in time; going on", what)
 
 
 def run_until_signalled(
@@ -87,6 +128,8 @@ def run_until_signalled(
             loop.add_signal_handler(signum, on_signal, signum)
         try:
             await main(stop)
+        except StoppedStarting:
+            logging.getLogger(__name__).info("stopped before it had started")
         finally:
             # What is left (the loop cancelling its tasks, joining its threads) is bounded too.
             faulthandler.dump_traceback_later(exit_within, exit=True)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from transport.connection import Connection, connect, credentials_refused
 from transport.errors import TransportError
 from transport.instructions import InstructionConsumer
+from transport.process import StoppedStarting, unless_stopped
 from transport.publisher import Publisher
 from transport.topology import declare_topology_if_allowed
 
@@ -74,13 +75,18 @@ class Agent:
         Raises AgentFailed, after the shutdown, when a component failed or ended.
         """
         settings = self.settings
-        connection = await connect(settings.amqp_url, f"worker-agent {settings.agent_id}")
+        # A stop while the broker does not answer ends the start-up at once (exit 0).
+        connection = await unless_stopped(
+            stop, connect(settings.amqp_url, f"worker-agent {settings.agent_id}")
+        )
         parts = _Parts(self, connection)
         failure: BaseException | None = None
         try:
             # Start-up: watch Docker first (which adopts what this agent ran before), so that
             # slots already taken are counted before any instruction is consumed.
-            parts.consumer.bind = await declare_topology_if_allowed(connection, settings.queues)
+            parts.consumer.bind = await unless_stopped(
+                stop, declare_topology_if_allowed(connection, settings.queues)
+            )
             self._start("engine", self.engine.run)
             self._start("heartbeat", parts.heartbeat.run)
             self._start("watcher", parts.watcher.run)
@@ -101,6 +107,8 @@ class Agent:
                 if await self._until(stop, self.drain_requested):
                     await self._drain(parts, stop)
             failure = self._ended_component()
+        except StoppedStarting:
+            log.info("stopped during start-up")
         except (AgentError, TransportError) as exc:
             failure = exc  # start-up failed: the error says why
         except Exception as exc:

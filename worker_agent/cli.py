@@ -286,6 +286,7 @@ def run(
             # The shutdown's grace, its bounded closes, and a margin.
             exit_within=settings.shutdown_grace_s + 30,
         )
+        _without_hung_calls()
     except (AgentError, TransportError) as exc:
         log.error("worker-agent %s exits: %s", settings.agent_id, exc)
         raise typer.Exit(1) from None
@@ -349,3 +350,21 @@ def _is_agent(pid: int) -> bool:
 def main() -> None:
     """Entry point of the ``worker-agent`` console script."""
     app()
+
+
+def _without_hung_calls() -> None:
+    """The agent has stopped; a call to an engine that accepts and never answers may still
+    hold a pool thread, which the interpreter would wait for (a minute) at its exit: the
+    process ends without it."""
+    import logging
+    import os
+    import threading
+
+    log = logging.getLogger("worker_agent")
+    calls = [t for t in threading.enumerate() if t.name.startswith("docker") and t.is_alive()]
+    for thread in calls:
+        thread.join(timeout=1.0)  # an idle pool thread ends by itself
+    if any(thread.is_alive() for thread in calls):
+        log.warning("a call to the Docker engine has not returned; exiting without it")
+        logging.shutdown()
+        os._exit(0)

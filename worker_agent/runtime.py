@@ -421,12 +421,19 @@ class DockerRuntime:
             raise DockerUnavailable(f"cannot follow {what}: {exc}") from exc
 
     def close(self) -> None:
-        """Close the client and the pool; safe more than once. Calls in progress finish."""
-        with self._lock:
-            self._closed = True
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        """Close the client and the pool; safe more than once. Calls in progress finish.
+
+        Never waits for the lock: a pool thread holds it while it makes the client, which
+        waits up to a minute on an engine that accepts and never answers, and the event loop
+        (and with it every signal) waited with it."""
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._client is not None:
+                    self._client.close()
+                    self._client = None
+            finally:
+                self._lock.release()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -14,7 +14,7 @@ from typing import Self
 
 import asyncpg
 
-from transport.urls import PERCENT_HINT, hide_password, in_words, stray_at
+from transport.urls import PERCENT_HINT, hide_password, in_words, stray_at, text_of_a_url
 
 from ..errors import ConfigError, DispatcherError, StoreUnavailable
 
@@ -40,10 +40,22 @@ def check_url(dsn: str) -> None:
     """Refuse, before asyncpg reads it, a database URL whose password has an unencoded
     ``/ ? # @`` in it: asyncpg cuts at the first ``@``, and takes what follows for hosts,
     which its errors name (a connection attempt to a piece of the password, even)."""
+    if not text_of_a_url(dsn):
+        raise ConfigError(
+            "the database URL has a control character or a byte that is no UTF-8 in it "
+            "(percent-encode it)"
+        )
     if stray_at(dsn):
         raise ConfigError(
             f"the database URL ({hide_password(dsn)}) has an @ out of place: {PERCENT_HINT}"
         )
+
+
+def refused_at_connect(exc: Exception, dsn: str) -> ConfigError:
+    """What PostgreSQL refused at connect (``?foo=bar``: a setting it does not know)."""
+    return ConfigError(
+        f"PostgreSQL refused the connection ({hide_password(dsn)}): {in_words(exc, dsn)}"
+    )
 
 
 def invalid_url(exc: Exception, dsn: str) -> ConfigError:
@@ -90,6 +102,8 @@ async def connect(dsn: str, schema: str | None = None) -> asyncpg.Connection:
         raise cannot_connect(exc) from exc
     except (ValueError, OverflowError, IndexError) as exc:  # a port that is no number, past
         raise invalid_url(exc, dsn) from None  # 65535, a host list with an empty entry
+    except asyncpg.PostgresError as exc:  # a setting of the URL the server refuses
+        raise refused_at_connect(exc, dsn) from None
 
 
 #: The server refused the client: a password, or a certificate it asks for (over SSL).
@@ -190,6 +204,8 @@ class Connections:
             # What asyncpg's URL parser raises (a port that is no number, a host list with an
             # empty entry), and the socket's connect (a port past 65535).
             raise invalid_url(exc, dsn) from None
+        except asyncpg.PostgresError as exc:  # a setting of the URL the server refuses
+            raise refused_at_connect(exc, dsn) from None
         assert pool is not None
         return cls(pool, dsn, schema)
 

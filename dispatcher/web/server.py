@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from transport.process import unless_stopped
+
 from ..client import Client
 from ..errors import ConfigError
 from ..settings import WebSettings
@@ -17,6 +19,9 @@ from ..store import Database
 from .app import API, create_app, opened
 
 log = logging.getLogger(__name__)
+
+#: How long requests under way (an event stream, say) have to end once the server stops.
+SHUTDOWN_GRACE_S = 5
 
 
 class _Server(uvicorn.Server):
@@ -39,12 +44,13 @@ def listening(settings: WebSettings) -> list[socket.socket]:
         for family, host in dict.fromkeys((a[0], str(a[4][0])) for a in addresses):
             bound.append(socket.create_server((host, port), family=family))
             port = port or bound[-1].getsockname()[1]  # port 0: the first one's, for all
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a host no name encodes
         for sock in bound:
             sock.close()
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        host = settings.host if settings.host.isprintable() else repr(settings.host)
         raise ConfigError(
-            f"the web server cannot listen on {settings.host}:{settings.port}: "
-            f"{exc.strerror or exc}"
+            f"the web server cannot listen on {host}:{settings.port}: {why}"
         ) from None
     return bound
 
@@ -54,7 +60,9 @@ async def serve_web(settings: WebSettings, stop: asyncio.Event) -> None:
 
     The store and the broker are reached first: one that cannot be is this process's error,
     said in one line, not a failed start-up inside the server."""
-    async with opened(settings) as connected:
+    async with contextlib.AsyncExitStack() as stack:
+        # Gives way to a stop: a SIGTERM while the broker or the database does not answer.
+        connected = await unless_stopped(stop, stack.enter_async_context(opened(settings)))
         await _serve(settings, connected, stop)
 
 
@@ -69,6 +77,8 @@ async def _serve(
         log_level="warning",
         access_log=False,
         proxy_headers=False,
+        # An event stream (``/api/v1/events``) open at the stop would hold it for ever.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     server = _Server(config)
     serving = asyncio.create_task(server.serve(sockets=listening(settings)), name="uvicorn")
