@@ -48,7 +48,7 @@ async def test_a_stop_while_the_broker_does_not_answer_ends_the_start_up_in_orde
     command: tuple[str, str], database_url: str, schema: str
 ) -> None:
     with silent_port() as port:
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: ASYNC220 - started, not waited on here
             [sys.executable, "-m", *command],
             env={
                 "HD_AMQP_URL": f"amqp://u:p@127.0.0.1:{port}/",
