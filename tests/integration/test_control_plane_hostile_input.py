@@ -241,7 +241,8 @@ async def test_what_is_not_utf8_nul_in_a_path_or_a_bad_host_is_4xx_never_a_500(
     ]:
         answer = await client.post(path, content=body, headers=json_headers)
         assert answer.status_code == 400, answer.text
-        assert "not valid UTF-8" in answer.text
+        # In the app's words, or (msgspec 0.23 and later) the decoder's: said either way.
+        assert "UTF-8" in answer.text
     for path in ("/ui/static/%00", "/ui/static/app.js%00"):
         answer = await client.get(f"http://testserver.local{path}")
         assert answer.status_code == 404, answer.text
