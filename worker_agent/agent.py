@@ -18,6 +18,7 @@ from transport.connection import Connection, connect, credentials_refused
 from transport.errors import TransportError
 from transport.instructions import InstructionConsumer
 from transport.process import StoppedStarting, unless_stopped
+from transport.process import bounded as bounded_step
 from transport.publisher import Publisher
 from transport.topology import declare_topology_if_allowed
 
@@ -237,12 +238,8 @@ class Agent:
             return max(0.0, deadline - loop.time())
 
         async def bounded(step: Awaitable[object], what: str) -> None:
-            # A broker that is gone for good (or refuses us) must not hold the shutdown: a
-            # robust connection's operations wait for a reconnection that never comes.
-            try:
-                await asyncio.wait_for(step, max(left(), 2.0))
-            except TimeoutError:
-                log.warning("shutdown: %s did not finish in time; going on", what)
+            # A broker that is gone for good (or refuses us) must not hold the shutdown.
+            await bounded_step(step, max(left(), 2.0), what)
 
         # Stop consuming. Instructions held on purpose stop waiting; unacked, they go back
         # to their queue when the channel closes.

@@ -20,6 +20,18 @@ from dispatcher.store.migrations import MIGRATIONS
 NEWEST = MIGRATIONS[-1][0]
 
 
+async def db_upgrade(database_url: str, schema: str) -> subprocess.CompletedProcess[str]:
+    """`dispatcher db upgrade` on ``schema``, as an operator runs it."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "dispatcher", "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"HD_DATABASE_URL": database_url, "HD_DATABASE_SCHEMA": schema, "PATH": ""},
+    )
+
+
 async def test_replicas_starting_together_on_a_fresh_schema_migrate_it_once(
     database_url: str, schema: str
 ) -> None:
@@ -51,14 +63,7 @@ async def test_a_database_newer_than_the_code_is_run_on_and_said(
     finally:
         await store.close()
     assert f"at version {NEWEST + 1}, newer than this release knows" in caplog.text
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "dispatcher", "db", "upgrade"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"HD_DATABASE_URL": database_url, "HD_DATABASE_SCHEMA": schema, "PATH": ""},
-    )
+    result = await db_upgrade(database_url, schema)
     assert result.returncode == 0, result.stderr
     assert f"warning: the database is at version {NEWEST + 1}, newer than" in result.stderr
     assert "up to date" not in result.stdout
@@ -129,14 +134,7 @@ async def test_a_schema_name_postgresql_would_take_for_another_is_refused(
 ) -> None:
     with pytest.raises(ConfigError, match="cannot be used"):
         await Database.open(database_url, schema=name, min_size=1)
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "dispatcher", "db", "upgrade"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"HD_DATABASE_URL": database_url, "HD_DATABASE_SCHEMA": name, "PATH": ""},
-    )
+    result = await db_upgrade(database_url, name)
     assert result.returncode == 1, result.stderr
     assert "cannot be used" in result.stderr
     assert "Traceback" not in result.stderr
